@@ -1,0 +1,693 @@
+"""The per-call state machine: `Call.handle(event, now) -> list[Command]`, no I/O, no clock.
+
+Theory of operation
+-------------------
+A call moves through phases driven by VoIPBIN's call status (table `STATUS_TABLE`):
+
+    NEW ─dialing→ DIALING ─ringing→ RINGING ─progressing→ ANSWERED ─speaking active→ ACTIVE
+     └──────────────── terminating / canceling / hangup (from any phase) ──────────→ ENDING → ENDED
+
+Statuses only move forward (`hangup` is final), so a late `call_updated`, a duplicate
+`call_progressing` or a `call_ringing` that arrives after `call_progressing` changes nothing.
+
+On ANSWERED the call starts a transcribe session and a speaking session (nothing works before the
+call is answered, so never earlier). VoIPBIN sends no speaking events: the POST /speakings answer
+says `active` (greet at once) or `initiating` (poll until active). Caller transcripts go to the
+backend; each sentence of the reply is spoken with /say as soon as it exists.
+
+No event reports when playback ends, so the call estimates it from the text length
+(`chars_per_s`), as VoIPBIN's own client does. Caller speech while the agent is talking or thinking
+is a barge-in: the stale reply is cancelled by turn id and the audio is cut — by /flush where the
+provider really cuts (gcp), else by /stop and a fresh session (the only hard cut with ElevenLabs).
+History keeps only what the caller could have heard.
+
+On ENDING every session the call started is stopped — a speaking session is billed until it is
+stopped, VoIPBIN does not stop it at hangup — and a stop that fails is retried; sessions whose
+creation is still in flight are stopped as soon as their id comes back. When nothing is left to
+clean up the call emits `Finished`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from agentd.commands import (
+    AskBackend,
+    CallGone,
+    CancelBackend,
+    CheckCall,
+    Command,
+    FindTranscribe,
+    Finished,
+    Flush,
+    Hangup,
+    Message,
+    PollSpeaking,
+    Record,
+    ReplyDone,
+    ReplyFailed,
+    ReplySentence,
+    Result,
+    Say,
+    SayFailed,
+    SpeakingFailed,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    StartTranscribe,
+    Stopped,
+    StopSpeaking,
+    StopTranscribe,
+    TimerFired,
+    TranscribeFailed,
+    TranscribeStarted,
+)
+from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
+
+
+class Phase(enum.Enum):
+    """Where the call is, as agentd sees it."""
+
+    NEW = "new"
+    DIALING = "dialing"
+    RINGING = "ringing"
+    ANSWERED = "answered"  # progressing; sessions being set up
+    ACTIVE = "active"  # speaking session active and greeting sent
+    ENDING = "ending"  # call ending or ended; cleanup in flight
+    ENDED = "ended"  # nothing left to clean up
+
+    @property
+    def live(self) -> bool:
+        """Answered and not ending."""
+        return self in (Phase.ANSWERED, Phase.ACTIVE)
+
+    @property
+    def over(self) -> bool:
+        """Ending or ended."""
+        return self in (Phase.ENDING, Phase.ENDED)
+
+
+# (phase, call status) -> (next phase, what to do). Pairs not listed change nothing: a repeated or
+# stale status (a ringing after progressing, an updated after hangup) is ignored.
+_PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
+STATUS_TABLE: dict[tuple[Phase, str], tuple[Phase, str]] = {
+    (Phase.NEW, "dialing"): (Phase.DIALING, "note"),
+    (Phase.NEW, "ringing"): (Phase.RINGING, "note"),
+    (Phase.DIALING, "ringing"): (Phase.RINGING, "note"),
+    **{(p, "progressing"): (Phase.ANSWERED, "answer") for p in _PRE_ANSWER},
+    **{
+        (p, s): (Phase.ENDING, "end")
+        for p in (*_PRE_ANSWER, Phase.ANSWERED, Phase.ACTIVE)
+        for s in ("terminating", "canceling", "hangup")
+    },
+    # the reason only comes with the final hangup
+    (Phase.ENDING, "hangup"): (Phase.ENDING, "hungup"),
+    (Phase.ENDED, "hangup"): (Phase.ENDED, "hungup"),
+}
+
+DEFAULT_GREETING = "Hello, thank you for calling. How can I help you today?"
+DEFAULT_FALLBACK = "Sorry, I didn't catch that. Could you say it again?"
+SessionState = Literal["none", "starting", "initiating", "active", "restarting"]
+Reply = Literal["idle", "thinking"]
+CutMethod = Literal["flush", "restart"]
+BargeIn = Literal["speech", "transcript", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """What a call needs to know from the configuration (pure values, no I/O)."""
+
+    greeting: str = DEFAULT_GREETING
+    language: str = "en-US"
+    tts_provider: str = "elevenlabs"
+    voice_id: str = "21m00Tcm4TlvDq8ikWAM"
+    stt_provider: str = "aws"
+    system_prompt: str = ""
+    barge_in: BargeIn = "speech"
+    barge_in_min_words: int = 2
+    barge_in_min_chars: int = 4
+    echo_guard_s: float = 1.0
+    cut_method: CutMethod | None = None  # None: flush for gcp, stop + new session otherwise
+    chars_per_s: float = 15.0
+    playback_pad_s: float = 1.0
+    history_limit: int = 40
+    fallback_text: str = DEFAULT_FALLBACK
+    speaking_poll_s: float = 0.2
+    speaking_poll_max_s: float = 2.0
+    speaking_activate_timeout_s: float = 15.0
+    retry_s: float = 1.0
+    max_attempts: int = 4
+
+    @property
+    def cut(self) -> CutMethod:
+        """How a barge-in cuts the audio for this provider (PROTOCOL.md: flush cuts only on gcp)."""
+        if self.cut_method is not None:
+            return self.cut_method
+        return "flush" if self.tts_provider == "gcp" else "restart"
+
+
+@dataclass(slots=True)
+class Msg:
+    """One history message; `turn` ties an assistant message to the caller turn it answers."""
+
+    role: str
+    text: str
+    turn: int = 0
+
+
+@dataclass(slots=True)
+class _Piece:
+    """One /say as the caller hears it: estimated start and end of its playback."""
+
+    turn: int
+    text: str
+    start: float
+    end: float
+
+
+class Call:
+    """One call's state machine. Feed it events and results; it returns commands."""
+
+    def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
+        self.id = call_id
+        self.settings = settings
+        self.direction = direction
+        self.phase = Phase.NEW
+        self.status = ""
+        self.hangup_reason = ""
+        self.transcribe_id: str | None = None
+        self.transcribe: SessionState = "none"
+        self.speaking_id: str | None = None
+        self.speaking: SessionState = "none"
+        self.greeted = False
+        self.turn = 0
+        self.reply: Reply = "idle"
+        self.history: list[Msg] = []
+        if settings.system_prompt:
+            self.history.append(Msg("system", settings.system_prompt))
+        self.pending_stops: dict[str, tuple[Literal["speaking", "transcribe"], int]] = {}
+        self._stopped: set[str] = set()
+        self._queued: list[tuple[int, str]] = []  # says waiting for an active speaking session
+        self._pieces: list[_Piece] = []
+        self._talking_until = 0.0
+        self._seen: deque[str] = deque(maxlen=512)
+        self._seen_set: set[str] = set()
+        self._attempts = {"speaking": 0, "transcribe": 0}
+        self._poll_delay = settings.speaking_poll_s
+        self._poll_started = 0.0
+        self._turn_times: dict[str, float] = {}
+        self._end_after_reply = False
+
+    # ---- entry point -------------------------------------------------------------------------
+
+    def handle(self, event: Event | Result, now: float) -> list[Command]:
+        """Apply one event or command result at time `now` (seconds, monotonic)."""
+        if self.phase is Phase.ENDED and not isinstance(event, CallEvent):
+            return self._late_result(event)
+        match event:
+            case CallEvent():
+                return self._on_call(event)
+            case CallGone():
+                return self._on_call_gone()
+            case TranscriptEvent():
+                return self._on_transcript(event, now)
+            case SpeechEvent():
+                return self._on_speech(event, now)
+            case TranscribeEvent():
+                return self._on_transcribe_event(event)
+            case TranscribeStarted():
+                return self._on_transcribe_started(event.transcribe_id)
+            case TranscribeFailed():
+                return self._on_transcribe_failed(event)
+            case SpeakingStarted():
+                return self._on_speaking_started(event, now)
+            case SpeakingFailed():
+                return self._on_speaking_failed(event)
+            case SayFailed():
+                return self._on_say_failed(event)
+            case Stopped():
+                return self._on_stopped(event)
+            case ReplySentence():
+                return self._on_sentence(event, now)
+            case ReplyDone():
+                return self._on_reply_done(event, now)
+            case ReplyFailed():
+                return self._on_reply_failed(event, now)
+            case TimerFired():
+                return self._on_timer(event.name, now)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the call still holds anything that must be cleaned up."""
+        return self.phase is not Phase.ENDED
+
+    def is_talking(self, now: float) -> bool:
+        """Whether the agent's audio is (estimated to be) still playing or queued."""
+        return bool(self._queued) or now < self._talking_until + self.settings.playback_pad_s
+
+    # ---- call status -------------------------------------------------------------------------
+
+    def _on_call(self, event: CallEvent) -> list[Command]:
+        info = event.call
+        if not self.direction:
+            self.direction = info.direction
+        status = "hangup" if event.deleted else info.status
+        row = STATUS_TABLE.get((self.phase, status))
+        if row is None:
+            return []
+        self.phase, action = row
+        self.status = status
+        if action == "note":
+            return [Record(self.id, "status", {"status": status, "direction": self.direction})]
+        if action == "answer":
+            return self._answer()
+        if action == "hungup":
+            return self._record_hangup(info.hangup_by, info.hangup_reason)
+        cmds = self._begin_end()
+        if status == "hangup":
+            cmds += self._record_hangup(info.hangup_by, info.hangup_reason)
+        return cmds + self._maybe_finished()
+
+    def _on_call_gone(self) -> list[Command]:
+        if self.phase.over:
+            return []
+        self.phase = Phase.ENDING
+        return [*self._begin_end(), *self._record_hangup("", "gone"), *self._maybe_finished()]
+
+    def _record_hangup(self, by: str, reason: str) -> list[Command]:
+        if self.hangup_reason:
+            return []
+        self.hangup_reason = reason or "normal"
+        return [
+            Record(
+                self.id,
+                "ended",
+                {
+                    "hangup_by": by,
+                    "reason": self.hangup_reason,
+                    "answered": self.greeted or self.turn > 0 or self.speaking_id is not None,
+                },
+            )
+        ]
+
+    def _answer(self) -> list[Command]:
+        s = self.settings
+        self.transcribe = "starting"
+        self.speaking = "starting"
+        return [
+            Record(self.id, "answered", {"direction": self.direction}),
+            StartTranscribe(self.id, s.language, s.stt_provider),
+            StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id),
+        ]
+
+    def _begin_end(self) -> list[Command]:
+        """Stop everything the call started; sessions still being created are stopped on arrival."""
+        cmds: list[Command] = []
+        if self.reply == "thinking":
+            cmds.append(CancelBackend(self.id, self.turn))
+            self.reply = "idle"
+        self._queued.clear()
+        if self.speaking_id and self.speaking in ("initiating", "active", "restarting"):
+            cmds += self._stop("speaking", self.speaking_id)
+        if self.transcribe_id and self.transcribe == "active":
+            cmds += self._stop("transcribe", self.transcribe_id)
+        if self.speaking != "starting":
+            self.speaking = "none"
+        if self.transcribe != "starting":
+            self.transcribe = "none"
+        return cmds
+
+    def _stop(self, kind: Literal["speaking", "transcribe"], sid: str) -> list[Command]:
+        if sid in self.pending_stops or sid in self._stopped:
+            return []
+        self.pending_stops[sid] = (kind, 1)
+        if kind == "speaking":
+            return [StopSpeaking(self.id, sid)]
+        return [StopTranscribe(self.id, sid)]
+
+    def _maybe_finished(self) -> list[Command]:
+        if (
+            self.phase is Phase.ENDING
+            and not self.pending_stops
+            and self.speaking != "starting"
+            and self.transcribe != "starting"
+        ):
+            self.phase = Phase.ENDED
+            return [Finished(self.id)]
+        return []
+
+    def _late_result(self, event: Event | Result) -> list[Command]:
+        """After the end only a session created late still needs stopping."""
+        if isinstance(event, SpeakingStarted):
+            return self._stop("speaking", event.speaking_id)
+        if isinstance(event, TranscribeStarted):
+            return self._stop("transcribe", event.transcribe_id)
+        return []
+
+    # ---- transcribe session ------------------------------------------------------------------
+
+    def _on_transcribe_started(self, tid: str) -> list[Command]:
+        if self.phase.over:
+            self.transcribe = "none"
+            return self._stop("transcribe", tid) + self._maybe_finished()
+        self.transcribe_id = tid
+        self.transcribe = "active"
+        self._attempts["transcribe"] = 0
+        return []
+
+    def _on_transcribe_failed(self, event: TranscribeFailed) -> list[Command]:
+        if self.phase.over:
+            self.transcribe = "none"
+            return self._maybe_finished()
+        s = self.settings
+        if event.status == 409:
+            # one transcribe per call and language: the number's flow may have started it already
+            return [FindTranscribe(self.id, s.language)]
+        self._attempts["transcribe"] += 1
+        self.transcribe = "none"
+        if self._attempts["transcribe"] >= s.max_attempts:
+            return [
+                Record(
+                    self.id,
+                    "error",
+                    {"what": "transcribe failed", "status": event.status, "reason": event.reason},
+                ),
+                Hangup(self.id),
+            ]
+        return [StartTimer(self.id, "retry_transcribe", s.retry_s * self._attempts["transcribe"])]
+
+    def _on_transcribe_event(self, event: TranscribeEvent) -> list[Command]:
+        if event.status == "done" and event.id == self.transcribe_id:
+            # ended by itself (the call hung up); no stop needed any more
+            self.transcribe = "none"
+            self.pending_stops.pop(event.id, None)
+            return self._maybe_finished()
+        return []
+
+    # ---- speaking session --------------------------------------------------------------------
+
+    def _on_speaking_started(self, event: SpeakingStarted, now: float) -> list[Command]:
+        if self.phase.over:
+            self.speaking = "none"
+            return self._stop("speaking", event.speaking_id) + self._maybe_finished()
+        if event.status == "stopped":
+            return self._on_speaking_failed(SpeakingFailed(0, "session stopped", event.speaking_id))
+        self.speaking_id = event.speaking_id
+        if event.status != "active":
+            if self.speaking != "initiating":
+                self._poll_started = now
+                self._poll_delay = self.settings.speaking_poll_s
+            elif now - self._poll_started > self.settings.speaking_activate_timeout_s:
+                self.speaking = "none"
+                return self._stop("speaking", event.speaking_id) + self._restart_speaking()
+            self.speaking = "initiating"
+            delay = self._poll_delay
+            self._poll_delay = min(self._poll_delay * 2, self.settings.speaking_poll_max_s)
+            return [StartTimer(self.id, "poll_speaking", delay)]
+        self.speaking = "active"
+        self._attempts["speaking"] = 0
+        cmds: list[Command] = []
+        if not self.greeted:
+            self.greeted = True
+            self.phase = Phase.ACTIVE
+            if self.settings.greeting:
+                self.history.append(Msg("assistant", self.settings.greeting, 0))
+                cmds += self._say(self.settings.greeting, 0, now)
+        queued, self._queued = self._queued, []
+        for turn, text in queued:
+            if turn == self.turn:
+                cmds += self._say(text, turn, now)
+        return cmds
+
+    def _on_speaking_failed(self, event: SpeakingFailed) -> list[Command]:
+        if self.phase.over:
+            self.speaking = "none"
+            return self._maybe_finished()
+        self.speaking = "none"
+        self._attempts["speaking"] += 1
+        if self._attempts["speaking"] >= self.settings.max_attempts:
+            return [
+                Record(
+                    self.id,
+                    "error",
+                    {"what": "speaking failed", "status": event.status, "reason": event.reason},
+                ),
+                Hangup(self.id),
+            ]
+        return [StartTimer(self.id, "retry_speaking", self.settings.retry_s)]
+
+    def _restart_speaking(self) -> list[Command]:
+        s = self.settings
+        self.speaking = "starting"
+        self.speaking_id = None
+        return [StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
+
+    def _on_say_failed(self, event: SayFailed) -> list[Command]:
+        if self.phase.over or (event.turn not in (self.turn, 0)):
+            return []
+        if event.status == 404 and event.speaking_id == self.speaking_id:
+            # the session is gone: start a new one and say it again (a 404 was never spoken)
+            self._queued.insert(0, (event.turn, event.text))
+            self.speaking = "none"
+            return [
+                Record(self.id, "speaking_lost", {"speaking_id": event.speaking_id}),
+                *self._stop("speaking", event.speaking_id),
+                *self._restart_speaking(),
+            ]
+        return [Record(self.id, "error", {"what": "say failed", "status": event.status})]
+
+    def _on_stopped(self, event: Stopped) -> list[Command]:
+        entry = self.pending_stops.pop(event.session_id, None)
+        cmds: list[Command] = []
+        if event.ok:
+            self._stopped.add(event.session_id)
+        if not event.ok and entry is not None:
+            kind, attempts = entry
+            if attempts < self.settings.max_attempts:
+                self.pending_stops[event.session_id] = (kind, attempts + 1)
+                cmds.append(
+                    StartTimer(
+                        self.id, f"retry_stop:{event.session_id}", self.settings.retry_s * attempts
+                    )
+                )
+            else:
+                cmds.append(Record(self.id, "leak", {"kind": kind, "session_id": event.session_id}))
+        if (
+            event.kind == "speaking"
+            and self.speaking == "restarting"
+            and event.session_id == self.speaking_id
+            and not self.phase.over
+        ):
+            # the barge-in cut is done; the next sentence needs a fresh session
+            cmds += self._restart_speaking()
+        return cmds + self._maybe_finished()
+
+    # ---- conversation ------------------------------------------------------------------------
+
+    def _seen_before(self, key: str) -> bool:
+        if key in self._seen_set:
+            return True
+        if len(self._seen) == self._seen.maxlen:
+            self._seen_set.discard(self._seen[0])
+        self._seen.append(key)
+        self._seen_set.add(key)
+        return False
+
+    def _on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
+        if event.direction != "in" or not event.message.strip():
+            return []  # "out" is our own speech heard back: never answer it
+        if self._seen_before(event.id) or not self.phase.live:
+            return []
+        cmds: list[Command] = []
+        if self.settings.barge_in != "off" and (self.reply == "thinking" or self.is_talking(now)):
+            cmds += self._cut(now, "transcript")
+        text = event.message.strip()
+        self.turn += 1
+        if self.history and self.history[-1].role == "user":
+            # the last utterance got no reply (cut off, or one sentence split in two): one turn
+            self.history[-1].text += " " + text
+            self.history[-1].turn = self.turn
+        else:
+            self.history.append(Msg("user", text, self.turn))
+        self.reply = "thinking"
+        self._turn_times = {"transcript": now}
+        return [*cmds, AskBackend(self.id, self.turn, self._history_window())]
+
+    def _on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
+        s = self.settings
+        if (
+            s.barge_in != "speech"
+            or event.direction != "in"
+            or event.kind != "interim"
+            or not self.phase.live
+            or self._seen_before(event.id)
+        ):
+            return []  # a bare speech_started is a cough as often as a word: tentative only
+        words = event.message.split()
+        if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
+            return []
+        last_start = max((p.start for p in self._pieces), default=-1e9)
+        if now - last_start < s.echo_guard_s:
+            return []  # line echo or a breath right after we started talking
+        if self.reply == "thinking" or self.is_talking(now):
+            return self._cut(now, "speech")
+        return []
+
+    def _cut(self, now: float, trigger: str) -> list[Command]:
+        """Barge-in: drop the stale reply, cut the audio, keep only what was heard."""
+        cmds: list[Command] = [Record(self.id, "barge_in", {"turn": self.turn, "by": trigger})]
+        if self.reply == "thinking":
+            cmds.append(CancelBackend(self.id, self.turn))
+            self.reply = "idle"
+        self._queued.clear()
+        playing = [p for p in self._pieces if p.end > now]
+        if playing and self.speaking_id and self.speaking == "active":
+            if self.settings.cut == "flush":
+                cmds.append(Flush(self.id, self.speaking_id))
+            else:
+                self.speaking = "restarting"
+                cmds += self._stop("speaking", self.speaking_id)
+        self._truncate_history(now)
+        self._pieces = []
+        self._talking_until = now
+        return cmds
+
+    def _truncate_history(self, now: float) -> None:
+        heard: dict[int, list[str]] = {}
+        cut_turns: set[int] = set()
+        for p in self._pieces:
+            if p.end <= now:
+                heard.setdefault(p.turn, []).append(p.text)
+                continue
+            cut_turns.add(p.turn)
+            if p.start < now:
+                n = int((now - p.start) * self.settings.chars_per_s)
+                partial = p.text[:n].rsplit(" ", 1)[0] if " " in p.text[:n] else ""
+                if partial:
+                    heard.setdefault(p.turn, []).append(partial + " —")
+        for turn in cut_turns:
+            self._set_assistant(turn, " ".join(heard.get(turn, [])))
+
+    def _set_assistant(self, turn: int, text: str) -> None:
+        """Rewrite the assistant message of `turn` (turn 0 is the greeting)."""
+        idx = self._assistant_index(turn)
+        if idx is None:
+            if text:
+                self.history.append(Msg("assistant", text, turn))
+        elif text:
+            self.history[idx].text = text
+        else:
+            del self.history[idx]
+
+    def _assistant_index(self, turn: int) -> int | None:
+        for i, m in enumerate(self.history):
+            if m.role == "assistant" and m.turn == turn:
+                return i
+        return None
+
+    def _history_window(self) -> tuple[Message, ...]:
+        msgs = [(m.role, m.text) for m in self.history]
+        limit = self.settings.history_limit
+        system = [m for m in msgs[:1] if m[0] == "system"]
+        rest = msgs[len(system) :]
+        return tuple(system + rest[-limit:])
+
+    def _on_sentence(self, event: ReplySentence, now: float) -> list[Command]:
+        if event.turn != self.turn or self.reply != "thinking" or not self.phase.live:
+            return []  # stale: cut off by a barge-in or a newer turn
+        text = event.text.strip()
+        if not text:
+            return []
+        self._turn_times.setdefault("first_sentence", now)
+        idx = self._assistant_index(self.turn)
+        if idx is None:
+            self.history.append(Msg("assistant", text, self.turn))
+        else:
+            self.history[idx].text += " " + text
+        return self._say(text, self.turn, now)
+
+    def _say(self, text: str, turn: int, now: float) -> list[Command]:
+        if self.speaking != "active" or self.speaking_id is None:
+            self._queued.append((turn, text))
+            return []
+        start = max(now, self._talking_until)
+        end = start + len(text) / self.settings.chars_per_s
+        self._pieces.append(_Piece(turn, text, start, end))
+        self._pieces = [p for p in self._pieces if p.end > now or p.turn == turn]
+        self._talking_until = end
+        if turn:
+            self._turn_times.setdefault("first_say", now)
+            self._turn_times["last_say"] = now
+        return [Say(self.id, self.speaking_id, text, turn)]
+
+    def _on_reply_done(self, event: ReplyDone, now: float) -> list[Command]:
+        if event.turn != self.turn or self.reply != "thinking":
+            return []
+        self.reply = "idle"
+        cmds: list[Command] = [Record(self.id, "turn", self._timings(now))]
+        if event.action == "end_call" and self.phase.live:
+            self._end_after_reply = True
+            wait = max(0.0, self._talking_until - now) + self.settings.playback_pad_s
+            cmds.append(StartTimer(self.id, "end_call", wait))
+        return cmds
+
+    def _timings(self, now: float) -> dict[str, object]:
+        t0 = self._turn_times.get("transcript", now)
+        out: dict[str, object] = {"turn": self.turn}
+        for key in ("first_sentence", "first_say", "last_say"):
+            if key in self._turn_times:
+                out[f"{key}_ms"] = round((self._turn_times[key] - t0) * 1000, 1)
+        return out
+
+    def _on_reply_failed(self, event: ReplyFailed, now: float) -> list[Command]:
+        if event.turn != self.turn or self.reply != "thinking" or not self.phase.live:
+            return []
+        self.reply = "idle"
+        cmds: list[Command] = [
+            Record(self.id, "backend_failed", {"turn": event.turn, "error": event.error})
+        ]
+        if self.settings.fallback_text and self._assistant_index(self.turn) is None:
+            self.history.append(Msg("assistant", self.settings.fallback_text, self.turn))
+            cmds += self._say(self.settings.fallback_text, self.turn, now)
+        return cmds
+
+    # ---- timers ------------------------------------------------------------------------------
+
+    def _on_timer(self, name: str, now: float) -> list[Command]:
+        if name.startswith("retry_stop:"):
+            sid = name.partition(":")[2]
+            entry = self.pending_stops.get(sid)
+            if entry is None:
+                return []
+            if entry[0] == "speaking":
+                return [StopSpeaking(self.id, sid)]
+            return [StopTranscribe(self.id, sid)]
+        if self.phase.over:
+            return []
+        s = self.settings
+        if name == "poll_speaking" and self.speaking == "initiating" and self.speaking_id:
+            return [PollSpeaking(self.id, self.speaking_id)]
+        if name == "retry_speaking" and self.speaking == "none":
+            return self._restart_speaking()
+        if name == "retry_transcribe" and self.transcribe == "none":
+            self.transcribe = "starting"
+            return [StartTranscribe(self.id, s.language, s.stt_provider)]
+        if name == "end_call" and self._end_after_reply:
+            if self.is_talking(now) and self._talking_until > now:
+                return [StartTimer(self.id, "end_call", self._talking_until - now)]
+            return [Hangup(self.id)]
+        return []
+
+    def shutdown(self) -> list[Command]:
+        """The daemon is stopping: hang up and stop every session (nothing is left billing)."""
+        if self.phase.over:
+            return []
+        self.phase = Phase.ENDING
+        return [Hangup(self.id), *self._begin_end(), *self._maybe_finished()]
+
+    def check(self) -> list[Command]:
+        """Reconcile after a gap in the event stream: ask VoIPBIN how the call is."""
+        return [] if self.phase is Phase.ENDED else [CheckCall(self.id)]

@@ -1,0 +1,153 @@
+"""The `agentd` command line: run, call, demo, sim, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agentd import __version__
+from agentd.config import Config, ConfigError, load
+
+DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
+EXIT_CONFIG = 2
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    env = os.environ.get("AGENTD_CONFIG")
+    if env:
+        return env
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def _load(arg: str | None) -> Config:
+    return load(_config_path(arg))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentd", description="Run an AI voice agent on VoIPBIN.")
+    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help=f"TOML config (default: $AGENTD_CONFIG or {DEFAULT_CONFIG})")
+
+    call = sub.add_parser("call", help="place an outbound call that the running daemon serves")
+    call.add_argument("--to", required=True, help="number to call, e.g. +15559876543")
+    call.add_argument("--from", dest="source", help="caller id (default: agent.caller_id)")
+    call.add_argument("--config")
+    call.add_argument("--wait", action="store_true", help="follow the call until it ends")
+
+    check = sub.add_parser("check-config", help="validate the config and the credentials")
+    check.add_argument("--config")
+
+    demo = sub.add_parser("demo", help="agentd against its built-in simulator, no account needed")
+    demo.add_argument("--quiet", action="store_true", help="print only the conversation")
+
+    sim = sub.add_parser("sim", help="run the VoIPBIN simulator standalone", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "call":
+            return _call(args)
+        if args.command == "check-config":
+            return _check(args.config)
+        if args.command == "demo":
+            from agentd.demo import main as demo_main
+
+            return demo_main(quiet=args.quiet)
+        if args.command == "sim":
+            from agentd.sim.standalone import main as sim_main
+
+            return sim_main(list(args.sim_args))
+    except ConfigError as exc:
+        print(f"agentd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    _parser().print_help()
+    return EXIT_CONFIG
+
+
+def _run(config_arg: str | None) -> int:
+    from agentd import logs
+    from agentd.daemon import Daemon
+
+    config = _load(config_arg)
+    logs.configure(config.log_level, config.log_format)
+
+    async def serve() -> None:
+        daemon = Daemon(config)
+        daemon.install_signal_handlers()
+        await daemon.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    from agentd.daemon import make_client
+    from agentd.voipbin import ApiError
+
+    config = _load(args.config)
+    source = args.source or config.caller_id
+    if not source:
+        raise ConfigError("agent.caller_id: set it (or agent.numbers, or pass --from)")
+
+    async def place() -> int:
+        client = make_client(config)
+        try:
+            calls = await client.place_call(source, args.to, config.flow_id)
+            if not calls:
+                print("agentd: VoIPBIN created no call for that destination", file=sys.stderr)
+                return 1
+            call_id = str(calls[0].get("id"))
+            print(call_id, flush=True)
+            if args.wait:
+                from agentd.follow import follow
+
+                return await follow(config, client, call_id)
+            return 0
+        except ApiError as exc:
+            print(f"agentd: call failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    return asyncio.run(place())
+
+
+def _check(config_arg: str | None) -> int:
+    from agentd.daemon import make_backend, make_client
+    from agentd.voipbin import ApiError
+
+    config = _load(config_arg)
+    print(f"config: ok ({config.source or 'environment only'})")
+    make_backend(config)
+    print(f"backend: {config.backend['kind']}")
+
+    async def probe() -> int:
+        client = make_client(config)
+        try:
+            cid = await client.customer_id()
+            print(f"voipbin: ok, customer {cid} at {config.voipbin.api_url}")
+            return 0
+        except ApiError as exc:
+            print(f"voipbin: FAILED: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    return asyncio.run(probe())

@@ -1,0 +1,286 @@
+"""What a `Call` asks the shell to do (commands), and what the shell tells it back (results).
+
+Commands are plain data: the executor turns each into REST requests, backend streams or timers, and
+feeds the outcome back into the call as a result event, so the state machine sees failures as well
+as successes. Every command names its call; `lane` says which commands must run in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agentd.events import CallInfo
+
+Lane = Literal["call", "speaking", "transcribe", "none"]
+Message = tuple[str, str]  # (role, content) with role in system/user/assistant
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartTranscribe:
+    """POST /transcribes for the call."""
+
+    call_id: str
+    language: str
+    provider: str
+    direction: str = "in"
+    lane: Lane = "transcribe"
+
+
+@dataclass(frozen=True, slots=True)
+class FindTranscribe:
+    """GET /transcribes?reference_type=call&reference_id= (after a 409 on start)."""
+
+    call_id: str
+    language: str
+    lane: Lane = "transcribe"
+
+
+@dataclass(frozen=True, slots=True)
+class StopTranscribe:
+    """POST /transcribes/{id}/stop (idempotent)."""
+
+    call_id: str
+    transcribe_id: str
+    lane: Lane = "transcribe"
+
+
+@dataclass(frozen=True, slots=True)
+class StartSpeaking:
+    """POST /speakings on the call, direction out."""
+
+    call_id: str
+    language: str
+    provider: str
+    voice_id: str
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
+class PollSpeaking:
+    """GET /speakings/{id}: is an `initiating` session active yet."""
+
+    call_id: str
+    speaking_id: str
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """POST /speakings/{id}/say. Never retried once it may have reached the server."""
+
+    call_id: str
+    speaking_id: str
+    text: str
+    turn: int
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """POST /speakings/{id}/flush: drop queued speech (cuts audio only with some providers)."""
+
+    call_id: str
+    speaking_id: str
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
+class StopSpeaking:
+    """POST /speakings/{id}/stop (idempotent); the only hard cut, and what ends the billing."""
+
+    call_id: str
+    speaking_id: str
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
+class AskBackend:
+    """Start a backend reply for `turn`; its text comes back as ReplySentence / ReplyDone."""
+
+    call_id: str
+    turn: int
+    history: tuple[Message, ...]
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelBackend:
+    """Cancel the backend reply of `turn` (barge-in or hangup): nothing more of it is spoken."""
+
+    call_id: str
+    turn: int
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """POST /calls/{id}/hangup."""
+
+    call_id: str
+    lane: Lane = "call"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckCall:
+    """GET /calls/{id}: reconcile a call whose events may have been lost."""
+
+    call_id: str
+    lane: Lane = "call"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Feed `TimerFired(name)` back after `delay_s` (replaces a running timer of the same name)."""
+
+    call_id: str
+    name: str
+    delay_s: float
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A fact worth logging and keeping: call answered, ended (with reason), turn timings, ..."""
+
+    call_id: str
+    what: str
+    data: dict[str, object] = field(default_factory=dict)
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The call has ended and everything it started is cleaned up: forget it."""
+
+    call_id: str
+    lane: Lane = "none"
+
+
+Command = (
+    StartTranscribe
+    | FindTranscribe
+    | StopTranscribe
+    | StartSpeaking
+    | PollSpeaking
+    | Say
+    | Flush
+    | StopSpeaking
+    | AskBackend
+    | CancelBackend
+    | Hangup
+    | CheckCall
+    | StartTimer
+    | Record
+    | Finished
+)
+
+
+# ---- results fed back by the shell --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeStarted:
+    """A transcribe session exists on the call (created, or found after a 409)."""
+
+    transcribe_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeFailed:
+    """POST /transcribes failed; `status` 0 means no HTTP answer."""
+
+    status: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakingStarted:
+    """POST /speakings (or a poll) answered with this session and status."""
+
+    speaking_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakingFailed:
+    """POST /speakings or a poll failed."""
+
+    status: int
+    reason: str = ""
+    speaking_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SayFailed:
+    """A /say was refused; 404 means the speaking session is not active any more."""
+
+    speaking_id: str
+    text: str
+    turn: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """A stop was confirmed (200 or 404) or finally failed (`ok` false)."""
+
+    kind: Literal["speaking", "transcribe"]
+    session_id: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReplySentence:
+    """One complete sentence of the backend's reply to `turn`."""
+
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyDone:
+    """The backend's reply to `turn` is complete."""
+
+    turn: int
+    action: str = ""  # "end_call" / "transfer:<number>" when the backend asked for one
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFailed:
+    """The backend failed or timed out on `turn`; `error` is safe to log."""
+
+    turn: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """A `StartTimer` ran out."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallGone:
+    """GET /calls/{id} answered 404/403: the call no longer exists for us."""
+
+
+Result = (
+    TranscribeStarted
+    | TranscribeFailed
+    | SpeakingStarted
+    | SpeakingFailed
+    | SayFailed
+    | Stopped
+    | ReplySentence
+    | ReplyDone
+    | ReplyFailed
+    | TimerFired
+    | CallGone
+)
+
+__all__ = ["CallInfo", "Command", "Message", "Result"]

@@ -1,0 +1,293 @@
+"""Configuration: one TOML file, `AGENTD_<SECTION>_<KEY>` environment overrides, secrets from files.
+
+Everything is validated at load time and a mistake is reported as one line naming the key
+(`ConfigError`), never as a traceback at first use. Secrets may come from the file, a `*_file` key,
+the environment, or a systemd credential (`$CREDENTIALS_DIRECTORY/voipbin-accesskey`, ...); they are
+wrapped in `Secret` so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from agentd.call import DEFAULT_FALLBACK, DEFAULT_GREETING, CallSettings
+from agentd.secret import Secret
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the key and is safe to print."""
+
+
+# section -> key -> (type, default). `None` default = optional.
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "voipbin": {
+        "api_url": (str, "https://api.voipbin.net/v1.0"),
+        "ws_url": (str, ""),
+        "accesskey": (str, ""),
+        "accesskey_file": (str, ""),
+        "token": (str, ""),
+        "token_file": (str, ""),
+        "username": (str, ""),
+        "password": (str, ""),
+        "password_file": (str, ""),
+        "rate_per_s": ((int, float), 17.0),
+        "burst": (int, 33),
+        "timeout_s": ((int, float), 10.0),
+    },
+    "agent": {
+        "numbers": (list, []),
+        "greeting": (str, DEFAULT_GREETING),
+        "language": (str, "en-US"),
+        "tts_provider": (str, "elevenlabs"),
+        "voice_id": (str, "21m00Tcm4TlvDq8ikWAM"),
+        "stt_provider": (str, "aws"),
+        "system_prompt": (str, "You are a helpful voice agent on a phone call. Answer briefly."),
+        "barge_in": (str, "speech"),
+        "barge_in_min_words": (int, 2),
+        "cut_method": (str, "auto"),
+        "chars_per_s": ((int, float), 15.0),
+        "fallback_text": (str, DEFAULT_FALLBACK),
+        "history_limit": (int, 40),
+        "flow_id": (str, ""),
+        "caller_id": (str, ""),
+    },
+    "backend": {
+        "kind": (str, "echo"),
+        "timeout_s": ((int, float), 15.0),
+        "prefix": (str, "You said:"),
+    },
+    "store": {"path": (str, "agentd.db")},
+    "log": {"level": (str, "info"), "format": (str, "auto")},
+    "daemon": {"drain_s": ((int, float), 10.0)},
+}
+_CHOICES = {
+    ("agent", "barge_in"): ("speech", "transcript", "off"),
+    ("agent", "cut_method"): ("auto", "flush", "restart"),
+    ("backend", "kind"): ("echo",),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "format"): ("auto", "json", "console"),
+}
+# systemd credential name -> the key it fills
+_CREDENTIALS = {
+    "voipbin-accesskey": "accesskey",
+    "voipbin-token": "token",
+    "voipbin-password": "password",
+}
+
+
+@dataclass(frozen=True)
+class VoipbinConfig:
+    """[voipbin]"""
+
+    api_url: str
+    ws_url: str
+    accesskey: Secret | None
+    token: Secret | None
+    username: str
+    password: Secret | None
+    rate_per_s: float
+    burst: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, validated."""
+
+    voipbin: VoipbinConfig
+    call: CallSettings
+    numbers: tuple[str, ...]
+    flow_id: str
+    caller_id: str
+    backend: dict[str, Any]
+    store_path: str
+    log_level: str
+    log_format: str
+    drain_s: float
+    source: str = ""
+    raw: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+
+def load(
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read, merge and validate the configuration; raise `ConfigError` on any mistake."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    merged = _validate(data)
+    for section, values in (overrides or {}).items():
+        merged.setdefault(section, {}).update(values)
+    _apply_env(merged, env)
+    return _build(merged, env, str(path or ""))
+
+
+def _validate(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {s: {} for s in _SCHEMA}
+    for section, values in data.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(_SCHEMA)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a table")
+        for key, value in values.items():
+            out[section][key] = _check(section, key, value)
+    return out
+
+
+def _check(section: str, key: str, value: Any) -> Any:
+    spec = _SCHEMA[section].get(key)
+    if spec is None:
+        raise ConfigError(f"{section}.{key}: unknown key")
+    typ = spec[0]
+    if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
+        names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+        raise ConfigError(f"{section}.{key}: expected {names}, got {type(value).__name__}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{section}.{key}: expected a list of strings")
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{section}.{key}: must not be negative")
+    return value
+
+
+def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+    for section, keys in _SCHEMA.items():
+        for key, (typ, _) in keys.items():
+            name = f"AGENTD_{section.upper()}_{key.upper()}"
+            if name not in env:
+                continue
+            raw = env[name]
+            value: Any = raw
+            try:
+                if typ is list:
+                    value = [v.strip() for v in raw.split(",") if v.strip()]
+                elif typ is int:
+                    value = int(raw)
+                elif typ == (int, float):
+                    value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number") from None
+            merged[section][key] = _check(section, key, value)
+
+
+def _read_secret(label: str, path: str) -> Secret:
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise ConfigError(f"{label}: {path} is empty")
+    return Secret(value)
+
+
+def _secret(v: dict[str, Any], key: str, env: Mapping[str, str]) -> Secret | None:
+    if v.get(key):
+        return Secret(v[key])
+    if v.get(f"{key}_file"):
+        return _read_secret(f"voipbin.{key}_file", v[f"{key}_file"])
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        for name, target in _CREDENTIALS.items():
+            path = Path(creds) / name
+            # the unit loads every credential it knows; an empty file means "not used"
+            if target == key and path.exists() and path.stat().st_size > 0:
+                return _read_secret(f"credential {name}", str(path))
+    return None
+
+
+def default_ws_url(api_url: str) -> str:
+    """wss://host/v1.0/ws for https://host/v1.0 (ws:// for http://)."""
+    parts = urlsplit(api_url.rstrip("/"))
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path + "/ws", "", ""))
+
+
+def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) -> Config:
+    def get(section: str, key: str) -> Any:
+        return m[section].get(key, _SCHEMA[section][key][1])
+
+    v = {k: get("voipbin", k) for k in _SCHEMA["voipbin"]}
+    api_url = v["api_url"].rstrip("/")
+    if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
+        raise ConfigError(f"voipbin.api_url: not an http(s) URL: {api_url!r}")
+    ws_url = v["ws_url"] or default_ws_url(api_url)
+    if urlsplit(ws_url).scheme not in ("ws", "wss"):
+        raise ConfigError(f"voipbin.ws_url: not a ws(s) URL: {ws_url!r}")
+    accesskey = _secret(v, "accesskey", env)
+    token = _secret(v, "token", env)
+    password = _secret(v, "password", env)
+    if v["username"] and password is None:
+        raise ConfigError("voipbin.password: username is set but no password or password_file")
+    if not (accesskey or token or (v["username"] and password)):
+        raise ConfigError(
+            "voipbin: no credentials: set accesskey (or accesskey_file, AGENTD_VOIPBIN_ACCESSKEY, "
+            "the systemd credential voipbin-accesskey), token, or username + password"
+        )
+    if accesskey and accesskey.reveal().count(".") == 2:
+        raise ConfigError("voipbin.accesskey: this looks like a JWT; put it in voipbin.token")
+    a = {k: get("agent", k) for k in _SCHEMA["agent"]}
+    if a["chars_per_s"] <= 0:
+        raise ConfigError("agent.chars_per_s: must be positive")
+    call = CallSettings(
+        greeting=a["greeting"],
+        language=a["language"],
+        tts_provider=a["tts_provider"],
+        voice_id=a["voice_id"],
+        stt_provider=a["stt_provider"],
+        system_prompt=a["system_prompt"],
+        barge_in=a["barge_in"],
+        barge_in_min_words=a["barge_in_min_words"],
+        cut_method=None if a["cut_method"] == "auto" else a["cut_method"],
+        chars_per_s=float(a["chars_per_s"]),
+        fallback_text=a["fallback_text"],
+        history_limit=a["history_limit"],
+    )
+    return Config(
+        voipbin=VoipbinConfig(
+            api_url=api_url,
+            ws_url=ws_url,
+            accesskey=accesskey,
+            token=token,
+            username=v["username"],
+            password=password,
+            rate_per_s=float(v["rate_per_s"]),
+            burst=int(v["burst"]),
+            timeout_s=float(v["timeout_s"]),
+        ),
+        call=call,
+        numbers=tuple(a["numbers"]),
+        flow_id=a["flow_id"],
+        caller_id=a["caller_id"] or (a["numbers"][0] if a["numbers"] else ""),
+        backend={k: get("backend", k) for k in _SCHEMA["backend"]},
+        store_path=get("store", "path"),
+        log_level=get("log", "level"),
+        log_format=get("log", "format"),
+        drain_s=float(get("daemon", "drain_s")),
+        source=source,
+        raw=m,
+    )
+
+
+def with_call_settings(config: Config, **changes: Any) -> Config:
+    """A copy of `config` with some call settings changed (tests and the demo)."""
+    return replace(config, call=replace(config.call, **changes))

@@ -1,0 +1,109 @@
+"""`agentd demo`: the real daemon against the built-in VoIPBIN simulator, no account needed.
+
+A scripted caller phones in, talks to the agent (interrupting it once), and hangs up; the demo
+prints the conversation as the caller heard it, with agentd's latency per turn, and checks that no
+session was left running. Exit code 0 means all of that worked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from agentd import logs
+from agentd.backends import last_user_text
+from agentd.commands import Message
+from agentd.config import load
+from agentd.daemon import Daemon
+from agentd.sim import Caller, SimSettings, Simulator, Utterance
+
+OUR_NUMBER = "+15551234567"
+CALLER_NUMBER = "+15550001111"
+PLAYBACK_CHARS_PER_S = 60.0  # faster than a real voice, so the demo takes seconds
+
+
+class DemoBackend:
+    """A tiny rule-based "bank assistant" that streams its replies word by word."""
+
+    RULES = (
+        ("balance", "Sure. Your balance is one thousand two hundred dollars. "
+                    "Your last payment of fifty dollars went out on Monday, "
+                    "and your next statement is due on the first of the month."),
+        ("card", "I have blocked your card. A new one is on its way and arrives in five days."),
+        ("bye", "Thank you for calling. Goodbye!"),
+    )
+
+    async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[str]:
+        """Pick a canned reply and stream it like an LLM would."""
+        text = last_user_text(history).lower()
+        answer = next((a for k, a in self.RULES if k in text), "I can help with that. What else?")
+        for word in answer.split(" "):
+            await asyncio.sleep(0.01)  # an LLM's time per token, so streaming is visible
+            yield word + " "
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+SCRIPT = Caller(
+    [
+        Utterance("Hi, what is my account balance?"),
+        # the caller cuts the long answer short
+        Utterance("Sorry, actually I lost my card.", barge_in_after_s=1.0),
+        Utterance("Great, thanks. Bye."),
+    ],
+    hangup_after_s=0.3,
+)
+
+
+async def run(quiet: bool = False) -> int:
+    """Run the demo; return the exit code."""
+    out = sys.stdout
+    async with Simulator(SimSettings(playback_chars_per_s=PLAYBACK_CHARS_PER_S,
+                                     speech_words_per_s=12.0)) as sim:
+        config = load(None, env={}, overrides={
+            "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+            "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK_CHARS_PER_S},
+            "daemon": {"drain_s": 5.0},
+        })
+        daemon = Daemon(config, backend=DemoBackend())
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+            if not quiet:
+                print(f"simulator at {sim.api_url}; agentd subscribed; calling {OUR_NUMBER}",
+                      file=out)
+            call_id = sim.inbound_call(source=CALLER_NUMBER, destination=OUR_NUMBER,
+                                       caller=SCRIPT)
+            await sim.wait_call_status(call_id, "hangup", timeout=60)
+            await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+        finally:
+            daemon.stop()
+            await task
+        turns = [r.data for r in daemon.records if r.what == "turn"]
+        print(f"\ncall {call_id}", file=out)
+        latencies = iter(turns)
+        for line in sim.get_call(call_id).conversation:
+            if line.who == "caller":
+                t = next(latencies, {})
+                ms = t.get("first_say_ms")
+                lat = f"   (agent answered in {ms:.0f} ms)" if isinstance(ms, float) else ""
+                print(f"  caller: {line.text}{lat}", file=out)
+            else:
+                cut = "  [cut off by the caller]" if line.cut else ""
+                print(f"  agent:  {line.text}{cut}", file=out)
+        leaks = sim.leaks()
+        requests = len(sim.requests)
+        print(f"\n{len(turns)} turns, {requests} REST requests, {len(leaks)} leaked sessions",
+              file=out)
+        if leaks:
+            print(f"LEAKED: {leaks}", file=out)
+            return 1
+        return 0
+
+
+def main(quiet: bool = False) -> int:
+    """Entry point for `agentd demo`."""
+    logs.configure("warning", "console", stream=sys.stderr)
+    return asyncio.run(run(quiet))

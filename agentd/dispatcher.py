@@ -1,0 +1,215 @@
+"""The dispatcher: routes each event to its call's state machine and hands the commands on.
+
+Events find their call by call id (call events), by transcribe id (transcripts and speech events,
+whose own ids are random) or by reference id (transcribe lifecycle). A transcript can arrive before
+the POST /transcribes answer that tells us its transcribe id: such events wait in a small buffer
+until the id is known. Calls that are not ours are dropped at once, and calls that ended are
+remembered for a while so a late `call_updated` cannot bring one back to life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from agentd.call import Call, CallSettings, Phase
+from agentd.commands import Command, Result
+from agentd.events import (
+    CallEvent,
+    CallInfo,
+    Deduper,
+    Event,
+    Parsed,
+    SpeechEvent,
+    TranscribeEvent,
+    TranscriptEvent,
+)
+
+log = structlog.get_logger("agentd.dispatcher")
+
+Execute = Callable[[str, list[Command]], None]
+
+
+def normalise_number(number: str) -> str:
+    """Compare numbers by their digits and a leading `+` only."""
+    keep = "".join(ch for ch in number if ch.isdigit())
+    return ("+" + keep) if number.strip().startswith("+") else keep
+
+
+class Dispatcher:
+    """Owns the live calls; `on_event` for the stream, `feed` for command results."""
+
+    def __init__(
+        self,
+        settings: Callable[[], CallSettings],
+        execute: Execute,
+        *,
+        numbers: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.execute = execute
+        self.numbers = {normalise_number(n) for n in numbers}
+        self.clock = clock
+        self.calls: dict[str, Call] = {}
+        self.accepting = True
+        self._by_transcribe: dict[str, str] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._orphans: deque[tuple[float, Event]] = deque(maxlen=256)
+        self.dedupe = Deduper()
+        self.counters: dict[str, int] = {
+            "events": 0,
+            "duplicates": 0,
+            "ignored": 0,
+            "calls": 0,
+            "rejected": 0,
+        }
+        self.last_event_at: float | None = None
+        self._idle: asyncio.Event | None = None
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def on_parsed(self, parsed: Parsed) -> None:
+        """A frame from the stream: drop duplicates, then route."""
+        self.counters["events"] += 1
+        self.last_event_at = self.clock()
+        if self.dedupe.seen(parsed.key):
+            self.counters["duplicates"] += 1
+            return
+        self.on_event(parsed.event)
+
+    def on_event(self, event: Event) -> None:
+        """Route one event to its call (creating the call when it is ours and new)."""
+        match event:
+            case CallEvent(call=info):
+                call = self.calls.get(info.id) or self._adopt(info)
+                if call is not None:
+                    self._step(call, event)
+            case TranscriptEvent() | SpeechEvent():
+                call_id = self._by_transcribe.get(event.transcribe_id)
+                if call_id is None:
+                    self._orphans.append((self.clock(), event))
+                elif call_id in self.calls:
+                    self._step(self.calls[call_id], event)
+            case TranscribeEvent():
+                call = self.calls.get(event.reference_id)
+                if call is not None:
+                    self._step(call, event)
+
+    def feed(self, call_id: str, result: Event | Result) -> None:
+        """A command's outcome (from the executor) for `call_id`."""
+        call = self.calls.get(call_id)
+        if call is not None:
+            self._step(call, result)
+
+    def is_ours(self, info: CallInfo) -> bool:
+        """Calls to or from one of our numbers (every call when no numbers are configured)."""
+        if not self.numbers:
+            return True
+        return bool(
+            {normalise_number(info.source), normalise_number(info.destination)} & self.numbers
+        )
+
+    def _adopt(self, info: CallInfo) -> Call | None:
+        if info.id in self._ended or info.status == "hangup" or not self.is_ours(info):
+            self.counters["ignored"] += 1
+            return None
+        if not self.accepting:
+            log.warning("call.refused", call_id=info.id, reason="shutting down")
+            return None
+        call = Call(info.id, self.settings(), direction=info.direction)
+        self.calls[info.id] = call
+        self.counters["calls"] += 1
+        log.info(
+            "call.new",
+            call_id=info.id,
+            direction=info.direction,
+            source=info.source,
+            destination=info.destination,
+            status=info.status,
+        )
+        return call
+
+    # ---- stepping a call -----------------------------------------------------------------
+
+    def _step(self, call: Call, event: Event | Result) -> None:
+        with structlog.contextvars.bound_contextvars(call_id=call.id):
+            log.info("event", **_describe(event))
+            try:
+                commands = call.handle(event, self.clock())
+            except Exception:  # a bug in one call must not stop the others
+                log.exception("call.crashed", event=type(event).__name__)
+                return
+        known = call.transcribe_id
+        if known is not None and self._by_transcribe.get(known) != call.id:
+            self._by_transcribe[known] = call.id
+            self.execute(call.id, commands)
+            self._replay_orphans()
+            return
+        self.execute(call.id, commands)
+
+    def _replay_orphans(self) -> None:
+        horizon = self.clock() - 30.0
+        waiting, self._orphans = self._orphans, deque(maxlen=self._orphans.maxlen)
+        for at, event in waiting:
+            if at >= horizon:
+                self.on_event(event)
+
+    def finished(self, call_id: str) -> None:
+        """The executor saw `Finished`: forget the call, remember it ended."""
+        call = self.calls.pop(call_id, None)
+        if call is not None and call.transcribe_id:
+            self._by_transcribe.pop(call.transcribe_id, None)
+        self._ended[call_id] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
+        log.info("call.finished", call_id=call_id, live=len(self.calls))
+        if not self.calls and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no call is left."""
+        while self.calls:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    # ---- reconciliation and shutdown -----------------------------------------------------
+
+    def reconcile(self) -> None:
+        """After (re)subscribing: events may have been lost, ask VoIPBIN about every live call."""
+        for call in list(self.calls.values()):
+            self.execute(call.id, call.check())
+
+    def live_calls(self) -> list[Call]:
+        """Calls not yet ended."""
+        return [c for c in self.calls.values() if c.phase is not Phase.ENDED]
+
+
+def _describe(event: Event | Result) -> dict[str, object]:
+    out: dict[str, object] = {"type": type(event).__name__}
+    if isinstance(event, CallEvent):
+        out.update(status=event.call.status, reason=event.call.hangup_reason or None)
+    elif isinstance(event, TranscriptEvent):
+        out.update(direction=event.direction, text=event.message)
+    elif isinstance(event, SpeechEvent):
+        out.update(kind=event.kind, text=event.message or None)
+    else:
+        for name in (
+            "status",
+            "turn",
+            "speaking_id",
+            "transcribe_id",
+            "session_id",
+            "name",
+            "error",
+            "ok",
+            "text",
+        ):
+            value = getattr(event, name, None)
+            if value is not None:
+                out[name] = value
+    return out

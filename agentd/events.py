@@ -1,0 +1,264 @@
+"""Typed VoIPBIN events, and the parser that turns a WebSocket frame into one.
+
+VoIPBIN's WebSocket frames are the bare resource JSON (a Call, a Transcript, ...) with no type:
+the kind of event is inferred from the fields (PROTOCOL.md, REFERENCE.md §5.1). The legacy wrapped
+`{"type", "data"}` shape (what webhooks carry) is accepted too. `parse_frame` never raises: a frame
+it cannot use comes back as a `Rejected` with a short reason that the stream logs and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CALL_STATUSES = ("dialing", "ringing", "progressing", "terminating", "canceling", "hangup")
+# Later statuses never go back to earlier ones; terminating and canceling are both "ending".
+STATUS_RANK = {
+    "dialing": 0,
+    "ringing": 1,
+    "progressing": 2,
+    "terminating": 3,
+    "canceling": 3,
+    "hangup": 4,
+}
+MAX_TEXT = 20_000  # a transcript longer than this is not speech: reject rather than carry it around
+MAX_FRAME = 1_000_000
+
+SpeechKind = Literal["started", "interim", "ended", "boundary"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """The fields of a VoIPBIN Call that agentd uses."""
+
+    id: str
+    status: str
+    direction: str
+    source: str
+    destination: str
+    hangup_by: str = ""
+    hangup_reason: str = ""
+    tm_update: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """A call_* event (or a Call read back over REST)."""
+
+    call: CallInfo
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribeEvent:
+    """transcribe_created / transcribe_done: a transcribe session's lifecycle."""
+
+    id: str
+    reference_type: str
+    reference_id: str
+    status: str
+    language: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptEvent:
+    """transcript_created: one final utterance of one direction (`in` = the caller)."""
+
+    id: str
+    transcribe_id: str
+    direction: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEvent:
+    """transcribe_speech_started / _interim / _ended.
+
+    Unwrapped frames cannot tell started from ended (neither carries `message`): that is `boundary`.
+    """
+
+    id: str
+    transcribe_id: str
+    kind: SpeechKind
+    direction: str = "in"
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A frame that is not a usable event; `reason` is safe to log (it never echoes the payload)."""
+
+    reason: str
+    ignorable: bool = (
+        False  # a well-formed event of a kind we do not use (groupcall, recording, ...)
+    )
+
+
+Event = CallEvent | TranscribeEvent | TranscriptEvent | SpeechEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A parsed frame: the event and the key that identifies a duplicate of it."""
+
+    event: Event
+    key: str
+
+
+_WRAPPED_SPEECH: dict[str, SpeechKind] = {
+    "transcribe_speech_started": "started",
+    "transcribe_speech_interim": "interim",
+    "transcribe_speech_ended": "ended",
+}
+
+
+def parse_frame(frame: str | bytes) -> Parsed | Rejected:
+    """Turn one WebSocket text frame into an event, or say why not."""
+    if isinstance(frame, bytes):
+        return Rejected("binary frame")
+    if len(frame) > MAX_FRAME:
+        return Rejected("frame too large")
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        return Rejected("not JSON")
+    if not isinstance(obj, dict):
+        return Rejected("not a JSON object")
+    return parse_object(obj, frame)
+
+
+def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Rejected:
+    """Classify a decoded frame (wrapped or unwrapped)."""
+    hint: str | None = None
+    data = obj.get("data")
+    etype = obj.get("type")
+    if etype is None:
+        etype = obj.get("event_type")
+    if isinstance(data, dict) and isinstance(etype, str):
+        hint, obj = etype, data
+    try:
+        result = _classify(obj, hint)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return Rejected(f"malformed field: {type(exc).__name__}")
+    if isinstance(result, Rejected):
+        return result
+    return Parsed(result, _dedupe_key(result, raw))
+
+
+def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ValueError(key)
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(key)
+    return value
+
+
+def _target(obj: dict[str, Any], key: str) -> str:
+    addr = obj.get(key)
+    if addr is None:
+        return ""
+    if not isinstance(addr, dict):
+        raise TypeError(key)
+    return _str(addr, "target", required=False)
+
+
+def _classify(obj: dict[str, Any], hint: str | None) -> Event | Rejected:
+    if hint is not None and not hint.startswith(("call_", "transcribe_", "transcript_")):
+        return Rejected(f"unused event type {hint[:40]}", ignorable=True)
+    status = obj.get("status")
+    if ("transcribe_id" in obj and "streaming_id" in obj) or (hint or "") in _WRAPPED_SPEECH:
+        message = obj.get("message")
+        if message is not None and not isinstance(message, str):
+            raise TypeError("message")
+        kind: SpeechKind = _WRAPPED_SPEECH.get(hint or "", "interim" if message else "boundary")
+        if len(message or "") > MAX_TEXT:
+            return Rejected("speech text too long")
+        return SpeechEvent(
+            id=_str(obj, "id"),
+            transcribe_id=_str(obj, "transcribe_id"),
+            kind=kind,
+            direction=_str(obj, "direction", required=False) or "in",
+            message=message or "",
+        )
+    if "transcribe_id" in obj and "message" in obj:
+        message = _str(obj, "message")
+        if len(message) > MAX_TEXT:
+            return Rejected("transcript too long")
+        return TranscriptEvent(
+            id=_str(obj, "id"),
+            transcribe_id=_str(obj, "transcribe_id"),
+            direction=_str(obj, "direction", required=False),
+            message=message,
+        )
+    if "reference_type" in obj and status in ("progressing", "done"):
+        return TranscribeEvent(
+            id=_str(obj, "id"),
+            reference_type=_str(obj, "reference_type"),
+            reference_id=_str(obj, "reference_id"),
+            status=status,
+            language=_str(obj, "language", required=False),
+        )
+    if "direction" in obj and ("source" in obj or "destination" in obj):
+        if "call_ids" in obj or "ring_method" in obj:
+            return Rejected("groupcall", ignorable=True)
+        if not isinstance(status, str):
+            raise TypeError("status")
+        if status not in STATUS_RANK:
+            return Rejected(f"unknown call status {status[:20]!r}")
+        return CallEvent(
+            CallInfo(
+                id=_str(obj, "id"),
+                status=status,
+                direction=_str(obj, "direction"),
+                source=_target(obj, "source"),
+                destination=_target(obj, "destination"),
+                hangup_by=_str(obj, "hangup_by", required=False),
+                hangup_reason=_str(obj, "hangup_reason", required=False),
+                tm_update=_str(obj, "tm_update", required=False),
+            ),
+            deleted=bool(obj.get("tm_delete")) or hint == "call_deleted",
+        )
+    if hint is not None:
+        return Rejected(f"event {hint[:40]} has an unexpected shape")
+    if "call_ids" in obj or ("recording_id" in obj and "format" in obj):
+        return Rejected("unused resource", ignorable=True)
+    return Rejected("unknown resource shape")
+
+
+def _dedupe_key(event: Event, raw: str | None) -> str:
+    match event:
+        case CallEvent(call=c):
+            # call_updated repeats a status with a new tm_update; without tm_update, hash the frame
+            if c.tm_update or raw is None:
+                return f"call:{c.id}:{c.status}:{c.tm_update}"
+            return "call:" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+        case TranscribeEvent():
+            return f"transcribe:{event.id}:{event.status}"
+        case TranscriptEvent():
+            return f"transcript:{event.id}"
+        case SpeechEvent():
+            return f"speech:{event.id}"
+
+
+@dataclass
+class Deduper:
+    """Remembers the last `size` event keys; `seen(key)` is true for a repeat."""
+
+    size: int = 10_000
+    _keys: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def seen(self, key: str) -> bool:
+        """Record `key`; return whether it had been seen already."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        self._keys[key] = None
+        if len(self._keys) > self.size:
+            self._keys.popitem(last=False)
+        return False

@@ -1,0 +1,336 @@
+"""The executor: runs a call's commands and feeds every outcome back as a result event.
+
+Commands of one call run in lanes: speaking commands (start, say, flush, stop) in order on one lane,
+transcribe commands on another, call commands on a third, so says play in order and a stop comes
+after the says it follows, while setting up the two sessions still happens in parallel. Backend
+replies and timers are tasks of their own: a slow backend never holds up any lane or any other call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agentd.backends import Backend
+from agentd.commands import (
+    AskBackend,
+    CallGone,
+    CancelBackend,
+    CheckCall,
+    Command,
+    FindTranscribe,
+    Finished,
+    Flush,
+    Hangup,
+    PollSpeaking,
+    Record,
+    ReplyDone,
+    ReplyFailed,
+    ReplySentence,
+    Result,
+    Say,
+    SayFailed,
+    SpeakingFailed,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    StartTranscribe,
+    Stopped,
+    StopSpeaking,
+    StopTranscribe,
+    TimerFired,
+    TranscribeFailed,
+    TranscribeStarted,
+)
+from agentd.events import CallEvent, Event, parse_object
+from agentd.secret import redact
+from agentd.sentences import SentenceBuffer, split_for_say
+from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
+
+log = structlog.get_logger("agentd.executor")
+
+Feed = Callable[[str, "Event | Result"], None]
+
+
+@dataclass
+class _Lanes:
+    queues: dict[str, deque[Command]] = field(default_factory=dict)
+    workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    timers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs commands for every call; results go to `feed(call_id, result)`."""
+
+    def __init__(
+        self,
+        client: VoipbinClient,
+        backend: Backend,
+        feed: Feed,
+        *,
+        backend_timeout_s: float = 15.0,
+        on_record: Callable[[Record], None] | None = None,
+        on_finished: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.backend = backend
+        self.feed = feed
+        self.backend_timeout_s = backend_timeout_s
+        self.on_record = on_record
+        self.on_finished = on_finished
+        self._calls: dict[str, _Lanes] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def execute(self, call_id: str, commands: list[Command]) -> None:
+        """Schedule `commands`; never blocks."""
+        lanes = self._calls.setdefault(call_id, _Lanes())
+        for cmd in commands:
+            log.info("command", call_id=call_id, **_describe(cmd))
+            match cmd:
+                case AskBackend():
+                    self._spawn_reply(lanes, cmd)
+                case CancelBackend():
+                    task = lanes.replies.pop(cmd.turn, None)
+                    if task is not None:
+                        task.cancel()
+                case StartTimer():
+                    old = lanes.timers.pop(cmd.name, None)
+                    if old is not None:
+                        old.cancel()
+                    lanes.timers[cmd.name] = self._spawn(self._timer(call_id, cmd), call_id)
+                case Record():
+                    if self.on_record is not None:
+                        self.on_record(cmd)
+                case Finished():
+                    self._forget(call_id)
+                case _:
+                    queue = lanes.queues.setdefault(cmd.lane, deque())
+                    queue.append(cmd)
+                    worker = lanes.workers.get(cmd.lane)
+                    if worker is None or worker.done():
+                        lanes.workers[cmd.lane] = self._spawn(self._drain(call_id, queue), call_id)
+
+    def _forget(self, call_id: str) -> None:
+        lanes = self._calls.pop(call_id, None)
+        if lanes is not None:
+            for task in (*lanes.timers.values(), *lanes.replies.values()):
+                task.cancel()
+        if self.on_finished is not None:
+            self.on_finished(call_id)
+
+    def _spawn(self, coro: Any, call_id: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel everything still running (timers, replies, lanes)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def pending(self) -> int:
+        """Tasks still running (lanes, timers, replies)."""
+        return len(self._tasks)
+
+    # ---- lanes ---------------------------------------------------------------------------
+
+    async def _drain(self, call_id: str, queue: deque[Command]) -> None:
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            while queue:
+                cmd = queue.popleft()
+                if isinstance(cmd, Say):
+                    cmd = _merge_says(cmd, queue)
+                try:
+                    result = await self._run(cmd)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug must not kill the lane: report and go on
+                    log.exception(
+                        "command.crashed", command=type(cmd).__name__, error=redact(str(exc))
+                    )
+                    continue
+                if result is not None:
+                    self.feed(call_id, result)
+
+    async def _run(self, cmd: Command) -> Event | Result | None:
+        c = self.client
+        match cmd:
+            case StartTranscribe():
+                try:
+                    tid = await c.start_transcribe(
+                        cmd.call_id, cmd.language, cmd.provider, cmd.direction
+                    )
+                except ApiError as e:
+                    return TranscribeFailed(e.status, e.reason)
+                return TranscribeStarted(tid)
+            case FindTranscribe():
+                try:
+                    found = await c.find_transcribe(cmd.call_id, cmd.language)
+                except ApiError as e:
+                    return TranscribeFailed(e.status, e.reason)
+                return TranscribeStarted(found) if found else TranscribeFailed(404, "not found")
+            case StopTranscribe():
+                return Stopped(
+                    "transcribe",
+                    cmd.transcribe_id,
+                    await _stop(c.stop_transcribe(cmd.transcribe_id)),
+                )
+            case StartSpeaking():
+                return await self._start_speaking(cmd)
+            case PollSpeaking():
+                try:
+                    spk = await c.get_speaking(cmd.speaking_id)
+                except ApiError as e:
+                    return SpeakingFailed(e.status, e.reason, cmd.speaking_id)
+                return SpeakingStarted(cmd.speaking_id, str(spk.get("status", "")))
+            case Say():
+                for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES):
+                    try:
+                        await c.say(cmd.speaking_id, piece)
+                    except ApiError as e:
+                        return SayFailed(cmd.speaking_id, piece, cmd.turn, e.status)
+                return None
+            case Flush():
+                with contextlib.suppress(ApiError):
+                    await c.flush(cmd.speaking_id)  # 404: nothing was playing any more
+                return None
+            case StopSpeaking():
+                return Stopped(
+                    "speaking", cmd.speaking_id, await _stop(c.stop_speaking(cmd.speaking_id))
+                )
+            case Hangup():
+                try:
+                    await c.hangup(cmd.call_id)
+                except ApiError as e:
+                    if e.status in (403, 404):
+                        return CallGone()
+                    log.warning("hangup.failed", error=str(e))
+                return None
+            case CheckCall():
+                try:
+                    raw = await c.get_call(cmd.call_id)
+                except ApiError as e:
+                    if e.status in (403, 404, 409):
+                        return CallGone()
+                    log.warning("check_call.failed", error=str(e))
+                    return None
+                parsed = parse_object(raw)
+                if hasattr(parsed, "event") and isinstance(parsed.event, CallEvent):
+                    return parsed.event
+                return None
+        return None
+
+    async def _start_speaking(self, cmd: StartSpeaking) -> Result:
+        c = self.client
+        try:
+            spk = await c.start_speaking(cmd.call_id, cmd.language, cmd.provider, cmd.voice_id)
+            return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status", "")))
+        except ApiError as e:
+            failure = SpeakingFailed(e.status, e.reason)
+        if failure.status == 0 or failure.status >= 500:
+            # the create may have happened anyway (one live session per call): adopt it
+            with contextlib.suppress(ApiError):
+                for spk in await c.list_speakings():
+                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in (
+                        "initiating",
+                        "active",
+                    ):
+                        log.info("speaking.adopted", speaking_id=spk.get("id"))
+                        return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
+        return failure
+
+    # ---- backend replies -----------------------------------------------------------------
+
+    def _spawn_reply(self, lanes: _Lanes, cmd: AskBackend) -> None:
+        for turn, task in list(lanes.replies.items()):
+            if turn < cmd.turn:  # a newer turn makes any older reply stale
+                task.cancel()
+                del lanes.replies[turn]
+        lanes.replies[cmd.turn] = self._spawn(self._reply(cmd), cmd.call_id)
+
+    async def _reply(self, cmd: AskBackend) -> None:
+        with structlog.contextvars.bound_contextvars(call_id=cmd.call_id, turn=cmd.turn):
+            buf = SentenceBuffer()
+            stream = self.backend.reply(cmd.call_id, cmd.history)
+            try:
+                async with asyncio.timeout(self.backend_timeout_s):
+                    async for chunk in stream:
+                        for sentence in buf.feed(chunk):
+                            self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
+                for sentence in buf.flush():
+                    self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
+                self.feed(cmd.call_id, ReplyDone(cmd.turn))
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                self.feed(cmd.call_id, ReplyFailed(cmd.turn, "backend timed out"))
+            except Exception as exc:  # any backend failure becomes the fallback line
+                self.feed(
+                    cmd.call_id, ReplyFailed(cmd.turn, redact(f"{type(exc).__name__}: {exc}"))
+                )
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+
+    async def _timer(self, call_id: str, cmd: StartTimer) -> None:
+        await asyncio.sleep(cmd.delay_s)
+        lanes = self._calls.get(call_id)
+        if lanes is not None and lanes.timers.get(cmd.name) is asyncio.current_task():
+            del lanes.timers[cmd.name]
+        self.feed(call_id, TimerFired(cmd.name))
+
+
+async def _stop(coro: Any) -> bool:
+    """Run a stop; a 404 means already gone, which is as good as stopped."""
+    try:
+        await coro
+    except ApiError as e:
+        if e.status == 404:
+            return True
+        log.warning("stop.failed", error=str(e))
+        return False
+    return True
+
+
+def _merge_says(first: Say, queue: deque[Command]) -> Say:
+    """Sentences queued behind a say on the same session go out as one request (saves budget)."""
+    text = first.text
+    while queue:
+        nxt = queue[0]
+        if not (
+            isinstance(nxt, Say) and nxt.speaking_id == first.speaking_id and nxt.turn == first.turn
+        ):
+            break
+        merged = f"{text} {nxt.text}"
+        if len(merged.encode()) > SAY_LIMIT_BYTES:
+            break
+        text = merged
+        queue.popleft()
+    if text == first.text:
+        return first
+    return Say(first.call_id, first.speaking_id, text, first.turn)
+
+
+def _describe(cmd: Command) -> dict[str, Any]:
+    out: dict[str, Any] = {"command": type(cmd).__name__}
+    for name in ("speaking_id", "transcribe_id", "turn", "name", "what"):
+        value = getattr(cmd, name, None)
+        if value is not None:
+            out[name] = value
+    if isinstance(cmd, Say):
+        out["text"] = cmd.text
+    if isinstance(cmd, Record):
+        out.update({k: v for k, v in cmd.data.items() if k not in out})
+    return out

@@ -1,0 +1,48 @@
+"""`agentd call --wait`: follow one call over REST and print its conversation until it ends.
+
+It polls (about two requests a second, well inside the 17/s budget) rather than opening a second
+WebSocket, so it works the same next to a running daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from agentd.config import Config
+from agentd.voipbin import ApiError, VoipbinClient
+
+POLL_S = 1.0
+
+
+async def follow(config: Config, client: VoipbinClient, call_id: str) -> int:
+    """Print status changes and transcripts of `call_id`; 0 if it was answered, 1 if not."""
+    status = ""
+    answered = False
+    transcribe_id: str | None = None
+    printed: set[str] = set()
+    while True:
+        try:
+            call = await client.get_call(call_id)
+        except ApiError as exc:
+            print(f"agentd: cannot follow the call: {exc}", file=sys.stderr)
+            return 1
+        new = str(call.get("status", ""))
+        if new != status:
+            status = new
+            answered = answered or status == "progressing"
+            extra = f" ({call.get('hangup_reason')})" if status == "hangup" else ""
+            print(f"[{status}]{extra}", flush=True)
+        if transcribe_id is None and answered:
+            transcribe_id = await client.find_transcribe(call_id, config.call.language)
+        if transcribe_id is not None:
+            lines = [t async for t in client.transcripts(transcribe_id)]
+            lines.sort(key=lambda t: (t.get("offset_ms") or 0, str(t.get("tm_create", ""))))
+            for t in lines:
+                if t.get("id") not in printed:
+                    printed.add(str(t.get("id")))
+                    who = "caller" if t.get("direction") == "in" else "agent"
+                    print(f"{who}: {t.get('message', '')}", flush=True)
+        if status == "hangup":
+            return 0 if answered else 1
+        await asyncio.sleep(POLL_S)

@@ -1,0 +1,95 @@
+"""Cut streamed reply text into sentences: the first is spoken while the rest is generated."""
+
+from __future__ import annotations
+
+import re
+
+# words whose trailing period does not end a sentence
+_ABBREVIATIONS = frozenset(
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "prof",
+        "sr",
+        "jr",
+        "st",
+        "vs",
+        "etc",
+        "e.g",
+        "i.e",
+        "a.m",
+        "p.m",
+        "no",
+        "inc",
+        "ltd",
+        "co",
+        "corp",
+        "approx",
+        "dept",
+        "est",
+        "fig",
+    ]
+)
+# sentence ends: Latin punctuation before a space, or the CJK full stop / marks
+_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|[\u3002\uff01\uff1f]+")
+
+
+def _is_boundary(text: str, end: int) -> bool:
+    """Whether the punctuation ending at `end` really ends a sentence."""
+    mark = text[end - 1]
+    if mark != ".":
+        return True
+    start = end - 1
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    word = text[start : end - 1].lower().rstrip(".")
+    if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+        return False  # "Dr." "e.g." "J. Smith"
+    return not (end < len(text) - 1 and text[end - 2].isdigit() and text[end].isdigit())
+
+
+class SentenceBuffer:
+    """Feed text chunks; get back each sentence as soon as it is complete."""
+
+    def __init__(self, min_chars: int = 1) -> None:
+        self._buf = ""
+        self._min = min_chars
+
+    def feed(self, chunk: str) -> list[str]:
+        """Add a chunk; return the sentences it completed."""
+        self._buf += chunk
+        out: list[str] = []
+        pos = 0
+        for m in _END.finditer(self._buf):
+            end = m.end()
+            if not _is_boundary(self._buf, end):
+                continue
+            sentence = self._buf[pos:end].strip()
+            if len(sentence) >= self._min:
+                out.append(sentence)
+                pos = end
+        self._buf = self._buf[pos:]
+        return out
+
+    def flush(self) -> list[str]:
+        """The rest of the text, at the end of the stream."""
+        rest, self._buf = self._buf.strip(), ""
+        return [rest] if rest else []
+
+
+def split_for_say(text: str, limit: int = 5000) -> list[str]:
+    """Split text into pieces of at most `limit` UTF-8 bytes, at word boundaries where possible."""
+    pieces: list[str] = []
+    while len(text.encode()) > limit:
+        # the longest prefix that fits, never cutting a character in two
+        cut = len(text.encode()[:limit].decode(errors="ignore"))
+        space = text.rfind(" ", 0, cut)
+        if space > cut // 2:
+            cut = space
+        pieces.append(text[:cut].strip())
+        text = text[cut:].lstrip()
+    if text.strip():
+        pieces.append(text.strip())
+    return pieces

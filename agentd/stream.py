@@ -1,0 +1,232 @@
+"""The event stream: one outbound WebSocket to VoIPBIN, kept open for as long as the daemon runs.
+
+Connect, subscribe with the exactly-once topic prefixes, read frames, and on any failure reconnect
+with capped exponential backoff and jitter (reset after a healthy minute). Subscriptions are
+forgotten by the server on disconnect, and events sent before a subscription takes effect are
+lost, so after every subscribe — the first included — the daemon reconciles its calls over REST. VoIPBIN never
+acknowledges a subscribe: a connection that survives `settle_s` after subscribing counts as ready.
+Our own pings find a half-open connection behind NAT. Bad frames are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlencode
+
+import structlog
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from agentd.events import Parsed, Rejected, parse_frame
+from agentd.secret import redact
+from agentd.voipbin import ApiError
+
+log = structlog.get_logger("agentd.stream")
+
+Verdict = Literal["retry", "reauth", "slow"]
+
+
+def topics(customer_id: str) -> list[str]:
+    """Prefixes that match each event once (the event-type topic format only)."""
+    return [
+        f"customer_id:{customer_id}:call:call_",
+        f"customer_id:{customer_id}:transcript:transcript_created",
+        f"customer_id:{customer_id}:transcribe:transcribe_",
+    ]
+
+
+def classify(exc: BaseException) -> Verdict:
+    """What a failed connection means: log in again, back off longer, or just retry."""
+    status = exc.response.status_code if isinstance(exc, InvalidStatus) else None
+    if isinstance(exc, ApiError):
+        status = exc.status or 503
+    if status is not None:
+        if status == 401:
+            return "reauth"
+        if status in (403, 429) or status >= 500:
+            return "slow"
+    return "retry"
+
+
+def reconnect_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
+    """Exponential backoff with jitter, capped (websockets' own cap is 90 s: too long for calls)."""
+    delay = base
+    while True:
+        yield random.uniform(delay * 0.5, delay)
+        delay = min(cap, delay * 2)
+
+
+@dataclass
+class StreamStats:
+    """What `agentd status` and the logs report about the connection."""
+
+    state: str = "starting"
+    connects: int = 0
+    reconnects: int = 0
+    frames: int = 0
+    rejected: int = 0
+    last_frame_at: float | None = None
+    connected_since: float | None = None
+    rejections: dict[str, int] = field(default_factory=dict)
+
+
+class EventStream:
+    """Keeps the WebSocket up and hands every parsed frame to `on_parsed`."""
+
+    def __init__(
+        self,
+        ws_url: str,
+        *,
+        auth: Callable[[], tuple[dict[str, str], dict[str, str]]],
+        customer_id: Callable[[], Awaitable[str]],
+        on_parsed: Callable[[Parsed], None],
+        on_ready: Callable[[bool], None],
+        reauth: Callable[[], Awaitable[bool]],
+        settle_s: float = 0.3,
+        ping_interval_s: float = 10.0,
+        ping_timeout_s: float = 20.0,
+        healthy_after_s: float = 60.0,
+        max_delay_s: float = 30.0,
+    ) -> None:
+        self.ws_url = ws_url
+        self._auth = auth
+        self._customer_id = customer_id
+        self._on_parsed = on_parsed
+        self._on_ready = on_ready
+        self._reauth = reauth
+        self.settle_s = settle_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.healthy_after_s = healthy_after_s
+        self.max_delay_s = max_delay_s
+        self.stats = StreamStats()
+        self._ws: ClientConnection | None = None
+        self._cid: str | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Connect and read forever (until cancelled); never raises on network trouble."""
+        delays = reconnect_delays(cap=self.max_delay_s)
+        first = True
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session(first)
+                reason = "closed by server"
+            except asyncio.CancelledError:
+                raise
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ApiError) as exc:
+                reason = _reason(exc)
+                verdict = classify(exc)
+                if verdict == "reauth":
+                    try:
+                        if not await self._reauth():
+                            log.error(
+                                "stream.unauthorised",
+                                hint="credentials refused; check the access key or token",
+                            )
+                            verdict = "slow"
+                    except Exception as err:
+                        log.error("stream.login_failed", error=redact(str(err)))
+                        verdict = "slow"
+            except Exception as exc:  # last resort: the reconnect loop must never die
+                reason = redact(f"{type(exc).__name__}: {exc}")
+                log.exception("stream.crashed")
+                verdict = "slow"
+            else:
+                verdict = "retry"
+            first = False
+            self.ready.clear()
+            self._ws = None
+            self.stats.state = "reconnecting"
+            self.stats.connected_since = None
+            if time.monotonic() - started > self.healthy_after_s:
+                delays = reconnect_delays(cap=self.max_delay_s)
+            delay = next(delays)
+            if verdict == "slow":
+                delay = max(delay, min(self.max_delay_s, 5.0))
+            self.stats.reconnects += 1
+            log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    async def _session(self, first: bool) -> None:
+        if self._cid is None:
+            self._cid = await self._customer_id()
+        params, headers = self._auth()
+        url = self.ws_url
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        self.stats.state = "connecting"
+        async with connect(
+            url,
+            additional_headers=headers,
+            ping_interval=self.ping_interval_s,
+            ping_timeout=self.ping_timeout_s,
+            open_timeout=10,
+            close_timeout=2,
+            max_size=2**22,
+            max_queue=None,  # never stall the read loop; the dispatcher keeps up
+            compression=None,
+            proxy=None,
+        ) as ws:
+            self._ws = ws
+            self.stats.connects += 1
+            await ws.send(json.dumps({"type": "subscribe", "topics": topics(self._cid)}))
+            self.stats.state = "subscribed"
+            self.stats.connected_since = time.monotonic()
+            log.info("stream.subscribed", first=first)
+            settle = asyncio.get_running_loop().call_later(
+                self.settle_s, self._mark_ready, ws, first
+            )
+            try:
+                async for frame in ws:
+                    self._frame(frame)
+            finally:
+                settle.cancel()
+
+    def _mark_ready(self, ws: ClientConnection, first: bool) -> None:
+        if self._ws is ws:
+            self.stats.state = "ready"
+            self.ready.set()
+            self._on_ready(first)
+
+    def _frame(self, frame: str | bytes) -> None:
+        self.stats.frames += 1
+        self.stats.last_frame_at = time.monotonic()
+        parsed = parse_frame(frame)
+        if isinstance(parsed, Rejected):
+            if not parsed.ignorable:
+                self.stats.rejected += 1
+                self.stats.rejections[parsed.reason] = (
+                    self.stats.rejections.get(parsed.reason, 0) + 1
+                )
+                log.warning("frame.rejected", reason=parsed.reason, size=len(frame))
+            return
+        try:
+            self._on_parsed(parsed)
+        except Exception:  # a bug downstream must not drop the connection
+            log.exception("frame.dispatch_failed")
+
+    async def close(self) -> None:
+        """Close the connection politely (the run task is cancelled separately)."""
+        if self._ws is not None:
+            await self._ws.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code} on connect"
+    if isinstance(exc, ConnectionClosed):
+        rcvd = exc.rcvd
+        return f"connection closed ({rcvd.code if rcvd else 1006})"
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+__all__ = ["EventStream", "StreamStats", "classify", "topics", "websockets"]

@@ -1,0 +1,390 @@
+"""VoIPBIN REST client: one aiohttp session, a shared rate budget, and retries that are safe.
+
+Retry rules (PROTOCOL.md "Errors and limits"): 429 waits for `Retry-After` and is retried (the
+gateway refused it, nothing happened); 401 logs in again once when a username/password is
+configured;
+5xx and connection errors are retried with backoff and jitter within a deadline, but only for
+idempotent requests — a `/say` that may have reached the server is never sent again, or the caller
+would hear it twice. Other 4xx are final. No URL with its query string and no header is ever put in
+an exception or a log line: credentials travel there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+
+from agentd.ratelimit import BACKGROUND, SETUP, URGENT, RateLimiter
+from agentd.secret import Secret, redact
+
+log = structlog.get_logger("agentd.voipbin")
+
+SAY_LIMIT_BYTES = 5000
+KEEP_CALL_UP = [{"type": "sleep", "option": {"duration": 3_600_000}}]
+
+
+class ApiError(Exception):
+    """VoIPBIN answered with an error (or did not answer: `status` 0)."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "", request_id: str = ""):
+        self.status = status
+        self.reason = reason
+        self.request_id = request_id
+        super().__init__(redact(f"HTTP {status} {reason} {message}".strip()))
+
+
+@dataclass
+class Credentials:
+    """One way to authenticate: an access key, a JWT, or a username and password to log in."""
+
+    accesskey: Secret | None = None
+    token: Secret | None = None
+    username: str = ""
+    password: Secret | None = None
+
+    @property
+    def can_login(self) -> bool:
+        """Whether a fresh JWT can be had with a username and password."""
+        return bool(self.username and self.password)
+
+
+def backoff(base: float = 0.2, cap: float = 5.0) -> Iterator[float]:
+    """Exponential backoff with full jitter: delays to sleep between attempts."""
+    delay = base
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(cap, delay * 2)
+
+
+class VoipbinClient:
+    """The REST calls agentd makes, over one `aiohttp.ClientSession`."""
+
+    def __init__(
+        self,
+        api_url: str,
+        credentials: Credentials,
+        *,
+        rate_per_s: float = 17.0,
+        burst: float = 33.0,
+        timeout_s: float = 10.0,
+        deadline_s: float = 20.0,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        parts = urlsplit(self.api_url)
+        self.root_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self.credentials = credentials
+        self.limiter = RateLimiter(rate_per_s, burst)
+        self.deadline_s = deadline_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(5.0, timeout_s))
+        self._session: aiohttp.ClientSession | None = None
+        self._login_lock = asyncio.Lock()
+        self.errors = 0
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The process-wide HTTP session (created on first use)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, headers={"User-Agent": "agentd"}
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+
+    # ---- credentials -----------------------------------------------------------------------
+
+    def auth(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(query params, headers) carrying the credentials; a JWT wins over an access key."""
+        c = self.credentials
+        if c.token:
+            return {}, {"Authorization": f"Bearer {c.token.reveal()}"}
+        if c.accesskey:
+            # the server refuses an access key sent as `token`; `accesskey=` is what it reads
+            return {"accesskey": c.accesskey.reveal()}, {}
+        return {}, {}
+
+    async def login(self) -> None:
+        """POST /auth/login (at the host root, not under /v1.0) and keep the JWT."""
+        c = self.credentials
+        if not c.can_login or c.password is None:
+            raise ApiError(401, "INVALID_CREDENTIALS", "no username/password to log in with")
+        body = {"username": c.username, "password": c.password.reveal()}
+        try:
+            async with self.session.post(f"{self.root_url}/auth/login", json=body) as resp:
+                if resp.status != 200:
+                    raise ApiError(resp.status, "LOGIN_FAILED", "login refused")
+                data = await resp.json(content_type=None)
+        except aiohttp.ClientError as exc:
+            raise ApiError(0, type(exc).__name__, "login failed: no answer") from None
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ApiError(502, "LOGIN_FAILED", "login answer has no token")
+        c.token = Secret(token)
+        log.info("voipbin.login", username=c.username)
+
+    async def reauthenticate(self, stale: Secret | None) -> bool:
+        """Log in again after a 401, once per stale token; False if we cannot."""
+        if not self.credentials.can_login:
+            return False
+        async with self._login_lock:
+            if self.credentials.token is not None and self.credentials.token != stale:
+                return True  # someone else already logged in again
+            await self.login()
+            return True
+
+    # ---- the request loop ------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        priority: int = BACKGROUND,
+        idempotent: bool = True,
+        deadline_s: float | None = None,
+    ) -> Any:
+        """Send one API request with retries; return the decoded JSON body (or None)."""
+        deadline = time.monotonic() + (deadline_s or self.deadline_s)
+        delays = backoff()
+        relogged = False
+        while True:
+            await self.limiter.acquire(priority)
+            query, headers = self.auth()
+            stale = self.credentials.token
+            sent = False
+            try:
+                async with self.session.request(
+                    method,
+                    self.api_url + path,
+                    json=json,
+                    params={**(params or {}), **query},
+                    headers=headers,
+                ) as resp:
+                    sent = True
+                    status = resp.status
+                    body = await _read_json(resp)
+                    if status < 400:
+                        return body
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.errors += 1
+                # a request that never connected cannot have reached the server
+                reached = sent or not isinstance(exc, aiohttp.ClientConnectorError)
+                err = ApiError(0, type(exc).__name__, "no answer from VoIPBIN")
+                if (reached and not idempotent) or time.monotonic() >= deadline:
+                    raise err from None
+                log.warning("voipbin.retry", method=method, path=path, error=str(err))
+                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+                continue
+            self.errors += 1
+            err = _api_error(status, body)
+            if status == 401 and not relogged and await self.reauthenticate(stale):
+                relogged = True
+                continue
+            if status == 429:
+                wait = retry_after if retry_after is not None else next(delays)
+                self.limiter.penalise(wait)
+                if time.monotonic() + wait >= deadline:
+                    raise err
+                log.warning("voipbin.rate_limited", method=method, path=path, wait_s=wait)
+                await asyncio.sleep(wait)
+                continue
+            if status >= 500 and idempotent and time.monotonic() < deadline:
+                log.warning("voipbin.retry", method=method, path=path, status=status)
+                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+                continue
+            raise err
+
+    # ---- the API ---------------------------------------------------------------------------
+
+    async def customer_id(self) -> str:
+        """GET /customer → our customer id (used in WebSocket topics)."""
+        body = await self.request("GET", "/customer", priority=SETUP)
+        cid = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(cid, str) or not cid:
+            raise ApiError(502, "BAD_RESPONSE", "customer has no id")
+        return cid
+
+    async def get_call(self, call_id: str) -> dict[str, Any]:
+        """GET /calls/{id}."""
+        return _obj(await self.request("GET", f"/calls/{call_id}"))
+
+    async def list_calls(self, page_size: int = 100) -> list[dict[str, Any]]:
+        """GET /calls (newest first, one page)."""
+        body = await self.request("GET", "/calls", params={"page_size": str(page_size)})
+        return _result(body)
+
+    async def place_call(
+        self, source: str, destination: str, flow_id: str = ""
+    ) -> list[dict[str, Any]]:
+        """POST /calls to one tel destination; returns the created calls."""
+        body: dict[str, Any] = {
+            "source": {"type": "tel", "target": source},
+            "destinations": [{"type": "tel", "target": destination}],
+        }
+        if flow_id:
+            body["flow_id"] = flow_id
+        else:
+            # without a flow VoIPBIN hangs the call up right after answer
+            body["actions"] = KEEP_CALL_UP
+        # placing a call is not idempotent: a retry could ring the callee twice
+        resp = await self.request("POST", "/calls", json=body, priority=SETUP, idempotent=False)
+        calls = resp.get("calls") if isinstance(resp, dict) else None
+        return [c for c in calls or [] if isinstance(c, dict)]
+
+    async def hangup(self, call_id: str) -> None:
+        """POST /calls/{id}/hangup (idempotent)."""
+        await self.request("POST", f"/calls/{call_id}/hangup", priority=URGENT)
+
+    async def start_transcribe(
+        self, call_id: str, language: str, provider: str, direction: str = "in"
+    ) -> str:
+        """POST /transcribes → transcribe id. A 409 means one already runs on the call."""
+        body = {
+            "reference_type": "call",
+            "reference_id": call_id,
+            "language": language,
+            "direction": direction,
+        }
+        if provider:
+            body["provider"] = provider
+        # a duplicate start answers 409, so a retry cannot create a second session
+        return _id(await self.request("POST", "/transcribes", json=body, priority=SETUP))
+
+    async def find_transcribe(self, call_id: str, language: str) -> str | None:
+        """The live transcribe on a call (after a 409), or None."""
+        body = await self.request(
+            "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
+        )
+        for t in _result(body):
+            if t.get("status") == "progressing" and t.get("language", language) == language:
+                return _id(t)
+        return None
+
+    async def stop_transcribe(self, transcribe_id: str) -> None:
+        """POST /transcribes/{id}/stop (idempotent)."""
+        await self.request("POST", f"/transcribes/{transcribe_id}/stop", priority=URGENT)
+
+    async def transcripts(self, transcribe_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Every transcript of a transcribe, following `next_page_token`, deduplicated by id."""
+        seen: set[str] = set()
+        token = ""
+        for _ in range(100):
+            params = {"transcribe_id": transcribe_id}
+            if token:
+                params["page_token"] = token
+            body = await self.request("GET", "/transcripts", params=params)
+            items = _result(body)
+            for t in items:
+                tid = t.get("id")
+                if isinstance(tid, str) and tid not in seen:
+                    seen.add(tid)
+                    yield t
+            nxt = body.get("next_page_token") if isinstance(body, dict) else None
+            if not items or not isinstance(nxt, str) or not nxt or nxt == token:
+                return
+            token = nxt
+
+    async def start_speaking(
+        self, call_id: str, language: str, provider: str, voice_id: str
+    ) -> dict[str, Any]:
+        """POST /speakings (direction out: what the caller hears) → the Speaking."""
+        body = {
+            "reference_type": "call",
+            "reference_id": call_id,
+            "language": language,
+            "provider": provider,
+            "voice_id": voice_id,
+            "direction": "out",
+        }
+        # not retried on 5xx: the server may have created it (one live session per call)
+        return _obj(
+            await self.request("POST", "/speakings", json=body, priority=SETUP, idempotent=False)
+        )
+
+    async def list_speakings(self) -> list[dict[str, Any]]:
+        """GET /speakings (one page, newest first)."""
+        return _result(await self.request("GET", "/speakings", params={"page_size": "100"}))
+
+    async def get_speaking(self, speaking_id: str) -> dict[str, Any]:
+        """GET /speakings/{id}."""
+        return _obj(await self.request("GET", f"/speakings/{speaking_id}"))
+
+    async def say(self, speaking_id: str, text: str) -> None:
+        """POST /speakings/{id}/say; never re-sent once it may have reached the server."""
+        await self.request(
+            "POST",
+            f"/speakings/{speaking_id}/say",
+            json={"text": text},
+            priority=URGENT,
+            idempotent=False,
+        )
+
+    async def flush(self, speaking_id: str) -> None:
+        """POST /speakings/{id}/flush."""
+        await self.request("POST", f"/speakings/{speaking_id}/flush", priority=URGENT)
+
+    async def stop_speaking(self, speaking_id: str) -> None:
+        """POST /speakings/{id}/stop (idempotent)."""
+        await self.request("POST", f"/speakings/{speaking_id}/stop", priority=URGENT)
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else None
+
+
+def _api_error(status: int, body: Any) -> ApiError:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return ApiError(
+            status,
+            str(err.get("reason") or err.get("status") or ""),
+            str(err.get("message") or "")[:200],
+            str(err.get("request_id") or ""),
+        )
+    return ApiError(status)
+
+
+def _obj(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(502, "BAD_RESPONSE", "expected a JSON object")
+    return body
+
+
+def _id(body: Any) -> str:
+    value = _obj(body).get("id")
+    if not isinstance(value, str) or not value:
+        raise ApiError(502, "BAD_RESPONSE", "answer has no id")
+    return value
+
+
+def _result(body: Any) -> list[dict[str, Any]]:
+    items = body.get("result") if isinstance(body, dict) else body
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
