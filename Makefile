@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test lint unit bench soak sim clean
+.PHONY: all venv demo test lint unit sim clean install uninstall
 
 all: test
 
@@ -31,6 +31,36 @@ test: lint unit
 
 sim: $(STAMP)
 	$(BIN)/agentd sim
+
+# --- systemd deployment (run as root) -------------------------------------------------------
+INSTALL_DIR ?= /opt/agentd
+CONF_DIR    ?= /etc/agentd
+UNIT_DIR    ?= /etc/systemd/system
+
+install:
+	$(PYTHON) -m venv $(INSTALL_DIR)/venv
+	$(INSTALL_DIR)/venv/bin/python -m pip install -q --upgrade pip
+	$(INSTALL_DIR)/venv/bin/python -m pip install -q -c constraints.txt .
+	getent group agentd >/dev/null || groupadd --system agentd
+	install -d -m 0755 $(CONF_DIR)
+	[ -e $(CONF_DIR)/agentd.toml ] || install -m 0640 -g agentd systemd/agentd.toml.example $(CONF_DIR)/agentd.toml
+	install -d -m 0700 $(CONF_DIR)/credentials
+	for c in voipbin-accesskey backend-api-key; do \
+	  [ -e $(CONF_DIR)/credentials/$$c ] || install -m 0600 /dev/null $(CONF_DIR)/credentials/$$c; done
+	install -m 0644 systemd/agentd.service $(UNIT_DIR)/agentd.service
+	-systemctl daemon-reload
+	@echo
+	@echo "agentd is installed. Left to do:"
+	@echo "  1. edit $(CONF_DIR)/agentd.toml and put your access key in $(CONF_DIR)/credentials/voipbin-accesskey"
+	@echo "  2. systemctl enable --now agentd"
+	@echo "  3. journalctl -u agentd -f"
+
+uninstall:
+	-systemctl disable --now agentd
+	rm -f $(UNIT_DIR)/agentd.service
+	-systemctl daemon-reload
+	rm -rf $(INSTALL_DIR)
+	@echo "removed agentd; $(CONF_DIR) (config and credentials) is kept"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

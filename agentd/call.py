@@ -200,6 +200,7 @@ class Call:
         self._poll_started = 0.0
         self._turn_times: dict[str, float] = {}
         self._end_after_reply = False
+        self._speech_since: float | None = None  # when the caller's current utterance began
 
     # ---- entry point -------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class Call:
             case SpeakingFailed():
                 return self._on_speaking_failed(event)
             case SayFailed():
-                return self._on_say_failed(event)
+                return self._on_say_failed(event, now)
             case Stopped():
                 return self._on_stopped(event)
             case ReplySentence():
@@ -245,8 +246,10 @@ class Call:
         return self.phase is not Phase.ENDED
 
     def is_talking(self, now: float) -> bool:
-        """Whether the agent's audio is (estimated to be) still playing or queued."""
-        return bool(self._queued) or now < self._talking_until + self.settings.playback_pad_s
+        """Whether the agent's audio is (estimated to be) still playing or queued.
+
+        No pad here: cutting audio that already ended costs a stop and a new session."""
+        return bool(self._queued) or now < self._talking_until
 
     # ---- call status -------------------------------------------------------------------------
 
@@ -445,11 +448,18 @@ class Call:
         self.speaking_id = None
         return [StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
 
-    def _on_say_failed(self, event: SayFailed) -> list[Command]:
+    def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turn, 0)):
             return []
-        if event.status == 404 and event.speaking_id == self.speaking_id:
-            # the session is gone: start a new one and say it again (a 404 was never spoken)
+        if event.status == 404 and event.speaking_id != self.speaking_id:
+            # a later sentence sent to the same dead session: say it on the new one, in order
+            self._queued.append((event.turn, event.text))
+            return []
+        if event.status == 404:
+            # the session is gone: nothing sent to it plays any more. Start a new one and say
+            # it again (a 404 was never spoken).
+            self._pieces = [p for p in self._pieces if p.end <= now]
+            self._talking_until = now
             self._queued.insert(0, (event.turn, event.text))
             self.speaking = "none"
             return [
@@ -502,7 +512,14 @@ class Call:
         if self._seen_before(event.id) or not self.phase.live:
             return []
         cmds: list[Command] = []
-        if self.settings.barge_in != "off" and (self.reply == "thinking" or self.is_talking(now)):
+        # the utterance began when its first speech event came; with none, when it arrived
+        began = self._speech_since if self._speech_since is not None else now
+        if now - began > 15.0:
+            began = now  # speech that never became a transcript (a cough): not this utterance
+        self._speech_since = None
+        if self.settings.barge_in != "off" and (
+            self.reply == "thinking" or (self.is_talking(now) and began < self._talking_until)
+        ):
             cmds += self._cut(now, "transcript")
         text = event.message.strip()
         self.turn += 1
@@ -518,6 +535,8 @@ class Call:
 
     def _on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
         s = self.settings
+        if event.direction == "in" and self._speech_since is None and self.phase.live:
+            self._speech_since = now
         if (
             s.barge_in != "speech"
             or event.direction != "in"

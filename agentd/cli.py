@@ -84,12 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(config_arg: str | None) -> int:
     from agentd import logs
     from agentd.daemon import Daemon
+    from agentd.sdnotify import Notifier
 
     config = _load(config_arg)
     logs.configure(config.log_level, config.log_format)
 
     async def serve() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(config, notifier=Notifier.from_env())
         daemon.install_signal_handlers()
         await daemon.run()
 

@@ -13,10 +13,11 @@ import structlog
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.commands import Record
-from agentd.config import Config, ConfigError
-from agentd.dispatcher import Dispatcher
+from agentd.config import Config, ConfigError, load
+from agentd.dispatcher import Dispatcher, normalise_number
 from agentd.events import CallEvent, TranscriptEvent, parse_object
 from agentd.executor import Executor
+from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
 
@@ -45,8 +46,18 @@ def make_client(config: Config) -> VoipbinClient:
 class Daemon:
     """One agentd process: serves every call that is ours until stopped."""
 
-    def __init__(self, config: Config, *, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: Backend | None = None,
+        notifier: Notifier | None = None,
+        ready_timeout_s: float = 60.0,
+    ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier(None)
+        self.ready_timeout_s = ready_timeout_s
+        self.progress = ProgressStamp()
         self.client = make_client(config)
         self.backend = backend or make_backend(config)
         self.records: list[Record] = []
@@ -84,6 +95,7 @@ class Daemon:
 
     def _on_ready(self, first: bool) -> None:
         log.info("stream.ready", first=first, live_calls=len(self.dispatcher.calls))
+        self.notifier.ready(self.status_line())
         task = asyncio.get_running_loop().create_task(self.reconcile())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -121,11 +133,19 @@ class Daemon:
             numbers=list(self.config.numbers) or "all",
             backend=self.config.backend["kind"],
         )
-        stream_task = asyncio.get_running_loop().create_task(self.stream.run())
+        loop = asyncio.get_running_loop()
+        stream_task = loop.create_task(self.stream.run())
+        helpers = [
+            loop.create_task(self._heartbeat(stream_task)),
+            loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
+        ]
         try:
             await self._stop.wait()
         finally:
+            self.notifier.stopping()
             self.dispatcher.accepting = False
+            for task in helpers:
+                task.cancel()
             await self._drain()
             stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,12 +171,64 @@ class Daemon:
         if left:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and `systemctl status`."""
+        live = len(self.dispatcher.live_calls())
+        return f"{live} live call{'s' if live != 1 else ''}, VoIPBIN {self.stream.stats.state}"
+
+    async def _heartbeat(self, stream_task: asyncio.Task[None]) -> None:
+        """Mark progress while the loop runs and the stream is alive; tell systemd the status.
+
+        READY=1 is sent once subscribed — or after `ready_timeout_s` of trying, so a box that
+        boots without network does not fail its start: the status line tells the truth."""
+        started = time.monotonic()
+        last = ""
+        sent_ready = False
+        while True:
+            if not stream_task.done():
+                self.progress.mark()
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            if (
+                not sent_ready
+                and not self.stream.ready.is_set()
+                and time.monotonic() - started > self.ready_timeout_s
+            ):
+                sent_ready = self.notifier.ready(line) or True
+            await asyncio.sleep(1.0)
+
     def stop(self) -> None:
         """Ask `run()` to finish."""
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; new calls get the new greeting, backend and numbers."""
+        if not self.config.source:
+            log.warning("reload.skipped", reason="no config file")
+            return
+        self.notifier.reloading()
+        try:
+            fresh = load(self.config.source)
+            backend = make_backend(fresh)
+        except ConfigError as exc:
+            log.error("reload.failed", error=str(exc), hint="keeping the running config")
+            self.notifier.ready(self.status_line())
+            return
+        old_backend, self.backend = self.backend, backend
+        self.executor.backend = backend
+        self.config = fresh
+        self.dispatcher.numbers = {normalise_number(n) for n in fresh.numbers}
+        task = asyncio.get_running_loop().create_task(old_backend.aclose())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("reload.done", source=fresh.source)
+        self.notifier.ready(self.status_line())
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT stop the daemon gracefully."""
+        """SIGTERM / SIGINT stop the daemon gracefully; SIGHUP reloads the config."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -27,9 +27,12 @@ class DemoBackend:
     """A tiny rule-based "bank assistant" that streams its replies word by word."""
 
     RULES = (
-        ("balance", "Sure. Your balance is one thousand two hundred dollars. "
-                    "Your last payment of fifty dollars went out on Monday, "
-                    "and your next statement is due on the first of the month."),
+        (
+            "balance",
+            "Sure. Your balance is one thousand two hundred dollars. "
+            "Your last payment of fifty dollars went out on Monday, "
+            "and your next statement is due on the first of the month.",
+        ),
         ("card", "I have blocked your card. A new one is on its way and arrives in five days."),
         ("bye", "Thank you for calling. Goodbye!"),
     )
@@ -60,22 +63,27 @@ SCRIPT = Caller(
 async def run(quiet: bool = False) -> int:
     """Run the demo; return the exit code."""
     out = sys.stdout
-    async with Simulator(SimSettings(playback_chars_per_s=PLAYBACK_CHARS_PER_S,
-                                     speech_words_per_s=12.0)) as sim:
-        config = load(None, env={}, overrides={
-            "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
-            "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK_CHARS_PER_S},
-            "daemon": {"drain_s": 5.0},
-        })
+    async with Simulator(
+        SimSettings(playback_chars_per_s=PLAYBACK_CHARS_PER_S, speech_words_per_s=12.0)
+    ) as sim:
+        config = load(
+            None,
+            env={},
+            overrides={
+                "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+                "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK_CHARS_PER_S},
+                "daemon": {"drain_s": 5.0},
+            },
+        )
         daemon = Daemon(config, backend=DemoBackend())
         task = asyncio.create_task(daemon.run())
         try:
             await asyncio.wait_for(daemon.stream.ready.wait(), 10)
             if not quiet:
-                print(f"simulator at {sim.api_url}; agentd subscribed; calling {OUR_NUMBER}",
-                      file=out)
-            call_id = sim.inbound_call(source=CALLER_NUMBER, destination=OUR_NUMBER,
-                                       caller=SCRIPT)
+                print(
+                    f"simulator at {sim.api_url}; agentd subscribed; calling {OUR_NUMBER}", file=out
+                )
+            call_id = sim.inbound_call(source=CALLER_NUMBER, destination=OUR_NUMBER, caller=SCRIPT)
             await sim.wait_call_status(call_id, "hangup", timeout=60)
             await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
         finally:
@@ -95,8 +103,10 @@ async def run(quiet: bool = False) -> int:
                 print(f"  agent:  {line.text}{cut}", file=out)
         leaks = sim.leaks()
         requests = len(sim.requests)
-        print(f"\n{len(turns)} turns, {requests} REST requests, {len(leaks)} leaked sessions",
-              file=out)
+        print(
+            f"\n{len(turns)} turns, {requests} REST requests, {len(leaks)} leaked sessions",
+            file=out,
+        )
         if leaks:
             print(f"LEAKED: {leaks}", file=out)
             return 1

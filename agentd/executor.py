@@ -128,8 +128,14 @@ class Executor:
     def _spawn(self, coro: Any, call_id: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("task.crashed", error=redact(f"{type(exc).__name__}: {exc}"))
 
     async def close(self) -> None:
         """Cancel everything still running (timers, replies, lanes)."""
@@ -261,8 +267,9 @@ class Executor:
     async def _reply(self, cmd: AskBackend) -> None:
         with structlog.contextvars.bound_contextvars(call_id=cmd.call_id, turn=cmd.turn):
             buf = SentenceBuffer()
-            stream = self.backend.reply(cmd.call_id, cmd.history)
+            stream: Any = None
             try:
+                stream = self.backend.reply(cmd.call_id, cmd.history)
                 async with asyncio.timeout(self.backend_timeout_s):
                     async for chunk in stream:
                         for sentence in buf.feed(chunk):

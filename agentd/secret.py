@@ -18,7 +18,8 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
-        if len(value) >= 4:
+        # too short a value would scrub ordinary words from every log line
+        if len(value) >= 6:
             _known.add(value)
 
     def reveal(self) -> str:

@@ -3,9 +3,10 @@
 Connect, subscribe with the exactly-once topic prefixes, read frames, and on any failure reconnect
 with capped exponential backoff and jitter (reset after a healthy minute). Subscriptions are
 forgotten by the server on disconnect, and events sent before a subscription takes effect are
-lost, so after every subscribe — the first included — the daemon reconciles its calls over REST. VoIPBIN never
-acknowledges a subscribe: a connection that survives `settle_s` after subscribing counts as ready.
-Our own pings find a half-open connection behind NAT. Bad frames are counted, never fatal.
+lost, so after every subscribe — the first included — the daemon reconciles its calls over REST.
+VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s` after subscribing
+counts as ready. Our own pings find a half-open connection behind NAT. Bad frames are counted,
+never fatal.
 """
 
 from __future__ import annotations

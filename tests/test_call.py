@@ -25,8 +25,8 @@ from agentd.commands import (
     StartSpeaking,
     StartTimer,
     StartTranscribe,
-    StopSpeaking,
     Stopped,
+    StopSpeaking,
     StopTranscribe,
     TimerFired,
     TranscribeFailed,
@@ -68,8 +68,11 @@ def test_full_call_issues_the_protocol_sequence() -> None:
     call = answered()
     # t=10: the greeting (0.9 s at 10 chars/s) is long over
     assert call.handle(transcript("What time is it"), 10) == [
-        AskBackend(CID, 1, (("system", "be brief"), ("assistant", "Hi there."),
-                            ("user", "What time is it")))
+        AskBackend(
+            CID,
+            1,
+            (("system", "be brief"), ("assistant", "Hi there."), ("user", "What time is it")),
+        )
     ]
     assert call.handle(ReplySentence(1, "It is noon."), 10.5) == [Say(CID, "s1", "It is noon.", 1)]
     done = call.handle(ReplyDone(1), 10.6)

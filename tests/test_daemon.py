@@ -1,0 +1,285 @@
+"""The real daemon against the real simulator over loopback: whole calls, both directions."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agentd.sim import Caller, Outcome, SimSettings, Simulator, Utterance
+from agentd.voipbin import Credentials, Secret, VoipbinClient
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+
+def ops(sim: Simulator, call_id: str) -> list[str]:
+    """The agent's REST requests about one call, as 'METHOD /kind/action' names."""
+    speakings = {s.id for s in sim.speakings.values() if s.reference_id == call_id}
+    transcribes = {t.id for t in sim.transcribes.values() if t.reference_id == call_id}
+    out = []
+    for r in sim.requests:
+        body_ref = r.body.get("reference_id") if isinstance(r.body, dict) else None
+        parts = r.path.split("/")  # ['', 'v1.0', 'speakings', id, 'say']
+        if body_ref == call_id or (
+            len(parts) > 3 and parts[3] in speakings | transcribes | {call_id}
+        ):
+            out.append(f"{r.method} /{parts[2]}" + (f"/{parts[4]}" if len(parts) > 4 else ""))
+    return out
+
+
+async def test_full_inbound_call_makes_the_exact_rest_sequence(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    caller = Caller([Utterance("Hello there"), Utterance("How are you")], hangup_after_s=0.05)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+    seq = ops(sim, call_id)
+    assert sorted(seq[:2]) == ["POST /speakings", "POST /transcribes"]
+    assert seq[2:5] == ["POST /speakings/say"] * 3  # greeting + one per caller turn
+    assert sorted(seq[5:]) == ["POST /speakings/stop", "POST /transcribes/stop"]
+    heard = [(line.who, line.text) for line in sim.get_call(call_id).conversation]
+    assert heard == [
+        ("agent", "Hello, thank you for calling. How can I help you today?"),
+        ("caller", "Hello there"),
+        ("agent", "You said: Hello there."),
+        ("caller", "How are you"),
+        ("agent", "You said: How are you."),
+    ]
+    # the greeting went out only once the speaking session was active (POST answered 201 active)
+    say = sim.requests_matching("POST", r"/say$")[0]
+    create = sim.requests_matching("POST", r"/speakings$")[0]
+    assert create.status == 201 and say.t >= create.t
+    assert sim.leaks() == []
+
+
+async def test_calls_not_ours_are_left_alone(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await agent()
+    other = sim.inbound_call("+15557770000", "+15558880000", Caller([], hangup_after_s=None))
+    mine = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hi")], hangup_after_s=0.05))
+    await sim.wait_call_status(mine, "hangup", timeout=10)
+    await sim.hangup(other)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert ops(sim, other) == []
+    assert daemon.dispatcher.counters["ignored"] > 0
+
+
+async def test_duplicated_events_are_answered_once(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await agent()
+    sim.faults.duplicate_rate = 1.0  # every frame twice
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("just once please")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert ops(sim, call_id).count("POST /speakings/say") == 2  # greeting + one answer
+    assert daemon.dispatcher.counters["duplicates"] > 0
+
+
+async def test_barge_in_with_gcp_flushes_and_drops_the_stale_reply(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent(
+        agent={"tts_provider": "gcp"},
+        backend={
+            "prefix": "Let me repeat "
+            + ("what you said, word for word, so that you know I heard it: " * 3)
+        },
+    )
+    caller = Caller(
+        [Utterance("first question"), Utterance("no wait stop", barge_in_after_s=0.1)],
+        hangup_after_s=0.05,
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    seq = ops(sim, call_id)
+    assert seq.count("POST /speakings/flush") == 1
+    lines = sim.get_call(call_id).conversation
+    assert any(line.who == "agent" and line.cut for line in lines)
+    assert [r.what for r in daemon.records].count("barge_in") == 1
+
+
+async def test_barge_in_with_elevenlabs_stops_and_starts_a_new_session(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent(
+        backend={
+            "prefix": "Let me repeat "
+            + ("what you said, word for word, so that you know I heard it: " * 3)
+        }
+    )
+    caller = Caller(
+        [Utterance("first question"), Utterance("no wait stop", barge_in_after_s=0.1)],
+        hangup_after_s=0.05,
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    seq = ops(sim, call_id)
+    assert seq.count("POST /speakings") == 2  # the original and the one after the cut
+    assert seq.count("POST /speakings/stop") == 2
+    assert "POST /speakings/flush" not in seq
+    assert any(line.who == "agent" and line.cut for line in sim.get_call(call_id).conversation)
+
+
+async def test_hangup_during_the_greeting_stops_both_sessions(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/say$")), 5)
+    await sim.hangup(call_id)
+    await sim.wait_for(
+        lambda: (
+            not sim.leaks() and len(sim.requests_matching("POST", r"/speakings/[^/]+/stop$")) == 1
+        ),
+        5,
+    )
+
+
+async def test_speaking_that_starts_initiating_is_polled_before_the_greeting(
+    agent: StartAgent, sim: Simulator
+) -> None:
+    sim.settings.speaking_initiating = True
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hello")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    polls = sim.requests_matching("GET", r"/speakings/[^/]+$")
+    say = sim.requests_matching("POST", r"/say$")[0]
+    assert polls and polls[0].t < say.t
+    assert all(r.status == 200 for r in sim.requests_matching("POST", r"/say$"))
+
+
+async def test_a_say_answered_404_gets_a_new_session(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await agent()
+    sim.faults.fail("POST", r"/say$", 404, count=1)  # the greeting finds the session gone
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hello")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert ops(sim, call_id).count("POST /speakings") == 2
+    agent_lines = [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
+    assert agent_lines[0].startswith("Hello, thank you")  # the greeting was said after all
+
+
+async def test_wrapped_frames_are_understood(agent: StartAgent, sim: Simulator) -> None:
+    sim.settings.wrapped_frames = True
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("wrapped hello")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert "You said: wrapped hello." in [li.text for li in sim.get_call(call_id).conversation]
+
+
+async def test_malformed_frames_are_counted_and_calls_go_on(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    for frame in [
+        "not json",
+        "[1,2]",
+        '{"id": 5, "status": "progressing", "direction": 1, "source": {}}',
+        '{"transcribe_id": "x", "message": 7}',
+        "{}",
+    ]:
+        await sim.faults.send_raw(frame)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("still there")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert daemon.stream.stats.rejected == 5
+    assert "You said: still there." in [li.text for li in sim.get_call(call_id).conversation]
+
+
+async def test_websocket_drop_mid_call_reconnects_and_the_call_goes_on(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    call_id = sim.inbound_call(
+        CALLER,
+        OUR_NUMBER,
+        Caller([Utterance("before the drop"), Utterance("after the drop")], hangup_after_s=None),
+    )
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) >= 2, 5)
+    connects = daemon.stream.stats.connects
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 10)
+    await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+    await sim.wait_for(
+        lambda: (
+            "You said: after the drop." in [li.text for li in sim.get_call(call_id).conversation]
+        ),
+        10,
+    )
+    # reconciliation asked VoIPBIN about the live call after re-subscribing
+    assert sim.requests_matching("GET", rf"/calls/{call_id}$")
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_outbound_call_is_served_when_answered(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await agent()
+    sim.on_outbound(Outcome("answer"), Caller([Utterance("who is this")]))
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        calls = await client.place_call(OUR_NUMBER, "+15559876543")
+    finally:
+        await client.close()
+    call_id = calls[0]["id"]
+    post = sim.requests_matching("POST", r"/calls$")[0]
+    assert post.body["actions"] == [{"type": "sleep", "option": {"duration": 3600000}}]
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert "You said: who is this." in [li.text for li in sim.get_call(call_id).conversation]
+
+
+async def test_unanswered_outbound_call_records_its_reason(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    sim.on_outbound(Outcome("busy"))
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        call_id = (await client.place_call(OUR_NUMBER, "+15559876543"))[0]["id"]
+    finally:
+        await client.close()
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await sim.wait_for(lambda: any(r.what == "ended" for r in daemon.records), 5)
+    ended = [r for r in daemon.records if r.what == "ended"][0]
+    assert ended.data["reason"] == "busy" and ended.call_id == call_id
+    assert ops(sim, call_id) == []  # never answered: no session was started
+
+
+async def test_fifty_concurrent_calls_are_all_served_and_cleaned_up(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})  # this measures agentd, not the budget
+    ids = [
+        sim.inbound_call(
+            f"+1555000{i:04d}",
+            OUR_NUMBER,
+            Caller([Utterance(f"caller {i} here"), Utterance("bye now")]),
+        )
+        for i in range(50)
+    ]
+    for call_id in ids:
+        await sim.wait_call_status(call_id, "hangup", timeout=30)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    for i, call_id in enumerate(ids):
+        said = [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
+        assert said[1:] == [f"You said: caller {i} here.", "You said: bye now."]
+    assert sim.leaks() == []
+
+
+async def test_rate_limited_account_still_serves_every_call(
+    sim_settings: SimSettings, agent: StartAgent, sim: Simulator
+) -> None:
+    sim.settings.rate_per_s = 20.0
+    sim.settings.burst = 5
+    daemon = await agent(voipbin={"rate_per_s": 15.0, "burst": 5})
+    ids = [
+        sim.inbound_call(f"+1555000{i:04d}", OUR_NUMBER, Caller([Utterance("hi")]))
+        for i in range(6)
+    ]
+    for call_id in ids:
+        await sim.wait_call_status(call_id, "hangup", timeout=30)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert [r for r in sim.requests if r.status == 429] == []

@@ -1,0 +1,197 @@
+"""Frame parsing: both payload shapes, every kind of bad input, duplicate keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentd.events import (
+    CallEvent,
+    Deduper,
+    Parsed,
+    Rejected,
+    SpeechEvent,
+    TranscribeEvent,
+    TranscriptEvent,
+    parse_frame,
+)
+
+NIL = "00000000-0000-0000-0000-000000000000"
+CALL = {
+    "id": "d499c4f4-2f07-488b-a5f7-4b49c00e9a2a",
+    "customer_id": "5e4a0680",
+    "owner_id": NIL,
+    "flow_id": NIL,
+    "type": "flow",
+    "source": {"type": "tel", "target": "+15551230000"},
+    "destination": {"type": "tel", "target": "+15557654321"},
+    "status": "progressing",
+    "action": {"id": NIL, "next_id": NIL, "tm_execute": None},
+    "direction": "outgoing",
+    "tm_update": "2026-08-20T10:00:07.512345Z",
+}
+TRANSCRIPT = {
+    "id": "9d59",
+    "customer_id": "5e4a",
+    "transcribe_id": "550e",
+    "direction": "in",
+    "message": "Hi, I need help.",
+    "offset_ms": 8991,
+    "tm_create": "2026-08-20T10:00:15Z",
+}
+
+
+def parsed(frame: object) -> Parsed:
+    result = parse_frame(json.dumps(frame))
+    assert isinstance(result, Parsed), result
+    return result
+
+
+def test_unwrapped_call() -> None:
+    event = parsed(CALL).event
+    assert isinstance(event, CallEvent)
+    assert (event.call.status, event.call.source, event.call.destination) == (
+        "progressing",
+        "+15551230000",
+        "+15557654321",
+    )
+
+
+@pytest.mark.parametrize(
+    "stamp", [{"offset_ms": 8991}, {"tm_transcript": "0001-01-01T00:00:08Z"}, {}]
+)
+def test_transcripts_of_old_and_new_servers(stamp: dict[str, object]) -> None:
+    frame = {k: v for k, v in TRANSCRIPT.items() if k != "offset_ms"} | stamp
+    assert parsed(frame).event == TranscriptEvent("9d59", "550e", "in", "Hi, I need help.")
+
+
+def test_speech_events() -> None:
+    base = {
+        "id": "a1",
+        "customer_id": "c",
+        "streaming_id": "s",
+        "transcribe_id": "t",
+        "direction": "in",
+        "tm_event": "2026-08-20T10:00:12.000123456Z",
+    }
+    assert parsed(base).event == SpeechEvent("a1", "t", "boundary", "in", "")
+    assert parsed(base | {"message": "Hi I"}).event == SpeechEvent(
+        "a1", "t", "interim", "in", "Hi I"
+    )
+    wrapped = {"type": "transcribe_speech_started", "data": base}
+    assert parsed(wrapped).event == SpeechEvent("a1", "t", "started", "in", "")
+
+
+def test_transcribe_lifecycle() -> None:
+    frame = {
+        "id": "550e",
+        "customer_id": "c",
+        "reference_type": "call",
+        "reference_id": "d499",
+        "status": "done",
+        "language": "en-US",
+        "direction": "in",
+    }
+    assert parsed(frame).event == TranscribeEvent("550e", "call", "d499", "done", "en-US")
+
+
+def test_wrapped_frames_are_understood() -> None:
+    assert parsed({"type": "call_progressing", "data": CALL}).event == parsed(CALL).event
+    assert isinstance(
+        parsed({"type": "transcript_created", "data": TRANSCRIPT}).event, TranscriptEvent
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"\x00binary", "binary frame"),
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ("{}", "unknown resource shape"),
+        (json.dumps(CALL | {"status": "exploded"}), "unknown call status 'exploded'"),
+        (json.dumps(CALL | {"status": 5}), "malformed field: TypeError"),
+        (json.dumps(CALL | {"source": "x"}), "malformed field: TypeError"),
+        (json.dumps(TRANSCRIPT | {"message": 7}), "malformed field: TypeError"),
+        (json.dumps(TRANSCRIPT | {"message": "x" * 30_000}), "transcript too long"),
+        (json.dumps({k: v for k, v in CALL.items() if k != "id"}), "malformed field: ValueError"),
+        ("[" * 100_000, "not JSON"),
+    ],
+)
+def test_bad_frames_are_rejected_with_a_reason(frame: str | bytes, reason: str) -> None:
+    result = parse_frame(frame)
+    assert isinstance(result, Rejected)
+    assert result.reason == reason
+    assert not result.ignorable
+
+
+def test_events_we_do_not_use_are_ignorable() -> None:
+    groupcall = {
+        "id": "g",
+        "status": "progressing",
+        "source": {"target": "+1"},
+        "destinations": [],
+        "call_ids": [],
+        "ring_method": "ring_all",
+        "direction": "x",
+    }
+    assert parse_frame(json.dumps(groupcall)) == Rejected("groupcall", ignorable=True)
+    result = parse_frame(json.dumps({"type": "recording_started", "data": {"id": "r"}}))
+    assert isinstance(result, Rejected) and result.ignorable
+
+
+def test_duplicate_keys() -> None:
+    first = parsed(CALL).key
+    assert parsed(CALL).key == first
+    assert parsed(CALL | {"tm_update": "2026-08-20T10:00:08Z"}).key != first  # a new call_updated
+    assert parsed(TRANSCRIPT).key == "transcript:9d59"
+    dedupe = Deduper(size=2)
+    # a repeat refreshes its key, so "c" evicts "b", the least recently seen
+    assert [dedupe.seen(k) for k in ("a", "b", "a", "c", "b", "b")] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "id",
+                        "status",
+                        "direction",
+                        "source",
+                        "destination",
+                        "message",
+                        "transcribe_id",
+                        "streaming_id",
+                        "reference_type",
+                        "reference_id",
+                        "type",
+                        "data",
+                        "target",
+                        "tm_update",
+                        "tm_delete",
+                    ]
+                ),
+                inner,
+                max_size=8,
+            )
+        ),
+        max_leaves=20,
+    )
+)
+def test_no_frame_makes_the_parser_raise(value: object) -> None:
+    result = parse_frame(json.dumps(value))
+    assert isinstance(result, (Parsed, Rejected))

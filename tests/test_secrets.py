@@ -1,0 +1,103 @@
+"""No credential reaches a log line, an exception text or a traceback, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from agentd import logs
+from agentd.config import load
+from agentd.daemon import Daemon
+from agentd.secret import Secret, redact
+from agentd.sim import Caller, SimSettings, Simulator, Utterance
+from agentd.voipbin import ApiError, Credentials, VoipbinClient
+from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+
+PASSWORD = "s3cret-Pa55word"
+ACCESSKEY_HINT = "vb_"
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    logs.configure("debug", "json", stream=out)
+    yield out
+    structlog.reset_defaults()
+
+
+def test_secret_never_prints() -> None:
+    s = Secret("vb_abcdefgh12345")
+    assert "vb_abcdefgh12345" not in f"{s} {s!r} {[s]} { ({'k': s}) }"
+    assert redact("GET /x?accesskey=vb_abcdefgh12345&a=1 token=eyJabc") == (
+        "GET /x?accesskey=***&a=1 token=***"
+    )
+
+
+async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
+    captured_logs: io.StringIO,
+) -> None:
+    settings = SimSettings(
+        playback_chars_per_s=PLAYBACK,
+        speech_words_per_s=40.0,
+        username="agent-user",
+        password=PASSWORD,
+    )
+    async with Simulator(settings) as sim:
+        config = load(
+            None,
+            env={},
+            overrides={
+                "voipbin": {"api_url": sim.api_url, "username": "agent-user", "password": PASSWORD},
+                "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK},
+            },
+        )
+        daemon = Daemon(config)
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+        tokens = {daemon.client.credentials.token.reveal()}  # type: ignore[union-attr]
+        # the JWT expires and the connection drops: the daemon must log in again
+        sim.faults.expire_tokens()
+        sim.faults.drop_websockets()
+        sim.faults.fail("POST", r"/transcribes$", 500, count=1)
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("my key is secret")]))
+        await sim.wait_call_status(call_id, "hangup", timeout=15)
+        await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+        tokens.add(daemon.client.credentials.token.reveal())  # type: ignore[union-attr]
+        accesskey = sim.accesskey
+        # an access-key client whose server is gone: the error must not carry the URL's key
+        gone = VoipbinClient(
+            "http://127.0.0.1:9/v1.0", Credentials(accesskey=Secret(accesskey)), deadline_s=0.5
+        )
+        with pytest.raises(ApiError) as info:
+            await gone.customer_id()
+        await gone.close()
+        structlog.get_logger().error("probe", error=str(info.value), exc=repr(info.value))
+        daemon.stop()
+        await task
+    text = captured_logs.getvalue()
+    assert len(tokens) == 2, "the daemon did not log in again after the expiry"
+    assert "voipbin.login" in text and "You said: my key is secret." in text
+    for secret in (PASSWORD, accesskey, *tokens):
+        assert secret not in text
+    for line in text.splitlines():
+        json.loads(line)  # every line is one JSON object
+
+
+def test_exception_tracebacks_carry_no_locals(captured_logs: io.StringIO) -> None:
+    def fail(secret: str) -> None:
+        raise RuntimeError("boom")
+
+    key = Secret("vb_local_variable_key")
+    try:
+        fail(key.reveal())
+    except RuntimeError:
+        structlog.get_logger().exception("crash")
+    text = captured_logs.getvalue()
+    assert "boom" in text
+    assert "vb_local_variable_key" not in text
+    assert '"locals"' not in text

@@ -1,0 +1,57 @@
+"""Sentence cutting for streamed replies, and the 5,000-byte /say limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentd.sentences import SentenceBuffer, split_for_say
+
+
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        ("Hello there. How are you?", ["Hello there.", "How are you?"]),
+        ("Dr. Smith will see you. Thanks!", ["Dr. Smith will see you.", "Thanks!"]),
+        ("Pi is 3.14 roughly. Yes.", ["Pi is 3.14 roughly.", "Yes."]),
+        ("Bring e.g. a pen. Done.", ["Bring e.g. a pen.", "Done."]),
+        ("J. Smith called. Ok.", ["J. Smith called.", "Ok."]),
+        ("Wait... what? Really!", ["Wait...", "what?", "Really!"]),
+        ('He said "stop." Then left.', ['He said "stop."', "Then left."]),
+        ("你好。请问有什么可以帮您？", ["你好。", "请问有什么可以帮您？"]),
+        ("No end punctuation", ["No end punctuation"]),
+    ],
+)
+def test_sentences(text: str, sentences: list[str]) -> None:
+    buf = SentenceBuffer()
+    out: list[str] = []
+    for ch in text:  # the worst case: one character per chunk
+        out += buf.feed(ch)
+    out += buf.flush()
+    assert out == sentences
+
+
+def test_a_sentence_is_released_as_soon_as_the_next_one_starts() -> None:
+    buf = SentenceBuffer()
+    assert buf.feed("Sure. Your bal") == ["Sure."]
+    assert buf.feed("ance is fine") == []
+    assert buf.flush() == ["Your balance is fine"]
+
+
+@pytest.mark.parametrize("word", ["word", "ünïcödé", "日本語", "🙂"])
+def test_say_split_respects_the_byte_limit_and_characters(word: str) -> None:
+    text = " ".join([word] * 3000)
+    pieces = split_for_say(text, 5000)
+    assert all(len(p.encode()) <= 5000 for p in pieces)
+    assert " ".join(pieces) == text  # cut at spaces: nothing lost, no character broken
+
+
+def test_say_split_without_spaces_never_breaks_a_character() -> None:
+    text = "日" * 4000  # 12,000 bytes, no space anywhere
+    pieces = split_for_say(text, 5000)
+    assert "".join(pieces) == text
+    assert all(len(p.encode()) <= 5000 for p in pieces)
+
+
+def test_short_text_is_one_piece() -> None:
+    assert split_for_say("  hi  ") == ["hi"]
+    assert split_for_say("") == []
