@@ -1,0 +1,138 @@
+"""Credentials: HS256 JWTs (stdlib ``hmac``) and ``vb_`` access keys, read the way the server does.
+
+Precedence (REFERENCE.md §2.3): cookie ``token``, ``?token=``, ``Authorization: Bearer``, cookie
+``accesskey``, ``?accesskey=``. The first non-empty one wins even when it is invalid, and
+``token``/Bearer values are always parsed as JWTs (an access key there is refused).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from aiohttp import web
+
+from agentd.sim.clock import fixed_time, go_time, utcnow
+
+#: Agent permission bit CustomerAdmin (``bin-agent-manager/models/agent/agent.go``).
+PERMISSION_CUSTOMER_ADMIN = 0x20
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request authenticated as."""
+
+    kind: Literal["agent", "accesskey"]
+    customer_id: str
+    #: The agent's id for JWTs; ``None`` for access keys (they cannot use ``agent_id:`` topics).
+    agent_id: str | None
+
+
+class AuthError(Exception):
+    """No or bad credentials; ``reason`` is the envelope reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Authenticator:
+    """Issues and checks the credentials of the simulator's single customer."""
+
+    def __init__(self, customer_id: str, agent_id: str, username: str, token_ttl_s: float) -> None:
+        self.customer_id = customer_id
+        self.agent_id = agent_id
+        self.username = username
+        self.token_ttl_s = token_ttl_s
+        self.accesskey = "vb_" + secrets.token_urlsafe(24)
+        self._key = secrets.token_bytes(32)
+        self._issued: set[str] = set()
+        self._revoked: set[str] = set()
+
+    # -- JWT -------------------------------------------------------------------------------------
+
+    def make_token(self, ttl_s: float | None = None) -> str:
+        """A signed agent JWT valid for ``ttl_s`` (negative = already expired)."""
+        ttl = self.token_ttl_s if ttl_s is None else ttl_s
+        now = utcnow()
+        claims: dict[str, Any] = {
+            "type": "agent",
+            "agent": {
+                "id": self.agent_id,
+                "customer_id": self.customer_id,
+                "username": self.username,
+                "name": "simulated agent",
+                "detail": "",
+                "ring_method": "ringall",
+                "status": "available",
+                "permission": PERMISSION_CUSTOMER_ADMIN,
+                "tag_ids": [],
+                "addresses": [],
+                "tm_create": go_time(now),
+            },
+            # The server has no standard `exp`: it compares this string with the current time.
+            "expire": fixed_time(now + timedelta(seconds=ttl)),
+        }
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = f"{header}.{payload}".encode("ascii")
+        sig = _b64(hmac.new(self._key, signing_input, hashlib.sha256).digest())
+        token = f"{header}.{payload}.{sig}"
+        self._issued.add(token)
+        return token
+
+    def revoke_all(self) -> None:
+        """Refuse every JWT issued so far (simulates their expiry)."""
+        self._revoked |= self._issued
+
+    def check_token(self, token: str) -> Identity:
+        """Validate a JWT; raises :class:`AuthError` ``INVALID_CREDENTIALS``."""
+        parts = token.split(".")
+        if len(parts) != 3 or token in self._revoked:
+            raise AuthError("INVALID_CREDENTIALS")
+        signing_input = f"{parts[0]}.{parts[1]}".encode("ascii", "replace")
+        expected = _b64(hmac.new(self._key, signing_input, hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, parts[2]):
+            raise AuthError("INVALID_CREDENTIALS")
+        try:
+            claims = json.loads(_unb64(parts[1]))
+            expire = str(claims["expire"])
+            agent = claims["agent"]
+            identity = Identity("agent", str(agent["customer_id"]), str(agent["id"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthError("INVALID_CREDENTIALS") from exc
+        if expire <= fixed_time(utcnow()):
+            raise AuthError("INVALID_CREDENTIALS")
+        return identity
+
+    # -- request ---------------------------------------------------------------------------------
+
+    def authenticate(self, request: web.Request) -> Identity:
+        """The identity of ``request``; raises :class:`AuthError`."""
+        cookie_token = request.cookies.get("token", "")
+        query_token = request.query.get("token", "")
+        auth_header = request.headers.get("Authorization", "")
+        bearer = auth_header.split("Bearer ", 1)[1] if "Bearer " in auth_header else ""
+        for token in (cookie_token, query_token, bearer):
+            if token:
+                return self.check_token(token)
+        key = request.cookies.get("accesskey", "") or request.query.get("accesskey", "")
+        if key:
+            if hmac.compare_digest(key, self.accesskey):
+                return Identity("accesskey", self.customer_id, None)
+            raise AuthError("INVALID_CREDENTIALS")
+        raise AuthError("AUTHENTICATION_REQUIRED")

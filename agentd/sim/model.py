@@ -1,0 +1,352 @@
+"""Resources the simulator keeps (calls, transcribes, transcripts, speakings) and their JSON shapes.
+
+The JSON follows the server's Go structs (REFERENCE.md §5.2 and §6): uuid fields are never omitted
+(nil uuid when unset), ``omitempty`` strings and times are left out when empty, key order is the
+struct's field order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from agentd.sim.clock import go_time
+
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+#: Reserved flow action id of the "start" pseudo-action a call shows before its flow runs.
+START_ACTION_ID = "00000000-0000-0000-0000-000000000001"
+
+JSON = dict[str, Any]
+
+
+def new_id() -> str:
+    """A fresh random uuid string."""
+    return str(uuid.uuid4())
+
+
+def _tm(dt: datetime | None) -> str | None:
+    return go_time(dt) if dt is not None else None
+
+
+def _put_tm(out: JSON, key: str, dt: datetime | None) -> None:
+    """``omitempty`` time: only present when set."""
+    if dt is not None:
+        out[key] = go_time(dt)
+
+
+# ----------------------------------------------------------------------------- scripting types
+
+
+@dataclass
+class Utterance:
+    """One thing the simulated caller says.
+
+    By default it is said ``pause_s`` after the agent has finished speaking (and has said
+    something since the previous utterance). ``barge_in_after_s`` makes it start that long after
+    the agent starts playing its next reply (a barge-in); ``wait_for_agent=False`` says it
+    ``pause_s`` after the previous utterance whatever the agent does.
+    """
+
+    text: str
+    pause_s: float = 0.05
+    barge_in_after_s: float | None = None
+    wait_for_agent: bool = True
+
+
+@dataclass
+class Caller:
+    """A scripted remote party: what it says, and when it hangs up after the last answer.
+
+    ``hangup_after_s=None`` keeps the line open forever.
+    """
+
+    utterances: list[Utterance] = field(default_factory=list)
+    hangup_after_s: float | None = 0.2
+
+
+OutcomeResult = Literal["answer", "busy", "noanswer", "failed"]
+
+
+@dataclass
+class Outcome:
+    """How the far end treats an outbound call: rings after ``ring_after_s``, then ``result``
+    ``answer_after_s`` later (answer, or a hangup with that reason)."""
+
+    result: OutcomeResult = "answer"
+    ring_after_s: float = 0.05
+    answer_after_s: float = 0.1
+
+
+@dataclass
+class Line:
+    """One turn of the conversation as the call heard it.
+
+    ``text`` is what was actually heard (an agent line is truncated where its audio was cut),
+    ``planned`` the full text sent with ``/say`` (or the caller's full utterance).
+    """
+
+    who: Literal["agent", "caller"]
+    text: str
+    planned: str
+    t_start: float
+    t_end: float | None = None
+    cut: bool = False
+
+    def to_json(self) -> JSON:
+        """Plain dict for the control API."""
+        return {
+            "who": self.who,
+            "text": self.text,
+            "planned": self.planned,
+            "t_start": self.t_start,
+            "t_end": self.t_end,
+            "cut": self.cut,
+        }
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+@dataclass
+class SimCall:
+    """A call and everything the simulator tracks about it."""
+
+    id: str
+    customer_id: str
+    source: JSON
+    destination: JSON
+    direction: Literal["incoming", "outgoing"]
+    status: str
+    tm_create: datetime
+    flow_id: str = field(default_factory=new_id)
+    activeflow_id: str = field(default_factory=new_id)
+    action: JSON = field(
+        default_factory=lambda: {"id": START_ACTION_ID, "next_id": NIL_UUID, "tm_execute": None}
+    )
+    hangup_by: str = ""
+    hangup_reason: str = ""
+    tm_ringing: datetime | None = None
+    tm_progressing: datetime | None = None
+    tm_hangup: datetime | None = None
+    tm_update: datetime | None = None
+    conversation: list[Line] = field(default_factory=list)
+    #: Monotonic time the call was answered (``progressing``), for timing predicates.
+    t_answer: float | None = None
+    #: Count of heard ``/say`` requests on this call so far (the caller waits for "an answer").
+    say_seq: int = 0
+    #: ``(say_seq, t_start)`` of each agent audio that started playing.
+    play_log: list[tuple[int, float]] = field(default_factory=list)
+    #: Transfers requested on this call (``POST /transfers``).
+    transfers: list[JSON] = field(default_factory=list)
+    groupcall_id_internal: str | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        """True once the call reached the final ``hangup`` status."""
+        return self.status == "hangup"
+
+    def to_json(self) -> JSON:
+        """The ``WebhookMessage`` shape (REST and WebSocket)."""
+        out: JSON = {
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "owner_type": "",
+            "owner_id": NIL_UUID,
+            "flow_id": self.flow_id,
+            "activeflow_id": self.activeflow_id,
+            "type": "flow",
+            "master_call_id": NIL_UUID,
+            "recording_id": NIL_UUID,
+            # The server never copies groupcall_id into the external shape (REFERENCE.md §6.1).
+            "groupcall_id": NIL_UUID,
+            "source": dict(self.source),
+            "destination": dict(self.destination),
+            "status": self.status,
+            "action": dict(self.action),
+            "direction": self.direction,
+        }
+        if self.hangup_by:
+            out["hangup_by"] = self.hangup_by
+        if self.hangup_reason:
+            out["hangup_reason"] = self.hangup_reason
+        _put_tm(out, "tm_progressing", self.tm_progressing)
+        _put_tm(out, "tm_ringing", self.tm_ringing)
+        _put_tm(out, "tm_hangup", self.tm_hangup)
+        _put_tm(out, "tm_create", self.tm_create)
+        _put_tm(out, "tm_update", self.tm_update)
+        return out
+
+
+@dataclass
+class SimGroupcall:
+    """A groupcall created for ``agent``/``extension`` destinations."""
+
+    id: str
+    customer_id: str
+    source: JSON
+    destinations: list[JSON]
+    flow_id: str
+    call_ids: list[str]
+    status: str
+    tm_create: datetime
+    answer_call_id: str = NIL_UUID
+    tm_update: datetime | None = None
+
+    def to_json(self) -> JSON:
+        """The groupcall ``WebhookMessage`` shape."""
+        out: JSON = {
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "owner_type": "",
+            "owner_id": NIL_UUID,
+            "status": self.status,
+            "flow_id": self.flow_id,
+            "source": dict(self.source),
+            "destinations": [dict(d) for d in self.destinations],
+            "master_call_id": NIL_UUID,
+            "master_groupcall_id": NIL_UUID,
+            "ring_method": "ring_all",
+            "answer_method": "hangup_others",
+            "answer_call_id": self.answer_call_id,
+            "call_ids": list(self.call_ids),
+            "answer_groupcall_id": NIL_UUID,
+            "call_count": len(self.call_ids),
+        }
+        _put_tm(out, "tm_create", self.tm_create)
+        _put_tm(out, "tm_update", self.tm_update)
+        return out
+
+
+@dataclass
+class SimTranscribe:
+    """A live STT session on a call."""
+
+    id: str
+    customer_id: str
+    reference_type: str
+    reference_id: str
+    language: str
+    direction: str
+    provider: str
+    tm_create: datetime
+    #: Monotonic start, the origin of transcripts' ``offset_ms``.
+    t_start: float
+    status: str = "progressing"
+    tm_update: datetime | None = None
+    #: Created before the call was answered: it never hears anything (production measurement).
+    deaf: bool = False
+    streaming_in: str = field(default_factory=new_id)
+    streaming_out: str = field(default_factory=new_id)
+
+    def hears(self, direction: Literal["in", "out"]) -> bool:
+        """Whether this session transcribes audio of ``direction`` right now."""
+        return (
+            self.status == "progressing" and not self.deaf and self.direction in (direction, "both")
+        )
+
+    def to_json(self) -> JSON:
+        """The transcribe ``WebhookMessage`` shape (times are ``null`` when unset)."""
+        return {
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "activeflow_id": NIL_UUID,
+            "on_end_flow_id": NIL_UUID,
+            "reference_type": self.reference_type,
+            "reference_id": self.reference_id,
+            "status": self.status,
+            "language": self.language,
+            "direction": self.direction,
+            "provider": self.provider,
+            "tm_create": _tm(self.tm_create),
+            "tm_update": _tm(self.tm_update),
+            "tm_delete": None,
+        }
+
+
+@dataclass
+class SimTranscript:
+    """One final STT result."""
+
+    id: str
+    customer_id: str
+    transcribe_id: str
+    direction: str
+    message: str
+    offset_ms: int
+    tm_create: datetime
+
+    def to_json(self) -> JSON:
+        """The transcript shape of the current server (``offset_ms``, no ``tm_transcript``)."""
+        return {
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "transcribe_id": self.transcribe_id,
+            "direction": self.direction,
+            "message": self.message,
+            "offset_ms": self.offset_ms,
+            "tm_create": go_time(self.tm_create),
+        }
+
+
+@dataclass
+class SayItem:
+    """Text queued on a speaking session, and its playback record once it starts."""
+
+    text: str
+    seq: int
+    line: Line | None = None
+
+
+@dataclass
+class SimSpeaking:
+    """A TTS session streaming into a call."""
+
+    id: str
+    customer_id: str
+    reference_type: str
+    reference_id: str
+    language: str
+    provider: str
+    voice_id: str
+    direction: str
+    status: str
+    tm_create: datetime
+    tm_update: datetime | None = None
+    tm_delete: datetime | None = None
+    deaf: bool = False
+    queue: collections.deque[SayItem] = field(default_factory=collections.deque)
+    current: SayItem | None = None
+    #: Set to cut the audio that is playing now.
+    cut_event: asyncio.Event = field(default_factory=asyncio.Event)
+    player: asyncio.Task[None] | None = None
+
+    @property
+    def flush_kind(self) -> str:
+        """Flush behaviour of the provider (anything unknown streams through ElevenLabs)."""
+        return self.provider if self.provider in ("gcp", "aws") else "elevenlabs"
+
+    @property
+    def busy(self) -> bool:
+        """Audio playing or queued."""
+        return self.current is not None or bool(self.queue)
+
+    def to_json(self) -> JSON:
+        """The speaking ``WebhookMessage`` shape (REST only: never on the WebSocket)."""
+        out: JSON = {"id": self.id, "customer_id": self.customer_id}
+        if self.reference_type:
+            out["reference_type"] = self.reference_type
+        out["reference_id"] = self.reference_id
+        for key in ("language", "provider", "voice_id", "direction"):
+            value = getattr(self, key)
+            if value:
+                out[key] = value
+        out["status"] = self.status
+        _put_tm(out, "tm_create", self.tm_create)
+        _put_tm(out, "tm_update", self.tm_update)
+        _put_tm(out, "tm_delete", self.tm_delete)
+        return out

@@ -1,0 +1,72 @@
+"""``agentd sim``: run the simulator on its own until SIGINT/SIGTERM.
+
+Prints the API URL, the WebSocket URL, the customer id, an access key, a ready JWT and a hint on the
+``/_sim/`` control API, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from agentd.sim.settings import SimSettings
+from agentd.sim.simulator import Simulator
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentd sim", description="Run a local VoIPBIN simulator (REST + WebSocket)."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8099, help="port; 0 = any free port")
+    parser.add_argument(
+        "--no-rate-limit", action="store_true", help="disable the per-customer rate limit"
+    )
+    parser.add_argument(
+        "--playback-chars-per-s",
+        type=float,
+        default=SimSettings.playback_chars_per_s,
+        help="TTS playback speed in characters per second",
+    )
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    settings = SimSettings(
+        rate_limit=not args.no_rate_limit, playback_chars_per_s=args.playback_chars_per_s
+    )
+    sim = Simulator(settings)
+    await sim.start(host=args.host, port=args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(f"api url:      {sim.api_url}")
+        print(f"ws url:       {sim.ws_url}")
+        print(f"customer id:  {sim.customer_id}")
+        print(f"access key:   {sim.accesskey}")
+        print(f"jwt:          {sim.make_token()}")
+        print(
+            f"control api:  {sim.base_url}/_sim/ (POST /_sim/calls to ring the agent, "
+            "GET /_sim/calls/<id> for the conversation)",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await sim.stop()
+
+
+def main(argv: list[str]) -> int:
+    """Parse ``argv`` (without the program name), serve until a signal; exit status 0."""
+    args = _parser().parse_args(argv)
+    asyncio.run(_run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

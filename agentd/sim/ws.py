@@ -1,0 +1,283 @@
+"""The WebSocket event hub: subscriptions, topic validation, fan-out, keepalive.
+
+Server behaviour copied from REFERENCE.md §4: text JSON ``subscribe``/``unsubscribe`` messages with
+no ack; a binary frame or any invalid topic drops the TCP connection without a close frame; plain
+string-prefix matching, delivered once per published topic (each event is published under two
+topics, so a 3-part prefix gets two copies); ping every ``ping_interval_s`` and drop a client whose
+last pong is older than ``pong_timeout_s``; a bounded per-connection queue that silently drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from agentd.sim.auth import Identity
+from agentd.sim.faults import Faults
+from agentd.sim.settings import SimSettings
+
+log = structlog.get_logger("agentd.sim.ws")
+
+Frame = str | bytes
+
+
+def topic_valid(topic: str, identity: Identity) -> bool:
+    """The server's ``validateTopics`` rule for one topic (REFERENCE.md §4.3)."""
+    parts = topic.split(":")
+    if len(parts) < 2:
+        return False
+    try:
+        scope_id = uuid.UUID(parts[1])
+    except ValueError:
+        return False
+    if scope_id.int == 0:
+        return False
+    if parts[0] == "customer_id":
+        return scope_id == uuid.UUID(identity.customer_id)
+    if parts[0] == "agent_id":
+        return identity.agent_id is not None and scope_id == uuid.UUID(identity.agent_id)
+    return False
+
+
+def topics_for(customer_id: str, event_type: str, resource_id: str) -> list[str]:
+    """The "old" 4-part and "new" 5-part topics an event is published under (no owner)."""
+    resource = event_type.split("_", 1)[0]
+    return [
+        f"customer_id:{customer_id}:{resource}:{resource_id}",
+        f"customer_id:{customer_id}:{resource}:{event_type}:{resource_id}",
+    ]
+
+
+class WsConnection:
+    """One client connection: its subscriptions, outgoing queue and counters."""
+
+    def __init__(
+        self,
+        *,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        identity: Identity,
+        settings: SimSettings,
+        faults: Faults,
+        notify: Callable[[], None],
+    ) -> None:
+        self.ws = ws
+        self.identity = identity
+        self.subscriptions: set[str] = set()
+        #: Frames queued for this client, handed to the socket, and dropped (queue full).
+        self.offered = 0
+        self.sent = 0
+        self.dropped = 0
+        self.closed = False
+        self.close_reason = ""
+        self.last_pong = time.monotonic()
+        self._transport = request.transport
+        self._settings = settings
+        self._faults = faults
+        self._notify = notify
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=max(1, settings.ws_queue_limit))
+
+    def matches(self, topic: str) -> bool:
+        """Whether any subscription is a string prefix of ``topic``."""
+        return any(topic.startswith(sub) for sub in self.subscriptions)
+
+    def offer(self, frame: Frame, *, faulty: bool = True) -> None:
+        """Queue a frame (lost/duplicated per the fault knobs); drop it when the queue is full."""
+        copies = self._faults.copies() if faulty else 1
+        for _ in range(copies):
+            try:
+                self._queue.put_nowait(frame)
+                self.offered += 1
+            except asyncio.QueueFull:
+                self.dropped += 1
+                self._notify()
+
+    def abort(self, reason: str) -> None:
+        """Drop the TCP connection without a close frame (the client sees 1006)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("ws_dropped", reason=reason)
+        if self._transport is not None:
+            self._transport.close()
+        self._notify()
+
+    async def _send(self, frame: Frame) -> None:
+        if isinstance(frame, bytes):
+            await self.ws.send_bytes(frame)
+        else:
+            await self.ws.send_str(frame)
+        self.sent += 1
+        self._notify()
+
+    async def writer(self) -> None:
+        """Drain the queue onto the socket, optionally swapping adjacent frames."""
+        try:
+            while not self.closed:
+                frame = await self._queue.get()
+                if self._faults.reorder:
+                    # Hold the frame briefly; if another arrives, maybe send that one first.
+                    try:
+                        nxt = await asyncio.wait_for(self._queue.get(), 0.02)
+                    except TimeoutError:
+                        nxt = None
+                    if nxt is not None and self._faults.rng.random() < 0.5:
+                        frame, nxt = nxt, frame
+                    await self._send(frame)
+                    if nxt is not None:
+                        await self._send(nxt)
+                    continue
+                await self._send(frame)
+        except (ConnectionError, RuntimeError):
+            self.abort("write failed")
+
+    async def keepalive(self) -> None:
+        """Ping every ``ping_interval_s``; drop the client after ``pong_timeout_s`` with no pong."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + self._settings.ping_interval_s
+        try:
+            while not self.closed:
+                deadline = self.last_pong + self._settings.pong_timeout_s
+                now_mono = time.monotonic()
+                wait = min(next_ping - loop.time(), deadline - now_mono)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if time.monotonic() >= self.last_pong + self._settings.pong_timeout_s:
+                    self.abort("pong timeout")
+                    return
+                if loop.time() >= next_ping:
+                    await self.ws.ping(b"")
+                    next_ping = loop.time() + self._settings.ping_interval_s
+        except (ConnectionError, RuntimeError):
+            self.abort("ping failed")
+
+    def _apply(self, text: str) -> None:
+        """Handle one client text frame (bad JSON and unknown types are ignored)."""
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            return
+        if msg is None:
+            msg = {}
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("type", "")
+        topics = msg.get("topics")
+        if topics is None:
+            topics = []
+        # Go's json.Unmarshal into {Type string; Topics []string} fails on other shapes: ignored.
+        if not isinstance(kind, str) or not isinstance(topics, list):
+            return
+        if not all(isinstance(t, str) for t in topics):
+            return
+        if not all(topic_valid(t, self.identity) for t in topics):
+            self.abort("invalid topic")
+            return
+        if kind == "subscribe":
+            self.subscriptions.update(topics)
+        elif kind == "unsubscribe":
+            self.subscriptions.difference_update(topics)
+        self._notify()
+
+    async def reader(self) -> None:
+        """Read client frames until the connection ends."""
+        while not self.closed:
+            msg = await self.ws.receive()
+            if msg.type == WSMsgType.TEXT:
+                self._apply(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                self.abort("binary frame")
+            elif msg.type == WSMsgType.PING:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.pong(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                self.last_pong = time.monotonic()
+            elif msg.type == WSMsgType.CLOSE:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.close()
+                self.closed = True
+                self.close_reason = "client closed"
+            else:  # CLOSED, CLOSING, ERROR
+                self.closed = True
+                self.close_reason = self.close_reason or "connection lost"
+
+
+class Hub:
+    """All live connections and the fan-out of published events."""
+
+    def __init__(self, customer_id: str, settings: SimSettings, notify: Callable[[], None]) -> None:
+        self.customer_id = customer_id
+        self.settings = settings
+        self.faults: Faults | None = None
+        self.connections: list[WsConnection] = []
+        self._notify = notify
+
+    def publish(self, event_type: str, payload: dict[str, Any]) -> None:
+        """Fan an event out to every connection with a matching subscription, per topic."""
+        if self.settings.wrapped_frames:
+            body: dict[str, Any] = {"type": event_type, "data": payload}
+        else:
+            body = payload
+        frame = json.dumps(body, separators=(",", ":"))
+        topics = topics_for(self.customer_id, event_type, str(payload.get("id", "")))
+        for conn in list(self.connections):
+            if conn.closed:
+                continue
+            for topic in topics:
+                if conn.matches(topic):
+                    conn.offer(frame)
+
+    def drop_all(self) -> None:
+        """Abruptly close every connection."""
+        for conn in list(self.connections):
+            conn.abort("fault: drop_websockets")
+
+    async def send_raw(self, frame: Frame) -> None:
+        """Queue ``frame`` verbatim to every open connection (no fault knobs applied)."""
+        for conn in list(self.connections):
+            if not conn.closed:
+                conn.offer(frame, faulty=False)
+        await asyncio.sleep(0)
+
+    async def serve(self, request: web.Request, identity: Identity) -> web.StreamResponse:
+        """Upgrade ``request`` and run the connection until it ends."""
+        ws = web.WebSocketResponse(autoping=False, heartbeat=None, max_msg_size=0)
+        if not ws.can_prepare(request).ok:
+            # gorilla's plain-text answer to a non-WebSocket GET.
+            return web.Response(status=400, text="Bad Request")
+        assert self.faults is not None
+        await ws.prepare(request)
+        conn = WsConnection(
+            ws=ws,
+            request=request,
+            identity=identity,
+            settings=self.settings,
+            faults=self.faults,
+            notify=self._notify,
+        )
+        self.connections.append(conn)
+        self._notify()
+        writer = asyncio.create_task(conn.writer(), name="sim-ws-writer")
+        keepalive = asyncio.create_task(conn.keepalive(), name="sim-ws-keepalive")
+        try:
+            await conn.reader()
+        finally:
+            conn.closed = True
+            for task in (writer, keepalive):
+                task.cancel()
+            for task in (writer, keepalive):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with contextlib.suppress(ValueError):
+                self.connections.remove(conn)
+            self._notify()
+        return ws
