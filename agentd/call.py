@@ -64,6 +64,8 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    Transfer,
+    TransferDone,
 )
 from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
 
@@ -199,7 +201,7 @@ class Call:
         self._poll_delay = settings.speaking_poll_s
         self._poll_started = 0.0
         self._turn_times: dict[str, float] = {}
-        self._end_after_reply = False
+        self._after_reply = ""  # "end_call" or "transfer:<number>" once the reply has played
         self._speech_since: float | None = None  # when the caller's current utterance began
 
     # ---- entry point -------------------------------------------------------------------------
@@ -239,6 +241,8 @@ class Call:
                 return self._on_reply_failed(event, now)
             case TimerFired():
                 return self._on_timer(event.name, now)
+            case TransferDone():
+                return self._on_transfer_done(event)
 
     @property
     def busy(self) -> bool:
@@ -647,11 +651,22 @@ class Call:
             return []
         self.reply = "idle"
         cmds: list[Command] = [Record(self.id, "turn", self._timings(now))]
-        if event.action == "end_call" and self.phase.live:
-            self._end_after_reply = True
+        if event.action and self.phase.live:
+            # let the goodbye (or "transferring you now") finish playing first
+            self._after_reply = event.action
+            cmds.append(Record(self.id, "action", {"action": event.action}))
             wait = max(0.0, self._talking_until - now) + self.settings.playback_pad_s
-            cmds.append(StartTimer(self.id, "end_call", wait))
+            cmds.append(StartTimer(self.id, "after_reply", wait))
         return cmds
+
+    def _on_transfer_done(self, event: TransferDone) -> list[Command]:
+        if not event.ok:
+            return [Record(self.id, "error", {"what": "transfer failed", "error": event.error})]
+        if self.phase.over:
+            return []
+        # the caller is with a human now: our sessions end, the call goes on without us
+        self.phase = Phase.ENDING
+        return [Record(self.id, "transferred", {}), *self._begin_end(), *self._maybe_finished()]
 
     def _timings(self, now: float) -> dict[str, object]:
         t0 = self._turn_times.get("transcript", now)
@@ -694,9 +709,12 @@ class Call:
         if name == "retry_transcribe" and self.transcribe == "none":
             self.transcribe = "starting"
             return [StartTranscribe(self.id, s.language, s.stt_provider)]
-        if name == "end_call" and self._end_after_reply:
+        if name == "after_reply" and self._after_reply:
             if self.is_talking(now) and self._talking_until > now:
-                return [StartTimer(self.id, "end_call", self._talking_until - now)]
+                return [StartTimer(self.id, "after_reply", self._talking_until - now)]
+            action, self._after_reply = self._after_reply, ""
+            if action.startswith("transfer:"):
+                return [Transfer(self.id, action.partition(":")[2])]
             return [Hangup(self.id)]
         return []
 

@@ -125,6 +125,15 @@ class Hangup:
 
 
 @dataclass(frozen=True, slots=True)
+class Transfer:
+    """POST /transfers: hand the caller over to a human (blind transfer)."""
+
+    call_id: str
+    number: str
+    lane: Lane = "call"
+
+
+@dataclass(frozen=True, slots=True)
 class CheckCall:
     """GET /calls/{id}: reconcile a call whose events may have been lost."""
 
@@ -172,6 +181,7 @@ Command = (
     | AskBackend
     | CancelBackend
     | Hangup
+    | Transfer
     | CheckCall
     | StartTimer
     | Record
@@ -265,6 +275,14 @@ class TimerFired:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferDone:
+    """POST /transfers answered: `ok` false means the caller is still with us."""
+
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class CallGone:
     """GET /calls/{id} answered 404/403: the call no longer exists for us."""
 
@@ -280,6 +298,7 @@ Result = (
     | ReplyDone
     | ReplyFailed
     | TimerFired
+    | TransferDone
     | CallGone
 )
 

@@ -61,6 +61,15 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "kind": (str, "echo"),
         "timeout_s": ((int, float), 15.0),
         "prefix": (str, "You said:"),
+        "base_url": (str, "https://api.openai.com/v1"),
+        "model": (str, "gpt-4o-mini"),
+        "api_key": (str, ""),
+        "api_key_file": (str, ""),
+        "temperature": ((int, float), 0.7),
+        "max_tokens": (int, 300),
+        "tools": (bool, True),
+        "url": (str, ""),
+        "callable": (str, ""),
     },
     "store": {"path": (str, "agentd.db")},
     "log": {"level": (str, "info"), "format": (str, "auto")},
@@ -69,15 +78,16 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
 _CHOICES = {
     ("agent", "barge_in"): ("speech", "transcript", "off"),
     ("agent", "cut_method"): ("auto", "flush", "restart"),
-    ("backend", "kind"): ("echo",),
+    ("backend", "kind"): ("echo", "openai", "http", "python"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("auto", "json", "console"),
 }
 # systemd credential name -> the key it fills
 _CREDENTIALS = {
-    "voipbin-accesskey": "accesskey",
-    "voipbin-token": "token",
-    "voipbin-password": "password",
+    "voipbin-accesskey": ("voipbin", "accesskey"),
+    "voipbin-token": ("voipbin", "token"),
+    "voipbin-password": ("voipbin", "password"),
+    "backend-api-key": ("backend", "api_key"),
 }
 
 
@@ -181,6 +191,10 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
             try:
                 if typ is list:
                     value = [v.strip() for v in raw.split(",") if v.strip()]
+                elif typ is bool:
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    value = raw.lower() in ("1", "true", "yes")
                 elif typ is int:
                     value = int(raw)
                 elif typ == (int, float):
@@ -200,17 +214,18 @@ def _read_secret(label: str, path: str) -> Secret:
     return Secret(value)
 
 
-def _secret(v: dict[str, Any], key: str, env: Mapping[str, str]) -> Secret | None:
+def _secret(section: str, v: dict[str, Any], key: str, env: Mapping[str, str]) -> Secret | None:
+    """A secret from the key itself, its `*_file`, or its systemd credential."""
     if v.get(key):
         return Secret(v[key])
     if v.get(f"{key}_file"):
-        return _read_secret(f"voipbin.{key}_file", v[f"{key}_file"])
+        return _read_secret(f"{section}.{key}_file", v[f"{key}_file"])
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds:
         for name, target in _CREDENTIALS.items():
             path = Path(creds) / name
             # the unit loads every credential it knows; an empty file means "not used"
-            if target == key and path.exists() and path.stat().st_size > 0:
+            if target == (section, key) and path.exists() and path.stat().st_size > 0:
                 return _read_secret(f"credential {name}", str(path))
     return None
 
@@ -233,9 +248,9 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
     ws_url = v["ws_url"] or default_ws_url(api_url)
     if urlsplit(ws_url).scheme not in ("ws", "wss"):
         raise ConfigError(f"voipbin.ws_url: not a ws(s) URL: {ws_url!r}")
-    accesskey = _secret(v, "accesskey", env)
-    token = _secret(v, "token", env)
-    password = _secret(v, "password", env)
+    accesskey = _secret("voipbin", v, "accesskey", env)
+    token = _secret("voipbin", v, "token", env)
+    password = _secret("voipbin", v, "password", env)
     if v["username"] and password is None:
         raise ConfigError("voipbin.password: username is set but no password or password_file")
     if not (accesskey or token or (v["username"] and password)):
@@ -278,7 +293,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         numbers=tuple(a["numbers"]),
         flow_id=a["flow_id"],
         caller_id=a["caller_id"] or (a["numbers"][0] if a["numbers"] else ""),
-        backend={k: get("backend", k) for k in _SCHEMA["backend"]},
+        backend=_backend(m, env),
         store_path=get("store", "path"),
         log_level=get("log", "level"),
         log_format=get("log", "format"),
@@ -286,6 +301,21 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         source=source,
         raw=m,
     )
+
+
+def _backend(m: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[str, Any]:
+    b = {k: m["backend"].get(k, spec[1]) for k, spec in _SCHEMA["backend"].items()}
+    b["api_key"] = _secret("backend", b, "api_key", env)
+    del b["api_key_file"]
+    kind = b["kind"]
+    if kind == "http" and not b["url"]:
+        raise ConfigError("backend.url: the http backend needs the URL of your service")
+    if kind == "python" and ":" not in b["callable"]:
+        raise ConfigError("backend.callable: expected 'module:function'")
+    url_key = {"openai": "base_url", "http": "url"}.get(kind)
+    if url_key and urlsplit(b[url_key]).scheme not in ("http", "https"):
+        raise ConfigError(f"backend.{url_key}: not an http(s) URL")
+    return b
 
 
 def with_call_settings(config: Config, **changes: Any) -> Config:

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from agentd.backends import Backend
+from agentd.backends import Backend, ToolCall
 from agentd.commands import (
     AskBackend,
     CallGone,
@@ -47,6 +47,8 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    Transfer,
+    TransferDone,
 )
 from agentd.events import CallEvent, Event, parse_object
 from agentd.secret import redact
@@ -222,6 +224,12 @@ class Executor:
                         return CallGone()
                     log.warning("hangup.failed", error=str(e))
                 return None
+            case Transfer():
+                try:
+                    await c.transfer(cmd.call_id, cmd.number)
+                except ApiError as e:
+                    return TransferDone(False, str(e))
+                return TransferDone(True)
             case CheckCall():
                 try:
                     raw = await c.get_call(cmd.call_id)
@@ -268,15 +276,19 @@ class Executor:
         with structlog.contextvars.bound_contextvars(call_id=cmd.call_id, turn=cmd.turn):
             buf = SentenceBuffer()
             stream: Any = None
+            action = ""
             try:
                 stream = self.backend.reply(cmd.call_id, cmd.history)
                 async with asyncio.timeout(self.backend_timeout_s):
                     async for chunk in stream:
+                        if isinstance(chunk, ToolCall):
+                            action = _action(chunk) or action
+                            continue
                         for sentence in buf.feed(chunk):
                             self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
                 for sentence in buf.flush():
                     self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
-                self.feed(cmd.call_id, ReplyDone(cmd.turn))
+                self.feed(cmd.call_id, ReplyDone(cmd.turn, action))
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
@@ -309,6 +321,18 @@ async def _stop(coro: Any) -> bool:
         log.warning("stop.failed", error=str(e))
         return False
     return True
+
+
+def _action(call: ToolCall) -> str:
+    """A tool call as the state machine's action string; unknown tools are logged and ignored."""
+    if call.name == "end_call":
+        return "end_call"
+    if call.name == "transfer":
+        number = str(call.arguments.get("number", "")).strip()
+        if number:
+            return f"transfer:{number}"
+    log.warning("backend.unknown_tool", tool=call.name)
+    return ""
 
 
 def _merge_says(first: Say, queue: deque[Command]) -> Say:

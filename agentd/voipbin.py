@@ -250,6 +250,15 @@ class VoipbinClient:
         """POST /calls/{id}/hangup (idempotent)."""
         await self.request("POST", f"/calls/{call_id}/hangup", priority=URGENT)
 
+    async def transfer(self, call_id: str, number: str) -> None:
+        """POST /transfers: blind transfer of the call to a phone number."""
+        body = {
+            "transfer_type": "blind",
+            "transferer_call_id": call_id,
+            "transferee_addresses": [{"type": "tel", "target": number}],
+        }
+        await self.request("POST", "/transfers", json=body, priority=URGENT, idempotent=False)
+
     async def start_transcribe(
         self, call_id: str, language: str, provider: str, direction: str = "in"
     ) -> str:

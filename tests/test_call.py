@@ -31,6 +31,8 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    Transfer,
+    TransferDone,
 )
 from agentd.events import CallEvent, CallInfo, SpeechEvent, TranscribeEvent, TranscriptEvent
 
@@ -247,7 +249,18 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     cmds = call.handle(ReplyDone(1, action="end_call"), 10)
     timer = [c for c in cmds if isinstance(c, StartTimer)][0]
     assert timer.delay_s == pytest.approx(0.8 + SETTINGS.playback_pad_s)
-    assert call.handle(TimerFired("end_call"), 12) == [Hangup(CID)]
+    assert call.handle(TimerFired("after_reply"), 12) == [Hangup(CID)]
+
+
+def test_transfer_after_the_reply_then_our_sessions_end() -> None:
+    call = answered()
+    call.handle(transcript("a human please"), 10)
+    call.handle(ReplySentence(1, "Transferring you now."), 10)
+    call.handle(ReplyDone(1, action="transfer:+15550009999"), 10)
+    assert call.handle(TimerFired("after_reply"), 13) == [Transfer(CID, "+15550009999")]
+    cmds = call.handle(TransferDone(True), 13.5)
+    assert kinds(cmds) == ["StopSpeaking", "StopTranscribe"]
+    assert not any(isinstance(c, Hangup) for c in cmds)  # the caller stays, with the human
 
 
 def test_shutdown_hangs_up_and_stops_everything() -> None:

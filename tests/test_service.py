@@ -26,11 +26,11 @@ format = "json"
 """
 
 
-async def recv_until(sock: socket.socket, prefix: bytes, timeout: float = 10.0) -> list[bytes]:
+async def recv_until(sock: socket.socket, prefix: bytes, limit_s: float = 10.0) -> list[bytes]:
     """Datagrams received until one starts with `prefix` (inclusive)."""
     loop = asyncio.get_running_loop()
     got: list[bytes] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit_s):
         while True:
             msg = await loop.sock_recv(sock, 4096)
             got.append(msg)
