@@ -41,8 +41,15 @@ async def recv_until(sock: socket.socket, prefix: bytes, limit_s: float = 10.0) 
 def write_config(path: Path, sim: Simulator, greeting: str) -> None:
     keyfile = path.parent / "accesskey"
     keyfile.write_text(sim.accesskey)
-    path.write_text(CONFIG.format(api=sim.api_url, keyfile=keyfile, number=OUR_NUMBER,
-                                  greeting=greeting, playback=PLAYBACK))
+    path.write_text(
+        CONFIG.format(
+            api=sim.api_url,
+            keyfile=keyfile,
+            number=OUR_NUMBER,
+            greeting=greeting,
+            playback=PLAYBACK,
+        )
+    )
 
 
 async def test_run_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm(
@@ -56,8 +63,16 @@ async def test_run_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm(
     sock.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentd", "run", "--config", str(config), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "agentd",
+        "run",
+        "--config",
+        str(config),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         ready = await recv_until(sock, b"READY=1")
         assert b"VoIPBIN ready" in ready[-1]  # READY only once subscribed
@@ -70,8 +85,9 @@ async def test_run_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm(
         await recv_until(sock, b"READY=1")
         second = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hey")]))
         await sim.wait_call_status(second, "hangup", timeout=10)
-        await sim.wait_for(lambda: any(
-            li.text == "You said: hi." for li in sim.get_call(first).conversation), 10)
+        await sim.wait_for(
+            lambda: any(li.text == "You said: hi." for li in sim.get_call(first).conversation), 10
+        )
 
         proc.send_signal(signal.SIGTERM)
         await recv_until(sock, b"STOPPING=1")
