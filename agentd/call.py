@@ -142,6 +142,14 @@ class CallSettings:
     speaking_activate_timeout_s: float = 15.0
     retry_s: float = 1.0
     max_attempts: int = 4
+    silence_s: float = 20.0  # 0 turns the reprompt off
+    max_silence_reprompts: int = 2
+    reprompt_text: str = "Are you still there?"
+    silence_goodbye: str = "I haven't heard from you, so I'll end the call now. Goodbye!"
+    max_call_s: float = 3300.0  # VoIPBIN itself cuts every call at one hour
+    time_limit_goodbye: str = "We have reached the time limit for this call. Goodbye!"
+    watch_s: float = 20.0  # ask VoIPBIN about a call we have heard nothing of for this long
+    watch_max_s: float = 120.0
 
     @property
     def cut(self) -> CutMethod:
@@ -203,6 +211,10 @@ class Call:
         self._turn_times: dict[str, float] = {}
         self._after_reply = ""  # "end_call" or "transfer:<number>" once the reply has played
         self._speech_since: float | None = None  # when the caller's current utterance began
+        self._last_heard = 0.0  # last event from VoIPBIN about this call
+        self._watch_delay = settings.watch_s
+        self._last_caller = 0.0  # last sign of caller speech
+        self._reprompts = 0
 
     # ---- entry point -------------------------------------------------------------------------
 
@@ -210,6 +222,11 @@ class Call:
         """Apply one event or command result at time `now` (seconds, monotonic)."""
         if self.phase is Phase.ENDED and not isinstance(event, CallEvent):
             return self._late_result(event)
+        if isinstance(event, (CallEvent, TranscriptEvent, SpeechEvent, TranscribeEvent)):
+            self._last_heard = now
+            if isinstance(event, (TranscriptEvent, SpeechEvent)) and event.direction == "in":
+                self._last_caller = now
+                self._reprompts = 0
         match event:
             case CallEvent():
                 return self._on_call(event)
@@ -265,12 +282,18 @@ class Call:
         row = STATUS_TABLE.get((self.phase, status))
         if row is None:
             return []
+        first = self.phase is Phase.NEW
         self.phase, action = row
         self.status = status
+        # lost events (a call_hangup above all) are found by asking VoIPBIN when a call goes quiet
+        watch = [StartTimer(self.id, "watch", self.settings.watch_s)] if first else []
         if action == "note":
-            return [Record(self.id, "status", {"status": status, "direction": self.direction})]
+            return [
+                *watch,
+                Record(self.id, "status", {"status": status, "direction": self.direction}),
+            ]
         if action == "answer":
-            return self._answer()
+            return [*watch, *self._answer()]
         if action == "hungup":
             return self._record_hangup(info.hangup_by, info.hangup_reason)
         cmds = self._begin_end()
@@ -308,6 +331,7 @@ class Call:
             Record(self.id, "answered", {"direction": self.direction}),
             StartTranscribe(self.id, s.language, s.stt_provider),
             StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id),
+            StartTimer(self.id, "max_call", s.max_call_s),
         ]
 
     def _begin_end(self) -> list[Command]:
@@ -423,6 +447,7 @@ class Call:
             if self.settings.greeting:
                 self.history.append(Msg("assistant", self.settings.greeting, 0))
                 cmds += self._say(self.settings.greeting, 0, now)
+            cmds += self._arm_silence(now)
         queued, self._queued = self._queued, []
         for turn, text in queued:
             if turn == self.turn:
@@ -650,7 +675,7 @@ class Call:
         if event.turn != self.turn or self.reply != "thinking":
             return []
         self.reply = "idle"
-        cmds: list[Command] = [Record(self.id, "turn", self._timings(now))]
+        cmds: list[Command] = [Record(self.id, "turn", self._timings(now)), *self._arm_silence(now)]
         if event.action and self.phase.live:
             # let the goodbye (or "transferring you now") finish playing first
             self._after_reply = event.action
@@ -658,6 +683,51 @@ class Call:
             wait = max(0.0, self._talking_until - now) + self.settings.playback_pad_s
             cmds.append(StartTimer(self.id, "after_reply", wait))
         return cmds
+
+    def _arm_silence(self, now: float) -> list[Command]:
+        """Start counting the caller's silence from when our audio ends."""
+        if self.settings.silence_s <= 0:
+            return []
+        wait = max(0.0, self._talking_until - now) + self.settings.silence_s
+        return [StartTimer(self.id, "silence", wait)]
+
+    def _on_silence(self, now: float) -> list[Command]:
+        s = self.settings
+        if self.reply == "thinking" or self._after_reply:
+            return []  # a reply is coming: its end arms the timer again
+        if self.is_talking(now):
+            return self._arm_silence(now)
+        quiet_since = max(self._last_caller, self._talking_until)
+        if now - quiet_since < s.silence_s - 0.05:  # timers fire a hair early or late
+            return [StartTimer(self.id, "silence", quiet_since + s.silence_s - now)]
+        self._reprompts += 1
+        if self._reprompts > s.max_silence_reprompts:
+            return [Record(self.id, "silence_hangup", {}), *self._goodbye(s.silence_goodbye, now)]
+        self.history.append(Msg("assistant", s.reprompt_text, self.turn))
+        return [*self._say(s.reprompt_text, self.turn, now), *self._arm_silence(now)]
+
+    def _goodbye(self, text: str, now: float) -> list[Command]:
+        """Say `text`, then hang up once it has played."""
+        cmds: list[Command] = []
+        if self.reply == "thinking":
+            cmds.append(CancelBackend(self.id, self.turn))
+            self.reply = "idle"
+        self._after_reply = "end_call"
+        if text:
+            self.history.append(Msg("assistant", text, self.turn))
+            cmds += self._say(text, self.turn, now)
+        wait = max(0.0, self._talking_until - now) + self.settings.playback_pad_s
+        return [*cmds, StartTimer(self.id, "after_reply", wait)]
+
+    def _on_watch(self, now: float) -> list[Command]:
+        s = self.settings
+        quiet = now - self._last_heard
+        if quiet < s.watch_s:
+            self._watch_delay = s.watch_s
+            return [StartTimer(self.id, "watch", s.watch_s - quiet)]
+        # nothing heard for a while: ask, and ask less often while it stays quiet
+        delay, self._watch_delay = self._watch_delay, min(self._watch_delay * 2, s.watch_max_s)
+        return [CheckCall(self.id), StartTimer(self.id, "watch", delay)]
 
     def _on_transfer_done(self, event: TransferDone) -> list[Command]:
         if not event.ok:
@@ -709,6 +779,12 @@ class Call:
         if name == "retry_transcribe" and self.transcribe == "none":
             self.transcribe = "starting"
             return [StartTranscribe(self.id, s.language, s.stt_provider)]
+        if name == "watch":
+            return self._on_watch(now)
+        if name == "silence" and self.phase.live:
+            return self._on_silence(now)
+        if name == "max_call" and self.phase.live:
+            return [Record(self.id, "time_limit", {}), *self._goodbye(s.time_limit_goodbye, now)]
         if name == "after_reply" and self._after_reply:
             if self.is_talking(now) and self._talking_until > now:
                 return [StartTimer(self.id, "after_reply", self._talking_until - now)]

@@ -54,6 +54,10 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "chars_per_s": ((int, float), 15.0),
         "fallback_text": (str, DEFAULT_FALLBACK),
         "history_limit": (int, 40),
+        "silence_s": ((int, float), 20.0),
+        "max_silence_reprompts": (int, 2),
+        "reprompt_text": (str, "Are you still there?"),
+        "max_call_s": ((int, float), 3300.0),
         "flow_id": (str, ""),
         "caller_id": (str, ""),
     },
@@ -276,6 +280,10 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         chars_per_s=float(a["chars_per_s"]),
         fallback_text=a["fallback_text"],
         history_limit=a["history_limit"],
+        silence_s=float(a["silence_s"]),
+        max_silence_reprompts=a["max_silence_reprompts"],
+        reprompt_text=a["reprompt_text"],
+        max_call_s=float(a["max_call_s"]),
     )
     return Config(
         voipbin=VoipbinConfig(

@@ -3,7 +3,8 @@
 Commands of one call run in lanes: speaking commands (start, say, flush, stop) in order on one lane,
 transcribe commands on another, call commands on a third, so says play in order and a stop comes
 after the says it follows, while setting up the two sessions still happens in parallel. Backend
-replies and timers are tasks of their own: a slow backend never holds up any lane or any other call.
+replies are tasks of their own and timers are loop callbacks: a slow backend never holds up any
+lane or any other call.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ Feed = Callable[[str, "Event | Result"], None]
 class _Lanes:
     queues: dict[str, deque[Command]] = field(default_factory=dict)
     workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    timers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
 
@@ -106,7 +107,10 @@ class Executor:
                     old = lanes.timers.pop(cmd.name, None)
                     if old is not None:
                         old.cancel()
-                    lanes.timers[cmd.name] = self._spawn(self._timer(call_id, cmd), call_id)
+                    # a handle, not a task: timers are re-armed on nearly every event
+                    lanes.timers[cmd.name] = asyncio.get_running_loop().call_later(
+                        cmd.delay_s, self._fire, call_id, cmd.name
+                    )
                 case Record():
                     if self.on_record is not None:
                         self.on_record(cmd)
@@ -122,7 +126,9 @@ class Executor:
     def _forget(self, call_id: str) -> None:
         lanes = self._calls.pop(call_id, None)
         if lanes is not None:
-            for task in (*lanes.timers.values(), *lanes.replies.values()):
+            for handle in lanes.timers.values():
+                handle.cancel()
+            for task in lanes.replies.values():
                 task.cancel()
         if self.on_finished is not None:
             self.on_finished(call_id)
@@ -141,6 +147,9 @@ class Executor:
 
     async def close(self) -> None:
         """Cancel everything still running (timers, replies, lanes)."""
+        for lanes in self._calls.values():
+            for handle in lanes.timers.values():
+                handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -303,12 +312,12 @@ class Executor:
                     with contextlib.suppress(Exception):
                         await aclose()
 
-    async def _timer(self, call_id: str, cmd: StartTimer) -> None:
-        await asyncio.sleep(cmd.delay_s)
+    def _fire(self, call_id: str, name: str) -> None:
         lanes = self._calls.get(call_id)
-        if lanes is not None and lanes.timers.get(cmd.name) is asyncio.current_task():
-            del lanes.timers[cmd.name]
-        self.feed(call_id, TimerFired(cmd.name))
+        if lanes is not None:
+            lanes.timers.pop(name, None)
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            self.feed(call_id, TimerFired(name))
 
 
 async def _stop(coro: Any) -> bool:
