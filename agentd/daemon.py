@@ -12,12 +12,15 @@ import structlog
 
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
-from agentd.commands import Record
+from agentd.call import Call
+from agentd.commands import Record, Result
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher, normalise_number
-from agentd.events import CallEvent, TranscriptEvent, parse_object
+from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
 from agentd.executor import Executor
+from agentd.persist import Persister
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
+from agentd.store import Store
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
 
@@ -25,10 +28,35 @@ log = structlog.get_logger("agentd.daemon")
 
 
 def make_backend(config: Config) -> Backend:
-    """The configured backend kind."""
-    kind = config.backend["kind"]
+    """The configured backend kind. A python callable that cannot be imported is a config
+    error, so agentd refuses to start (and SIGHUP keeps the old config) rather than failing at
+    the first caller."""
+    # imported here: the kinds a config does not use cost nothing at start
+    from agentd.backends.http import HttpBackend
+    from agentd.backends.openai import OpenAIBackend
+    from agentd.backends.python import BackendConfigError, PythonBackend
+
+    b = config.backend
+    kind = b["kind"]
     if kind == "echo":
-        return EchoBackend(config.backend["prefix"])
+        return EchoBackend(b["prefix"])
+    if kind == "openai":
+        return OpenAIBackend(
+            base_url=b["base_url"],
+            model=b["model"],
+            api_key=b["api_key"],
+            temperature=float(b["temperature"]),
+            max_tokens=int(b["max_tokens"]),
+            tools=bool(b["tools"]),
+            timeout_s=float(b["timeout_s"]),
+        )
+    if kind == "http":
+        return HttpBackend(url=b["url"], api_key=b["api_key"], timeout_s=float(b["timeout_s"]))
+    if kind == "python":
+        try:
+            return PythonBackend(target=b["callable"])
+        except BackendConfigError as exc:
+            raise ConfigError(f"backend.callable: {exc}") from None
     raise ConfigError(f"backend.kind: unknown kind {kind!r}")
 
 
@@ -61,8 +89,13 @@ class Daemon:
         self.client = make_client(config)
         self.backend = backend or make_backend(config)
         self.records: list[Record] = []
+        self.persister: Persister | None = None
         self.dispatcher = Dispatcher(
-            lambda: self.config.call, self._execute, numbers=config.numbers
+            lambda: self.config.call,
+            self._execute,
+            numbers=config.numbers,
+            on_step=self._on_step,
+            on_finished=self._on_finished,
         )
         self.executor = Executor(
             self.client,
@@ -88,7 +121,20 @@ class Daemon:
     def _execute(self, call_id: str, commands: list[Any]) -> None:
         self.executor.execute(call_id, commands)
 
+    def _on_step(self, call: Call, event: Event | Result) -> None:
+        if self.persister is None:
+            return
+        self.persister.changed(call)
+        if isinstance(event, TranscriptEvent):
+            self.persister.transcript(call.id, event.id, event.direction, event.message)
+
+    def _on_finished(self, call: Call | None, call_id: str) -> None:
+        if self.persister is not None:
+            self.persister.finished(call, call_id)
+
     def _record(self, record: Record) -> None:
+        if self.persister is not None:
+            self.persister.record(record)
         self.records.append(record)
         if len(self.records) > self.record_limit:
             del self.records[: len(self.records) - self.record_limit]
@@ -133,6 +179,10 @@ class Daemon:
             numbers=list(self.config.numbers) or "all",
             backend=self.config.backend["kind"],
         )
+        if self.config.store_path:
+            store = await Store.open(self.config.store_path)
+            self.persister = Persister(store)
+            await self._restore()
         loop = asyncio.get_running_loop()
         stream_task = loop.create_task(self.stream.run())
         helpers = [
@@ -155,21 +205,50 @@ class Daemon:
             await self.executor.close()
             await self.backend.aclose()
             await self.client.close()
+            if self.persister is not None:
+                await self.persister.flush()
+                await self.persister.store.close()
             log.info("agentd.stopped")
 
+    async def _restore(self) -> None:
+        """Pick up the calls the last agentd left live: check each, re-attach or clean up."""
+        assert self.persister is not None
+        calls = await self.persister.restore(self.config.call)
+        now = time.monotonic()
+        for call in calls:
+            self.dispatcher.adopt(call)
+            log.info("call.restored", call_id=call.id, phase=call.phase.value)
+            self._execute(call.id, call.resume(now))
+        if calls:
+            log.info("agentd.restored", calls=len(calls))
+
     async def _drain(self) -> None:
-        """End every live call and wait (up to drain_s) until their sessions are stopped."""
+        """Let in-flight replies finish (up to drain_s). Then, when configured or without a
+        store, end every live call with a goodbye and stop its sessions; otherwise leave the
+        calls up, recorded in the store, for the next agentd to resume."""
         live = self.dispatcher.live_calls()
         if not live:
             return
-        log.info("agentd.draining", live_calls=len(live))
-        for call in live:
-            self._execute(call.id, call.shutdown())
+        d = self.config.daemon
+        stop = d["stop_sessions_on_shutdown"] or self.persister is None
+        log.info("agentd.draining", live_calls=len(live), stop_sessions=stop)
+        deadline = time.monotonic() + self.config.drain_s
+        if stop:
+            now = time.monotonic()
+            for call in live:
+                self._execute(call.id, call.shutdown(now, d["shutdown_goodbye"]))
+            waiting = self.dispatcher.wait_idle()
+        else:
+            waiting = self.dispatcher.wait_until(
+                lambda: not any(c.replying for c in self.dispatcher.live_calls())
+            )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.dispatcher.wait_idle(), self.config.drain_s)
+            await asyncio.wait_for(waiting, max(0.0, deadline - time.monotonic()))
         left = self.dispatcher.live_calls()
-        if left:
+        if left and stop:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])
+        elif left:
+            log.info("agentd.left_for_restart", calls=[c.id for c in left])
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= and `systemctl status`."""

@@ -1,0 +1,218 @@
+"""The `openai` backend: any OpenAI-compatible Chat Completions endpoint, streamed.
+
+Works with OpenAI itself and with the servers that copy its API (Ollama, llama.cpp, vLLM, LM
+Studio, LiteLLM, ...). The reply is requested with `stream: true` so the first sentence can be
+spoken while the model is still writing the rest. Text deltas are yielded as they arrive; tool
+calls arrive in fragments (a name, then the JSON arguments a few characters at a time) and are
+yielded as whole `ToolCall`s once the stream ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+
+from agentd.backends import TOOLS, Chunk, ToolCall
+from agentd.backends.wire import (
+    BackendError,
+    bearer,
+    decode_json,
+    iter_sse,
+    new_session,
+    post_stream,
+)
+from agentd.commands import Message
+from agentd.secret import Secret, redact
+
+log = structlog.get_logger("agentd.backends.openai")
+
+_KIND = "openai"
+
+
+@dataclass
+class _PartialCall:
+    """A tool call being assembled from streamed fragments."""
+
+    name: str = ""
+    id: str = ""
+    arguments: list[str] = field(default_factory=list)
+    decoded: dict[str, Any] | None = None  # some servers send the arguments already as an object
+
+    def add(self, fragment: dict[str, Any]) -> None:
+        """Merge one `delta.tool_calls[]` fragment."""
+        if isinstance(fragment.get("id"), str) and not self.id:
+            self.id = fragment["id"]
+        function = fragment.get("function")
+        if not isinstance(function, dict):
+            return
+        name = function.get("name")
+        # OpenAI sends the name once; a server that repeats it in every fragment must not
+        # produce "end_callend_call"
+        if isinstance(name, str) and name and name != self.name:
+            self.name += name
+        args = function.get("arguments")
+        if isinstance(args, str):
+            self.arguments.append(args)
+        elif isinstance(args, dict):
+            self.decoded = args
+
+    def finish(self) -> ToolCall:
+        """The whole call. Arguments that are not a JSON object are dropped with a warning:
+        the spoken part of the reply is still good, and the executor ignores a tool it cannot
+        use."""
+        if self.decoded is not None:
+            return ToolCall(self.name, self.decoded)
+        raw = "".join(self.arguments).strip()
+        if not raw:
+            return ToolCall(self.name, {})
+        try:
+            args = json.loads(raw)
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            # the arguments may hold the caller's details: log their size, not their content
+            log.warning("backend.bad_tool_arguments", tool=self.name, length=len(raw))
+            return ToolCall(self.name, {})
+        return ToolCall(self.name, args)
+
+
+class _ToolCalls:
+    """Tool-call fragments keyed by their `index`.
+
+    Servers that omit `index` (some compatibility layers send each call whole) get one: a
+    fragment that brings an id or a name starts a new call, one without continues the last.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _PartialCall] = {}
+
+    def add(self, fragments: Any) -> None:
+        """Merge a `delta.tool_calls` list."""
+        if not isinstance(fragments, list):
+            return
+        for frag in fragments:
+            if not isinstance(frag, dict):
+                continue
+            index = frag.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                function = frag.get("function")
+                starts = bool(frag.get("id")) or (
+                    isinstance(function, dict) and bool(function.get("name"))
+                )
+                last = max(self._calls, default=-1)
+                index = last + 1 if starts or last < 0 else last
+            self._calls.setdefault(index, _PartialCall()).add(frag)
+
+    def finish(self) -> Iterator[ToolCall]:
+        """The assembled calls, in index order; nameless fragments are dropped."""
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            if call.name:
+                yield call.finish()
+
+
+class OpenAIBackend:
+    """Streams replies from `POST {base_url}/chat/completions`."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: Secret | None,
+        temperature: float,
+        max_tokens: int,
+        tools: bool,
+        timeout_s: float,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self._api_key = api_key
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.tools = tools
+        self.timeout_s = timeout_s
+        self._http: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = new_session(self.timeout_s)
+        return self._http
+
+    def request_body(self, history: Sequence[Message]) -> dict[str, Any]:
+        """The Chat Completions request for `history` (system, assistant and user messages)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": role, "content": text} for role, text in history],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "stream": True,
+        }
+        if self.tools:
+            body["tools"] = TOOLS
+        return body
+
+    async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:
+        """Stream the model's reply: text as it is generated, then any tool calls."""
+        async with post_stream(
+            self._session(),
+            self.url,
+            body=self.request_body(history),
+            headers={"Accept": "text/event-stream", **bearer(self._api_key)},
+            kind=_KIND,
+        ) as resp:
+            calls = _ToolCalls()
+            if resp.content_type == "application/json":
+                # a server that ignores `stream: true` answers with one whole completion
+                raw = await resp.read()
+                obj = decode_json(raw.decode("utf-8", errors="replace"), _KIND, "response")
+                message = _first_choice(obj).get("message")
+                if isinstance(message, dict):
+                    if isinstance(message.get("content"), str) and message["content"]:
+                        yield message["content"]
+                    calls.add(message.get("tool_calls"))
+            else:
+                async with contextlib.aclosing(iter_sse(resp.content)) as events:
+                    async for data in events:
+                        if data.strip() == "[DONE]":
+                            break
+                        delta = _first_choice(decode_json(data, _KIND, "stream event")).get("delta")
+                        if not isinstance(delta, dict):
+                            continue  # e.g. the final usage chunk, which has no choices
+                        content = delta.get("content")
+                        if isinstance(content, str) and content:
+                            yield content
+                        calls.add(delta.get("tool_calls"))
+            for call in calls.finish():
+                yield call
+
+    async def aclose(self) -> None:
+        """Close the session and its pooled connections."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+def _first_choice(obj: Any) -> dict[str, Any]:
+    """`choices[0]` of a completion or chunk; an `{"error": ...}` object (sent mid-stream by
+    OpenAI and vLLM when generation fails) is raised as a `BackendError`."""
+    if not isinstance(obj, dict):
+        raise BackendError(f"{_KIND} backend: expected a JSON object, got {type(obj).__name__}")
+    err = obj.get("error")
+    if err:
+        message = err.get("message") if isinstance(err, dict) else err
+        text = " ".join(str(message).split())[:300]
+        raise BackendError(redact(f"{_KIND} backend: error in stream: {text}"))
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}

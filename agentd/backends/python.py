@@ -1,0 +1,97 @@
+"""The `python` backend: a function of yours, imported into agentd (`callable = "pkg.mod:fn"`).
+
+The function is called as `fn(call_id, history)` with `history` a list of `(role, text)` tuples
+(role `system`, `assistant` or `user`; the last one is the caller's utterance). It is either
+
+* an async function returning the whole reply as a `str` (or `None` for no reply), or
+* an async generator yielding `str` chunks as they are ready, and optionally `ToolCall`s
+  (`from agentd.backends import ToolCall`; `ToolCall("end_call")`,
+  `ToolCall("transfer", {"number": "+1555..."})`).
+
+It runs on agentd's event loop, so it must not block: await your I/O. When the caller barges in,
+the generator is closed, so its `finally` blocks (and `async with` exits) run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from agentd.backends import Chunk, ToolCall
+from agentd.backends.wire import BackendError
+from agentd.commands import Message
+
+
+class BackendConfigError(ValueError):
+    """The configured callable cannot be used; the message says why (no traceback needed)."""
+
+
+def load_callable(target: str) -> Callable[..., Any]:
+    """Import `module:attribute` (the attribute may be dotted: `module:obj.method`)."""
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name.strip() or not attr_path.strip():
+        raise BackendConfigError(f"expected 'module:function', got {target!r}")
+    try:
+        obj: Any = importlib.import_module(module_name.strip())
+    except Exception as exc:  # a user's module can fail with anything while it is imported
+        raise BackendConfigError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    for attr in attr_path.strip().split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise BackendConfigError(f"{target!r}: no attribute {attr!r}") from None
+    if not callable(obj):
+        raise BackendConfigError(f"{target!r} is not callable (it is a {type(obj).__name__})")
+    return obj  # type: ignore[no-any-return]
+
+
+class PythonBackend:
+    """Calls the imported function for each reply."""
+
+    def __init__(self, *, target: str) -> None:
+        self.target = target
+        # imported now, so a wrong path stops agentd at start, not at the first caller
+        self._fn = load_callable(target)
+
+    def __repr__(self) -> str:
+        return f"PythonBackend(target={self.target!r})"
+
+    async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:
+        """Stream what the function returns or yields."""
+        result = self._fn(call_id, list(history))
+        if inspect.isasyncgen(result) or isinstance(result, AsyncIterator):
+            try:
+                async for chunk in result:
+                    if not isinstance(chunk, str | ToolCall):
+                        raise BackendError(
+                            f"python backend: {self.target} yielded a "
+                            f"{type(chunk).__name__}; expected str or ToolCall"
+                        )
+                    yield chunk
+            finally:
+                # close it now (not whenever it is garbage-collected), so its cleanup runs
+                # while the barge-in is being handled
+                aclose = getattr(result, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        elif inspect.isawaitable(result):
+            value = await result
+            if value is None:
+                return
+            if not isinstance(value, str):
+                raise BackendError(
+                    f"python backend: {self.target} returned a {type(value).__name__}; expected str"
+                )
+            yield value
+        else:
+            raise BackendError(
+                f"python backend: {self.target} returned a {type(result).__name__}; it must be "
+                "an async function or an async generator"
+            )
+
+    async def aclose(self) -> None:
+        """Nothing to release: the function owns its own resources."""

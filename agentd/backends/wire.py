@@ -1,0 +1,161 @@
+"""HTTP plumbing the `openai` and `http` kinds share: the session, line-framed streams, errors.
+
+Server-sent events and NDJSON are parsed by hand over `resp.content`: it is a few dozen lines, and
+the aiohttp SSE client libraries are stale. Every error raised here is a `BackendError` whose text
+is safe to log: it carries the HTTP status and the server's own message, never a request header,
+and it goes through `redact()` in case the server echoes our key back (some do, on a 401).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from agentd import __version__
+from agentd.secret import Secret, redact
+
+# an error page can be large (an HTML 502 from a proxy): read only this much of it
+_ERROR_BODY_LIMIT = 4096
+_ERROR_TEXT_LIMIT = 300
+
+
+class BackendError(Exception):
+    """A backend failed to give a reply. The message is safe to log: no credential, no header."""
+
+
+def new_session(timeout_s: float) -> aiohttp.ClientSession:
+    """One session per backend, so connections (and TLS) are reused from turn to turn.
+
+    `total=None`: a reply streams for as long as it streams; the executor bounds the whole reply
+    with `backend.timeout_s`. `sock_read` bounds each silence between two chunks, so a server that
+    stalls fails after `timeout_s`, not after aiohttp's default of 300 s. Must be called with a
+    running loop (the session binds to it), hence created lazily on the first reply.
+    """
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
+    return aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"agentd/{__version__}"})
+
+
+def bearer(api_key: Secret | None) -> dict[str, str]:
+    """The Authorization header, only when a key is set (Ollama and llama.cpp need none)."""
+    if api_key:
+        return {"Authorization": f"Bearer {api_key.reveal()}"}
+    return {}
+
+
+@contextlib.asynccontextmanager
+async def post_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    kind: str,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST `body` and hand over the 2xx response; any other status is a `BackendError`.
+
+    If the consumer stops early (a barge-in cancels the reply task, the executor's timeout fires,
+    a parse error), the connection is closed rather than returned to the pool: that is what tells
+    the server to stop generating, and a half-read stream could never be reused anyway.
+    Connection failures become `BackendError` too; timeouts stay `TimeoutError`, which the
+    executor reports as "backend timed out".
+    """
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if not 200 <= resp.status < 300:
+                raise await http_error(resp, kind)
+            try:
+                yield resp
+            except BaseException:
+                resp.close()
+                raise
+    except (TimeoutError, BackendError):
+        raise
+    except aiohttp.ClientError as exc:
+        # aiohttp's texts name the host and the OS error, never the request headers
+        raise BackendError(redact(f"{kind} backend: {type(exc).__name__}: {exc}")) from exc
+
+
+async def http_error(resp: aiohttp.ClientResponse, kind: str) -> BackendError:
+    """A `BackendError` for a non-2xx answer: the status and what the server said about it."""
+    raw = b""
+    try:
+        # read() returns what has arrived so far: loop until the limit or the end of the body
+        while len(raw) < _ERROR_BODY_LIMIT:
+            part = await resp.content.read(_ERROR_BODY_LIMIT - len(raw))
+            if not part:
+                break
+            raw += part
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the status alone still says what went wrong
+    message = server_message(raw) or resp.reason or "no message"
+    return BackendError(redact(f"{kind} backend: HTTP {resp.status}: {message}"))
+
+
+def server_message(raw: bytes) -> str:
+    """The human part of an error body: OpenAI's `{"error": {"message"}}`, FastAPI's `detail`,
+    a plain `message` or `error` string, else the text itself, cut short."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            text = err["message"]
+        elif isinstance(err, str):
+            text = err
+        else:
+            for key in ("message", "detail"):
+                if isinstance(obj.get(key), str):
+                    text = obj[key]
+                    break
+    text = " ".join(text.split())  # one log line, whatever the server's formatting
+    if len(text) > _ERROR_TEXT_LIMIT:
+        text = text[:_ERROR_TEXT_LIMIT] + "…"
+    return text
+
+
+async def iter_lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
+    """Decoded lines without their `\\n` or `\\r\\n`. Lines are split on bytes before decoding,
+    so a multi-byte character is never cut in two."""
+    async for raw in content:
+        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+async def iter_sse(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
+    """The `data` of each server-sent event, as the SSE spec frames it.
+
+    A blank line ends an event; several `data:` lines in one event are joined with `\\n`; lines
+    starting with `:` are comments (keepalives); `event:`, `id:`, `retry:` and unknown fields carry
+    nothing we use. An event still open when the stream ends is delivered too: some servers close
+    right after the last `data:` line.
+    """
+    data: list[str] = []
+    async with contextlib.aclosing(iter_lines(content)) as lines:
+        async for line in lines:
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                data.append(value.removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def decode_json(data: str, kind: str, what: str) -> Any:
+    """`json.loads`, with a `BackendError` that shows the start of the bad payload."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        sample = " ".join(data.split())[:80]
+        raise BackendError(redact(f"{kind} backend: malformed {what}: {sample!r}")) from None

@@ -1,0 +1,498 @@
+"""Each backend kind against real stub servers on loopback (tests/stubs.py): request shape,
+streaming, tool calls, errors, and that a credential never reaches an exception."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from agentd.backends import TOOLS, Backend, Chunk, ToolCall
+from agentd.backends.http import HttpBackend
+from agentd.backends.openai import OpenAIBackend
+from agentd.backends.python import BackendConfigError, PythonBackend
+from agentd.backends.wire import BackendError
+from agentd.commands import Message
+from agentd.config import ConfigError, load
+from agentd.daemon import make_backend
+from agentd.secret import Secret
+from tests import stubs
+from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script
+
+HISTORY: tuple[Message, ...] = (
+    ("system", "You are brief."),
+    ("assistant", "Hello, how can I help?"),
+    ("user", "What are your opening hours?"),
+)
+KEY = "sk-test-4f9c2a7b1e0d"
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[OpenAIStub]:
+    async with OpenAIStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[HttpStub]:
+    async with HttpStub() as stub:
+        yield stub
+
+
+def openai(
+    stub: OpenAIStub | str, *, key: str | None = None, tools: bool = True, timeout_s: float = 5.0
+) -> OpenAIBackend:
+    return OpenAIBackend(
+        base_url=stub if isinstance(stub, str) else stub.base_url,
+        model="test-model",
+        api_key=Secret(key) if key else None,
+        temperature=0.2,
+        max_tokens=123,
+        tools=tools,
+        timeout_s=timeout_s,
+    )
+
+
+async def collect(backend: Backend, history: tuple[Message, ...] = HISTORY) -> list[Chunk]:
+    try:
+        return [chunk async for chunk in backend.reply("call-1", history)]
+    finally:
+        await backend.aclose()
+
+
+def text_of(chunks: list[Chunk]) -> str:
+    return "".join(c for c in chunks if isinstance(c, str))
+
+
+def refused_url() -> str:
+    """A loopback URL nothing listens on: bind a port, then free it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def first_chunk_then_cancel(backend: Backend) -> None:
+    """Consume a reply in a task, cancel it after the first chunk, as a barge-in does."""
+    got_one = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in backend.reply("call-1", HISTORY):
+            got_one.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_one.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# ---- openai -------------------------------------------------------------------------------------
+
+
+async def test_openai_request_has_model_messages_stream_tools_and_the_key(
+    llm: OpenAIStub,
+) -> None:
+    await collect(openai(llm, key=KEY))
+    [seen] = llm.requests
+    assert seen.headers["Authorization"] == f"Bearer {KEY}"
+    assert seen.body == {
+        "model": "test-model",
+        "messages": [{"role": r, "content": t} for r, t in HISTORY],
+        "temperature": 0.2,
+        "max_tokens": 123,
+        "stream": True,
+        "tools": TOOLS,
+    }
+
+
+async def test_openai_without_a_key_sends_no_auth_header_and_without_tools_no_tools(
+    llm: OpenAIStub,
+) -> None:
+    await collect(openai(llm, tools=False))
+    [seen] = llm.requests
+    assert "Authorization" not in seen.headers
+    assert "tools" not in seen.body
+    assert seen.body["stream"] is True
+
+
+async def test_openai_text_is_yielded_while_the_server_still_streams(llm: OpenAIStub) -> None:
+    text = "We open at nine. We close at five. On Sundays we are closed."
+    llm.script(Script(text, tokens_per_s=50))
+    backend = openai(llm)
+    chunks: list[Chunk] = []
+    finished_at_first_chunk: list[float | None] = []
+    try:
+        async for chunk in backend.reply("call-1", HISTORY):
+            if not chunks:
+                finished_at_first_chunk.append(llm.streams[0].finished_at)
+            chunks.append(chunk)
+    finally:
+        await backend.aclose()
+    assert finished_at_first_chunk == [None]  # the stub had not finished yet
+    assert text_of(chunks) == text
+    assert len(chunks) == len(stubs.tokens(text))  # one chunk per token, no buffering
+
+
+async def test_openai_tool_calls_are_assembled_from_streamed_fragments(llm: OpenAIStub) -> None:
+    llm.script(
+        Script(
+            "Transferring you now.",
+            tool_calls=[("transfer", {"number": "+15557654321"}), ("end_call", {})],
+        )
+    )
+    chunks = await collect(openai(llm))
+    assert text_of(chunks) == "Transferring you now."
+    assert chunks[-2:] == [
+        ToolCall("transfer", {"number": "+15557654321"}),
+        ToolCall("end_call", {}),
+    ]
+    # the arguments really came in pieces of four characters
+    fragments = [
+        c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+        for c in stubs.completion_chunks("m", Script(tool_calls=[("transfer", {"number": "+1"})]))
+        if "tool_calls" in c["choices"][0]["delta"]
+    ]
+    assert fragments == ["", '{"nu', "mber", '": "', '+1"}']
+
+
+async def test_openai_tool_calls_without_index_each_start_a_new_call(llm: OpenAIStub) -> None:
+    def event(delta: dict[str, Any]) -> str:
+        return f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+
+    llm.script(
+        Script(
+            raw=[
+                event({"content": "Bye."}),
+                event({"tool_calls": [{"id": "a", "function": {"name": "end_call"}}]}),
+                event(
+                    {
+                        "tool_calls": [
+                            {"id": "b", "function": {"name": "transfer", "arguments": '{"num'}}
+                        ]
+                    }
+                ),
+                event({"tool_calls": [{"function": {"arguments": 'ber": "+1555"}'}}]}),
+                "data: [DONE]\n\n",
+            ]
+        )
+    )
+    chunks = await collect(openai(llm))
+    assert chunks == ["Bye.", ToolCall("end_call", {}), ToolCall("transfer", {"number": "+1555"})]
+
+
+async def test_openai_tolerates_crlf_comments_and_a_missing_done(llm: OpenAIStub) -> None:
+    llm.script(Script("Line endings do not matter.", crlf=True))
+    assert text_of(await collect(openai(llm))) == "Line endings do not matter."
+    llm.script(
+        Script(
+            raw=[
+                ": ping\n\n",
+                "event: message\n",
+                'data: {"choices": [{"delta": {"content": "No done"}}]}\n\n',
+                'data: {"choices": [], "usage": {"total_tokens": 3}}\n\n',
+                'data: {"choices": [{"delta": {"content": " marker."}}]}',  # no blank line, EOF
+            ]
+        )
+    )
+    assert text_of(await collect(openai(llm))) == "No done marker."
+
+
+async def test_openai_answer_that_is_not_streamed_is_accepted(llm: OpenAIStub) -> None:
+    llm.script(Script("All at once.", tool_calls=[("end_call", {})], whole=True))
+    assert await collect(openai(llm)) == ["All at once.", ToolCall("end_call", {})]
+
+
+async def test_openai_malformed_tool_arguments_drop_the_arguments_not_the_reply(
+    llm: OpenAIStub,
+) -> None:
+    llm.script(
+        Script(
+            raw=[
+                'data: {"choices": [{"delta": {"content": "Okay."}}]}\n\n',
+                'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": '
+                '{"name": "transfer", "arguments": "{\\"number\\": "}}]}}]}\n\n',
+                "data: [DONE]\n\n",
+            ]
+        )
+    )
+    assert await collect(openai(llm)) == ["Okay.", ToolCall("transfer", {})]
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+async def test_openai_error_status_raises_with_status_and_server_message(
+    llm: OpenAIStub, status: int
+) -> None:
+    llm.script(Script(status=status, error_message=f"Something is wrong ({status})."))
+    with pytest.raises(BackendError) as info:
+        await collect(openai(llm, key=KEY))
+    assert str(info.value) == f"openai backend: HTTP {status}: Something is wrong ({status})."
+
+
+async def test_openai_malformed_stream_line_raises_after_the_good_text(llm: OpenAIStub) -> None:
+    llm.script(
+        Script(
+            raw=[
+                'data: {"choices": [{"delta": {"content": "Fine so far."}}]}\n\n',
+                "data: {this is not json\n\n",
+            ]
+        )
+    )
+    backend = openai(llm)
+    got: list[Chunk] = []
+    with pytest.raises(BackendError, match="malformed stream event"):
+        try:
+            async for chunk in backend.reply("call-1", HISTORY):
+                got.append(chunk)
+        finally:
+            await backend.aclose()
+    assert got == ["Fine so far."]
+
+
+async def test_openai_error_object_in_the_stream_raises(llm: OpenAIStub) -> None:
+    llm.script(Script(raw=['data: {"error": {"message": "model overloaded"}}\n\n']))
+    with pytest.raises(BackendError, match="error in stream: model overloaded"):
+        await collect(openai(llm))
+
+
+async def test_openai_connection_refused_raises_a_backend_error_without_the_key() -> None:
+    with pytest.raises(BackendError) as info:
+        await collect(openai(refused_url() + "/v1", key=KEY))
+    assert "ClientConnectorError" in str(info.value)
+    assert KEY not in str(info.value) and KEY not in repr(info.value)
+
+
+async def test_openai_key_echoed_by_the_server_never_reaches_the_exception(
+    llm: OpenAIStub,
+) -> None:
+    llm.script(Script(status=401, error_message=f"Incorrect API key provided: {KEY}."))
+    backend = openai(llm, key=KEY)
+    assert KEY not in repr(backend) and KEY not in str(vars(backend))
+    with pytest.raises(BackendError) as info:
+        await collect(backend)
+    text = f"{info.value} {info.value!r} {info.value.__cause__!r} {info.value.args}"
+    assert "HTTP 401" in text and "Incorrect API key provided: ***" in text
+    assert KEY not in text and "Authorization" not in text and "Bearer" not in text
+
+
+async def test_openai_cancelling_the_reply_closes_the_stream(llm: OpenAIStub) -> None:
+    llm.script(Script("word " * 200, tokens_per_s=20))
+    backend = openai(llm)
+    try:
+        await first_chunk_then_cancel(backend)
+        await asyncio.wait_for(llm.streams[0].closed_early.wait(), 5)
+    finally:
+        await backend.aclose()
+    assert llm.streams[0].sent < llm.streams[0].planned
+
+
+async def test_openai_silent_server_times_out_after_timeout_s(llm: OpenAIStub) -> None:
+    llm.script(Script("too late", first_token_s=30))
+    with pytest.raises(TimeoutError):
+        await collect(openai(llm, timeout_s=0.2))
+    await asyncio.wait_for(llm.streams[0].closed_early.wait(), 5)
+
+
+async def test_openai_reuses_its_session_and_aclose_releases_it(llm: OpenAIStub) -> None:
+    backend = openai(llm)
+    assert text_of([c async for c in backend.reply("a", HISTORY)]) == "Hello from the stub."
+    session = backend._http
+    assert text_of([c async for c in backend.reply("b", HISTORY)]) == "Hello from the stub."
+    assert backend._http is session and session is not None
+    await backend.aclose()
+    assert session.closed
+
+
+# ---- http ---------------------------------------------------------------------------------------
+
+
+def http(stub: HttpStub | str, *, key: str | None = None, timeout_s: float = 5.0) -> HttpBackend:
+    url = stub if isinstance(stub, str) else stub.reply_url
+    return HttpBackend(url=url, api_key=Secret(key) if key else None, timeout_s=timeout_s)
+
+
+async def test_http_request_has_call_id_last_text_and_history(service: HttpStub) -> None:
+    await collect(http(service, key=KEY))
+    await collect(http(service))
+    with_key, without = service.requests
+    assert with_key.headers["Authorization"] == f"Bearer {KEY}"
+    assert "Authorization" not in without.headers
+    assert with_key.body == {
+        "call_id": "call-1",
+        "text": "What are your opening hours?",
+        "history": [{"role": r, "content": t} for r, t in HISTORY],
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"text": "Nine to five."}, ["Nine to five."]),
+        ({"text": "Goodbye.", "action": "end_call"}, ["Goodbye.", ToolCall("end_call")]),
+        (
+            {"text": "One moment.", "action": {"transfer": "+15557654321"}},
+            ["One moment.", ToolCall("transfer", {"number": "+15557654321"})],
+        ),
+        (
+            {"tool": {"name": "transfer", "arguments": {"number": "+1555"}}},
+            [ToolCall("transfer", {"number": "+1555"})],
+        ),
+        ({}, []),
+    ],
+)
+async def test_http_json_answers(
+    service: HttpStub, answer: dict[str, Any], expected: list[Chunk]
+) -> None:
+    service.script(HttpReply("json", [answer]))
+    assert await collect(http(service)) == expected
+
+
+async def test_http_sse_answer_mixes_text_chunks_and_objects(service: HttpStub) -> None:
+    service.script(
+        HttpReply(
+            "sse",
+            ["We open ", '" at nine."', {"text": " Bye.", "action": "end_call"}, "[DONE]"],
+        )
+    )
+    assert await collect(http(service)) == ["We open ", " at nine.", " Bye.", ToolCall("end_call")]
+
+
+async def test_http_ndjson_answer(service: HttpStub) -> None:
+    service.script(
+        HttpReply(
+            "ndjson",
+            [{"text": "Let me "}, {"text": "transfer you."}, {"action": {"transfer": "+1555"}}],
+        )
+    )
+    chunks = await collect(http(service))
+    assert chunks == ["Let me ", "transfer you.", ToolCall("transfer", {"number": "+1555"})]
+
+
+async def test_http_plain_text_answer(service: HttpStub) -> None:
+    service.script(HttpReply("text", ["Just text."]))
+    assert await collect(http(service)) == ["Just text."]
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (
+            HttpReply("json", [{"detail": "index not ready"}], status=503),
+            "HTTP 503: index not ready",
+        ),
+        (HttpReply("json", [{"text": 5}]), "'text' must be a string"),
+        (HttpReply("json", [{"action": {"dance": 1}}]), "'action' must be"),
+        (HttpReply("json", [["not", "an", "object"]]), "expected a JSON object, got list"),
+        (HttpReply("ndjson", ["a string line"]), "expected a JSON object, got str"),
+        (HttpReply("text", ["<html>oops</html>"], status=502), "HTTP 502: <html>oops</html>"),
+    ],
+)
+async def test_http_errors_say_what_is_wrong(
+    service: HttpStub, reply: HttpReply, message: str
+) -> None:
+    service.script(reply)
+    with pytest.raises(BackendError, match=message):
+        await collect(http(service))
+
+
+async def test_http_key_never_reaches_the_exception(service: HttpStub) -> None:
+    service.script(HttpReply("json", [{"error": f"bad token {KEY}"}], status=401))
+    with pytest.raises(BackendError) as info:
+        await collect(http(service, key=KEY))
+    assert str(info.value) == "http backend: HTTP 401: bad token ***"
+    with pytest.raises(BackendError) as refused:
+        await collect(http(refused_url() + "/reply", key=KEY))
+    assert KEY not in str(refused.value)
+
+
+async def test_http_cancelling_an_sse_reply_closes_the_stream(service: HttpStub) -> None:
+    service.script(HttpReply("sse", [f"word {i}. " for i in range(100)], per_s=20))
+    backend = http(service)
+    try:
+        await first_chunk_then_cancel(backend)
+        await asyncio.wait_for(service.streams[0].closed_early.wait(), 5)
+    finally:
+        await backend.aclose()
+
+
+# ---- python ------------------------------------------------------------------------------------
+
+
+async def test_python_async_function_gets_call_id_and_a_list_history() -> None:
+    chunks = await collect(PythonBackend(target="tests.stubs:py_whole"))
+    assert chunks == ["Python heard: What are your opening hours?. It has 3 messages."]
+    assert await collect(PythonBackend(target="tests.stubs:py_nothing")) == []
+
+
+async def test_python_async_generator_streams_text_and_tool_calls() -> None:
+    chunks = await collect(PythonBackend(target="tests.stubs:py_stream"))
+    assert chunks == ["Thanks for ", "calling. ", "Goodbye!", ToolCall("end_call")]
+
+
+async def test_python_generator_is_closed_when_the_reply_is_cancelled() -> None:
+    backend = PythonBackend(target="tests.stubs:py_endless")
+    stubs.PY_CLOSED.clear()
+    await first_chunk_then_cancel(backend)
+    assert stubs.PY_CLOSED == ["call-1"]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("tests.no_such_module:fn", "cannot import 'tests.no_such_module': ModuleNotFoundError"),
+        ("tests.stubs:no_such_function", "'tests.stubs:no_such_function': no attribute"),
+        ("tests.stubs:not_callable", "is not callable (it is a int)"),
+        ("tests.stubs", "expected 'module:function'"),
+        ("tests.stubs:", "expected 'module:function'"),
+    ],
+)
+def test_python_bad_target_is_refused_at_construction(target: str, message: str) -> None:
+    with pytest.raises(BackendConfigError) as info:
+        PythonBackend(target=target)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "message"),
+    [
+        ("tests.stubs:py_sync", BackendError, "must be an async function or an async generator"),
+        ("tests.stubs:py_bad_chunk", BackendError, "yielded a int; expected str or ToolCall"),
+        ("tests.stubs:py_raises", RuntimeError, "the knowledge base is down"),
+    ],
+)
+async def test_python_misbehaving_function_fails_the_reply(
+    target: str, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        await collect(PythonBackend(target=target))
+
+
+# ---- make_backend -------------------------------------------------------------------------------
+
+
+def config_for(**backend: Any) -> Any:
+    return load(None, env={}, overrides={"voipbin": {"accesskey": "vb_test"}, "backend": backend})
+
+
+async def test_make_backend_builds_every_kind(llm: OpenAIStub) -> None:
+    built = make_backend(
+        config_for(kind="openai", base_url=llm.base_url, api_key=KEY, model="m", tools=False)
+    )
+    assert isinstance(built, OpenAIBackend)
+    assert built.url == f"{llm.base_url}/chat/completions" and not built.tools
+    assert text_of(await collect(built)) == "Hello from the stub."
+    assert llm.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+    assert isinstance(make_backend(config_for(kind="http", url="http://x/y")), HttpBackend)
+    python = make_backend(config_for(kind="python", callable="tests.stubs:py_whole"))
+    assert isinstance(python, PythonBackend)
+
+
+def test_make_backend_reports_an_unimportable_callable_as_a_config_error() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^backend\.callable: cannot import 'nope_pkg\.mod': ModuleNotFoundError"
+    ):
+        make_backend(config_for(kind="python", callable="nope_pkg.mod:fn"))

@@ -1,0 +1,274 @@
+"""Whole conversations: the simulator, a real daemon, and stub backends over loopback.
+
+The OpenAI stub and the simulator both stamp events with `time.monotonic()`, so a test can say
+"the first /say reached VoIPBIN before the model had finished". Nothing here sleeps to wait:
+tests wait on the simulator's state, the stub's events, or the daemon going idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from agentd.call import DEFAULT_GREETING
+from agentd.daemon import Daemon
+from agentd.sim import Caller, Simulator, Utterance
+from agentd.sim.records import Request
+from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+SYSTEM = "You are a test agent."
+FALLBACK = "Sorry, one moment please."
+NUMBER = "+15557654321"
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[OpenAIStub]:
+    async with OpenAIStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[HttpStub]:
+    async with HttpStub() as stub:
+        yield stub
+
+
+def openai_config(llm: OpenAIStub, **extra: Any) -> dict[str, Any]:
+    """[backend] for the stub, built by make_backend like a real config."""
+    return {"kind": "openai", "base_url": llm.base_url, "model": "stub-model", **extra}
+
+
+async def start(agent: StartAgent, backend: dict[str, Any], **agent_keys: Any) -> Daemon:
+    return await agent(
+        agent={"system_prompt": SYSTEM, "fallback_text": FALLBACK, **agent_keys}, backend=backend
+    )
+
+
+async def finish(sim: Simulator, daemon: Daemon, call_id: str) -> None:
+    """Wait for the call to end and the daemon to clean it up."""
+    await sim.wait_call_status(call_id, "hangup", timeout=15)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+def says(sim: Simulator) -> list[Request]:
+    return sim.requests_matching("POST", r"/speakings/[^/]+/say$")
+
+
+def heard(sim: Simulator, call_id: str) -> list[str]:
+    """What the caller heard from the agent so far."""
+    return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
+
+
+def agent_lines(sim: Simulator, call_id: str) -> list[str]:
+    """What the caller heard from the agent, after the greeting."""
+    lines = heard(sim, call_id)
+    assert lines[0] == DEFAULT_GREETING
+    return lines[1:]
+
+
+async def test_first_sentence_is_spoken_before_the_model_has_finished(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent
+) -> None:
+    reply = "Sure, I can help. Your order shipped yesterday. It should arrive on Friday."
+    llm.script(Script(reply, first_token_s=0.05, tokens_per_s=30))
+    daemon = await start(agent, openai_config(llm))
+    # the caller stays on the line while the model pauses between sentences; we hang up
+    caller = Caller([Utterance("where is my order")], hangup_after_s=None)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_for(  # the greeting and the 3 sentences, played to the end
+        lambda: len([li for li in sim.get_call(call_id).conversation if li.t_end]) == 5, 10
+    )
+    await sim.hangup(call_id)
+    await finish(sim, daemon, call_id)
+
+    [stream] = llm.streams
+    assert stream.finished_at is not None and not stream.closed_early.is_set()
+    reply_says = [r for r in says(sim) if r.body["text"] in reply]
+    assert reply_says[0].body["text"] == "Sure, I can help."
+    assert reply_says[0].t < stream.finished_at  # spoken while the model was still writing
+    assert " ".join(agent_lines(sim, call_id)) == reply
+    # the request the model got: system prompt, greeting, the caller
+    assert llm.requests[0].messages == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "assistant", "content": DEFAULT_GREETING},
+        {"role": "user", "content": "where is my order"},
+    ]
+
+
+# a reply generated faster than it plays (100 tokens/s vs 400 chars/s of audio), long enough
+# that the caller interrupts it while audio is still playing and the model still writing
+LONG = " ".join(
+    f"Product number {i} is a fine choice for most of our customers." for i in range(30)
+)
+
+
+@pytest.mark.parametrize("tts", ["gcp", "elevenlabs"])
+async def test_barge_in_closes_the_stream_and_history_keeps_only_what_was_heard(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent, tts: str
+) -> None:
+    first = "We are open from nine to five."
+    llm.script(
+        Script(first),
+        Script(LONG, tokens_per_s=100),
+        Script("Okay, I will stop."),
+    )
+    daemon = await start(agent, openai_config(llm), tts_provider=tts)
+    caller = Caller(
+        [
+            Utterance("what are your hours"),
+            Utterance("tell me about your products"),
+            Utterance("no wait stop", barge_in_after_s=0.2),
+        ],
+        hangup_after_s=0.05,
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await finish(sim, daemon, call_id)
+
+    # (2) the stub saw its stream closed before the end
+    long_stream = llm.streams[1]
+    await asyncio.wait_for(long_stream.closed_early.wait(), 5)
+    assert long_stream.finished_at is None and long_stream.sent < long_stream.planned
+    # ... the audio was cut (flush on gcp, stop + a new session on ElevenLabs) ...
+    cut_path = r"/flush$" if tts == "gcp" else r"/speakings/[^/]+/stop$"
+    long_says = [r for r in says(sim) if r.body["text"] in LONG]
+    cut = [r for r in sim.requests_matching("POST", cut_path) if r.t > long_says[0].t][0]
+    # ... and nothing of that reply was said after the cut; the next reply was
+    assert all(r.t < cut.t for r in long_says)
+    assert says(sim)[-1].body["text"] == "Okay, I will stop." and says(sim)[-1].t > cut.t
+    assert any(li.cut for li in sim.get_call(call_id).conversation)
+
+    # (3) turn 3 was asked with turns 1-2, the interrupted reply cut to what was heard
+    assert len(llm.requests) == 3
+    messages = llm.requests[2].messages
+    assert messages[:5] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "assistant", "content": DEFAULT_GREETING},
+        {"role": "user", "content": "what are your hours"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "tell me about your products"},
+    ]
+    assert [m["role"] for m in messages[5:]] == ["assistant", "user"]
+    kept = messages[5]["content"].removesuffix(" —")
+    assert kept and LONG.startswith(kept) and len(kept) < len(LONG) / 2
+    assert messages[6] == {"role": "user", "content": "no wait stop"}
+
+
+def _goodbye(kind: str, llm: OpenAIStub, service: HttpStub) -> dict[str, Any]:
+    """A backend of `kind` whose reply is the goodbye followed by `end_call`."""
+    text = "Thank you for calling. Goodbye!"
+    if kind == "openai":
+        llm.script(Script(text, tool_calls=[("end_call", {})], tokens_per_s=200))
+        return openai_config(llm)
+    if kind == "http":
+        service.script(
+            HttpReply("sse", ["Thank you ", "for calling. ", "Goodbye!", {"action": "end_call"}])
+        )
+        return {"kind": "http", "url": service.reply_url}
+    return {"kind": "python", "callable": "tests.stubs:py_stream"}  # yields the same goodbye
+
+
+@pytest.mark.parametrize("kind", ["openai", "http", "python"])
+async def test_end_call_says_goodbye_then_agentd_hangs_up(
+    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent, kind: str
+) -> None:
+    daemon = await start(agent, _goodbye(kind, llm, service))
+    # this caller never hangs up: only agentd can end the call
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("that is all thanks")], hangup_after_s=None)
+    )
+    await finish(sim, daemon, call_id)
+
+    goodbye = " ".join(agent_lines(sim, call_id))
+    assert goodbye in ("Thank you for calling. Goodbye!", "Thanks for calling. Goodbye!")
+    [hangup] = sim.requests_matching("POST", rf"/calls/{call_id}/hangup$")
+    assert hangup.t > says(sim)[-1].t
+    assert [r.what for r in daemon.records].count("action") == 1
+
+
+@pytest.mark.parametrize("kind", ["openai", "http"])
+async def test_transfer_tool_transfers_the_call_to_the_number(
+    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent, kind: str
+) -> None:
+    if kind == "openai":
+        llm.script(Script("Let me connect you.", tool_calls=[("transfer", {"number": NUMBER})]))
+        backend = openai_config(llm)
+    else:
+        service.script(
+            HttpReply("ndjson", [{"text": "Let me connect you."}, {"action": {"transfer": NUMBER}}])
+        )
+        backend = {"kind": "http", "url": service.reply_url}
+    daemon = await start(agent, backend)
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("a human please")], hangup_after_s=None)
+    )
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/transfers$")), 10)
+    [transfer] = sim.requests_matching("POST", r"/transfers$")
+    assert transfer.status == 200
+    assert transfer.body["transferer_call_id"] == call_id
+    assert transfer.body["transferee_addresses"] == [{"type": "tel", "target": NUMBER}]
+    assert transfer.t > says(sim)[-1].t  # after "Let me connect you."
+    assert agent_lines(sim, call_id) == ["Let me connect you."]
+    # agentd's part is over: its sessions end while the caller talks to the human
+    await sim.wait_for(lambda: any(r.what == "transferred" for r in daemon.records), 5)
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_backend_slower_than_timeout_gets_the_fallback_and_the_next_turn_works(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent
+) -> None:
+    llm.script(Script("Too late.", first_token_s=30), Script("Now I am quick."))
+    daemon = await start(agent, openai_config(llm, timeout_s=0.5))
+    caller = Caller([Utterance("hello there"), Utterance("are you there")])
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await finish(sim, daemon, call_id)
+
+    assert agent_lines(sim, call_id) == [FALLBACK, "Now I am quick."]
+    await asyncio.wait_for(llm.streams[0].closed_early.wait(), 5)  # we hung up on the model
+    failed = [r for r in daemon.records if r.what == "backend_failed"]
+    assert [r.data["error"] for r in failed] == ["backend timed out"]
+    # the fallback is in the history the model sees next, as said
+    assert llm.requests[1].messages[-3:] == [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": FALLBACK},
+        {"role": "user", "content": "are you there"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Script(status=500, error_message="upstream exploded"),
+        Script(status=401, error_message="Incorrect API key provided: sk-conv-test-1234."),
+        Script(raw=["data: {not json\n\n"]),
+    ],
+    ids=["500", "401", "malformed"],
+)
+async def test_backend_error_gets_the_fallback_and_the_next_turn_works(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent, failure: Script
+) -> None:
+    llm.script(failure, Script("Back in business."))
+    daemon = await start(agent, openai_config(llm, api_key="sk-conv-test-1234"))
+    caller = Caller([Utterance("hello there"), Utterance("try again")])
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await finish(sim, daemon, call_id)
+
+    assert agent_lines(sim, call_id) == [FALLBACK, "Back in business."]
+    [failed] = [r for r in daemon.records if r.what == "backend_failed"]
+    error = str(failed.data["error"])
+    assert "BackendError" in error and "sk-conv-test-1234" not in error
+    if failure.status != 200:
+        assert f"HTTP {failure.status}" in error
+
+
+async def test_python_backend_answers_from_the_callable(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await start(agent, {"kind": "python", "callable": "tests.stubs:py_whole"})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("is it raining")]))
+    await finish(sim, daemon, call_id)
+    # the function got the system prompt, the greeting and the caller's line
+    said = " ".join(agent_lines(sim, call_id))
+    assert said == "Python heard: is it raining. It has 3 messages."
