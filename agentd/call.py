@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from agentd.commands import (
     AskBackend,
@@ -61,6 +61,7 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepSpeakings,
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
@@ -215,6 +216,7 @@ class Call:
         self._watch_delay = settings.watch_s
         self._last_caller = 0.0  # last sign of caller speech
         self._reprompts = 0
+        self._restored = False  # rebuilt from the store after a restart
 
     # ---- entry point -------------------------------------------------------------------------
 
@@ -345,6 +347,10 @@ class Call:
             cmds += self._stop("speaking", self.speaking_id)
         if self.transcribe_id and self.transcribe == "active":
             cmds += self._stop("transcribe", self.transcribe_id)
+        if self._restored:
+            # a session created just before the crash may never have told us its id
+            self._restored = False
+            cmds.append(SweepSpeakings(self.id))
         if self.speaking != "starting":
             self.speaking = "none"
         if self.transcribe != "starting":
@@ -397,6 +403,9 @@ class Call:
         if event.status == 409:
             # one transcribe per call and language: the number's flow may have started it already
             return [FindTranscribe(self.id, s.language)]
+        if event.status == 404 and event.reason == "not found":
+            # looked for a running one (after a 409 or a restart): there is none, start one
+            return [StartTranscribe(self.id, s.language, s.stt_provider)]
         self._attempts["transcribe"] += 1
         self.transcribe = "none"
         if self._attempts["transcribe"] >= s.max_attempts:
@@ -459,6 +468,10 @@ class Call:
             self.speaking = "none"
             return self._maybe_finished()
         self.speaking = "none"
+        if event.speaking_id and event.speaking_id == self.speaking_id and event.status == 404:
+            # the session we knew is gone (after a restart, or stopped behind our back)
+            self.speaking_id = None
+            return self._restart_speaking()
         self._attempts["speaking"] += 1
         if self._attempts["speaking"] >= self.settings.max_attempts:
             return [
@@ -791,15 +804,97 @@ class Call:
             action, self._after_reply = self._after_reply, ""
             if action.startswith("transfer:"):
                 return [Transfer(self.id, action.partition(":")[2])]
-            return [Hangup(self.id)]
+            return self._hang_up_now()
         return []
 
-    def shutdown(self) -> list[Command]:
-        """The daemon is stopping: hang up and stop every session (nothing is left billing)."""
+    def shutdown(self, now: float, goodbye: str = "") -> list[Command]:
+        """The daemon is stopping for good: say `goodbye`, hang up, stop every session."""
         if self.phase.over:
             return []
+        if goodbye and self.speaking == "active" and self.phase.live:
+            return self._goodbye(goodbye, now)
+        return self._hang_up_now()
+
+    def _hang_up_now(self) -> list[Command]:
+        """Hang up and stop the sessions without waiting for VoIPBIN's hangup event."""
         self.phase = Phase.ENDING
-        return [Hangup(self.id), *self._begin_end(), *self._maybe_finished()]
+        return [
+            Hangup(self.id),
+            *self._begin_end(),
+            *self._record_hangup("local", "normal"),
+            *self._maybe_finished(),
+        ]
+
+    @property
+    def replying(self) -> bool:
+        """A reply is being prepared, or sentences wait for a speaking session."""
+        return self.reply == "thinking" or bool(self._queued)
+
+    # ---- surviving a restart ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What must survive a restart (the store's CallRecord fields)."""
+        return {
+            "call_id": self.id,
+            "direction": self.direction,
+            "phase": self.phase.value,
+            "status": self.status,
+            "transcribe_id": self.transcribe_id,
+            "speaking_id": self.speaking_id,
+            "pending_stops": tuple((kind, sid) for sid, (kind, _) in self.pending_stops.items()),
+            "greeted": self.greeted,
+            "turn": self.turn,
+            "history": tuple((m.role, m.text) for m in self.history),
+            "hangup_reason": self.hangup_reason,
+            "seen_transcripts": tuple(self._seen)[-200:],
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], settings: CallSettings) -> Call:
+        """Rebuild a call from its snapshot; `resume()` then finds out what is still true."""
+        call = cls(str(data["call_id"]), settings, direction=str(data.get("direction", "")))
+        call.phase = Phase(data["phase"])
+        call.status = str(data.get("status", ""))
+        call.hangup_reason = str(data.get("hangup_reason", ""))
+        call.transcribe_id = data.get("transcribe_id")
+        call.speaking_id = data.get("speaking_id")
+        call.pending_stops = {sid: (kind, 1) for kind, sid in data.get("pending_stops", ())}
+        call.greeted = bool(data.get("greeted"))
+        call.turn = int(data.get("turn", 0))
+        users = 0
+        call.history = []
+        for role, text in data.get("history", ()):
+            users += role == "user"
+            call.history.append(Msg(role, text, users))
+        for tid in data.get("seen_transcripts", ()):
+            call._seen_before(tid)
+        call._restored = True
+        return call
+
+    def resume(self, now: float) -> list[Command]:
+        """After a restart: re-check the call, re-send unconfirmed stops, re-attach sessions."""
+        self._last_heard = now
+        cmds: list[Command] = [
+            CheckCall(self.id),
+            StartTimer(self.id, "watch", self.settings.watch_s),
+        ]
+        for sid, (kind, _) in self.pending_stops.items():
+            cmds.append(
+                StopSpeaking(self.id, sid) if kind == "speaking" else StopTranscribe(self.id, sid)
+            )
+        if not self.phase.live:
+            return cmds + self._maybe_finished()
+        s = self.settings
+        # a session we created may be gone (VoIPBIN restarted it, or it was stopped): verify
+        self.speaking = "initiating" if self.speaking_id else "starting"
+        cmds.append(
+            PollSpeaking(self.id, self.speaking_id)
+            if self.speaking_id
+            else StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)
+        )
+        self.transcribe = "starting"
+        cmds.append(FindTranscribe(self.id, s.language))
+        return [*cmds, StartTimer(self.id, "max_call", s.max_call_s), *self._arm_silence(now)]
 
     def check(self) -> list[Command]:
         """Reconcile after a gap in the event stream: ask VoIPBIN how the call is."""

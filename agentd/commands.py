@@ -125,6 +125,14 @@ class Hangup:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepSpeakings:
+    """Stop every live speaking session on the call (ids we may never have learned)."""
+
+    call_id: str
+    lane: Lane = "speaking"
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """POST /transfers: hand the caller over to a human (blind transfer)."""
 
@@ -178,6 +186,7 @@ Command = (
     | Say
     | Flush
     | StopSpeaking
+    | SweepSpeakings
     | AskBackend
     | CancelBackend
     | Hangup

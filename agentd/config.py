@@ -77,7 +77,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     },
     "store": {"path": (str, "agentd.db")},
     "log": {"level": (str, "info"), "format": (str, "auto")},
-    "daemon": {"drain_s": ((int, float), 10.0)},
+    "daemon": {
+        "drain_s": ((int, float), 10.0),
+        "stop_sessions_on_shutdown": (bool, False),
+        "shutdown_goodbye": (str, "Sorry, I have to end the call now. Goodbye!"),
+    },
 }
 _CHOICES = {
     ("agent", "barge_in"): ("speech", "transcript", "off"),
@@ -124,6 +128,7 @@ class Config:
     log_level: str
     log_format: str
     drain_s: float
+    daemon: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     raw: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
@@ -306,6 +311,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         log_level=get("log", "level"),
         log_format=get("log", "format"),
         drain_s=float(get("daemon", "drain_s")),
+        daemon={k: get("daemon", k) for k in _SCHEMA["daemon"]},
         source=source,
         raw=m,
     )

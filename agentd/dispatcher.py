@@ -32,6 +32,7 @@ from agentd.events import (
 log = structlog.get_logger("agentd.dispatcher")
 
 Execute = Callable[[str, list[Command]], None]
+OnStep = Callable[[Call, "Event | Result"], None]
 
 
 def normalise_number(number: str) -> str:
@@ -50,7 +51,11 @@ class Dispatcher:
         *,
         numbers: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
+        on_step: OnStep | None = None,
+        on_finished: Callable[[Call | None, str], None] | None = None,
     ) -> None:
+        self.on_step = on_step
+        self.on_finished = on_finished
         self.settings = settings
         self.execute = execute
         self.numbers = {normalise_number(n) for n in numbers}
@@ -70,6 +75,7 @@ class Dispatcher:
         }
         self.last_event_at: float | None = None
         self._idle: asyncio.Event | None = None
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # ---- input ---------------------------------------------------------------------------
 
@@ -144,6 +150,9 @@ class Dispatcher:
             except Exception:  # a bug in one call must not stop the others
                 log.exception("call.crashed", event=type(event).__name__)
                 return
+        if self.on_step is not None:
+            self.on_step(call, event)
+        self._check_waiters()
         known = call.transcribe_id
         if known is not None and self._by_transcribe.get(known) != call.id:
             self._by_transcribe[known] = call.id
@@ -168,8 +177,33 @@ class Dispatcher:
         while len(self._ended) > 10_000:
             self._ended.popitem(last=False)
         log.info("call.finished", call_id=call_id, live=len(self.calls))
+        if self.on_finished is not None:
+            self.on_finished(call, call_id)
+        self._check_waiters()
         if not self.calls and self._idle is not None:
             self._idle.set()
+
+    def adopt(self, call: Call) -> None:
+        """Take over a call restored from the store."""
+        self.calls[call.id] = call
+        if call.transcribe_id:
+            self._by_transcribe[call.transcribe_id] = call.id
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds; re-checked after every step."""
+        if predicate():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, fut))
+        try:
+            await fut
+        finally:
+            self._waiters = [(p, f) for p, f in self._waiters if f is not fut]
+
+    def _check_waiters(self) -> None:
+        for predicate, fut in self._waiters:
+            if not fut.done() and predicate():
+                fut.set_result(None)
 
     async def wait_idle(self) -> None:
         """Return once no call is left."""

@@ -45,6 +45,7 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepSpeakings,
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
@@ -232,6 +233,21 @@ class Executor:
                     if e.status in (403, 404):
                         return CallGone()
                     log.warning("hangup.failed", error=str(e))
+                return None
+            case SweepSpeakings():
+                try:
+                    speakings = await c.list_speakings()
+                except ApiError as e:
+                    log.warning("sweep.failed", error=str(e))
+                    return None
+                for spk in speakings:
+                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in (
+                        "initiating",
+                        "active",
+                    ):
+                        sid = str(spk.get("id"))
+                        log.warning("sweep.stopping", speaking_id=sid)
+                        await _stop(c.stop_speaking(sid))
                 return None
             case Transfer():
                 try:

@@ -66,7 +66,7 @@ async def sim(sim_settings: SimSettings) -> AsyncIterator[Simulator]:
 
 
 @pytest.fixture
-async def agent(sim: Simulator) -> AsyncIterator[StartAgent]:
+async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
     """Start daemons against `sim`; at the end stop them and check nothing leaked."""
     running: list[tuple[Daemon, asyncio.Task[None]]] = []
 
@@ -74,7 +74,8 @@ async def agent(sim: Simulator) -> AsyncIterator[StartAgent]:
         base = {
             "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
             "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK},
-            "daemon": {"drain_s": 5.0},
+            "daemon": {"drain_s": 5.0, "stop_sessions_on_shutdown": True},
+            "store": {"path": str(tmp_path / f"agentd-{len(running)}.db")},
         }
         config = load(None, env={}, overrides=merge(base, sections))
         daemon = Daemon(config, backend=impl)

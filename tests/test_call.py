@@ -262,7 +262,8 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     cmds = step(call, ReplyDone(1, action="end_call"), 10)
     timer = [c for c in cmds if isinstance(c, StartTimer)][0]
     assert timer.delay_s == pytest.approx(0.8 + SETTINGS.playback_pad_s)
-    assert step(call, TimerFired("after_reply"), 12) == [Hangup(CID)]
+    cmds = step(call, TimerFired("after_reply"), 12)
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
 
 
 def test_transfer_after_the_reply_then_our_sessions_end() -> None:
@@ -278,9 +279,44 @@ def test_transfer_after_the_reply_then_our_sessions_end() -> None:
 
 def test_shutdown_hangs_up_and_stops_everything() -> None:
     call = answered()
-    cmds = call.shutdown()
+    cmds = call.shutdown(30)
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
-    assert call.shutdown() == []
+    assert call.shutdown(30) == []
+
+
+def test_shutdown_with_a_goodbye_says_it_first() -> None:
+    call = answered()
+    cmds = call.shutdown(30, "Bye now.")
+    assert kinds(cmds) == ["Say", "StartTimer"]
+    assert kinds(step(call, TimerFired("after_reply"), 32)) == [
+        "Hangup",
+        "StopSpeaking",
+        "StopTranscribe",
+    ]
+
+
+def test_snapshot_and_restore_resume_without_a_second_greeting() -> None:
+    call = answered()
+    call.handle(transcript("hello", "tr1"), 10)
+    call.handle(ReplySentence(1, "Hi."), 10)
+    call.handle(ReplyDone(1), 10)
+    again = Call.restore(call.snapshot(), SETTINGS)
+    cmds = [c for c in again.resume(100) if not isinstance(c, StartTimer)]
+    assert kinds(cmds) == ["CheckCall", "PollSpeaking", "FindTranscribe"]
+    assert step(again, SpeakingStarted("s1", "active"), 100.1) == []  # no second greeting
+    assert step(again, transcript("hello", "tr1"), 100.2) == []  # answered before the crash
+    assert kinds(step(again, transcript("more", "tr2"), 101)) == ["AskBackend"]
+
+
+def test_restored_call_that_ended_while_we_were_down_is_cleaned_up() -> None:
+    call = answered()
+    again = Call.restore(call.snapshot(), SETTINGS)
+    again.resume(100)
+    cmds = step(again, status("hangup", "normal", "remote"), 100.1)
+    # the speaking id is known; a session created just before the crash may not be: sweep
+    assert kinds(cmds) == ["StopSpeaking", "SweepSpeakings"]
+    assert step(again, Stopped("speaking", "s1", True), 100.2) == []
+    assert step(again, TranscribeFailed(404, "not found"), 100.3) == [Finished(CID)]
 
 
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
@@ -316,7 +352,8 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     cmds = call.handle(TimerFired("silence"), 22.9)
     assert Say(CID, "s1", settings.silence_goodbye, 0) in cmds
     timer = next(c for c in cmds if isinstance(c, StartTimer) and c.name == "after_reply")
-    assert call.handle(TimerFired("after_reply"), 22.9 + timer.delay_s) == [Hangup(CID)]
+    cmds = call.handle(TimerFired("after_reply"), 22.9 + timer.delay_s)
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
 
 
 def test_caller_speech_resets_the_silence_count() -> None:

@@ -23,6 +23,10 @@ greeting = "{greeting}"
 chars_per_s = {playback}
 [log]
 format = "json"
+[store]
+path = "{store}"
+[daemon]
+stop_sessions_on_shutdown = true
 """
 
 
@@ -48,6 +52,7 @@ def write_config(path: Path, sim: Simulator, greeting: str) -> None:
             number=OUR_NUMBER,
             greeting=greeting,
             playback=PLAYBACK,
+            store=path.parent / "agentd.db",
         )
     )
 

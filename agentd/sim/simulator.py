@@ -227,6 +227,10 @@ class Simulator:
             self._calls.hangup_remote(call)
         await self.wait_for(lambda: call.ended, timeout)
 
+    async def caller_says(self, call_id: str, text: str) -> None:
+        """Make the caller say ``text`` now, outside any script (speech events, transcript)."""
+        await self.speech.caller_says(self.world.calls[call_id], text)
+
     # -- HTTP -------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,97 @@
+"""Writes each call's state to the store as it changes, so a restart can pick the calls up again.
+
+The state machine stays pure: after each step the dispatcher shows the call to `Persister`, which
+compares a cheap fingerprint with the last one written and, if it changed, queues a save. Saves
+are ordered (one writer thread, FIFO) and never awaited on the event path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from agentd.call import Call, CallSettings
+from agentd.commands import Record
+from agentd.store import CallRecord, Store, StoreError
+
+log = structlog.get_logger("agentd.persist")
+
+
+def _fingerprint(call: Call) -> tuple[object, ...]:
+    last = call.history[-1].text if call.history else ""
+    return (
+        call.phase,
+        call.status,
+        call.transcribe_id,
+        call.speaking_id,
+        tuple(call.pending_stops),
+        call.greeted,
+        call.turn,
+        len(call.history),
+        last,
+        call.hangup_reason,
+    )
+
+
+class Persister:
+    """The bridge from live calls to the SQLite store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seen: dict[str, tuple[object, ...]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failures = 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except StoreError as exc:
+            # the call goes on; a restart may just not find the latest state of it
+            self.failures += 1
+            log.error("store.write_failed", error=str(exc))
+
+    def changed(self, call: Call) -> None:
+        """After a step: save the call if anything that must survive a restart changed."""
+        key = _fingerprint(call)
+        if self._seen.get(call.id) == key:
+            return
+        self._seen[call.id] = key
+        self._spawn(self.store.save_call(CallRecord(**call.snapshot())))
+
+    def record(self, record: Record) -> None:
+        """A fact about a call (turn timings, ended, barge-in, ...)."""
+        self._spawn(self.store.add_event(record.call_id, record.what, dict(record.data)))
+
+    def transcript(self, call_id: str, transcript_id: str, direction: str, text: str) -> None:
+        """A final transcript of the call."""
+        self._spawn(self.store.add_transcript(call_id, transcript_id, direction, text))
+
+    def finished(self, call: Call | None, call_id: str) -> None:
+        """Nothing is left to stop: the call is no longer live in the store."""
+        self._seen.pop(call_id, None)
+        reason = call.hangup_reason if call is not None else ""
+        self._spawn(self.store.end_call(call_id, reason))
+
+    async def restore(self, settings: CallSettings) -> list[Call]:
+        """The calls that were live when the last agentd stopped."""
+        calls = []
+        for rec in await self.store.live_calls():
+            call = Call.restore(
+                {f: getattr(rec, f) for f in CallRecord.__dataclass_fields__}, settings
+            )
+            self._seen[call.id] = _fingerprint(call)
+            calls.append(call)
+        return calls
+
+    async def flush(self) -> None:
+        """Wait for every queued write."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,140 @@
+"""Restarts: SIGKILL mid-call, the default SIGTERM that leaves calls for the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from agentd.sim import Caller, Simulator, Utterance
+from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+
+CONFIG = """
+[voipbin]
+api_url = "{api}"
+accesskey = "{key}"
+[agent]
+numbers = ["{number}"]
+chars_per_s = {playback}
+[store]
+path = "{store}"
+[log]
+format = "json"
+"""
+
+
+async def start(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentd",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "NOTIFY_SOCKET": ""},
+    )
+
+
+def subscribed(sim: Simulator) -> int:
+    return sum(1 for c in sim.ws_connections if c.subscriptions and not c.closed)
+
+
+def agent_lines(sim: Simulator, call_id: str) -> list[str]:
+    return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
+
+
+async def crash_and_restart(sim: Simulator, tmp_path: Path, kill: signal.Signals) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        CONFIG.format(
+            api=sim.api_url,
+            key=sim.accesskey,
+            number=OUR_NUMBER,
+            playback=PLAYBACK,
+            store=tmp_path / "agentd.db",
+        )
+    )
+    first = await start(config)
+    second = None
+    try:
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("before the restart")], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: "You said: before the restart." in agent_lines(sim, call_id), 10)
+        speaking = sim.requests_matching("POST", r"/speakings$")[0]
+        first.send_signal(kill)
+        assert await asyncio.wait_for(first.wait(), 15) == (-9 if kill == signal.SIGKILL else 0)
+        await sim.wait_for(lambda: subscribed(sim) == 0, 10)
+
+        second = await start(config)
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        # the restarted daemon re-checks the call and re-attaches to its sessions
+        await sim.wait_for(
+            lambda: (
+                len(sim.requests_matching("GET", rf"/calls/{call_id}$")) > 0
+                and len(sim.requests_matching("GET", r"/transcribes$")) > 0
+            ),
+            10,
+        )
+        await sim.caller_says(call_id, "after the restart")
+        await sim.wait_for(lambda: "You said: after the restart." in agent_lines(sim, call_id), 10)
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 10)
+        lines = agent_lines(sim, call_id)
+        assert lines.count("Hello, thank you for calling. How can I help you today?") == 1
+        assert lines.count("You said: before the restart.") == 1  # not answered twice
+        assert speaking.status == 201
+        # the session from before the restart was still good: no second one was created
+        assert len(sim.requests_matching("POST", r"/speakings$")) == 1
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+
+
+async def test_sigkill_mid_call_then_restart_resumes_the_conversation(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    await crash_and_restart(sim, tmp_path, signal.SIGKILL)
+
+
+async def test_sigterm_leaves_live_calls_for_the_next_start(sim: Simulator, tmp_path: Path) -> None:
+    await crash_and_restart(sim, tmp_path, signal.SIGTERM)
+
+
+async def test_a_call_that_ended_while_agentd_was_down_is_cleaned_up(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        CONFIG.format(
+            api=sim.api_url,
+            key=sim.accesskey,
+            number=OUR_NUMBER,
+            playback=PLAYBACK,
+            store=tmp_path / "agentd.db",
+        )
+    )
+    first = await start(config)
+    second = None
+    try:
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) == 1, 10)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        await sim.hangup(call_id)
+        assert sim.leaks()  # the speaking session bills on: nobody stopped it
+        second = await start(config)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
