@@ -40,6 +40,7 @@ from agentd.commands import (
     CancelBackend,
     CheckCall,
     Command,
+    FetchTranscripts,
     FindTranscribe,
     Finished,
     Flush,
@@ -151,6 +152,7 @@ class CallSettings:
     time_limit_goodbye: str = "We have reached the time limit for this call. Goodbye!"
     watch_s: float = 20.0  # ask VoIPBIN about a call we have heard nothing of for this long
     watch_max_s: float = 120.0
+    transcript_due_s: float = 3.0  # speech ended but no transcript yet: it may have been lost
 
     @property
     def cut(self) -> CutMethod:
@@ -217,6 +219,8 @@ class Call:
         self._last_caller = 0.0  # last sign of caller speech
         self._reprompts = 0
         self._restored = False  # rebuilt from the store after a restart
+        self._heard_words = False  # an interim came since the last speech boundary
+        self._transcript_due = False  # an utterance ended and its transcript has not come
 
     # ---- entry point -------------------------------------------------------------------------
 
@@ -555,6 +559,7 @@ class Call:
             return []
         cmds: list[Command] = []
         # the utterance began when its first speech event came; with none, when it arrived
+        self._transcript_due = False
         began = self._speech_since if self._speech_since is not None else now
         if now - began > 15.0:
             began = now  # speech that never became a transcript (a cough): not this utterance
@@ -579,6 +584,18 @@ class Call:
         s = self.settings
         if event.direction == "in" and self._speech_since is None and self.phase.live:
             self._speech_since = now
+        due: list[Command] = []
+        if event.direction == "in" and self.phase.live:
+            ended = event.kind == "ended" or (event.kind == "boundary" and self._heard_words)
+            self._heard_words = event.kind == "interim"
+            if ended:
+                # the utterance is over: its transcript should follow within a moment
+                self._transcript_due = True
+                due = [StartTimer(self.id, "transcript_due", s.transcript_due_s)]
+        return due + self._speech_barge_in(event, now)
+
+    def _speech_barge_in(self, event: SpeechEvent, now: float) -> list[Command]:
+        s = self.settings
         if (
             s.barge_in != "speech"
             or event.direction != "in"
@@ -740,7 +757,12 @@ class Call:
             return [StartTimer(self.id, "watch", s.watch_s - quiet)]
         # nothing heard for a while: ask, and ask less often while it stays quiet
         delay, self._watch_delay = self._watch_delay, min(self._watch_delay * 2, s.watch_max_s)
-        return [CheckCall(self.id), StartTimer(self.id, "watch", delay)]
+        return [CheckCall(self.id), *self._fetch_transcripts(), StartTimer(self.id, "watch", delay)]
+
+    def _fetch_transcripts(self) -> list[Command]:
+        if self.phase.live and self.transcribe_id and self.transcribe == "active":
+            return [FetchTranscripts(self.id, self.transcribe_id)]
+        return []
 
     def _on_transfer_done(self, event: TransferDone) -> list[Command]:
         if not event.ok:
@@ -794,6 +816,9 @@ class Call:
             return [StartTranscribe(self.id, s.language, s.stt_provider)]
         if name == "watch":
             return self._on_watch(now)
+        if name == "transcript_due" and self._transcript_due:
+            self._transcript_due = False
+            return self._fetch_transcripts()
         if name == "silence" and self.phase.live:
             return self._on_silence(now)
         if name == "max_call" and self.phase.live:

@@ -150,6 +150,15 @@ class CheckCall:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchTranscripts:
+    """GET /transcripts?transcribe_id=: read back transcripts whose events may have been lost."""
+
+    call_id: str
+    transcribe_id: str
+    lane: Lane = "call"
+
+
+@dataclass(frozen=True, slots=True)
 class StartTimer:
     """Feed `TimerFired(name)` back after `delay_s` (replaces a running timer of the same name)."""
 
@@ -192,6 +201,7 @@ Command = (
     | Hangup
     | Transfer
     | CheckCall
+    | FetchTranscripts
     | StartTimer
     | Record
     | Finished

@@ -25,6 +25,7 @@ from agentd.commands import (
     CancelBackend,
     CheckCall,
     Command,
+    FetchTranscripts,
     FindTranscribe,
     Finished,
     Flush,
@@ -52,7 +53,7 @@ from agentd.commands import (
     Transfer,
     TransferDone,
 )
-from agentd.events import CallEvent, Event, parse_object
+from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
 from agentd.secret import redact
 from agentd.sentences import SentenceBuffer, split_for_say
 from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
@@ -255,6 +256,17 @@ class Executor:
                 except ApiError as e:
                     return TransferDone(False, str(e))
                 return TransferDone(True)
+            case FetchTranscripts():
+                # transcripts whose events were lost; the call drops the ones it has seen
+                try:
+                    async for raw in c.transcripts(cmd.transcribe_id):
+                        parsed = parse_object(raw)
+                        event = getattr(parsed, "event", None)
+                        if isinstance(event, TranscriptEvent):
+                            self.feed(cmd.call_id, event)
+                except ApiError as e:
+                    log.warning("fetch_transcripts.failed", error=str(e))
+                return None
             case CheckCall():
                 try:
                     raw = await c.get_call(cmd.call_id)

@@ -11,6 +11,7 @@ from agentd.commands import (
     AskBackend,
     CancelBackend,
     CheckCall,
+    FetchTranscripts,
     FindTranscribe,
     Finished,
     Flush,
@@ -196,7 +197,8 @@ def test_short_or_echo_speech_does_not_cut_the_agent() -> None:
     step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
     assert step(call, SpeechEvent("a", "t1", "interim", "in", "uh"), 12) == []  # backchannel
     assert step(call, SpeechEvent("b", "t1", "interim", "in", "hello there"), 10.5) == []  # echo
-    assert step(call, SpeechEvent("c", "t1", "boundary", "in"), 12) == []  # tentative only
+    cmds = step(call, SpeechEvent("c", "t1", "boundary", "in"), 12)  # tentative only
+    assert [c for c in cmds if not isinstance(c, StartTimer)] == []
 
 
 def test_caller_speech_after_the_agent_finished_is_no_barge_in() -> None:
@@ -371,3 +373,23 @@ def test_the_time_limit_says_goodbye_and_hangs_up() -> None:
     assert CancelBackend(CID, 1) in cmds
     assert Say(CID, "s1", SETTINGS.time_limit_goodbye, 1) in cmds
     assert call.handle(ReplySentence(1, "More words."), SETTINGS.max_call_s + 0.1) == []
+
+
+def test_a_lost_transcript_is_fetched_when_speech_ended_without_one() -> None:
+    call = answered()
+    step(call, SpeechEvent("a", "t1", "boundary", "in"), 10)  # started
+    step(call, SpeechEvent("b", "t1", "interim", "in", "are you"), 10.3)
+    cmds = step(call, SpeechEvent("c", "t1", "boundary", "in"), 10.8)  # ended
+    assert cmds == [StartTimer(CID, "transcript_due", SETTINGS.transcript_due_s)]
+    assert step(call, TimerFired("transcript_due"), 13.8) == [FetchTranscripts(CID, "t1")]
+    # the fetched transcript is answered; a second fetch of it changes nothing
+    assert kinds(step(call, transcript("are you there", "tr9"), 14)) == ["AskBackend"]
+    assert step(call, transcript("are you there", "tr9"), 15) == []
+
+
+def test_a_transcript_in_time_cancels_the_fetch() -> None:
+    call = answered()
+    step(call, SpeechEvent("b", "t1", "interim", "in", "hello"), 10.3)
+    step(call, SpeechEvent("c", "t1", "boundary", "in"), 10.8)
+    step(call, transcript("hello", "tr1"), 11)
+    assert step(call, TimerFired("transcript_due"), 13.8) == []
