@@ -58,6 +58,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_silence_reprompts": (int, 2),
         "reprompt_text": (str, "Are you still there?"),
         "max_call_s": ((int, float), 3300.0),
+        "watch_s": ((int, float), 20.0),
         "flow_id": (str, ""),
         "caller_id": (str, ""),
     },
@@ -289,6 +290,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         max_silence_reprompts=a["max_silence_reprompts"],
         reprompt_text=a["reprompt_text"],
         max_call_s=float(a["max_call_s"]),
+        watch_s=float(a["watch_s"]),
     )
     return Config(
         voipbin=VoipbinConfig(

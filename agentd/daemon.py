@@ -115,6 +115,7 @@ class Daemon:
         )
         self.started_at = time.monotonic()
         self._stop = asyncio.Event()
+        self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
         self.record_limit = 1000
 
@@ -209,6 +210,7 @@ class Daemon:
                 await self.persister.flush()
                 await self.persister.store.close()
             log.info("agentd.stopped")
+            self.stopped.set()
 
     async def _restore(self) -> None:
         """Pick up the calls the last agentd left live: check each, re-attach or clean up."""
