@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test lint unit sim clean install uninstall
+.PHONY: all venv demo test lint unit sim soak clean install uninstall
 
 all: test
 
@@ -31,6 +31,10 @@ test: lint unit
 
 sim: $(STAMP)
 	$(BIN)/agentd sim
+
+# 2,000 calls through a real agentd with every fault on and SIGKILL restarts (a few minutes)
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --calls 2000 --out soak-report.json
 
 # --- systemd deployment (run as root) -------------------------------------------------------
 INSTALL_DIR ?= /opt/agentd

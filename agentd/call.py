@@ -230,7 +230,13 @@ class Call:
             return self._late_result(event)
         if isinstance(event, (CallEvent, TranscriptEvent, SpeechEvent, TranscribeEvent)):
             self._last_heard = now
-            if isinstance(event, (TranscriptEvent, SpeechEvent)) and event.direction == "in":
+            # a transcript read back over REST again is old news, not the caller speaking now
+            fresh = not isinstance(event, TranscriptEvent) or event.id not in self._seen_set
+            if (
+                isinstance(event, (TranscriptEvent, SpeechEvent))
+                and event.direction == "in"
+                and fresh
+            ):
                 self._last_caller = now
                 self._reprompts = 0
         match event:

@@ -393,3 +393,13 @@ def test_a_transcript_in_time_cancels_the_fetch() -> None:
     step(call, SpeechEvent("c", "t1", "boundary", "in"), 10.8)
     step(call, transcript("hello", "tr1"), 11)
     assert step(call, TimerFired("transcript_due"), 13.8) == []
+
+
+def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
+    call = answered(replace(SETTINGS, silence_s=10.0))
+    step(call, transcript("hello", "tr1"), 1)
+    step(call, ReplySentence(1, "Hi."), 1)
+    step(call, ReplyDone(1), 1)
+    step(call, transcript("hello", "tr1"), 9)  # the watch fetched it again
+    cmds = step(call, TimerFired("silence"), 11.3)
+    assert Say(CID, "s1", SETTINGS.reprompt_text, 1) in cmds
