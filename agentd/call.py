@@ -425,7 +425,8 @@ class Call:
                     "error",
                     {"what": "transcribe failed", "status": event.status, "reason": event.reason},
                 ),
-                Hangup(self.id),
+                # no hangup: the caller still hears the agent, the silence reprompts end the
+                # call politely, and the watch retries nothing it cannot fix
             ]
         return [StartTimer(self.id, "retry_transcribe", s.retry_s * self._attempts["transcribe"])]
 

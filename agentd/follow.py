@@ -28,13 +28,14 @@ async def follow(config: Config, client: VoipbinClient, call_id: str) -> int:
             print(f"agentd: cannot follow the call: {exc}", file=sys.stderr)
             return 1
         new = str(call.get("status", ""))
+        # a short call can be answered and over between two polls: tm_progressing tells
+        answered = answered or new == "progressing" or bool(call.get("tm_progressing"))
         if new != status:
             status = new
-            answered = answered or status == "progressing"
             extra = f" ({call.get('hangup_reason')})" if status == "hangup" else ""
             print(f"[{status}]{extra}", flush=True)
         if transcribe_id is None and answered:
-            transcribe_id = await client.find_transcribe(call_id, config.call.language)
+            transcribe_id = await _transcribe_of(client, call_id)
         if transcribe_id is not None:
             lines = [t async for t in client.transcripts(transcribe_id)]
             lines.sort(key=lambda t: (t.get("offset_ms") or 0, str(t.get("tm_create", ""))))
@@ -46,3 +47,15 @@ async def follow(config: Config, client: VoipbinClient, call_id: str) -> int:
         if status == "hangup":
             return 0 if answered else 1
         await asyncio.sleep(POLL_S)
+
+
+async def _transcribe_of(client: VoipbinClient, call_id: str) -> str | None:
+    """The call's transcribe, live or done (the daemon started it)."""
+    body = await client.request(
+        "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
+    )
+    items = body.get("result") if isinstance(body, dict) else None
+    for t in items or []:
+        if isinstance(t, dict) and isinstance(t.get("id"), str):
+            return str(t["id"])
+    return None
