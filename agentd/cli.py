@@ -1,16 +1,22 @@
-"""The `agentd` command line: run, call, demo, sim, check-config."""
+"""The `agentd` command line: run, call, status, demo, sim, check-config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentd import __version__
 from agentd.config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from agentd.backends import Backend
 
 DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
 EXIT_CONFIG = 2
@@ -43,8 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--config")
     call.add_argument("--wait", action="store_true", help="follow the call until it ends")
 
-    check = sub.add_parser("check-config", help="validate the config and the credentials")
+    check = sub.add_parser(
+        "check-config", help="validate the config, the credentials and the backend"
+    )
     check.add_argument("--config")
+
+    status = sub.add_parser("status", help="what the running daemon is doing (read-only)")
+    status.add_argument("--socket", help="the status socket (default: see README, Watch it)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.add_argument("--config", help="read [status] socket from this config")
 
     demo = sub.add_parser("demo", help="agentd against its built-in simulator, no account needed")
     demo.add_argument("--quiet", action="store_true", help="print only the conversation")
@@ -64,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _call(args)
         if args.command == "check-config":
             return _check(args.config)
+        if args.command == "status":
+            from agentd.status import main as status_main
+
+            return status_main(args.socket, args.json, _config_path(args.config))
         if args.command == "demo":
             from agentd.demo import main as demo_main
 
@@ -131,24 +148,60 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _check(config_arg: str | None) -> int:
+    """One line per check (config, voipbin, backend); 1 if a check failed, 2 for the config."""
     from agentd.daemon import make_backend, make_client
     from agentd.voipbin import ApiError
 
     config = _load(config_arg)
-    print(f"config: ok ({config.source or 'environment only'})")
-    make_backend(config)
-    print(f"backend: {config.backend['kind']}")
+    print(f"config: ok ({config.source or 'environment only'})", flush=True)
+    backend = make_backend(config)  # a python callable that cannot be imported: config error
 
     async def probe() -> int:
+        failed = False
         client = make_client(config)
         try:
             cid = await client.customer_id()
-            print(f"voipbin: ok, customer {cid} at {config.voipbin.api_url}")
-            return 0
+            print(f"voipbin: ok, customer {cid} at {config.voipbin.api_url}", flush=True)
         except ApiError as exc:
-            print(f"voipbin: FAILED: {exc}", file=sys.stderr)
-            return 1
+            print(f"voipbin: FAILED: {exc} (GET {config.voipbin.api_url}/customer)", flush=True)
+            failed = True
         finally:
             await client.close()
+        ok, line = await _probe_backend(config, backend)
+        print(f"backend: ok ({line})" if ok else f"backend: FAILED: {line}", flush=True)
+        return 1 if failed or not ok else 0
 
     return asyncio.run(probe())
+
+
+async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:
+    """Ask the backend one tiny question and read only the first chunk of the answer."""
+    from agentd.secret import redact
+
+    b = config.backend
+    kind = b["kind"]
+    if kind == "echo":
+        return True, "echo, nothing to check"
+    if kind == "python":
+        return True, f"python {b['callable']}, imported"
+    what = f"openai {b['model']} at {b['base_url']}" if kind == "openai" else f"http {b['url']}"
+    timeout_s = float(b["timeout_s"])
+    started = time.monotonic()
+    stream = backend.reply("agentd-check-config", [("user", "ping")])
+    try:
+        async with asyncio.timeout(timeout_s):
+            first = await anext(aiter(stream), None)
+    except TimeoutError:
+        return False, f"{what}: no answer within {timeout_s:g} s"
+    except Exception as exc:  # BackendError texts are safe; anything else is redacted
+        return False, redact(str(exc) or type(exc).__name__)
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        await backend.aclose()
+    ms = (time.monotonic() - started) * 1000
+    if first is None:
+        return True, f"{what}, an empty answer in {ms:.0f} ms"
+    return True, f"{what}, first {'token' if kind == 'openai' else 'chunk'} in {ms:.0f} ms"

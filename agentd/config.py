@@ -8,6 +8,7 @@ wrapped in `Secret` so they never print.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -83,6 +84,9 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "stop_sessions_on_shutdown": (bool, False),
         "shutdown_goodbye": (str, "Sorry, I have to end the call now. Goodbye!"),
     },
+    # observability: `agentd status` socket (None = the default path, "" = off) and metrics
+    "status": {"socket": (str, None)},
+    "metrics": {"listen": (str, "")},
 }
 _CHOICES = {
     ("agent", "barge_in"): ("speech", "transcript", "off"),
@@ -132,6 +136,8 @@ class Config:
     daemon: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     raw: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    status_socket: str = ""  # absolute path of the `agentd status` socket; "" = off
+    metrics_listen: str = ""  # loopback "host:port" for Prometheus metrics; "" = off
 
 
 def load(
@@ -316,6 +322,8 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         daemon={k: get("daemon", k) for k in _SCHEMA["daemon"]},
         source=source,
         raw=m,
+        status_socket=resolve_status_socket(get("status", "socket"), env, get("store", "path")),
+        metrics_listen=_metrics_listen(get("metrics", "listen")),
     )
 
 
@@ -332,6 +340,69 @@ def _backend(m: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[str, 
     if url_key and urlsplit(b[url_key]).scheme not in ("http", "https"):
         raise ConfigError(f"backend.{url_key}: not an http(s) URL")
     return b
+
+
+# ---- observability: the status socket and the metrics address --------------------------------
+
+SOCKET_NAME = "agentd.sock"
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the final NUL
+
+
+def default_status_socket(env: Mapping[str, str], store_path: str) -> str:
+    """Where the status socket goes when `[status] socket` is not set.
+
+    Under systemd, `$RUNTIME_DIRECTORY/agentd.sock` (`RuntimeDirectory=agentd`: /run/agentd,
+    removed when the service stops). Otherwise next to the store (`agentd.db` -> `agentd.sock`),
+    so two agentd with their own stores never share a socket; without a store, `agentd.sock`
+    in the current directory."""
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, SOCKET_NAME)
+    if store_path:
+        return os.path.abspath(str(Path(store_path).with_suffix(".sock")))
+    return os.path.abspath(SOCKET_NAME)
+
+
+def resolve_status_socket(value: str | None, env: Mapping[str, str], store_path: str) -> str:
+    """The status socket path: `value` made absolute, the default when unset, "" when off."""
+    if value is None:
+        return default_status_socket(env, store_path)
+    if not value:
+        return ""
+    path = os.path.abspath(value)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ConfigError(f"status.socket: {path!r} is too long for a Unix socket (max 107 bytes)")
+    return path
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`127.0.0.1:9464` or `[::1]:9464` -> (host, port); only loopback hosts are accepted.
+
+    agentd opens no port on the network: metrics are for a local Prometheus (or an SSH tunnel).
+    `localhost` means 127.0.0.1. Port 0 picks a free port (tests)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"metrics.listen: expected host:port, e.g. 127.0.0.1:9464, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"metrics.listen: {host!r} is not a loopback address; agentd listens on nothing but "
+            "127.0.0.1 or ::1 (scrape through a local Prometheus or an SSH tunnel)"
+        )
+    return host, int(port_text)
+
+
+def _metrics_listen(value: str) -> str:
+    if value:
+        parse_listen(value)
+    return value
 
 
 def with_call_settings(config: Config, **changes: Any) -> Config:

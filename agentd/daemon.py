@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -20,9 +21,13 @@ from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
 from agentd.executor import Executor
 from agentd.persist import Persister
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
+from agentd.status import StatusError, StatusServer, snapshot
 from agentd.store import Store
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
+
+if TYPE_CHECKING:
+    from agentd.metrics import Metrics
 
 log = structlog.get_logger("agentd.daemon")
 
@@ -118,11 +123,22 @@ class Daemon:
         self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
         self.record_limit = 1000
+        # observability: `agentd status` (agentd/status.py) and Prometheus (agentd/metrics.py)
+        self.tallies: Counter[str] = Counter()  # records by `what` since start
+        self.call_seen: dict[str, float] = {}  # call id -> when this agentd took it on
+        self.status_server: StatusServer | None = None
+        self.metrics: Metrics | None = None
+        if config.metrics_listen:
+            from agentd.metrics import Metrics  # prometheus_client only when metrics are on
+
+            self.metrics = Metrics(config.metrics_listen, self._live_metrics)
 
     def _execute(self, call_id: str, commands: list[Any]) -> None:
         self.executor.execute(call_id, commands)
 
     def _on_step(self, call: Call, event: Event | Result) -> None:
+        if call.id not in self.call_seen:
+            self.call_seen[call.id] = time.monotonic()
         if self.persister is None:
             return
         self.persister.changed(call)
@@ -130,10 +146,14 @@ class Daemon:
             self.persister.transcript(call.id, event.id, event.direction, event.message)
 
     def _on_finished(self, call: Call | None, call_id: str) -> None:
+        self.call_seen.pop(call_id, None)
         if self.persister is not None:
             self.persister.finished(call, call_id)
 
     def _record(self, record: Record) -> None:
+        self.tallies[record.what] += 1
+        if self.metrics is not None:
+            self.metrics.record(record)
         if self.persister is not None:
             self.persister.record(record)
         self.records.append(record)
@@ -184,6 +204,7 @@ class Daemon:
             store = await Store.open(self.config.store_path)
             self.persister = Persister(store)
             await self._restore()
+        await self._start_observability()
         loop = asyncio.get_running_loop()
         stream_task = loop.create_task(self.stream.run())
         helpers = [
@@ -209,6 +230,7 @@ class Daemon:
             if self.persister is not None:
                 await self.persister.flush()
                 await self.persister.store.close()
+            await self._stop_observability()
             log.info("agentd.stopped")
             self.stopped.set()
 
@@ -251,6 +273,43 @@ class Daemon:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])
         elif left:
             log.info("agentd.left_for_restart", calls=[c.id for c in left])
+
+    # ---- observability: the status socket and the metrics endpoint ----------------------------
+
+    async def _start_observability(self) -> None:
+        """Open the status socket and the metrics endpoint. Never fatal: agentd serves calls
+        even when it cannot be watched, and says so in the log."""
+        path = self.config.status_socket
+        if path:
+            server = StatusServer(path, lambda: snapshot(self))
+            try:
+                await server.start()
+                self.status_server = server
+            except (OSError, StatusError) as exc:
+                log.error("status.unavailable", socket=path, error=str(exc))
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                log.error("metrics.unavailable", listen=self.config.metrics_listen, error=str(exc))
+
+    async def _stop_observability(self) -> None:
+        if self.status_server is not None:
+            await self.status_server.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+
+    def _live_metrics(self) -> dict[str, float]:
+        """What the metrics read at scrape time from the counters the daemon keeps anyway."""
+        stats = self.stream.stats
+        return {
+            "reconnects": stats.reconnects,
+            "rest_errors": self.client.errors,
+            "rejected_frames": stats.rejected,
+            "live_calls": len(self.dispatcher.live_calls()),
+            "rest_queue_depth": self.client.limiter.queue_depth,
+            "connected": 0.0 if stats.connected_since is None else 1.0,
+        }
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= and `systemctl status`."""

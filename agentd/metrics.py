@@ -1,0 +1,170 @@
+"""Prometheus metrics, served on a loopback address only (`[metrics] listen`, off by default).
+
+Each daemon has its own `CollectorRegistry` (not prometheus_client's global one), so several
+daemons in one process — the tests — never share a counter. Two kinds of metrics:
+
+- counted from the daemon's records as they happen (`record()`): calls answered by direction,
+  calls ended by reason, barge-ins, leaked sessions, and the turn latency histogram
+  (caller transcript -> first `/say`, from each `turn` record's `first_say_ms`);
+- read at scrape time from the counters the daemon keeps anyway (`live()`): reconnects, REST
+  errors, rejected frames, live calls, REST queue depth, connected.
+
+The endpoint is prometheus_client's own aiohttp handler (`prometheus_client.aiohttp`) on a small
+aiohttp app: `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agentd.commands import Record
+from agentd.config import parse_listen
+
+log = structlog.get_logger("agentd.metrics")
+
+# transcript -> first /say: agentd's own overhead is a few ms, a streaming LLM adds 0.2-2 s
+FIRST_SAY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+)
+_MAX_REASONS = 32  # distinct hangup reasons kept as labels; the rest count as "other"
+_LABEL = re.compile(r"[a-z0-9_]{1,40}")
+
+Live = Callable[[], Mapping[str, float]]
+
+
+class _LiveCollector(Collector):
+    """Values the daemon already counts, read when Prometheus scrapes."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    def collect(self) -> Iterable[Metric]:
+        v = self.live()
+        yield CounterMetricFamily(
+            "agentd_reconnects", "WebSocket reconnects to VoIPBIN", value=v["reconnects"]
+        )
+        yield CounterMetricFamily(
+            "agentd_rest_errors", "VoIPBIN REST requests that failed", value=v["rest_errors"]
+        )
+        yield CounterMetricFamily(
+            "agentd_rejected_frames",
+            "WebSocket frames that could not be used",
+            value=v["rejected_frames"],
+        )
+        yield GaugeMetricFamily("agentd_live_calls", "Calls not yet ended", value=v["live_calls"])
+        yield GaugeMetricFamily(
+            "agentd_rest_queue_depth",
+            "REST requests waiting for the rate budget",
+            value=v["rest_queue_depth"],
+        )
+        yield GaugeMetricFamily(
+            "agentd_connected", "1 while subscribed to VoIPBIN's WebSocket", value=v["connected"]
+        )
+
+
+class Metrics:
+    """One daemon's metrics and, once started, the loopback HTTP endpoint serving them."""
+
+    def __init__(self, listen: str, live: Live) -> None:
+        self.host, self.port = parse_listen(listen)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter("agentd_calls", "Calls answered by agentd", ["direction"], registry=r)
+        for direction in ("incoming", "outgoing"):
+            self.calls.labels(direction=direction)
+        self.calls_ended = Counter(
+            "agentd_calls_ended", "Calls ended, by hangup reason", ["reason"], registry=r
+        )
+        self.barge_ins = Counter(
+            "agentd_barge_ins", "Times the caller talked over the agent", registry=r
+        )
+        self.leaks = Counter(
+            "agentd_leaks", "Sessions agentd could not stop (stop them by hand)", registry=r
+        )
+        self.turn_first_say = Histogram(
+            "agentd_turn_first_say_seconds",
+            "From the caller's transcript to the first /say of the reply",
+            buckets=FIRST_SAY_BUCKETS,
+            registry=r,
+        )
+        r.register(_LiveCollector(live))
+        self._reasons: set[str] = set()
+        self._runner: web.AppRunner | None = None
+
+    def record(self, record: Record) -> None:
+        """Count one of the daemon's records."""
+        data = record.data
+        match record.what:
+            case "answered":
+                self.calls.labels(direction=_label(data.get("direction"), "unknown")).inc()
+            case "ended":
+                self.calls_ended.labels(reason=self._reason(data.get("reason"))).inc()
+            case "barge_in":
+                self.barge_ins.inc()
+            case "leak":
+                self.leaks.inc()
+            case "turn":
+                ms = data.get("first_say_ms")
+                if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
+                    self.turn_first_say.observe(ms / 1000)
+
+    def _reason(self, value: object) -> str:
+        reason = _label(value, "normal")
+        if reason not in self._reasons:
+            if len(self._reasons) >= _MAX_REASONS:
+                return "other"  # a label per unknown string would grow without bound
+            self._reasons.add(reason)
+        return reason
+
+    async def start(self) -> None:
+        """Serve `GET /metrics` on the loopback address; `port` becomes the bound port."""
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("metrics.listening", url=f"http://{_hostport(self.host, self.port)}/metrics")
+
+    async def close(self) -> None:
+        """Stop the endpoint."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _label(value: object, default: str) -> str:
+    text = str(value).strip().lower() if isinstance(value, str) else ""
+    return text if _LABEL.fullmatch(text) else default
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,360 @@
+"""`agentd status`: a read-only Unix socket that answers every client with one JSON document.
+
+The daemon listens on a Unix stream socket (never a TCP port), by default
+`$RUNTIME_DIRECTORY/agentd.sock` (/run/agentd under systemd). Whoever connects gets the status
+document and then the end of the stream; the server never reads what a client sends, so
+nothing a client says can change the daemon. The socket is mode 0660 (set after
+bind, whatever the umask), a stale socket left by a crashed agentd is replaced, a live one is
+left alone, and the file is removed on shutdown.
+
+The client side (`agentd status`) uses a plain blocking socket: it connects, reads until the
+end, and prints a report (or the raw JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agentd import __version__
+from agentd.config import SOCKET_NAME, default_status_socket
+
+if TYPE_CHECKING:
+    from agentd.daemon import Daemon
+
+log = structlog.get_logger("agentd.status")
+
+SOCKET_MODE = 0o660
+RUNTIME_SOCKET = f"/run/agentd/{SOCKET_NAME}"  # where the systemd unit's daemon listens
+
+
+class StatusError(Exception):
+    """The status socket cannot be served (the message says why)."""
+
+
+# ---- the document -------------------------------------------------------------------------------
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 3)
+
+
+def snapshot(daemon: Daemon) -> dict[str, Any]:
+    """The status document: plain JSON types only, safe to show (no secret, no transcript)."""
+    now = time.monotonic()
+    stats = daemon.stream.stats
+    dispatcher = daemon.dispatcher
+    calls = [
+        {
+            "id": call.id,
+            "direction": call.direction,
+            "phase": call.phase.value,
+            "turn": call.turn,
+            "age_s": _age(now, daemon.call_seen.get(call.id)),
+        }
+        for call in dispatcher.live_calls()
+    ]
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_s": _age(now, daemon.started_at),
+        "accepting_calls": dispatcher.accepting,
+        "connection": {
+            "state": stats.state,
+            "since_s": _age(now, stats.connected_since),
+            "connects": stats.connects,
+            "reconnects": stats.reconnects,
+            "last_frame_age_s": _age(now, stats.last_frame_at),
+        },
+        "last_event_age_s": _age(dispatcher.clock(), dispatcher.last_event_at),
+        "calls": calls,
+        "counters": {
+            "calls_served": daemon.tallies["answered"],
+            "calls_taken": dispatcher.counters["calls"],
+            "events": dispatcher.counters["events"],
+            "duplicates": dispatcher.counters["duplicates"],
+            "ignored": dispatcher.counters["ignored"],
+            "rejected_frames": stats.rejected,
+            "reconnects": stats.reconnects,
+            "rest_errors": daemon.client.errors,
+            "rest_queue_depth": daemon.client.limiter.queue_depth,
+            "barge_ins": daemon.tallies["barge_in"],
+            "backend_failures": daemon.tallies["backend_failed"],
+            "leaks": daemon.tallies["leak"],
+        },
+    }
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+
+class StatusServer:
+    """Serves `document()` to every client of the Unix socket at `path`, then hangs up."""
+
+    def __init__(
+        self, path: str, document: Callable[[], dict[str, Any]], *, timeout_s: float = 2.0
+    ) -> None:
+        self.path = path
+        self.document = document
+        self.timeout_s = timeout_s
+        self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Bind the socket (replacing a stale one); `StatusError` or `OSError` if impossible."""
+        await _clear_stale(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        # after bind: the mode must not depend on the umask (systemd's UMask=0077 would give 0600)
+        os.chmod(self.path, SOCKET_MODE)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+        log.info("status.listening", socket=self.path)
+
+    async def close(self) -> None:
+        """Stop serving and remove the socket file (if it is still ours)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await self._server.wait_closed()
+        self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Nothing the client sends is read: it gets the document, the end of the stream, and
+        # the connection closes. (A client that did send something may see a reset after the
+        # document instead of a clean end: the kernel's way of saying its bytes went unread.)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            body = json.dumps(self.document(), separators=(",", ":")) + "\n"
+            writer.write(body.encode())
+            writer.write_eof()
+            async with asyncio.timeout(self.timeout_s):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()  # a client that does not read holds nothing of ours
+        except OSError:
+            pass  # the client went away: its problem
+        except Exception:
+            log.exception("status.failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            if task is not None:
+                self._handlers.discard(task)
+
+
+async def _clear_stale(path: str) -> None:
+    """Remove a socket file left by a crashed agentd; refuse to touch anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StatusError(f"{path} exists and is not a socket; not replacing it")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens: left over from a crash
+        log.info("status.stale_socket_removed", socket=path)
+        return
+    except (OSError, TimeoutError) as exc:
+        raise StatusError(f"{path}: cannot tell whether it is in use: {exc}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise StatusError(f"{path} is in use by another running agentd")
+
+
+# ---- the client: `agentd status` ----------------------------------------------------------------
+
+
+class NotRunning(Exception):
+    """No agentd answers on the socket (the message is the one line to print)."""
+
+
+def fetch(path: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Connect, read the whole document, return it; `NotRunning` if nobody answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    chunks: list[bytes] = []
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise NotRunning(f"agentd is not running (no status socket at {path})") from None
+        except ConnectionRefusedError:
+            raise NotRunning(
+                f"agentd is not running (nothing listens on the status socket {path})"
+            ) from None
+        except PermissionError:
+            raise NotRunning(
+                f"agentd status: permission denied on {path} (run as root or the agentd user)"
+            ) from None
+        except OSError as exc:
+            raise NotRunning(f"agentd status: cannot connect to {path}: {exc}") from None
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise NotRunning(f"agentd status: no answer on {path}") from None
+            except ConnectionResetError:
+                break  # whatever arrived before the reset is complete or fails to parse below
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    try:
+        doc = json.loads(b"".join(chunks))
+    except ValueError:
+        raise NotRunning(f"agentd status: {path} did not answer with a status document") from None
+    if not isinstance(doc, dict):
+        raise NotRunning(f"agentd status: {path} did not answer with a status document")
+    return doc
+
+
+def client_socket(
+    arg: str | None, config_path: str | None, env: Mapping[str, str] | None = None
+) -> str:
+    """Which socket `agentd status` asks: `--socket`, `$AGENTD_STATUS_SOCKET`, the config's
+    `[status] socket`, else the first existing default (the same rule as the daemon's, then
+    /run/agentd/agentd.sock for `sudo agentd status` beside the systemd service). "" = off.
+
+    Only the config file's status and store keys are read: no secret is needed to ask."""
+    env = os.environ if env is None else env
+    if arg:
+        return os.path.abspath(arg)
+    if "AGENTD_STATUS_SOCKET" in env:
+        value = env["AGENTD_STATUS_SOCKET"]
+        return os.path.abspath(value) if value else ""
+    raw: dict[str, Any] = {}
+    if config_path:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            raw = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+    section = raw.get("status")
+    configured = section.get("socket") if isinstance(section, dict) else None
+    if isinstance(configured, str):
+        return os.path.abspath(configured) if configured else ""
+    store = raw.get("store")
+    store_path = store.get("path") if isinstance(store, dict) else None
+    store_path = env.get("AGENTD_STORE_PATH", store_path if isinstance(store_path, str) else None)
+    primary = default_status_socket(env, "agentd.db" if store_path is None else store_path)
+    for candidate in (primary, RUNTIME_SOCKET, os.path.abspath(SOCKET_NAME)):
+        if os.path.exists(candidate):
+            return candidate
+    return primary
+
+
+def duration(seconds: float | None) -> str:
+    """4.2 s, 3m 12s, 2h 03m, 3d 04h."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+_COUNTERS = (
+    ("calls_served", "calls served"),
+    ("events", "events"),
+    ("duplicates", "duplicates dropped"),
+    ("rejected_frames", "rejected frames"),
+    ("reconnects", "reconnects"),
+    ("rest_errors", "REST errors"),
+    ("rest_queue_depth", "REST queue depth"),
+    ("barge_ins", "barge-ins"),
+    ("backend_failures", "backend failures"),
+    ("leaks", "leaked sessions"),
+)
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The status document as a short report for a person."""
+    conn = doc.get("connection") or {}
+    calls = doc.get("calls") or []
+    counters = doc.get("counters") or {}
+    state = str(conn.get("state", "?"))
+    since = conn.get("since_s")
+    link = f"{state} for {duration(since)}" if since is not None else state
+    link += (
+        f" ({_n(conn.get('connects', 0), 'connect')}, {_n(conn.get('reconnects', 0), 'reconnect')})"
+    )
+    lines = [
+        f"agentd {doc.get('version', '?')} (pid {doc.get('pid', '?')}), "
+        f"up {duration(doc.get('uptime_s'))}"
+        + ("" if doc.get("accepting_calls", True) else ", shutting down"),
+        f"VoIPBIN:    {link}",
+        f"last event: {_ago(doc.get('last_event_age_s'))}",
+        f"live calls: {len(calls)}",
+    ]
+    if calls:
+        rows = [("CALL", "DIRECTION", "PHASE", "TURN", "AGE")] + [
+            (
+                str(c.get("id", "")),
+                str(c.get("direction") or "-"),
+                str(c.get("phase", "")),
+                str(c.get("turn", "")),
+                duration(c.get("age_s")),
+            )
+            for c in calls
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for row in rows:
+            cells = (v.ljust(w) for v, w in zip(row, widths, strict=True))
+            lines.append(("  " + "  ".join(cells)).rstrip())
+    lines.append("counters:")
+    width = max(len(label) for _, label in _COUNTERS)
+    for key, label in _COUNTERS:
+        if key in counters:
+            lines.append(f"  {label.ljust(width)}  {counters[key]}")
+    return "\n".join(lines)
+
+
+def _n(count: object, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _ago(age: float | None) -> str:
+    return "none yet" if age is None else f"{duration(age)} ago"
+
+
+def main(socket_arg: str | None, as_json: bool, config_path: str | None) -> int:
+    """`agentd status`: print the report (or the JSON); 1 when no agentd answers."""
+    path = client_socket(socket_arg, config_path)
+    if not path:
+        print("agentd status: the status socket is off (status.socket = '')", file=sys.stderr)
+        return 1
+    try:
+        doc = fetch(path)
+    except NotRunning as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if as_json else render(doc))
+    return 0

@@ -1,0 +1,147 @@
+"""`agentd check-config`: the real CLI against the simulator and stub backends over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+from agentd.sim import Simulator
+from tests.stubs import HttpStub, OpenAIStub, Script
+
+CONFIG = """
+[voipbin]
+api_url = "{api}"
+accesskey_file = "{keyfile}"
+timeout_s = 2
+[backend]
+{backend}
+"""
+
+
+def write(tmp_path: Path, sim: Simulator, key: str, backend: str = 'kind = "echo"') -> Path:
+    keyfile = tmp_path / "accesskey"
+    keyfile.write_text(key + "\n")
+    path = tmp_path / "agentd.toml"
+    path.write_text(CONFIG.format(api=sim.api_url, keyfile=keyfile, backend=backend))
+    return path
+
+
+async def check(config: Path) -> tuple[int, list[str]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentd",
+        "check-config",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().splitlines()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_good_config_passes_every_check(sim: Simulator, tmp_path: Path) -> None:
+    config = write(tmp_path, sim, sim.accesskey)
+    code, lines = await check(config)
+    assert code == 0, lines
+    customer = sim.requests_matching("GET", r"/customer$")
+    assert len(customer) == 1 and customer[0].status == 200
+    assert lines[0] == f"config: ok ({config})"
+    assert lines[1].startswith("voipbin: ok, customer ") and lines[1].endswith(f"at {sim.api_url}")
+    assert lines[2] == "backend: ok (echo, nothing to check)"
+    assert len(lines) == 3
+
+
+async def test_a_wrong_access_key_fails_without_printing_it(sim: Simulator, tmp_path: Path) -> None:
+    wrong = "vb_wrongkey0123456789"
+    code, lines = await check(write(tmp_path, sim, wrong))
+    assert code == 1, lines
+    failed = [line for line in lines if line.startswith("voipbin: FAILED")]
+    assert len(failed) == 1 and "401" in failed[0]
+    assert lines[-1] == "backend: ok (echo, nothing to check)"  # the other checks still ran
+    text = "\n".join(lines)
+    assert wrong not in text and "wrongkey" not in text
+    assert sim.accesskey not in text
+
+
+async def test_an_openai_backend_is_asked_one_tiny_question(sim: Simulator, tmp_path: Path) -> None:
+    apikey = tmp_path / "backend-key"
+    apikey.write_text("sk-secret-backend-key\n")
+    async with OpenAIStub(Script("Pong, I am here.", first_token_s=0.05, tokens_per_s=5)) as stub:
+        backend = (
+            f'kind = "openai"\nbase_url = "{stub.base_url}"\nmodel = "gpt-4o-mini"\n'
+            f'api_key_file = "{apikey}"\ntimeout_s = 5'
+        )
+        code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
+        assert code == 0, lines
+        assert len(stub.requests) == 1
+        request = stub.requests[0]
+        assert request.messages == [{"role": "user", "content": "ping"}]
+        assert request.headers["Authorization"] == "Bearer sk-secret-backend-key"
+        # only the first chunk was read: the stream was closed before its end
+        await asyncio.wait_for(stub.streams[0].done.wait(), 5)
+        assert stub.streams[0].closed_early.is_set()
+        assert stub.streams[0].sent < stub.streams[0].planned
+    last = lines[-1]
+    assert last.startswith(f"backend: ok (openai gpt-4o-mini at {stub.base_url}, first token in ")
+    assert last.endswith(" ms)")
+    assert int(last.rsplit(" ", 2)[-2]) >= 50
+    assert "sk-secret" not in "\n".join(lines)
+
+
+async def test_an_unreachable_backend_fails(sim: Simulator, tmp_path: Path) -> None:
+    port = closed_port()
+    backend = f'kind = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\ntimeout_s = 5'
+    code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
+    assert code == 1, lines
+    assert lines[1].startswith("voipbin: ok")
+    assert lines[2].startswith("backend: FAILED: openai backend: ")
+    assert f"127.0.0.1:{port}" in lines[2]
+
+
+async def test_a_backend_error_or_silence_fails(sim: Simulator, tmp_path: Path) -> None:
+    async with OpenAIStub() as stub:
+        stub.script(Script(status=401, error_message="Incorrect API key provided"))
+        stub.script(Script("too late", first_token_s=5.0))
+        backend = f'kind = "openai"\nbase_url = "{stub.base_url}"\ntimeout_s = 0.3'
+        config = write(tmp_path, sim, sim.accesskey, backend)
+        code, lines = await check(config)
+        assert code == 1, lines
+        assert lines[-1].startswith("backend: FAILED: openai backend: HTTP 401")
+        assert "Incorrect API key provided" in lines[-1]
+        code, lines = await check(config)
+        assert code == 1, lines
+        assert lines[-1] == "backend: FAILED: openai gpt-4o-mini at " + (
+            f"{stub.base_url}: no answer within 0.3 s"
+        )
+
+
+async def test_an_http_backend_answers(sim: Simulator, tmp_path: Path) -> None:
+    async with HttpStub() as stub:
+        backend = f'kind = "http"\nurl = "{stub.reply_url}"'
+        code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
+        assert code == 0, lines
+        assert stub.requests[0].body["text"] == "ping"
+    assert lines[-1].startswith(f"backend: ok (http {stub.reply_url}, first chunk in ")
+
+
+async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> None:
+    config = write(tmp_path, sim, sim.accesskey)
+    config.write_text(config.read_text() + '[metrics]\nlisten = "0.0.0.0:9464"\n')
+    code, lines = await check(config)
+    assert code == 2
+    assert lines == [
+        "agentd: config error: metrics.listen: '0.0.0.0' is not a loopback address; agentd "
+        "listens on nothing but 127.0.0.1 or ::1 (scrape through a local Prometheus or an SSH "
+        "tunnel)"
+    ]

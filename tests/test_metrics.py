@@ -1,0 +1,202 @@
+"""Prometheus metrics: a real daemon, a real scrape over loopback, and the loopback-only rule."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentd.config import ConfigError, load, parse_listen
+from agentd.sim import Caller, Simulator, Utterance
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def listening() -> set[tuple[str, int]]:
+    """TCP sockets this process listens on (from /proc: no dependency, no guessing)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addr, port = fields[1].split(":")
+                out.add((addr, int(port, 16)))
+    return out
+
+
+needs_proc = pytest.mark.skipif(
+    not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp"
+)
+
+
+@needs_proc
+async def test_a_call_moves_the_counters_and_the_histogram(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    before_start = listening()
+    daemon = await agent(
+        metrics={"listen": "127.0.0.1:0"},
+        agent={"tts_provider": "gcp"},  # barge-in flushes: one session, no restart
+        backend={"prefix": "Let me repeat " + ("what you said, word for word: " * 4)},
+    )
+    assert daemon.metrics is not None
+    port = daemon.metrics.port
+    assert port > 0
+    assert listening() - before_start == {("0100007F", port)}  # 127.0.0.1 only
+
+    first = await scrape(port)
+    assert value(first, "agentd_connected") == 1
+    assert value(first, "agentd_calls_total", direction="incoming") == 0
+    assert value(first, "agentd_turn_first_say_seconds_count") == 0
+    assert value(first, "agentd_live_calls") == 0
+    assert value(first, "agentd_rest_queue_depth") == 0
+    for name in ("reconnects", "rest_errors", "leaks", "rejected_frames", "barge_ins"):
+        assert value(first, f"agentd_{name}_total") == 0, name
+    buckets = {dict(labels)["le"] for name, labels in first if name.endswith("_bucket")}
+    assert {"0.001", "0.01", "0.1", "1.0", "5.0", "+Inf"} <= buckets
+
+    # a rejected frame, a REST error that is retried, a dropped WebSocket, then a whole call
+    # with two turns and a barge-in
+    await sim.faults.send_raw("not json")
+    sim.faults.fail("POST", r"/transcribes$", 503, count=1)
+    connects = daemon.stream.stats.connects
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 10)
+    await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+    caller = Caller(
+        [
+            Utterance("first question"),
+            Utterance("no wait stop", barge_in_after_s=0.1),
+            Utterance("thanks"),
+        ],
+        hangup_after_s=None,
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await asyncio.wait_for(
+        daemon.dispatcher.wait_until(lambda: bool(daemon.dispatcher.live_calls())), 10
+    )
+    during = await scrape(port)
+    assert value(during, "agentd_live_calls") == 1
+
+    await sim.wait_for(lambda: daemon.tallies["turn"] >= 2, 10)
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    after = await scrape(port)
+    assert value(after, "agentd_calls_total", direction="incoming") == 1
+    assert value(after, "agentd_calls_total", direction="outgoing") == 0
+    ended = [r.data["reason"] for r in daemon.records if r.what == "ended"]
+    assert len(ended) == 1
+    assert value(after, "agentd_calls_ended_total", reason=str(ended[0])) == 1
+    assert value(after, "agentd_barge_ins_total") == 1
+    assert value(after, "agentd_rejected_frames_total") == 1
+    assert value(after, "agentd_rest_errors_total") == 1
+    assert value(after, "agentd_reconnects_total") == 1
+    assert value(after, "agentd_connected") == 1
+    assert value(after, "agentd_live_calls") == 0
+    assert value(after, "agentd_leaks_total") == 0
+    says = [
+        float(ms) / 1000
+        for r in daemon.records
+        if r.what == "turn" and isinstance(ms := r.data.get("first_say_ms"), (int, float))
+    ]
+    assert len(says) >= 2
+    assert value(after, "agentd_turn_first_say_seconds_count") == len(says)
+    assert value(after, "agentd_turn_first_say_seconds_sum") == pytest.approx(sum(says))
+    assert value(after, "agentd_turn_first_say_seconds_bucket", le="+Inf") == len(says)
+    assert value(after, "agentd_turn_first_say_seconds_bucket", le="5.0") == len(says)
+
+    daemon.stop()
+    await asyncio.wait_for(daemon.stopped.wait(), 10)
+    assert listening() == before_start  # the endpoint closed with the daemon
+
+
+@needs_proc
+async def test_metrics_are_off_by_default(agent: StartAgent) -> None:
+    before = listening()
+    daemon = await agent()
+    assert daemon.config.metrics_listen == ""
+    assert daemon.metrics is None
+    assert listening() == before  # agentd opened no TCP port at all
+
+
+async def test_two_daemons_keep_their_own_registries(agent: StartAgent) -> None:
+    one = await agent(metrics={"listen": "127.0.0.1:0"})
+    two = await agent(metrics={"listen": "[::1]:0"} if _has_ipv6() else {"listen": "127.0.0.1:0"})
+    assert one.metrics is not None and two.metrics is not None
+    assert one.metrics.registry is not two.metrics.registry
+    assert one.metrics.port != two.metrics.port or one.metrics.host != two.metrics.host
+
+
+def _has_ipv6() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+BASE = {"voipbin": {"accesskey": "vb_x"}}
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:9464", "192.168.1.5:9464", "[::]:9464", "example.com:9464", "[fe80::1]:1"]
+)
+def test_a_non_loopback_listen_address_is_refused(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics\.listen: .* is not a loopback address"):
+        load(None, env={}, overrides={**BASE, "metrics": {"listen": listen}})
+
+
+@pytest.mark.parametrize("listen", ["9464", "127.0.0.1", "127.0.0.1:port", ":9464", "1:99999"])
+def test_a_malformed_listen_address_is_refused(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics\.listen: expected host:port"):
+        load(None, env={}, overrides={**BASE, "metrics": {"listen": listen}})
+
+
+def test_loopback_addresses_are_accepted(tmp_path: Path) -> None:
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("127.0.0.2:0") == ("127.0.0.2", 0)
+    assert parse_listen("localhost:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    config = tmp_path / "agentd.toml"
+    config.write_text('[voipbin]\naccesskey = "vb_x"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
+    assert load(config, env={}).metrics_listen == "127.0.0.1:9464"
+    env = {"AGENTD_METRICS_LISTEN": "0.0.0.0:9464"}
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        load(config, env=env)

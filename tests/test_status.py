@@ -1,0 +1,246 @@
+"""`agentd status`: the daemon's read-only Unix socket, asked by the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from agentd.config import load, resolve_status_socket
+from agentd.daemon import Daemon
+from agentd.sim import Caller, Simulator, Utterance
+from agentd.status import client_socket, duration, render
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """`python -m agentd ...` without blocking the loop the daemon runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def ask_raw(path: Path, send: bytes) -> bytes:
+    """Connect, send `send`, read until the server hangs up (a reset after the data is fine)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    got = b""
+    try:
+        await loop.sock_connect(sock, str(path))
+        if send:
+            await loop.sock_sendall(sock, send)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    chunk = await loop.sock_recv(sock, 65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        sock.close()
+    return got
+
+
+async def live_call_in_turn(sim: Simulator, daemon: Daemon) -> str:
+    """An answered call whose first turn was answered, kept up (the caller does not hang up)."""
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("hello")], hangup_after_s=None)
+    )
+    await asyncio.wait_for(
+        daemon.dispatcher.wait_until(
+            lambda: any(c.id == call_id and c.turn >= 1 for c in daemon.dispatcher.live_calls())
+        ),
+        10,
+    )
+    return call_id
+
+
+async def test_status_cli_reports_the_live_call_the_connection_and_the_counters(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    old_umask = os.umask(0o077)  # as under systemd's UMask=0077: the mode must not depend on it
+    try:
+        daemon = await agent(status={"socket": str(path)})
+    finally:
+        os.umask(old_umask)
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    call_id = await live_call_in_turn(sim, daemon)
+
+    code, out, err = await cli("status", "--socket", str(path))
+    assert code == 0, err
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("agentd ") and f"(pid {os.getpid()})" in lines[0]
+    assert lines[1].startswith("VoIPBIN:    ready for ")
+    assert "(1 connect, 0 reconnects)" in lines[1]
+    assert "live calls: 1" in lines
+    row = next(line for line in lines if call_id in line)
+    assert row.split()[:4] == [call_id, "incoming", "active", "1"]
+    counters = dict(
+        line.strip().rsplit(maxsplit=1) for line in lines[lines.index("counters:") + 1 :]
+    )
+    assert counters["calls served"] == "1"
+    assert counters["leaked sessions"] == counters["REST errors"] == "0"
+
+    code, out, err = await cli("status", "--socket", str(path), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["connection"]["state"] == "ready"
+    assert doc["connection"]["since_s"] >= 0
+    assert doc["last_event_age_s"] >= 0
+    assert [(c["id"], c["direction"], c["phase"], c["turn"]) for c in doc["calls"]] == [
+        (call_id, "incoming", "active", 1)
+    ]
+    assert doc["calls"][0]["age_s"] >= 0
+    counters = doc["counters"]
+    assert counters["calls_served"] == 1
+    assert counters["events"] >= counters["duplicates"] >= 0
+    assert counters["events"] > 0
+    assert counters["rejected_frames"] == 0
+    assert counters["reconnects"] == 0
+    assert counters["rest_errors"] == 0
+    assert counters["rest_queue_depth"] == 0
+    assert counters["leaks"] == 0
+    assert call_id in render(doc)
+
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    doc = json.loads(await ask_raw(path, b""))
+    assert doc["calls"] == []
+    assert doc["counters"]["calls_served"] == 1
+
+    daemon.stop()
+    await asyncio.wait_for(daemon.stopped.wait(), 10)
+    assert not path.exists()  # removed on shutdown
+
+
+async def test_garbage_from_a_client_changes_nothing(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    daemon = await agent(status={"socket": str(path)})
+    before = json.loads(await ask_raw(path, b""))
+    for junk in (
+        b'{"command": "stop"}\n',
+        b"STOP\r\nshutdown\r\n\x00\xff" * 1000,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        doc = json.loads(await ask_raw(path, junk))
+        assert doc.keys() == before.keys()
+        assert doc["connection"]["state"] == "ready"
+    # the daemon did not stop, drain or reconnect, and still serves calls
+    assert daemon.dispatcher.accepting
+    assert daemon.stream.stats.reconnects == 0
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("still there?")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert daemon.tallies["answered"] == 1
+
+
+async def test_no_daemon_means_exit_1_and_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "none.sock"
+    code, out, err = await cli("status", "--socket", str(missing))
+    assert code == 1
+    assert out == ""
+    assert err == f"agentd is not running (no status socket at {missing})\n"
+
+    # a socket file that nobody listens on any more (agentd was killed)
+    stale = tmp_path / "stale.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(stale))
+    sock.close()
+    code, out, err = await cli("status", "--socket", str(stale), "--json")
+    assert code == 1
+    assert err.startswith("agentd is not running (") and str(stale) in err
+    assert err.count("\n") == 1
+
+
+async def test_a_stale_socket_is_replaced_a_live_one_and_other_files_are_not(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    crashed.bind(str(path))  # left behind by a crashed agentd: bound, nobody listening
+    crashed.close()
+    first = await agent(status={"socket": str(path)})
+    assert first.status_server is not None
+    assert json.loads(await ask_raw(path, b""))["pid"] == os.getpid()
+
+    # a second agentd on the same socket must not steal it from the running one
+    second = await agent(status={"socket": str(path)})
+    assert second.status_server is None
+    assert path.exists() and first.status_server is not None
+
+    # a file that is not a socket is never deleted
+    regular = tmp_path / "notes.txt"
+    regular.write_text("mine")
+    third = await agent(status={"socket": str(regular)})
+    assert third.status_server is None
+    assert regular.read_text() == "mine"
+
+
+async def test_the_socket_can_be_turned_off(agent: StartAgent, tmp_path: Path) -> None:
+    daemon = await agent(status={"socket": ""})
+    assert daemon.config.status_socket == ""
+    assert daemon.status_server is None
+
+
+def test_default_socket_paths(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # systemd (RuntimeDirectory=agentd) sets $RUNTIME_DIRECTORY
+    assert resolve_status_socket(None, {"RUNTIME_DIRECTORY": str(run)}, "/var/lib/x.db") == str(
+        run / "agentd.sock"
+    )
+    # otherwise next to the store, or in the current directory without one
+    assert resolve_status_socket(None, {}, str(tmp_path / "agentd-3.db")) == str(
+        tmp_path / "agentd-3.sock"
+    )
+    assert resolve_status_socket(None, {}, "") == os.path.abspath("agentd.sock")
+    assert resolve_status_socket("", {}, "agentd.db") == ""
+    config = load(
+        None,
+        env={"AGENTD_VOIPBIN_ACCESSKEY": "vb_x", "AGENTD_STATUS_SOCKET": str(tmp_path / "e.sock")},
+    )
+    assert config.status_socket == str(tmp_path / "e.sock")
+
+
+def test_the_client_finds_the_socket_without_reading_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        f'[voipbin]\naccesskey_file = "/nonexistent"\n[status]\nsocket = "{tmp_path}/c.sock"\n'
+    )
+    assert client_socket(None, str(config), env={}) == str(tmp_path / "c.sock")
+    assert client_socket(str(tmp_path / "a.sock"), str(config), env={}) == str(tmp_path / "a.sock")
+    env = {"AGENTD_STATUS_SOCKET": str(tmp_path / "env.sock")}
+    assert client_socket(None, str(config), env=env) == str(tmp_path / "env.sock")
+    config.write_text(f'[store]\npath = "{tmp_path}/agentd.db"\n')
+    assert client_socket(None, str(config), env={}) == str(tmp_path / "agentd.sock")
+    run = tmp_path / "run"
+    assert client_socket(None, str(config), env={"RUNTIME_DIRECTORY": str(run)}) == str(
+        run / "agentd.sock"
+    )
+
+
+def test_durations() -> None:
+    assert duration(None) == "-"
+    assert duration(4.25) == "4.2 s"
+    assert duration(192) == "3m 12s"
+    assert duration(2 * 3600 + 3 * 60 + 9) == "2h 03m"
+    assert duration(3 * 86400 + 4 * 3600) == "3d 04h"
