@@ -14,7 +14,7 @@ import structlog
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
-from agentd.commands import Record, Result
+from agentd.commands import Record, Result, StartSpeaking, StartTranscribe
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher, normalise_number
 from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
@@ -122,6 +122,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gates: dict[str, asyncio.Task[None]] = {}  # per call: commands waiting for a save
         self.record_limit = 1000
         # observability: `agentd status` (agentd/status.py) and Prometheus (agentd/metrics.py)
         self.tallies: Counter[str] = Counter()  # records by `what` since start
@@ -134,7 +135,34 @@ class Daemon:
             self.metrics = Metrics(config.metrics_listen, self._live_metrics)
 
     def _execute(self, call_id: str, commands: list[Any]) -> None:
-        self.executor.execute(call_id, commands)
+        """Run a call's commands, but never create a billed session before the call is on disk.
+
+        A crash right after POST /speakings must find the call in the store on restart, or
+        nobody would ever stop that session. So a batch that creates a session waits for the
+        call's save, and later batches of the same call queue behind it to keep their order."""
+        gate = self._gates.get(call_id)
+        if gate is not None and gate.done():
+            del self._gates[call_id]
+            gate = None
+        saving = self.persister.saving(call_id) if self.persister is not None else None
+        creates = saving is not None and any(
+            isinstance(c, StartSpeaking | StartTranscribe) for c in commands
+        )
+        if gate is None and not creates:
+            self.executor.execute(call_id, commands)
+            return
+
+        async def after(previous: asyncio.Task[None] | None) -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            if creates and saving is not None:
+                await asyncio.wait([saving])
+            self.executor.execute(call_id, commands)
+
+        task = asyncio.get_running_loop().create_task(after(gate))
+        self._gates[call_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _on_step(self, call: Call, event: Event | Result) -> None:
         if call.id not in self.call_seen:

@@ -43,12 +43,14 @@ class Persister:
         self.store = store
         self._seen: dict[str, tuple[object, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._saving: dict[str, asyncio.Task[None]] = {}
         self.failures = 0
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._guard(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -64,7 +66,15 @@ class Persister:
         if self._seen.get(call.id) == key:
             return
         self._seen[call.id] = key
-        self._spawn(self.store.save_call(CallRecord(**call.snapshot())))
+        self._saving[call.id] = self._spawn(self.store.save_call(CallRecord(**call.snapshot())))
+
+    def saving(self, call_id: str) -> asyncio.Task[None] | None:
+        """The latest save of the call, while it is not on disk yet."""
+        task = self._saving.get(call_id)
+        if task is not None and task.done():
+            del self._saving[call_id]
+            return None
+        return task
 
     def record(self, record: Record) -> None:
         """A fact about a call (turn timings, ended, barge-in, ...)."""
@@ -77,6 +87,7 @@ class Persister:
     def finished(self, call: Call | None, call_id: str) -> None:
         """Nothing is left to stop: the call is no longer live in the store."""
         self._seen.pop(call_id, None)
+        self._saving.pop(call_id, None)
         reason = call.hangup_reason if call is not None else ""
         self._spawn(self.store.end_call(call_id, reason))
 
