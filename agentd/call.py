@@ -45,6 +45,7 @@ from agentd.commands import (
     Finished,
     Flush,
     Hangup,
+    HangupDone,
     Message,
     PollSpeaking,
     Record,
@@ -206,7 +207,8 @@ class Call:
         self._queued: list[tuple[int, str]] = []  # says waiting for an active speaking session
         self._pieces: list[_Piece] = []
         self._talking_until = 0.0
-        self._seen: deque[str] = deque(maxlen=512)
+        # answered caller transcripts: REST read-backs return them again and again
+        self._seen: deque[str] = deque(maxlen=2000)
         self._seen_set: set[str] = set()
         self._attempts = {"speaking": 0, "transcribe": 0}
         self._poll_delay = settings.speaking_poll_s
@@ -219,6 +221,9 @@ class Call:
         self._last_caller = 0.0  # last sign of caller speech
         self._reprompts = 0
         self._restored = False  # rebuilt from the store after a restart
+        self._sweep = False  # a speaking create ended without a clear answer
+        self._hangup_pending = False  # we hung up; VoIPBIN has not confirmed yet
+        self._transcribe_lost = False  # our transcribe ended: is the call still up?
         self._heard_words = False  # an interim came since the last speech boundary
         self._transcript_due = False  # an utterance ended and its transcript has not come
 
@@ -272,6 +277,8 @@ class Call:
                 return self._on_timer(event.name, now)
             case TransferDone():
                 return self._on_transfer_done(event)
+            case HangupDone():
+                return self._on_hangup_done(event)
 
     @property
     def busy(self) -> bool:
@@ -291,10 +298,20 @@ class Call:
         if not self.direction:
             self.direction = info.direction
         status = "hangup" if event.deleted else info.status
+        if self._transcribe_lost and status == "progressing" and self.phase.live:
+            self._transcribe_lost = False
+            s = self.settings
+            self.transcribe = "starting"
+            return [
+                Record(self.id, "transcribe_restarted", {}),
+                StartTranscribe(self.id, s.language, s.stt_provider),
+            ]
         row = STATUS_TABLE.get((self.phase, status))
         if row is None:
             return []
         first = self.phase is Phase.NEW
+        if status == "hangup":
+            self._hangup_pending = False
         self.phase, action = row
         self.status = status
         # lost events (a call_hangup above all) are found by asking VoIPBIN when a call goes quiet
@@ -307,15 +324,20 @@ class Call:
         if action == "answer":
             return [*watch, *self._answer()]
         if action == "hungup":
-            return self._record_hangup(info.hangup_by, info.hangup_reason)
+            # VoIPBIN confirms the end: a hangup of ours no longer needs retrying
+            return [
+                *self._record_hangup(info.hangup_by, info.hangup_reason),
+                *self._maybe_finished(),
+            ]
         cmds = self._begin_end()
         if status == "hangup":
             cmds += self._record_hangup(info.hangup_by, info.hangup_reason)
         return cmds + self._maybe_finished()
 
     def _on_call_gone(self) -> list[Command]:
+        self._hangup_pending = False
         if self.phase.over:
-            return []
+            return self._maybe_finished()
         self.phase = Phase.ENDING
         return [*self._begin_end(), *self._record_hangup("", "gone"), *self._maybe_finished()]
 
@@ -357,9 +379,10 @@ class Call:
             cmds += self._stop("speaking", self.speaking_id)
         if self.transcribe_id and self.transcribe == "active":
             cmds += self._stop("transcribe", self.transcribe_id)
-        if self._restored:
-            # a session created just before the crash may never have told us its id
-            self._restored = False
+        if self._restored or self._sweep:
+            # a session created just before a crash, or by a create whose answer was lost,
+            # may never have told us its id
+            self._restored = self._sweep = False
             cmds.append(SweepSpeakings(self.id))
         if self.speaking != "starting":
             self.speaking = "none"
@@ -375,9 +398,18 @@ class Call:
             return [StopSpeaking(self.id, sid)]
         return [StopTranscribe(self.id, sid)]
 
+    def _on_hangup_done(self, event: HangupDone) -> list[Command]:
+        if not self._hangup_pending:
+            return []
+        if event.ok:
+            self._hangup_pending = False
+            return self._maybe_finished()
+        return [StartTimer(self.id, "retry_hangup", self.settings.retry_s)]
+
     def _maybe_finished(self) -> list[Command]:
         if (
             self.phase is Phase.ENDING
+            and not self._hangup_pending
             and not self.pending_stops
             and self.speaking != "starting"
             and self.transcribe != "starting"
@@ -435,6 +467,12 @@ class Call:
             # ended by itself (the call hung up); no stop needed any more
             self.transcribe = "none"
             self.pending_stops.pop(event.id, None)
+            self._stopped.add(event.id)
+            if self.phase.live:
+                # usually the call hung up and its event is still on the way; if VoIPBIN
+                # says the call is up, the agent went deaf: start another one then
+                self._transcribe_lost = True
+                return [CheckCall(self.id)]
             return self._maybe_finished()
         return []
 
@@ -477,8 +515,12 @@ class Call:
     def _on_speaking_failed(self, event: SpeakingFailed) -> list[Command]:
         if self.phase.over:
             self.speaking = "none"
-            return self._maybe_finished()
+            sweep = event.status == 0 or event.status >= 500
+            return ([SweepSpeakings(self.id)] if sweep else []) + self._maybe_finished()
         self.speaking = "none"
+        if event.status == 0 or event.status >= 500:
+            # the create may have happened anyway, with an id we never learned
+            self._sweep = True
         if event.speaking_id and event.speaking_id == self.speaking_id and event.status == 404:
             # the session we knew is gone (after a restart, or stopped behind our back)
             self.speaking_id = None
@@ -491,15 +533,18 @@ class Call:
                     "error",
                     {"what": "speaking failed", "status": event.status, "reason": event.reason},
                 ),
-                Hangup(self.id),
+                # the caller could never hear the agent: end the call rather than keep it mute
+                *self._hang_up_now(),
             ]
         return [StartTimer(self.id, "retry_speaking", self.settings.retry_s)]
 
     def _restart_speaking(self) -> list[Command]:
         s = self.settings
+        # one live session per call: whatever the old one's state, make sure it is stopped
+        old = self._stop("speaking", self.speaking_id) if self.speaking_id else []
         self.speaking = "starting"
         self.speaking_id = None
-        return [StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
+        return [*old, StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
 
     def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turn, 0)):
@@ -528,18 +573,17 @@ class Call:
         if event.ok:
             self._stopped.add(event.session_id)
         if not event.ok and entry is not None:
+            # an unconfirmed stop is never given up: the session bills until it is stopped.
+            # It is retried ever less often, kept in the store, and re-sent after a restart.
             kind, attempts = entry
-            if attempts < self.settings.max_attempts:
-                self.pending_stops[event.session_id] = (kind, attempts + 1)
-                cmds.append(
-                    StartTimer(
-                        self.id, f"retry_stop:{event.session_id}", self.settings.retry_s * attempts
-                    )
-                )
-            else:
+            self.pending_stops[event.session_id] = (kind, attempts + 1)
+            delay = min(self.settings.retry_s * 2 ** (attempts - 1), 60.0)
+            cmds.append(StartTimer(self.id, f"retry_stop:{event.session_id}", delay))
+            if attempts == self.settings.max_attempts:
                 cmds.append(Record(self.id, "leak", {"kind": kind, "session_id": event.session_id}))
         if (
-            event.kind == "speaking"
+            event.ok
+            and event.kind == "speaking"
             and self.speaking == "restarting"
             and event.session_id == self.speaking_id
             and not self.phase.over
@@ -608,7 +652,6 @@ class Call:
             or event.direction != "in"
             or event.kind != "interim"
             or not self.phase.live
-            or self._seen_before(event.id)
         ):
             return []  # a bare speech_started is a cough as often as a word: tentative only
         words = event.message.split()
@@ -803,6 +846,8 @@ class Call:
     # ---- timers ------------------------------------------------------------------------------
 
     def _on_timer(self, name: str, now: float) -> list[Command]:
+        if name == "retry_hangup" and self._hangup_pending:
+            return [Hangup(self.id)]
         if name.startswith("retry_stop:"):
             sid = name.partition(":")[2]
             entry = self.pending_stops.get(sid)
@@ -850,6 +895,7 @@ class Call:
     def _hang_up_now(self) -> list[Command]:
         """Hang up and stop the sessions without waiting for VoIPBIN's hangup event."""
         self.phase = Phase.ENDING
+        self._hangup_pending = True  # until VoIPBIN confirms: a caller must not sit in silence
         return [
             Hangup(self.id),
             *self._begin_end(),
@@ -914,8 +960,11 @@ class Call:
             cmds.append(
                 StopSpeaking(self.id, sid) if kind == "speaking" else StopTranscribe(self.id, sid)
             )
+        if self.phase.over:
+            self._restored = False
+            return [*cmds, SweepSpeakings(self.id), *self._maybe_finished()]
         if not self.phase.live:
-            return cmds + self._maybe_finished()
+            return cmds
         s = self.settings
         # a session we created may be gone (VoIPBIN restarted it, or it was stopped): verify
         self.speaking = "initiating" if self.speaking_id else "starting"

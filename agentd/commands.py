@@ -302,6 +302,13 @@ class TransferDone:
 
 
 @dataclass(frozen=True, slots=True)
+class HangupDone:
+    """POST /calls/{id}/hangup answered (`ok`), or finally failed."""
+
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CallGone:
     """GET /calls/{id} answered 404/403: the call no longer exists for us."""
 
@@ -318,6 +325,7 @@ Result = (
     | ReplyFailed
     | TimerFired
     | TransferDone
+    | HangupDone
     | CallGone
 )
 

@@ -212,7 +212,7 @@ class Daemon:
         for call in list(self.dispatcher.calls.values()):
             if call.transcribe_id and call.phase.live:
                 try:
-                    async for t in self.client.transcripts(call.transcribe_id):
+                    for t in await self.client.transcripts_in_order(call.transcribe_id):
                         parsed = parse_object(t)
                         event = getattr(parsed, "event", None)
                         if isinstance(event, TranscriptEvent):
@@ -265,6 +265,7 @@ class Daemon:
     async def _restore(self) -> None:
         """Pick up the calls the last agentd left live: check each, re-attach or clean up."""
         assert self.persister is not None
+        self.dispatcher.remember_ended(await self.persister.store.ended_call_ids())
         calls = await self.persister.restore(self.config.call)
         now = time.monotonic()
         for call in calls:

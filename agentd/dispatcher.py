@@ -183,6 +183,11 @@ class Dispatcher:
         if not self.calls and self._idle is not None:
             self._idle.set()
 
+    def remember_ended(self, call_ids: Iterable[str]) -> None:
+        """Calls that ended (or were handed over) before a restart: never adopt them again."""
+        for call_id in call_ids:
+            self._ended[call_id] = None
+
     def adopt(self, call: Call) -> None:
         """Take over a call restored from the store."""
         self.calls[call.id] = call

@@ -222,13 +222,18 @@ def _classify(obj: dict[str, Any], hint: str | None) -> Event | Rejected:
                 hangup_reason=_str(obj, "hangup_reason", required=False),
                 tm_update=_str(obj, "tm_update", required=False),
             ),
-            deleted=bool(obj.get("tm_delete")) or hint == "call_deleted",
+            deleted=hint == "call_deleted" or _is_real_time(obj.get("tm_delete")),
         )
     if hint is not None:
         return Rejected(f"event {hint[:40]} has an unexpected shape")
     if "call_ids" in obj or ("recording_id" in obj and "format" in obj):
         return Rejected("unused resource", ignorable=True)
     return Rejected("unknown resource shape")
+
+
+def _is_real_time(value: object) -> bool:
+    """A timestamp that happened: not empty, null, or a legacy `9999-01-01…` "never" sentinel."""
+    return isinstance(value, str) and bool(value) and not value.startswith("9999")
 
 
 def _dedupe_key(event: Event, raw: str | None) -> str:

@@ -30,6 +30,7 @@ from agentd.commands import (
     Finished,
     Flush,
     Hangup,
+    HangupDone,
     PollSpeaking,
     Record,
     ReplyDone,
@@ -177,9 +178,12 @@ class Executor:
                     log.exception(
                         "command.crashed", command=type(cmd).__name__, error=redact(str(exc))
                     )
-                    continue
+                    result = _failure(cmd)  # so the call never waits for ever
                 if result is not None:
-                    self.feed(call_id, result)
+                    try:
+                        self.feed(call_id, result)
+                    except Exception:
+                        log.exception("feed.crashed", result=type(result).__name__)
 
     async def _run(self, cmd: Command) -> Event | Result | None:
         c = self.client
@@ -234,7 +238,8 @@ class Executor:
                     if e.status in (403, 404):
                         return CallGone()
                     log.warning("hangup.failed", error=str(e))
-                return None
+                    return HangupDone(False)
+                return HangupDone(True)
             case SweepSpeakings():
                 try:
                     speakings = await c.list_speakings()
@@ -259,7 +264,7 @@ class Executor:
             case FetchTranscripts():
                 # transcripts whose events were lost; the call drops the ones it has seen
                 try:
-                    async for raw in c.transcripts(cmd.transcribe_id):
+                    for raw in await c.transcripts_in_order(cmd.transcribe_id):
                         parsed = parse_object(raw)
                         event = getattr(parsed, "event", None)
                         if isinstance(event, TranscriptEvent):
@@ -288,8 +293,9 @@ class Executor:
             return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status", "")))
         except ApiError as e:
             failure = SpeakingFailed(e.status, e.reason)
-        if failure.status == 0 or failure.status >= 500:
-            # the create may have happened anyway (one live session per call): adopt it
+        if failure.status in (0, 409) or failure.status >= 500:
+            # one live session per call: it may exist already (a 409/500 says so), or the
+            # create may have happened despite the error. Either way, adopt it.
             with contextlib.suppress(ApiError):
                 for spk in await c.list_speakings():
                     if spk.get("reference_id") == cmd.call_id and spk.get("status") in (
@@ -358,6 +364,26 @@ async def _stop(coro: Any) -> bool:
         log.warning("stop.failed", error=str(e))
         return False
     return True
+
+
+def _failure(cmd: Command) -> Result | None:
+    """What a command that crashed reports back: a plain failure the call knows how to handle."""
+    match cmd:
+        case StartTranscribe() | FindTranscribe():
+            return TranscribeFailed(0, "crashed")
+        case StartSpeaking():
+            return SpeakingFailed(0, "crashed")
+        case PollSpeaking():
+            return SpeakingFailed(0, "crashed", cmd.speaking_id)
+        case StopSpeaking():
+            return Stopped("speaking", cmd.speaking_id, False)
+        case StopTranscribe():
+            return Stopped("transcribe", cmd.transcribe_id, False)
+        case Hangup():
+            return HangupDone(False)
+        case Transfer():
+            return TransferDone(False, "crashed")
+    return None
 
 
 def _action(call: ToolCall) -> str:

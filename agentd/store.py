@@ -486,6 +486,18 @@ class Store:
 
         return await self._run(read, write=False)
 
+    async def ended_call_ids(self, limit: int = 10_000) -> list[str]:
+        """The most recently ended calls, oldest first: calls we left must stay left."""
+
+        def read(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT call_id FROM calls WHERE phase = 'ended' ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [str(r[0]) for r in reversed(rows)]
+
+        return await self._run(read, write=False)
+
     async def end_call(self, call_id: str, reason: str) -> None:
         """Mark the call ended (the row stays, for history, until `prune`). Unknown id: no-op."""
         now = self._clock()

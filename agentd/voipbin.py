@@ -126,7 +126,7 @@ class VoipbinClient:
                 if resp.status != 200:
                     raise ApiError(resp.status, "LOGIN_FAILED", "login refused")
                 data = await resp.json(content_type=None)
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(0, type(exc).__name__, "login failed: no answer") from None
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
@@ -280,7 +280,11 @@ class VoipbinClient:
             "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
         )
         for t in _result(body):
-            if t.get("status") == "progressing" and t.get("language", language) == language:
+            if (
+                t.get("status") == "progressing"
+                and t.get("reference_id", call_id) == call_id
+                and str(t.get("language", language)).lower() == language.lower()
+            ):
                 return _id(t)
         return None
 
@@ -307,6 +311,19 @@ class VoipbinClient:
             if not items or not isinstance(nxt, str) or not nxt or nxt == token:
                 return
             token = nxt
+
+    async def transcripts_in_order(self, transcribe_id: str) -> list[dict[str, Any]]:
+        """Every transcript, oldest first (the API answers newest first)."""
+        items = [t async for t in self.transcripts(transcribe_id)]
+
+        def when(t: dict[str, Any]) -> tuple[float, str]:
+            offset = t.get("offset_ms")
+            if isinstance(offset, (int, float)):
+                return (float(offset), "")
+            # older servers: tm_transcript is year 1 plus the offset, so it sorts as text
+            return (0.0, str(t.get("tm_transcript") or t.get("tm_create") or ""))
+
+        return sorted(items, key=when)
 
     async def start_speaking(
         self, call_id: str, language: str, provider: str, voice_id: str

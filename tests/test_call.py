@@ -16,6 +16,7 @@ from agentd.commands import (
     Finished,
     Flush,
     Hangup,
+    HangupDone,
     PollSpeaking,
     Record,
     ReplyDone,
@@ -403,3 +404,58 @@ def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
     step(call, transcript("hello", "tr1"), 9)  # the watch fetched it again
     cmds = step(call, TimerFired("silence"), 11.3)
     assert Say(CID, "s1", SETTINGS.reprompt_text, 1) in cmds
+
+
+def test_a_stop_that_keeps_failing_is_never_given_up() -> None:
+    call = answered()
+    call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
+    step(call, status("hangup"), 5)
+    delays = []
+    for attempt in range(8):
+        cmds = step(call, Stopped("speaking", "s1", False), 6 + attempt)
+        timer = next(c for c in cmds if isinstance(c, StartTimer))
+        delays.append(timer.delay_s)
+        assert step(call, TimerFired(timer.name), 7 + attempt) == [StopSpeaking(CID, "s1")]
+        assert not any(isinstance(c, Finished) for c in cmds)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert step(call, Stopped("speaking", "s1", True), 20) == [Finished(CID)]
+
+
+def test_barge_in_restart_waits_for_a_confirmed_stop() -> None:
+    call = answered()
+    step(call, transcript("tell me a story"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    step(call, SpeechEvent("sp1", "t1", "interim", "in", "wait stop"), 12)
+    cmds = step(call, Stopped("speaking", "s1", False), 12.2)
+    assert not any(isinstance(c, StartSpeaking) for c in cmds)  # the old one may still play
+    assert step(call, TimerFired("retry_stop:s1"), 13.2) == [StopSpeaking(CID, "s1")]
+    assert kinds(step(call, Stopped("speaking", "s1", True), 13.3)) == ["StartSpeaking"]
+
+
+def test_our_hangup_is_retried_until_voipbin_confirms_it() -> None:
+    call = answered()
+    cmds = call.shutdown(30)
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
+    step(call, Stopped("speaking", "s1", True), 30.1)
+    assert step(call, Stopped("transcribe", "t1", True), 30.1) == []  # hangup not confirmed
+    assert step(call, HangupDone(False), 30.2) == [StartTimer(CID, "retry_hangup", 1.0)]
+    assert step(call, TimerFired("retry_hangup"), 31.2) == [Hangup(CID)]
+    assert step(call, HangupDone(True), 31.3) == [Finished(CID)]
+
+
+def test_interim_speech_does_not_push_answered_transcripts_out() -> None:
+    call = answered()
+    step(call, transcript("hello", "tr1"), 10)
+    for i in range(3000):
+        step(call, SpeechEvent(f"sp{i}", "t1", "interim", "in", "x"), 11)
+    assert step(call, transcript("hello", "tr1"), 12) == []
+
+
+def test_a_transcribe_that_ends_under_a_live_call_is_replaced() -> None:
+    call = answered()
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 5) == [CheckCall(CID)]
+    cmds = step(call, status("progressing"), 5.05)  # the call is up: the agent went deaf
+    assert kinds(cmds) == ["StartTranscribe"]
+    assert step(call, TranscribeStarted("t2"), 5.1) == []
+    cmds = step(call, status("hangup"), 6)
+    assert StopTranscribe(CID, "t2") in cmds and StopTranscribe(CID, "t1") not in cmds

@@ -20,6 +20,8 @@ from agentd.commands import (
     CheckCall,
     Command,
     FindTranscribe,
+    Hangup,
+    HangupDone,
     PollSpeaking,
     ReplyDone,
     ReplyFailed,
@@ -118,6 +120,8 @@ class World:
             case Say():
                 if fail:
                     self.feed(SayFailed(cmd.speaking_id, cmd.text, cmd.turn, 404))
+            case Hangup():
+                self.feed(HangupDone(not fail))
             case CheckCall():
                 status = "hangup" if self.hung_up else "progressing"
                 self.feed(CallEvent(CallInfo(CID, status, "incoming", "+1", "+2")))
@@ -175,7 +179,7 @@ def test_any_interleaving_keeps_the_promises(data: st.DataObject) -> None:
     for _ in range(500):
         if world.pending:
             world.answer(world.pending.pop(0), fail=False)
-        elif retry := [n for n in world.timers if n.startswith("retry_stop:")]:
+        elif retry := [n for n in world.timers if n.startswith(("retry_stop:", "retry_hangup"))]:
             del world.timers[retry[0]]
             world.feed(TimerFired(retry[0]))
         else:

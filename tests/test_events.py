@@ -195,3 +195,18 @@ def test_duplicate_keys() -> None:
 def test_no_frame_makes_the_parser_raise(value: object) -> None:
     result = parse_frame(json.dumps(value))
     assert isinstance(result, (Parsed, Rejected))
+
+
+@pytest.mark.parametrize(
+    ("tm_delete", "deleted"),
+    [
+        (None, False),
+        ("", False),
+        ("9999-01-01T00:00:00.000000Z", False),
+        ("9999-01-01 00:00:00.000000", False),
+        ("2026-08-20T10:03:12Z", True),
+    ],
+)
+def test_only_a_real_tm_delete_means_deleted(tm_delete: str | None, deleted: bool) -> None:
+    event = parsed(CALL | {"tm_delete": tm_delete}).event
+    assert isinstance(event, CallEvent) and event.deleted is deleted
