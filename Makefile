@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test lint unit sim soak clean install uninstall
+.PHONY: all venv demo test lint unit sim soak clean install uninstall bench
 
 all: test
 
@@ -35,6 +35,11 @@ sim: $(STAMP)
 # 2,000 calls through a real agentd with every fault on and SIGKILL restarts (a few minutes)
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak --calls 2000 --out soak-report.json
+
+# the benchmarks (minutes; not part of `make test`): writes bench/results.json, REPORT.md, latency.png
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python -m bench.run
 
 # --- systemd deployment (run as root) -------------------------------------------------------
 INSTALL_DIR ?= /opt/agentd

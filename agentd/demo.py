@@ -74,7 +74,7 @@ async def run(quiet: bool = False) -> int:
                 "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK_CHARS_PER_S},
                 "daemon": {"drain_s": 5.0},
                 "store": {"path": ""},  # nothing to resume: the demo ends its calls on exit
-            "status": {"socket": ""},
+                "status": {"socket": ""},
             },
         )
         daemon = Daemon(config, backend=DemoBackend())

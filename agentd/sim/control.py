@@ -10,6 +10,7 @@ Routes (JSON bodies and answers):
 * ``GET /_sim/requests``, ``GET /_sim/leaks``.
 * ``POST /_sim/faults`` ``{"action": "drop_websockets"|"expire_tokens"|"fail"|"delay"|
   "refuse_ws"|"send_raw", ...}`` and/or ``duplicate_rate``, ``lose_rate``, ``reorder``, ``seed``.
+* ``POST /_sim/bench/...``: what benchmarks need (see :mod:`agentd.sim.bench`).
 * ``POST /_sim/outbound`` ``{"result", "ring_after_s", "answer_after_s", "destination",
   "utterances", "hangup_after_s"}``.
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from agentd.sim.bench import BenchApi, BenchError
 from agentd.sim.model import JSON, Caller, Outcome, SimCall, Utterance
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ class ControlApi:
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
+        self.bench = BenchApi(sim)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one control request."""
@@ -110,7 +113,7 @@ class ControlApi:
         parts = [p for p in request.path.split("/") if p][1:]
         try:
             result = await self._route(request.method.upper(), parts, body)
-        except ControlError as exc:
+        except (ControlError, BenchError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except (TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad value: {exc}"}, status=400)
@@ -123,6 +126,8 @@ class ControlApi:
     async def _route(self, method: str, parts: list[str], body: JSON) -> Any:
         sim = self.sim
         match method, parts:
+            case "POST", ["bench", *rest]:
+                return await self.bench.route(rest, body)
             case "GET", ["info"]:
                 return {
                     "api_url": sim.api_url,

@@ -34,6 +34,7 @@ from agentd.sim.rest import Req, RestApi, compile_routes
 from agentd.sim.settings import SimSettings
 from agentd.sim.speech import Speech
 from agentd.sim.state import World
+from agentd.sim.webhook import Webhooks
 from agentd.sim.ws import Hub, WsConnection
 
 log = structlog.get_logger("agentd.sim")
@@ -53,7 +54,9 @@ class Simulator:
         self.customer_id = new_id()
         self.agent_id = new_id()
         self.hub = Hub(self.customer_id, self.settings, notify=self._notify)
-        self.world = World(self.settings, self.customer_id, publish=self.hub.publish)
+        #: Webhook delivery of every published event (off until a URL is set).
+        self.webhooks = Webhooks()
+        self.world = World(self.settings, self.customer_id, publish=self._publish)
         self.auth = Authenticator(
             self.customer_id, self.agent_id, self.settings.username, self.settings.token_ttl_s
         )
@@ -70,6 +73,10 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
         self._port = 0
+
+    def _publish(self, event_type: str, payload: JSON) -> None:
+        self.hub.publish(event_type, payload)
+        self.webhooks.offer(event_type, payload)
 
     def _notify(self) -> None:
         # The hub is built before the world exists; forward lazily.
@@ -97,6 +104,7 @@ class Simulator:
         """Close every connection, cancel every timer, stop listening."""
         self.hub.drop_all()
         await self.world.cancel_all()
+        await self.webhooks.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -30,12 +30,20 @@ def _parser() -> argparse.ArgumentParser:
         default=SimSettings.playback_chars_per_s,
         help="TTS playback speed in characters per second",
     )
+    parser.add_argument(
+        "--speech-words-per-s",
+        type=float,
+        default=SimSettings.speech_words_per_s,
+        help="how fast simulated callers speak, in words per second",
+    )
     return parser
 
 
 async def _run(args: argparse.Namespace) -> None:
     settings = SimSettings(
-        rate_limit=not args.no_rate_limit, playback_chars_per_s=args.playback_chars_per_s
+        rate_limit=not args.no_rate_limit,
+        playback_chars_per_s=args.playback_chars_per_s,
+        speech_words_per_s=args.speech_words_per_s,
     )
     sim = Simulator(settings)
     await sim.start(host=args.host, port=args.port)

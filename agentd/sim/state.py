@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -42,6 +43,8 @@ class World:
         self.transfers: dict[str, JSON] = {}
         #: Every event published, in order: ``(event_type, payload)``.
         self.events: list[tuple[str, JSON]] = []
+        #: ``time.monotonic()`` of each entry of :attr:`events`, when it was published.
+        self.event_times: list[float] = []
         self._publish = publish
         self._waiters: set[asyncio.Future[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -74,6 +77,7 @@ class World:
     def emit(self, event_type: str, payload: JSON) -> None:
         """Record and publish an event (to WebSocket subscribers), then notify."""
         self.events.append((event_type, payload))
+        self.event_times.append(time.monotonic())
         self._publish(event_type, payload)
         self.notify()
 

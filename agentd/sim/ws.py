@@ -79,6 +79,9 @@ class WsConnection:
         self.closed = False
         self.close_reason = ""
         self.last_pong = time.monotonic()
+        #: ``time.monotonic()`` of the upgrade, and of the first ``subscribe`` (``None`` before).
+        self.connected_at = self.last_pong
+        self.subscribed_at: float | None = None
         self._transport = request.transport
         self._settings = settings
         self._faults = faults
@@ -184,6 +187,8 @@ class WsConnection:
             return
         if kind == "subscribe":
             self.subscriptions.update(topics)
+            if self.subscribed_at is None and topics:
+                self.subscribed_at = time.monotonic()
         elif kind == "unsubscribe":
             self.subscriptions.difference_update(topics)
         self._notify()

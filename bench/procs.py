@@ -1,0 +1,236 @@
+"""The processes a benchmark runs: the simulator and agentd, each in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("INVOCATION_ID", None)
+    return env
+
+
+async def _drain(stream: asyncio.StreamReader | None) -> None:
+    """Read and discard a child's output so its pipe never fills up."""
+    if stream is None:
+        return
+    while await stream.read(65536):
+        pass
+
+
+@dataclass
+class Sim:
+    """`agentd sim` in its own process, and a client for its `/_sim/` control API."""
+
+    proc: asyncio.subprocess.Process
+    api_url: str
+    ws_url: str
+    accesskey: str
+    base_url: str
+    http: aiohttp.ClientSession
+    drain: asyncio.Task[None]
+
+    async def bench(self, route: str, body: dict[str, Any] | None = None) -> Any:
+        """POST /_sim/bench/<route>."""
+        return await self.control("POST", f"bench/{route}", body or {})
+
+    async def control(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
+        """Any `/_sim/` route; raises on a non-2xx answer."""
+        async with self.http.request(method, f"{self.base_url}/_sim/{route}", json=body) as resp:
+            data = await resp.json()
+            if resp.status >= 300:
+                raise RuntimeError(f"/_sim/{route}: {resp.status} {data}")
+            return data
+
+    async def now(self) -> float:
+        """The simulator's monotonic clock."""
+        return float((await self.bench("now"))["t"])
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        await self.http.close()
+        await _terminate(self.proc)
+        self.drain.cancel()
+
+
+async def start_sim(
+    *, rate_limit: bool, playback_chars_per_s: float, speech_words_per_s: float
+) -> Sim:
+    """Start `agentd sim --port 0` and read the URLs and the access key it prints."""
+    args = [
+        "-m",
+        "agentd.sim.standalone",
+        "--port",
+        "0",
+        "--playback-chars-per-s",
+        str(playback_chars_per_s),
+        "--speech-words-per-s",
+        str(speech_words_per_s),
+    ]
+    if not rate_limit:
+        args.append("--no-rate-limit")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    lines: dict[str, str] = {}
+    async with asyncio.timeout(20):
+        while "control api" not in lines:
+            raw = await proc.stdout.readline()
+            if not raw:
+                raise RuntimeError("the simulator exited before it was ready")
+            key, _, value = raw.decode().partition(":")
+            if value:
+                lines[key.strip()] = value.strip()
+    drain = asyncio.get_running_loop().create_task(_drain(proc.stdout))
+    api = lines["api url"]
+    return Sim(
+        proc=proc,
+        api_url=api,
+        ws_url=lines["ws url"],
+        accesskey=lines["access key"],
+        base_url=api.removesuffix("/v1.0"),
+        http=aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)),
+        drain=drain,
+    )
+
+
+def agent_config(sim: Sim, path: Path, **sections: dict[str, Any]) -> Path:
+    """Write an agentd TOML config for `sim` (extra keys per section) and return its path."""
+    base: dict[str, dict[str, Any]] = {
+        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+        "agent": {"numbers": []},
+        "backend": {"kind": "echo"},
+        "log": {"level": "info", "format": "json"},
+        "daemon": {"drain_s": 10.0},
+        "store": {"path": str(path.with_suffix(".db"))},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    out = []
+    for name, values in base.items():
+        out.append(f"[{name}]")
+        for key, value in values.items():
+            out.append(f"{key} = {_toml(value)}")
+        out.append("")
+    path.write_text("\n".join(out))
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+@dataclass
+class Agent:
+    """One agentd process (`agentd run`, or bench.agent with a bench backend)."""
+
+    proc: asyncio.subprocess.Process
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def stop(self) -> None:
+        """SIGTERM (agentd drains its calls), SIGKILL if it lingers."""
+        await _terminate(self.proc, grace_s=15.0)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+
+async def start_agent(config: Path, *, stub_url: str | None = None) -> Agent:
+    """`agentd run --config <config>`; with `stub_url`, bench.agent with the streaming stub."""
+    if stub_url is None:
+        argv = [str(VENV_BIN / "agentd"), "run", "--config", str(config)]
+    else:
+        argv = [sys.executable, "-m", "bench.agent", "--config", str(config), "--llm", stub_url]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+    )
+    return Agent(proc)
+
+
+async def wait_subscribed(sim: Sim, *, after: float = 0.0, timeout_s: float = 20.0) -> float:
+    """Until a WebSocket connection subscribed after `after`; returns when (simulator clock)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            for conn in await sim.bench("ws"):
+                t = conn["subscribed_at"]
+                if t is not None and t >= after:
+                    return float(t)
+            await asyncio.sleep(0.01)
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace_s: float = 5.0) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@dataclass
+class Usage:
+    """CPU time (s) and resident memory (bytes) of a process at one instant."""
+
+    t: float
+    cpu_s: float
+    rss: int
+
+
+def usage(pid: int) -> Usage:
+    """Read /proc/<pid>/stat and /proc/<pid>/status."""
+    t = time.monotonic()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return Usage(t, cpu, rss)

@@ -1,0 +1,776 @@
+"""`make bench`: run agentd against the simulator over loopback; write results.json and REPORT.md.
+
+The simulator and agentd run in separate processes (2 cores: one each); every latency is taken
+from the simulator's own clock: when it published an event, when a request reached it.
+
+    python -m bench.run            # the full bench (a few minutes)
+    python -m bench.run --smoke    # a tiny version, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.procs import Agent, Sim, agent_config, start_agent, start_sim, usage, wait_subscribed
+from bench.stats import across_runs, summary_ms
+from bench.stub import LlmStub
+
+HERE = Path(__file__).resolve().parent
+LATENCY_KEYS = ("p50", "p90", "p99", "max")
+FAST_PLAYBACK = 1000.0  # chars/s: replies play in a few ms, so callers never barge in by accident
+UTTERANCE = "what is my balance"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big and how long each part of the bench is."""
+
+    runs: int = 3
+    calls: tuple[int, ...] = (1, 100, 1000)
+    every_s: float = 4.0  # a caller speaks this long after its previous utterance ended
+    single_every_s: float = 0.5  # the 1-call case speaks more often (more samples, same path)
+    measure_s: float = 8.0
+    answers_per_s: float = 300.0  # how fast the calls of a run are answered (the ramp)
+    floor_posts: int = 500
+    capacity_steps: tuple[int, ...] = (1500, 2000, 3000, 4000)
+    capacity_down: tuple[int, ...] = (700, 500, 300, 100)
+    ttfa_turns: int = 3
+    ttfa_pause_s: float = 1.5  # the caller's pause after the agent went silent (> the reply)
+    llm_ttft_s: float = 0.3
+    llm_tokens_per_s: float = 30.0
+    economy_playback: float = 40.0
+    economy_calls: int = 5
+    ratelimit_steps: tuple[int, ...] = (30, 45, 60, 90)
+    ratelimit_measure_s: float = 10.0
+    recovery_runs: int = 5
+    recovery_calls: int = 10
+    kill_runs: int = 3
+    kill_wait_s: float = 3.0
+    settle_s: float = 1.0  # waits around a fault, for the calls to be live / the dust to settle
+
+
+FULL = Profile()
+SMOKE = Profile(
+    runs=1,
+    calls=(2,),
+    every_s=0.5,
+    single_every_s=0.3,
+    measure_s=1.0,
+    floor_posts=50,
+    capacity_steps=(),
+    capacity_down=(),
+    ttfa_turns=1,
+    ttfa_pause_s=0.5,
+    llm_ttft_s=0.05,
+    llm_tokens_per_s=100.0,
+    economy_playback=80.0,
+    economy_calls=2,
+    ratelimit_steps=(3,),
+    ratelimit_measure_s=1.0,
+    recovery_runs=1,
+    recovery_calls=2,
+    kill_runs=1,
+    kill_wait_s=1.0,
+    settle_s=0.5,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- a run: a simulator, an agentd, N scripted calls --------------------------------------------
+
+
+class Run:
+    """One simulator process + one agentd process; torn down by `close()`."""
+
+    def __init__(self, sim: Sim, agent: Agent, config: Path | None = None) -> None:
+        self.sim = sim
+        self.agent = agent
+        self.config = config
+
+    @classmethod
+    async def start(
+        cls,
+        tmp: Path,
+        *,
+        rate_limit: bool = False,
+        playback: float = FAST_PLAYBACK,
+        words_per_s: float = 10.0,
+        agent: dict[str, Any] | None = None,
+        voipbin: dict[str, Any] | None = None,
+        backend: dict[str, Any] | None = None,
+        stub_url: str | None = None,
+    ) -> Run:
+        sim = await start_sim(
+            rate_limit=rate_limit, playback_chars_per_s=playback, speech_words_per_s=words_per_s
+        )
+        budget = {} if rate_limit else {"rate_per_s": 0}
+        config = agent_config(
+            sim,
+            tmp / f"agentd-{time.monotonic_ns()}.toml",
+            agent={"chars_per_s": playback, **(agent or {})},
+            voipbin={**budget, **(voipbin or {})},
+            backend=backend or {"kind": "echo"},
+        )
+        proc = await start_agent(config, stub_url=stub_url)
+        await wait_subscribed(sim)
+        await asyncio.sleep(0.4)  # agentd counts as ready 0.3 s after subscribing
+        return cls(sim, proc, config)
+
+    async def close(self) -> int:
+        """Hang up every call, let agentd clean up, stop both; returns leaked sessions."""
+        leaks: list[Any] = []
+        try:
+            await self.sim.bench("hangup_all")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                leaks = await self.sim.control("GET", "leaks")
+                if not leaks:
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            if leaks:  # a draining agentd still talks to the simulator: stop it first
+                await self.agent.stop()
+                await self.sim.stop()
+            else:
+                await asyncio.gather(self.agent.stop(), self.sim.stop())
+        return len(leaks)
+
+
+async def fetch(sim: Sim, since: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Events (turn and call events) and requests since `since`."""
+    events = await sim.bench(
+        "events",
+        {"since": since, "types": ["transcript_created", "call_progressing", "call_hangup"]},
+    )
+    requests = await sim.bench("requests", {"since": since})
+    return events, requests
+
+
+def turn_latencies(
+    events: Sequence[dict[str, Any]],
+    requests: Sequence[dict[str, Any]],
+    t0: float,
+    t1: float,
+) -> tuple[list[float], list[float], int]:
+    """(turn latencies, greeting latencies, unanswered turns) for events in [t0, t1).
+
+    A turn: a caller transcript (`transcript_created`, direction in) until the first
+    `/say` on that call before the call's next transcript. A greeting: `call_progressing` until
+    the call's first `/say`."""
+    says: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        if r["kind"] == "POST /speakings/say" and r["call_id"]:
+            says[r["call_id"]].append(r["t"])
+    for ts in says.values():
+        ts.sort()
+    transcripts: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e["type"] == "transcript_created" and e["direction"] == "in":
+            transcripts[e["call_id"]].append(e["t"])
+    turns: list[float] = []
+    greetings: list[float] = []
+    unanswered = 0
+    for call_id, ts in transcripts.items():
+        for i, t in enumerate(ts):
+            if not t0 <= t < t1:
+                continue
+            limit = ts[i + 1] if i + 1 < len(ts) else float("inf")
+            s = says.get(call_id, [])
+            k = bisect.bisect_left(s, t)
+            if k < len(s) and s[k] < limit:
+                turns.append(s[k] - t)
+            else:
+                unanswered += 1
+    for e in events:
+        if e["type"] == "call_progressing" and t0 <= e["t"] < t1:
+            s = says.get(e["call_id"], [])
+            k = bisect.bisect_left(s, e["t"])
+            if k < len(s):
+                greetings.append(s[k] - e["t"])
+    return turns, greetings, unanswered
+
+
+# ---- 0. the floor -------------------------------------------------------------------------------
+
+FLOOR_SERVER = """
+import sys
+from aiohttp import web
+async def ok(request):
+    await request.read()
+    return web.json_response({"ok": True})
+app = web.Application()
+app.router.add_post("/", ok)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+async def floor(profile: Profile) -> dict[str, Any]:
+    """A bare aiohttp POST round trip on loopback, server in its own process (as the simulator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOOR_SERVER, str(port), stdout=subprocess.DEVNULL
+    )
+    runs = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/"
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        async with http.post(url, json={}) as r:
+                            await r.read()
+                        break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+            for _ in range(profile.runs):
+                rtts = []
+                for _ in range(profile.floor_posts):
+                    t = time.perf_counter()
+                    async with http.post(url, json={"text": "You said: what is my balance."}) as r:
+                        await r.read()
+                    rtts.append(time.perf_counter() - t)
+                    await asyncio.sleep(0.002)
+                runs.append(summary_ms(rtts))
+    finally:
+        proc.terminate()
+        await proc.wait()
+    return {"runs": runs, **across_runs(runs, (*LATENCY_KEYS, "n"))}
+
+
+# ---- 1 + 3. overhead per turn, CPU and memory ---------------------------------------------------
+
+
+async def load_run(tmp: Path, profile: Profile, calls: int) -> dict[str, Any]:
+    """N calls speaking every few seconds against a zero-latency backend (echo)."""
+    run = await Run.start(tmp)
+    every = profile.single_every_s if calls == 1 else profile.every_s
+    # answers spread over at least one speaking period, so the callers do not speak in lockstep
+    ramp = max(calls / profile.answers_per_s, every + 0.5)
+    try:
+        base = usage(run.agent.pid)
+        await run.sim.bench(
+            "calls", {"count": calls, "spread_s": ramp, "every_s": every, "text": UTTERANCE}
+        )
+        await asyncio.sleep(ramp + every + 0.5)  # every call answered and has spoken once
+        t0 = await run.sim.now()
+        u0 = usage(run.agent.pid)
+        rss_peak = u0.rss
+        end = time.monotonic() + profile.measure_s
+        while time.monotonic() < end:
+            await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
+            rss_peak = max(rss_peak, usage(run.agent.pid).rss)
+        u1 = usage(run.agent.pid)
+        t1 = await run.sim.now()
+        await asyncio.sleep(0.5)  # replies to the last transcripts
+        events, requests = await fetch(run.sim, t0 - 10)
+    finally:
+        leaks = await run.close()
+    turns, _, unanswered = turn_latencies(events, requests, t0, t1)
+    return {
+        **summary_ms(turns),
+        "unanswered": unanswered,
+        "turns_per_s": round(len(turns) / (t1 - t0), 1),
+        "cpu_pct": round(100 * (u1.cpu_s - u0.cpu_s) / (u1.t - u0.t), 1),
+        "rss_mb": round(rss_peak / 2**20, 1),
+        "rss_idle_mb": round(base.rss / 2**20, 1),
+        "leaked_sessions": leaks,
+        "samples_ms": [round(x * 1000, 3) for x in turns[:5000]],
+    }
+
+
+async def overhead(tmp: Path, profile: Profile) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for calls in profile.calls:
+        runs = []
+        for i in range(profile.runs):
+            log(f"overhead: {calls} calls, run {i + 1}/{profile.runs}")
+            runs.append(await load_run(tmp, profile, calls))
+        keys = (*LATENCY_KEYS, "n", "cpu_pct", "rss_mb", "turns_per_s", "unanswered")
+        out[str(calls)] = {
+            "calls": calls,
+            "every_s": profile.single_every_s if calls == 1 else profile.every_s,
+            **across_runs(runs, keys),
+            "leaked_sessions": sum(r["leaked_sessions"] for r in runs),
+            "runs": [{k: v for k, v in r.items() if k != "samples_ms"} for r in runs],
+            "samples_ms": [x for r in runs for x in r["samples_ms"]],
+        }
+    return out
+
+
+async def capacity(tmp: Path, profile: Profile, known: dict[str, Any]) -> dict[str, Any]:
+    """The most calls with p99 overhead under 50 ms (one run per step; steps stop at a miss)."""
+    limit_ms = 50.0
+    steps: list[dict[str, Any]] = []
+
+    def ok(r: dict[str, Any]) -> bool:
+        return bool(r["p99"] < limit_ms and r["unanswered"] <= 0.01 * max(1, r["n"]))
+
+    biggest = max(profile.calls)
+    start_ok = str(biggest) in known and known[str(biggest)]["p99"]["median"] < limit_ms
+    ladder = profile.capacity_steps if start_ok else profile.capacity_down
+    best = biggest if start_ok else 0
+    for calls in ladder:
+        log(f"capacity: {calls} calls")
+        r = await load_run(tmp, profile, calls)
+        r.pop("samples_ms")
+        r["calls"] = calls
+        r["ok"] = ok(r)
+        steps.append(r)
+        if r["ok"] and start_ok:
+            best = max(best, calls)
+        elif r["ok"]:
+            best = calls
+            break
+        elif start_ok:
+            break
+    per_call_kib = None
+    if "100" in known and str(biggest) in known and biggest > 100:
+        rss_hi = known[str(biggest)]["rss_mb"]["median"]
+        rss_lo = known["100"]["rss_mb"]["median"]
+        per_call_kib = round((rss_hi - rss_lo) * 1024 / (biggest - 100), 1)
+    return {
+        "limit_ms": limit_ms,
+        "max_calls": best,
+        "steps": steps,
+        "memory_per_call_kib": per_call_kib,
+        "cpu_rss": {
+            k: {"cpu_pct": v["cpu_pct"], "rss_mb": v["rss_mb"]}
+            for k, v in known.items()
+            if k in ("100", "1000", str(biggest))
+        },
+    }
+
+
+# ---- 2. time to first audio ---------------------------------------------------------------------
+
+
+def has_openai_backend() -> bool:
+    """Whether agentd has its own `openai` backend kind (else bench.agent injects one)."""
+    return importlib.util.find_spec("agentd.backends.openai") is not None
+
+
+async def ttfa_agentd(tmp: Path, profile: Profile, stub: LlmStub) -> dict[str, Any]:
+    if has_openai_backend():
+        backend = {
+            "kind": "openai",
+            "base_url": stub.url.removesuffix("/chat/completions"),
+            "model": "stub",
+            "api_key": "sk-bench-not-a-secret",
+        }
+        run = await Run.start(tmp, rate_limit=True, playback=200.0, backend=backend)
+    else:
+        run = await Run.start(tmp, rate_limit=True, playback=200.0, stub_url=stub.url)
+    return await _ttfa_calls(run, profile, stub)
+
+
+async def ttfa_baseline(tmp: Path, profile: Profile, stub: LlmStub) -> dict[str, Any]:
+    sim = await start_sim(rate_limit=True, playback_chars_per_s=200.0, speech_words_per_s=10.0)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.baseline.agent",
+        "--api",
+        sim.api_url,
+        "--accesskey",
+        sim.accesskey,
+        "--llm",
+        stub.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=HERE.parent,
+    )
+    assert proc.stdout is not None
+    url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
+    await sim.bench("webhook", {"url": url})
+    agent = Agent(proc)
+    return await _ttfa_calls(Run(sim, agent), profile, stub)
+
+
+async def _ttfa_calls(run: Run, profile: Profile, stub: LlmStub) -> dict[str, Any]:
+    """One call, `ttfa_turns` caller turns, each answered with the stub's streamed reply."""
+    first = len(stub.served)
+    try:
+        t0 = await run.sim.now()
+        pause = profile.ttfa_pause_s
+        utterances = [{"text": UTTERANCE, "pause_s": pause} for _ in range(profile.ttfa_turns)]
+        created = await run.sim.control(
+            "POST", "calls", {"utterances": utterances, "hangup_after_s": pause}
+        )
+        call_id = created["id"]
+        async with asyncio.timeout(60):
+            while (await run.sim.control("GET", f"calls/{call_id}"))["status"] != "hangup":  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.1)
+        events, requests = await fetch(run.sim, t0)
+    finally:
+        leaks = await run.close()
+    turns = [e["t"] for e in events if e["type"] == "transcript_created" and e["direction"] == "in"]
+    says = sorted(r["t"] for r in requests if r["kind"] == "POST /speakings/say")
+    served = stub.served[first:]
+    rows = []
+    for t, llm in zip(turns, served, strict=False):
+        k = bisect.bisect_left(says, t)
+        if k >= len(says):
+            continue
+        rows.append(
+            {
+                "first_say_ms": (says[k] - t) * 1000,
+                "first_sentence_ms": (llm.t_first_sentence - t) * 1000,
+                "full_reply_ms": (llm.t_done - t) * 1000 if llm.t_done else float("nan"),
+                "llm_request_ms": (llm.t_request - t) * 1000,
+            }
+        )
+    out: dict[str, Any] = {"turns": len(rows), "leaked_sessions": leaks}
+    for key in ("first_say_ms", "first_sentence_ms", "full_reply_ms", "llm_request_ms"):
+        vals = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = round(statistics.median(vals), 1) if vals else float("nan")
+    out["after_first_sentence_ms"] = round(
+        statistics.median([r["first_say_ms"] - r["first_sentence_ms"] for r in rows]), 1
+    )
+    return out
+
+
+async def ttfa(tmp: Path, profile: Profile) -> dict[str, Any]:
+    stub = LlmStub(ttft_s=profile.llm_ttft_s, tokens_per_s=profile.llm_tokens_per_s)
+    await stub.start()
+    agentd_runs, base_runs = [], []
+    try:
+        for i in range(profile.runs):
+            log(f"time to first audio: run {i + 1}/{profile.runs}")
+            agentd_runs.append(await ttfa_agentd(tmp, profile, stub))
+            base_runs.append(await ttfa_baseline(tmp, profile, stub))
+    finally:
+        await stub.stop()
+    keys = ("first_say_ms", "first_sentence_ms", "full_reply_ms", "after_first_sentence_ms")
+    a = across_runs(agentd_runs, keys)
+    b = across_runs(base_runs, keys)
+    return {
+        "stub": {
+            "ttft_s": stub.ttft_s,
+            "tokens_per_s": stub.tokens_per_s,
+            "reply": stub.reply,
+            "tokens": len(stub.toks),
+            "first_sentence_tokens": stub.first_sentence,
+        },
+        "backend": (
+            '`agentd run` with `[backend] kind = "openai"` pointed at the stub'
+            if has_openai_backend()
+            else "`bench.agent.StreamingBackend` (agentd had no `openai` backend kind yet)"
+        ),
+        "agentd": {**a, "runs": agentd_runs},
+        "baseline": {**b, "runs": base_runs},
+        "ratio": round(b["first_say_ms"]["median"] / a["first_say_ms"]["median"], 2),
+    }
+
+
+# ---- 4. REST economy ----------------------------------------------------------------------------
+
+
+async def economy(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """Requests per call and per kind of turn, with the real rate limit and agentd's budget."""
+    log("REST economy: scripted calls with a barge-in")
+    run = await Run.start(tmp, rate_limit=True, playback=profile.economy_playback)
+    script = {
+        "utterances": [
+            {"text": "what is my balance and when is my next payment due", "pause_s": 0.3},
+            {"text": "sorry actually I lost my card", "barge_in_after_s": 1.2},
+            {"text": "thank you", "pause_s": 0.3},
+        ],
+        "hangup_after_s": 0.3,
+    }
+    try:
+        t0 = await run.sim.now()
+        ids = []
+        for _ in range(profile.economy_calls):
+            ids.append((await run.sim.control("POST", "calls", script))["id"])
+        async with asyncio.timeout(90):
+            while True:
+                views = [await run.sim.control("GET", f"calls/{i}") for i in ids]
+                if all(v["status"] == "hangup" for v in views):
+                    break
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(profile.settle_s)  # the stops after the hangups
+        events, requests = await fetch(run.sim, t0)
+    finally:
+        leaks = await run.close()
+    per_call: list[dict[str, Any]] = []
+    for view in views:
+        cid = view["id"]
+        reqs = sorted((r for r in requests if r["call_id"] == cid), key=lambda r: r["t"])
+        evs = [e for e in events if e["call_id"] == cid]
+        first_turn = min(
+            (e["t"] for e in evs if e["type"] == "transcript_created" and e["direction"] == "in"),
+            default=float("inf"),
+        )
+        hangup = min((e["t"] for e in evs if e["type"] == "call_hangup"), default=float("inf"))
+        turns = sum(1 for e in evs if e["type"] == "transcript_created" and e["direction"] == "in")
+        cuts = sum(1 for line in view["conversation"] if line["who"] == "agent" and line["cut"])
+        greeting = [r for r in reqs if r["t"] < first_turn]
+        during = [r for r in reqs if first_turn <= r["t"] < hangup]
+        after = [r for r in reqs if r["t"] >= hangup]
+        reply = [r for r in during if r["kind"] == "POST /speakings/say"]
+        barge = [r for r in during if r["kind"] != "POST /speakings/say"]
+        per_call.append(
+            {
+                "total": len(reqs),
+                "answer_greeting": len(greeting),
+                "reply_says": len(reply),
+                "turns": turns,
+                "barge_ins": cuts,
+                "barge_in_requests": len(barge),
+                "hangup": len(after),
+                "kinds": dict(Counter(r["kind"] for r in reqs)),
+            }
+        )
+    n = len(per_call)
+    total_turns = sum(c["turns"] for c in per_call)
+    total_cuts = sum(c["barge_ins"] for c in per_call)
+    daemon = [r for r in requests if not r["call_id"]]
+    return {
+        "calls": n,
+        "per_call": round(sum(c["total"] for c in per_call) / n, 2),
+        "answer_greeting": round(sum(c["answer_greeting"] for c in per_call) / n, 2),
+        "per_reply": round(sum(c["reply_says"] for c in per_call) / max(1, total_turns), 2),
+        "per_barge_in": round(
+            sum(c["barge_in_requests"] for c in per_call) / max(1, total_cuts), 2
+        ),
+        "hangup": round(sum(c["hangup"] for c in per_call) / n, 2),
+        "turns_per_call": round(total_turns / n, 2),
+        "barge_ins_per_call": round(total_cuts / n, 2),
+        "daemon_requests": dict(Counter(r["kind"] for r in daemon)),
+        "status_429": sum(1 for r in requests if r["status"] == 429),
+        "leaked_sessions": leaks,
+        "calls_detail": per_call,
+    }
+
+
+async def ratelimited(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """With the rate limit on: the most conversations with no 429 and first-/say p99 < 1 s."""
+    steps = []
+    best = 0
+    for calls in profile.ratelimit_steps:
+        log(f"rate limit on: {calls} conversations")
+        run = await Run.start(tmp, rate_limit=True)
+        ramp = calls / 5.0  # 5 answers/s = 15 setup requests/s, under the 17/s budget
+        try:
+            t0 = await run.sim.now()
+            await run.sim.bench(
+                "calls",
+                {"count": calls, "spread_s": ramp, "every_s": profile.every_s, "text": UTTERANCE},
+            )
+            await asyncio.sleep(ramp + profile.ratelimit_measure_s)
+            t1 = await run.sim.now()
+            await asyncio.sleep(profile.settle_s)
+            events, requests = await fetch(run.sim, t0)
+        finally:
+            leaks = await run.close()
+        turns, greetings, unanswered = turn_latencies(events, requests, t0, t1)
+        r429 = sum(1 for r in requests if r["status"] == 429)
+        span = max(r["t"] for r in requests) - t0 if requests else 1.0
+        turn_stats = summary_ms(turns)
+        step: dict[str, Any] = {
+            "calls": calls,
+            "turns": turn_stats,
+            "greetings": summary_ms(greetings),
+            "unanswered": unanswered,
+            "status_429": r429,
+            "requests_per_s": round(len(requests) / span, 1),
+            "leaked_sessions": leaks,
+        }
+        step["ok"] = bool(r429 == 0 and turn_stats["p99"] < 1000 and unanswered == 0)
+        steps.append(step)
+        if not step["ok"]:
+            break
+        best = calls
+    return {"max_conversations": best, "every_s": profile.every_s, "steps": steps}
+
+
+# ---- 5. recovery --------------------------------------------------------------------------------
+
+
+async def ws_recovery(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """WebSocket dropped (the server is back at once) -> agentd subscribed again, and reconciled."""
+    runs = []
+    for i in range(profile.recovery_runs):
+        log(f"recovery: WebSocket drop {i + 1}/{profile.recovery_runs}")
+        run = await Run.start(tmp)
+        try:
+            await run.sim.bench(
+                "calls",
+                {"count": profile.recovery_calls, "spread_s": 0.2, "every_s": 1.0},
+            )
+            await asyncio.sleep(profile.settle_s)
+            t_drop = float((await run.sim.bench("drop_ws"))["t"])
+            t_sub = await wait_subscribed(run.sim, after=t_drop)
+            await asyncio.sleep(profile.settle_s)
+            requests = await run.sim.bench("requests", {"since": t_drop})
+        finally:
+            await run.close()
+        lists = [r["t"] for r in requests if r["kind"] == "GET /calls"]
+        runs.append(
+            {
+                "resubscribed_ms": round((t_sub - t_drop) * 1000, 1),
+                "reconciled_ms": round((min(lists) - t_drop) * 1000, 1) if lists else float("nan"),
+            }
+        )
+    return {"runs": runs, **across_runs(runs, ("resubscribed_ms", "reconciled_ms"))}
+
+
+async def kill_recovery(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """SIGKILL agentd with live calls, restart it at once: until every live call is served again.
+
+    "Served again" = the call's next caller turn is answered with a /say."""
+    runs = []
+    for i in range(profile.kill_runs):
+        log(f"recovery: SIGKILL + restart {i + 1}/{profile.kill_runs}")
+        run = await Run.start(tmp)
+        config = run.config
+        assert config is not None
+        try:
+            ids = (
+                await run.sim.bench(
+                    "calls", {"count": profile.recovery_calls, "spread_s": 0.2, "every_s": 0.5}
+                )
+            )["ids"]
+            await asyncio.sleep(profile.settle_s + 0.5)
+            t_kill = await run.sim.now()
+            run.agent.kill()
+            await run.agent.proc.wait()
+            run.agent = await start_agent(config)
+            t_sub = await wait_subscribed(run.sim, after=t_kill)
+            await asyncio.sleep(profile.kill_wait_s)
+            events, requests = await fetch(run.sim, t_kill)
+        finally:
+            leaks = await run.close()
+        served: dict[str, float] = {}
+        turns = defaultdict(list)
+        for e in events:
+            if e["type"] == "transcript_created" and e["direction"] == "in":
+                turns[e["call_id"]].append(e["t"])
+        says = defaultdict(list)
+        for r in requests:
+            if r["kind"] == "POST /speakings/say" and r["status"] < 300:
+                says[r["call_id"]].append(r["t"])
+        for cid in ids:
+            for t in turns.get(cid, []):
+                later = [s for s in says.get(cid, []) if s >= t and s >= t_sub]
+                if later:
+                    served[cid] = min(later)
+                    break
+        resumed = len(served) == len(ids)
+        runs.append(
+            {
+                "resubscribed_ms": round((t_sub - t_kill) * 1000, 1),
+                "all_resumed_ms": round((max(served.values()) - t_kill) * 1000, 1)
+                if resumed
+                else float("nan"),
+                "calls_resumed": len(served),
+                "calls": len(ids),
+                "leaked_sessions": leaks,
+                "status_5xx": sum(1 for r in requests if r["status"] >= 500),
+            }
+        )
+    return {
+        "runs": runs,
+        **across_runs(runs, ("resubscribed_ms", "all_resumed_ms", "leaked_sessions")),
+    }
+
+
+# ---- the machine, and main ----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import aiohttp as _aiohttp
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(mem / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "aiohttp": _aiohttp.__version__,
+    }
+
+
+async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "profile": {**asdict(profile), "smoke": smoke},
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as d:
+        tmp = Path(d)
+        log("floor: bare aiohttp POST round trips")
+        results["floor"] = await floor(profile)
+        results["overhead"] = await overhead(tmp, profile)
+        results["capacity"] = await capacity(tmp, profile, results["overhead"])
+        results["ttfa"] = await ttfa(tmp, profile)
+        results["economy"] = await economy(tmp, profile)
+        results["ratelimited"] = await ratelimited(tmp, profile)
+        results["recovery"] = {
+            "ws_drop": await ws_recovery(tmp, profile),
+            "sigkill": await kill_recovery(tmp, profile),
+        }
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version (seconds)")
+    parser.add_argument("--out", type=Path, default=HERE, help="directory for the outputs")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    profile = SMOKE if args.smoke else FULL
+    results = asyncio.run(main_async(profile, args.smoke))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    from bench.report import write_report
+
+    write_report(results, args.out)
+    log(f"done in {results['duration_s']} s: {args.out / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

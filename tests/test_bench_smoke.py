@@ -1,0 +1,67 @@
+"""`make bench` in miniature: every section of results.json is there, with sane numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra is not installed (make bench)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    report = (tmp_path / "REPORT.md").read_text()
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+
+    for section in (
+        "machine",
+        "floor",
+        "overhead",
+        "capacity",
+        "ttfa",
+        "economy",
+        "ratelimited",
+        "recovery",
+    ):
+        assert section in results, section
+    assert results["machine"]["cores"] >= 1
+
+    floor = results["floor"]["p50"]["median"]
+    assert 0 < floor < 50
+    for calls, row in results["overhead"].items():
+        assert row["n"]["median"] >= 1, calls
+        assert 0 < row["p50"]["median"] <= row["p99"]["median"] <= row["max"]["median"] < 1000
+        assert row["leaked_sessions"] == 0
+
+    ttfa = results["ttfa"]
+    assert 0 < ttfa["agentd"]["first_say_ms"]["median"] < ttfa["baseline"]["first_say_ms"]["median"]
+    assert ttfa["ratio"] > 1
+
+    economy = results["economy"]
+    assert economy["answer_greeting"] == 3 and economy["hangup"] >= 2
+    assert economy["per_reply"] >= 1 and economy["status_429"] == 0
+
+    assert results["ratelimited"]["steps"][0]["status_429"] == 0
+    ws = results["recovery"]["ws_drop"]["resubscribed_ms"]["median"]
+    assert 0 < ws < 5000
+    assert not math.isnan(results["recovery"]["sigkill"]["resubscribed_ms"]["median"])
+
+    # the report is rendered from this JSON
+    assert f"{floor:.3f}" in report
+    assert "## 5. Recovery" in report
