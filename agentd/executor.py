@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,7 +323,7 @@ class Executor:
             try:
                 stream = self.backend.reply(cmd.call_id, cmd.history)
                 async with asyncio.timeout(self.backend_timeout_s):
-                    async for chunk in stream:
+                    async for chunk in _tail_flushing(stream, buf):
                         if isinstance(chunk, ToolCall):
                             action = _action(chunk) or action
                             continue
@@ -352,6 +352,32 @@ class Executor:
             lanes.timers.pop(name, None)
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             self.feed(call_id, TimerFired(name))
+
+
+TAIL_WAIT_S = 0.005
+
+
+async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]:
+    """Chunks of `stream`; plus, when the text so far ends like a sentence ("noon.") and the
+    next chunk is slow to come, an empty chunk after TAIL_WAIT_S that makes `buf` give up that
+    sentence. Model streams send the space after a period with the *next* token, so without
+    this the first sentence would be spoken one token interval late."""
+    it = stream.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(it.__anext__())
+        try:
+            if buf.ends_a_sentence():
+                done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
+                if not done:
+                    buf.end_tail()
+                    yield ""
+            chunk = await nxt
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            nxt.cancel()
+            raise
+        yield chunk
 
 
 async def _stop(coro: Any) -> bool:

@@ -7,6 +7,7 @@ from typing import Final
 
 _MASK: Final = "***"
 _known: set[str] = set()
+_known_re: re.Pattern[str] | None = None  # every known secret in one pattern, rebuilt on change
 # credential-looking query parameters, in case a URL reaches a message some other way
 _QUERY_RE = re.compile(r"(?i)\b(accesskey|token|api_key|password)=[^&\s'\"]+")
 
@@ -19,8 +20,10 @@ class Secret:
     def __init__(self, value: str) -> None:
         self._value = value
         # too short a value would scrub ordinary words from every log line
-        if len(value) >= 6:
+        if len(value) >= 6 and value not in _known:
+            global _known_re
             _known.add(value)
+            _known_re = re.compile("|".join(map(re.escape, sorted(_known, key=len, reverse=True))))
 
     def reveal(self) -> str:
         """The secret value, for the one place that sends it."""
@@ -43,7 +46,6 @@ class Secret:
 
 def redact(text: str) -> str:
     """Replace every known secret, and any credential-looking query value, with `***`."""
-    for value in _known:
-        if value in text:
-            text = text.replace(value, _MASK)
+    if _known_re is not None:
+        text = _known_re.sub(_MASK, text)
     return _QUERY_RE.sub(lambda m: f"{m.group(1)}={_MASK}", text)

@@ -73,6 +73,24 @@ class SentenceBuffer:
         self._buf = self._buf[pos:]
         return out
 
+    def ends_a_sentence(self) -> bool:
+        """Whether the text so far ends like a complete sentence (a period after a word, not
+        after a number or an abbreviation; or ! or ?), so that only the next chunk could say
+        otherwise."""
+        text = self._buf.rstrip()
+        if text != self._buf or not text:
+            return False  # a trailing space: feed() has already released what it could
+        stripped = text.rstrip("\"')]")
+        if not stripped or stripped[-1] not in ".!?\u2026":
+            return False
+        if stripped.endswith(".") and (len(stripped) < 2 or not stripped[-2].isalpha()):
+            return False  # "3." may become "3.14", ".." may become "..."
+        return _is_boundary(stripped, len(stripped))
+
+    def end_tail(self) -> None:
+        """The stream paused after a sentence end: treat it as followed by a space."""
+        self._buf += " "
+
     def flush(self) -> list[str]:
         """The rest of the text, at the end of the stream."""
         rest, self._buf = self._buf.strip(), ""

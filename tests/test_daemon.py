@@ -283,3 +283,33 @@ async def test_rate_limited_account_still_serves_every_call(
         await sim.wait_call_status(call_id, "hangup", timeout=30)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
     assert [r for r in sim.requests if r.status == 429] == []
+
+
+async def test_a_sentence_is_said_when_the_stream_pauses_after_its_period(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # model streams send the space after a period with the NEXT token; agentd must not wait
+    release = asyncio.Event()
+
+    class Tokens:
+        async def reply(self, call_id: str, history: object):  # type: ignore[no-untyped-def]
+            for token in ["It", " is", " noon", "."]:
+                yield token
+            await release.wait()  # the next token is slow
+            yield " Anything else?"
+
+        async def aclose(self) -> None:
+            pass
+
+    await agent(impl=Tokens())
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("time?")]))
+    await sim.wait_for(
+        lambda: any(
+            r.body == {"text": "It is noon."} for r in sim.requests_matching("POST", r"/say$")
+        ),
+        5,
+    )
+    release.set()
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    said = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]
+    assert said[1:] == ["It is noon.", "Anything else?"]

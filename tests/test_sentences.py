@@ -55,3 +55,23 @@ def test_say_split_without_spaces_never_breaks_a_character() -> None:
 def test_short_text_is_one_piece() -> None:
     assert split_for_say("  hi  ") == ["hi"]
     assert split_for_say("") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "ends"),
+    [
+        ("It is noon.", True),
+        ("Really?", True),
+        ('He said "stop."', True),
+        ("Pi is 3.", False),  # may become 3.14
+        ("See Dr.", False),
+        ("Wait..", False),  # may become an ellipsis
+        ("It is noon. ", False),  # feed() already released it
+        ("No end", False),
+        ("", False),
+    ],
+)
+def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
+    buf = SentenceBuffer()
+    assert buf.feed(text) == ([] if not text.endswith(". ") else ["It is noon."])
+    assert buf.ends_a_sentence() is ends
