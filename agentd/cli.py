@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        # the simulator has its own options (argparse's REMAINDER drops leading --options)
+        from agentd.sim.standalone import main as sim_main
+
+        return sim_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
