@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/agentd demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check agentd tests
-	$(BIN)/ruff format --check agentd tests
+	$(BIN)/ruff check agentd tests bench
+	$(BIN)/ruff format --check agentd tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)
