@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from agentd.daemon import Daemon
 from agentd.sim import Caller, Outcome, SimSettings, Simulator, Utterance
 from agentd.voipbin import Credentials, Secret, VoipbinClient
 from tests.support import CALLER, OUR_NUMBER, StartAgent
@@ -73,16 +74,12 @@ async def test_duplicated_events_are_answered_once(sim: Simulator, agent: StartA
     assert daemon.dispatcher.counters["duplicates"] > 0
 
 
-async def test_barge_in_with_gcp_flushes_and_drops_the_stale_reply(
-    sim: Simulator, agent: StartAgent
-) -> None:
-    daemon = await agent(
-        agent={"tts_provider": "gcp"},
-        backend={
-            "prefix": "Let me repeat "
-            + ("what you said, word for word, so that you know I heard it: " * 3)
-        },
-    )
+LONG_PREFIX = "Let me repeat " + "what you said, word for word, so that you know I heard it: " * 3
+
+
+async def barge_in_call(sim: Simulator, agent: StartAgent, provider: str) -> tuple[Daemon, str]:
+    """A caller who talks over the agent's long reply 0.1 s into it."""
+    daemon = await agent(agent={"tts_provider": provider}, backend={"prefix": LONG_PREFIX})
     caller = Caller(
         [Utterance("first question"), Utterance("no wait stop", barge_in_after_s=0.1)],
         hangup_after_s=0.05,
@@ -90,34 +87,28 @@ async def test_barge_in_with_gcp_flushes_and_drops_the_stale_reply(
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
     await sim.wait_call_status(call_id, "hangup", timeout=10)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert any(li.who == "agent" and li.cut for li in sim.get_call(call_id).conversation)
+    assert [r.what for r in daemon.records].count("barge_in") == 1
+    return daemon, call_id
+
+
+async def test_barge_in_with_gcp_flushes_and_drops_the_stale_reply(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    _, call_id = await barge_in_call(sim, agent, "gcp")
     seq = ops(sim, call_id)
     assert seq.count("POST /speakings/flush") == 1
-    lines = sim.get_call(call_id).conversation
-    assert any(line.who == "agent" and line.cut for line in lines)
-    assert [r.what for r in daemon.records].count("barge_in") == 1
+    assert seq.count("POST /speakings") == 1
 
 
 async def test_barge_in_with_elevenlabs_stops_and_starts_a_new_session(
     sim: Simulator, agent: StartAgent
 ) -> None:
-    daemon = await agent(
-        backend={
-            "prefix": "Let me repeat "
-            + ("what you said, word for word, so that you know I heard it: " * 3)
-        }
-    )
-    caller = Caller(
-        [Utterance("first question"), Utterance("no wait stop", barge_in_after_s=0.1)],
-        hangup_after_s=0.05,
-    )
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
-    await sim.wait_call_status(call_id, "hangup", timeout=10)
-    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    _, call_id = await barge_in_call(sim, agent, "elevenlabs")
     seq = ops(sim, call_id)
     assert seq.count("POST /speakings") == 2  # the original and the one after the cut
     assert seq.count("POST /speakings/stop") == 2
     assert "POST /speakings/flush" not in seq
-    assert any(line.who == "agent" and line.cut for line in sim.get_call(call_id).conversation)
 
 
 async def test_hangup_during_the_greeting_stops_both_sessions(

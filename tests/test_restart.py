@@ -39,15 +39,8 @@ async def start(config: Path) -> asyncio.subprocess.Process:
     )
 
 
-def subscribed(sim: Simulator) -> int:
-    return sum(1 for c in sim.ws_connections if c.subscriptions and not c.closed)
-
-
-def agent_lines(sim: Simulator, call_id: str) -> list[str]:
-    return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
-
-
-async def crash_and_restart(sim: Simulator, tmp_path: Path, kill: signal.Signals) -> None:
+def write_config(sim: Simulator, tmp_path: Path) -> Path:
+    """One config for every agentd of a test: the same store, so a restart finds the calls."""
     config = tmp_path / "agentd.toml"
     config.write_text(
         CONFIG.format(
@@ -58,6 +51,19 @@ async def crash_and_restart(sim: Simulator, tmp_path: Path, kill: signal.Signals
             store=tmp_path / "agentd.db",
         )
     )
+    return config
+
+
+def subscribed(sim: Simulator) -> int:
+    return sum(1 for c in sim.ws_connections if c.subscriptions and not c.closed)
+
+
+def agent_lines(sim: Simulator, call_id: str) -> list[str]:
+    return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
+
+
+async def crash_and_restart(sim: Simulator, tmp_path: Path, kill: signal.Signals) -> None:
+    config = write_config(sim, tmp_path)
     first = await start(config)
     second = None
     try:
@@ -111,16 +117,7 @@ async def test_sigterm_leaves_live_calls_for_the_next_start(sim: Simulator, tmp_
 async def test_a_call_that_ended_while_agentd_was_down_is_cleaned_up(
     sim: Simulator, tmp_path: Path
 ) -> None:
-    config = tmp_path / "agentd.toml"
-    config.write_text(
-        CONFIG.format(
-            api=sim.api_url,
-            key=sim.accesskey,
-            number=OUR_NUMBER,
-            playback=PLAYBACK,
-            store=tmp_path / "agentd.db",
-        )
-    )
+    config = write_config(sim, tmp_path)
     first = await start(config)
     second = None
     try:
