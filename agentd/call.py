@@ -755,6 +755,8 @@ class Call:
         if event.turn != self.turn or self.reply != "thinking":
             return []
         self.reply = "idle"
+        if event.first_chunk_at is not None:
+            self._turn_times["first_token"] = event.first_chunk_at
         cmds: list[Command] = [Record(self.id, "turn", self._timings(now)), *self._arm_silence(now)]
         if event.action and self.phase.live:
             # let the goodbye (or "transferring you now") finish playing first
@@ -826,7 +828,7 @@ class Call:
     def _timings(self, now: float) -> dict[str, object]:
         t0 = self._turn_times.get("transcript", now)
         out: dict[str, object] = {"turn": self.turn}
-        for key in ("first_sentence", "first_say", "last_say"):
+        for key in ("first_token", "first_sentence", "first_say", "last_say"):
             if key in self._turn_times:
                 out[f"{key}_ms"] = round((self._turn_times[key] - t0) * 1000, 1)
         return out

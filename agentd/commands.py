@@ -276,6 +276,7 @@ class ReplyDone:
 
     turn: int
     action: str = ""  # "end_call" / "transfer:<number>" when the backend asked for one
+    first_chunk_at: float | None = None  # when the backend's first text arrived (monotonic)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -320,6 +321,7 @@ class Executor:
             buf = SentenceBuffer()
             stream: Any = None
             action = ""
+            first: float | None = None
             try:
                 stream = self.backend.reply(cmd.call_id, cmd.history)
                 async with asyncio.timeout(self.backend_timeout_s):
@@ -327,11 +329,13 @@ class Executor:
                         if isinstance(chunk, ToolCall):
                             action = _action(chunk) or action
                             continue
+                        if first is None and chunk:
+                            first = time.monotonic()  # the dispatcher's clock too
                         for sentence in buf.feed(chunk):
                             self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
                 for sentence in buf.flush():
                     self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
-                self.feed(cmd.call_id, ReplyDone(cmd.turn, action))
+                self.feed(cmd.call_id, ReplyDone(cmd.turn, action, first))
             except asyncio.CancelledError:
                 raise
             except TimeoutError:

@@ -92,8 +92,9 @@ def test_full_call_issues_the_protocol_sequence() -> None:
         )
     ]
     assert step(call, ReplySentence(1, "It is noon."), 10.5) == [Say(CID, "s1", "It is noon.", 1)]
-    done = step(call, ReplyDone(1), 10.6)
+    done = step(call, ReplyDone(1, first_chunk_at=10.2), 10.6)
     assert isinstance(done[0], Record) and done[0].what == "turn"
+    assert done[0].data["first_token_ms"] == pytest.approx(200.0)
     assert done[0].data["first_say_ms"] == 500.0
     cmds = step(call, status("hangup", "normal", "remote"), 20)
     assert kinds(cmds) == ["StopSpeaking", "StopTranscribe"]

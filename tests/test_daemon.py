@@ -304,3 +304,18 @@ async def test_a_sentence_is_said_when_the_stream_pauses_after_its_period(
     await sim.wait_call_status(call_id, "hangup", timeout=10)
     said = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]
     assert said[1:] == ["It is noon.", "Anything else?"]
+
+
+async def test_a_server_that_refuses_to_upgrade_is_retried(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    sim.faults.refuse_ws(503, count=2)
+    connects = daemon.stream.stats.connects
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 30)
+    await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+    assert daemon.stream.stats.reconnects >= 3  # the drop, then two refusals
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("back again")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    assert "You said: back again." in [li.text for li in sim.get_call(call_id).conversation]
