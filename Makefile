@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 all: test
 
+# the bench extra (matplotlib) too: `make test` runs a smoke version of the benchmarks
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -38,7 +39,6 @@ soak: $(STAMP)
 
 # the benchmarks (minutes; not part of `make test`): writes bench/results.json, REPORT.md, latency.png
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
 # --- systemd deployment (run as root) -------------------------------------------------------
