@@ -142,7 +142,7 @@ def _call(args: argparse.Namespace) -> int:
             if args.wait:
                 from agentd.follow import follow
 
-                return await follow(config, client, call_id)
+                return await follow(client, call_id)
             return 0
         except ApiError as exc:
             print(f"agentd: call failed: {exc}", file=sys.stderr)

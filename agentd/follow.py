@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from agentd.config import Config
 from agentd.voipbin import ApiError, VoipbinClient
 
 POLL_S = 1.0
 
 
-async def follow(config: Config, client: VoipbinClient, call_id: str) -> int:
+async def follow(client: VoipbinClient, call_id: str) -> int:
     """Print status changes and transcripts of `call_id`; 0 if it was answered, 1 if not."""
     status = ""
     answered = False
