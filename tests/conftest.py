@@ -15,6 +15,7 @@ from agentd.backends import Backend
 from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.sim import SimSettings, Simulator
+from tests.stubs import HttpStub, OpenAIStub
 from tests.support import OUR_NUMBER, PLAYBACK, StartAgent
 
 
@@ -89,3 +90,17 @@ async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
         daemon.stop()
         await asyncio.wait_for(task, 10)
     assert sim.leaks() == []
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[OpenAIStub]:
+    """A local OpenAI-compatible server (real HTTP, real SSE)."""
+    async with OpenAIStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[HttpStub]:
+    """A local stand-in for a user's own HTTP backend."""
+    async with HttpStub() as stub:
+        yield stub

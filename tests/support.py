@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 
 from agentd.daemon import Daemon
@@ -12,3 +14,18 @@ CALLER = "+15550001111"
 PLAYBACK = 400.0
 
 StartAgent = Callable[..., Awaitable[Daemon]]
+
+
+async def run_cli(*args: str, limit_s: float = 60.0) -> tuple[int, str, str]:
+    """`python -m agentd ...` as a user runs it, without blocking the test's event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -29,18 +28,6 @@ HISTORY: tuple[Message, ...] = (
     ("user", "What are your opening hours?"),
 )
 KEY = "sk-test-4f9c2a7b1e0d"
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[OpenAIStub]:
-    async with OpenAIStub() as stub:
-        yield stub
-
-
-@pytest.fixture
-async def service() -> AsyncIterator[HttpStub]:
-    async with HttpStub() as stub:
-        yield stub
 
 
 def openai(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from pathlib import Path
 
 from agentd.sim import Simulator
 from tests.stubs import HttpStub, OpenAIStub, Script
+from tests.support import run_cli
 
 CONFIG = """
 [voipbin]
@@ -29,19 +29,8 @@ def write(tmp_path: Path, sim: Simulator, key: str, backend: str = 'kind = "echo
 
 
 async def check(config: Path) -> tuple[int, list[str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentd",
-        "check-config",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode().splitlines()
+    code, out, err = await run_cli("check-config", "--config", str(config))
+    return code, (out + err).splitlines()
 
 
 def closed_port() -> int:

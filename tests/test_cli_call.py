@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 from agentd.sim import Caller, Outcome, Simulator, Utterance
-from tests.support import OUR_NUMBER, StartAgent
+from tests.support import OUR_NUMBER, StartAgent, run_cli
 
 CONFIG = """
 [voipbin]
@@ -18,20 +16,6 @@ numbers = ["{number}"]
 """
 
 
-async def agentd(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_call_wait_prints_the_conversation(
     sim: Simulator, agent: StartAgent, tmp_path: Path
 ) -> None:
@@ -40,7 +24,9 @@ async def test_call_wait_prints_the_conversation(
     config.write_text(CONFIG.format(api=sim.api_url, key=sim.accesskey, number=OUR_NUMBER))
     # a caller slow enough to hang up after a poll or two of `--wait`
     sim.on_outbound(Outcome("answer"), Caller([Utterance("hello agent")], hangup_after_s=1.5))
-    code, out, err = await agentd("call", "--to", "+15559876543", "--config", str(config), "--wait")
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--config", str(config), "--wait"
+    )
     assert code == 0, err
     lines = out.splitlines()
     call_id = lines[0]
@@ -59,7 +45,7 @@ async def test_call_that_is_not_answered_exits_1(
     config = tmp_path / "agentd.toml"
     config.write_text(CONFIG.format(api=sim.api_url, key=sim.accesskey, number=OUR_NUMBER))
     sim.on_outbound(Outcome("noanswer"))
-    code, out, _ = await agentd(
+    code, out, _ = await run_cli(
         "call", "--to", "+15559876543", "--from", "+15550002222", "--config", str(config), "--wait"
     )
     assert code == 1

@@ -8,7 +8,6 @@ tests wait on the simulator's state, the stub's events, or the daemon going idle
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,18 +22,6 @@ from tests.support import CALLER, OUR_NUMBER, StartAgent
 SYSTEM = "You are a test agent."
 FALLBACK = "Sorry, one moment please."
 NUMBER = "+15557654321"
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[OpenAIStub]:
-    async with OpenAIStub() as stub:
-        yield stub
-
-
-@pytest.fixture
-async def service() -> AsyncIterator[HttpStub]:
-    async with HttpStub() as stub:
-        yield stub
 
 
 def openai_config(llm: OpenAIStub, **extra: Any) -> dict[str, Any]:

@@ -7,29 +7,13 @@ import json
 import os
 import socket
 import stat
-import sys
 from pathlib import Path
 
 from agentd.config import load, resolve_status_socket
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.status import client_socket, duration, render
-from tests.support import CALLER, OUR_NUMBER, StartAgent
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    """`python -m agentd ...` without blocking the loop the daemon runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
 
 
 async def ask_raw(path: Path, send: bytes) -> bytes:
@@ -83,7 +67,7 @@ async def test_status_cli_reports_the_live_call_the_connection_and_the_counters(
     assert stat.S_IMODE(path.stat().st_mode) == 0o660
     call_id = await live_call_in_turn(sim, daemon)
 
-    code, out, err = await cli("status", "--socket", str(path))
+    code, out, err = await run_cli("status", "--socket", str(path))
     assert code == 0, err
     assert err == ""
     lines = out.splitlines()
@@ -99,7 +83,7 @@ async def test_status_cli_reports_the_live_call_the_connection_and_the_counters(
     assert counters["calls served"] == "1"
     assert counters["leaked sessions"] == counters["REST errors"] == "0"
 
-    code, out, err = await cli("status", "--socket", str(path), "--json")
+    code, out, err = await run_cli("status", "--socket", str(path), "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["connection"]["state"] == "ready"
@@ -156,7 +140,7 @@ async def test_garbage_from_a_client_changes_nothing(
 
 async def test_no_daemon_means_exit_1_and_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "none.sock"
-    code, out, err = await cli("status", "--socket", str(missing))
+    code, out, err = await run_cli("status", "--socket", str(missing))
     assert code == 1
     assert out == ""
     assert err == f"agentd is not running (no status socket at {missing})\n"
@@ -166,7 +150,7 @@ async def test_no_daemon_means_exit_1_and_one_clear_line(tmp_path: Path) -> None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(stale))
     sock.close()
-    code, out, err = await cli("status", "--socket", str(stale), "--json")
+    code, out, err = await run_cli("status", "--socket", str(stale), "--json")
     assert code == 1
     assert err.startswith("agentd is not running (") and str(stale) in err
     assert err.count("\n") == 1
