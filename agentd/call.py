@@ -280,11 +280,6 @@ class Call:
             case HangupDone():
                 return self._on_hangup_done(event)
 
-    @property
-    def busy(self) -> bool:
-        """Whether the call still holds anything that must be cleaned up."""
-        return self.phase is not Phase.ENDED
-
     def is_talking(self, now: float) -> bool:
         """Whether the agent's audio is (estimated to be) still playing or queued.
 

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -403,8 +403,3 @@ def _metrics_listen(value: str) -> str:
     if value:
         parse_listen(value)
     return value
-
-
-def with_call_settings(config: Config, **changes: Any) -> Config:
-    """A copy of `config` with some call settings changed (tests and the demo)."""
-    return replace(config, call=replace(config.call, **changes))

@@ -158,11 +158,6 @@ class Executor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    @property
-    def pending(self) -> int:
-        """Tasks still running (lanes, timers, replies)."""
-        return len(self._tasks)
-
     # ---- lanes ---------------------------------------------------------------------------
 
     async def _drain(self, call_id: str, queue: deque[Command]) -> None:
