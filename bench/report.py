@@ -136,7 +136,8 @@ def render(r: dict[str, Any]) -> str:
         )
     leaks = {k: [x["leaked_sessions"] for x in row["runs"]] for k, row in ov.items()}
     w(
-        "- Sessions still open 20 s after every call was hung up, per run: "
+        "- Sessions still open 60 s after every call was hung up (lost hangup events are found"
+        " by agentd's 20 s REST watch), per run: "
         + "; ".join(f"{k} call{'s' if k != '1' else ''}: {v}" for k, v in leaks.items())
         + (
             " — **a leak**: a speaking session is billed until stopped."

@@ -143,7 +143,9 @@ class Run:
         leaks: list[Any] = []
         try:
             await self.sim.bench("hangup_all")
-            deadline = time.monotonic() + 20
+            # a mass hangup overflows the 2,000-frame client queue (as on VoIPBIN): hangups that
+            # never arrive are found by agentd's REST watch once a call is quiet for 20 s
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 leaks = await self.sim.control("GET", "leaks")
                 if not leaks:
