@@ -244,7 +244,13 @@ class VoipbinClient:
         # placing a call is not idempotent: a retry could ring the callee twice
         resp = await self.request("POST", "/calls", json=body, priority=SETUP, idempotent=False)
         calls = resp.get("calls") if isinstance(resp, dict) else None
-        return [c for c in calls or [] if isinstance(c, dict)]
+        found = [c for c in calls or [] if isinstance(c, dict)]
+        if not found and isinstance(resp, dict):
+            # the docs' tutorial reads tel calls from groupcalls[].call_ids: accept that too
+            for group in resp.get("groupcalls") or []:
+                ids = group.get("call_ids") if isinstance(group, dict) else None
+                found += [{"id": i} for i in ids or [] if isinstance(i, str)]
+        return found
 
     async def hangup(self, call_id: str) -> None:
         """POST /calls/{id}/hangup (idempotent)."""

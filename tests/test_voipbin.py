@@ -171,3 +171,17 @@ async def test_a_429_spends_the_budget() -> None:
     start = loop.time()
     await limiter.acquire(URGENT)
     assert loop.time() - start >= 0.04
+
+
+async def test_placed_call_found_in_groupcalls_as_the_docs_show() -> None:
+    client = VoipbinClient(API, Credentials(accesskey=Secret("vb_unit_test_key")))
+    try:
+        with aioresponses() as mock:
+            mock.post(
+                f"{API}/calls?accesskey=vb_unit_test_key",
+                status=200,
+                payload={"calls": [], "groupcalls": [{"id": "g1", "call_ids": ["c9"]}]},
+            )
+            assert await client.place_call("+1555", "+1666") == [{"id": "c9"}]
+    finally:
+        await client.close()
