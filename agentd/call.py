@@ -497,6 +497,7 @@ class Call:
         if not self.greeted:
             self.greeted = True
             self.phase = Phase.ACTIVE
+            self._last_caller = max(self._last_caller, now)  # silence counts from the answer
             if self.settings.greeting:
                 self.history.append(Msg("assistant", self.settings.greeting, 0))
                 cmds += self._say(self.settings.greeting, 0, now)
@@ -778,10 +779,21 @@ class Call:
         if now - quiet_since < s.silence_s - 0.05:  # timers fire a hair early or late
             return [StartTimer(self.id, "silence", quiet_since + s.silence_s - now)]
         self._reprompts += 1
+        # a silent caller, or an STT that stopped hearing one (measured with Google's after ~5
+        # minutes while the transcribe still says progressing): worth a warning either way
+        quiet = Record(
+            self.id,
+            "stt_quiet",
+            {"quiet_s": round(now - self._last_caller, 1), "stt_provider": s.stt_provider},
+        )
         if self._reprompts > s.max_silence_reprompts:
-            return [Record(self.id, "silence_hangup", {}), *self._goodbye(s.silence_goodbye, now)]
+            return [
+                quiet,
+                Record(self.id, "silence_hangup", {}),
+                *self._goodbye(s.silence_goodbye, now),
+            ]
         self.history.append(Msg("assistant", s.reprompt_text, self.turn))
-        return [*self._say(s.reprompt_text, self.turn, now), *self._arm_silence(now)]
+        return [quiet, *self._say(s.reprompt_text, self.turn, now), *self._arm_silence(now)]
 
     def _goodbye(self, text: str, now: float) -> list[Command]:
         """Say `text`, then hang up once it has played."""

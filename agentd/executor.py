@@ -62,6 +62,9 @@ from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
 log = structlog.get_logger("agentd.executor")
 
+# facts an operator should see with `journalctl -p warning`
+WARN_RECORDS = frozenset({"leak", "error", "stt_quiet", "backend_failed", "speaking_lost"})
+
 Feed = Callable[[str, "Event | Result"], None]
 
 
@@ -99,7 +102,10 @@ class Executor:
         """Schedule `commands`; never blocks."""
         lanes = self._calls.setdefault(call_id, _Lanes())
         for cmd in commands:
-            log.info("command", call_id=call_id, **_describe(cmd))
+            if isinstance(cmd, Record) and cmd.what in WARN_RECORDS:
+                log.warning("command", call_id=call_id, **_describe(cmd))
+            else:
+                log.info("command", call_id=call_id, **_describe(cmd))
             match cmd:
                 case AskBackend():
                     self._spawn_reply(lanes, cmd)

@@ -353,6 +353,8 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     assert StartTimer(CID, "silence", pytest.approx(10.9)) in cmds
     cmds = call.handle(TimerFired("silence"), 10.9)
     assert Say(CID, "s1", settings.reprompt_text, 0) in cmds
+    quiet = next(c for c in cmds if isinstance(c, Record) and c.what == "stt_quiet")
+    assert quiet.data == {"quiet_s": 10.9, "stt_provider": "aws"}  # silent since the answer
     cmds = call.handle(TimerFired("silence"), 22.9)
     assert Say(CID, "s1", settings.silence_goodbye, 0) in cmds
     timer = next(c for c in cmds if isinstance(c, StartTimer) and c.name == "after_reply")
