@@ -14,10 +14,10 @@ import structlog
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
-from agentd.commands import Record, Result, StartSpeaking, StartTranscribe
+from agentd.commands import FetchTranscripts, Record, Result, StartSpeaking, StartTranscribe
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher, normalise_number
-from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
+from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
 from agentd.persist import Persister
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
@@ -205,20 +205,12 @@ class Daemon:
             log.warning("reconcile.failed", error=str(exc))
             return
         for raw in calls:
-            parsed = parse_object(raw)
-            event = getattr(parsed, "event", None)
+            event = event_of(raw)
             if isinstance(event, CallEvent) and event.call.status == "progressing":
                 self.dispatcher.on_event(event)
         for call in list(self.dispatcher.calls.values()):
             if call.transcribe_id and call.phase.live:
-                try:
-                    for t in await self.client.transcripts_in_order(call.transcribe_id):
-                        parsed = parse_object(t)
-                        event = getattr(parsed, "event", None)
-                        if isinstance(event, TranscriptEvent):
-                            self.dispatcher.on_event(event)
-                except ApiError as exc:
-                    log.warning("reconcile.transcripts_failed", call_id=call.id, error=str(exc))
+                self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
 
     async def run(self) -> None:
         """Serve until `stop()`; then end live calls and clean up every session."""

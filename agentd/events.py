@@ -148,6 +148,14 @@ def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Reject
     return Parsed(result, _dedupe_key(result, raw))
 
 
+def event_of(obj: object) -> Event | None:
+    """The event in a resource read over REST, or None if it is not one we can use."""
+    if not isinstance(obj, dict):
+        return None
+    parsed = parse_object(obj)
+    return parsed.event if isinstance(parsed, Parsed) else None
+
+
 def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
     value = obj.get(key)
     if value is None:

@@ -55,7 +55,7 @@ from agentd.commands import (
     Transfer,
     TransferDone,
 )
-from agentd.events import CallEvent, Event, TranscriptEvent, parse_object
+from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.secret import redact
 from agentd.sentences import SentenceBuffer, split_for_say
 from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
@@ -267,9 +267,7 @@ class Executor:
                 # transcripts whose events were lost; the call drops the ones it has seen
                 try:
                     for raw in await c.transcripts_in_order(cmd.transcribe_id):
-                        parsed = parse_object(raw)
-                        event = getattr(parsed, "event", None)
-                        if isinstance(event, TranscriptEvent):
+                        if isinstance(event := event_of(raw), TranscriptEvent):
                             self.feed(cmd.call_id, event)
                 except ApiError as e:
                     log.warning("fetch_transcripts.failed", error=str(e))
@@ -282,10 +280,8 @@ class Executor:
                         return CallGone()
                     log.warning("check_call.failed", error=str(e))
                     return None
-                parsed = parse_object(raw)
-                if hasattr(parsed, "event") and isinstance(parsed.event, CallEvent):
-                    return parsed.event
-                return None
+                event = event_of(raw)
+                return event if isinstance(event, CallEvent) else None
         return None
 
     async def _start_speaking(self, cmd: StartSpeaking) -> Result:

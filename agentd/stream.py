@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError
+from agentd.voipbin import ApiError, backoff
 
 log = structlog.get_logger("agentd.stream")
 
@@ -56,12 +55,10 @@ def classify(exc: BaseException) -> Verdict:
     return "retry"
 
 
-def reconnect_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
-    """Exponential backoff with jitter, capped (websockets' own cap is 90 s: too long for calls)."""
-    delay = base
-    while True:
-        yield random.uniform(delay * 0.5, delay)
-        delay = min(cap, delay * 2)
+def reconnect_delays(cap: float = 30.0) -> Iterator[float]:
+    """Reconnect delays: the REST client's backoff, from 0.5 s, capped (websockets' own cap is
+    90 s: too long for calls)."""
+    return backoff(base=0.5, cap=cap)
 
 
 @dataclass
