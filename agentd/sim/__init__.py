@@ -1,6 +1,6 @@
 """A faithful local VoIPBIN simulator (REST + WebSocket over loopback) with a scripted caller.
 
-Follows the server code, not the docs (see ``/work/shared/voipbin/REFERENCE.md`` §12 and §13)::
+Follows the server code, not the docs (see ``docs/protocol.md``; §12 lists where they differ)::
 
     async with Simulator(SimSettings(playback_chars_per_s=200)) as sim:
         call_id = sim.inbound_call(caller=Caller([Utterance("hello")]))

@@ -1,6 +1,6 @@
 """Credentials: HS256 JWTs (stdlib ``hmac``) and ``vb_`` access keys, read the way the server does.
 
-Precedence (REFERENCE.md §2.3): cookie ``token``, ``?token=``, ``Authorization: Bearer``, cookie
+Precedence (docs/protocol.md §2): cookie ``token``, ``?token=``, ``Authorization: Bearer``, cookie
 ``accesskey``, ``?accesskey=``. The first non-empty one wins even when it is invalid, and
 ``token``/Bearer values are always parsed as JWTs (an access key there is refused).
 """

@@ -1,6 +1,6 @@
 """Call lifecycles: outbound dialing outcomes, inbound number flows, flow actions, hangups.
 
-Status machine (REFERENCE.md §7.1): ``dialing -> ringing -> progressing -> terminating -> hangup``,
+States (docs/protocol.md §4.1): ``dialing -> ringing -> progressing -> terminating -> hangup``,
 ``canceling -> hangup`` for a local hangup before answer; ``hangup`` is final. A flow that runs out
 of actions is hung up by the server; every call is capped at ``max_call_s`` (reason ``timeout``).
 """

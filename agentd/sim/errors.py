@@ -1,4 +1,4 @@
-"""The server's error envelope (REFERENCE.md §9.1) and request ids."""
+"""The server's error envelope (docs/protocol.md §6.1) and request ids."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Resources the simulator keeps (calls, transcribes, transcripts, speakings) and their JSON shapes.
 
-The JSON follows the server's Go structs (REFERENCE.md §5.2 and §6): uuid fields are never omitted
+The JSON follows the server's Go structs (docs/protocol.md §4.6): uuid fields are never omitted
 (nil uuid when unset), ``omitempty`` strings and times are left out when empty, key order is the
 struct's field order.
 """
@@ -162,7 +162,7 @@ class SimCall:
             "type": "flow",
             "master_call_id": NIL_UUID,
             "recording_id": NIL_UUID,
-            # The server never copies groupcall_id into the external shape (REFERENCE.md §6.1).
+            # The server never copies groupcall_id into the external shape (docs/protocol.md §4.6).
             "groupcall_id": NIL_UUID,
             "source": dict(self.source),
             "destination": dict(self.destination),

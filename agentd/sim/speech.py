@@ -2,8 +2,8 @@
 
 Playback is real time: a say takes ``len(text) / playback_chars_per_s`` seconds and says play
 back to back. What was heard is recorded in the call's conversation, truncated where the audio
-was cut (``/stop``, a ``gcp`` flush, or the hangup). Flush follows the provider (REFERENCE.md
-§8.3): ``gcp`` cuts and drops the queue, ``aws`` drops only what has not started,
+was cut (``/stop``, a ``gcp`` flush, or the hangup). Flush follows the provider (docs/protocol.md
+§8.2): ``gcp`` cuts and drops the queue, ``aws`` drops only what has not started,
 ``elevenlabs`` changes nothing.
 """
 

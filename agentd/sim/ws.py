@@ -1,6 +1,6 @@
 """The WebSocket event hub: subscriptions, topic validation, fan-out, keepalive.
 
-Server behaviour copied from REFERENCE.md §4: text JSON ``subscribe``/``unsubscribe`` messages with
+Server behaviour from docs/protocol.md §3: text JSON ``subscribe``/``unsubscribe`` messages with
 no ack; a binary frame or any invalid topic drops the TCP connection without a close frame; plain
 string-prefix matching, delivered once per published topic (each event is published under two
 topics, so a 3-part prefix gets two copies); ping every ``ping_interval_s`` and drop a client whose
@@ -30,7 +30,7 @@ Frame = str | bytes
 
 
 def topic_valid(topic: str, identity: Identity) -> bool:
-    """The server's ``validateTopics`` rule for one topic (REFERENCE.md §4.3)."""
+    """The server's ``validateTopics`` rule for one topic (docs/protocol.md §3.1)."""
     parts = topic.split(":")
     if len(parts) < 2:
         return False

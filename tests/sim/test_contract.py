@@ -1,9 +1,9 @@
 """Contract test: every request this test sends and every response the simulator returns, for a
 full scripted call, is validated against VoIPBIN's official OpenAPI spec.
 
-The simulator follows the *server code*, not the spec. Where the two disagree (REFERENCE.md §13),
-the divergence is listed by name in ``EXCEPTIONS`` with its reason and a ``fix`` that rewrites the
-exchange into what the spec expects; the rewritten exchange must then validate. Every listed
+The simulator follows the *server code*, not the spec. Where the two disagree (docs/protocol.md
+§12), the divergence is listed by name in ``EXCEPTIONS`` with its reason and a ``fix`` that rewrites
+the exchange into what the spec expects; the rewritten exchange must then validate. Every listed
 exception must actually be needed by the scenario (so the table cannot rot), and nothing outside
 the table is tolerated.
 """
@@ -144,7 +144,7 @@ EXCEPTIONS: list[SpecException] = [
         r"^/v1\.0/calls$",
         "request",
         "Spec requires actions[].id; the server generates ids for inline actions and "
-        "VoIPBIN's own client sends none (PROTOCOL.md 'place a call').",
+        "VoIPBIN's own client sends none (docs/protocol.md §5).",
         fix_actions_without_id,
     ),
     SpecException(
@@ -153,8 +153,8 @@ EXCEPTIONS: list[SpecException] = [
         r"^/v1\.0/calls",
         "response",
         "Before its flow runs a call shows the reserved start action {id ...0001, next_id nil, "
-        "tm_execute null}: no `type` (omitempty) and a null *time.Time (REFERENCE.md §5.2, "
-        "§6.1); the spec's Action requires `type` and types tm_execute as a non-null string.",
+        "tm_execute null}: no `type` (omitempty) and a null *time.Time (docs/protocol.md "
+        "§4.6); the spec's Action requires `type` and types tm_execute as a non-null string.",
         fix_call_start_action,
     ),
     SpecException(
@@ -162,8 +162,8 @@ EXCEPTIONS: list[SpecException] = [
         "*",
         r"^/v1\.0/transcribes",
         "response",
-        "Transcribe tm_update/tm_delete are null when unset (REFERENCE.md §6.3); the spec types "
-        "them as non-nullable strings.",
+        "Transcribe tm_update/tm_delete are null when unset (docs/protocol.md §4.6); the spec "
+        "types them as non-nullable strings.",
         fix_transcribe_null_times,
     ),
     SpecException(
@@ -171,8 +171,8 @@ EXCEPTIONS: list[SpecException] = [
         "GET",
         r"^/v1\.0/speakings$",
         "response",
-        "GET /speakings answers {result, next_page_token} like every list (REFERENCE.md §13 #15); "
-        "the spec says a bare array.",
+        "GET /speakings answers {result, next_page_token} like every list "
+        "(docs/protocol.md §4.6, §12); the spec says a bare array.",
         fix_speakings_list_shape,
     ),
     SpecException(
@@ -180,8 +180,8 @@ EXCEPTIONS: list[SpecException] = [
         "*",
         r"^/v1\.0/",
         "response",
-        "429 RESOURCE_EXHAUSTED/RATE_LIMIT_EXCEEDED applies to every /v1.0 route (REFERENCE.md "
-        "§9.2) but the spec declares 429 on almost none.",
+        "429 RESOURCE_EXHAUSTED/RATE_LIMIT_EXCEEDED applies to every /v1.0 route "
+        "(docs/protocol.md §6.2) but the spec declares 429 on almost none.",
         fix_undeclared_error_status,
     ),
     SpecException(
@@ -199,11 +199,11 @@ EXCEPTIONS: list[SpecException] = [
         r"^/auth/login$",
         "*",
         "POST /auth/login is registered by hand at the root path and absent from the spec "
-        "(REFERENCE.md §1, §13 #20); its shape is asserted by hand in the test.",
+        "(docs/protocol.md §1, §12); its shape is asserted by hand in the test.",
         None,
     ),
 ]
-# Not exceptions, though REFERENCE.md lists them as doc conflicts: the spec already declares
+# Not exceptions, though docs/protocol.md §12 lists them as doc conflicts: the spec already declares
 # POST /speakings -> 201, and transcripts' `offset_ms` is an extra property the spec allows.
 
 
