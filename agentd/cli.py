@@ -185,13 +185,13 @@ async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:
     from agentd.secret import redact
 
     b = config.backend
-    kind = b["kind"]
+    kind = b.kind
     if kind == "echo":
         return True, "echo, nothing to check"
     if kind == "python":
-        return True, f"python {b['callable']}, imported"
-    what = f"openai {b['model']} at {b['base_url']}" if kind == "openai" else f"http {b['url']}"
-    timeout_s = float(b["timeout_s"])
+        return True, f"python {b.callable}, imported"
+    what = f"openai {b.model} at {b.base_url}" if kind == "openai" else f"http {b.url}"
+    timeout_s = b.timeout_s
     started = time.monotonic()
     stream = backend.reply("agentd-check-config", [("user", "ping")])
     try:

@@ -4,6 +4,9 @@ Everything is validated at load time and a mistake is reported as one line namin
 (`ConfigError`), never as a traceback at first use. Secrets may come from the file, a `*_file` key,
 the environment, or a systemd credential (`$CREDENTIALS_DIRECTORY/voipbin-accesskey`, ...); they are
 wrapped in `Secret` so they never print.
+
+Each default is written once: the per-call keys of `[agent]` take theirs from `CallSettings`,
+`[backend]` from `BackendConfig`, `[daemon]` from `DaemonConfig`, the other keys from `_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from agentd.call import DEFAULT_FALLBACK, DEFAULT_GREETING, CallSettings
+from agentd.call import CallSettings
 from agentd.secret import Secret
 
 
@@ -25,8 +28,80 @@ class ConfigError(Exception):
     """A configuration mistake; the message names the key and is safe to print."""
 
 
+@dataclass(frozen=True)
+class VoipbinConfig:
+    """[voipbin]"""
+
+    api_url: str
+    ws_url: str
+    accesskey: Secret | None
+    token: Secret | None
+    username: str
+    password: Secret | None
+    rate_per_s: float
+    burst: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """[backend]: where replies come from (README, Backends)."""
+
+    kind: str = "echo"  # echo | openai | http | python
+    timeout_s: float = 15.0
+    prefix: str = "You said:"  # echo
+    base_url: str = "https://api.openai.com/v1"  # openai
+    model: str = "gpt-4o-mini"
+    api_key: Secret | None = None  # openai, http
+    temperature: float = 0.7
+    max_tokens: int = 300
+    tools: bool = True
+    url: str = ""  # http
+    callable: str = ""  # python: "module:function"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: how agentd stops."""
+
+    drain_s: float = 10.0  # on SIGTERM, how long in-flight replies (or the goodbyes) may take
+    stop_sessions_on_shutdown: bool = False  # False: leave live calls for the next agentd
+    shutdown_goodbye: str = "Sorry, I have to end the call now. Goodbye!"
+
+
+TypeSpec = type | tuple[type, ...]
+NUMBER: TypeSpec = (int, float)  # an int in TOML is fine where a float is meant
+
+
+def _owned_by(cls: type[Any], **types: TypeSpec) -> dict[str, tuple[TypeSpec, Any]]:
+    """Schema entries for fields of the dataclass `cls`: the TOML type, and the field's default."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    return {key: (typ, defaults[key]) for key, typ in types.items()}
+
+
+# [agent] keys that are CallSettings fields (cut_method "auto" is CallSettings' None)
+_CALL_KEYS = _owned_by(
+    CallSettings,
+    greeting=str,
+    language=str,
+    tts_provider=str,
+    voice_id=str,
+    stt_provider=str,
+    system_prompt=str,
+    barge_in=str,
+    barge_in_min_words=int,
+    cut_method=str,
+    chars_per_s=NUMBER,
+    fallback_text=str,
+    history_limit=int,
+    silence_s=NUMBER,
+    max_silence_reprompts=int,
+    reprompt_text=str,
+    max_call_s=NUMBER,
+    watch_s=NUMBER,
+)
 # section -> key -> (type, default). `None` default = optional.
-_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+_SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
     "voipbin": {
         "api_url": (str, "https://api.voipbin.net/v1.0"),
         "ws_url": (str, ""),
@@ -37,53 +112,38 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "username": (str, ""),
         "password": (str, ""),
         "password_file": (str, ""),
-        "rate_per_s": ((int, float), 17.0),
+        "rate_per_s": (NUMBER, 17.0),
         "burst": (int, 33),
-        "timeout_s": ((int, float), 10.0),
+        "timeout_s": (NUMBER, 10.0),
     },
     "agent": {
         "numbers": (list, []),
-        "greeting": (str, DEFAULT_GREETING),
-        "language": (str, "en-US"),
-        "tts_provider": (str, "elevenlabs"),
-        "voice_id": (str, "21m00Tcm4TlvDq8ikWAM"),
-        "stt_provider": (str, "aws"),
-        "system_prompt": (str, "You are a helpful voice agent on a phone call. Answer briefly."),
-        "barge_in": (str, "speech"),
-        "barge_in_min_words": (int, 2),
-        "cut_method": (str, "auto"),
-        "chars_per_s": ((int, float), 15.0),
-        "fallback_text": (str, DEFAULT_FALLBACK),
-        "history_limit": (int, 40),
-        "silence_s": ((int, float), 20.0),
-        "max_silence_reprompts": (int, 2),
-        "reprompt_text": (str, "Are you still there?"),
-        "max_call_s": ((int, float), 3300.0),
-        "watch_s": ((int, float), 20.0),
+        **_CALL_KEYS,
         "flow_id": (str, ""),
         "caller_id": (str, ""),
     },
     "backend": {
-        "kind": (str, "echo"),
-        "timeout_s": ((int, float), 15.0),
-        "prefix": (str, "You said:"),
-        "base_url": (str, "https://api.openai.com/v1"),
-        "model": (str, "gpt-4o-mini"),
-        "api_key": (str, ""),
+        **_owned_by(
+            BackendConfig,
+            kind=str,
+            timeout_s=NUMBER,
+            prefix=str,
+            base_url=str,
+            model=str,
+            api_key=str,
+            temperature=NUMBER,
+            max_tokens=int,
+            tools=bool,
+            url=str,
+            callable=str,
+        ),
         "api_key_file": (str, ""),
-        "temperature": ((int, float), 0.7),
-        "max_tokens": (int, 300),
-        "tools": (bool, True),
-        "url": (str, ""),
-        "callable": (str, ""),
     },
     "store": {"path": (str, "agentd.db")},
     "log": {"level": (str, "info"), "format": (str, "auto")},
-    "daemon": {
-        "drain_s": ((int, float), 10.0),
-        "stop_sessions_on_shutdown": (bool, False),
-        "shutdown_goodbye": (str, "Sorry, I have to end the call now. Goodbye!"),
-    },
+    "daemon": _owned_by(
+        DaemonConfig, drain_s=NUMBER, stop_sessions_on_shutdown=bool, shutdown_goodbye=str
+    ),
     # observability: `agentd status` socket (None = the default path, "" = off) and metrics
     "status": {"socket": (str, None)},
     "metrics": {"listen": (str, "")},
@@ -105,21 +165,6 @@ _CREDENTIALS = {
 
 
 @dataclass(frozen=True)
-class VoipbinConfig:
-    """[voipbin]"""
-
-    api_url: str
-    ws_url: str
-    accesskey: Secret | None
-    token: Secret | None
-    username: str
-    password: Secret | None
-    rate_per_s: float
-    burst: int
-    timeout_s: float
-
-
-@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated."""
 
@@ -128,14 +173,12 @@ class Config:
     numbers: tuple[str, ...]
     flow_id: str
     caller_id: str
-    backend: dict[str, Any]
+    backend: BackendConfig
     store_path: str
     log_level: str
     log_format: str
-    drain_s: float
-    daemon: dict[str, Any] = field(default_factory=dict)
+    daemon: DaemonConfig = DaemonConfig()
     source: str = ""
-    raw: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     status_socket: str = ""  # absolute path of the `agentd status` socket; "" = off
     metrics_listen: str = ""  # loopback "host:port" for Prometheus metrics; "" = off
 
@@ -213,7 +256,7 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
                     value = raw.lower() in ("1", "true", "yes")
                 elif typ is int:
                     value = int(raw)
-                elif typ == (int, float):
+                elif typ == NUMBER:
                     value = float(raw)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number") from None
@@ -254,16 +297,65 @@ def default_ws_url(api_url: str) -> str:
 
 
 def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) -> Config:
-    def get(section: str, key: str) -> Any:
-        return m[section].get(key, _SCHEMA[section][key][1])
+    agent = _section(m, "agent")
+    store_path = _section(m, "store")["path"]
+    log = _section(m, "log")
+    return Config(
+        voipbin=_voipbin(_section(m, "voipbin"), env),
+        call=_call_settings(agent),
+        numbers=tuple(agent["numbers"]),
+        flow_id=agent["flow_id"],
+        caller_id=agent["caller_id"] or (agent["numbers"][0] if agent["numbers"] else ""),
+        backend=_backend(_section(m, "backend"), env),
+        store_path=store_path,
+        log_level=log["level"],
+        log_format=log["format"],
+        daemon=DaemonConfig(**_section(m, "daemon")),
+        source=source,
+        status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
+        metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
+    )
 
-    v = {k: get("voipbin", k) for k in _SCHEMA["voipbin"]}
-    api_url = v["api_url"].rstrip("/")
+
+def _section(m: dict[str, dict[str, Any]], section: str) -> dict[str, Any]:
+    """Every key of `section`: its value, or its default when unset; numbers as float."""
+    out: dict[str, Any] = {}
+    for key, (typ, default) in _SCHEMA[section].items():
+        value = m[section].get(key, default)
+        out[key] = float(value) if typ == NUMBER else value
+    return out
+
+
+def _voipbin(v: dict[str, Any], env: Mapping[str, str]) -> VoipbinConfig:
+    api_url, ws_url = _voipbin_urls(v["api_url"], v["ws_url"])
+    accesskey, token, password = _voipbin_credentials(v, env)
+    return VoipbinConfig(
+        api_url=api_url,
+        ws_url=ws_url,
+        accesskey=accesskey,
+        token=token,
+        username=v["username"],
+        password=password,
+        rate_per_s=v["rate_per_s"],
+        burst=int(v["burst"]),
+        timeout_s=v["timeout_s"],
+    )
+
+
+def _voipbin_urls(api_url: str, ws_url: str) -> tuple[str, str]:
+    api_url = api_url.rstrip("/")
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
         raise ConfigError(f"voipbin.api_url: not an http(s) URL: {api_url!r}")
-    ws_url = v["ws_url"] or default_ws_url(api_url)
+    ws_url = ws_url or default_ws_url(api_url)
     if urlsplit(ws_url).scheme not in ("ws", "wss"):
         raise ConfigError(f"voipbin.ws_url: not a ws(s) URL: {ws_url!r}")
+    return api_url, ws_url
+
+
+def _voipbin_credentials(
+    v: dict[str, Any], env: Mapping[str, str]
+) -> tuple[Secret | None, Secret | None, Secret | None]:
+    """(accesskey, token, password): at least one way to authenticate."""
     accesskey = _secret("voipbin", v, "accesskey", env)
     token = _secret("voipbin", v, "token", env)
     password = _secret("voipbin", v, "password", env)
@@ -276,70 +368,32 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         )
     if accesskey and accesskey.reveal().count(".") == 2:
         raise ConfigError("voipbin.accesskey: this looks like a JWT; put it in voipbin.token")
-    a = {k: get("agent", k) for k in _SCHEMA["agent"]}
-    if a["chars_per_s"] <= 0:
+    return accesskey, token, password
+
+
+def _call_settings(agent: dict[str, Any]) -> CallSettings:
+    values = {key: agent[key] for key in _CALL_KEYS}
+    if values["cut_method"] == "auto":
+        values["cut_method"] = None
+    call = CallSettings(**values)
+    if call.chars_per_s <= 0:
         raise ConfigError("agent.chars_per_s: must be positive")
-    call = CallSettings(
-        greeting=a["greeting"],
-        language=a["language"],
-        tts_provider=a["tts_provider"],
-        voice_id=a["voice_id"],
-        stt_provider=a["stt_provider"],
-        system_prompt=a["system_prompt"],
-        barge_in=a["barge_in"],
-        barge_in_min_words=a["barge_in_min_words"],
-        cut_method=None if a["cut_method"] == "auto" else a["cut_method"],
-        chars_per_s=float(a["chars_per_s"]),
-        fallback_text=a["fallback_text"],
-        history_limit=a["history_limit"],
-        silence_s=float(a["silence_s"]),
-        max_silence_reprompts=a["max_silence_reprompts"],
-        reprompt_text=a["reprompt_text"],
-        max_call_s=float(a["max_call_s"]),
-        watch_s=float(a["watch_s"]),
-    )
-    return Config(
-        voipbin=VoipbinConfig(
-            api_url=api_url,
-            ws_url=ws_url,
-            accesskey=accesskey,
-            token=token,
-            username=v["username"],
-            password=password,
-            rate_per_s=float(v["rate_per_s"]),
-            burst=int(v["burst"]),
-            timeout_s=float(v["timeout_s"]),
-        ),
-        call=call,
-        numbers=tuple(a["numbers"]),
-        flow_id=a["flow_id"],
-        caller_id=a["caller_id"] or (a["numbers"][0] if a["numbers"] else ""),
-        backend=_backend(m, env),
-        store_path=get("store", "path"),
-        log_level=get("log", "level"),
-        log_format=get("log", "format"),
-        drain_s=float(get("daemon", "drain_s")),
-        daemon={k: get("daemon", k) for k in _SCHEMA["daemon"]},
-        source=source,
-        raw=m,
-        status_socket=resolve_status_socket(get("status", "socket"), env, get("store", "path")),
-        metrics_listen=_metrics_listen(get("metrics", "listen")),
-    )
+    return call
 
 
-def _backend(m: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[str, Any]:
-    b = {k: m["backend"].get(k, spec[1]) for k, spec in _SCHEMA["backend"].items()}
-    b["api_key"] = _secret("backend", b, "api_key", env)
+def _backend(b: dict[str, Any], env: Mapping[str, str]) -> BackendConfig:
+    api_key = _secret("backend", b, "api_key", env)
     del b["api_key_file"]
-    kind = b["kind"]
-    if kind == "http" and not b["url"]:
+    backend = BackendConfig(**{**b, "api_key": api_key})
+    kind = backend.kind
+    if kind == "http" and not backend.url:
         raise ConfigError("backend.url: the http backend needs the URL of your service")
-    if kind == "python" and ":" not in b["callable"]:
+    if kind == "python" and ":" not in backend.callable:
         raise ConfigError("backend.callable: expected 'module:function'")
     url_key = {"openai": "base_url", "http": "url"}.get(kind)
-    if url_key and urlsplit(b[url_key]).scheme not in ("http", "https"):
+    if url_key and urlsplit(getattr(backend, url_key)).scheme not in ("http", "https"):
         raise ConfigError(f"backend.{url_key}: not an http(s) URL")
-    return b
+    return backend
 
 
 # ---- observability: the status socket and the metrics address --------------------------------

@@ -6,9 +6,14 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
+
 from agentd.sim import Simulator
 from tests.stubs import HttpStub, OpenAIStub, Script
 from tests.support import run_cli
+
+# one `agentd check-config` process per test
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 [voipbin]
@@ -122,6 +127,17 @@ async def test_an_http_backend_answers(sim: Simulator, tmp_path: Path) -> None:
         assert code == 0, lines
         assert stub.requests[0].body["text"] == "ping"
     assert lines[-1].startswith(f"backend: ok (http {stub.reply_url}, first chunk in ")
+
+
+async def test_a_python_backend_is_imported_not_called(sim: Simulator, tmp_path: Path) -> None:
+    backend = 'kind = "python"\ncallable = "tests.stubs:py_whole"'
+    code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
+    assert code == 0, lines
+    assert lines[-1] == "backend: ok (python tests.stubs:py_whole, imported)"
+    backend = 'kind = "python"\ncallable = "nope_pkg.mod:fn"'
+    code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
+    assert code == 2
+    assert lines[-1].startswith("agentd: config error: backend.callable: cannot import 'nope_pkg")
 
 
 async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agentd.config import ConfigError, load
+from agentd.call import CallSettings
+from agentd.config import BackendConfig, Config, ConfigError, DaemonConfig, load
+from agentd.secret import Secret
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 GOOD = """
 [voipbin]
@@ -40,6 +45,75 @@ def test_good_config(tmp_path: Path) -> None:
     assert config.call.stt_provider == "aws"
     assert config.call.cut == "restart"  # elevenlabs: flush does not cut the audio
     assert config.caller_id == "+15551234567"
+
+
+def test_every_per_call_default_comes_from_call_settings() -> None:
+    config = load(None, env={}, overrides={"voipbin": {"accesskey": "vb_testkey123"}})
+    assert config.call == CallSettings()
+    assert config.numbers == () and config.flow_id == "" and config.caller_id == ""
+
+
+def test_the_system_prompt_default_is_the_documented_short_prompt() -> None:
+    prompt = CallSettings().system_prompt
+    assert prompt == "You are a helpful voice agent on a phone call. Answer briefly."
+    assert prompt in README.read_text(encoding="utf-8")
+
+
+def test_typed_sections_have_the_documented_defaults() -> None:
+    config = load(None, env={}, overrides={"voipbin": {"accesskey": "vb_testkey123"}})
+    assert (
+        config.backend
+        == BackendConfig()
+        == BackendConfig(
+            kind="echo",
+            timeout_s=15.0,
+            prefix="You said:",
+            base_url="https://api.openai.com/v1",
+            model="gpt-4o-mini",
+            api_key=None,
+            temperature=0.7,
+            max_tokens=300,
+            tools=True,
+            url="",
+            callable="",
+        )
+    )
+    assert (
+        config.daemon
+        == DaemonConfig()
+        == DaemonConfig(
+            drain_s=10.0,
+            stop_sessions_on_shutdown=False,
+            shutdown_goodbye="Sorry, I have to end the call now. Goodbye!",
+        )
+    )
+    assert config.voipbin.rate_per_s == 17.0 and config.voipbin.burst == 33
+    assert (config.store_path, config.log_level, config.log_format) == ("agentd.db", "info", "auto")
+    assert "raw" not in {f.name for f in dataclasses.fields(Config)}
+
+
+def test_typed_sections_take_the_file_and_the_environment(tmp_path: Path) -> None:
+    key = tmp_path / "backend-key"
+    key.write_text("sk-from-file-1234\n")
+    text = GOOD.replace(
+        'kind = "echo"',
+        f'kind = "openai"\ntimeout_s = 5\nmax_tokens = 99\napi_key_file = "{key}"',
+    )
+    text += '[daemon]\ndrain_s = 3\nshutdown_goodbye = "Bye."\n'
+    env = {"AGENTD_DAEMON_STOP_SESSIONS_ON_SHUTDOWN": "yes", "AGENTD_AGENT_CUT_METHOD": "flush"}
+    config = load(write(tmp_path, text), env=env)
+    assert config.backend.kind == "openai"
+    assert config.backend.timeout_s == 5.0 and isinstance(config.backend.timeout_s, float)
+    assert config.backend.max_tokens == 99
+    assert config.backend.api_key == Secret("sk-from-file-1234")
+    assert "sk-from-file-1234" not in repr(config)
+    assert config.daemon == DaemonConfig(3.0, True, "Bye.")
+    assert isinstance(config.daemon.drain_s, float)
+    assert config.call.cut_method == "flush"
+    auto = load(
+        write(tmp_path, GOOD.replace("[backend]", 'cut_method = "auto"\n[backend]')), env={}
+    )
+    assert auto.call.cut_method is None
 
 
 def test_environment_overrides_every_key(tmp_path: Path) -> None:
@@ -94,6 +168,23 @@ def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
         ),
         (("[voipbin]", "[voipbin]\nburst = -1"), "voipbin.burst: must not be negative"),
         (("[agent]", "[agent"), "not valid TOML"),
+        (("[agent]", "[agent]\nchars_per_s = 0"), "agent.chars_per_s: must be positive"),
+        (('kind = "echo"', 'kind = "http"'), "backend.url: the http backend needs the URL"),
+        (('kind = "echo"', 'kind = "python"'), "backend.callable: expected 'module:function'"),
+        (
+            ('kind = "echo"', 'kind = "openai"\nbase_url = "ftp://x"'),
+            "backend.base_url: not an http(s) URL",
+        ),
+        (("[store]", '[daemon]\ndrain_s = "soon"\n[store]'), "daemon.drain_s: expected int or"),
+        (
+            ("[voipbin]", '[voipbin]\nusername = "me"'),
+            "voipbin.password: username is set but no password",
+        ),
+        (('accesskey = "vb_testkey123"', 'accesskey = "a.b.c"'), "this looks like a JWT"),
+        (
+            ('api_url = "https://api.voipbin.net/v1.0"', 'ws_url = "https://x/ws"'),
+            "voipbin.ws_url: not a ws(s) URL",
+        ),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:

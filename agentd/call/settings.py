@@ -13,14 +13,16 @@ BargeIn = Literal["speech", "transcript", "off"]
 
 @dataclass(frozen=True, slots=True)
 class CallSettings:
-    """What a call needs to know from the configuration (pure values, no I/O)."""
+    """What a call needs to know from the configuration (pure values, no I/O).
+
+    These defaults are the only ones: agentd.config takes every per-call default from here."""
 
     greeting: str = DEFAULT_GREETING
     language: str = "en-US"
     tts_provider: str = "elevenlabs"
     voice_id: str = "21m00Tcm4TlvDq8ikWAM"
     stt_provider: str = "aws"
-    system_prompt: str = ""
+    system_prompt: str = "You are a helpful voice agent on a phone call. Answer briefly."
     barge_in: BargeIn = "speech"
     barge_in_min_words: int = 2
     barge_in_min_chars: int = 4
@@ -47,7 +49,7 @@ class CallSettings:
 
     @property
     def cut(self) -> CutMethod:
-        """How a barge-in cuts the audio for this provider (PROTOCOL.md: flush cuts only on gcp)."""
+        """How a barge-in cuts the audio for this provider (docs/protocol.md §8.2)."""
         if self.cut_method is not None:
             return self.cut_method
         return "flush" if self.tts_provider == "gcp" else "restart"
