@@ -1,7 +1,7 @@
 """Typed VoIPBIN events, and the parser that turns a WebSocket frame into one.
 
 VoIPBIN's WebSocket frames are the bare resource JSON (a Call, a Transcript, ...) with no type:
-the kind of event is inferred from the fields (PROTOCOL.md, REFERENCE.md §5.1). The legacy wrapped
+the kind of event is inferred from the fields (docs/protocol.md §3.3). The legacy wrapped
 `{"type", "data"}` shape (what webhooks carry) is accepted too. `parse_frame` never raises: a frame
 it cannot use comes back as a `Rejected` with a short reason that the stream logs and counts.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CALL_STATUSES = ("dialing", "ringing", "progressing", "terminating", "canceling", "hangup")
 # Later statuses never go back to earlier ones; terminating and canceling are both "ending".
 STATUS_RANK = {
     "dialing": 0,
@@ -176,62 +176,103 @@ def _target(obj: dict[str, Any], key: str) -> str:
     return _str(addr, "target", required=False)
 
 
+def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
+    message = obj.get("message")
+    if message is not None and not isinstance(message, str):
+        raise TypeError("message")
+    kind: SpeechKind = _WRAPPED_SPEECH.get(hint or "", "interim" if message else "boundary")
+    if len(message or "") > MAX_TEXT:
+        return Rejected("speech text too long")
+    return SpeechEvent(
+        id=_str(obj, "id"),
+        transcribe_id=_str(obj, "transcribe_id"),
+        kind=kind,
+        direction=_str(obj, "direction", required=False) or "in",
+        message=message or "",
+    )
+
+
+def _transcript(obj: dict[str, Any], hint: str | None) -> TranscriptEvent | Rejected:
+    message = _str(obj, "message")
+    if len(message) > MAX_TEXT:
+        return Rejected("transcript too long")
+    return TranscriptEvent(
+        id=_str(obj, "id"),
+        transcribe_id=_str(obj, "transcribe_id"),
+        direction=_str(obj, "direction", required=False),
+        message=message,
+    )
+
+
+def _transcribe(obj: dict[str, Any], hint: str | None) -> TranscribeEvent:
+    return TranscribeEvent(
+        id=_str(obj, "id"),
+        reference_type=_str(obj, "reference_type"),
+        reference_id=_str(obj, "reference_id"),
+        status=obj["status"],
+        language=_str(obj, "language", required=False),
+    )
+
+
+def _call(obj: dict[str, Any], hint: str | None) -> CallEvent | Rejected:
+    if "call_ids" in obj or "ring_method" in obj:
+        return Rejected("groupcall", ignorable=True)
+    status = obj.get("status")
+    if not isinstance(status, str):
+        raise TypeError("status")
+    if status not in STATUS_RANK:
+        return Rejected(f"unknown call status {status[:20]!r}")
+    info = CallInfo(
+        id=_str(obj, "id"),
+        status=status,
+        direction=_str(obj, "direction"),
+        source=_target(obj, "source"),
+        destination=_target(obj, "destination"),
+        hangup_by=_str(obj, "hangup_by", required=False),
+        hangup_reason=_str(obj, "hangup_reason", required=False),
+        tm_update=_str(obj, "tm_update", required=False),
+    )
+    return CallEvent(info, deleted=hint == "call_deleted" or _is_real_time(obj.get("tm_delete")))
+
+
+def _is_speech(obj: dict[str, Any], hint: str | None) -> bool:
+    return ("transcribe_id" in obj and "streaming_id" in obj) or (hint or "") in _WRAPPED_SPEECH
+
+
+def _is_transcript(obj: dict[str, Any], hint: str | None) -> bool:
+    return "transcribe_id" in obj and "message" in obj
+
+
+def _is_transcribe(obj: dict[str, Any], hint: str | None) -> bool:
+    return "reference_type" in obj and obj.get("status") in ("progressing", "done")
+
+
+def _is_call(obj: dict[str, Any], hint: str | None) -> bool:
+    return "direction" in obj and ("source" in obj or "destination" in obj)
+
+
+# What a frame carries, told by its fields (docs/protocol.md §3.3); the first matching shape wins.
+# A speech event has a `transcribe_id` (and a `message` when interim): it goes before transcripts.
+_SHAPES: tuple[
+    tuple[
+        Callable[[dict[str, Any], str | None], bool],
+        Callable[[dict[str, Any], str | None], Event | Rejected],
+    ],
+    ...,
+] = (
+    (_is_speech, _speech),
+    (_is_transcript, _transcript),
+    (_is_transcribe, _transcribe),
+    (_is_call, _call),
+)
+
+
 def _classify(obj: dict[str, Any], hint: str | None) -> Event | Rejected:
     if hint is not None and not hint.startswith(("call_", "transcribe_", "transcript_")):
         return Rejected(f"unused event type {hint[:40]}", ignorable=True)
-    status = obj.get("status")
-    if ("transcribe_id" in obj and "streaming_id" in obj) or (hint or "") in _WRAPPED_SPEECH:
-        message = obj.get("message")
-        if message is not None and not isinstance(message, str):
-            raise TypeError("message")
-        kind: SpeechKind = _WRAPPED_SPEECH.get(hint or "", "interim" if message else "boundary")
-        if len(message or "") > MAX_TEXT:
-            return Rejected("speech text too long")
-        return SpeechEvent(
-            id=_str(obj, "id"),
-            transcribe_id=_str(obj, "transcribe_id"),
-            kind=kind,
-            direction=_str(obj, "direction", required=False) or "in",
-            message=message or "",
-        )
-    if "transcribe_id" in obj and "message" in obj:
-        message = _str(obj, "message")
-        if len(message) > MAX_TEXT:
-            return Rejected("transcript too long")
-        return TranscriptEvent(
-            id=_str(obj, "id"),
-            transcribe_id=_str(obj, "transcribe_id"),
-            direction=_str(obj, "direction", required=False),
-            message=message,
-        )
-    if "reference_type" in obj and status in ("progressing", "done"):
-        return TranscribeEvent(
-            id=_str(obj, "id"),
-            reference_type=_str(obj, "reference_type"),
-            reference_id=_str(obj, "reference_id"),
-            status=status,
-            language=_str(obj, "language", required=False),
-        )
-    if "direction" in obj and ("source" in obj or "destination" in obj):
-        if "call_ids" in obj or "ring_method" in obj:
-            return Rejected("groupcall", ignorable=True)
-        if not isinstance(status, str):
-            raise TypeError("status")
-        if status not in STATUS_RANK:
-            return Rejected(f"unknown call status {status[:20]!r}")
-        return CallEvent(
-            CallInfo(
-                id=_str(obj, "id"),
-                status=status,
-                direction=_str(obj, "direction"),
-                source=_target(obj, "source"),
-                destination=_target(obj, "destination"),
-                hangup_by=_str(obj, "hangup_by", required=False),
-                hangup_reason=_str(obj, "hangup_reason", required=False),
-                tm_update=_str(obj, "tm_update", required=False),
-            ),
-            deleted=hint == "call_deleted" or _is_real_time(obj.get("tm_delete")),
-        )
+    for matches, build in _SHAPES:
+        if matches(obj, hint):
+            return build(obj, hint)
     if hint is not None:
         return Rejected(f"event {hint[:40]} has an unexpected shape")
     if "call_ids" in obj or ("recording_id" in obj and "format" in obj):

@@ -20,19 +20,16 @@ import os
 import socket
 import stat
 import sys
-import time
 import tomllib
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from agentd import __version__
 from agentd.config import SOCKET_NAME, default_status_socket
-
-if TYPE_CHECKING:
-    from agentd.daemon import Daemon
 
 log = structlog.get_logger("agentd.status")
 
@@ -47,67 +44,96 @@ class StatusError(Exception):
 # ---- the document -------------------------------------------------------------------------------
 
 
-def _age(now: float, then: float | None) -> float | None:
-    return None if then is None else round(max(0.0, now - then), 3)
+@dataclass(frozen=True, slots=True)
+class LiveCall:
+    """One live call as `agentd status` lists it."""
+
+    id: str
+    direction: str
+    phase: str
+    turn: int
+    age_s: float | None  # since this agentd took the call on
 
 
-def snapshot(daemon: Daemon) -> dict[str, Any]:
-    """The status document: plain JSON types only, safe to show (no secret, no transcript)."""
-    now = time.monotonic()
-    stats = daemon.stream.stats
-    dispatcher = daemon.dispatcher
-    calls = [
-        {
-            "id": call.id,
-            "direction": call.direction,
-            "phase": call.phase.value,
-            "turn": call.turn,
-            "age_s": _age(now, daemon.call_seen.get(call.id)),
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """The WebSocket to VoIPBIN."""
+
+    state: str
+    since_s: float | None  # how long it has been subscribed; None while it is not
+    connects: int
+    reconnects: int
+    last_frame_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Totals since this agentd started."""
+
+    calls_served: int
+    calls_taken: int
+    events: int
+    duplicates: int
+    ignored: int
+    rejected_frames: int
+    reconnects: int
+    rest_errors: int
+    rest_queue_depth: int
+    barge_ins: int
+    backend_failures: int
+    leaks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the daemon is doing, as plain values (the daemon builds it: `Daemon.status_snapshot`).
+
+    Ages are in seconds, measured by the daemon's clocks; `document()` rounds them."""
+
+    uptime_s: float | None
+    accepting_calls: bool
+    connection: Connection
+    last_event_age_s: float | None
+    calls: tuple[LiveCall, ...]
+    counters: Counters
+
+    def document(self) -> dict[str, Any]:
+        """The status document: plain JSON types only, safe to show (no secret, no transcript)."""
+        conn = self.connection
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": _seconds(self.uptime_s),
+            "accepting_calls": self.accepting_calls,
+            "connection": {
+                "state": conn.state,
+                "since_s": _seconds(conn.since_s),
+                "connects": conn.connects,
+                "reconnects": conn.reconnects,
+                "last_frame_age_s": _seconds(conn.last_frame_age_s),
+            },
+            "last_event_age_s": _seconds(self.last_event_age_s),
+            "calls": [{**asdict(call), "age_s": _seconds(call.age_s)} for call in self.calls],
+            "counters": asdict(self.counters),
         }
-        for call in dispatcher.live_calls()
-    ]
-    return {
-        "version": __version__,
-        "pid": os.getpid(),
-        "uptime_s": _age(now, daemon.started_at),
-        "accepting_calls": dispatcher.accepting,
-        "connection": {
-            "state": stats.state,
-            "since_s": _age(now, stats.connected_since),
-            "connects": stats.connects,
-            "reconnects": stats.reconnects,
-            "last_frame_age_s": _age(now, stats.last_frame_at),
-        },
-        "last_event_age_s": _age(dispatcher.clock(), dispatcher.last_event_at),
-        "calls": calls,
-        "counters": {
-            "calls_served": daemon.tallies["answered"],
-            "calls_taken": dispatcher.counters["calls"],
-            "events": dispatcher.counters["events"],
-            "duplicates": dispatcher.counters["duplicates"],
-            "ignored": dispatcher.counters["ignored"],
-            "rejected_frames": stats.rejected,
-            "reconnects": stats.reconnects,
-            "rest_errors": daemon.client.errors,
-            "rest_queue_depth": daemon.client.limiter.queue_depth,
-            "barge_ins": daemon.tallies["barge_in"],
-            "backend_failures": daemon.tallies["backend_failed"],
-            "leaks": daemon.tallies["leak"],
-        },
-    }
+
+
+def _seconds(age: float | None) -> float | None:
+    return None if age is None else round(max(0.0, age), 3)
 
 
 # ---- the server ---------------------------------------------------------------------------------
 
 
 class StatusServer:
-    """Serves `document()` to every client of the Unix socket at `path`, then hangs up."""
+    """Serves the document of a fresh `snapshot()` to every client of the Unix socket at
+    `path`, then hangs up."""
 
     def __init__(
-        self, path: str, document: Callable[[], dict[str, Any]], *, timeout_s: float = 2.0
+        self, path: str, snapshot: Callable[[], Snapshot], *, timeout_s: float = 2.0
     ) -> None:
         self.path = path
-        self.document = document
+        self.snapshot = snapshot
         self.timeout_s = timeout_s
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
@@ -145,7 +171,7 @@ class StatusServer:
         if task is not None:
             self._handlers.add(task)
         try:
-            body = json.dumps(self.document(), separators=(",", ":")) + "\n"
+            body = json.dumps(self.snapshot().document(), separators=(",", ":")) + "\n"
             writer.write(body.encode())
             writer.write_eof()
             async with asyncio.timeout(self.timeout_s):

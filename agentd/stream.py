@@ -1,12 +1,12 @@
 """The event stream: one outbound WebSocket to VoIPBIN, kept open for as long as the daemon runs.
 
 Connect, subscribe with the exactly-once topic prefixes, read frames, and on any failure reconnect
-with capped exponential backoff and jitter (reset after a healthy minute). Subscriptions are
-forgotten by the server on disconnect, and events sent before a subscription takes effect are
-lost, so after every subscribe — the first included — the daemon reconciles its calls over REST.
-VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s` after subscribing
-counts as ready. Our own pings find a half-open connection behind NAT. Bad frames are counted,
-never fatal.
+with capped exponential backoff and jitter, reset after a healthy minute (agentd/backoff.py).
+Subscriptions are forgotten by the server on disconnect, and events sent before a subscription
+takes effect are lost, so after every subscribe — the first included — the daemon reconciles its
+calls over REST. VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s`
+after subscribing counts as ready. Our own pings find a half-open connection behind NAT. Bad
+frames are counted, never fatal.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import urlencode
 
 import structlog
@@ -24,13 +23,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from agentd.backoff import ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError, backoff
+from agentd.voipbin import ApiError
 
 log = structlog.get_logger("agentd.stream")
-
-Verdict = Literal["retry", "reauth", "slow"]
 
 
 def topics(customer_id: str) -> list[str]:
@@ -42,23 +40,12 @@ def topics(customer_id: str) -> list[str]:
     ]
 
 
-def classify(exc: BaseException) -> Verdict:
+def classify(exc: BaseException) -> ConnectVerdict:
     """What a failed connection means: log in again, back off longer, or just retry."""
     status = exc.response.status_code if isinstance(exc, InvalidStatus) else None
     if isinstance(exc, ApiError):
-        status = exc.status or 503
-    if status is not None:
-        if status == 401:
-            return "reauth"
-        if status in (403, 429) or status >= 500:
-            return "slow"
-    return "retry"
-
-
-def reconnect_delays(cap: float = 30.0) -> Iterator[float]:
-    """Reconnect delays: the REST client's backoff, from 0.5 s, capped (websockets' own cap is
-    90 s: too long for calls)."""
-    return backoff(base=0.5, cap=cap)
+        status = exc.status or 503  # the REST lookup of our customer id got no answer
+    return classify_connect(status)
 
 
 @dataclass
@@ -111,10 +98,11 @@ class EventStream:
 
     async def run(self) -> None:
         """Connect and read forever (until cancelled); never raises on network trouble."""
-        delays = reconnect_delays(cap=self.max_delay_s)
+        delays = Reconnects(cap=self.max_delay_s, healthy_after_s=self.healthy_after_s)
         first = True
         while True:
             started = time.monotonic()
+            verdict: ConnectVerdict
             try:
                 await self._session(first)
                 reason = "closed by server"
@@ -122,18 +110,7 @@ class EventStream:
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ApiError) as exc:
                 reason = _reason(exc)
-                verdict = classify(exc)
-                if verdict == "reauth":
-                    try:
-                        if not await self._reauth():
-                            log.error(
-                                "stream.unauthorised",
-                                hint="credentials refused; check the access key or token",
-                            )
-                            verdict = "slow"
-                    except Exception as err:
-                        log.error("stream.login_failed", error=redact(str(err)))
-                        verdict = "slow"
+                verdict = await self._after_failure(classify(exc))
             except Exception as exc:  # last resort: the reconnect loop must never die
                 reason = redact(f"{type(exc).__name__}: {exc}")
                 log.exception("stream.crashed")
@@ -145,14 +122,24 @@ class EventStream:
             self._ws = None
             self.stats.state = "reconnecting"
             self.stats.connected_since = None
-            if time.monotonic() - started > self.healthy_after_s:
-                delays = reconnect_delays(cap=self.max_delay_s)
-            delay = next(delays)
-            if verdict == "slow":
-                delay = max(delay, min(self.max_delay_s, 5.0))
+            delay = delays.next_delay(time.monotonic() - started, verdict)
             self.stats.reconnects += 1
             log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+    async def _after_failure(self, verdict: ConnectVerdict) -> ConnectVerdict:
+        """Log in again when the server said 401; a refused or failed login backs off longer."""
+        if verdict != "reauth":
+            return verdict
+        try:
+            if await self._reauth():
+                return verdict
+            log.error(
+                "stream.unauthorised", hint="credentials refused; check the access key or token"
+            )
+        except Exception as err:
+            log.error("stream.login_failed", error=redact(str(err)))
+        return "slow"
 
     async def _session(self, first: bool) -> None:
         if self._cid is None:

@@ -1,21 +1,18 @@
 """VoIPBIN REST client: one aiohttp session, a shared rate budget, and retries that are safe.
 
-Retry rules (PROTOCOL.md "Errors and limits"): 429 waits for `Retry-After` and is retried (the
-gateway refused it, nothing happened); 401 logs in again once when a username/password is
-configured;
-5xx and connection errors are retried with backoff and jitter within a deadline, but only for
-idempotent requests — a `/say` that may have reached the server is never sent again, or the caller
-would hear it twice. Other 4xx are final. No URL with its query string and no header is ever put in
-an exception or a log line: credentials travel there.
+Retry rules (docs/protocol.md §6.3, decided in agentd/backoff.py): 429 waits for
+`Retry-After` and is retried (the gateway refused it, nothing happened); 401 logs in again once
+when a username/password is configured; 5xx and connection errors are retried with backoff and
+jitter within a deadline, but only for idempotent requests — a `/say` that may have reached the
+server is never sent again, or the caller would hear it twice. Other 4xx are final. No URL with
+its query string and no header is ever put in an exception or a log line: credentials travel there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import structlog
 
+from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
 from agentd.ratelimit import BACKGROUND, SETUP, URGENT, RateLimiter
 from agentd.secret import Secret, redact
 
@@ -57,12 +55,26 @@ class Credentials:
         return bool(self.username and self.password)
 
 
-def backoff(base: float = 0.2, cap: float = 5.0) -> Iterator[float]:
-    """Exponential backoff with full jitter: delays to sleep between attempts."""
-    delay = base
-    while True:
-        yield random.uniform(delay / 2, delay)
-        delay = min(cap, delay * 2)
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One try of a request: VoIPBIN's answer, or none (`status` 0)."""
+
+    status: int
+    body: Any = None
+    retry_after: float | None = None
+    reached: bool = True  # whether the request may have reached the server
+    error: str = ""  # without an answer: what went wrong (an exception's type name)
+
+    @property
+    def failed(self) -> bool:
+        """No answer, or an error answer."""
+        return self.status == 0 or self.status >= 400
+
+    def api_error(self) -> ApiError:
+        """The error to raise when giving up."""
+        if self.status == 0:
+            return ApiError(0, self.error, "no answer from VoIPBIN")
+        return _api_error(self.status, self.body)
 
 
 class VoipbinClient:
@@ -159,55 +171,56 @@ class VoipbinClient:
     ) -> Any:
         """Send one API request with retries; return the decoded JSON body (or None)."""
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
-        delays = backoff()
+        waits = delays()
         relogged = False
         while True:
             await self.limiter.acquire(priority)
-            query, headers = self.auth()
             stale = self.credentials.token
-            sent = False
-            try:
-                async with self.session.request(
-                    method,
-                    self.api_url + path,
-                    json=json,
-                    params={**(params or {}), **query},
-                    headers=headers,
-                ) as resp:
-                    sent = True
-                    status = resp.status
-                    body = await _read_json(resp)
-                    if status < 400:
-                        return body
-                    retry_after = _retry_after(resp.headers.get("Retry-After"))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.errors += 1
-                # a request that never connected cannot have reached the server
-                reached = sent or not isinstance(exc, aiohttp.ClientConnectorError)
-                err = ApiError(0, type(exc).__name__, "no answer from VoIPBIN")
-                if (reached and not idempotent) or time.monotonic() >= deadline:
-                    raise err from None
-                log.warning("voipbin.retry", method=method, path=path, error=str(err))
-                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
-                continue
+            attempt = await self._attempt(method, path, json, params)
+            if not attempt.failed:
+                return attempt.body
             self.errors += 1
-            err = _api_error(status, body)
-            if status == 401 and not relogged and await self.reauthenticate(stale):
+            verdict = classify(
+                attempt.status, idempotent=idempotent, reached=attempt.reached, relogged=relogged
+            )
+            if verdict == "reauth" and await self.reauthenticate(stale):
                 relogged = True
                 continue
-            if status == 429:
-                wait = retry_after if retry_after is not None else next(delays)
-                self.limiter.penalise(wait)
-                if time.monotonic() + wait >= deadline:
-                    raise err
-                log.warning("voipbin.rate_limited", method=method, path=path, wait_s=wait)
-                await asyncio.sleep(wait)
-                continue
-            if status >= 500 and idempotent and time.monotonic() < deadline:
-                log.warning("voipbin.retry", method=method, path=path, status=status)
-                await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
-                continue
-            raise err
+            step = decide(
+                verdict,
+                remaining_s=deadline - time.monotonic(),
+                retry_after=attempt.retry_after,
+                backoff=waits,
+            )
+            if step.hold_s is not None:
+                self.limiter.penalise(step.hold_s)
+            if step.verdict not in ("retry", "rate_limited"):
+                raise attempt.api_error() from None
+            _log_retry(method, path, attempt, step)
+            await asyncio.sleep(step.wait_s)
+
+    async def _attempt(
+        self, method: str, path: str, json: Any, params: dict[str, str] | None
+    ) -> _Attempt:
+        """Send the request once: what VoIPBIN answered, or that it did not."""
+        query, headers = self.auth()
+        sent = False
+        try:
+            async with self.session.request(
+                method,
+                self.api_url + path,
+                json=json,
+                params={**(params or {}), **query},
+                headers=headers,
+            ) as resp:
+                sent = True
+                body = await _read_json(resp)
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                return _Attempt(resp.status, body, retry_after)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # a request that never connected cannot have reached the server
+            reached = sent or not isinstance(exc, aiohttp.ClientConnectorError)
+            return _Attempt(0, reached=reached, error=type(exc).__name__)
 
     # ---- the API ---------------------------------------------------------------------------
 
@@ -382,14 +395,13 @@ async def _read_json(resp: aiohttp.ClientResponse) -> Any:
         return None
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else None
+def _log_retry(method: str, path: str, attempt: _Attempt, step: Decision) -> None:
+    if step.verdict == "rate_limited":
+        log.warning("voipbin.rate_limited", method=method, path=path, wait_s=step.wait_s)
+    elif attempt.status == 0:
+        log.warning("voipbin.retry", method=method, path=path, error=str(attempt.api_error()))
+    else:
+        log.warning("voipbin.retry", method=method, path=path, status=attempt.status)
 
 
 def _api_error(status: int, body: Any) -> ApiError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -9,10 +10,21 @@ import socket
 import stat
 from pathlib import Path
 
+import pytest
+
+from agentd import status
 from agentd.config import load, resolve_status_socket
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Simulator, Utterance
-from agentd.status import client_socket, duration, render
+from agentd.status import (
+    Connection,
+    Counters,
+    LiveCall,
+    Snapshot,
+    client_socket,
+    duration,
+    render,
+)
 from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
 
 
@@ -54,6 +66,7 @@ async def live_call_in_turn(sim: Simulator, daemon: Daemon) -> str:
     return call_id
 
 
+@pytest.mark.slow  # an `agentd status` process during a live call
 async def test_status_cli_reports_the_live_call_the_connection_and_the_counters(
     sim: Simulator, agent: StartAgent, tmp_path: Path
 ) -> None:
@@ -228,3 +241,55 @@ def test_durations() -> None:
     assert duration(192) == "3m 12s"
     assert duration(2 * 3600 + 3 * 60 + 9) == "2h 03m"
     assert duration(3 * 86400 + 4 * 3600) == "3d 04h"
+
+
+def test_the_document_is_built_from_a_plain_snapshot() -> None:
+    snap = Snapshot(
+        uptime_s=3725.12345,
+        accepting_calls=False,
+        connection=Connection("reconnecting", None, 3, 2, -0.01),
+        last_event_age_s=None,
+        calls=(LiveCall("c1", "", "active", 4, 61.0004),),
+        counters=Counters(1, 2, 30, 1, 0, 0, 2, 0, 0, 1, 0, 0),
+    )
+    doc = snap.document()
+    assert list(doc) == [
+        "version",
+        "pid",
+        "uptime_s",
+        "accepting_calls",
+        "connection",
+        "last_event_age_s",
+        "calls",
+        "counters",
+    ]
+    assert doc["pid"] == os.getpid()
+    assert doc["uptime_s"] == 3725.123
+    assert doc["connection"] == {
+        "state": "reconnecting",
+        "since_s": None,
+        "connects": 3,
+        "reconnects": 2,
+        "last_frame_age_s": 0.0,  # clocks a hair apart never show a negative age
+    }
+    assert doc["calls"] == [
+        {"id": "c1", "direction": "", "phase": "active", "turn": 4, "age_s": 61.0}
+    ]
+    assert doc["counters"]["calls_served"] == 1 and doc["counters"]["barge_ins"] == 1
+    assert json.loads(json.dumps(doc)) == doc
+    lines = render(doc).splitlines()
+    assert lines[0].endswith(", up 1h 02m, shutting down")
+    assert lines[1] == "VoIPBIN:    reconnecting (3 connects, 2 reconnects)"
+    assert lines[2] == "last event: none yet"
+    assert "  c1    -          active  4     1m 01s" in lines
+
+
+def test_status_knows_nothing_of_the_daemon() -> None:
+    tree = ast.parse(Path(status.__file__).read_text(encoding="utf-8"))
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("agentd.daemon")}

@@ -52,6 +52,7 @@ async def test_idempotent_requests_are_retried_through_5xx(sim: Simulator) -> No
         await client.close()
 
 
+@pytest.mark.slow  # waits out a real Retry-After: 1 s
 async def test_429_waits_for_retry_after_even_for_a_say(sim: Simulator) -> None:
     client = client_for(sim)
     try:
