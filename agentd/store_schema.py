@@ -1,0 +1,163 @@
+"""The store's file: the pragmas, the schema and its migrations, opening it; the row types.
+
+The schema is versioned with `PRAGMA user_version` and migrated forward, in one transaction, by
+the ordered steps in `MIGRATIONS`. `open_connection` runs on the store's worker thread
+(`agentd.store_worker`); `agentd.store.Store` is the API on top.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["LATEST_VERSION", "MIGRATIONS", "CallRecord", "StoreError", "open_connection"]
+
+_BUSY_TIMEOUT_MS: Final = 5000  # another process (sqlite3 CLI, a backup) may hold the lock briefly
+
+# WAL: readers never block the writer and a commit is one append to the -wal file.
+# synchronous=FULL: every commit fsyncs the WAL. NORMAL would already survive `kill -9` of the
+# process (a commit is in the OS page cache once write() returned), but on a power cut or a VM
+# reset it can lose the last commits, and a lost commit here is a lost session id that VoIPBIN
+# bills until someone stops it. The fsync is paid once per batch, off the per-turn hot path.
+_PRAGMAS: Final = (
+    f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA foreign_keys = ON",
+)
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # version 1: calls, their events and their transcripts
+    (
+        """CREATE TABLE calls (
+            id            INTEGER PRIMARY KEY,   -- explicit, so VACUUM keeps "oldest first"
+            call_id       TEXT NOT NULL UNIQUE,
+            direction     TEXT NOT NULL,
+            phase         TEXT NOT NULL,
+            status        TEXT NOT NULL,
+            transcribe_id TEXT,
+            speaking_id   TEXT,
+            pending_stops TEXT NOT NULL DEFAULT '[]',   -- JSON [[kind, session id], ...]
+            greeted       INTEGER NOT NULL DEFAULT 0,
+            turn          INTEGER NOT NULL DEFAULT 0,
+            history       TEXT NOT NULL DEFAULT '[]',   -- JSON [[role, text], ...]
+            hangup_reason TEXT NOT NULL DEFAULT '',
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL,
+            ended_at      REAL                          -- set when phase becomes 'ended'
+        )""",
+        "CREATE INDEX calls_phase ON calls(phase)",
+        """CREATE TABLE events (
+            id      INTEGER PRIMARY KEY,
+            call_id TEXT NOT NULL,
+            at      REAL NOT NULL,
+            what    TEXT NOT NULL,
+            data    TEXT NOT NULL                        -- JSON object
+        )""",
+        """CREATE TABLE transcripts (
+            id            INTEGER PRIMARY KEY,
+            call_id       TEXT NOT NULL,
+            transcript_id TEXT NOT NULL UNIQUE,
+            direction     TEXT NOT NULL,
+            text          TEXT NOT NULL,
+            at            REAL NOT NULL
+        )""",
+    ),
+    # version 2: the transcript ids a call already answered (so a redelivered transcript after a
+    # restart is not answered twice), and per-call indexes: events() and transcript() were full
+    # table scans, and so was prune's delete
+    (
+        "ALTER TABLE calls ADD COLUMN seen_transcripts TEXT NOT NULL DEFAULT '[]'",
+        "CREATE INDEX events_call ON events(call_id, id)",
+        "CREATE INDEX transcripts_call ON transcripts(call_id, id)",
+    ),
+)
+LATEST_VERSION: Final = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The store cannot be used: wrong or corrupt file, newer schema, disk error, closed."""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """Everything needed to pick a call up again after a restart (immutable, so thread-safe)."""
+
+    call_id: str
+    direction: str  # incoming / outgoing
+    phase: str  # new/dialing/ringing/answered/active/ending/ended
+    status: str  # last VoIPBIN call status seen
+    transcribe_id: str | None
+    speaking_id: str | None
+    pending_stops: tuple[tuple[str, str], ...]  # (kind, session id) not yet confirmed stopped
+    greeted: bool
+    turn: int
+    history: tuple[tuple[str, str], ...]  # (role, text)
+    hangup_reason: str = ""
+    seen_transcripts: tuple[str, ...] = ()  # transcript ids already answered, newest last
+
+
+# ---- opening and migrating ----------------------------------------------------------------------
+
+
+def open_connection(path: str) -> tuple[sqlite3.Connection, int]:
+    """Connect, set the pragmas, migrate. Runs on the worker thread. Returns (conn, version)."""
+    try:
+        # isolation_level=None: no implicit BEGINs, the worker writes BEGIN/COMMIT itself
+        conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    try:
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        version = _migrate(conn, path)
+    except StoreError:
+        conn.close()
+        raise
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        # "file is not a database", "database disk image is malformed": a clear one-liner
+        raise StoreError(f"{path} is not a usable agentd database: {exc}") from None
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    return conn, version
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _check_version(version: int, path: str) -> None:
+    if version > LATEST_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}; this agentd knows up to {LATEST_VERSION}"
+        )
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> int:
+    version = _version(conn)
+    _check_version(version, path)
+    if version == LATEST_VERSION:
+        return version
+    # IMMEDIATE: two agentd processes starting together must not both run step N
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(conn)  # re-read under the lock
+        _check_version(version, path)
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise StoreError(f"{path} is an SQLite database, but not agentd's")
+        for target in range(version + 1, LATEST_VERSION + 1):
+            for statement in MIGRATIONS[target - 1]:
+                conn.execute(statement)
+        # user_version is part of the transaction: the steps and the number commit together
+        conn.execute(f"PRAGMA user_version = {LATEST_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return LATEST_VERSION
