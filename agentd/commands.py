@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agentd.events import CallInfo
+from agentd.names import Action, Kind, Timer
 
 Lane = Literal["call", "speaking", "transcribe", "none"]
 Message = tuple[str, str]  # (role, content) with role in system/user/assistant
@@ -160,10 +161,10 @@ class FetchTranscripts:
 
 @dataclass(frozen=True, slots=True)
 class StartTimer:
-    """Feed `TimerFired(name)` back after `delay_s` (replaces a running timer of the same name)."""
+    """Feed `TimerFired(timer)` back after `delay_s` (replaces a running timer of the same name)."""
 
     call_id: str
-    name: str
+    timer: Timer
     delay_s: float
     lane: Lane = "none"
 
@@ -173,8 +174,19 @@ class Record:
     """A fact worth logging and keeping: call answered, ended (with reason), turn timings, ..."""
 
     call_id: str
-    what: str
+    what: Kind
     data: dict[str, object] = field(default_factory=dict)
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAhead:
+    """Put the call on disk before the commands after this one run.
+
+    Sent just before a billed session is created: a crash right after the create must find the
+    call in the store on restart, or nobody would ever stop that session."""
+
+    call_id: str
     lane: Lane = "none"
 
 
@@ -204,6 +216,7 @@ Command = (
     | FetchTranscripts
     | StartTimer
     | Record
+    | WriteAhead
     | Finished
 )
 
@@ -275,7 +288,7 @@ class ReplyDone:
     """The backend's reply to `turn` is complete."""
 
     turn: int
-    action: str = ""  # "end_call" / "transfer:<number>" when the backend asked for one
+    action: Action | None = None  # what the backend asked for once the reply has played
     first_chunk_at: float | None = None  # when the backend's first text arrived (monotonic)
 
 
@@ -291,7 +304,7 @@ class ReplyFailed:
 class TimerFired:
     """A `StartTimer` ran out."""
 
-    name: str
+    timer: Timer
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -14,14 +15,14 @@ import structlog
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
-from agentd.commands import FetchTranscripts, Record, Result, StartSpeaking, StartTranscribe
+from agentd.commands import FetchTranscripts, Record, Result, WriteAhead
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher, normalise_number
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
 from agentd.persist import Persister
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
-from agentd.status import StatusError, StatusServer, snapshot
+from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
 from agentd.store import Store
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
@@ -42,24 +43,24 @@ def make_backend(config: Config) -> Backend:
     from agentd.backends.python import BackendConfigError, PythonBackend
 
     b = config.backend
-    kind = b["kind"]
+    kind = b.kind
     if kind == "echo":
-        return EchoBackend(b["prefix"])
+        return EchoBackend(b.prefix)
     if kind == "openai":
         return OpenAIBackend(
-            base_url=b["base_url"],
-            model=b["model"],
-            api_key=b["api_key"],
-            temperature=float(b["temperature"]),
-            max_tokens=int(b["max_tokens"]),
-            tools=bool(b["tools"]),
-            timeout_s=float(b["timeout_s"]),
+            base_url=b.base_url,
+            model=b.model,
+            api_key=b.api_key,
+            temperature=b.temperature,
+            max_tokens=b.max_tokens,
+            tools=b.tools,
+            timeout_s=b.timeout_s,
         )
     if kind == "http":
-        return HttpBackend(url=b["url"], api_key=b["api_key"], timeout_s=float(b["timeout_s"]))
+        return HttpBackend(url=b.url, api_key=b.api_key, timeout_s=b.timeout_s)
     if kind == "python":
         try:
-            return PythonBackend(target=b["callable"])
+            return PythonBackend(target=b.callable)
         except BackendConfigError as exc:
             raise ConfigError(f"backend.callable: {exc}") from None
     raise ConfigError(f"backend.kind: unknown kind {kind!r}")
@@ -86,8 +87,10 @@ class Daemon:
         backend: Backend | None = None,
         notifier: Notifier | None = None,
         ready_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock  # one clock for the calls, the dispatcher and the executor
         self.notifier = notifier or Notifier(None)
         self.ready_timeout_s = ready_timeout_s
         self.progress = ProgressStamp()
@@ -99,6 +102,7 @@ class Daemon:
             lambda: self.config.call,
             self._execute,
             numbers=config.numbers,
+            clock=clock,
             on_step=self._on_step,
             on_finished=self._on_finished,
         )
@@ -106,7 +110,8 @@ class Daemon:
             self.client,
             self.backend,
             self.dispatcher.feed,
-            backend_timeout_s=float(config.backend["timeout_s"]),
+            backend_timeout_s=config.backend.timeout_s,
+            clock=clock,
             on_record=self._record,
             on_finished=self.dispatcher.finished,
         )
@@ -118,7 +123,7 @@ class Daemon:
             on_ready=self._on_ready,
             reauth=lambda: self.client.reauthenticate(self.client.credentials.token),
         )
-        self.started_at = time.monotonic()
+        self.started_at = clock()
         self._stop = asyncio.Event()
         self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -135,19 +140,17 @@ class Daemon:
             self.metrics = Metrics(config.metrics_listen, self._live_metrics)
 
     def _execute(self, call_id: str, commands: list[Any]) -> None:
-        """Run a call's commands, but never create a billed session before the call is on disk.
+        """Run a call's commands; a batch with a `WriteAhead` waits for the call's save.
 
-        A crash right after POST /speakings must find the call in the store on restart, or
-        nobody would ever stop that session. So a batch that creates a session waits for the
-        call's save, and later batches of the same call queue behind it to keep their order."""
+        The call asks for the write-ahead before it creates a billed session: a crash right
+        after POST /speakings must find the call in the store on restart, or nobody would ever
+        stop that session. Later batches of the same call queue behind it to keep their order."""
         gate = self._gates.get(call_id)
         if gate is not None and gate.done():
             del self._gates[call_id]
             gate = None
         saving = self.persister.saving(call_id) if self.persister is not None else None
-        creates = saving is not None and any(
-            isinstance(c, StartSpeaking | StartTranscribe) for c in commands
-        )
+        creates = saving is not None and any(isinstance(c, WriteAhead) for c in commands)
         if gate is None and not creates:
             self.executor.execute(call_id, commands)
             return
@@ -166,7 +169,7 @@ class Daemon:
 
     def _on_step(self, call: Call, event: Event | Result) -> None:
         if call.id not in self.call_seen:
-            self.call_seen[call.id] = time.monotonic()
+            self.call_seen[call.id] = self.clock()
         if self.persister is None:
             return
         self.persister.changed(call)
@@ -218,7 +221,7 @@ class Daemon:
             "agentd.start",
             api_url=self.config.voipbin.api_url,
             numbers=list(self.config.numbers) or "all",
-            backend=self.config.backend["kind"],
+            backend=self.config.backend.kind,
         )
         if self.config.store_path:
             store = await Store.open(self.config.store_path)
@@ -259,7 +262,7 @@ class Daemon:
         assert self.persister is not None
         self.dispatcher.remember_ended(await self.persister.store.ended_call_ids())
         calls = await self.persister.restore(self.config.call)
-        now = time.monotonic()
+        now = self.clock()
         for call in calls:
             self.dispatcher.adopt(call)
             log.info("call.restored", call_id=call.id, phase=call.phase.value)
@@ -275,13 +278,13 @@ class Daemon:
         if not live:
             return
         d = self.config.daemon
-        stop = d["stop_sessions_on_shutdown"] or self.persister is None
+        stop = d.stop_sessions_on_shutdown or self.persister is None
         log.info("agentd.draining", live_calls=len(live), stop_sessions=stop)
-        deadline = time.monotonic() + self.config.drain_s
+        deadline = time.monotonic() + d.drain_s
         if stop:
-            now = time.monotonic()
+            now = self.clock()
             for call in live:
-                self._execute(call.id, call.shutdown(now, d["shutdown_goodbye"]))
+                self._execute(call.id, call.shutdown(now, d.shutdown_goodbye))
             waiting = self.dispatcher.wait_idle()
         else:
             waiting = self.dispatcher.wait_until(
@@ -302,7 +305,7 @@ class Daemon:
         even when it cannot be watched, and says so in the log."""
         path = self.config.status_socket
         if path:
-            server = StatusServer(path, lambda: snapshot(self))
+            server = StatusServer(path, self.status_snapshot)
             try:
                 await server.start()
                 self.status_server = server
@@ -319,6 +322,46 @@ class Daemon:
             await self.status_server.close()
         if self.metrics is not None:
             await self.metrics.close()
+
+    def status_snapshot(self) -> Snapshot:
+        """What `agentd status` shows, as plain values (agentd/status.py serves and renders it)."""
+        now = self.clock()
+        stats = self.stream.stats
+        d = self.dispatcher
+
+        def since(then: float | None, at: float = now) -> float | None:
+            return None if then is None else at - then
+
+        return Snapshot(
+            uptime_s=since(self.started_at),
+            accepting_calls=d.accepting,
+            connection=Connection(
+                state=stats.state,
+                since_s=since(stats.connected_since),
+                connects=stats.connects,
+                reconnects=stats.reconnects,
+                last_frame_age_s=since(stats.last_frame_at),
+            ),
+            last_event_age_s=since(d.last_event_at, d.clock()),
+            calls=tuple(
+                LiveCall(c.id, c.direction, c.phase.value, c.turn, since(self.call_seen.get(c.id)))
+                for c in d.live_calls()
+            ),
+            counters=Counters(
+                calls_served=self.tallies["answered"],
+                calls_taken=d.counters["calls"],
+                events=d.counters["events"],
+                duplicates=d.counters["duplicates"],
+                ignored=d.counters["ignored"],
+                rejected_frames=stats.rejected,
+                reconnects=stats.reconnects,
+                rest_errors=self.client.errors,
+                rest_queue_depth=self.client.limiter.queue_depth,
+                barge_ins=self.tallies["barge_in"],
+                backend_failures=self.tallies["backend_failed"],
+                leaks=self.tallies["leak"],
+            ),
+        )
 
     def _live_metrics(self) -> dict[str, float]:
         """What the metrics read at scrape time from the counters the daemon keeps anyway."""

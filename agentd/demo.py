@@ -16,6 +16,7 @@ from agentd.backends import last_user_text
 from agentd.commands import Message
 from agentd.config import load
 from agentd.daemon import Daemon
+from agentd.names import Kind
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 
 OUR_NUMBER = "+15551234567"
@@ -91,7 +92,7 @@ async def run(quiet: bool = False) -> int:
         finally:
             daemon.stop()
             await task
-        turns = [r.data for r in daemon.records if r.what == "turn"]
+        turns = [r.data for r in daemon.records if r.what is Kind.TURN]
         print(f"\ncall {call_id}", file=out)
         latencies = iter(turns)
         for line in sim.get_call(call_id).conversation:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from agentd.call import Call, CallSettings, Phase
-from agentd.commands import Command, Result
+from agentd.commands import Command, Finished, Result
 from agentd.events import (
     CallEvent,
     CallInfo,
@@ -63,6 +63,7 @@ class Dispatcher:
         self.calls: dict[str, Call] = {}
         self.accepting = True
         self._by_transcribe: dict[str, str] = {}
+        self._transcribes: dict[str, list[str]] = {}  # call id -> its transcribe ids
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._orphans: deque[tuple[float, Event]] = deque(maxlen=256)
         self.dedupe = Deduper()
@@ -71,7 +72,7 @@ class Dispatcher:
             "duplicates": 0,
             "ignored": 0,
             "calls": 0,
-            "rejected": 0,
+            "failed": 0,
         }
         self.last_event_at: float | None = None
         self._idle: asyncio.Event | None = None
@@ -145,21 +146,31 @@ class Dispatcher:
     def _step(self, call: Call, event: Event | Result) -> None:
         with structlog.contextvars.bound_contextvars(call_id=call.id):
             log.info("event", **_describe(event))
-            try:
-                commands = call.handle(event, self.clock())
-            except Exception:  # a bug in one call must not stop the others
-                log.exception("call.crashed", event=type(event).__name__)
-                return
+            commands = self._handle(call, event)
         if self.on_step is not None:
             self.on_step(call, event)
         self._check_waiters()
         known = call.transcribe_id
         if known is not None and self._by_transcribe.get(known) != call.id:
             self._by_transcribe[known] = call.id
+            self._transcribes.setdefault(call.id, []).append(known)
             self.execute(call.id, commands)
             self._replay_orphans()
             return
         self.execute(call.id, commands)
+
+    def _handle(self, call: Call, event: Event | Result) -> list[Command]:
+        """Step the call. A bug in one call must not stop the others: a call whose handler
+        raises is ended cleanly (its sessions stopped) and takes no more events."""
+        try:
+            return call.handle(event, self.clock())
+        except Exception as exc:
+            log.exception("call.crashed", input=type(event).__name__)
+            if call.failed:  # its cleanup failed too: nothing more can be done for it here
+                log.error("call.abandoned", sessions=call.speaking_id or call.transcribe_id)
+                return [Finished(call.id)]
+            self.counters["failed"] += 1
+            return call.fail(type(exc).__name__)
 
     def _replay_orphans(self) -> None:
         horizon = self.clock() - 30.0
@@ -171,8 +182,8 @@ class Dispatcher:
     def finished(self, call_id: str) -> None:
         """The executor saw `Finished`: forget the call, remember it ended."""
         call = self.calls.pop(call_id, None)
-        if call is not None and call.transcribe_id:
-            self._by_transcribe.pop(call.transcribe_id, None)
+        for tid in self._transcribes.pop(call_id, ()):
+            self._by_transcribe.pop(tid, None)
         self._ended[call_id] = None
         while len(self._ended) > 10_000:
             self._ended.popitem(last=False)
@@ -193,6 +204,7 @@ class Dispatcher:
         self.calls[call.id] = call
         if call.transcribe_id:
             self._by_transcribe[call.transcribe_id] = call.id
+            self._transcribes[call.id] = [call.transcribe_id]
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once `predicate()` holds; re-checked after every step."""
@@ -243,12 +255,12 @@ def _describe(event: Event | Result) -> dict[str, object]:
             "speaking_id",
             "transcribe_id",
             "session_id",
-            "name",
+            "timer",
             "error",
             "ok",
             "text",
         ):
             value = getattr(event, name, None)
             if value is not None:
-                out[name] = value
+                out[name] = value if isinstance(value, str | int | float) else str(value)
     return out

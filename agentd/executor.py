@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from agentd.backends import Backend, ToolCall
+from agentd.backends import Backend
 from agentd.commands import (
     AskBackend,
     CallGone,
@@ -34,9 +34,6 @@ from agentd.commands import (
     HangupDone,
     PollSpeaking,
     Record,
-    ReplyDone,
-    ReplyFailed,
-    ReplySentence,
     Result,
     Say,
     SayFailed,
@@ -54,16 +51,16 @@ from agentd.commands import (
     TranscribeStarted,
     Transfer,
     TransferDone,
+    WriteAhead,
 )
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
+from agentd.names import Timer
+from agentd.reply import stream_reply
 from agentd.secret import redact
-from agentd.sentences import SentenceBuffer, split_for_say
+from agentd.sentences import split_for_say
 from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
 log = structlog.get_logger("agentd.executor")
-
-# facts an operator should see with `journalctl -p warning`
-WARN_RECORDS = frozenset({"leak", "error", "stt_quiet", "backend_failed", "speaking_lost"})
 
 Feed = Callable[[str, "Event | Result"], None]
 
@@ -72,7 +69,7 @@ Feed = Callable[[str, "Event | Result"], None]
 class _Lanes:
     queues: dict[str, deque[Command]] = field(default_factory=dict)
     workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    timers: dict[Timer, asyncio.TimerHandle] = field(default_factory=dict)
     replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
 
@@ -86,6 +83,7 @@ class Executor:
         feed: Feed,
         *,
         backend_timeout_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
         on_record: Callable[[Record], None] | None = None,
         on_finished: Callable[[str], None] | None = None,
     ) -> None:
@@ -93,6 +91,7 @@ class Executor:
         self.backend = backend
         self.feed = feed
         self.backend_timeout_s = backend_timeout_s
+        self.clock = clock  # the dispatcher's: reply timings are compared with its times
         self.on_record = on_record
         self.on_finished = on_finished
         self._calls: dict[str, _Lanes] = {}
@@ -102,7 +101,7 @@ class Executor:
         """Schedule `commands`; never blocks."""
         lanes = self._calls.setdefault(call_id, _Lanes())
         for cmd in commands:
-            if isinstance(cmd, Record) and cmd.what in WARN_RECORDS:
+            if isinstance(cmd, Record) and cmd.what.warns:
                 log.warning("command", call_id=call_id, **_describe(cmd))
             else:
                 log.info("command", call_id=call_id, **_describe(cmd))
@@ -114,24 +113,33 @@ class Executor:
                     if task is not None:
                         task.cancel()
                 case StartTimer():
-                    old = lanes.timers.pop(cmd.name, None)
-                    if old is not None:
-                        old.cancel()
-                    # a handle, not a task: timers are re-armed on nearly every event
-                    lanes.timers[cmd.name] = asyncio.get_running_loop().call_later(
-                        cmd.delay_s, self._fire, call_id, cmd.name
-                    )
+                    self._start_timer(call_id, lanes, cmd)
                 case Record():
                     if self.on_record is not None:
                         self.on_record(cmd)
+                case WriteAhead():
+                    pass  # the daemon held the commands after it until the call was saved
                 case Finished():
                     self._forget(call_id)
                 case _:
-                    queue = lanes.queues.setdefault(cmd.lane, deque())
-                    queue.append(cmd)
-                    worker = lanes.workers.get(cmd.lane)
-                    if worker is None or worker.done():
-                        lanes.workers[cmd.lane] = self._spawn(self._drain(call_id, queue), call_id)
+                    self._enqueue(call_id, lanes, cmd)
+
+    def _start_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer) -> None:
+        old = lanes.timers.pop(cmd.timer, None)
+        if old is not None:
+            old.cancel()
+        # a handle, not a task: timers are re-armed on nearly every event
+        lanes.timers[cmd.timer] = asyncio.get_running_loop().call_later(
+            cmd.delay_s, self._fire, call_id, cmd.timer
+        )
+
+    def _enqueue(self, call_id: str, lanes: _Lanes, cmd: Command) -> None:
+        """A REST command waits its turn on its lane; the lane's worker runs them in order."""
+        queue = lanes.queues.setdefault(cmd.lane, deque())
+        queue.append(cmd)
+        worker = lanes.workers.get(cmd.lane)
+        if worker is None or worker.done():
+            lanes.workers[cmd.lane] = self._spawn(self._drain(call_id, queue))
 
     def _forget(self, call_id: str) -> None:
         lanes = self._calls.pop(call_id, None)
@@ -143,7 +151,7 @@ class Executor:
         if self.on_finished is not None:
             self.on_finished(call_id)
 
-    def _spawn(self, coro: Any, call_id: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -188,101 +196,100 @@ class Executor:
                         log.exception("feed.crashed", result=type(result).__name__)
 
     async def _run(self, cmd: Command) -> Event | Result | None:
-        c = self.client
-        match cmd:
-            case StartTranscribe():
-                try:
-                    tid = await c.start_transcribe(
-                        cmd.call_id, cmd.language, cmd.provider, cmd.direction
-                    )
-                except ApiError as e:
-                    return TranscribeFailed(e.status, e.reason)
-                return TranscribeStarted(tid)
-            case FindTranscribe():
-                try:
-                    found = await c.find_transcribe(cmd.call_id, cmd.language)
-                except ApiError as e:
-                    return TranscribeFailed(e.status, e.reason)
-                return TranscribeStarted(found) if found else TranscribeFailed(404, "not found")
-            case StopTranscribe():
-                return Stopped(
-                    "transcribe",
-                    cmd.transcribe_id,
-                    await _stop(c.stop_transcribe(cmd.transcribe_id)),
-                )
-            case StartSpeaking():
-                return await self._start_speaking(cmd)
-            case PollSpeaking():
-                try:
-                    spk = await c.get_speaking(cmd.speaking_id)
-                except ApiError as e:
-                    return SpeakingFailed(e.status, e.reason, cmd.speaking_id)
-                return SpeakingStarted(cmd.speaking_id, str(spk.get("status", "")))
-            case Say():
-                for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES):
-                    try:
-                        await c.say(cmd.speaking_id, piece)
-                    except ApiError as e:
-                        return SayFailed(cmd.speaking_id, piece, cmd.turn, e.status)
-                return None
-            case Flush():
-                with contextlib.suppress(ApiError):
-                    await c.flush(cmd.speaking_id)  # 404: nothing was playing any more
-                return None
-            case StopSpeaking():
-                return Stopped(
-                    "speaking", cmd.speaking_id, await _stop(c.stop_speaking(cmd.speaking_id))
-                )
-            case Hangup():
-                try:
-                    await c.hangup(cmd.call_id)
-                except ApiError as e:
-                    if e.status in (403, 404):
-                        return CallGone()
-                    log.warning("hangup.failed", error=str(e))
-                    return HangupDone(False)
-                return HangupDone(True)
-            case SweepSpeakings():
-                try:
-                    speakings = await c.list_speakings()
-                except ApiError as e:
-                    log.warning("sweep.failed", error=str(e))
-                    return None
-                for spk in speakings:
-                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in (
-                        "initiating",
-                        "active",
-                    ):
-                        sid = str(spk.get("id"))
-                        log.warning("sweep.stopping", speaking_id=sid)
-                        await _stop(c.stop_speaking(sid))
-                return None
-            case Transfer():
-                try:
-                    await c.transfer(cmd.call_id, cmd.number)
-                except ApiError as e:
-                    return TransferDone(False, str(e))
-                return TransferDone(True)
-            case FetchTranscripts():
-                # transcripts whose events were lost; the call drops the ones it has seen
-                try:
-                    for raw in await c.transcripts_in_order(cmd.transcribe_id):
-                        if isinstance(event := event_of(raw), TranscriptEvent):
-                            self.feed(cmd.call_id, event)
-                except ApiError as e:
-                    log.warning("fetch_transcripts.failed", error=str(e))
-                return None
-            case CheckCall():
-                try:
-                    raw = await c.get_call(cmd.call_id)
-                except ApiError as e:
-                    if e.status in (403, 404, 409):
-                        return CallGone()
-                    log.warning("check_call.failed", error=str(e))
-                    return None
-                event = event_of(raw)
-                return event if isinstance(event, CallEvent) else None
+        runner = _RUNNERS.get(type(cmd))
+        return None if runner is None else await runner(self, cmd)
+
+    async def _start_transcribe(self, cmd: StartTranscribe) -> Result:
+        try:
+            tid = await self.client.start_transcribe(
+                cmd.call_id, cmd.language, cmd.provider, cmd.direction
+            )
+        except ApiError as e:
+            return TranscribeFailed(e.status, e.reason)
+        return TranscribeStarted(tid)
+
+    async def _find_transcribe(self, cmd: FindTranscribe) -> Result:
+        try:
+            found = await self.client.find_transcribe(cmd.call_id, cmd.language)
+        except ApiError as e:
+            return TranscribeFailed(e.status, e.reason)
+        return TranscribeStarted(found) if found else TranscribeFailed(404, "not found")
+
+    async def _stop_transcribe(self, cmd: StopTranscribe) -> Result:
+        ok = await _stop(self.client.stop_transcribe(cmd.transcribe_id))
+        return Stopped("transcribe", cmd.transcribe_id, ok)
+
+    async def _poll_speaking(self, cmd: PollSpeaking) -> Result:
+        try:
+            spk = await self.client.get_speaking(cmd.speaking_id)
+        except ApiError as e:
+            return SpeakingFailed(e.status, e.reason, cmd.speaking_id)
+        return SpeakingStarted(cmd.speaking_id, str(spk.get("status", "")))
+
+    async def _say(self, cmd: Say) -> Result | None:
+        for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES):
+            try:
+                await self.client.say(cmd.speaking_id, piece)
+            except ApiError as e:
+                return SayFailed(cmd.speaking_id, piece, cmd.turn, e.status)
         return None
+
+    async def _flush(self, cmd: Flush) -> None:
+        with contextlib.suppress(ApiError):
+            await self.client.flush(cmd.speaking_id)  # 404: nothing was playing any more
+
+    async def _stop_speaking(self, cmd: StopSpeaking) -> Result:
+        ok = await _stop(self.client.stop_speaking(cmd.speaking_id))
+        return Stopped("speaking", cmd.speaking_id, ok)
+
+    async def _hangup(self, cmd: Hangup) -> Result:
+        try:
+            await self.client.hangup(cmd.call_id)
+        except ApiError as e:
+            if e.status in (403, 404):
+                return CallGone()
+            log.warning("hangup.failed", error=str(e))
+            return HangupDone(False)
+        return HangupDone(True)
+
+    async def _sweep(self, cmd: SweepSpeakings) -> None:
+        try:
+            speakings = await self.client.list_speakings()
+        except ApiError as e:
+            log.warning("sweep.failed", error=str(e))
+            return
+        for spk in speakings:
+            if spk.get("reference_id") == cmd.call_id and spk.get("status") in _LIVE:
+                sid = str(spk.get("id"))
+                log.warning("sweep.stopping", speaking_id=sid)
+                await _stop(self.client.stop_speaking(sid))
+
+    async def _transfer(self, cmd: Transfer) -> Result:
+        try:
+            await self.client.transfer(cmd.call_id, cmd.number)
+        except ApiError as e:
+            return TransferDone(False, str(e))
+        return TransferDone(True)
+
+    async def _fetch_transcripts(self, cmd: FetchTranscripts) -> None:
+        # transcripts whose events were lost; the call drops the ones it has seen
+        try:
+            for raw in await self.client.transcripts_in_order(cmd.transcribe_id):
+                if isinstance(event := event_of(raw), TranscriptEvent):
+                    self.feed(cmd.call_id, event)
+        except ApiError as e:
+            log.warning("fetch_transcripts.failed", error=str(e))
+
+    async def _check_call(self, cmd: CheckCall) -> Event | Result | None:
+        try:
+            raw = await self.client.get_call(cmd.call_id)
+        except ApiError as e:
+            if e.status in (403, 404, 409):
+                return CallGone()
+            log.warning("check_call.failed", error=str(e))
+            return None
+        event = event_of(raw)
+        return event if isinstance(event, CallEvent) else None
 
     async def _start_speaking(self, cmd: StartSpeaking) -> Result:
         c = self.client
@@ -296,10 +303,7 @@ class Executor:
             # create may have happened despite the error. Either way, adopt it.
             with contextlib.suppress(ApiError):
                 for spk in await c.list_speakings():
-                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in (
-                        "initiating",
-                        "active",
-                    ):
+                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in _LIVE:
                         log.info("speaking.adopted", speaking_id=spk.get("id"))
                         return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
         return failure
@@ -311,74 +315,45 @@ class Executor:
             if turn < cmd.turn:  # a newer turn makes any older reply stale
                 task.cancel()
                 del lanes.replies[turn]
-        lanes.replies[cmd.turn] = self._spawn(self._reply(cmd), cmd.call_id)
+        lanes.replies[cmd.turn] = self._spawn(self._reply(cmd))
 
     async def _reply(self, cmd: AskBackend) -> None:
         with structlog.contextvars.bound_contextvars(call_id=cmd.call_id, turn=cmd.turn):
-            buf = SentenceBuffer()
-            stream: Any = None
-            action = ""
-            first: float | None = None
-            try:
-                stream = self.backend.reply(cmd.call_id, cmd.history)
-                async with asyncio.timeout(self.backend_timeout_s):
-                    async for chunk in _tail_flushing(stream, buf):
-                        if isinstance(chunk, ToolCall):
-                            action = _action(chunk) or action
-                            continue
-                        if first is None and chunk:
-                            first = time.monotonic()  # the dispatcher's clock too
-                        for sentence in buf.feed(chunk):
-                            self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
-                for sentence in buf.flush():
-                    self.feed(cmd.call_id, ReplySentence(cmd.turn, sentence))
-                self.feed(cmd.call_id, ReplyDone(cmd.turn, action, first))
-            except asyncio.CancelledError:
-                raise
-            except TimeoutError:
-                self.feed(cmd.call_id, ReplyFailed(cmd.turn, "backend timed out"))
-            except Exception as exc:  # any backend failure becomes the fallback line
-                self.feed(
-                    cmd.call_id, ReplyFailed(cmd.turn, redact(f"{type(exc).__name__}: {exc}"))
-                )
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
+            await stream_reply(
+                self.backend,
+                cmd,
+                lambda result: self.feed(cmd.call_id, result),
+                clock=self.clock,
+                timeout_s=self.backend_timeout_s,
+            )
 
-    def _fire(self, call_id: str, name: str) -> None:
+    def _fire(self, call_id: str, timer: Timer) -> None:
         lanes = self._calls.get(call_id)
         if lanes is not None:
-            lanes.timers.pop(name, None)
+            lanes.timers.pop(timer, None)
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            self.feed(call_id, TimerFired(name))
+            self.feed(call_id, TimerFired(timer))
 
 
-TAIL_WAIT_S = 0.005
+_LIVE = ("initiating", "active")  # speaking statuses that still bill
 
-
-async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]:
-    """Chunks of `stream`; plus, when the text so far ends like a sentence ("noon.") and the
-    next chunk is slow to come, an empty chunk after TAIL_WAIT_S that makes `buf` give up that
-    sentence. Model streams send the space after a period with the *next* token, so without
-    this the first sentence would be spoken one token interval late."""
-    it = stream.__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(it.__anext__())
-        try:
-            if buf.ends_a_sentence():
-                done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
-                if not done:
-                    buf.end_tail()
-                    yield ""
-            chunk = await nxt
-        except StopAsyncIteration:
-            return
-        except BaseException:
-            nxt.cancel()
-            raise
-        yield chunk
+Runner = Callable[[Executor, Any], Awaitable["Event | Result | None"]]
+# one row per command that runs on a lane: the coroutine that runs it
+_RUNNERS: dict[type, Runner] = {
+    StartTranscribe: Executor._start_transcribe,
+    FindTranscribe: Executor._find_transcribe,
+    StopTranscribe: Executor._stop_transcribe,
+    StartSpeaking: Executor._start_speaking,
+    PollSpeaking: Executor._poll_speaking,
+    Say: Executor._say,
+    Flush: Executor._flush,
+    StopSpeaking: Executor._stop_speaking,
+    Hangup: Executor._hangup,
+    SweepSpeakings: Executor._sweep,
+    Transfer: Executor._transfer,
+    FetchTranscripts: Executor._fetch_transcripts,
+    CheckCall: Executor._check_call,
+}
 
 
 async def _stop(coro: Any) -> bool:
@@ -413,18 +388,6 @@ def _failure(cmd: Command) -> Result | None:
     return None
 
 
-def _action(call: ToolCall) -> str:
-    """A tool call as the state machine's action string; unknown tools are logged and ignored."""
-    if call.name == "end_call":
-        return "end_call"
-    if call.name == "transfer":
-        number = str(call.arguments.get("number", "")).strip()
-        if number:
-            return f"transfer:{number}"
-    log.warning("backend.unknown_tool", tool=call.name)
-    return ""
-
-
 def _merge_says(first: Say, queue: deque[Command]) -> Say:
     """Sentences queued behind a say on the same session go out as one request (saves budget)."""
     text = first.text
@@ -446,10 +409,14 @@ def _merge_says(first: Say, queue: deque[Command]) -> Say:
 
 def _describe(cmd: Command) -> dict[str, Any]:
     out: dict[str, Any] = {"command": type(cmd).__name__}
-    for name in ("speaking_id", "transcribe_id", "turn", "name", "what"):
+    for name in ("speaking_id", "transcribe_id", "turn"):
         value = getattr(cmd, name, None)
         if value is not None:
             out[name] = value
+    if isinstance(cmd, StartTimer):
+        out["timer"] = str(cmd.timer)
+    if isinstance(cmd, Record):
+        out["what"] = cmd.what.value
     if isinstance(cmd, Say):
         out["text"] = cmd.text
     if isinstance(cmd, Record):

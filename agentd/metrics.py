@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from agentd.commands import Record
 from agentd.config import parse_listen
+from agentd.names import Kind
 
 log = structlog.get_logger("agentd.metrics")
 
@@ -117,15 +118,15 @@ class Metrics:
         """Count one of the daemon's records."""
         data = record.data
         match record.what:
-            case "answered":
+            case Kind.ANSWERED:
                 self.calls.labels(direction=_label(data.get("direction"), "unknown")).inc()
-            case "ended":
+            case Kind.ENDED:
                 self.calls_ended.labels(reason=self._reason(data.get("reason"))).inc()
-            case "barge_in":
+            case Kind.BARGE_IN:
                 self.barge_ins.inc()
-            case "leak":
+            case Kind.LEAK:
                 self.leaks.inc()
-            case "turn":
+            case Kind.TURN:
                 ms = data.get("first_say_ms")
                 if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
                     self.turn_first_say.observe(ms / 1000)

@@ -20,22 +20,6 @@ from agentd.store import CallRecord, Store, StoreError
 log = structlog.get_logger("agentd.persist")
 
 
-def _fingerprint(call: Call) -> tuple[object, ...]:
-    last = call.history[-1].text if call.history else ""
-    return (
-        call.phase,
-        call.status,
-        call.transcribe_id,
-        call.speaking_id,
-        tuple(call.pending_stops),
-        call.greeted,
-        call.turn,
-        len(call.history),
-        last,
-        call.hangup_reason,
-    )
-
-
 class Persister:
     """The bridge from live calls to the SQLite store."""
 
@@ -62,7 +46,7 @@ class Persister:
 
     def changed(self, call: Call) -> None:
         """After a step: save the call if anything that must survive a restart changed."""
-        key = _fingerprint(call)
+        key = call.fingerprint()
         if self._seen.get(call.id) == key:
             return
         self._seen[call.id] = key
@@ -98,7 +82,7 @@ class Persister:
             call = Call.restore(
                 {f: getattr(rec, f) for f in CallRecord.__dataclass_fields__}, settings
             )
-            self._seen[call.id] = _fingerprint(call)
+            self._seen[call.id] = call.fingerprint()
             calls.append(call)
         return calls
 

@@ -36,8 +36,10 @@ from agentd.commands import (
     TranscribeStarted,
     Transfer,
     TransferDone,
+    WriteAhead,
 )
 from agentd.events import CallEvent, CallInfo, SpeechEvent, TranscribeEvent, TranscriptEvent
+from agentd.names import EndCall, Timer, TimerKind, TransferTo
 
 CID = "c1"
 SETTINGS = CallSettings(greeting="Hi there.", system_prompt="be brief", chars_per_s=10.0)
@@ -54,12 +56,20 @@ def transcript(text: str, tid: str = "tr1", direction: str = "in") -> Transcript
 BACKGROUND_TIMERS = {"watch", "silence", "max_call"}
 
 
+def T(name: str) -> Timer:
+    """A timer by its logged name ("watch", "retry_stop:s1")."""
+    kind, _, sid = name.partition(":")
+    return Timer(TimerKind(kind), sid)
+
+
 def step(call: Call, event: object, now: float) -> list[object]:
-    """Handle one event; leave out the background timers most tests don't care about."""
+    """Handle one event; leave out the background timers and the write-ahead (tested on its
+    own, in test_call_properties) that most tests don't care about."""
     return [
         c
         for c in call.handle(event, now)  # type: ignore[arg-type]
-        if not (isinstance(c, StartTimer) and c.name in BACKGROUND_TIMERS)
+        if not (isinstance(c, StartTimer) and c.timer.kind in BACKGROUND_TIMERS)
+        and not isinstance(c, WriteAhead)
     ]
 
 
@@ -213,8 +223,8 @@ def test_caller_speech_after_the_agent_finished_is_no_barge_in() -> None:
 
 def test_initiating_speaking_is_polled_until_active() -> None:
     call = answered(speaking="initiating")
-    timer = StartTimer(CID, "poll_speaking", SETTINGS.speaking_poll_s)
-    assert step(call, TimerFired("poll_speaking"), 0.2) == [PollSpeaking(CID, "s1")]
+    timer = StartTimer(CID, T("poll_speaking"), SETTINGS.speaking_poll_s)
+    assert step(call, TimerFired(T("poll_speaking")), 0.2) == [PollSpeaking(CID, "s1")]
     assert step(call, SpeakingStarted("s1", "initiating"), 0.3) == [
         replace(timer, delay_s=SETTINGS.speaking_poll_s * 2)
     ]
@@ -236,8 +246,8 @@ def test_a_failed_stop_is_retried_until_confirmed() -> None:
     step(call, TranscribeEvent("t1", "call", CID, "done"), 5)  # ended by itself
     assert kinds(step(call, status("hangup"), 5)) == ["StopSpeaking"]
     cmds = step(call, Stopped("speaking", "s1", False), 5.1)
-    assert cmds == [StartTimer(CID, "retry_stop:s1", SETTINGS.retry_s)]
-    assert step(call, TimerFired("retry_stop:s1"), 6.1) == [StopSpeaking(CID, "s1")]
+    assert cmds == [StartTimer(CID, T("retry_stop:s1"), SETTINGS.retry_s)]
+    assert step(call, TimerFired(T("retry_stop:s1")), 6.1) == [StopSpeaking(CID, "s1")]
     assert step(call, Stopped("speaking", "s1", True), 6.2) == [Finished(CID)]
 
 
@@ -263,10 +273,10 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     call = answered()
     step(call, transcript("bye"), 10)
     step(call, ReplySentence(1, "Goodbye."), 10)
-    cmds = step(call, ReplyDone(1, action="end_call"), 10)
+    cmds = step(call, ReplyDone(1, action=EndCall()), 10)
     timer = [c for c in cmds if isinstance(c, StartTimer)][0]
     assert timer.delay_s == pytest.approx(0.8 + SETTINGS.playback_pad_s)
-    cmds = step(call, TimerFired("after_reply"), 12)
+    cmds = step(call, TimerFired(T("after_reply")), 12)
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
 
 
@@ -274,8 +284,8 @@ def test_transfer_after_the_reply_then_our_sessions_end() -> None:
     call = answered()
     step(call, transcript("a human please"), 10)
     step(call, ReplySentence(1, "Transferring you now."), 10)
-    step(call, ReplyDone(1, action="transfer:+15550009999"), 10)
-    assert step(call, TimerFired("after_reply"), 13) == [Transfer(CID, "+15550009999")]
+    step(call, ReplyDone(1, action=TransferTo("+15550009999")), 10)
+    assert step(call, TimerFired(T("after_reply")), 13) == [Transfer(CID, "+15550009999")]
     cmds = step(call, TransferDone(True), 13.5)
     assert kinds(cmds) == ["StopSpeaking", "StopTranscribe"]
     assert not any(isinstance(c, Hangup) for c in cmds)  # the caller stays, with the human
@@ -292,7 +302,7 @@ def test_shutdown_with_a_goodbye_says_it_first() -> None:
     call = answered()
     cmds = call.shutdown(30, "Bye now.")
     assert kinds(cmds) == ["Say", "StartTimer"]
-    assert kinds(step(call, TimerFired("after_reply"), 32)) == [
+    assert kinds(step(call, TimerFired(T("after_reply")), 32)) == [
         "Hangup",
         "StopSpeaking",
         "StopTranscribe",
@@ -326,17 +336,17 @@ def test_restored_call_that_ended_while_we_were_down_is_cleaned_up() -> None:
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
     call = Call(CID, SETTINGS)
     cmds = call.handle(status("ringing"), 0)
-    assert StartTimer(CID, "watch", SETTINGS.watch_s) in cmds
+    assert StartTimer(CID, T("watch"), SETTINGS.watch_s) in cmds
     call.handle(status("progressing"), 5)
     # an event 5 s in: at 20 s the call is not quiet yet, the watch waits the rest
-    assert call.handle(TimerFired("watch"), 20) == [StartTimer(CID, "watch", 5.0)]
-    assert call.handle(TimerFired("watch"), 25) == [
+    assert call.handle(TimerFired(T("watch")), 20) == [StartTimer(CID, T("watch"), 5.0)]
+    assert call.handle(TimerFired(T("watch")), 25) == [
         CheckCall(CID),
-        StartTimer(CID, "watch", SETTINGS.watch_s),
+        StartTimer(CID, T("watch"), SETTINGS.watch_s),
     ]
-    assert call.handle(TimerFired("watch"), 45) == [
+    assert call.handle(TimerFired(T("watch")), 45) == [
         CheckCall(CID),
-        StartTimer(CID, "watch", SETTINGS.watch_s * 2),
+        StartTimer(CID, T("watch"), SETTINGS.watch_s * 2),
     ]
     # the check answers hangup: the lost call_hangup is made good
     cmds = call.handle(status("hangup", "normal", "remote"), 46)
@@ -350,15 +360,15 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     call.handle(TranscribeStarted("t1"), 0)
     cmds = call.handle(SpeakingStarted("s1", "active"), 0)
     # the greeting plays 0.9 s; silence counts from its end
-    assert StartTimer(CID, "silence", pytest.approx(10.9)) in cmds
-    cmds = call.handle(TimerFired("silence"), 10.9)
+    assert StartTimer(CID, T("silence"), pytest.approx(10.9)) in cmds
+    cmds = call.handle(TimerFired(T("silence")), 10.9)
     assert Say(CID, "s1", settings.reprompt_text, 0) in cmds
     quiet = next(c for c in cmds if isinstance(c, Record) and c.what == "stt_quiet")
     assert quiet.data == {"quiet_s": 10.9, "stt_provider": "aws"}  # silent since the answer
-    cmds = call.handle(TimerFired("silence"), 22.9)
+    cmds = call.handle(TimerFired(T("silence")), 22.9)
     assert Say(CID, "s1", settings.silence_goodbye, 0) in cmds
-    timer = next(c for c in cmds if isinstance(c, StartTimer) and c.name == "after_reply")
-    cmds = call.handle(TimerFired("after_reply"), 22.9 + timer.delay_s)
+    timer = next(c for c in cmds if isinstance(c, StartTimer) and c.timer.kind == "after_reply")
+    cmds = call.handle(TimerFired(T("after_reply")), 22.9 + timer.delay_s)
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
 
 
@@ -366,14 +376,14 @@ def test_caller_speech_resets_the_silence_count() -> None:
     settings = replace(SETTINGS, silence_s=10.0)
     call = answered(settings)
     assert step(call, SpeechEvent("x", "t1", "boundary", "in"), 5) == []
-    cmds = call.handle(TimerFired("silence"), 10.9)
-    assert cmds == [StartTimer(CID, "silence", pytest.approx(4.1))]  # 10 s after the speech
+    cmds = call.handle(TimerFired(T("silence")), 10.9)
+    assert cmds == [StartTimer(CID, T("silence"), pytest.approx(4.1))]  # 10 s after the speech
 
 
 def test_the_time_limit_says_goodbye_and_hangs_up() -> None:
     call = answered()
     call.handle(transcript("tell me everything"), 10)
-    cmds = call.handle(TimerFired("max_call"), SETTINGS.max_call_s)
+    cmds = call.handle(TimerFired(T("max_call")), SETTINGS.max_call_s)
     assert CancelBackend(CID, 1) in cmds
     assert Say(CID, "s1", SETTINGS.time_limit_goodbye, 1) in cmds
     assert call.handle(ReplySentence(1, "More words."), SETTINGS.max_call_s + 0.1) == []
@@ -384,8 +394,8 @@ def test_a_lost_transcript_is_fetched_when_speech_ended_without_one() -> None:
     step(call, SpeechEvent("a", "t1", "boundary", "in"), 10)  # started
     step(call, SpeechEvent("b", "t1", "interim", "in", "are you"), 10.3)
     cmds = step(call, SpeechEvent("c", "t1", "boundary", "in"), 10.8)  # ended
-    assert cmds == [StartTimer(CID, "transcript_due", SETTINGS.transcript_due_s)]
-    assert step(call, TimerFired("transcript_due"), 13.8) == [FetchTranscripts(CID, "t1")]
+    assert cmds == [StartTimer(CID, T("transcript_due"), SETTINGS.transcript_due_s)]
+    assert step(call, TimerFired(T("transcript_due")), 13.8) == [FetchTranscripts(CID, "t1")]
     # the fetched transcript is answered; a second fetch of it changes nothing
     assert kinds(step(call, transcript("are you there", "tr9"), 14)) == ["AskBackend"]
     assert step(call, transcript("are you there", "tr9"), 15) == []
@@ -396,7 +406,7 @@ def test_a_transcript_in_time_cancels_the_fetch() -> None:
     step(call, SpeechEvent("b", "t1", "interim", "in", "hello"), 10.3)
     step(call, SpeechEvent("c", "t1", "boundary", "in"), 10.8)
     step(call, transcript("hello", "tr1"), 11)
-    assert step(call, TimerFired("transcript_due"), 13.8) == []
+    assert step(call, TimerFired(T("transcript_due")), 13.8) == []
 
 
 def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
@@ -405,7 +415,7 @@ def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
     step(call, ReplySentence(1, "Hi."), 1)
     step(call, ReplyDone(1), 1)
     step(call, transcript("hello", "tr1"), 9)  # the watch fetched it again
-    cmds = step(call, TimerFired("silence"), 11.3)
+    cmds = step(call, TimerFired(T("silence")), 11.3)
     assert Say(CID, "s1", SETTINGS.reprompt_text, 1) in cmds
 
 
@@ -418,7 +428,7 @@ def test_a_stop_that_keeps_failing_is_never_given_up() -> None:
         cmds = step(call, Stopped("speaking", "s1", False), 6 + attempt)
         timer = next(c for c in cmds if isinstance(c, StartTimer))
         delays.append(timer.delay_s)
-        assert step(call, TimerFired(timer.name), 7 + attempt) == [StopSpeaking(CID, "s1")]
+        assert step(call, TimerFired(timer.timer), 7 + attempt) == [StopSpeaking(CID, "s1")]
         assert not any(isinstance(c, Finished) for c in cmds)
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert step(call, Stopped("speaking", "s1", True), 20) == [Finished(CID)]
@@ -431,7 +441,7 @@ def test_barge_in_restart_waits_for_a_confirmed_stop() -> None:
     step(call, SpeechEvent("sp1", "t1", "interim", "in", "wait stop"), 12)
     cmds = step(call, Stopped("speaking", "s1", False), 12.2)
     assert not any(isinstance(c, StartSpeaking) for c in cmds)  # the old one may still play
-    assert step(call, TimerFired("retry_stop:s1"), 13.2) == [StopSpeaking(CID, "s1")]
+    assert step(call, TimerFired(T("retry_stop:s1")), 13.2) == [StopSpeaking(CID, "s1")]
     assert kinds(step(call, Stopped("speaking", "s1", True), 13.3)) == ["StartSpeaking"]
 
 
@@ -441,8 +451,8 @@ def test_our_hangup_is_retried_until_voipbin_confirms_it() -> None:
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
     step(call, Stopped("speaking", "s1", True), 30.1)
     assert step(call, Stopped("transcribe", "t1", True), 30.1) == []  # hangup not confirmed
-    assert step(call, HangupDone(False), 30.2) == [StartTimer(CID, "retry_hangup", 1.0)]
-    assert step(call, TimerFired("retry_hangup"), 31.2) == [Hangup(CID)]
+    assert step(call, HangupDone(False), 30.2) == [StartTimer(CID, T("retry_hangup"), 1.0)]
+    assert step(call, TimerFired(T("retry_hangup")), 31.2) == [Hangup(CID)]
     assert step(call, HangupDone(True), 31.3) == [Finished(CID)]
 
 

@@ -1,0 +1,180 @@
+"""The call's session handlers: creates, polls, /say failures and stops (docs/protocol.md §8).
+
+One live speaking session per call; a create that fails is retried a few times, a session that
+is gone is replaced, and the audio cut of a barge-in is a stop followed by a new session.
+"""
+
+from __future__ import annotations
+
+from agentd.call.core import CallCore
+from agentd.call.ledger import StopInput
+from agentd.call.phase import PhaseInput
+from agentd.call.session import SessionInput, SessionState
+from agentd.commands import (
+    CheckCall,
+    Command,
+    FindTranscribe,
+    PollSpeaking,
+    Record,
+    SayFailed,
+    SpeakingFailed,
+    SpeakingStarted,
+    StartTimer,
+    StartTranscribe,
+    Stopped,
+    SweepSpeakings,
+    TranscribeFailed,
+    TranscribeStarted,
+    WriteAhead,
+)
+from agentd.events import TranscribeEvent
+from agentd.names import Kind, Timer, TimerKind
+
+
+class Sessions(CallCore):
+    """Results of the session commands, and the session timers."""
+
+    def _on_transcribe_started(self, event: TranscribeStarted, _now: float) -> list[Command]:
+        if self.phase.over:
+            self.transcribe.step(SessionInput.ABANDON)
+            return self._stop("transcribe", event.transcribe_id) + self._maybe_finished()
+        self.transcribe.step(SessionInput.ACTIVE, event.transcribe_id)
+        return []
+
+    def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:
+        if self.phase.over:
+            self.transcribe.step(SessionInput.ABANDON)
+            return self._maybe_finished()
+        s = self.settings
+        if event.status == 409:
+            # one transcribe per call and language: the number's flow may have started it already
+            return [FindTranscribe(self.id, s.language)]
+        if event.status == 404 and event.reason == "not found":
+            # looked for a running one (after a 409 or a restart): there is none, start one
+            return [WriteAhead(self.id), StartTranscribe(self.id, s.language, s.stt_provider)]
+        self.transcribe.step(SessionInput.FAILED)
+        if self.transcribe.attempts >= s.max_attempts:
+            # no hangup: the caller still hears the agent, the silence reprompts end the call
+            # politely, and the watch retries nothing it cannot fix
+            return [self._error("transcribe failed", event.status, event.reason)]
+        delay = s.retry_s * self.transcribe.attempts
+        return [StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)]
+
+    def _on_transcribe_event(self, event: TranscribeEvent, _now: float) -> list[Command]:
+        if event.status != "done" or event.id != self.transcribe.id:
+            return []
+        if self.transcribe.starting:
+            # the old one of a restart ended: the find under way decides what comes next
+            self.ledger.step(event.id, StopInput.ENDED, "transcribe")
+            return []
+        # ended by itself (the call hung up); no stop needed any more
+        self.transcribe.step(SessionInput.LOST)
+        self.ledger.step(event.id, StopInput.ENDED, "transcribe")
+        if self.phase.live:
+            # usually the call hung up and its event is still on the way; if VoIPBIN says the
+            # call is up, the agent went deaf: start another one then
+            self.transcribe_lost = True
+            return [CheckCall(self.id)]
+        return self._maybe_finished()
+
+    def _on_speaking_started(self, event: SpeakingStarted, now: float) -> list[Command]:
+        if self.phase.over:
+            self.speaking.step(SessionInput.ABANDON)
+            return self._stop("speaking", event.speaking_id) + self._maybe_finished()
+        if event.status == "stopped":
+            return self._on_speaking_failed(
+                SpeakingFailed(0, "session stopped", event.speaking_id), now
+            )
+        s = self.settings
+        if event.status != "active":
+            was_polling = self.speaking.state is SessionState.INITIATING
+            if was_polling and now - self.speaking.poll_started > s.speaking_activate_timeout_s:
+                self.speaking.step(SessionInput.FAILED)
+                return self._stop("speaking", event.speaking_id) + self._start("speaking")
+            delay = self.speaking.next_poll(now, s.speaking_poll_s, s.speaking_poll_max_s)
+            self.speaking.step(SessionInput.INITIATING, event.speaking_id)
+            return [StartTimer(self.id, Timer(TimerKind.POLL_SPEAKING), delay)]
+        self.speaking.step(SessionInput.ACTIVE, event.speaking_id)
+        cmds: list[Command] = []
+        if not self.greeted:
+            self.greeted = True
+            self.phases.step(PhaseInput.GREETED)
+            cmds += self._greet(now)
+        return cmds + self._say_queued(now)
+
+    def _on_speaking_failed(self, event: SpeakingFailed, _now: float) -> list[Command]:
+        unclear = event.status == 0 or event.status >= 500
+        if self.phase.over:
+            self.speaking.step(SessionInput.ABANDON)
+            return ([SweepSpeakings(self.id)] if unclear else []) + self._maybe_finished()
+        if unclear:
+            # the create may have happened anyway, with an id we never learned
+            self.ledger.sweep_needed = True
+        if event.speaking_id and event.speaking_id == self.speaking.id and event.status == 404:
+            # the session we knew is gone (after a restart, or stopped behind our back)
+            self.speaking.step(SessionInput.LOST)
+            self.speaking.id = None
+            return self._start("speaking")
+        self.speaking.step(SessionInput.FAILED)
+        if self.speaking.attempts >= self.settings.max_attempts:
+            # the caller could never hear the agent: end the call rather than keep it mute
+            return [
+                self._error("speaking failed", event.status, event.reason),
+                *self._hang_up_now(),
+            ]
+        return [StartTimer(self.id, Timer(TimerKind.RETRY_SPEAKING), self.settings.retry_s)]
+
+    def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
+        if self.phase.over or (event.turn not in (self.turns.turn, 0)):
+            return []
+        if event.status == 404 and event.speaking_id != self.speaking.id:
+            # a later sentence sent to the same dead session: say it on the new one, in order
+            self.playback.queued.append((event.turn, event.text))
+            return []
+        if event.status == 404:
+            # the session is gone: nothing sent to it plays any more. Start a new one and say
+            # it again (a 404 was never spoken).
+            self.playback.lost(now)
+            self.playback.queued.insert(0, (event.turn, event.text))
+            self.speaking.step(SessionInput.LOST)
+            return [
+                Record(self.id, Kind.SPEAKING_LOST, {"speaking_id": event.speaking_id}),
+                *self._stop("speaking", event.speaking_id),
+                *self._start("speaking"),
+            ]
+        return [self._error("say failed", event.status)]
+
+    def _on_stopped(self, event: Stopped, _now: float) -> list[Command]:
+        sid = event.session_id
+        attempts = self.ledger.attempts(sid)
+        self.ledger.step(sid, StopInput.OK if event.ok else StopInput.FAILED, event.kind)
+        cmds: list[Command] = []
+        if not event.ok and attempts:
+            # an unconfirmed stop is never given up: the session bills until it is stopped.
+            # It is retried ever less often, kept in the store, and re-sent after a restart.
+            delay = min(self.settings.retry_s * 2 ** (attempts - 1), 60.0)
+            cmds.append(StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), delay))
+            if attempts == self.settings.max_attempts:
+                cmds.append(Record(self.id, Kind.LEAK, {"kind": event.kind, "session_id": sid}))
+        if (
+            event.ok
+            and event.kind == "speaking"
+            and self.speaking.state is SessionState.STOPPING
+            and sid == self.speaking.id
+            and not self.phase.over
+        ):
+            # the barge-in cut is done; the next sentence needs a fresh session
+            self.speaking.step(SessionInput.STOPPED)
+            cmds += self._start("speaking")
+        return cmds + self._maybe_finished()
+
+    def _poll_timer(self, _now: float) -> list[Command]:
+        if self.speaking.state is SessionState.INITIATING and self.speaking.id:
+            return [PollSpeaking(self.id, self.speaking.id)]
+        return []
+
+    def _retry_speaking_timer(self, _now: float) -> list[Command]:
+        return self._start("speaking") if self.speaking.state is SessionState.NONE else []
+
+    def _retry_transcribe_timer(self, _now: float) -> list[Command]:
+        return self._start("transcribe") if self.transcribe.state is SessionState.NONE else []

@@ -1,0 +1,267 @@
+"""What every part of the call router shares: the machines, the call's facts, the common steps.
+
+`Call` (call.py) is this core plus three groups of handlers, each in its own module: the
+sessions (attach.py), the conversation (talk.py) and restarts and failures (recovery.py).
+Only these modules step the machines.
+"""
+
+from __future__ import annotations
+
+from agentd.call.history import History
+from agentd.call.ledger import Ledger
+from agentd.call.phase import Phase, PhaseInput, PhaseMachine
+from agentd.call.playback import Playback
+from agentd.call.session import SessionInput, SessionKind, SessionMachine, SessionState
+from agentd.call.settings import CallSettings
+from agentd.call.turn import TurnInput, TurnMachine
+from agentd.commands import (
+    CancelBackend,
+    Command,
+    FetchTranscripts,
+    Finished,
+    Hangup,
+    Record,
+    Result,
+    Say,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    StartTranscribe,
+    StopSpeaking,
+    StopTranscribe,
+    SweepSpeakings,
+    TranscribeStarted,
+    WriteAhead,
+)
+from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
+from agentd.names import Action, EndCall, Kind, Timer, TimerKind
+
+Input = Event | Result  # what a call handles
+
+
+class CallCore:
+    """The state of one call and the steps its handlers share."""
+
+    def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
+        self.id = call_id
+        self.settings = settings
+        self.direction = direction
+        self.phases = PhaseMachine()
+        self.speaking = SessionMachine("speaking")
+        self.transcribe = SessionMachine("transcribe")
+        self.turns = TurnMachine()
+        self.ledger = Ledger()
+        self.playback = Playback()
+        self.history = History(settings.system_prompt)
+        self.status = ""
+        self.hangup_reason = ""
+        self.greeted = False
+        self.failed = False  # a handler raised: only the cleanup's results are taken
+        self.anomalies = 0
+        self.after_reply: Action | None = None  # to run once the reply has played
+        self.turn_times: dict[str, float] = {}
+        self.speech_since: float | None = None  # when the caller's current utterance began
+        self.last_heard = 0.0  # last event from VoIPBIN about this call
+        self.watch_delay = settings.watch_s
+        self.last_caller = 0.0  # last sign of caller speech
+        self.reprompts = 0
+        self.heard_words = False  # an interim came since the last speech boundary
+        self.transcript_due = False  # an utterance ended and its transcript has not come
+        self.transcribe_lost = False  # our transcribe ended: is the call still up?
+
+    @property
+    def phase(self) -> Phase:
+        """Where the call is."""
+        return self.phases.phase
+
+    @property
+    def speaking_id(self) -> str | None:
+        """The current speaking session."""
+        return self.speaking.id
+
+    @property
+    def transcribe_id(self) -> str | None:
+        """The current transcribe session."""
+        return self.transcribe.id
+
+    @property
+    def turn(self) -> int:
+        """The caller turn the conversation is at."""
+        return self.turns.turn
+
+    @property
+    def replying(self) -> bool:
+        """A reply is being prepared, or sentences wait for a speaking session."""
+        return self.turns.replying or bool(self.playback.queued)
+
+    def is_talking(self, now: float) -> bool:
+        """Whether the agent's audio is (estimated to be) still playing or queued."""
+        return self.playback.talking(now)
+
+    def _heard(self, event: object, now: float) -> None:
+        """Note when VoIPBIN last said anything of the call, and the caller last spoke."""
+        if not isinstance(event, CallEvent | TranscriptEvent | SpeechEvent | TranscribeEvent):
+            return
+        self.last_heard = now
+        # a transcript read back over REST again is old news, not the caller speaking now
+        if isinstance(event, TranscriptEvent | SpeechEvent) and event.direction == "in":
+            if isinstance(event, TranscriptEvent) and self.turns.seen(event.id):
+                return
+            self.last_caller = now
+            self.reprompts = 0
+
+    def _record_hangup(self, by: str, reason: str) -> list[Command]:
+        if self.hangup_reason:
+            return []
+        self.hangup_reason = reason or "normal"
+        answered = self.greeted or self.turns.turn > 0 or self.speaking.id is not None
+        return [
+            Record(
+                self.id,
+                Kind.ENDED,
+                {"hangup_by": by, "reason": self.hangup_reason, "answered": answered},
+            )
+        ]
+
+    def _start(self, kind: SessionKind, *, write_ahead: bool = True) -> list[Command]:
+        """Create a session; the call is put on disk first (a crash must not lose its id)."""
+        s = self.settings
+        ahead: list[Command] = [WriteAhead(self.id)] if write_ahead else []
+        if kind == "transcribe":
+            self.transcribe.step(SessionInput.START)
+            return [*ahead, StartTranscribe(self.id, s.language, s.stt_provider)]
+        # one live session per call: whatever the old one's state, make sure it is stopped
+        old = self._stop("speaking", self.speaking.id) if self.speaking.id else []
+        self.speaking.step(SessionInput.START)
+        return [*old, *ahead, StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
+
+    def _begin_end(self) -> list[Command]:
+        """Stop everything the call started; sessions still being created are stopped on arrival."""
+        cmds = self._end_reply()
+        self.playback.queued.clear()
+        for session in (self.speaking, self.transcribe):
+            if session.id and session.state in (
+                SessionState.INITIATING,
+                SessionState.ACTIVE,
+                SessionState.STOPPING,
+            ):
+                cmds += self._stop(session.kind, session.id)
+            session.step(SessionInput.RELEASE)
+        if self.ledger.take_sweep():
+            # a session created just before a crash, or by a create whose answer was lost,
+            # may never have told us its id
+            cmds.append(SweepSpeakings(self.id))
+        return cmds
+
+    def _stop(self, kind: SessionKind, sid: str) -> list[Command]:
+        if not self.ledger.stop(sid, kind):
+            return []
+        if kind == "speaking":
+            return [StopSpeaking(self.id, sid)]
+        return [StopTranscribe(self.id, sid)]
+
+    def _maybe_finished(self) -> list[Command]:
+        if (
+            self.phase is Phase.ENDING
+            and self.ledger.clean
+            and not self.speaking.starting
+            and not self.transcribe.starting
+        ):
+            self.phases.step(PhaseInput.CLEAN)
+            return [Finished(self.id)]
+        return []
+
+    def _late_result(self, event: Input) -> list[Command]:
+        """After the end only a session created late still needs stopping."""
+        if isinstance(event, SpeakingStarted):
+            return self._stop("speaking", event.speaking_id)
+        if isinstance(event, TranscribeStarted):
+            return self._stop("transcribe", event.transcribe_id)
+        return []
+
+    def _hang_up_now(self) -> list[Command]:
+        """Hang up and stop the sessions without waiting for VoIPBIN's hangup event."""
+        if not self.phase.over:
+            self.phases.step(PhaseInput.LOCAL_END)
+        self.ledger.hangup_pending = (
+            True  # until VoIPBIN confirms: a caller must not sit in silence
+        )
+        return [
+            Hangup(self.id),
+            *self._begin_end(),
+            *self._record_hangup("local", "normal"),
+            *self._maybe_finished(),
+        ]
+
+    def _error(self, what: str, status: int, reason: str = "") -> Record:
+        data: dict[str, object] = {"what": what, "status": status}
+        if reason:
+            data["reason"] = reason
+        return Record(self.id, Kind.ERROR, data)
+
+    def _end_reply(self) -> list[Command]:
+        """Drop the reply under way (the call ends, or a goodbye replaces it)."""
+        if not self.turns.replying:
+            return []
+        self.turns.step(TurnInput.END)
+        return [CancelBackend(self.id, self.turns.turn)]
+
+    def _say(self, text: str, turn: int, now: float) -> list[Command]:
+        if not self.speaking.active:
+            self.playback.queued.append((turn, text))
+            return []
+        assert self.speaking.id is not None
+        self.playback.play(turn, text, now, self.settings.chars_per_s)
+        if turn:
+            self.turn_times.setdefault("first_say", now)
+            self.turn_times["last_say"] = now
+        return [Say(self.id, self.speaking.id, text, turn)]
+
+    def _say_queued(self, now: float) -> list[Command]:
+        """A speaking session is active again: say what waited for it (this turn's only)."""
+        queued, self.playback.queued = self.playback.queued, []
+        cmds: list[Command] = []
+        for turn, text in queued:
+            if turn == self.turns.turn:
+                cmds += self._say(text, turn, now)
+        return cmds
+
+    def _greet(self, now: float) -> list[Command]:
+        self.last_caller = max(self.last_caller, now)  # silence counts from the answer
+        cmds: list[Command] = []
+        greeting = self.settings.greeting
+        if greeting:
+            self.history.assistant(greeting, 0)
+            cmds += self._say(greeting, 0, now)
+        return cmds + self.arm_silence(now)
+
+    def _goodbye(self, text: str, now: float) -> list[Command]:
+        """Say `text`, then hang up once it has played."""
+        cmds = self._end_reply()
+        self.after_reply = EndCall()
+        if text:
+            self.history.assistant(text, self.turns.turn)
+            cmds += self._say(text, self.turns.turn, now)
+        wait = self.playback.remaining(now) + self.settings.playback_pad_s
+        return [*cmds, StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
+
+    def arm_silence(self, now: float) -> list[Command]:
+        """Start counting the caller's silence from when our audio ends."""
+        if self.settings.silence_s <= 0:
+            return []
+        wait = self.playback.remaining(now) + self.settings.silence_s
+        return [StartTimer(self.id, Timer(TimerKind.SILENCE), wait)]
+
+    def _fetch_transcripts(self) -> list[Command]:
+        t = self.transcribe
+        if self.phase.live and t.id and t.state is SessionState.ACTIVE:
+            return [FetchTranscripts(self.id, t.id)]
+        return []
+
+    def _retry_stop(self, sid: str) -> list[Command]:
+        match self.ledger.kind_of(sid):
+            case "speaking":
+                return [StopSpeaking(self.id, sid)]
+            case "transcribe":
+                return [StopTranscribe(self.id, sid)]
+        return []

@@ -1,0 +1,97 @@
+"""The conversation as the backend sees it: only what the caller could have heard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agentd.commands import Message
+
+
+@dataclass(slots=True)
+class Msg:
+    """One history message; `turn` ties an assistant message to the caller turn it answers."""
+
+    role: str
+    text: str
+    turn: int = 0
+
+
+class History:
+    """The messages of a call, the system prompt first."""
+
+    __slots__ = ("msgs",)
+
+    def __init__(self, system_prompt: str = "") -> None:
+        self.msgs: list[Msg] = [Msg("system", system_prompt)] if system_prompt else []
+
+    def user(self, text: str, turn: int) -> None:
+        """The caller said `text`. An utterance that got no reply (cut off, or one sentence
+        split in two) and this one are one turn."""
+        if self.msgs and self.msgs[-1].role == "user":
+            self.msgs[-1].text += " " + text
+            self.msgs[-1].turn = turn
+        else:
+            self.msgs.append(Msg("user", text, turn))
+
+    def assistant(self, text: str, turn: int) -> None:
+        """The agent said `text` (a greeting, a reprompt, a fallback, a goodbye)."""
+        self.msgs.append(Msg("assistant", text, turn))
+
+    def extend_reply(self, text: str, turn: int) -> None:
+        """One more sentence of the reply to `turn`."""
+        idx = self._index(turn)
+        if idx is None:
+            self.msgs.append(Msg("assistant", text, turn))
+        else:
+            self.msgs[idx].text += " " + text
+
+    def has_reply(self, turn: int) -> bool:
+        """Something was said in reply to `turn`."""
+        return self._index(turn) is not None
+
+    def set_reply(self, turn: int, text: str) -> None:
+        """Rewrite the reply to `turn` (turn 0 is the greeting) to what was heard of it."""
+        idx = self._index(turn)
+        if idx is None:
+            if text:
+                self.msgs.append(Msg("assistant", text, turn))
+        elif text:
+            self.msgs[idx].text = text
+        else:
+            del self.msgs[idx]
+
+    def _index(self, turn: int) -> int | None:
+        for i, m in enumerate(self.msgs):
+            if m.role == "assistant" and m.turn == turn:
+                return i
+        return None
+
+    def window(self, limit: int) -> tuple[Message, ...]:
+        """The system prompt and the last `limit` messages."""
+        msgs = [(m.role, m.text) for m in self.msgs]
+        system = [m for m in msgs[:1] if m[0] == "system"]
+        rest = msgs[len(system) :]
+        return tuple(system + rest[-limit:])
+
+    def pairs(self) -> tuple[Message, ...]:
+        """Every message as (role, text), for the store."""
+        return tuple((m.role, m.text) for m in self.msgs)
+
+    @classmethod
+    def restore(cls, pairs: Iterable[tuple[str, str]]) -> History:
+        """Rebuild from the store; a user message opens the next turn."""
+        history = cls()
+        users = 0
+        for role, text in pairs:
+            users += role == "user"
+            history.msgs.append(Msg(role, text, users))
+        return history
+
+    def __len__(self) -> int:
+        return len(self.msgs)
+
+    @property
+    def last_text(self) -> str:
+        """The latest message's text."""
+        return self.msgs[-1].text if self.msgs else ""

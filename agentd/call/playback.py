@@ -1,0 +1,80 @@
+"""What the caller hears: the agent's audio as estimated from the text, and says waiting to go out.
+
+VoIPBIN reports no playback events (docs/protocol.md §11), so playback is estimated from the text's
+length (`chars_per_s`), as VoIPBIN's own client does. Says queue and play back to back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Piece:
+    """One /say as the caller hears it: estimated start and end of its playback."""
+
+    turn: int
+    text: str
+    start: float
+    end: float
+
+
+class Playback:
+    """The agent's estimated audio, and the says waiting for an active speaking session."""
+
+    __slots__ = ("pieces", "queued", "until")
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+        self.until = 0.0  # when the last piece ends
+        self.queued: list[tuple[int, str]] = []  # (turn, text) waiting for a session
+
+    def talking(self, now: float) -> bool:
+        """Audio is (estimated to be) playing, or says wait for a session.
+
+        No pad here: cutting audio that already ended costs a stop and a new session."""
+        return bool(self.queued) or now < self.until
+
+    def remaining(self, now: float) -> float:
+        """Seconds until the audio sent so far has played."""
+        return max(0.0, self.until - now)
+
+    def play(self, turn: int, text: str, now: float, chars_per_s: float) -> None:
+        """A /say goes out now: it plays after what is already playing."""
+        start = max(now, self.until)
+        end = start + len(text) / chars_per_s
+        self.pieces.append(Piece(turn, text, start, end))
+        self.pieces = [p for p in self.pieces if p.end > now or p.turn == turn]
+        self.until = end
+
+    def last_start(self) -> float:
+        """When the latest piece started playing (far past when none)."""
+        return max((p.start for p in self.pieces), default=-1e9)
+
+    def playing(self, now: float) -> bool:
+        """Some piece is still playing at `now`."""
+        return any(p.end > now for p in self.pieces)
+
+    def lost(self, now: float) -> None:
+        """The speaking session is gone: nothing sent to it plays any more."""
+        self.pieces = [p for p in self.pieces if p.end <= now]
+        self.until = now
+
+    def cut(self, now: float, chars_per_s: float) -> dict[int, str]:
+        """Stop everything at `now`; for each turn whose audio was cut, the text heard of it."""
+        heard: dict[int, list[str]] = {}
+        cut_turns: set[int] = set()
+        for p in self.pieces:
+            if p.end <= now:
+                heard.setdefault(p.turn, []).append(p.text)
+                continue
+            cut_turns.add(p.turn)
+            if p.start < now:
+                n = int((now - p.start) * chars_per_s)
+                partial = p.text[:n].rsplit(" ", 1)[0] if " " in p.text[:n] else ""
+                if partial:
+                    heard.setdefault(p.turn, []).append(partial + " —")
+        self.queued.clear()
+        self.pieces = []
+        self.until = now
+        return {turn: " ".join(heard.get(turn, [])) for turn in cut_turns}

@@ -1,0 +1,172 @@
+"""Surviving a restart (snapshot, restore, resume) and a handler that raised (fail)."""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from agentd.call.core import CallCore, Input
+from agentd.call.history import History
+from agentd.call.ledger import StopInput
+from agentd.call.phase import Phase, PhaseMachine
+from agentd.call.session import SessionInput, SessionMachine
+from agentd.call.settings import CallSettings
+from agentd.call.turn import TurnMachine
+from agentd.commands import (
+    CallGone,
+    CancelBackend,
+    CheckCall,
+    Command,
+    FindTranscribe,
+    Finished,
+    Hangup,
+    HangupDone,
+    PollSpeaking,
+    Record,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    Stopped,
+    StopSpeaking,
+    StopTranscribe,
+    SweepSpeakings,
+    TimerFired,
+    TranscribeStarted,
+)
+from agentd.events import CallEvent
+from agentd.names import Kind, Timer, TimerKind
+
+
+class Recovery(CallCore):
+    """What outlives the process, and the clean end of a call whose handler raised."""
+
+    def fail(self, error: str) -> list[Command]:
+        """A handler raised: end the call cleanly, whatever state the machines were left in.
+
+        Everything with an id is stopped and the call hung up (a caller must not sit with a
+        broken agent); from now on the call takes only the results of that cleanup."""
+        self.failed = True
+        cmds: list[Command] = [Record(self.id, Kind.FAILED, {"error": error})]
+        if self.turns.replying:
+            cmds.append(CancelBackend(self.id, self.turns.turn))
+        self.phases.phase = Phase.ENDING  # the machines may be inconsistent: no table applies
+        for session in (self.speaking, self.transcribe):
+            if session.id:
+                cmds += self._stop(session.kind, session.id)
+        self.ledger.hangup_pending = True
+        cmds += [Hangup(self.id), SweepSpeakings(self.id)]
+        return cmds + self._finished_after_failure()
+
+    def _finished_after_failure(self) -> list[Command]:
+        if self.phase is Phase.ENDING and self.ledger.clean:
+            self.phases.phase = Phase.ENDED
+            return [Finished(self.id)]
+        return []
+
+    def _cleanup_only(self, event: Input, _now: float) -> list[Command]:
+        """A failed call: stops and the hangup are confirmed or retried; the rest is dropped."""
+        cmds: list[Command] = []
+        match event:
+            case Stopped(ok=True):
+                self.ledger.step(event.session_id, StopInput.ENDED, event.kind)
+            case Stopped():
+                timer = Timer(TimerKind.RETRY_STOP, event.session_id)
+                cmds.append(StartTimer(self.id, timer, self.settings.retry_s))
+            case TimerFired(timer=Timer(kind=TimerKind.RETRY_STOP, session_id=sid)):
+                cmds += self._retry_stop(sid)
+            case TimerFired(timer=Timer(kind=TimerKind.RETRY_HANGUP)) if self.ledger.hangup_pending:
+                cmds.append(Hangup(self.id))
+            case HangupDone(ok=False) if self.ledger.hangup_pending:
+                cmds.append(
+                    StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), self.settings.retry_s)
+                )
+            case HangupDone() | CallGone():
+                self.ledger.hangup_pending = False
+            case CallEvent() if event.deleted or event.call.status == "hangup":
+                self.ledger.hangup_pending = False
+            case SpeakingStarted() | TranscribeStarted():
+                cmds += self._late_result(event)
+        return cmds + self._finished_after_failure()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What must survive a restart (the store's CallRecord fields)."""
+        return {
+            "call_id": self.id,
+            "direction": self.direction,
+            "phase": self.phase.value,
+            "status": self.status,
+            "transcribe_id": self.transcribe.id,
+            "speaking_id": self.speaking.id,
+            "pending_stops": tuple((kind, sid) for sid, (kind, _) in self.ledger.pending.items()),
+            "greeted": self.greeted,
+            "turn": self.turns.turn,
+            "history": self.history.pairs(),
+            "hangup_reason": self.hangup_reason,
+            "seen_transcripts": self.turns.seen_ids(200),
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], settings: CallSettings) -> Self:
+        """Rebuild a call from its snapshot; `resume()` then finds out what is still true."""
+        call = cls(str(data["call_id"]), settings, direction=str(data.get("direction", "")))
+        call.phases = PhaseMachine(Phase(data["phase"]))
+        call.status = str(data.get("status", ""))
+        call.hangup_reason = str(data.get("hangup_reason", ""))
+        call.transcribe = SessionMachine("transcribe", data.get("transcribe_id"))
+        call.speaking = SessionMachine("speaking", data.get("speaking_id"))
+        call.ledger.restore(list(data.get("pending_stops", ())))
+        call.greeted = bool(data.get("greeted"))
+        call.turns = TurnMachine(int(data.get("turn", 0)))
+        call.history = History.restore(data.get("history", ()))
+        for tid in data.get("seen_transcripts", ()):
+            call.turns.mark_seen(tid)
+        # a session created just before the crash may never have told us its id
+        call.ledger.sweep_needed = True
+        return call
+
+    def resume(self, now: float) -> list[Command]:
+        """After a restart: re-check the call, re-send unconfirmed stops, re-attach sessions."""
+        self.last_heard = now
+        cmds: list[Command] = [
+            CheckCall(self.id),
+            StartTimer(self.id, Timer(TimerKind.WATCH), self.settings.watch_s),
+        ]
+        for sid, (kind, _) in self.ledger.pending.items():
+            cmds.append(
+                StopSpeaking(self.id, sid) if kind == "speaking" else StopTranscribe(self.id, sid)
+            )
+        if self.phase.over:
+            self.ledger.sweep_needed = False
+            return [*cmds, SweepSpeakings(self.id), *self._maybe_finished()]
+        if not self.phase.live:
+            return cmds
+        s = self.settings
+        # a session we created may be gone (VoIPBIN restarted it, or it was stopped): verify
+        if self.speaking.id:
+            self.speaking.step(SessionInput.VERIFY)
+            self.speaking.poll_started = now  # the activation timeout counts from here
+            self.speaking.poll_delay = s.speaking_poll_s
+            cmds.append(PollSpeaking(self.id, self.speaking.id))
+        else:
+            self.speaking.step(SessionInput.START)
+            cmds.append(StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id))
+        tid = self.transcribe.id
+        self.transcribe.step(SessionInput.START)
+        self.transcribe.id = tid  # kept until the find answers: transcripts still route by it
+        cmds.append(FindTranscribe(self.id, s.language))
+        timer = StartTimer(self.id, Timer(TimerKind.MAX_CALL), s.max_call_s)
+        return [*cmds, timer, *self.arm_silence(now)]
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """Cheap to compare: when it changes, the call's snapshot is worth saving again."""
+        return (
+            self.phase,
+            self.status,
+            self.transcribe.id,
+            self.speaking.id,
+            tuple(self.ledger.pending),
+            self.greeted,
+            self.turns.turn,
+            len(self.history),
+            self.history.last_text,
+            self.hangup_reason,
+        )

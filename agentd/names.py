@@ -1,0 +1,98 @@
+"""Typed names the core and the shell share: timers, after-reply actions and record kinds.
+
+They were strings matched in five modules, where a typo failed silently; an enum member that does
+not exist fails at import, and mypy checks every match.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class TimerKind(enum.StrEnum):
+    """What a call is waiting for."""
+
+    WATCH = "watch"  # nothing heard of the call for a while: ask VoIPBIN
+    MAX_CALL = "max_call"  # the call's time limit
+    SILENCE = "silence"  # the caller has been quiet since our audio ended
+    POLL_SPEAKING = "poll_speaking"  # an `initiating` speaking: is it active yet
+    RETRY_SPEAKING = "retry_speaking"
+    RETRY_TRANSCRIBE = "retry_transcribe"
+    RETRY_STOP = "retry_stop"  # one per unconfirmed stop (`Timer.session_id` says which)
+    RETRY_HANGUP = "retry_hangup"
+    TRANSCRIPT_DUE = "transcript_due"  # speech ended, its transcript has not come
+    AFTER_REPLY = "after_reply"  # the reply has played: run the action it asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A timer of a call: its kind, and for a stop retry the session it retries."""
+
+    kind: TimerKind
+    session_id: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.session_id}" if self.session_id else str(self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """Hang up once the reply has played."""
+
+    def __str__(self) -> str:
+        return "end_call"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferTo:
+    """Hand the caller over to `number` once the reply has played."""
+
+    number: str
+
+    def __str__(self) -> str:
+        return f"transfer:{self.number}"
+
+
+Action = EndCall | TransferTo
+
+
+class Kind(enum.StrEnum):
+    """What a `Record` says happened (kept in the store, logged, counted in metrics)."""
+
+    STATUS = "status"
+    ANSWERED = "answered"
+    ENDED = "ended"
+    TURN = "turn"
+    BARGE_IN = "barge_in"
+    ACTION = "action"
+    TRANSFERRED = "transferred"
+    TRANSCRIBE_RESTARTED = "transcribe_restarted"
+    SILENCE_HANGUP = "silence_hangup"
+    TIME_LIMIT = "time_limit"
+    # what an operator should see with `journalctl -p warning`
+    SPEAKING_LOST = "speaking_lost"
+    STT_QUIET = "stt_quiet"
+    BACKEND_FAILED = "backend_failed"
+    ERROR = "error"
+    LEAK = "leak"
+    ANOMALY = "anomaly"  # an internal transition the machines do not allow: a bug to report
+    FAILED = "failed"  # the call's handler raised: the call was ended
+
+    @property
+    def warns(self) -> bool:
+        """Logged at warning level."""
+        return self in _WARN
+
+
+_WARN = frozenset(
+    {
+        Kind.SPEAKING_LOST,
+        Kind.STT_QUIET,
+        Kind.BACKEND_FAILED,
+        Kind.ERROR,
+        Kind.LEAK,
+        Kind.ANOMALY,
+        Kind.FAILED,
+    }
+)

@@ -1,0 +1,99 @@
+"""A backend reply as the call sees it: sentences as soon as they exist, then done or failed.
+
+The backend streams text (and maybe a tool call); the reply is cut into sentences, each fed back
+to the call at once, so the first sentence is spoken while the rest is still being generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+
+from agentd.backends import Backend, ToolCall
+from agentd.commands import AskBackend, ReplyDone, ReplyFailed, ReplySentence, Result
+from agentd.names import Action, EndCall, TransferTo
+from agentd.secret import redact
+from agentd.sentences import SentenceBuffer
+
+log = structlog.get_logger("agentd.reply")
+
+TAIL_WAIT_S = 0.005
+
+
+async def stream_reply(
+    backend: Backend,
+    cmd: AskBackend,
+    feed: Callable[[Result], None],
+    *,
+    clock: Callable[[], float],
+    timeout_s: float,
+) -> None:
+    """Run the backend on `cmd`'s history; every outcome goes to `feed`. Cancel it to drop it."""
+    buf = SentenceBuffer()
+    stream: Any = None
+    action: Action | None = None
+    first: float | None = None
+    try:
+        stream = backend.reply(cmd.call_id, cmd.history)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in _tail_flushing(stream, buf):
+                if isinstance(chunk, ToolCall):
+                    action = _action(chunk) or action
+                    continue
+                if first is None and chunk:
+                    first = clock()
+                for sentence in buf.feed(chunk):
+                    feed(ReplySentence(cmd.turn, sentence))
+        for sentence in buf.flush():
+            feed(ReplySentence(cmd.turn, sentence))
+        feed(ReplyDone(cmd.turn, action, first))
+    except asyncio.CancelledError:
+        raise
+    except TimeoutError:
+        feed(ReplyFailed(cmd.turn, "backend timed out"))
+    except Exception as exc:  # any backend failure becomes the fallback line
+        feed(ReplyFailed(cmd.turn, redact(f"{type(exc).__name__}: {exc}")))
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]:
+    """Chunks of `stream`; plus, when the text so far ends like a sentence ("noon.") and the
+    next chunk is slow to come, an empty chunk after TAIL_WAIT_S that makes `buf` give up that
+    sentence. Model streams send the space after a period with the *next* token, so without
+    this the first sentence would be spoken one token interval late."""
+    it = stream.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(it.__anext__())
+        try:
+            if buf.ends_a_sentence():
+                done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
+                if not done:
+                    buf.end_tail()
+                    yield ""
+            chunk = await nxt
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            nxt.cancel()
+            raise
+        yield chunk
+
+
+def _action(call: ToolCall) -> Action | None:
+    """A tool call as the state machine's action; unknown tools are logged and ignored."""
+    if call.name == "end_call":
+        return EndCall()
+    if call.name == "transfer":
+        number = str(call.arguments.get("number", "")).strip()
+        if number:
+            return TransferTo(number)
+    log.warning("backend.unknown_tool", tool=call.name)
+    return None

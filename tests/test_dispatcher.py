@@ -1,0 +1,157 @@
+"""The dispatcher: routing, dedupe, ownership, and the error path of a call whose handler raises."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from agentd.call import Call, CallSettings, Phase
+from agentd.call import call as call_module
+from agentd.commands import (
+    Command,
+    Finished,
+    Hangup,
+    HangupDone,
+    Record,
+    ReplySentence,
+    SpeakingStarted,
+    Stopped,
+    StopSpeaking,
+    SweepSpeakings,
+    TranscribeStarted,
+)
+from agentd.dispatcher import Dispatcher
+from agentd.events import CallEvent, CallInfo, TranscriptEvent
+from agentd.names import Kind
+from agentd.sim import Caller, Simulator, Utterance
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+
+class Shell:
+    """Collects what the dispatcher asks to execute, with a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.batches: list[tuple[str, list[Command]]] = []
+
+    def execute(self, call_id: str, commands: list[Command]) -> None:
+        self.batches.append((call_id, commands))
+
+    def commands(self, call_id: str) -> list[Command]:
+        return [c for cid, batch in self.batches if cid == call_id for c in batch]
+
+
+def dispatcher(shell: Shell, numbers: tuple[str, ...] = (OUR_NUMBER,)) -> Dispatcher:
+    return Dispatcher(CallSettings, shell.execute, numbers=numbers, clock=lambda: shell.now)
+
+
+def call_event(call_id: str, status: str, dest: str = OUR_NUMBER) -> CallEvent:
+    return CallEvent(CallInfo(call_id, status, "incoming", CALLER, dest))
+
+
+def test_a_call_to_our_number_is_adopted_and_others_are_ignored() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(call_event("c1", "progressing"))
+    d.on_event(call_event("c2", "progressing", dest="+15559990000"))
+    assert set(d.calls) == {"c1"}
+    assert d.counters["ignored"] == 1
+    assert shell.commands("c2") == []
+
+
+def test_numbers_are_compared_by_their_digits() -> None:
+    shell = Shell()
+    d = dispatcher(shell, numbers=("+1 (555) 123-4567",))
+    d.on_event(call_event("c1", "progressing"))
+    assert set(d.calls) == {"c1"}
+
+
+def test_a_transcript_before_its_transcribe_id_is_known_waits_then_reaches_its_call() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(call_event("c1", "progressing"))
+    d.feed("c1", SpeakingStarted("s1", "active"))
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # t1 not known yet: buffered
+    assert not any(type(c).__name__ == "AskBackend" for c in shell.commands("c1"))
+    d.feed("c1", TranscribeStarted("t1"))
+    asks = [c for c in shell.commands("c1") if type(c).__name__ == "AskBackend"]
+    assert len(asks) == 1
+
+
+def test_an_ended_call_is_never_adopted_again() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.remember_ended(["c1"])
+    d.on_event(call_event("c1", "progressing"))
+    assert d.calls == {}
+
+
+def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    for cid in ("c1", "c2"):
+        d.on_event(call_event(cid, "progressing"))
+        d.feed(cid, TranscribeStarted(f"t-{cid}"))
+        d.feed(cid, SpeakingStarted(f"s-{cid}", "active"))
+
+    def boom(self: Call, event: Any, now: float) -> list[Command]:
+        if self.id == "c1":
+            raise RuntimeError("injected")
+        return original(self, event, now)
+
+    original = call_module._HANDLERS[ReplySentence]
+    monkeypatch.setitem(call_module._HANDLERS, ReplySentence, boom)
+    shell.now = 100.0  # the greetings have played: the transcripts are no barge-in
+    d.on_event(TranscriptEvent("tr1", "t-c1", "in", "hello"))
+    d.on_event(TranscriptEvent("tr2", "t-c2", "in", "hello"))
+    shell.batches.clear()
+    d.feed("c1", ReplySentence(1, "Hi."))
+    d.feed("c2", ReplySentence(1, "Hi."))
+
+    c1 = shell.commands("c1")
+    [failed] = [c for c in c1 if isinstance(c, Record) and c.what is Kind.FAILED]
+    assert failed.data == {"error": "RuntimeError"}
+    assert StopSpeaking("c1", "s-c1") in c1
+    assert Hangup("c1") in c1 and SweepSpeakings("c1") in c1
+    assert d.counters["failed"] == 1
+    # the other call goes on: its sentence is said
+    assert [type(c).__name__ for c in shell.commands("c2")] == ["Say"]
+    # the failed call takes no more events, only the results of its cleanup
+    shell.batches.clear()
+    d.on_event(TranscriptEvent("tr3", "t-c1", "in", "are you there"))
+    assert shell.commands("c1") == []
+    d.feed("c1", Stopped("speaking", "s-c1", True))
+    d.feed("c1", Stopped("transcribe", "t-c1", True))
+    d.feed("c1", HangupDone(True))
+    assert shell.commands("c1")[-1] == Finished("c1")
+    assert d.calls["c1"].phase is Phase.ENDED
+
+
+async def test_an_injected_fault_in_one_call_leaves_no_session_and_the_other_call_is_served(
+    sim: Simulator, agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim: set[str] = set()
+
+    def boom(self: Call, event: Any, now: float) -> list[Command]:
+        if self.id in victim:
+            raise RuntimeError("injected")
+        return original(self, event, now)
+
+    original = call_module._HANDLERS[ReplySentence]
+    monkeypatch.setitem(call_module._HANDLERS, ReplySentence, boom)
+    daemon = await agent()
+    bad = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hello")], hangup_after_s=None))
+    victim.add(bad)
+    good = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hello")], hangup_after_s=0.05))
+    await sim.wait_call_status(bad, "hangup", timeout=10)  # agentd hung up on the broken call
+    await sim.wait_call_status(good, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    failed = [r for r in daemon.records if r.what is Kind.FAILED]
+    assert [(r.call_id, r.data["error"]) for r in failed] == [(bad, "RuntimeError")]
+    said = [line.text for line in sim.get_call(good).conversation if line.who == "agent"]
+    assert "You said: hello." in said
+    assert sim.leaks() == []

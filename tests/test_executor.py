@@ -1,0 +1,158 @@
+"""The executor: lanes keep a call's REST commands in order; timers and replies come back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from agentd.backends.echo import EchoBackend
+from agentd.commands import (
+    AskBackend,
+    CancelBackend,
+    Finished,
+    Message,
+    ReplyDone,
+    ReplySentence,
+    Result,
+    Say,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    Stopped,
+    StopSpeaking,
+    WriteAhead,
+)
+from agentd.events import Event
+from agentd.executor import Executor
+from agentd.names import Timer, TimerKind
+from agentd.sim import Caller, Simulator
+from agentd.voipbin import Credentials, Secret, VoipbinClient
+from tests.support import CALLER, OUR_NUMBER
+
+
+class Results:
+    """What the executor feeds back, and a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Event | Result]] = []
+        self._changed = asyncio.Event()
+
+    def feed(self, call_id: str, result: Event | Result) -> None:
+        self.items.append((call_id, result))
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5.0):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def of(self, kind: type) -> list[Event | Result]:
+        return [r for _, r in self.items if isinstance(r, kind)]
+
+
+@pytest.fixture
+async def client(sim: Simulator) -> AsyncIterator[VoipbinClient]:
+    c = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    yield c
+    await c.close()
+
+
+async def speaking(sim: Simulator, ex: Executor, results: Results) -> tuple[str, str]:
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    ex.execute(call_id, [WriteAhead(call_id), StartSpeaking(call_id, "en-US", "gcp", "v")])
+    await results.until(lambda: bool(results.of(SpeakingStarted)))
+    [started] = results.of(SpeakingStarted)
+    assert isinstance(started, SpeakingStarted) and started.status == "active"
+    return call_id, started.speaking_id
+
+
+async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+    ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.", "Three.")])
+    ex.execute(call_id, [StopSpeaking(call_id, sid)])
+    await results.until(lambda: bool(results.of(Stopped)))
+    says = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]  # type: ignore[index]
+    assert says == ["One. Two. Three."]  # merged: the budget is per request
+    stop = sim.requests_matching("POST", r"/stop$")[0]
+    assert stop.t >= sim.requests_matching("POST", r"/say$")[0].t  # the stop comes after
+    assert results.of(Stopped) == [Stopped("speaking", sid, True)]
+    await ex.close()
+
+
+async def test_a_command_that_crashes_reports_a_failure_the_call_understands(
+    sim: Simulator, client: VoipbinClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+
+    async def broken(speaking_id: str) -> None:
+        raise RuntimeError("a bug in the client")
+
+    monkeypatch.setattr(client, "stop_speaking", broken)
+    ex.execute(call_id, [StopSpeaking(call_id, sid)])
+    await results.until(lambda: bool(results.of(Stopped)))
+    assert results.of(Stopped) == [Stopped("speaking", sid, False)]  # retried by the call
+    await ex.close()
+
+
+async def test_timers_fire_typed_and_a_finished_call_fires_none() -> None:
+    results = Results()
+    ex = Executor(None, EchoBackend(), results.feed)  # type: ignore[arg-type]
+    retry = Timer(TimerKind.RETRY_STOP, "s1")
+    ex.execute("a", [StartTimer("a", Timer(TimerKind.WATCH), 0.01), StartTimer("a", retry, 0.01)])
+    ex.execute("gone", [StartTimer("gone", Timer(TimerKind.WATCH), 0.01), Finished("gone")])
+    ex.execute("b", [StartTimer("b", Timer(TimerKind.SILENCE), 0.05)])
+    await results.until(lambda: any(cid == "b" for cid, _ in results.items))
+    fired = {(cid, r.timer) for cid, r in results.items}  # type: ignore[union-attr]
+    assert fired == {("a", Timer(TimerKind.WATCH)), ("a", retry), ("b", Timer(TimerKind.SILENCE))}
+    await ex.close()
+
+
+class Blocking:
+    """A backend that says one sentence, then waits until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[str]:
+        try:
+            yield "First sentence. "
+            await asyncio.Event().wait()
+            yield "never"
+        finally:
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_cancelled_reply_stops_its_backend_stream_and_says_nothing_more() -> None:
+    results = Results()
+    backend = Blocking()
+    ex = Executor(None, backend, results.feed, clock=lambda: 42.0)  # type: ignore[arg-type]
+    ex.execute("c", [AskBackend("c", 1, (("user", "hi"),))])
+    await results.until(lambda: bool(results.of(ReplySentence)))
+    ex.execute("c", [CancelBackend("c", 1)])
+    await asyncio.wait_for(backend.closed.wait(), 5)
+    assert results.of(ReplySentence) == [ReplySentence(1, "First sentence.")]
+    assert results.of(ReplyDone) == []
+    await ex.close()
+
+
+async def test_reply_timings_use_the_injected_clock() -> None:
+    results = Results()
+    ex = Executor(None, EchoBackend(), results.feed, clock=lambda: 42.0)  # type: ignore[arg-type]
+    ex.execute("c", [AskBackend("c", 1, (("user", "hi"),))])
+    await results.until(lambda: bool(results.of(ReplyDone)))
+    [done] = results.of(ReplyDone)
+    assert isinstance(done, ReplyDone) and done.first_chunk_at == 42.0
+    await ex.close()
