@@ -93,18 +93,19 @@ class EventStream:
         self.max_delay_s = max_delay_s
         self.stats = StreamStats()
         self._ws: ClientConnection | None = None
+        self._ever_ready = False  # a subscribe has become ready in this process
         self._cid: str | None = None
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
         """Connect and read forever (until cancelled); never raises on network trouble."""
         delays = Reconnects(cap=self.max_delay_s, healthy_after_s=self.healthy_after_s)
-        first = True
         while True:
             started = time.monotonic()
             verdict: ConnectVerdict
             try:
-                await self._session(first)
+                # "first" is the first subscribe that became ready, not the first attempt
+                await self._session(not self._ever_ready)
                 reason = "closed by server"
             except asyncio.CancelledError:
                 raise
@@ -117,7 +118,6 @@ class EventStream:
                 verdict = "slow"
             else:
                 verdict = "retry"
-            first = False
             self.ready.clear()
             self._ws = None
             self.stats.state = "reconnecting"
@@ -180,6 +180,7 @@ class EventStream:
         if self._ws is ws:
             self.stats.state = "ready"
             self.ready.set()
+            self._ever_ready = True
             self._on_ready(first)
 
     def _frame(self, frame: str | bytes) -> None:
