@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agentd.sim import Caller, Outcome, Simulator, Utterance
 from tests.support import OUR_NUMBER, StartAgent, run_cli
+
+# `agentd call` subprocesses following whole calls
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 [voipbin]

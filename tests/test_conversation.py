@@ -19,6 +19,9 @@ from agentd.sim.records import Request
 from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script
 from tests.support import CALLER, OUR_NUMBER, StartAgent
 
+# whole multi-turn calls through each backend kind: 1-2 s each
+pytestmark = pytest.mark.slow
+
 SYSTEM = "You are a test agent."
 FALLBACK = "Sorry, one moment please."
 NUMBER = "+15557654321"

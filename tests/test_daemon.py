@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Outcome, SimSettings, Simulator, Utterance
 from agentd.voipbin import Credentials, Secret, VoipbinClient
@@ -238,6 +240,7 @@ async def test_unanswered_outbound_call_records_its_reason(
     assert ops(sim, call_id) == []  # never answered: no session was started
 
 
+@pytest.mark.slow  # 50 calls
 async def test_fifty_concurrent_calls_are_all_served_and_cleaned_up(
     sim: Simulator, agent: StartAgent
 ) -> None:
@@ -260,6 +263,7 @@ async def test_fifty_concurrent_calls_are_all_served_and_cleaned_up(
     assert sim.leaks() == []
 
 
+@pytest.mark.slow  # waits on the rate limit
 async def test_rate_limited_account_still_serves_every_call(
     sim_settings: SimSettings, agent: StartAgent, sim: Simulator
 ) -> None:
@@ -306,6 +310,7 @@ async def test_a_sentence_is_said_when_the_stream_pauses_after_its_period(
     assert said[1:] == ["It is noon.", "Anything else?"]
 
 
+@pytest.mark.slow  # two refusals: 5 s backoffs (tests/test_stream.py covers refusals fast)
 async def test_a_server_that_refuses_to_upgrade_is_retried(
     sim: Simulator, agent: StartAgent
 ) -> None:

@@ -6,8 +6,13 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import OUR_NUMBER, StartAgent
+
+# fault injection under load: seconds per test
+pytestmark = pytest.mark.slow
 
 
 def answers(sim: Simulator, call_id: str) -> Counter[str]:

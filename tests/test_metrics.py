@@ -63,6 +63,7 @@ needs_proc = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a whole call
 @needs_proc
 async def test_a_call_moves_the_counters_and_the_histogram(
     sim: Simulator, agent: StartAgent

@@ -8,8 +8,13 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+
+# real agentd processes, killed and started again
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 [voipbin]

@@ -38,6 +38,7 @@ def test_secret_never_prints() -> None:
     )
 
 
+@pytest.mark.slow  # a whole run with faults
 async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
     captured_logs: io.StringIO,
 ) -> None:

@@ -10,8 +10,13 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+
+# a real `agentd run` process with signals and sd_notify
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 [voipbin]

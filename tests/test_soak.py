@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests import soak
+
+# the short soak: faults and SIGKILL restarts, about 20 s
+pytestmark = pytest.mark.slow
 
 
 async def test_short_soak(tmp_path: Path) -> None:

@@ -490,6 +490,7 @@ def model_live(ops: list[CallRecord | tuple[str, str, str]]) -> list[CallRecord]
     return [r for r in calls.values() if r.phase != "ended"]
 
 
+@pytest.mark.slow  # a property run against a real SQLite file
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_live_calls_match_a_simple_model(ops: list[CallRecord | tuple[str, str, str]]) -> None:
