@@ -17,6 +17,7 @@ from agentd.commands import (
     Record,
     ReplySentence,
     SpeakingStarted,
+    StartTimer,
     Stopped,
     StopSpeaking,
     SweepSpeakings,
@@ -124,6 +125,14 @@ def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     shell.batches.clear()
     d.on_event(TranscriptEvent("tr3", "t-c1", "in", "are you there"))
     assert shell.commands("c1") == []
+    # a stop that fails is retried ever less often, as for a live call
+    d.feed("c1", Stopped("speaking", "s-c1", False))
+    d.feed("c1", Stopped("speaking", "s-c1", False))
+    retries = [c for c in shell.commands("c1") if isinstance(c, StartTimer)]
+    assert [(str(t.timer), t.delay_s) for t in retries] == [
+        ("retry_stop:s-c1", 1.0),
+        ("retry_stop:s-c1", 2.0),
+    ]
     d.feed("c1", Stopped("speaking", "s-c1", True))
     d.feed("c1", Stopped("transcribe", "t-c1", True))
     d.feed("c1", HangupDone(True))

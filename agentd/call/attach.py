@@ -146,19 +146,12 @@ class Sessions(CallCore):
 
     def _on_stopped(self, event: Stopped, _now: float) -> list[Command]:
         sid = event.session_id
-        attempts = self.ledger.attempts(sid)
-        self.ledger.step(sid, StopInput.OK if event.ok else StopInput.FAILED, event.kind)
+        if not event.ok:
+            return self._stop_failed(event.kind, sid) + self._maybe_finished()
+        self.ledger.step(sid, StopInput.OK, event.kind)
         cmds: list[Command] = []
-        if not event.ok and attempts:
-            # an unconfirmed stop is never given up: the session bills until it is stopped.
-            # It is retried ever less often, kept in the store, and re-sent after a restart.
-            delay = min(self.settings.retry_s * 2 ** (attempts - 1), 60.0)
-            cmds.append(StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), delay))
-            if attempts == self.settings.max_attempts:
-                cmds.append(Record(self.id, Kind.LEAK, {"kind": event.kind, "session_id": sid}))
         if (
-            event.ok
-            and event.kind == "speaking"
+            event.kind == "speaking"
             and self.speaking.state is SessionState.STOPPING
             and sid == self.speaking.id
             and not self.phase.over

@@ -8,7 +8,7 @@ Only these modules step the machines.
 from __future__ import annotations
 
 from agentd.call.history import History
-from agentd.call.ledger import Ledger
+from agentd.call.ledger import Ledger, StopInput
 from agentd.call.phase import Phase, PhaseInput, PhaseMachine
 from agentd.call.playback import Playback
 from agentd.call.session import SessionInput, SessionKind, SessionMachine, SessionState
@@ -154,11 +154,26 @@ class CallCore:
         return cmds
 
     def _stop(self, kind: SessionKind, sid: str) -> list[Command]:
-        if not self.ledger.stop(sid, kind):
-            return []
+        """Stop `sid` unless its stop was asked for already."""
+        return [self._stop_command(kind, sid)] if self.ledger.stop(sid, kind) else []
+
+    def _stop_command(self, kind: SessionKind, sid: str) -> Command:
         if kind == "speaking":
-            return [StopSpeaking(self.id, sid)]
-        return [StopTranscribe(self.id, sid)]
+            return StopSpeaking(self.id, sid)
+        return StopTranscribe(self.id, sid)
+
+    def _stop_failed(self, kind: SessionKind, sid: str) -> list[Command]:
+        """A stop was not confirmed. It is never given up: the session bills until it is
+        stopped. It is retried ever less often, kept in the store, and re-sent after a restart."""
+        attempts = self.ledger.attempts(sid)
+        self.ledger.step(sid, StopInput.FAILED, kind)
+        if not attempts:
+            return []  # a stop we never asked for, or one confirmed since
+        delay = min(self.settings.retry_s * 2 ** (attempts - 1), 60.0)
+        cmds: list[Command] = [StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), delay)]
+        if attempts == self.settings.max_attempts:
+            cmds.append(Record(self.id, Kind.LEAK, {"kind": kind, "session_id": sid}))
+        return cmds
 
     def _maybe_finished(self) -> list[Command]:
         if (
@@ -183,9 +198,8 @@ class CallCore:
         """Hang up and stop the sessions without waiting for VoIPBIN's hangup event."""
         if not self.phase.over:
             self.phases.step(PhaseInput.LOCAL_END)
-        self.ledger.hangup_pending = (
-            True  # until VoIPBIN confirms: a caller must not sit in silence
-        )
+        # until VoIPBIN confirms: a caller must not sit in silence
+        self.ledger.hangup_pending = True
         return [
             Hangup(self.id),
             *self._begin_end(),
@@ -259,9 +273,5 @@ class CallCore:
         return []
 
     def _retry_stop(self, sid: str) -> list[Command]:
-        match self.ledger.kind_of(sid):
-            case "speaking":
-                return [StopSpeaking(self.id, sid)]
-            case "transcribe":
-                return [StopTranscribe(self.id, sid)]
-        return []
+        kind = self.ledger.kind_of(sid)
+        return [] if kind is None else [self._stop_command(kind, sid)]

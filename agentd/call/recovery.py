@@ -26,8 +26,6 @@ from agentd.commands import (
     StartSpeaking,
     StartTimer,
     Stopped,
-    StopSpeaking,
-    StopTranscribe,
     SweepSpeakings,
     TimerFired,
     TranscribeStarted,
@@ -69,8 +67,7 @@ class Recovery(CallCore):
             case Stopped(ok=True):
                 self.ledger.step(event.session_id, StopInput.ENDED, event.kind)
             case Stopped():
-                timer = Timer(TimerKind.RETRY_STOP, event.session_id)
-                cmds.append(StartTimer(self.id, timer, self.settings.retry_s))
+                cmds += self._stop_failed(event.kind, event.session_id)
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_STOP, session_id=sid)):
                 cmds += self._retry_stop(sid)
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_HANGUP)) if self.ledger.hangup_pending:
@@ -131,9 +128,7 @@ class Recovery(CallCore):
             StartTimer(self.id, Timer(TimerKind.WATCH), self.settings.watch_s),
         ]
         for sid, (kind, _) in self.ledger.pending.items():
-            cmds.append(
-                StopSpeaking(self.id, sid) if kind == "speaking" else StopTranscribe(self.id, sid)
-            )
+            cmds.append(self._stop_command(kind, sid))
         if self.phase.over:
             self.ledger.sweep_needed = False
             return [*cmds, SweepSpeakings(self.id), *self._maybe_finished()]

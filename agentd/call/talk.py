@@ -97,7 +97,6 @@ class Conversation(CallCore):
         if self.turns.replying:
             cmds.append(CancelBackend(self.id, turn))
         self.turns.step(TurnInput.CUT)
-        self.playback.queued.clear()
         if self.playback.playing(now) and self.speaking.active:
             assert self.speaking.id is not None
             if self.settings.cut == "flush":
