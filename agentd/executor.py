@@ -259,7 +259,7 @@ class Executor:
             log.warning("sweep.failed", error=str(e))
             return
         for spk in speakings:
-            if spk.get("reference_id") == cmd.call_id and spk.get("status") in _LIVE:
+            if _billing(spk, cmd.call_id):
                 sid = str(spk.get("id"))
                 log.warning("sweep.stopping", speaking_id=sid)
                 await _stop(self.client.stop_speaking(sid))
@@ -303,7 +303,7 @@ class Executor:
             # create may have happened despite the error. Either way, adopt it.
             with contextlib.suppress(ApiError):
                 for spk in await c.list_speakings():
-                    if spk.get("reference_id") == cmd.call_id and spk.get("status") in _LIVE:
+                    if _billing(spk, cmd.call_id):
                         log.info("speaking.adopted", speaking_id=spk.get("id"))
                         return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
         return failure
@@ -335,7 +335,13 @@ class Executor:
             self.feed(call_id, TimerFired(timer))
 
 
-_LIVE = ("initiating", "active")  # speaking statuses that still bill
+def _billing(speaking: dict[str, Any], call_id: str) -> bool:
+    """A speaking of `call_id` that is still live, so still billed."""
+    return speaking.get("reference_id") == call_id and speaking.get("status") in (
+        "initiating",
+        "active",
+    )
+
 
 Runner = Callable[[Executor, Any], Awaitable["Event | Result | None"]]
 # one row per command that runs on a lane: the coroutine that runs it
