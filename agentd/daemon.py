@@ -20,6 +20,7 @@ from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher, normalise_number
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
+from agentd.names import Kind
 from agentd.persist import Persister
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
@@ -130,7 +131,7 @@ class Daemon:
         self._gates: dict[str, asyncio.Task[None]] = {}  # per call: commands waiting for a save
         self.record_limit = 1000
         # observability: `agentd status` (agentd/status.py) and Prometheus (agentd/metrics.py)
-        self.tallies: Counter[str] = Counter()  # records by `what` since start
+        self.tallies: Counter[Kind] = Counter()  # records by `what` since start
         self.call_seen: dict[str, float] = {}  # call id -> when this agentd took it on
         self.status_server: StatusServer | None = None
         self.metrics: Metrics | None = None
@@ -342,13 +343,13 @@ class Daemon:
                 reconnects=stats.reconnects,
                 last_frame_age_s=since(stats.last_frame_at),
             ),
-            last_event_age_s=since(d.last_event_at, d.clock()),
+            last_event_age_s=since(d.last_event_at),
             calls=tuple(
                 LiveCall(c.id, c.direction, c.phase.value, c.turn, since(self.call_seen.get(c.id)))
                 for c in d.live_calls()
             ),
             counters=Counters(
-                calls_served=self.tallies["answered"],
+                calls_served=self.tallies[Kind.ANSWERED],
                 calls_taken=d.counters["calls"],
                 events=d.counters["events"],
                 duplicates=d.counters["duplicates"],
@@ -357,9 +358,9 @@ class Daemon:
                 reconnects=stats.reconnects,
                 rest_errors=self.client.errors,
                 rest_queue_depth=self.client.limiter.queue_depth,
-                barge_ins=self.tallies["barge_in"],
-                backend_failures=self.tallies["backend_failed"],
-                leaks=self.tallies["leak"],
+                barge_ins=self.tallies[Kind.BARGE_IN],
+                backend_failures=self.tallies[Kind.BACKEND_FAILED],
+                leaks=self.tallies[Kind.LEAK],
             ),
         )
 
