@@ -63,13 +63,11 @@ class Sessions(CallCore):
     def _on_transcribe_event(self, event: TranscribeEvent, _now: float) -> list[Command]:
         if event.status != "done" or event.id != self.transcribe.id:
             return []
-        if self.transcribe.starting:
-            # the old one of a restart ended: the find under way decides what comes next
-            self.ledger.step(event.id, StopInput.ENDED, "transcribe")
-            return []
         # ended by itself (the call hung up); no stop needed any more
-        self.transcribe.step(SessionInput.LOST)
         self.ledger.step(event.id, StopInput.ENDED, "transcribe")
+        if self.transcribe.starting:
+            return []  # the old one of a restart: the find under way decides what comes next
+        self.transcribe.step(SessionInput.LOST)
         if self.phase.live:
             # usually the call hung up and its event is still on the way; if VoIPBIN says the
             # call is up, the agent went deaf: start another one then
