@@ -38,3 +38,5 @@ class SimSettings:
     password: str = "demo"
     #: Lifetime of a JWT from ``/auth/login`` or :meth:`Simulator.make_token`.
     token_ttl_s: float = 7 * 24 * 3600.0
+    # -- TTS (tts.py)
+    # -- STT (stt.py)
