@@ -6,6 +6,10 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentd.sim.speech import Speech
 
 
 @dataclass
@@ -49,7 +53,9 @@ class Faults:
         drop_websockets: Callable[[], None],
         expire_tokens: Callable[[], None],
         send_raw: Callable[[str | bytes], Awaitable[None]],
+        speech: Speech,
     ) -> None:
+        self._speech = speech
         self._drop = drop_websockets
         self._expire = expire_tokens
         self._send_raw = send_raw
@@ -104,6 +110,10 @@ class Faults:
     async def send_raw(self, frame: str | bytes) -> None:
         """Send ``frame`` verbatim (``str`` as text, ``bytes`` as binary) to every WS client."""
         await self._send_raw(frame)
+
+    # -- TTS faults (tts.py) --------------------------------------------------------------------
+
+    # -- STT faults (stt.py) --------------------------------------------------------------------
 
     # -- used by the server ---------------------------------------------------------------------
 

@@ -60,9 +60,11 @@ class Simulator:
         self.auth = Authenticator(
             self.customer_id, self.agent_id, self.settings.username, self.settings.token_ttl_s
         )
-        self.faults = Faults(self.hub.drop_all, self.auth.revoke_all, self.hub.send_raw)
-        self.hub.faults = self.faults
         self.speech = Speech(self.world)
+        self.faults = Faults(
+            self.hub.drop_all, self.auth.revoke_all, self.hub.send_raw, self.speech
+        )
+        self.hub.faults = self.faults
         self._calls = Calls(self.world, self.speech)
         self.rest = RestApi(self.world, self._calls, self.speech, self.auth)
         self._routes = compile_routes(self.rest.routes())
