@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -20,8 +21,11 @@ from aiohttp import web
 
 from agentd.sim.clock import fixed_time, go_time, utcnow
 
-#: Agent permission bit CustomerAdmin (``bin-agent-manager/models/agent/agent.go``).
+#: Agent permission bits (``bin-agent-manager/models/agent/agent.go``).
+PERMISSION_PROJECT_SUPER_ADMIN = 0x1
+PERMISSION_CUSTOMER_AGENT = 0x10
 PERMISSION_CUSTOMER_ADMIN = 0x20
+PERMISSION_CUSTOMER_MANAGER = 0x40
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,20 @@ class Identity:
     customer_id: str
     #: The agent's id for JWTs; ``None`` for access keys (they cannot use ``agent_id:`` topics).
     agent_id: str | None
+    #: Permission bits; an access key counts as CustomerAdmin
+    #: (``bin-api-manager/models/auth/auth.go``, ``HasPermission``).
+    permission: int = PERMISSION_CUSTOMER_ADMIN
+
+    @property
+    def customer_admin(self) -> bool:
+        """CustomerAdmin or CustomerManager (or super admin): what customer-scoped resources need.
+
+        ``bin-api-manager/pkg/servicehandler/etc.go`` ``hasPermission`` with
+        ``PermissionCustomerAdmin|PermissionCustomerManager``, the check of ``GET /customer``,
+        calls, transcribes, speakings and transfers, and of customer WebSocket topics.
+        """
+        wanted = PERMISSION_PROJECT_SUPER_ADMIN | PERMISSION_CUSTOMER_ADMIN
+        return bool(self.permission & (wanted | PERMISSION_CUSTOMER_MANAGER))
 
 
 class AuthError(Exception):
@@ -53,10 +71,20 @@ def _unb64(text: str) -> bytes:
 class Authenticator:
     """Issues and checks the credentials of the simulator's single customer."""
 
-    def __init__(self, customer_id: str, agent_id: str, username: str, token_ttl_s: float) -> None:
+    def __init__(
+        self,
+        customer_id: str,
+        agent_id: str,
+        username: str,
+        token_ttl_s: float,
+        plain_username: str = "agent",
+    ) -> None:
         self.customer_id = customer_id
         self.agent_id = agent_id
         self.username = username
+        #: The second agent: CustomerAgent permission only (no customer-admin rights).
+        self.plain_agent_id = str(uuid.uuid4())
+        self.plain_username = plain_username
         self.token_ttl_s = token_ttl_s
         self.accesskey = "vb_" + secrets.token_urlsafe(24)
         self._key = secrets.token_bytes(32)
@@ -65,21 +93,24 @@ class Authenticator:
 
     # -- JWT -------------------------------------------------------------------------------------
 
-    def make_token(self, ttl_s: float | None = None) -> str:
-        """A signed agent JWT valid for ``ttl_s`` (negative = already expired)."""
+    def make_token(self, ttl_s: float | None = None, *, admin: bool = True) -> str:
+        """A signed agent JWT valid for ``ttl_s`` (negative = already expired).
+
+        ``admin=False`` signs for the second agent, whose permission is CustomerAgent only.
+        """
         ttl = self.token_ttl_s if ttl_s is None else ttl_s
         now = utcnow()
         claims: dict[str, Any] = {
             "type": "agent",
             "agent": {
-                "id": self.agent_id,
+                "id": self.agent_id if admin else self.plain_agent_id,
                 "customer_id": self.customer_id,
-                "username": self.username,
+                "username": self.username if admin else self.plain_username,
                 "name": "simulated agent",
                 "detail": "",
                 "ring_method": "ringall",
                 "status": "available",
-                "permission": PERMISSION_CUSTOMER_ADMIN,
+                "permission": PERMISSION_CUSTOMER_ADMIN if admin else PERMISSION_CUSTOMER_AGENT,
                 "tag_ids": [],
                 "addresses": [],
                 "tm_create": go_time(now),
@@ -112,7 +143,9 @@ class Authenticator:
             claims = json.loads(_unb64(parts[1]))
             expire = str(claims["expire"])
             agent = claims["agent"]
-            identity = Identity("agent", str(agent["customer_id"]), str(agent["id"]))
+            identity = Identity(
+                "agent", str(agent["customer_id"]), str(agent["id"]), int(agent["permission"])
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthError("INVALID_CREDENTIALS") from exc
         if expire <= fixed_time(utcnow()):

@@ -5,7 +5,12 @@ Rules (see :class:`~agentd.sim.model.Utterance`):
 * default: wait until the agent has said something since the previous utterance started (the
   greeting, for the first one) and all its audio has finished, then ``pause_s``;
 * ``barge_in_after_s``: start that long after the agent starts playing its next reply audio;
-* ``wait_for_agent=False``: ``pause_s`` after the previous utterance, whatever the agent does.
+* ``wait_for_agent=False``: ``pause_s`` after the previous utterance, whatever the agent does;
+* ``backchannel_after_s``: like a barge-in, but the caller expects no answer: the next utterance
+  still waits for the reply the backchannel was said over (said even if that reply has ended).
+
+The caller stops talking before the STT reports its words (:mod:`agentd.sim.stt`): the last
+final transcript comes ``stt_final_delay_s`` after the end of the utterance.
 
 After the last utterance has been answered and the agent's audio has finished, the caller hangs up
 after ``hangup_after_s`` (never when ``None``).
@@ -32,13 +37,21 @@ async def _wait_answered(world: World, call: SimCall, baseline: int) -> None:
     )
 
 
+async def _after_reply_starts(world: World, call: SimCall, baseline: int, after_s: float) -> None:
+    """Until ``after_s`` after the agent's first audio since ``baseline`` started playing."""
+    await world.wait_for(lambda: any(seq > baseline for seq, _ in call.play_log), timeout=None)
+    t_reply = next(t for seq, t in call.play_log if seq > baseline)
+    delay = t_reply + after_s - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
 async def _wait_turn(world: World, call: SimCall, utt: Utterance, baseline: int) -> None:
-    if utt.barge_in_after_s is not None:
-        await world.wait_for(lambda: any(seq > baseline for seq, _ in call.play_log), timeout=None)
-        t_reply = next(t for seq, t in call.play_log if seq > baseline)
-        delay = t_reply + utt.barge_in_after_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    after_s = (
+        utt.backchannel_after_s if utt.backchannel_after_s is not None else utt.barge_in_after_s
+    )
+    if after_s is not None:
+        await _after_reply_starts(world, call, baseline, after_s)
         return
     if not utt.wait_for_agent:
         await asyncio.sleep(utt.pause_s)
@@ -60,8 +73,11 @@ async def run_caller(
         await _wait_turn(world, call, utt, baseline)
         if call.status != "progressing":
             return
-        baseline = call.say_seq
-        await speech.caller_says(call, utt.text)
+        await speech.stt.caller_says(call, utt.text, utt.finals)
+        if utt.backchannel_after_s is None:
+            # an answer comes after the words it answers: what the agent sent while the caller
+            # was talking is the reply they talked over
+            baseline = call.say_seq
     if caller.hangup_after_s is None:
         return
     await _wait_answered(world, call, baseline)

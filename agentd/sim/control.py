@@ -2,9 +2,13 @@
 
 Routes (JSON bodies and answers):
 
-* ``GET /_sim/info``: urls, customer id, access key, a fresh JWT.
+* ``GET /_sim/info``: urls, customer id, access key, a fresh JWT, and ``agent_token``: a JWT of
+  the second agent, who has no customer-admin rights.
+* ``POST /_sim/flows`` ``{"actions": [...], "customer_id"?}`` -> ``{"id"}``; ``GET /_sim/flows``.
 * ``POST /_sim/calls`` ``{"source", "destination", "utterances": [{"text", ...}],
-  "answer_after_s", "hangup_after_s"}`` -> ``{"id"}``: an inbound call with a scripted caller.
+  "answer_after_s", "hangup_after_s", "flow_id"?}`` -> ``{"id"}``: an inbound call with a scripted
+  caller, on a number whose flow is ``flow_id`` (default: answer + sleep 1 h).
+* ``GET /_sim/confbridges``, ``GET /_sim/transfers``.
 * ``GET /_sim/calls``, ``GET /_sim/calls/{id}``: status and conversation.
 * ``POST /_sim/calls/{id}/hangup`` ``{"by": "remote"|"local"}``.
 * ``GET /_sim/requests``, ``GET /_sim/leaks``.
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from agentd.sim.simulator import Simulator
 
 _OUTCOMES = ("answer", "busy", "noanswer", "failed")
+_NO_ROUTE = object()
 
 
 class ControlError(Exception):
@@ -67,6 +72,16 @@ def _caller_from(body: JSON) -> Caller | None:
     return Caller(utterances, float(hangup) if hangup is not None else None)
 
 
+def _actions_from(body: JSON) -> list[JSON]:
+    actions = body.get("actions")
+    if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+        raise ControlError("actions must be a list of objects")
+    customer_id = body.get("customer_id")
+    if customer_id is not None and not isinstance(customer_id, str):
+        raise ControlError("customer_id must be a string")
+    return actions
+
+
 def call_view(call: SimCall) -> JSON:
     """A call as the control API shows it."""
     return {
@@ -79,6 +94,10 @@ def call_view(call: SimCall) -> JSON:
         "hangup_reason": call.hangup_reason,
         "conversation": [line.to_json() for line in call.conversation],
         "transfers": call.transfers,
+        "confbridge_id": call.confbridge_id,
+        "master_call_id": call.master_call_id,
+        "chained_call_ids": list(call.chained_call_ids),
+        "on_hold": call.moh,
     }
 
 
@@ -123,8 +142,30 @@ class ControlApi:
             return web.json_response({"error": "no such control route"}, status=404)
         return web.json_response(result)
 
+    def _platform(self, method: str, parts: list[str], body: JSON) -> Any:
+        """Flows, confbridges and transfers; :data:`_NO_ROUTE` for anything else."""
+        sim = self.sim
+        match method, parts:
+            case "POST", ["flows"]:
+                return {
+                    "id": sim.create_flow(_actions_from(body), customer_id=body.get("customer_id"))
+                }
+            case "GET", ["flows"]:
+                return [
+                    {"id": f.id, "customer_id": f.customer_id, "actions": f.actions}
+                    for f in sim.flows.values()
+                ]
+            case "GET", ["confbridges"]:
+                return [cb.to_json() for cb in sim.confbridges.values()]
+            case "GET", ["transfers"]:
+                return list(sim.transfers.values())
+        return _NO_ROUTE
+
     async def _route(self, method: str, parts: list[str], body: JSON) -> Any:
         sim = self.sim
+        platform = self._platform(method, parts, body)
+        if platform is not _NO_ROUTE:
+            return platform
         match method, parts:
             case "POST", ["bench", *rest]:
                 return await self.bench.route(rest, body)
@@ -135,13 +176,16 @@ class ControlApi:
                     "customer_id": sim.customer_id,
                     "accesskey": sim.accesskey,
                     "token": sim.make_token(),
+                    "agent_token": sim.make_token(admin=False),
                 }
             case "POST", ["calls"]:
+                flow_id = body.get("flow_id")
                 call_id = sim.inbound_call(
                     source=str(body.get("source", "+15550001111")),
                     destination=str(body.get("destination", "+15551234567")),
                     caller=_caller_from(body),
                     answer_after_s=float(body.get("answer_after_s", 0.0)),
+                    flow_id=str(flow_id) if flow_id is not None else None,
                 )
                 return {"id": call_id}
             case "GET", ["calls"]:

@@ -113,7 +113,52 @@ class Faults:
 
     # -- TTS faults (tts.py) --------------------------------------------------------------------
 
+    def kill_tts_pod(self, speaking_id: str | None = None, *, call_id: str | None = None) -> str:
+        """The tts-manager pod owning a speaking (by id, or the call's newest one) dies.
+
+        Its sessions fall silent and their rows stay ``active`` (billed, counted by
+        :meth:`Simulator.leaks` once the call ends); say/flush/stop on them answer 503 after the
+        gateway's budget, then 500 while its breaker is open; a new ``POST /speakings`` for the
+        call answers 500 until the row is deleted (see :meth:`agentd.sim.tts.Tts.kill_pod`).
+        Returns the pod's name.
+        """
+        speakings = self._speech.world.speakings
+        if speaking_id is None:
+            if call_id is None:
+                raise ValueError("kill_tts_pod needs a speaking_id or a call_id")
+            speaking_id = max(
+                self._speech.world.speakings_of(call_id), key=lambda s: s.tm_create
+            ).id
+        pod = speakings[speaking_id].pod_id
+        self._speech.tts.kill_pod(pod)
+        return pod
+
     # -- STT faults (stt.py) --------------------------------------------------------------------
+
+    def deafen_stt(self, call_id: str) -> list[str]:
+        """The call's progressing transcribes publish nothing more and stay ``progressing``
+        (the silent failure Google's 5-minute limit also causes); returns their ids."""
+        return self._speech.stt.deafen_call(call_id)
+
+    def deafen_transcribe(self, transcribe_id: str) -> None:
+        """As :meth:`deafen_stt`, for one transcribe."""
+        self._speech.stt.deafen(self._speech.world.transcribes[transcribe_id])
+
+    def stt_provider_down(self, provider: str) -> None:
+        """``provider`` (``gcp``/``aws``) fails to start: new transcribes that ask for it run on
+        the other one, and still report the one they asked for (``streaminghandler/start.go``
+        ``runSTT``); with both down they hear nothing."""
+        self._speech.stt.providers_down.add(provider)
+
+    def stt_provider_up(self, provider: str) -> None:
+        """Undo :meth:`stt_provider_down` (for transcribes started from now on)."""
+        self._speech.stt.providers_down.discard(provider)
+
+    def orphan_stt(self, call_id: str | None = None) -> list[str]:
+        """The transcribe manager's pod restarts: the progressing transcribes (of ``call_id``, or
+        all) hear nothing, stay ``progressing`` and make a new ``POST /transcribes`` for the same
+        call and language answer 409; ``/stop`` or ``DELETE`` clears them. Returns their ids."""
+        return self._speech.stt.orphan(call_id)
 
     # -- used by the server ---------------------------------------------------------------------
 

@@ -48,13 +48,26 @@ class Utterance:
     By default it is said ``pause_s`` after the agent has finished speaking (and has said
     something since the previous utterance). ``barge_in_after_s`` makes it start that long after
     the agent starts playing its next reply (a barge-in); ``wait_for_agent=False`` says it
-    ``pause_s`` after the previous utterance whatever the agent does.
+    ``pause_s`` after the previous utterance whatever the agent does; ``backchannel_after_s``
+    makes it a backchannel.
     """
 
     text: str
     pause_s: float = 0.05
     barge_in_after_s: float | None = None
     wait_for_agent: bool = True
+    #: The final transcripts this utterance arrives as, in order (their words must be the
+    #: text's); ``None`` splits at sentence ends, up to 3 (:func:`agentd.sim.stt.split_finals`),
+    #: ``[text]`` keeps it one final.
+    finals: list[str] | None = None
+    #: A backchannel ("mm-hmm") said this long after the agent starts playing its next reply,
+    #: while it talks: the caller expects no answer to it, so the next utterance still waits
+    #: for the reply it was said over.
+    backchannel_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.finals is not None and " ".join(self.finals).split() != self.text.split():
+            raise ValueError(f"finals {self.finals!r} do not make up the text {self.text!r}")
 
 
 @dataclass
@@ -144,6 +157,17 @@ class SimCall:
     transfers: list[JSON] = field(default_factory=list)
     groupcall_id_internal: str | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: The confbridge the call is joined to (internal: the server's ``WebhookMessage`` has no
+    #: ``confbridge_id``, ``bin-call-manager/models/call/webhook.go``).
+    confbridge_id: str = NIL_UUID
+    #: The call whose ``connect`` (or transfer) created this one, and the calls this one created
+    #: (``bin-call-manager/pkg/callhandler/outgoing_call.go``, ``ChainedCallIDAdd``).
+    master_call_id: str = NIL_UUID
+    chained_call_ids: list[str] = field(default_factory=list)
+    #: ``mute_direction`` and music on hold (an attended transfer puts the others on hold and
+    #: mutes them, ``bin-transfer-manager/pkg/transferhandler/attended.go``).
+    mute_direction: str = ""
+    moh: bool = False
 
     @property
     def ended(self) -> bool:
@@ -160,16 +184,24 @@ class SimCall:
             "flow_id": self.flow_id,
             "activeflow_id": self.activeflow_id,
             "type": "flow",
-            "master_call_id": NIL_UUID,
-            "recording_id": NIL_UUID,
-            # The server never copies groupcall_id into the external shape (docs/protocol.md §4.6).
-            "groupcall_id": NIL_UUID,
-            "source": dict(self.source),
-            "destination": dict(self.destination),
-            "status": self.status,
-            "action": dict(self.action),
-            "direction": self.direction,
+            "master_call_id": self.master_call_id,
         }
+        if self.chained_call_ids:
+            out["chained_call_ids"] = list(self.chained_call_ids)
+        out.update(
+            {
+                "recording_id": NIL_UUID,
+                # The server never copies groupcall_id into the external shape (protocol §4.6).
+                "groupcall_id": NIL_UUID,
+                "source": dict(self.source),
+                "destination": dict(self.destination),
+                "status": self.status,
+                "action": dict(self.action),
+                "direction": self.direction,
+            }
+        )
+        if self.mute_direction:
+            out["mute_direction"] = self.mute_direction
         if self.hangup_by:
             out["hangup_by"] = self.hangup_by
         if self.hangup_reason:
@@ -238,10 +270,17 @@ class SimTranscribe:
     t_start: float
     status: str = "progressing"
     tm_update: datetime | None = None
-    #: Created before the call was answered: it never hears anything (production measurement).
+    #: Hears nothing: created before the call was answered (production measurement), or
+    #: deafened (a fault, Google's 5-minute limit, an orphan); it stays ``progressing``.
     deaf: bool = False
     streaming_in: str = field(default_factory=new_id)
     streaming_out: str = field(default_factory=new_id)
+    #: The provider actually transcribing (``""`` = none could start): the requested one, or
+    #: the server's silent fallback (``streaminghandler/start.go`` ``runSTT``). Not in the JSON.
+    engine: str = ""
+    #: Its pod restarted: the streams are gone, the row still says ``progressing``.
+    orphaned: bool = False
+    tm_delete: datetime | None = None
 
     def hears(self, direction: Literal["in", "out"]) -> bool:
         """Whether this session transcribes audio of ``direction`` right now."""
@@ -264,7 +303,7 @@ class SimTranscribe:
             "provider": self.provider,
             "tm_create": _tm(self.tm_create),
             "tm_update": _tm(self.tm_update),
-            "tm_delete": None,
+            "tm_delete": _tm(self.tm_delete),
         }
 
 
@@ -279,6 +318,8 @@ class SimTranscript:
     message: str
     offset_ms: int
     tm_create: datetime
+    #: Soft-deleted with its transcribe (``DELETE /transcribes/{id}``): no longer listed.
+    tm_delete: datetime | None = None
 
     def to_json(self) -> JSON:
         """The transcript shape of the current server (``offset_ms``, no ``tm_transcript``)."""
@@ -300,6 +341,10 @@ class SayItem:
     text: str
     seq: int
     line: Line | None = None
+    #: Monotonic time of its ``/say``: the audio cannot start before ``t_said + say_latency_s``.
+    t_said: float = 0.0
+    #: Monotonic time an ``aws`` flush ends it (the end of the chunk being written).
+    cut_at: float | None = None
 
 
 @dataclass
@@ -324,6 +369,9 @@ class SimSpeaking:
     #: Set to cut the audio that is playing now.
     cut_event: asyncio.Event = field(default_factory=asyncio.Event)
     player: asyncio.Task[None] | None = None
+    #: The tts-manager pod that owns the stream (internal: not in the JSON); say, flush and stop
+    #: are routed to it.
+    pod_id: str = ""
 
     @property
     def flush_kind(self) -> str:
@@ -350,3 +398,49 @@ class SimSpeaking:
         _put_tm(out, "tm_update", self.tm_update)
         _put_tm(out, "tm_delete", self.tm_delete)
         return out
+
+
+@dataclass
+class SimFlow:
+    """A flow (``bin-flow-manager/models/flow``): what ``POST /calls`` ``flow_id`` and a number's
+    ``call_flow_id`` name."""
+
+    id: str
+    customer_id: str
+    actions: list[JSON]
+    tm_create: datetime
+    name: str = ""
+    detail: str = ""
+    deleted: bool = False
+
+
+ConfbridgeType = Literal["connect", "conference"]
+
+
+@dataclass
+class SimConfbridge:
+    """A confbridge (``bin-call-manager/models/confbridge``): calls bridged together.
+
+    A ``connect`` one (made by the ``connect`` action) terminates when one call is left, unless
+    it has the ``no_auto_leave`` flag a blind transfer sets (``confbridgehandler/leaved.go``).
+    """
+
+    id: str
+    customer_id: str
+    type: ConfbridgeType
+    call_ids: list[str] = field(default_factory=list)
+    flags: set[str] = field(default_factory=set)
+    status: str = "progressing"
+    #: The bridge plays ringback to its calls (``ringanswer.go``): a transferee is being rung.
+    ringing: bool = False
+
+    def to_json(self) -> JSON:
+        """The control API's view."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "call_ids": list(self.call_ids),
+            "flags": sorted(self.flags),
+            "status": self.status,
+            "ringing": self.ringing,
+        }

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 from aiohttp import web
 
-from agentd.sim.calls import INBOUND_FLOW, clean_address
+from agentd.sim.calls import clean_address
 from agentd.sim.clock import go_time
 from agentd.sim.errors import ApiError
-from agentd.sim.model import JSON, NIL_UUID, SimGroupcall, new_id
-from agentd.sim.rest_core import Handler, Req, Result, paginate, path_id, uuid_or
+from agentd.sim.model import JSON, NIL_UUID, SimCall, SimGroupcall, new_id
+from agentd.sim.rest_core import (
+    PERMISSION_DENIED_MESSAGE,
+    Handler,
+    Req,
+    Result,
+    admin_only,
+    paginate,
+    path_id,
+    require_admin,
+)
 from agentd.sim.rest_speech import SAY_MAX_BYTES, SpeechRoutes
 
 __all__ = [
@@ -39,16 +49,18 @@ class RestApi(SpeechRoutes):
     """The handlers, bound to the simulator's state (the speech ones come from SpeechRoutes)."""
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        """``(method, path regex, handler)`` for every ``/v1.0`` route except the WebSocket."""
-        return [
-            ("GET", r"/v1\.0/customer", self.get_customer),
-            ("POST", r"/v1\.0/calls", self.post_calls),
-            ("GET", r"/v1\.0/calls", self.list_calls),
-            ("GET", r"/v1\.0/calls/(?P<id>[^/]+)", self.get_call),
-            ("POST", r"/v1\.0/calls/(?P<id>[^/]+)/hangup", self.hangup_call),
+        """``(method, path regex, handler)`` for every ``/v1.0`` route except the WebSocket.
+
+        Every one needs customer-admin rights (``bin-api-manager/pkg/servicehandler/call.go``,
+        ``transcribe.go``, ``transcript.go``, ``speaking.go``, ``transfer.go``,
+        ``customer.go`` ``CustomerSelfGet``): the calls, customer and transfer handlers check
+        it where the server does, the speech ones before they run.
+        """
+        speech: list[tuple[str, str, Handler]] = [
             ("POST", r"/v1\.0/transcribes", self.post_transcribes),
             ("GET", r"/v1\.0/transcribes", self.list_transcribes),
             ("GET", r"/v1\.0/transcribes/(?P<id>[^/]+)", self.get_transcribe),
+            ("DELETE", r"/v1\.0/transcribes/(?P<id>[^/]+)", self.delete_transcribe),
             ("POST", r"/v1\.0/transcribes/(?P<id>[^/]+)/stop", self.stop_transcribe),
             ("GET", r"/v1\.0/transcripts", self.list_transcripts),
             ("POST", r"/v1\.0/speakings", self.post_speakings),
@@ -58,26 +70,39 @@ class RestApi(SpeechRoutes):
             ("POST", r"/v1\.0/speakings/(?P<id>[^/]+)/say", self.say),
             ("POST", r"/v1\.0/speakings/(?P<id>[^/]+)/flush", self.flush),
             ("POST", r"/v1\.0/speakings/(?P<id>[^/]+)/stop", self.stop_speaking),
+        ]
+        return [
+            ("GET", r"/v1\.0/customer", self.get_customer),
+            ("POST", r"/v1\.0/calls", self.post_calls),
+            ("GET", r"/v1\.0/calls", self.list_calls),
+            ("GET", r"/v1\.0/calls/(?P<id>[^/]+)", self.get_call),
+            ("POST", r"/v1\.0/calls/(?P<id>[^/]+)/hangup", self.hangup_call),
+            *((m, p, admin_only(h)) for m, p, h in speech),
             ("POST", r"/v1\.0/transfers", self.post_transfers),
         ]
 
     # -- auth -------------------------------------------------------------------------------------
 
     async def login(self, req: Req) -> web.Response:
-        """``POST /auth/login``: a JWT, or a bare 400 (no envelope) on any failure."""
+        """``POST /auth/login``: a JWT, or a bare 400 (no envelope) on any failure.
+
+        Two agents: ``username`` (CustomerAdmin) and ``agent_username`` (CustomerAgent only).
+        """
         try:
             body = json.loads(req.raw_body) if req.raw_body else None
         except ValueError:
             body = None
         settings = self.world.settings
-        if (
-            not isinstance(body, dict)
-            or body.get("username") != settings.username
-            or body.get("password") != settings.password
-        ):
+        users = {
+            settings.username: (settings.password, True),
+            settings.agent_username: (settings.agent_password, False),
+        }
+        name = body.get("username") if isinstance(body, dict) else None
+        known = users.get(name) if isinstance(name, str) else None
+        if known is None or not isinstance(body, dict) or body.get("password") != known[0]:
             return web.Response(status=400)
-        token = self.auth.make_token()
-        resp = web.json_response({"username": settings.username, "token": token})
+        token = self.auth.make_token(admin=known[1])
+        resp = web.json_response({"username": name, "token": token})
         resp.set_cookie(
             "token",
             token,
@@ -92,7 +117,10 @@ class RestApi(SpeechRoutes):
     # -- customer ---------------------------------------------------------------------------------
 
     async def get_customer(self, req: Req) -> Result:
-        """``GET /customer``: the caller's customer (its ``id`` is the topic scope)."""
+        """``GET /customer``: the caller's customer (its ``id`` is the topic scope); 403 without
+        customer-admin rights (``bin-api-manager/pkg/servicehandler/customer.go``,
+        ``CustomerSelfGet``)."""
+        require_admin(req)
         tm = go_time(self.customer_tm_create)
         return 200, {
             "id": self.world.customer_id,
@@ -115,27 +143,26 @@ class RestApi(SpeechRoutes):
     # -- calls ------------------------------------------------------------------------------------
 
     async def post_calls(self, req: Req) -> Result:
-        """``POST /calls``: tel/sip destinations -> ``calls``; agent/extension -> ``groupcalls``."""
+        """``POST /calls``: tel/sip destinations -> ``calls``; agent/extension -> ``groupcalls``.
+
+        ``bin-api-manager/pkg/servicehandler/call.go`` ``CallCreate``: permission first; a
+        ``flow_id`` that is not a uuid counts as none (``server/calls.go``,
+        ``uuid.FromStringOrNil``), and then the actions make a temporary flow; a given flow must
+        exist (404 ``FLOW_NOT_FOUND``, ``bin-flow-manager/pkg/flowhandler/db.go``) and be the
+        customer's (403).
+        """
+        require_admin(req)
         body = req.json()
         source = clean_address(body.get("source"))
         dests = body.get("destinations")
         if not isinstance(dests, list) or not dests:
             raise ApiError(400, "INVALID_ARGUMENT", "destinations must be a non-empty list.")
-        flow_id = body.get("flow_id")
-        raw_actions = body.get("actions")
-        if flow_id:
-            flow_id = uuid_or(flow_id, 400, "INVALID_ARGUMENT", "flow_id")
-            # A flow we do not model: behave like a flow that keeps the call up.
-            actions: list[JSON] = [dict(a) for a in INBOUND_FLOW]
-        elif raw_actions is not None:
-            if not isinstance(raw_actions, list) or not raw_actions:
-                raise ApiError(400, "INVALID_ARGUMENT", "actions must be a non-empty list.")
-            if not all(isinstance(a, dict) for a in raw_actions):
-                raise ApiError(400, "INVALID_ARGUMENT", "actions must be objects.")
-            actions = [dict(a) for a in raw_actions]
+        flow_id = _uuid_or_nil(body.get("flow_id"))
+        if flow_id != NIL_UUID:
+            actions = self._flow_actions(flow_id)
         else:
-            # An empty temporary flow: the call is hung up right after answer.
-            actions = []
+            flow_id = ""
+            actions = _inline_actions(body.get("actions"))
         calls: list[JSON] = []
         groupcalls: list[JSON] = []
         for raw in dests:
@@ -166,54 +193,81 @@ class RestApi(SpeechRoutes):
             raise ApiError(500, "INTERNAL", "Could not create any call.")
         return 200, {"calls": calls, "groupcalls": groupcalls}
 
+    def _flow_actions(self, flow_id: str) -> list[JSON]:
+        """The actions of the customer's flow ``flow_id`` (404 unknown, 403 not ours)."""
+        flow = self.calls.flows.get(flow_id)
+        if flow is None:
+            raise ApiError(404, "FLOW_NOT_FOUND", "The flow was not found.")
+        if flow.deleted:
+            raise ApiError(404, "RESOURCE_NOT_FOUND")
+        if flow.customer_id != self.world.customer_id:
+            raise ApiError(403, "PERMISSION_DENIED", PERMISSION_DENIED_MESSAGE)
+        return [dict(a) for a in flow.actions]
+
     async def list_calls(self, req: Req) -> Result:
         """``GET /calls``."""
+        require_admin(req)
         return 200, paginate(list(self.world.calls.values()), lambda c: c.tm_create, req.query)
 
     async def get_call(self, req: Req) -> Result:
-        """``GET /calls/{id}``."""
-        return 200, self._call(path_id(req)).to_json()
+        """``GET /calls/{id}``: 404 before 403 (``CallGet`` fetches, then checks)."""
+        call = self._call(path_id(req))
+        require_admin(req)
+        return 200, call.to_json()
 
     async def hangup_call(self, req: Req) -> Result:
         """``POST /calls/{id}/hangup``: idempotent; answers the immediate snapshot."""
         call = self._call(path_id(req))
+        require_admin(req)
         self.calls.hangup_local(call)
         return 200, call.to_json()
 
     # -- transfers --------------------------------------------------------------------------------
 
     async def post_transfers(self, req: Req) -> Result:
-        """``POST /transfers``: recorded on the call; the far end is connected to the addresses."""
+        """``POST /transfers`` (``bin-api-manager/server/transfers.go``,
+        ``pkg/servicehandler/transfer.go``): the transferer call is fetched (a missing or bad id
+        is the nil uuid: 404), permission is checked, then the transfer manager decides
+        (:meth:`~agentd.sim.calls.Calls.start_transfer`: 500 unless the call is in a confbridge).
+        Neither checks ``transfer_type`` nor the addresses before that."""
         body = req.json()
-        kind = body.get("transfer_type")
-        if kind not in ("blind", "attended"):
-            raise ApiError(400, "INVALID_ARGUMENT", "transfer_type is invalid.")
-        call_id = uuid_or(
-            body.get("transferer_call_id"), 400, "INVALID_ARGUMENT", "transferer_call_id"
-        )
+        kind = body.get("transfer_type", "")
         addrs = body.get("transferee_addresses")
-        if not isinstance(addrs, list) or not addrs:
-            raise ApiError(400, "INVALID_ARGUMENT", "transferee_addresses must be non-empty.")
-        call = self._call(call_id)
-        if call.status != "progressing":
-            raise ApiError(409, "STATE_INVALID", status="FAILED_PRECONDITION")
-        now = go_time(self.world.clock.now())
-        transfer: JSON = {
-            "id": new_id(),
-            "customer_id": self.world.customer_id,
-            "type": kind,
-            "transferer_call_id": call.id,
-            "transferee_addresses": [clean_address(a) for a in addrs],
-            "transferee_call_id": NIL_UUID,
-            "groupcall_id": new_id(),
-            "confbridge_id": NIL_UUID,
-            "tm_create": now,
-            "tm_update": now,
-        }
-        self.world.transfers[transfer["id"]] = transfer
-        call.transfers.append(transfer)
-        self.world.notify()
-        return 200, transfer
+        if addrs is None:
+            addrs = []
+        # gin's BindJSON into the generated struct refuses other JSON types.
+        if not isinstance(kind, str) or not isinstance(addrs, list):
+            raise ApiError(400, "INVALID_JSON_BODY")
+        call = self._transferer(body.get("transferer_call_id"))
+        require_admin(req)
+        return 200, self.calls.start_transfer(kind, call, addrs)
+
+    def _transferer(self, raw: object) -> SimCall:
+        call_id = _uuid_or_nil(raw)
+        if call_id == NIL_UUID:
+            raise ApiError(404, "CALL_NOT_FOUND")
+        return self._call(call_id)
+
+
+def _uuid_or_nil(value: object) -> str:
+    """Go's ``uuid.FromStringOrNil``: anything that is not a uuid is the nil uuid."""
+    if not isinstance(value, str):
+        return NIL_UUID
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return NIL_UUID
+
+
+def _inline_actions(raw: object) -> list[JSON]:
+    """The actions of a temporary flow; none = an empty flow (hung up right after answer)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "INVALID_ARGUMENT", "actions must be a non-empty list.")
+    if not all(isinstance(a, dict) for a in raw):
+        raise ApiError(400, "INVALID_ARGUMENT", "actions must be objects.")
+    return [dict(a) for a in raw]
 
 
 def compile_routes(

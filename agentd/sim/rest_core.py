@@ -97,6 +97,28 @@ def paginate(items: Sequence[T], created: Callable[[T], datetime], query: dict[s
     }
 
 
+def require_admin(req: Req) -> None:
+    """403 unless the caller has customer-admin rights (``bin-api-manager/pkg/servicehandler/
+    etc.go`` ``hasPermission`` with CustomerAdmin|CustomerManager; an access key always has
+    them, ``models/auth/auth.go``)."""
+    if req.identity is not None and not req.identity.customer_admin:
+        raise ApiError(403, "PERMISSION_DENIED", PERMISSION_DENIED_MESSAGE)
+
+
+#: ``bin-api-manager/server/error_translate.go`` for ``serviceerrors.ErrPermissionDenied``.
+PERMISSION_DENIED_MESSAGE = "You do not have permission to access this resource."
+
+
+def admin_only(handler: Handler) -> Handler:
+    """``handler`` behind :func:`require_admin` (checked before the handler runs)."""
+
+    async def gated(req: Req) -> Result:
+        require_admin(req)
+        return await handler(req)
+
+    return gated
+
+
 class RestCore:
     """The simulator's state, bound for the handlers, and the lookups they share."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -39,4 +39,54 @@ class SimSettings:
     #: Lifetime of a JWT from ``/auth/login`` or :meth:`Simulator.make_token`.
     token_ttl_s: float = 7 * 24 * 3600.0
     # -- TTS (tts.py)
+    #: ``POST /speakings`` answers this long after the request (measured ~0.6 s).
+    speaking_create_s: float = 0.6
+    #: A say's audio starts this long after its ``/say`` at the earliest (measured 0.9-1.3 s).
+    say_latency_s: float = 1.1
+    #: ``/stop`` answers, and the audio falls silent, this long after the request (~0.5 s).
+    stop_latency_s: float = 0.5
+    #: Playback speed of CJK text (``playback_chars_per_s`` is the Latin one).
+    playback_cjk_chars_per_s: float = 6.0
+    #: The gateway's budget for a pod-routed request (say/flush/stop) before it answers 503.
+    pod_rpc_timeout_s: float = 3.0
+    #: How long the gateway's circuit breaker fails a pod's requests fast once it opened.
+    pod_breaker_open_s: float = 30.0
+    #: tts-manager replicas new speakings are spread over (round robin).
+    tts_pods: int = 2
     # -- STT (stt.py)
+    #: End of a caller's speech -> its final transcript (and ``speech_ended``, which the server
+    #: publishes with the final: ``streaminghandler/result.go``): the median of Pipecat's STT
+    #: benchmark for AWS (1.14 s), used for every provider but ``gcp``...
+    stt_final_delay_s: float = 1.14
+    #: ... and for Google (0.88 s).
+    stt_final_delay_gcp_s: float = 0.88
+    #: An utterance of several sentences arrives as up to 3 finals, at least this far apart.
+    stt_split_gap_s: float = 0.5
+    #: Google's stream goes silent this long after the transcribe started (measured in
+    #: production; ``gcp.go`` ends the stream on its first ``Recv`` error and never reopens it).
+    gcp_deaf_after_s: float = 300.0
+    # -- platform (rest/ws/auth)
+    #: Time from a WebSocket ``subscribe`` until its scope's AMQP binding delivers events; events
+    #: published in between are lost (``bin-api-manager/pkg/websockhandler/scoperefcount.go``).
+    subscribe_bind_s: float = 0.1
+    #: A second ``/auth/login`` user: an agent with the CustomerAgent permission only (no
+    #: customer-admin rights), refused by every customer-scoped endpoint and topic.
+    agent_username: str = "agent"
+    agent_password: str = "agent"
+
+    def scaled(self, factor: float) -> SimSettings:
+        """The same behaviour with the service's latencies (TTS, STT, the gateway's budgets)
+        multiplied by `factor`: what benchmarks and tests shrink, never the behaviour itself."""
+        return replace(self, **{name: getattr(self, name) * factor for name in _LATENCIES})
+
+
+_LATENCIES = (
+    "speaking_create_s",
+    "say_latency_s",
+    "stop_latency_s",
+    "pod_rpc_timeout_s",
+    "stt_final_delay_s",
+    "stt_final_delay_gcp_s",
+    "stt_split_gap_s",
+    "subscribe_bind_s",
+)

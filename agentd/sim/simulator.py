@@ -23,6 +23,8 @@ from agentd.sim.model import (
     Caller,
     Outcome,
     SimCall,
+    SimConfbridge,
+    SimFlow,
     SimSpeaking,
     SimTranscribe,
     SimTranscript,
@@ -58,7 +60,11 @@ class Simulator:
         self.webhooks = Webhooks()
         self.world = World(self.settings, self.customer_id, publish=self._publish)
         self.auth = Authenticator(
-            self.customer_id, self.agent_id, self.settings.username, self.settings.token_ttl_s
+            self.customer_id,
+            self.agent_id,
+            self.settings.username,
+            self.settings.token_ttl_s,
+            plain_username=self.settings.agent_username,
         )
         self.speech = Speech(self.world)
         self.faults = Faults(
@@ -151,9 +157,18 @@ class Simulator:
         """A valid ``vb_...`` access key."""
         return self.auth.accesskey
 
-    def make_token(self, ttl_s: float | None = None) -> str:
-        """A JWT (HS256) valid for ``ttl_s`` seconds (default ``token_ttl_s``)."""
-        return self.auth.make_token(ttl_s)
+    def make_token(self, ttl_s: float | None = None, *, admin: bool = True) -> str:
+        """A JWT (HS256) valid for ``ttl_s`` seconds (default ``token_ttl_s``).
+
+        ``admin=False``: the second agent's, with CustomerAgent permission only (403 on the
+        customer's resources, dropped on customer topics).
+        """
+        return self.auth.make_token(ttl_s, admin=admin)
+
+    @property
+    def plain_agent_id(self) -> str:
+        """The agent id of the second (non-admin) agent."""
+        return self.auth.plain_agent_id
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -187,6 +202,25 @@ class Simulator:
         """Open WebSocket connections (``.subscriptions``, ``.sent``, ``.dropped``)."""
         return self.hub.connections
 
+    @property
+    def flows(self) -> dict[str, SimFlow]:
+        """Every flow by id."""
+        return self._calls.flows
+
+    @property
+    def confbridges(self) -> dict[str, SimConfbridge]:
+        """Every confbridge by id (made by ``connect`` actions)."""
+        return self._calls.confbridges
+
+    @property
+    def transfers(self) -> dict[str, JSON]:
+        """Every transfer by id, as ``POST /transfers`` answered it (kept up to date)."""
+        return self.world.transfers
+
+    def create_flow(self, actions: list[JSON], *, customer_id: str | None = None) -> str:
+        """Store a flow (of another customer with ``customer_id``); returns its id."""
+        return self._calls.create_flow(actions, customer_id).id
+
     def get_call(self, call_id: str) -> SimCall:
         """The call ``call_id`` (``KeyError`` if unknown)."""
         return self.world.calls[call_id]
@@ -196,8 +230,13 @@ class Simulator:
         return matching(self.requests, method, path_regex)
 
     def leaks(self) -> list[JSON]:
-        """Open sessions on ended calls: active/initiating speakings, progressing transcribes."""
+        """Open sessions on ended calls: active/initiating speakings (not deleted by the
+        client), progressing transcribes."""
         return self.world.leaks()
+
+    def stranded(self) -> list[str]:
+        """Speakings deleted by the client that still bill, their tts pod being dead."""
+        return self.world.stranded()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109 (public API)
         """Wait until ``predicate()`` holds (re-checked on every state change); ``TimeoutError``."""
@@ -218,9 +257,12 @@ class Simulator:
         destination: str = "+15551234567",
         caller: Caller | None = None,
         answer_after_s: float = 0.0,
+        flow_id: str | None = None,
     ) -> str:
-        """Start an incoming call on a number whose flow is answer + sleep 1 h; returns its id."""
-        return self._calls.create_inbound(source, destination, caller, answer_after_s).id
+        """Start an incoming call on a number whose flow is ``flow_id`` (default: answer + sleep
+        1 h); returns its id."""
+        flow = self._calls.flows[flow_id] if flow_id is not None else None
+        return self._calls.create_inbound(source, destination, caller, answer_after_s, flow).id
 
     def on_outbound(
         self, outcome: Outcome, caller: Caller | None = None, destination: str | None = None

@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         default=SimSettings.speech_words_per_s,
         help="how fast simulated callers speak, in words per second",
     )
+    parser.add_argument(
+        "--latency-scale",
+        type=float,
+        default=1.0,
+        help="multiply the service's TTS/STT latencies (1: as measured; 0.05 for benchmarks)",
+    )
     return parser
 
 
@@ -44,7 +50,7 @@ async def _run(args: argparse.Namespace) -> None:
         rate_limit=not args.no_rate_limit,
         playback_chars_per_s=args.playback_chars_per_s,
         speech_words_per_s=args.speech_words_per_s,
-    )
+    ).scaled(args.latency_scale)
     sim = Simulator(settings)
     await sim.start(host=args.host, port=args.port)
     stop = asyncio.Event()

@@ -120,11 +120,17 @@ class World:
         return any(s.busy for s in self.speakings_of(call_id))
 
     def leaks(self) -> list[JSON]:
-        """Sessions still open on ended calls (a speaking is never stopped by a hangup)."""
+        """Sessions still open on ended calls (a speaking is never stopped by a hangup) that
+        the client did not delete: see :meth:`stranded` for the ones it did."""
         out: list[JSON] = []
         for spk in self.speakings.values():
             call = self.calls.get(spk.reference_id)
-            if call is not None and call.ended and spk.status in ("initiating", "active"):
+            if (
+                call is not None
+                and call.ended
+                and spk.status in ("initiating", "active")
+                and spk.tm_delete is None
+            ):
                 out.append(
                     {"kind": "speaking", "id": spk.id, "call_id": call.id, "status": spk.status}
                 )
@@ -135,6 +141,16 @@ class World:
                     {"kind": "transcribe", "id": trn.id, "call_id": call.id, "status": trn.status}
                 )
         return out
+
+    def stranded(self) -> list[str]:
+        """Speakings a client deleted that still bill: their tts pod died, so nothing will ever
+        stop them (``servicehandler/speaking.go`` deletes the row whatever the pod's stop did).
+        The client did all the service allows; the bill is VoIPBIN's to fix."""
+        return [
+            spk.id
+            for spk in self.speakings.values()
+            if spk.tm_delete is not None and spk.status in ("initiating", "active")
+        ]
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

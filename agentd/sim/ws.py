@@ -5,6 +5,14 @@ no ack; a binary frame or any invalid topic drops the TCP connection without a c
 string-prefix matching, delivered once per published topic (each event is published under two
 topics, so a 3-part prefix gets two copies); ping every ``ping_interval_s`` and drop a client whose
 last pong is older than ``pong_timeout_s``; a bounded per-connection queue that silently drops.
+
+Subscriptions bind asynchronously (``bin-api-manager/pkg/websockhandler/subscription.go``,
+``scoperefcount.go``, ``bindpattern.go``): the in-process subscription is immediate, but events
+reach the pod only once its queue is bound to the topic's scope (``customer_id.<id>.#``) on the
+AMQP exchange. Events published before that are never delivered. The simulator binds each
+connection's scopes ``subscribe_bind_s`` after its first subscribe to them, the worst case (no
+other connection on the pod already holds the scope); :attr:`WsConnection.subscriptions` holds
+only topics whose scope is bound.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ Frame = str | bytes
 
 
 def topic_valid(topic: str, identity: Identity) -> bool:
-    """The server's ``validateTopics`` rule for one topic (docs/protocol.md §3.1)."""
+    """The server's ``validateTopics`` rule for one topic (docs/protocol.md §3.1,
+    ``bin-api-manager/pkg/websockhandler/etc.go``)."""
     parts = topic.split(":")
     if len(parts) < 2:
         return False
@@ -41,10 +50,17 @@ def topic_valid(topic: str, identity: Identity) -> bool:
     if scope_id.int == 0:
         return False
     if parts[0] == "customer_id":
-        return scope_id == uuid.UUID(identity.customer_id)
+        # etc.go validateTopics: customer topics need CustomerAdmin|CustomerManager.
+        return identity.customer_admin and scope_id == uuid.UUID(identity.customer_id)
     if parts[0] == "agent_id":
         return identity.agent_id is not None and scope_id == uuid.UUID(identity.agent_id)
     return False
+
+
+def bind_pattern(topic: str) -> str:
+    """The AMQP binding a topic needs (``bindpattern.go``, ``topicToBindPattern``)."""
+    parts = topic.split(":")
+    return f"{parts[0]}.{parts[1]}.#"
 
 
 def topics_for(customer_id: str, event_type: str, resource_id: str) -> list[str]:
@@ -71,7 +87,13 @@ class WsConnection:
     ) -> None:
         self.ws = ws
         self.identity = identity
+        #: Topics that receive events: subscribed, and their scope is bound.
         self.subscriptions: set[str] = set()
+        #: Subscribed topics waiting for their scope's binding.
+        self.pending: set[str] = set()
+        #: Bound scopes, and the timers of those being bound.
+        self._bound: set[str] = set()
+        self._binding: dict[str, asyncio.TimerHandle] = {}
         #: Frames queued for this client, handed to the socket, and dropped (queue full).
         self.offered = 0
         self.sent = 0
@@ -186,12 +208,57 @@ class WsConnection:
             self.abort("invalid topic")
             return
         if kind == "subscribe":
-            self.subscriptions.update(topics)
+            for topic in topics:
+                self._subscribe(topic)
             if self.subscribed_at is None and topics:
                 self.subscribed_at = time.monotonic()
         elif kind == "unsubscribe":
-            self.subscriptions.difference_update(topics)
+            for topic in topics:
+                self._unsubscribe(topic)
         self._notify()
+
+    def _subscribe(self, topic: str) -> None:
+        pattern = bind_pattern(topic)
+        if pattern in self._bound:
+            self.subscriptions.add(topic)
+            return
+        self.pending.add(topic)
+        if pattern in self._binding:
+            return
+        delay = self._settings.subscribe_bind_s
+        if delay <= 0:
+            self._bind(pattern)
+            return
+        loop = asyncio.get_running_loop()
+        self._binding[pattern] = loop.call_later(delay, self._bind, pattern)
+
+    def _bind(self, pattern: str) -> None:
+        self._binding.pop(pattern, None)
+        if self.closed:
+            return
+        self._bound.add(pattern)
+        ready = {t for t in self.pending if bind_pattern(t) == pattern}
+        self.pending -= ready
+        self.subscriptions |= ready
+        self._notify()
+
+    def _unsubscribe(self, topic: str) -> None:
+        self.subscriptions.discard(topic)
+        self.pending.discard(topic)
+        pattern = bind_pattern(topic)
+        if any(bind_pattern(t) == pattern for t in self.subscriptions | self.pending):
+            return
+        # The last topic of a scope releases its binding (scoperefcount.go, Release).
+        self._bound.discard(pattern)
+        timer = self._binding.pop(pattern, None)
+        if timer is not None:
+            timer.cancel()
+
+    def cancel_binds(self) -> None:
+        """Forget pending bindings (the connection is gone)."""
+        for timer in self._binding.values():
+            timer.cancel()
+        self._binding.clear()
 
     async def reader(self) -> None:
         """Read client frames until the connection ends."""
@@ -277,6 +344,7 @@ class Hub:
             await conn.reader()
         finally:
             conn.closed = True
+            conn.cancel_binds()
             for task in (writer, keepalive):
                 task.cancel()
             for task in (writer, keepalive):

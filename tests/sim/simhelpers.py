@@ -19,6 +19,15 @@ def fast_settings(**overrides: Any) -> SimSettings:
         "playback_chars_per_s": 200.0,
         "speech_words_per_s": 50.0,
         "rate_limit": False,
+        "stt_final_delay_s": 0.05,
+        "stt_final_delay_gcp_s": 0.04,
+        "stt_split_gap_s": 0.03,
+        "speaking_create_s": 0.01,
+        "say_latency_s": 0.02,
+        "stop_latency_s": 0.01,
+        "playback_cjk_chars_per_s": 80.0,
+        "pod_rpc_timeout_s": 0.05,
+        "pod_breaker_open_s": 0.3,
     }
     values.update(overrides)
     return SimSettings(**values)

@@ -7,6 +7,7 @@ import pytest
 from simhelpers import answered_call, fast_settings, post
 
 from agentd.sim import Simulator
+from agentd.sim.tts import AWS_CHUNK_S
 
 
 async def _speaking(
@@ -72,12 +73,18 @@ async def test_flush_gcp_cuts_and_drops_queue(
     assert lines[0].cut and len(lines[0].text) < 30
 
 
-async def test_flush_aws_drops_only_queued(
+async def test_flush_aws_drains_its_buffer_so_the_say_ends_with_its_chunk(
     slow_sim: Simulator, slow_http: aiohttp.ClientSession
 ) -> None:
+    """``bin-tts-manager/pkg/streaminghandler/aws.go``: ``SayFlush`` drains the audio channel,
+    which holds the rest of the playing say in 0.256 s chunks; the chunk being written plays
+    out, the rest and the queued say are gone."""
     lines = await _flush_scenario(slow_sim, slow_http, "aws")
     assert len(lines) == 1
-    assert not lines[0].cut and lines[0].text == "x" * 30
+    (line,) = lines
+    assert line.cut and line.t_end is not None
+    assert line.t_end - line.t_start == pytest.approx(AWS_CHUNK_S, abs=0.05)
+    assert 20 <= len(line.text) < 30
 
 
 async def test_flush_elevenlabs_changes_nothing(

@@ -60,9 +60,8 @@ async def test_fail_fault(sim: Simulator, http: aiohttp.ClientSession) -> None:
 
 async def test_fail_after_apply(sim: Simulator, http: aiohttp.ClientSession) -> None:
     call_id = await answered_call(sim, http)
-    _, spk, _ = await post(
-        http, sim.api_url + "/speakings", {"reference_type": "call", "reference_id": call_id}
-    )
+    body = {"reference_type": "call", "reference_id": call_id, "direction": "out"}
+    _, spk, _ = await post(http, sim.api_url + "/speakings", body)
     sim.faults.fail("POST", "/say$", 503, apply=True)
     status, _, _ = await post(http, f"{sim.api_url}/speakings/{spk['id']}/say", {"text": "once"})
     assert status == 503
