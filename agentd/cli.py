@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from agentd.backends import Backend
 
 DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
+# a mistake in the config or in what the credentials may do: starting again cannot fix it
 EXIT_CONFIG = 2
 
 
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--from", dest="source", help="caller id (default: agent.caller_id)")
     call.add_argument("--config")
     call.add_argument("--wait", action="store_true", help="follow the call until it ends")
+    call.add_argument(
+        "--force",
+        action="store_true",
+        help="place the call even when no running agentd would serve it",
+    )
 
     check = sub.add_parser(
         "check-config", help="validate the config, the credentials and the backend"
@@ -105,19 +111,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config_arg: str | None) -> int:
+    import structlog
+
     from agentd import logs
     from agentd.daemon import Daemon
     from agentd.sdnotify import Notifier
+    from agentd.voipbin import PermissionDenied
 
     config = _load(config_arg)
     logs.configure(config.log_level, config.log_format)
+    for warning in config.warnings:
+        structlog.get_logger("agentd.config").warning("config.warning", warning=warning)
 
     async def serve() -> None:
         daemon = Daemon(config, notifier=Notifier.from_env())
         daemon.install_signal_handlers()
         await daemon.run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except PermissionDenied as exc:
+        print(f"agentd: VoIPBIN refused: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -129,9 +144,18 @@ def _call(args: argparse.Namespace) -> int:
     source = args.source or config.caller_id
     if not source:
         raise ConfigError("agent.caller_id: set it (or agent.numbers, or pass --from)")
+    unserved = None if args.force else _unserved(config, source, args.config)
+    if unserved is not None:
+        # the callee would answer to silence: refuse rather than ring a phone for nothing
+        print(
+            f"agentd: not calling: no running agentd would serve the call: {unserved}. "
+            "Pass --force to place it anyway.",
+            file=sys.stderr,
+        )
+        return 1
 
     async def place() -> int:
-        client = make_client(config)
+        client = make_client(config, tool=True)
         try:
             calls = await client.place_call(source, args.to, config.flow_id)
             if not calls:
@@ -153,6 +177,27 @@ def _call(args: argparse.Namespace) -> int:
     return asyncio.run(place())
 
 
+def _unserved(config: Config, source: str, config_arg: str | None) -> str | None:
+    """Why no running agentd would serve a call from `source`, or None when one will: the
+    source is not one of our numbers, or no daemon answers on the status socket."""
+    from agentd.names import normalise_number
+    from agentd.status import NotRunning, client_socket, fetch
+
+    ours = {normalise_number(n) for n in config.numbers}  # empty: every call (numbers = ["*"])
+    if ours and normalise_number(source) not in ours:
+        return f"{source} is not one of agent.numbers ({', '.join(config.numbers)})"
+    path = client_socket(None, _config_path(config_arg))
+    if not path:
+        return "the status socket is off (status.socket = ''), so no daemon can be seen"
+    try:
+        doc = fetch(path, timeout_s=2.0)
+    except NotRunning as exc:
+        return str(exc)
+    if doc.get("accepting_calls") is False:
+        return "the running agentd is shutting down"
+    return None
+
+
 def _check(config_arg: str | None) -> int:
     """One line per check (config, voipbin, backend); 1 if a check failed, 2 for the config."""
     from agentd.daemon import make_backend, make_client
@@ -160,11 +205,13 @@ def _check(config_arg: str | None) -> int:
 
     config = _load(config_arg)
     print(f"config: ok ({config.source or 'environment only'})", flush=True)
+    for warning in config.warnings:
+        print(f"config: warning: {warning}", flush=True)
     backend = make_backend(config)  # a python callable that cannot be imported: config error
 
     async def probe() -> int:
         failed = False
-        client = make_client(config)
+        client = make_client(config, tool=True)
         try:
             cid = await client.customer_id()
             print(f"voipbin: ok, customer {cid} at {config.voipbin.api_url}", flush=True)

@@ -6,13 +6,20 @@ the environment, or a systemd credential (`$CREDENTIALS_DIRECTORY/voipbin-access
 wrapped in `Secret` so they never print.
 
 Each default is written once: the per-call keys of `[agent]` take theirs from `CallSettings`,
-`[backend]` from `BackendConfig`, `[daemon]` from `DaemonConfig`, the other keys from `_SCHEMA`.
+`[backend]` from `BackendConfig`, `[daemon]` from `DaemonConfig`, the REST budget from
+agentd/ratelimit.py, the other keys from `_SCHEMA`.
+
+Some keys have no safe default. `agent.numbers` must be set: an agent that silently took every
+call of the account (the old meaning of an empty list) answers calls meant for people or for
+another agent; `["*"]` says so on purpose. The providers are checked against what VoIPBIN
+accepts, because it accepts anything and fails later, at the first `/say` (404) or silently.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -21,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from agentd.call import CallSettings
+from agentd.ratelimit import DEFAULT_BURST, DEFAULT_RATE_PER_S
 from agentd.secret import Secret
 
 
@@ -92,6 +100,11 @@ _CALL_KEYS = _owned_by(
     barge_in_min_words=int,
     cut_method=str,
     chars_per_s=NUMBER,
+    say_latency_s=NUMBER,
+    transfer_numbers=(list, tuple),
+    transfer_failed_text=str,
+    max_speaking_restarts=int,
+    final_hold_s=NUMBER,
     fallback_text=str,
     history_limit=int,
     silence_s=NUMBER,
@@ -112,8 +125,8 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
         "username": (str, ""),
         "password": (str, ""),
         "password_file": (str, ""),
-        "rate_per_s": (NUMBER, 17.0),
-        "burst": (int, 33),
+        "rate_per_s": (NUMBER, DEFAULT_RATE_PER_S),
+        "burst": (int, DEFAULT_BURST),
         "timeout_s": (NUMBER, 10.0),
     },
     "agent": {
@@ -149,6 +162,10 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
     "metrics": {"listen": (str, "")},
 }
 _CHOICES = {
+    # STT: "" lets VoIPBIN choose (GCP, then AWS); TTS: what bin-tts-manager streams to
+    # (anything else would silently go to ElevenLabs). The openapi enums say the same.
+    ("agent", "stt_provider"): ("aws", "gcp", ""),
+    ("agent", "tts_provider"): ("elevenlabs", "gcp", "aws"),
     ("agent", "barge_in"): ("speech", "transcript", "off"),
     ("agent", "cut_method"): ("auto", "flush", "restart"),
     ("backend", "kind"): ("echo", "openai", "http", "python"),
@@ -170,7 +187,7 @@ class Config:
 
     voipbin: VoipbinConfig
     call: CallSettings
-    numbers: tuple[str, ...]
+    numbers: tuple[str, ...]  # our numbers; () = every call of the account (`numbers = ["*"]`)
     flow_id: str
     caller_id: str
     backend: BackendConfig
@@ -181,6 +198,7 @@ class Config:
     source: str = ""
     status_socket: str = ""  # absolute path of the `agentd status` socket; "" = off
     metrics_listen: str = ""  # loopback "host:port" for Prometheus metrics; "" = off
+    warnings: tuple[str, ...] = ()  # doubtful but valid settings, logged at start
 
 
 def load(
@@ -202,14 +220,20 @@ def load(
             raise ConfigError(f"{path}: permission denied") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    merged = _validate(data)
-    for section, values in (overrides or {}).items():
-        merged.setdefault(section, {}).update(values)
+    # overrides (the demo, tests) are checked like the file: a typo there must not pass either
+    merged = _validate(_merge(_validate(data), overrides or {}))
     _apply_env(merged, env)
     return _build(merged, env, str(path or ""))
 
 
-def _validate(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _merge(
+    base: dict[str, dict[str, Any]], extra: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """`base` with each section of `extra` laid over it, key by key."""
+    return {s: {**base.get(s, {}), **extra.get(s, {})} for s in {*base, *extra}}
+
+
+def _validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {s: {} for s in _SCHEMA}
     for section, values in data.items():
         if section not in _SCHEMA:
@@ -233,7 +257,8 @@ def _check(section: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{section}.{key}: expected a list of strings")
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
-        raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
+        names = ", ".join(c or '"" (VoIPBIN\'s default)' for c in choices)
+        raise ConfigError(f"{section}.{key}: {value!r} is not one of {names}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         raise ConfigError(f"{section}.{key}: must not be negative")
     return value
@@ -300,12 +325,14 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
     agent = _section(m, "agent")
     store_path = _section(m, "store")["path"]
     log = _section(m, "log")
+    call = _call_settings(agent)
+    numbers = _numbers(agent["numbers"])
     return Config(
         voipbin=_voipbin(_section(m, "voipbin"), env),
-        call=_call_settings(agent),
-        numbers=tuple(agent["numbers"]),
+        call=call,
+        numbers=numbers,
         flow_id=agent["flow_id"],
-        caller_id=agent["caller_id"] or (agent["numbers"][0] if agent["numbers"] else ""),
+        caller_id=_caller_id(agent["caller_id"], numbers),
         backend=_backend(_section(m, "backend"), env),
         store_path=store_path,
         log_level=log["level"],
@@ -314,6 +341,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         source=source,
         status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
         metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
+        warnings=_voice_warnings(call),
     )
 
 
@@ -375,10 +403,95 @@ def _call_settings(agent: dict[str, Any]) -> CallSettings:
     values = {key: agent[key] for key in _CALL_KEYS}
     if values["cut_method"] == "auto":
         values["cut_method"] = None
+    values["transfer_numbers"] = _transfer_numbers(list(values["transfer_numbers"]))
     call = CallSettings(**values)
-    if call.chars_per_s <= 0:
-        raise ConfigError("agent.chars_per_s: must be positive")
+    if call.chars_per_s < 0:
+        raise ConfigError("agent.chars_per_s: must not be negative (0: by the language's script)")
+    if call.say_latency_s < 0:
+        raise ConfigError("agent.say_latency_s: must not be negative")
     return call
+
+
+# ---- [agent]: our numbers and the voice ----------------------------------------------------
+
+EVERY_CALL = "*"
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # what VoIPBIN's tel addresses carry: + and digits
+# what each provider's voice ids look like (bin-tts-manager/pkg/streaminghandler/*.go)
+_VOICE_SHAPES = (
+    ("elevenlabs", re.compile(r"[A-Za-z0-9]{20}")),  # e.g. EXAVITQu4vr4xnSDxMaL
+    ("gcp", re.compile(r"[a-z]{2,3}-[A-Z]{2}-\S+")),  # e.g. en-US-Chirp3-HD-Charon
+    ("aws", re.compile(r"[A-Z][a-z]+")),  # Polly: e.g. Joanna
+)
+# An empty voice_id gets the provider's default voice. VoIPBIN's per-language voice tables are
+# keyed "english_*", "german_*"..., but looked up with the language code ("de_*"), so they never
+# match: the default is English whatever the language. ElevenLabs' multilingual model copes;
+# Google's and Polly's voices speak only their own language.
+_ENGLISH_DEFAULT_VOICE = {"gcp": "en-US-Chirp3-HD-Charon", "aws": "Joanna"}
+
+
+def _numbers(values: list[str]) -> tuple[str, ...]:
+    """`agent.numbers` as the dispatcher takes it: our numbers, or () for `["*"]`."""
+    if not values:
+        raise ConfigError(
+            'agent.numbers: not set: list the numbers agentd serves, e.g. ["+15551234567"], '
+            'or ["*"] for every call of the account'
+        )
+    if EVERY_CALL in values:
+        if len(values) > 1:
+            raise ConfigError('agent.numbers: "*" (every call) cannot be mixed with numbers')
+        return ()
+    for number in values:
+        if not _E164.fullmatch(number):
+            raise ConfigError(
+                f"agent.numbers: {number!r} is not a phone number in E.164 form "
+                '(+ and digits, e.g. "+15551234567"), nor "*"'
+            )
+    return tuple(values)
+
+
+def _transfer_numbers(values: list[object]) -> tuple[str, ...]:
+    """The numbers the agent may transfer to: an allow-list, so a caller cannot talk the model
+    into dialling a premium number. Empty: transfers off."""
+    for number in values:
+        if not isinstance(number, str) or not _E164.fullmatch(number):
+            raise ConfigError(
+                f"agent.transfer_numbers: {number!r} is not a phone number in E.164 form "
+                '(+ and digits, e.g. "+15551234567")'
+            )
+    return tuple(str(n) for n in values)
+
+
+def _caller_id(value: str, numbers: tuple[str, ...]) -> str:
+    """The number `agentd call` calls from: `agent.caller_id`, else our first number."""
+    if value and not _E164.fullmatch(value):
+        raise ConfigError(
+            f"agent.caller_id: {value!r} is not a phone number in E.164 form "
+            '(+ and digits, e.g. "+15551234567")'
+        )
+    return value or (numbers[0] if numbers else "")
+
+
+def _voice_warnings(call: CallSettings) -> tuple[str, ...]:
+    """Voice settings VoIPBIN accepts but the caller would regret: a voice id shaped like
+    another provider's (passed on unchecked, refused at the first /say: 404 for every sentence,
+    the caller hears nothing), or no voice for a language VoIPBIN's default voice cannot speak."""
+    voice, provider, language = call.voice_id, call.tts_provider, call.language
+    if not voice:
+        english = _ENGLISH_DEFAULT_VOICE.get(provider)
+        if english is None or language.lower().startswith("en"):
+            return ()
+        return (
+            f"agent.voice_id: not set, so VoIPBIN uses its default {provider} voice, the English "
+            f"{english!r}, whatever agent.language says ({language!r}); set a {language} voice",
+        )
+    looks = next((name for name, shape in _VOICE_SHAPES if shape.fullmatch(voice)), None)
+    if looks is None or looks == provider:
+        return ()
+    return (
+        f"agent.voice_id: {voice!r} looks like a voice id of {looks} but tts_provider is "
+        f'{provider!r}; {provider} will likely refuse it (set voice_id = "" for '
+        f"VoIPBIN's default {provider} voice)",
+    )
 
 
 def _backend(b: dict[str, Any], env: Mapping[str, str]) -> BackendConfig:

@@ -17,16 +17,17 @@ from agentd.backends.echo import EchoBackend
 from agentd.call import Call
 from agentd.commands import FetchTranscripts, Record, Result, WriteAhead
 from agentd.config import Config, ConfigError, load
-from agentd.dispatcher import Dispatcher, normalise_number
+from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
-from agentd.names import Kind
+from agentd.names import Kind, normalise_number
 from agentd.persist import Persister
+from agentd.ratelimit import tool_budget
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
 from agentd.store import Store
 from agentd.stream import EventStream
-from agentd.voipbin import ApiError, Credentials, VoipbinClient
+from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 
 if TYPE_CHECKING:
     from agentd.metrics import Metrics
@@ -56,6 +57,7 @@ def make_backend(config: Config) -> Backend:
             max_tokens=b.max_tokens,
             tools=b.tools,
             timeout_s=b.timeout_s,
+            transfer_numbers=config.call.transfer_numbers,
         )
     if kind == "http":
         return HttpBackend(url=b.url, api_key=b.api_key, timeout_s=b.timeout_s)
@@ -67,15 +69,15 @@ def make_backend(config: Config) -> Backend:
     raise ConfigError(f"backend.kind: unknown kind {kind!r}")
 
 
-def make_client(config: Config) -> VoipbinClient:
-    """A REST client with the configured credentials and budget."""
+def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
+    """A REST client with the configured credentials and budget; `tool`: a command line tool's
+    small share of it (`agentd call`, `check-config`), spent beside a running daemon's."""
     v = config.voipbin
     creds = Credentials(
         accesskey=v.accesskey, token=v.token, username=v.username, password=v.password
     )
-    return VoipbinClient(
-        v.api_url, creds, rate_per_s=v.rate_per_s, burst=v.burst, timeout_s=v.timeout_s
-    )
+    rate, burst = tool_budget(v.rate_per_s, v.burst) if tool else (v.rate_per_s, v.burst)
+    return VoipbinClient(v.api_url, creds, rate_per_s=rate, burst=burst, timeout_s=v.timeout_s)
 
 
 class Daemon:
@@ -217,7 +219,10 @@ class Daemon:
                 self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
 
     async def run(self) -> None:
-        """Serve until `stop()`; then end live calls and clean up every session."""
+        """Serve until `stop()`; then end live calls and clean up every session.
+
+        Raises the stream's `PermissionDenied` (after the same clean-up) when VoIPBIN refuses
+        the credentials a permission: `agentd run` exits non-zero with the reason."""
         log.info(
             "agentd.start",
             api_url=self.config.voipbin.api_url,
@@ -231,6 +236,8 @@ class Daemon:
         await self._start_observability()
         loop = asyncio.get_running_loop()
         stream_task = loop.create_task(self.stream.run())
+        # the stream only ends by itself on a fatal refusal: stop rather than serve nothing
+        stream_task.add_done_callback(lambda _: self._stop.set())
         helpers = [
             loop.create_task(self._heartbeat(stream_task)),
             loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
@@ -244,7 +251,7 @@ class Daemon:
                 task.cancel()
             await self._drain()
             stream_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, PermissionDenied):
                 await stream_task
             for task in list(self._tasks):
                 task.cancel()
@@ -257,6 +264,9 @@ class Daemon:
             await self._stop_observability()
             log.info("agentd.stopped")
             self.stopped.set()
+        fatal = None if stream_task.cancelled() else stream_task.exception()
+        if isinstance(fatal, PermissionDenied):
+            raise fatal
 
     async def _restore(self) -> None:
         """Pick up the calls the last agentd left live: check each, re-attach or clean up."""

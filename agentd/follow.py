@@ -1,7 +1,10 @@
 """`agentd call --wait`: follow one call over REST and print its conversation until it ends.
 
-It polls (about two requests a second, well inside the 17/s budget) rather than opening a second
-WebSocket, so it works the same next to a running daemon.
+It polls rather than opening a second WebSocket, so it works the same next to a running daemon.
+Every poll goes through the client's budget (`VoipbinClient.limiter`, at background priority),
+and that budget paces the loop: `agentd call` builds its client with a tool's share of the
+account's 17 requests/s (agentd/ratelimit.py, `tool_budget`), which the daemon leaves free. So
+following a call never pushes the account over VoIPBIN's limit, however fast the loop could go.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 
 from agentd.voipbin import ApiError, VoipbinClient
 
-POLL_S = 1.0
+POLL_S = 1.0  # the pace when the budget is off (rate_per_s = 0): the limiter would not wait
 
 
 async def follow(client: VoipbinClient, call_id: str) -> int:
@@ -45,7 +48,8 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
                     print(f"{who}: {t.get('message', '')}", flush=True)
         if status == "hangup":
             return 0 if answered else 1
-        await asyncio.sleep(POLL_S)
+        if client.limiter.rate <= 0:
+            await asyncio.sleep(POLL_S)
 
 
 async def _transcribe_of(client: VoipbinClient, call_id: str) -> str | None:

@@ -17,6 +17,29 @@ URGENT = 0  # say, flush, stop, hangup
 SETUP = 1  # session starts
 BACKGROUND = 2  # polls, reconciliation, lookups
 
+# VoIPBIN's own limit: every agent and access key of a customer share one Redis-backed GCRA
+# bucket of round(16.7) = 17 requests/s, burst 33 (bin-api-manager customer_ratelimit.go).
+VOIPBIN_RATE_PER_S = 17.0
+VOIPBIN_BURST = 33
+# The daemon's default stays below it. Our bucket and VoIPBIN's run on different clocks, and
+# requests we space evenly can reach VoIPBIN bunched up by network jitter; and the daemon is not
+# the account's only client: `agentd call --wait`, `check-config` and an operator's curl spend
+# the same budget. 15/s and 28 leave 2/s and 5 requests of the burst for all of that.
+DEFAULT_RATE_PER_S = 15.0
+DEFAULT_BURST = 28
+# What a command line tool takes of that headroom while a daemon runs beside it (1/s, 3), so
+# daemon and tool together stay at 16/s and 31 with room for an operator's request.
+TOOL_RATE_PER_S = 1.0
+TOOL_BURST = 3
+
+
+def tool_budget(rate_per_s: float, burst: float) -> tuple[float, float]:
+    """The (rate, burst) a CLI command uses beside a daemon configured with `rate_per_s` and
+    `burst`: the tool's share, never more than the daemon's own; off when the budget is off."""
+    if rate_per_s <= 0:
+        return 0.0, 0.0
+    return min(TOOL_RATE_PER_S, rate_per_s), min(float(TOOL_BURST), burst)
+
 
 class RateLimiter:
     """Token bucket whose waiters are served by priority, then in arrival order."""

@@ -7,6 +7,10 @@ takes effect are lost, so after every subscribe — the first included — the d
 calls over REST. VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s`
 after subscribing counts as ready. Our own pings find a half-open connection behind NAT. Bad
 frames are counted, never fatal.
+
+The credentials go in the upgrade request's headers (`Cookie: accesskey=` or a Bearer JWT),
+never in the URL. The one failure that ends the loop is `PermissionDenied`: GET /customer
+answered 403 because the login lacks a permission, which no retry can fix.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
 
 import structlog
 import websockets
@@ -26,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from agentd.backoff import ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError
+from agentd.voipbin import ApiError, PermissionDenied
 
 log = structlog.get_logger("agentd.stream")
 
@@ -69,7 +72,7 @@ class EventStream:
         self,
         ws_url: str,
         *,
-        auth: Callable[[], tuple[dict[str, str], dict[str, str]]],
+        auth: Callable[[], dict[str, str]],
         customer_id: Callable[[], Awaitable[str]],
         on_parsed: Callable[[Parsed], None],
         on_ready: Callable[[bool], None],
@@ -98,7 +101,10 @@ class EventStream:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        """Connect and read forever (until cancelled); never raises on network trouble."""
+        """Connect and read forever (until cancelled); never raises on network trouble.
+
+        Raises `PermissionDenied` when VoIPBIN refuses the credentials a permission they need:
+        retrying for ever would only hide the problem, so the daemon stops and says why."""
         delays = Reconnects(cap=self.max_delay_s, healthy_after_s=self.healthy_after_s)
         while True:
             started = time.monotonic()
@@ -108,6 +114,10 @@ class EventStream:
                 await self._session(not self._ever_ready)
                 reason = "closed by server"
             except asyncio.CancelledError:
+                raise
+            except PermissionDenied as exc:
+                self.stats.state = "forbidden"
+                log.error("stream.forbidden", error=str(exc))
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ApiError) as exc:
                 reason = _reason(exc)
@@ -144,14 +154,10 @@ class EventStream:
     async def _session(self, first: bool) -> None:
         if self._cid is None:
             self._cid = await self._customer_id()
-        params, headers = self._auth()
-        url = self.ws_url
-        if params:
-            url += ("&" if "?" in url else "?") + urlencode(params)
         self.stats.state = "connecting"
         async with connect(
-            url,
-            additional_headers=headers,
+            self.ws_url,
+            additional_headers=self._auth(),
             ping_interval=self.ping_interval_s,
             ping_timeout=self.ping_timeout_s,
             open_timeout=10,

@@ -5,7 +5,11 @@ Retry rules (docs/protocol.md §6.3, decided in agentd/backoff.py): 429 waits fo
 when a username/password is configured; 5xx and connection errors are retried with backoff and
 jitter within a deadline, but only for idempotent requests — a `/say` that may have reached the
 server is never sent again, or the caller would hear it twice. Other 4xx are final. No URL with
-its query string and no header is ever put in an exception or a log line: credentials travel there.
+its query string and no header is ever put in an exception or a log line.
+
+Credentials travel in headers only, never in a URL: a JWT as `Authorization: Bearer`, an access
+key as `Cookie: accesskey=<key>` (VoIPBIN reads that cookie before `?accesskey=`; its own client
+sends it so). A URL ends up in proxy logs, load balancer logs and tracebacks; a header does not.
 """
 
 from __future__ import annotations
@@ -21,13 +25,23 @@ import aiohttp
 import structlog
 
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
-from agentd.ratelimit import BACKGROUND, SETUP, URGENT, RateLimiter
+from agentd.ratelimit import (
+    BACKGROUND,
+    DEFAULT_BURST,
+    DEFAULT_RATE_PER_S,
+    SETUP,
+    URGENT,
+    RateLimiter,
+)
 from agentd.secret import Secret, redact
 
 log = structlog.get_logger("agentd.voipbin")
 
 SAY_LIMIT_BYTES = 5000
 KEEP_CALL_UP = [{"type": "sleep", "option": {"duration": 3_600_000}}]
+# GET /customer needs one of these agent permissions (an access key counts as CustomerAdmin):
+# bin-api-manager/pkg/servicehandler/customer.go, CustomerSelfGet
+CUSTOMER_PERMISSIONS = "CustomerAdmin or CustomerManager"
 
 
 class ApiError(Exception):
@@ -38,6 +52,11 @@ class ApiError(Exception):
         self.reason = reason
         self.request_id = request_id
         super().__init__(redact(f"HTTP {status} {reason} {message}".strip()))
+
+
+class PermissionDenied(ApiError):
+    """VoIPBIN refused our credentials a right they need (a 403): retrying cannot help, someone
+    has to change the credentials or their permissions."""
 
 
 @dataclass
@@ -85,8 +104,8 @@ class VoipbinClient:
         api_url: str,
         credentials: Credentials,
         *,
-        rate_per_s: float = 17.0,
-        burst: float = 33.0,
+        rate_per_s: float = DEFAULT_RATE_PER_S,
+        burst: float = DEFAULT_BURST,
         timeout_s: float = 10.0,
         deadline_s: float = 20.0,
     ) -> None:
@@ -105,8 +124,12 @@ class VoipbinClient:
     def session(self) -> aiohttp.ClientSession:
         """The process-wide HTTP session (created on first use)."""
         if self._session is None or self._session.closed:
+            # no cookie jar: a `token` cookie kept from /auth/login would win over the
+            # credentials we send (VoIPBIN reads that cookie first), even after it expires
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout, headers={"User-Agent": "agentd"}
+                timeout=self._timeout,
+                headers={"User-Agent": "agentd"},
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -117,15 +140,16 @@ class VoipbinClient:
 
     # ---- credentials -----------------------------------------------------------------------
 
-    def auth(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(query params, headers) carrying the credentials; a JWT wins over an access key."""
+    def auth(self) -> dict[str, str]:
+        """The headers carrying the credentials (REST and the WebSocket upgrade alike); a JWT
+        wins over an access key. Never a query parameter: URLs get logged."""
         c = self.credentials
         if c.token:
-            return {}, {"Authorization": f"Bearer {c.token.reveal()}"}
+            return {"Authorization": f"Bearer {c.token.reveal()}"}
         if c.accesskey:
-            # the server refuses an access key sent as `token`; `accesskey=` is what it reads
-            return {"accesskey": c.accesskey.reveal()}, {}
-        return {}, {}
+            # VoIPBIN parses a Bearer value as a JWT and refuses a key there: the cookie it is
+            return {"Cookie": f"accesskey={c.accesskey.reveal()}"}
+        return {}
 
     async def login(self) -> None:
         """POST /auth/login (at the host root, not under /v1.0) and keep the JWT."""
@@ -203,15 +227,10 @@ class VoipbinClient:
         self, method: str, path: str, json: Any, params: dict[str, str] | None
     ) -> _Attempt:
         """Send the request once: what VoIPBIN answered, or that it did not."""
-        query, headers = self.auth()
         sent = False
         try:
             async with self.session.request(
-                method,
-                self.api_url + path,
-                json=json,
-                params={**(params or {}), **query},
-                headers=headers,
+                method, self.api_url + path, json=json, params=params, headers=self.auth()
             ) as resp:
                 sent = True
                 body = await _read_json(resp)
@@ -225,8 +244,17 @@ class VoipbinClient:
     # ---- the API ---------------------------------------------------------------------------
 
     async def customer_id(self) -> str:
-        """GET /customer → our customer id (used in WebSocket topics)."""
-        body = await self.request("GET", "/customer", priority=SETUP)
+        """GET /customer → our customer id (used in WebSocket topics).
+
+        A 403 raises `PermissionDenied` naming what is missing: a login whose agent lacks the
+        CustomerAdmin or CustomerManager permission, or a direct (resource-scoped) token. A
+        frozen account (403 ACCOUNT_FROZEN) stays a plain `ApiError`: it can be recovered."""
+        try:
+            body = await self.request("GET", "/customer", priority=SETUP)
+        except ApiError as exc:
+            if exc.status == 403 and exc.reason != "ACCOUNT_FROZEN":
+                raise _customer_denied(exc) from None
+            raise
         cid = body.get("id") if isinstance(body, dict) else None
         if not isinstance(cid, str) or not cid:
             raise ApiError(502, "BAD_RESPONSE", "customer has no id")
@@ -266,14 +294,24 @@ class VoipbinClient:
         return found
 
     async def hangup(self, call_id: str) -> None:
-        """POST /calls/{id}/hangup (idempotent)."""
-        await self.request("POST", f"/calls/{call_id}/hangup", priority=URGENT)
+        """POST /calls/{id}/hangup (idempotent). A 409 is success: the call already ended.
 
-    async def transfer(self, call_id: str, number: str) -> None:
-        """POST /transfers: blind transfer of the call to a phone number."""
+        The server code answers 200 to a hangup of an ended call, but the OpenAPI spec and the
+        docs promise 409 CALL_ALREADY_HANGUP; either way the call is over, which is what the
+        caller of this method wants to know."""
+        try:
+            await self.request("POST", f"/calls/{call_id}/hangup", priority=URGENT)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            log.info("voipbin.hangup_already_ended", call_id=call_id, reason=exc.reason)
+
+    async def transfer(self, transferer_call_id: str, number: str) -> None:
+        """POST /transfers: a blind transfer; VoIPBIN hangs the transferer up and rings `number`
+        into the confbridge the transferer was in (docs/protocol.md §9)."""
         body = {
             "transfer_type": "blind",
-            "transferer_call_id": call_id,
+            "transferer_call_id": transferer_call_id,
             "transferee_addresses": [{"type": "tel", "target": number}],
         }
         await self.request("POST", "/transfers", json=body, priority=URGENT, idempotent=False)
@@ -309,7 +347,12 @@ class VoipbinClient:
 
     async def stop_transcribe(self, transcribe_id: str) -> None:
         """POST /transcribes/{id}/stop (idempotent)."""
-        await self.request("POST", f"/transcribes/{transcribe_id}/stop", priority=URGENT)
+        await self.request(
+            "POST",
+            f"/transcribes/{transcribe_id}/stop",
+            priority=URGENT,
+            deadline_s=STOP_DEADLINE_S,
+        )
 
     async def transcripts(self, transcribe_id: str) -> AsyncIterator[dict[str, Any]]:
         """Every transcript of a transcribe, following `next_page_token`, deduplicated by id."""
@@ -385,7 +428,27 @@ class VoipbinClient:
 
     async def stop_speaking(self, speaking_id: str) -> None:
         """POST /speakings/{id}/stop (idempotent)."""
-        await self.request("POST", f"/speakings/{speaking_id}/stop", priority=URGENT)
+        await self.request(
+            "POST", f"/speakings/{speaking_id}/stop", priority=URGENT, deadline_s=STOP_DEADLINE_S
+        )
+
+    async def delete_speaking(self, speaking_id: str) -> None:
+        """DELETE /speakings/{id}: removes the session even when its tts pod is gone."""
+        await self.request(
+            "DELETE", f"/speakings/{speaking_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
+        )
+
+    async def delete_transcribe(self, transcribe_id: str) -> None:
+        """DELETE /transcribes/{id}: for a transcribe a /stop cannot end (an orphan)."""
+        await self.request(
+            "DELETE", f"/transcribes/{transcribe_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
+        )
+
+
+#: How long one stop (or delete) retries on its own. A call escalates a stop that failed (to a
+#: DELETE, which works without the session's dead pod) and retries it later: a stop retried here
+#: for the whole request deadline would only hold up the session's other commands.
+STOP_DEADLINE_S = 4.0
 
 
 async def _read_json(resp: aiohttp.ClientResponse) -> Any:
@@ -402,6 +465,18 @@ def _log_retry(method: str, path: str, attempt: _Attempt, step: Decision) -> Non
         log.warning("voipbin.retry", method=method, path=path, error=str(attempt.api_error()))
     else:
         log.warning("voipbin.retry", method=method, path=path, status=attempt.status)
+
+
+def _customer_denied(exc: ApiError) -> PermissionDenied:
+    """The 403 of GET /customer, saying which permission the credentials lack."""
+    if exc.reason == "DIRECT_ACCESS_NOT_SUPPORTED":
+        why = "a direct (resource-scoped) token cannot read the customer; use an access key"
+    else:
+        why = (
+            f"the login lacks the {CUSTOMER_PERMISSIONS} permission that GET /customer and the "
+            "customer-wide event topics need: grant it to that agent, or use an access key"
+        )
+    return PermissionDenied(403, exc.reason or "PERMISSION_DENIED", why, exc.request_id)
 
 
 def _api_error(status: int, body: Any) -> ApiError:

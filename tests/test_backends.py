@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentd.backends import TOOLS, Backend, Chunk, ToolCall
+from agentd.backends import Backend, Chunk, ToolCall, tools_for
 from agentd.backends.http import HttpBackend
 from agentd.backends.openai import OpenAIBackend
 from agentd.backends.python import BackendConfigError, PythonBackend
@@ -93,8 +93,15 @@ async def test_openai_request_has_model_messages_stream_tools_and_the_key(
         "temperature": 0.2,
         "max_tokens": 123,
         "stream": True,
-        "tools": TOOLS,
+        "tools": tools_for(),
     }
+    assert [t["function"]["name"] for t in seen.body["tools"]] == ["end_call"]
+
+
+def test_the_transfer_tool_is_offered_only_with_allowed_numbers_and_only_those() -> None:
+    [_, transfer] = tools_for(["+15550009999"])
+    assert transfer["function"]["name"] == "transfer"
+    assert transfer["function"]["parameters"]["properties"]["number"]["enum"] == ["+15550009999"]
 
 
 async def test_openai_without_a_key_sends_no_auth_header_and_without_tools_no_tools(
@@ -462,7 +469,8 @@ async def test_python_misbehaving_function_fails_the_reply(
 
 
 def config_for(**backend: Any) -> Any:
-    return load(None, env={}, overrides={"voipbin": {"accesskey": "vb_test"}, "backend": backend})
+    overrides = {"voipbin": {"accesskey": "vb_test"}, "agent": {"numbers": ["*"]}}
+    return load(None, env={}, overrides={**overrides, "backend": backend})
 
 
 async def test_make_backend_builds_every_kind(llm: OpenAIStub) -> None:

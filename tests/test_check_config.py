@@ -20,6 +20,8 @@ CONFIG = """
 api_url = "{api}"
 accesskey_file = "{keyfile}"
 timeout_s = 2
+[agent]
+numbers = ["+15551234567"]
 [backend]
 {backend}
 """
@@ -66,6 +68,29 @@ async def test_a_wrong_access_key_fails_without_printing_it(sim: Simulator, tmp_
     text = "\n".join(lines)
     assert wrong not in text and "wrongkey" not in text
     assert sim.accesskey not in text
+
+
+async def test_a_login_without_customer_rights_names_the_permission(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    sim.faults.fail("GET", r"/customer$", 403)  # an agent with only CustomerAgent rights
+    code, lines = await check(write(tmp_path, sim, sim.accesskey))
+    assert code == 1, lines
+    (failed,) = [line for line in lines if line.startswith("voipbin: FAILED")]
+    assert failed.startswith("voipbin: FAILED: HTTP 403 PERMISSION_DENIED the login lacks the ")
+    assert "CustomerAdmin or CustomerManager permission" in failed
+    assert len(sim.requests_matching("GET", r"/customer$")) == 1  # a 403 is not retried
+
+
+async def test_a_voice_of_another_provider_is_a_warning(sim: Simulator, tmp_path: Path) -> None:
+    config = write(tmp_path, sim, sim.accesskey)
+    text = config.read_text().replace(
+        "[agent]\n", '[agent]\ntts_provider = "aws"\nvoice_id = "21m00Tcm4TlvDq8ikWAM"\n'
+    )
+    config.write_text(text)
+    code, lines = await check(config)
+    assert code == 0, lines
+    assert lines[1].startswith("config: warning: agent.voice_id: '21m00Tcm4TlvDq8ikWAM' looks")
 
 
 async def test_an_openai_backend_is_asked_one_tiny_question(sim: Simulator, tmp_path: Path) -> None:

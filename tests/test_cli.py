@@ -1,12 +1,21 @@
-"""The command line's plumbing: `agentd sim` passes its own options through."""
+"""The command line's plumbing: `agentd sim` passes its own options through; `agentd run`
+exits with the reason when VoIPBIN refuses what the credentials need."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import aiohttp
+
+from tests.support import run_cli
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from agentd.sim import Simulator
 
 
 async def test_agentd_sim_accepts_its_options_and_serves() -> None:
@@ -34,7 +43,7 @@ async def test_agentd_sim_accepts_its_options_and_serves() -> None:
                     key = line.split()[-1]
         async with (
             aiohttp.ClientSession() as http,
-            http.get(f"{api}/customer", params={"accesskey": key}) as resp,
+            http.get(f"{api}/customer", headers={"Cookie": f"accesskey={key}"}) as resp,
         ):
             assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
@@ -43,3 +52,28 @@ async def test_agentd_sim_accepts_its_options_and_serves() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_run_exits_2_naming_the_permission_the_login_lacks(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        f'[voipbin]\napi_url = "{sim.api_url}"\naccesskey = "{sim.accesskey}"\n'
+        f'[agent]\nnumbers = ["*"]\n[store]\npath = "{tmp_path / "agentd.db"}"\n'
+        '[log]\nformat = "json"\n'
+    )
+    sim.faults.fail("GET", r"/customer$", 403)  # a login with only CustomerAgent rights
+    code, out, err = await run_cli("run", "--config", str(config))
+    assert code == 2  # a config problem: systemd's restart cannot fix it either
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "agentd: VoIPBIN refused: HTTP 403 PERMISSION_DENIED the login lacks the CustomerAdmin "
+            "or CustomerManager permission"
+        )
+    )
+    assert '"event": "stream.forbidden"' in out  # the journal says it too, as an error
+    assert sim.accesskey not in out + err
+    assert len(sim.requests_matching("GET", r"/customer$")) == 1  # no silent retries

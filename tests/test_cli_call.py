@@ -1,16 +1,22 @@
-"""`agentd call`: places an outbound call the running daemon serves; `--wait` follows it."""
+"""`agentd call`: places an outbound call the running daemon serves; `--wait` follows it; a call
+that no running daemon would serve is refused unless `--force`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
+from typing import TYPE_CHECKING
 
 import pytest
 
+from agentd.follow import follow
+from agentd.ratelimit import BACKGROUND, RateLimiter
+from agentd.secret import Secret
 from agentd.sim import Caller, Outcome, Simulator, Utterance
+from agentd.voipbin import Credentials, VoipbinClient
 from tests.support import OUR_NUMBER, StartAgent, run_cli
 
-# `agentd call` subprocesses following whole calls
-pytestmark = pytest.mark.slow
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CONFIG = """
 [voipbin]
@@ -18,15 +24,26 @@ api_url = "{api}"
 accesskey = "{key}"
 [agent]
 numbers = ["{number}"]
+[status]
+socket = "{socket}"
 """
 
 
+def write(tmp_path: Path, sim: Simulator, socket: str, number: str = OUR_NUMBER) -> Path:
+    """A config for `agentd call`; `socket`: where it looks for the running daemon."""
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        CONFIG.format(api=sim.api_url, key=sim.accesskey, number=number, socket=socket)
+    )
+    return config
+
+
+@pytest.mark.slow  # a subprocess following a whole call
 async def test_call_wait_prints_the_conversation(
     sim: Simulator, agent: StartAgent, tmp_path: Path
 ) -> None:
-    await agent()
-    config = tmp_path / "agentd.toml"
-    config.write_text(CONFIG.format(api=sim.api_url, key=sim.accesskey, number=OUR_NUMBER))
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
     # a caller slow enough to hang up after a poll or two of `--wait`
     sim.on_outbound(Outcome("answer"), Caller([Utterance("hello agent")], hangup_after_s=1.5))
     code, out, err = await run_cli(
@@ -43,15 +60,106 @@ async def test_call_wait_prints_the_conversation(
     assert sim.accesskey not in out + err
 
 
+@pytest.mark.slow  # a subprocess following a whole call
 async def test_call_that_is_not_answered_exits_1(
     sim: Simulator, agent: StartAgent, tmp_path: Path
 ) -> None:
-    await agent()
-    config = tmp_path / "agentd.toml"
-    config.write_text(CONFIG.format(api=sim.api_url, key=sim.accesskey, number=OUR_NUMBER))
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
     sim.on_outbound(Outcome("noanswer"))
-    code, out, _ = await run_cli(
-        "call", "--to", "+15559876543", "--from", "+15550002222", "--config", str(config), "--wait"
-    )
+    code, out, _ = await run_cli("call", "--to", "+15559876543", "--config", str(config), "--wait")
     assert code == 1
     assert "[hangup] (noanswer)" in out.splitlines()
+
+
+async def test_a_call_from_a_number_agentd_does_not_serve_is_refused(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--from", "+15550002222", "--config", str(config)
+    )
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        "agentd: not calling: no running agentd would serve the call: +15550002222 is not one "
+        f"of agent.numbers ({OUR_NUMBER}). Pass --force to place it anyway."
+    )
+    assert sim.requests_matching("POST", r"/calls$") == []
+
+
+async def test_a_call_without_a_running_daemon_is_refused_unless_forced(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    socket = tmp_path / "agentd.sock"  # nobody listens there
+    config = write(tmp_path, sim, str(socket))
+    code, out, err = await run_cli("call", "--to", "+15559876543", "--config", str(config))
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        "agentd: not calling: no running agentd would serve the call: agentd is not running "
+        f"(no status socket at {socket}). Pass --force to place it anyway."
+    )
+    assert sim.requests_matching("POST", r"/calls$") == []
+
+    sim.on_outbound(Outcome("noanswer"))
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--config", str(config), "--force"
+    )
+    assert code == 0, err
+    assert out.strip() in sim.calls
+    assert len(sim.requests_matching("POST", r"/calls$")) == 1
+
+
+async def test_a_call_is_placed_when_the_daemon_answers_and_serves_every_call(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    daemon = await agent(agent={"numbers": ["*"]})
+    config = write(tmp_path, sim, daemon.config.status_socket, number="*")
+    sim.on_outbound(Outcome("noanswer"))
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--from", "+15550002222", "--config", str(config)
+    )
+    assert code == 0, err
+    assert out.strip() in sim.calls
+    (post,) = sim.requests_matching("POST", r"/calls$")
+    assert post.body["source"] == {"type": "tel", "target": "+15550002222"}
+
+
+class CountingLimiter(RateLimiter):
+    """The budget, counting what it let through and at which priority."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        super().__init__(rate, burst)
+        self.granted: list[int] = []
+
+    async def acquire(self, priority: int = BACKGROUND) -> None:
+        await super().acquire(priority)
+        self.granted.append(priority)
+
+
+async def test_wait_polls_through_the_clients_budget_and_is_paced_by_it(
+    sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    client.limiter = limiter = CountingLimiter(rate=10.0, burst=2)
+    sim.on_outbound(Outcome("answer"), Caller([], hangup_after_s=None))
+    try:
+        (call,) = await client.place_call(OUR_NUMBER, "+15559876543")
+        call_id = str(call["id"])
+        limiter.granted.clear()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        following = asyncio.create_task(follow(client, call_id))
+        await sim.wait_for(lambda: len(sim.requests_matching("GET", rf"/calls/{call_id}$")) >= 6)
+        await sim.hangup(call_id)
+        assert await asyncio.wait_for(following, 5) == 0
+        elapsed = loop.time() - started
+    finally:
+        await client.close()
+    assert "[hangup] (normal)" in capsys.readouterr().out.splitlines()
+    polls = [r for r in sim.requests if r.method == "GET"]
+    # every poll took a token of the budget, at the lowest priority: no pacing of its own
+    assert len(limiter.granted) == len(polls) and set(limiter.granted) == {BACKGROUND}
+    # the budget alone paced them: never more than the bucket allows, and not one a second
+    assert len(polls) <= 2 + 10.0 * elapsed
+    assert len(polls) > 1 + elapsed

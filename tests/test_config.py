@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,8 +48,14 @@ def test_good_config(tmp_path: Path) -> None:
     assert config.caller_id == "+15551234567"
 
 
+MINIMAL: dict[str, dict[str, Any]] = {
+    "voipbin": {"accesskey": "vb_testkey123"},
+    "agent": {"numbers": ["*"]},
+}
+
+
 def test_every_per_call_default_comes_from_call_settings() -> None:
-    config = load(None, env={}, overrides={"voipbin": {"accesskey": "vb_testkey123"}})
+    config = load(None, env={}, overrides=MINIMAL)
     assert config.call == CallSettings()
     assert config.numbers == () and config.flow_id == "" and config.caller_id == ""
 
@@ -60,7 +67,7 @@ def test_the_system_prompt_default_is_the_documented_short_prompt() -> None:
 
 
 def test_typed_sections_have_the_documented_defaults() -> None:
-    config = load(None, env={}, overrides={"voipbin": {"accesskey": "vb_testkey123"}})
+    config = load(None, env={}, overrides=MINIMAL)
     assert (
         config.backend
         == BackendConfig()
@@ -87,7 +94,8 @@ def test_typed_sections_have_the_documented_defaults() -> None:
             shutdown_goodbye="Sorry, I have to end the call now. Goodbye!",
         )
     )
-    assert config.voipbin.rate_per_s == 17.0 and config.voipbin.burst == 33
+    # below VoIPBIN's 17/s, burst 33: room for `agentd call --wait` and the clocks' drift
+    assert config.voipbin.rate_per_s == 15.0 and config.voipbin.burst == 28
     assert (config.store_path, config.log_level, config.log_format) == ("agentd.db", "info", "auto")
     assert "raw" not in {f.name for f in dataclasses.fields(Config)}
 
@@ -119,13 +127,13 @@ def test_typed_sections_take_the_file_and_the_environment(tmp_path: Path) -> Non
 def test_environment_overrides_every_key(tmp_path: Path) -> None:
     env = {
         "AGENTD_AGENT_GREETING": "Howdy",
-        "AGENTD_AGENT_NUMBERS": "+1, +2",
+        "AGENTD_AGENT_NUMBERS": "+15550000001, +15550000002",
         "AGENTD_VOIPBIN_RATE_PER_S": "5",
         "AGENTD_VOIPBIN_ACCESSKEY": "vb_fromenv",
     }
     config = load(write(tmp_path, GOOD), env=env)
     assert config.call.greeting == "Howdy"
-    assert config.numbers == ("+1", "+2")
+    assert config.numbers == ("+15550000001", "+15550000002")
     assert config.voipbin.rate_per_s == 5.0
     assert config.voipbin.accesskey is not None
     assert config.voipbin.accesskey.reveal() == "vb_fromenv"
@@ -168,7 +176,7 @@ def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
         ),
         (("[voipbin]", "[voipbin]\nburst = -1"), "voipbin.burst: must not be negative"),
         (("[agent]", "[agent"), "not valid TOML"),
-        (("[agent]", "[agent]\nchars_per_s = 0"), "agent.chars_per_s: must be positive"),
+        (("[agent]", "[agent]\nchars_per_s = -1"), "agent.chars_per_s: must not be negative"),
         (('kind = "echo"', 'kind = "http"'), "backend.url: the http backend needs the URL"),
         (('kind = "echo"', 'kind = "python"'), "backend.callable: expected 'module:function'"),
         (
@@ -191,6 +199,114 @@ def test_mistakes_name_the_key(tmp_path: Path, change: tuple[str, str], message:
     with pytest.raises(ConfigError, match=None) as info:
         load(write(tmp_path, GOOD.replace(*change)), env={})
     assert message in str(info.value)
+
+
+NUMBERS = 'numbers = ["+15551234567"]'
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ((NUMBERS, ""), "agent.numbers: not set"),
+        ((NUMBERS, "numbers = []"), "agent.numbers: not set"),
+        ((NUMBERS, 'numbers = ["+1 555 123 4567"]'), "agent.numbers: '+1 555 123 4567' is not"),
+        ((NUMBERS, 'numbers = ["15551234567"]'), "agent.numbers: '15551234567' is not a phone"),
+        ((NUMBERS, 'numbers = ["*", "+15551234567"]'), 'agent.numbers: "*" (every call) cannot'),
+        ((NUMBERS, f'{NUMBERS}\ncaller_id = "me"'), "agent.caller_id: 'me' is not a phone"),
+        ((NUMBERS, f'{NUMBERS}\nstt_provider = "google"'), "agent.stt_provider: 'google' is not"),
+        ((NUMBERS, f'{NUMBERS}\ntts_provider = "polly"'), "agent.tts_provider: 'polly' is not"),
+        (
+            (NUMBERS, f'{NUMBERS}\ntransfer_numbers = ["1-900-PREMIUM"]'),
+            "agent.transfer_numbers: '1-900-PREMIUM' is not a phone number",
+        ),
+    ],
+)
+def test_numbers_and_providers_must_be_valid(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD.replace(*change)), env={})
+    assert str(info.value).startswith(message)
+
+
+def test_transfers_are_off_unless_numbers_are_allowed(tmp_path: Path) -> None:
+    assert load(write(tmp_path, GOOD), env={}).call.transfer_numbers == ()
+    allowed = f'{NUMBERS}\ntransfer_numbers = ["+15550009999"]\nfinal_hold_s = 0.3'
+    config = load(write(tmp_path, GOOD.replace(NUMBERS, allowed)), env={})
+    assert config.call.transfer_numbers == ("+15550009999",)
+    assert config.call.final_hold_s == 0.3
+
+
+def test_the_cli_names_agent_numbers_when_they_are_missing(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace(NUMBERS, ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentd", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("agentd: config error: agent.numbers: not set")
+    assert '["*"] for every call of the account' in proc.stderr
+
+
+def test_a_star_serves_every_call_and_leaves_no_caller_id(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD.replace(NUMBERS, 'numbers = ["*"]')), env={})
+    assert config.numbers == ()  # what the dispatcher reads as "every call"
+    assert config.caller_id == ""  # `agentd call` needs --from or agent.caller_id
+    env = {"AGENTD_AGENT_NUMBERS": "*"}
+    assert load(write(tmp_path, GOOD), env=env).numbers == ()
+
+
+@pytest.mark.parametrize("stt", ["aws", "gcp", ""])
+@pytest.mark.parametrize("tts", ["elevenlabs", "gcp", "aws"])
+def test_the_providers_voipbin_knows_are_accepted(tmp_path: Path, stt: str, tts: str) -> None:
+    text = GOOD.replace(NUMBERS, f'{NUMBERS}\nstt_provider = "{stt}"\ntts_provider = "{tts}"')
+    config = load(write(tmp_path, text), env={})
+    assert (config.call.stt_provider, config.call.tts_provider) == (stt, tts)
+    # no voice set: VoIPBIN picks the provider's own default voice (Joanna for aws, ...)
+    assert config.call.voice_id == "" and config.warnings == ()
+
+
+def test_a_voice_of_another_provider_is_kept_with_a_warning(tmp_path: Path) -> None:
+    eleven = GOOD.replace(
+        NUMBERS, f'{NUMBERS}\ntts_provider = "aws"\nvoice_id = "21m00Tcm4TlvDq8ikWAM"'
+    )
+    config = load(write(tmp_path, eleven), env={})
+    assert config.call.voice_id == "21m00Tcm4TlvDq8ikWAM"  # set explicitly: kept
+    (warning,) = config.warnings
+    assert warning.startswith("agent.voice_id: '21m00Tcm4TlvDq8ikWAM' looks like a voice id of ")
+    assert "elevenlabs but tts_provider is 'aws'" in warning
+    for provider, voice in [("aws", "Joanna"), ("gcp", "en-US-Chirp3-HD-Charon")]:
+        text = GOOD.replace(
+            NUMBERS, f'{NUMBERS}\ntts_provider = "{provider}"\nvoice_id = "{voice}"'
+        )
+        assert load(write(tmp_path, text), env={}).warnings == ()
+    gcp_voice_on_elevenlabs = GOOD.replace(NUMBERS, f'{NUMBERS}\nvoice_id = "en-US-Wavenet-D"')
+    assert "a voice id of gcp" in load(write(tmp_path, gcp_voice_on_elevenlabs), env={}).warnings[0]
+
+
+@pytest.mark.parametrize(("provider", "english"), [("aws", "Joanna"), ("gcp", "en-US-Chirp3")])
+def test_no_voice_for_a_language_the_default_voice_cannot_speak_is_a_warning(
+    tmp_path: Path, provider: str, english: str
+) -> None:
+    # VoIPBIN's per-language voice tables never match a language code: its default is English
+    text = GOOD.replace(NUMBERS, f'{NUMBERS}\ntts_provider = "{provider}"\nlanguage = "de-DE"')
+    (warning,) = load(write(tmp_path, text), env={}).warnings
+    assert warning.startswith(f"agent.voice_id: not set, so VoIPBIN uses its default {provider}")
+    assert english in warning and "set a de-DE voice" in warning
+    multilingual = GOOD.replace(NUMBERS, f'{NUMBERS}\nlanguage = "de-DE"')  # elevenlabs
+    assert load(write(tmp_path, multilingual), env={}).warnings == ()
+
+
+def test_overrides_are_checked_like_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"agent\.tts_provider: 'polly' is not one of"):
+        load(
+            None,
+            env={},
+            overrides={**MINIMAL, "agent": {"numbers": ["*"], "tts_provider": "polly"}},
+        )
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def _has_ipv6() -> bool:
         return False
 
 
-BASE = {"voipbin": {"accesskey": "vb_x"}}
+BASE = {"voipbin": {"accesskey": "vb_x"}, "agent": {"numbers": ["*"]}}
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,10 @@ def test_loopback_addresses_are_accepted(tmp_path: Path) -> None:
     assert parse_listen("localhost:9464") == ("127.0.0.1", 9464)
     assert parse_listen("[::1]:9464") == ("::1", 9464)
     config = tmp_path / "agentd.toml"
-    config.write_text('[voipbin]\naccesskey = "vb_x"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
+    config.write_text(
+        '[voipbin]\naccesskey = "vb_x"\n[agent]\nnumbers = ["*"]\n'
+        '[metrics]\nlisten = "127.0.0.1:9464"\n'
+    )
     assert load(config, env={}).metrics_listen == "127.0.0.1:9464"
     env = {"AGENTD_METRICS_LISTEN": "0.0.0.0:9464"}
     with pytest.raises(ConfigError, match="not a loopback address"):

@@ -213,7 +213,11 @@ def test_default_socket_paths(tmp_path: Path) -> None:
     assert resolve_status_socket("", {}, "agentd.db") == ""
     config = load(
         None,
-        env={"AGENTD_VOIPBIN_ACCESSKEY": "vb_x", "AGENTD_STATUS_SOCKET": str(tmp_path / "e.sock")},
+        env={
+            "AGENTD_VOIPBIN_ACCESSKEY": "vb_x",
+            "AGENTD_AGENT_NUMBERS": "*",
+            "AGENTD_STATUS_SOCKET": str(tmp_path / "e.sock"),
+        },
     )
     assert config.status_socket == str(tmp_path / "e.sock")
 

@@ -9,15 +9,22 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from structlog.testing import capture_logs
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from agentd.config import load
+from agentd.daemon import Daemon
 from agentd.events import CallEvent, Parsed
+from agentd.sim import Simulator
 from agentd.stream import EventStream, topics
-from agentd.voipbin import ApiError
+from agentd.voipbin import ApiError, PermissionDenied
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CUSTOMER = "cust-7"
 LIMIT_S = 5.0  # a safety net on every wait: a broken stream fails the test instead of hanging it
@@ -149,6 +156,7 @@ async def client(server: WsServer) -> AsyncIterator[StartClient]:
     async def start(
         *,
         token: list[str] | None = None,
+        accesskey: str | None = None,
         reauth_result: bool | Exception = True,
         on_parsed: Callable[[Parsed], None] | None = None,
         customer_failures: list[BaseException] | None = None,
@@ -164,10 +172,12 @@ async def client(server: WsServer) -> AsyncIterator[StartClient]:
         customer_errors = list(customer_failures or [])
         auth_errors = list(auth_failures or [])
 
-        def auth() -> tuple[dict[str, str], dict[str, str]]:
+        def auth() -> dict[str, str]:
             if auth_errors:
                 raise auth_errors.pop(0)
-            return {"accesskey": "key-1"}, {"Authorization": f"Bearer {creds[0]}"}
+            if accesskey is not None:
+                return {"Cookie": f"accesskey={accesskey}"}
+            return {"Authorization": f"Bearer {creds[0]}"}
 
         async def customer_id() -> str:
             lookups.append(1)
@@ -201,6 +211,8 @@ async def client(server: WsServer) -> AsyncIterator[StartClient]:
 
     yield start
     for c in started:
+        if c.task.done() and not c.task.cancelled():
+            continue  # it gave up by itself (a missing permission), and its test awaited that
         c.task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(c.task, LIMIT_S)
@@ -223,8 +235,8 @@ async def test_subscribes_with_the_customers_topics_and_credentials_then_reports
     c = await client()
     conn = await server.next_conn()
     assert await conn.subscription() == {"type": "subscribe", "topics": topics(CUSTOMER)}
-    # the credentials go where VoIPBIN reads them: accesskey in the query, a JWT in a header
-    assert conn.request.path == "/v1.0/ws?accesskey=key-1"
+    # the credentials go in the upgrade's headers, never in the URL
+    assert conn.request.path == "/v1.0/ws"
     assert conn.request.headers["Authorization"] == "Bearer token-1"
 
     assert await c.next_ready() is True
@@ -233,6 +245,19 @@ async def test_subscribes_with_the_customers_topics_and_credentials_then_reports
     assert c.stream.stats.connects == 1
     assert c.stream.stats.reconnects == 0
     assert c.stream.stats.connected_since is not None
+
+
+async def test_an_access_key_goes_in_a_cookie_header_never_in_the_url(
+    server: WsServer, client: StartClient
+) -> None:
+    c = await client(accesskey="vb_key_1")
+    conn = await server.next_conn()
+    await conn.subscription()
+    await c.next_ready()
+    assert conn.request.path == "/v1.0/ws"
+    assert conn.request.headers["Cookie"] == "accesskey=vb_key_1"
+    assert "Authorization" not in conn.request.headers
+    assert all("vb_key_1" not in r.path for r in server.requests)
 
 
 async def test_not_ready_until_the_subscription_has_settled_but_frames_flow_already(
@@ -318,6 +343,24 @@ async def test_a_failing_customer_lookup_or_a_bug_does_not_kill_the_reconnect_lo
     assert len(c.customer_lookups) == 2
     assert c.stream.stats.reconnects == 2
     assert c.stream.stats.connects == 1
+
+
+async def test_a_missing_permission_ends_the_loop_with_a_clear_error(
+    server: WsServer, client: StartClient
+) -> None:
+    # a login without the CustomerAdmin/CustomerManager permission: no retry can fix that, so
+    # the stream says why and gives up instead of retrying for ever in silence
+    denied = PermissionDenied(403, "PERMISSION_DENIED", "the login lacks the CustomerAdmin ...")
+    with capture_logs() as logs:
+        c = await client(customer_failures=[ApiError(503, "UNAVAILABLE"), denied])
+        with pytest.raises(PermissionDenied):
+            await asyncio.wait_for(c.task, LIMIT_S)
+    assert len(c.customer_lookups) == 2  # a 503 first is retried as before
+    assert server.requests == []  # no WebSocket without the customer id
+    assert c.stream.stats.state == "forbidden"
+    (error,) = [entry for entry in logs if entry["event"] == "stream.forbidden"]
+    assert error["log_level"] == "error"
+    assert "CustomerAdmin" in error["error"]
 
 
 # ---- frames -------------------------------------------------------------------------------------
@@ -493,3 +536,27 @@ async def test_close_says_goodbye_with_a_normal_close_code(
     await c.stream.close()
     await asyncio.wait_for(conn.closed.wait(), LIMIT_S)
     assert conn.ws.close_code == 1000
+
+
+# ---- the daemon: a missing permission stops it -------------------------------------------------
+
+
+async def test_the_daemon_stops_and_raises_when_the_login_lacks_a_permission(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    sim.faults.fail("GET", r"/customer$", 403)
+    config = load(
+        None,
+        env={},
+        overrides={
+            "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+            "agent": {"numbers": ["*"]},
+            "store": {"path": str(tmp_path / "agentd.db")},
+        },
+    )
+    daemon = Daemon(config)
+    with pytest.raises(PermissionDenied, match="CustomerAdmin or CustomerManager"):
+        await asyncio.wait_for(daemon.run(), LIMIT_S)
+    assert daemon.stopped.is_set()  # after the clean-up of any stop
+    assert len(sim.requests_matching("GET", r"/customer$")) == 1
+    assert not [r for r in sim.requests if r.path == "/v1.0/ws"]

@@ -92,6 +92,8 @@ def test_notify_watchdog_and_reload(service: Directives) -> None:
     # systemd 252 has no Type=notify-reload: reload is SIGHUP to the main process.
     assert only(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert only(service, "Restart") == "on-failure"
+    # a bad config or a login without the permission exits 2: no restart loop
+    assert only(service, "RestartPreventExitStatus") == "2"
     assert only(service, "TimeoutStopSec") == "30"
 
 

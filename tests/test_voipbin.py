@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from aioresponses import aioresponses
+from yarl import URL
 
-from agentd.ratelimit import BACKGROUND, URGENT, RateLimiter
+from agentd.ratelimit import (
+    BACKGROUND,
+    TOOL_BURST,
+    TOOL_RATE_PER_S,
+    URGENT,
+    VOIPBIN_BURST,
+    VOIPBIN_RATE_PER_S,
+    RateLimiter,
+    tool_budget,
+)
+from agentd.secret import Secret
 from agentd.sim import Caller, Simulator
-from agentd.voipbin import ApiError, Credentials, Secret, VoipbinClient
+from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 from tests import conftest
-from tests.support import CALLER, OUR_NUMBER
+from tests.support import CALLER, OUR_NUMBER, StartAgent
 
 API = "http://voipbin.test/v1.0"
 
@@ -123,16 +136,14 @@ async def test_error_without_envelope_and_garbage_retry_after() -> None:
     client = VoipbinClient(API, Credentials(accesskey=Secret("vb_unit_test_key")), deadline_s=0.5)
     try:
         with aioresponses() as mock:
-            mock.post(
-                f"{API}/speakings/s1/flush?accesskey=vb_unit_test_key", status=404, body="not json"
-            )
+            mock.post(f"{API}/speakings/s1/flush", status=404, body="not json")
             mock.get(
-                f"{API}/customer?accesskey=vb_unit_test_key",
+                f"{API}/customer",
                 status=429,
                 headers={"Retry-After": "soon"},
                 payload={"error": {"reason": "X"}},
             )
-            mock.get(f"{API}/customer?accesskey=vb_unit_test_key", status=200, payload=[])
+            mock.get(f"{API}/customer", status=200, payload=[])
             with pytest.raises(ApiError) as flush:
                 await client.flush("s1")
             assert (flush.value.status, flush.value.reason) == (404, "")
@@ -179,10 +190,148 @@ async def test_placed_call_found_in_groupcalls_as_the_docs_show() -> None:
     try:
         with aioresponses() as mock:
             mock.post(
-                f"{API}/calls?accesskey=vb_unit_test_key",
+                f"{API}/calls",
                 status=200,
                 payload={"calls": [], "groupcalls": [{"id": "g1", "call_ids": ["c9"]}]},
             )
             assert await client.place_call("+1555", "+1666") == [{"id": "c9"}]
+            (sent,) = mock.requests[("POST", URL(f"{API}/calls"))]
+            assert sent.kwargs["headers"]["Cookie"] == "accesskey=vb_unit_test_key"
+            assert not sent.kwargs.get("params")  # nothing in the URL
     finally:
         await client.close()
+
+
+# ---- credentials travel in headers, never in a URL ---------------------------------------------
+
+
+class Recorder:
+    """A loopback HTTP server that answers every request with `{}` and keeps what it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []  # (path with query, headers)
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.path_qs, dict(request.headers)))
+        return web.json_response({"id": "cust-1", "result": []})
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rec.url = f"http://127.0.0.1:{port}/v1.0"
+    yield rec
+    await runner.cleanup()
+
+
+async def test_the_access_key_is_a_cookie_header(recorder: Recorder) -> None:
+    client = VoipbinClient(recorder.url, Credentials(accesskey=Secret("vb_cookie_only_key")))
+    try:
+        await client.customer_id()
+        await client.find_transcribe("c1", "en-US")  # a request with query parameters
+        await client.hangup("c1")
+    finally:
+        await client.close()
+    assert [path for path, _ in recorder.seen] == [
+        "/v1.0/customer",
+        "/v1.0/transcribes?reference_type=call&reference_id=c1",
+        "/v1.0/calls/c1/hangup",
+    ]
+    for _, headers in recorder.seen:
+        assert headers["Cookie"] == "accesskey=vb_cookie_only_key"
+        assert "Authorization" not in headers
+
+
+async def test_a_jwt_stays_a_bearer_header_and_wins_over_a_key(recorder: Recorder) -> None:
+    creds = Credentials(accesskey=Secret("vb_unused_key"), token=Secret("aaa.bbb.ccc"))
+    client = VoipbinClient(recorder.url, creds)
+    try:
+        await client.customer_id()
+    finally:
+        await client.close()
+    ((path, headers),) = recorder.seen
+    assert path == "/v1.0/customer"
+    assert headers["Authorization"] == "Bearer aaa.bbb.ccc"
+    assert "vb_unused_key" not in str(headers)
+
+
+async def test_no_request_of_a_whole_call_carries_the_key_in_its_url(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/say$")))
+    await sim.hangup(call_id)
+    await sim.wait_for(lambda: not sim.leaks())
+    upgrades = [r for r in sim.requests if r.path == "/v1.0/ws"]
+    assert upgrades and all(r.status == 101 for r in upgrades)  # the cookie was accepted
+    assert len(sim.requests) > 5
+    for request in sim.requests:
+        assert "accesskey" not in request.query, request.path
+        assert request.status != 401, request.path
+
+
+# ---- hangup, permissions, the budget ------------------------------------------------------------
+
+
+async def test_a_hangup_answered_409_means_the_call_already_ended(sim: Simulator) -> None:
+    client = client_for(sim)
+    try:
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_call_status(call_id, "progressing")
+        sim.faults.fail("POST", r"/hangup$", 409)  # what the spec promises for an ended call
+        await client.hangup(call_id)  # success: nothing left to hang up
+        assert [r.status for r in sim.requests_matching("POST", r"/hangup$")] == [409]
+        sim.faults.fail("POST", r"/hangup$", 404)
+        with pytest.raises(ApiError) as info:  # other refusals still reach the executor
+            await client.hangup(call_id)
+        assert info.value.status == 404
+    finally:
+        await client.close()
+
+
+async def test_a_403_on_customer_names_the_missing_permission(sim: Simulator) -> None:
+    client = client_for(sim)
+    try:
+        sim.faults.fail("GET", r"/customer$", 403)
+        with pytest.raises(PermissionDenied) as info:
+            await client.customer_id()
+        assert info.value.status == 403 and info.value.reason == "PERMISSION_DENIED"
+        assert "lacks the CustomerAdmin or CustomerManager permission" in str(info.value)
+        assert len(sim.requests_matching("GET", r"/customer$")) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_frozen_account_is_not_a_missing_permission() -> None:
+    client = VoipbinClient(API, Credentials(accesskey=Secret("vb_unit_test_key")))
+    try:
+        with aioresponses() as mock:
+            body = {"error": {"status": "PERMISSION_DENIED", "reason": "ACCOUNT_FROZEN"}}
+            mock.get(f"{API}/customer", status=403, payload=body)
+            with pytest.raises(ApiError) as info:
+                await client.customer_id()
+        assert not isinstance(info.value, PermissionDenied)  # recoverable: keep retrying
+        assert info.value.reason == "ACCOUNT_FROZEN"
+    finally:
+        await client.close()
+
+
+def test_the_default_budget_leaves_headroom_below_voipbins_limit() -> None:
+    limiter = VoipbinClient(API, Credentials()).limiter
+    assert (limiter.rate, limiter.burst) == (15.0, 28.0)
+    # the daemon and a command line tool beside it stay below VoIPBIN's 17/s, burst 33
+    rate, burst = tool_budget(limiter.rate, limiter.burst)
+    assert (rate, burst) == (TOOL_RATE_PER_S, TOOL_BURST)
+    assert limiter.rate + rate < VOIPBIN_RATE_PER_S
+    assert limiter.burst + burst < VOIPBIN_BURST
+    assert tool_budget(0, 0) == (0.0, 0.0)  # the budget turned off stays off
+    assert tool_budget(0.5, 1) == (0.5, 1.0)  # never more than the daemon's own

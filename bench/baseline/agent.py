@@ -35,10 +35,10 @@ class Agent:
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            f"{self.api}{path}?accesskey={self.accesskey}",
+            f"{self.api}{path}",
             data=data,
             method=method,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Cookie": f"accesskey={self.accesskey}"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()
