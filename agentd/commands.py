@@ -17,6 +17,12 @@ Lane = Literal["call", "speaking", "transcribe", "none"]
 Message = tuple[str, str]  # (role, content) with role in system/user/assistant
 
 
+#: `TranscribeFailed.reason` when a transcribe the call gave up on blocked a new one and was
+#: deleted: start again (docs/protocol.md §10).
+ORPHAN = "orphan deleted"
+#: `TranscribeFailed.reason` when a find found no live transcribe on the call.
+NOT_FOUND = "not found"
+
 # ---- commands -----------------------------------------------------------------------------------
 
 
@@ -33,30 +39,39 @@ class StartTranscribe:
 
 @dataclass(frozen=True, slots=True)
 class FindTranscribe:
-    """GET /transcribes?reference_type=call&reference_id= (after a 409 on start)."""
+    """GET /transcribes?reference_type=call&reference_id= (after a 409 on start).
+
+    A live one in `avoid` (one this call gave up on: deaf, or orphaned by a pod restart) is
+    never adopted: it is deleted, since it blocks a new one with 409."""
 
     call_id: str
     language: str
+    avoid: frozenset[str] = frozenset()
     lane: Lane = "transcribe"
 
 
 @dataclass(frozen=True, slots=True)
 class StopTranscribe:
-    """POST /transcribes/{id}/stop (idempotent)."""
+    """POST /transcribes/{id}/stop (idempotent); DELETE /transcribes/{id} when `delete`."""
 
     call_id: str
     transcribe_id: str
+    delete: bool = False
     lane: Lane = "transcribe"
 
 
 @dataclass(frozen=True, slots=True)
 class StartSpeaking:
-    """POST /speakings on the call, direction out."""
+    """POST /speakings on the call, direction out.
+
+    When the create fails because a session exists, the live one is adopted unless it is in
+    `avoid` (one this call gave up on): that one is deleted and the create tried again."""
 
     call_id: str
     language: str
     provider: str
     voice_id: str
+    avoid: frozenset[str] = frozenset()
     lane: Lane = "speaking"
 
 
@@ -91,10 +106,14 @@ class Flush:
 
 @dataclass(frozen=True, slots=True)
 class StopSpeaking:
-    """POST /speakings/{id}/stop (idempotent); the only hard cut, and what ends the billing."""
+    """POST /speakings/{id}/stop (idempotent); the only hard cut, and what ends the billing.
+
+    With `delete`, DELETE /speakings/{id}: it removes the session without the tts pod that
+    owns it, when that pod is gone and every /stop answers 503 (docs/protocol.md §8.3)."""
 
     call_id: str
     speaking_id: str
+    delete: bool = False
     lane: Lane = "speaking"
 
 
@@ -273,6 +292,7 @@ class Stopped:
     kind: Literal["speaking", "transcribe"]
     session_id: str
     ok: bool
+    status: int = 0  # the failed stop's HTTP status (0: no answer)
 
 
 @dataclass(frozen=True, slots=True)

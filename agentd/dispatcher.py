@@ -28,17 +28,14 @@ from agentd.events import (
     TranscribeEvent,
     TranscriptEvent,
 )
+from agentd.names import normalise_number
 
 log = structlog.get_logger("agentd.dispatcher")
 
+_PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
+
 Execute = Callable[[str, list[Command]], None]
 OnStep = Callable[[Call, "Event | Result"], None]
-
-
-def normalise_number(number: str) -> str:
-    """Compare numbers by their digits and a leading `+` only."""
-    keep = "".join(ch for ch in number if ch.isdigit())
-    return ("+" + keep) if number.strip().startswith("+") else keep
 
 
 class Dispatcher:
@@ -93,7 +90,11 @@ class Dispatcher:
         """Route one event to its call (creating the call when it is ours and new)."""
         match event:
             case CallEvent(call=info):
-                call = self.calls.get(info.id) or self._adopt(info)
+                call = self.calls.get(info.id)
+                if call is not None and info.master_call_id and call.phase in _PRE_ANSWER:
+                    self._release(call)
+                    return
+                call = call or self._adopt(info)
                 if call is not None:
                     self._step(call, event)
             case TranscriptEvent() | SpeechEvent():
@@ -122,7 +123,15 @@ class Dispatcher:
         )
 
     def _adopt(self, info: CallInfo) -> Call | None:
-        if info.id in self._ended or info.status == "hangup" or not self.is_ours(info):
+        if info.id in self._ended or info.master_call_id or not self.is_ours(info):
+            # a chained leg (the second leg of a `connect` flow, a transferee) has our number
+            # as its source, but no caller of ours is on it
+            self.counters["ignored"] += 1
+            return None
+        if info.status == "hangup":
+            # over before we saw it: a `progressing` delivered after it (order is not
+            # guaranteed) must not start sessions on a dead call
+            self._remember(info.id)
             self.counters["ignored"] += 1
             return None
         if not self.accepting:
@@ -184,15 +193,27 @@ class Dispatcher:
         call = self.calls.pop(call_id, None)
         for tid in self._transcribes.pop(call_id, ()):
             self._by_transcribe.pop(tid, None)
-        self._ended[call_id] = None
-        while len(self._ended) > 10_000:
-            self._ended.popitem(last=False)
+        self._remember(call_id)
         log.info("call.finished", call_id=call_id, live=len(self.calls))
         if self.on_finished is not None:
             self.on_finished(call, call_id)
         self._check_waiters()
         if not self.calls and self._idle is not None:
             self._idle.set()
+
+    def _release(self, call: Call) -> None:
+        """A call we took for ours is a leg a flow dialled for another call: VoIPBIN chains it
+        just after creating it. Nothing was started before an answer: it is only forgotten (its
+        timers, its row in the store) the way a finished call is."""
+        self.counters["calls"] -= 1
+        self.counters["ignored"] += 1
+        log.info("call.released", call_id=call.id, reason="a leg chained to another call")
+        self.execute(call.id, [Finished(call.id)])
+
+    def _remember(self, call_id: str) -> None:
+        self._ended[call_id] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
 
     def remember_ended(self, call_ids: Iterable[str]) -> None:
         """Calls that ended (or were handed over) before a restart: never adopt them again."""

@@ -42,6 +42,11 @@ class CallInfo:
     hangup_by: str = ""
     hangup_reason: str = ""
     tm_update: str = ""
+    # a leg a flow's `connect` (or a transfer) dialled for another call: never the agent's
+    master_call_id: str = ""
+    # the legs dialled for this call: the second leg of a `connect` flow is the one a blind
+    # transfer hangs up (docs/protocol.md §9)
+    chained_call_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +236,8 @@ def _call(obj: dict[str, Any], hint: str | None) -> CallEvent | Rejected:
         hangup_by=_str(obj, "hangup_by", required=False),
         hangup_reason=_str(obj, "hangup_reason", required=False),
         tm_update=_str(obj, "tm_update", required=False),
+        master_call_id=_call_id(obj.get("master_call_id")),
+        chained_call_ids=_call_ids(obj.get("chained_call_ids")),
     )
     return CallEvent(info, deleted=hint == "call_deleted" or _is_real_time(obj.get("tm_delete")))
 
@@ -278,6 +285,20 @@ def _classify(obj: dict[str, Any], hint: str | None) -> Event | Rejected:
     if "call_ids" in obj or ("recording_id" in obj and "format" in obj):
         return Rejected("unused resource", ignorable=True)
     return Rejected("unknown resource shape")
+
+
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _call_id(value: object) -> str:
+    """A call id, or "" for none (absent, not a string, or the nil uuid)."""
+    return value if isinstance(value, str) and value and value != _NIL_UUID else ""
+
+
+def _call_ids(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(i for i in map(_call_id, value[:16]) if i)
 
 
 def _is_real_time(value: object) -> bool:

@@ -21,6 +21,8 @@ import structlog
 
 from agentd.backends import Backend
 from agentd.commands import (
+    NOT_FOUND,
+    ORPHAN,
     AskBackend,
     CallGone,
     CancelBackend,
@@ -61,6 +63,11 @@ from agentd.sentences import split_for_say
 from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
 log = structlog.get_logger("agentd.executor")
+
+NO_BRIDGE = (
+    "the caller is in no confbridge: a transfer needs the number's flow to `connect` the caller "
+    "to a second leg (README: Transfers)"
+)
 
 Feed = Callable[[str, "Event | Result"], None]
 
@@ -211,13 +218,21 @@ class Executor:
     async def _find_transcribe(self, cmd: FindTranscribe) -> Result:
         try:
             found = await self.client.find_transcribe(cmd.call_id, cmd.language)
+            if found and found in cmd.avoid:
+                # the one we gave up on still says progressing (an orphan of a restarted pod
+                # does): it blocks a new one with 409 until it is deleted
+                log.warning("transcribe.orphan_deleted", transcribe_id=found)
+                await self.client.delete_transcribe(found)
+                return TranscribeFailed(409, ORPHAN)
         except ApiError as e:
             return TranscribeFailed(e.status, e.reason)
-        return TranscribeStarted(found) if found else TranscribeFailed(404, "not found")
+        return TranscribeStarted(found) if found else TranscribeFailed(404, NOT_FOUND)
 
     async def _stop_transcribe(self, cmd: StopTranscribe) -> Result:
-        ok = await _stop(self.client.stop_transcribe(cmd.transcribe_id))
-        return Stopped("transcribe", cmd.transcribe_id, ok)
+        c = self.client
+        stop = c.delete_transcribe if cmd.delete else c.stop_transcribe
+        status = await _stop(stop(cmd.transcribe_id))
+        return Stopped("transcribe", cmd.transcribe_id, status is None, status or 0)
 
     async def _poll_speaking(self, cmd: PollSpeaking) -> Result:
         try:
@@ -239,8 +254,10 @@ class Executor:
             await self.client.flush(cmd.speaking_id)  # 404: nothing was playing any more
 
     async def _stop_speaking(self, cmd: StopSpeaking) -> Result:
-        ok = await _stop(self.client.stop_speaking(cmd.speaking_id))
-        return Stopped("speaking", cmd.speaking_id, ok)
+        c = self.client
+        stop = c.delete_speaking if cmd.delete else c.stop_speaking
+        status = await _stop(stop(cmd.speaking_id))
+        return Stopped("speaking", cmd.speaking_id, status is None, status or 0)
 
     async def _hangup(self, cmd: Hangup) -> Result:
         try:
@@ -262,11 +279,21 @@ class Executor:
             if _billing(spk, cmd.call_id):
                 sid = str(spk.get("id"))
                 log.warning("sweep.stopping", speaking_id=sid)
-                await _stop(self.client.stop_speaking(sid))
+                if await _stop(self.client.stop_speaking(sid)) is not None:
+                    # its pod may be gone: only a delete ends it then
+                    await _stop(self.client.delete_speaking(sid))
 
     async def _transfer(self, cmd: Transfer) -> Result:
+        # VoIPBIN transfers only a call in a confbridge, and a blind transfer hangs up the
+        # transferer: the caller's call must not be it. The number's flow `connect`s the caller
+        # to a second leg; that leg is the transferer, and the caller stays, ringing the human
+        # into their confbridge (docs/protocol.md §9, README "Transfers").
         try:
-            await self.client.transfer(cmd.call_id, cmd.number)
+            call = event_of(await self.client.get_call(cmd.call_id))
+            legs = call.call.chained_call_ids if isinstance(call, CallEvent) else ()
+            if not legs:
+                return TransferDone(False, NO_BRIDGE)
+            await self.client.transfer(legs[0], cmd.number)
         except ApiError as e:
             return TransferDone(False, str(e))
         return TransferDone(True)
@@ -293,19 +320,31 @@ class Executor:
 
     async def _start_speaking(self, cmd: StartSpeaking) -> Result:
         c = self.client
-        try:
-            spk = await c.start_speaking(cmd.call_id, cmd.language, cmd.provider, cmd.voice_id)
-            return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status", "")))
-        except ApiError as e:
-            failure = SpeakingFailed(e.status, e.reason)
-        if failure.status in (0, 409) or failure.status >= 500:
+        for _ in range(2):  # a second try only after deleting a dead session in the way
+            try:
+                spk = await c.start_speaking(cmd.call_id, cmd.language, cmd.provider, cmd.voice_id)
+                return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status", "")))
+            except ApiError as e:
+                failure = SpeakingFailed(e.status, e.reason)
+            if not (failure.status in (0, 409) or failure.status >= 500):
+                return failure
             # one live session per call: it may exist already (a 409/500 says so), or the
-            # create may have happened despite the error. Either way, adopt it.
-            with contextlib.suppress(ApiError):
-                for spk in await c.list_speakings():
-                    if _billing(spk, cmd.call_id):
+            # create may have happened despite the error. Adopt it, unless it is one the call
+            # gave up on: a dead pod's row stays active and blocks every create until deleted.
+            try:
+                live = [s for s in await c.list_speakings() if _billing(s, cmd.call_id)]
+                dead = [str(s.get("id")) for s in live if str(s.get("id")) in cmd.avoid]
+                for spk in live:
+                    if str(spk.get("id")) not in cmd.avoid:
                         log.info("speaking.adopted", speaking_id=spk.get("id"))
                         return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
+                for sid in dead:
+                    log.warning("speaking.dead_deleted", speaking_id=sid)
+                    await c.delete_speaking(sid)
+            except ApiError:
+                return failure
+            if not dead:
+                return failure
         return failure
 
     # ---- backend replies -----------------------------------------------------------------
@@ -362,16 +401,18 @@ _RUNNERS: dict[type, Runner] = {
 }
 
 
-async def _stop(coro: Any) -> bool:
-    """Run a stop; a 404 means already gone, which is as good as stopped."""
+async def _stop(coro: Any) -> int | None:
+    """Run a stop: None when done, else the failure's HTTP status (0: no answer).
+
+    A 404 means already gone, which is as good as stopped."""
     try:
         await coro
     except ApiError as e:
         if e.status == 404:
-            return True
+            return None
         log.warning("stop.failed", error=str(e))
-        return False
-    return True
+        return e.status
+    return None
 
 
 def _failure(cmd: Command) -> Result | None:

@@ -23,6 +23,7 @@ class TimerKind(enum.StrEnum):
     RETRY_HANGUP = "retry_hangup"
     TRANSCRIPT_DUE = "transcript_due"  # speech ended, its transcript has not come
     AFTER_REPLY = "after_reply"  # the reply has played: run the action it asked for
+    HOLD = "hold"  # the caller's turn seems over: say the reply held back so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,12 @@ class TransferTo:
 Action = EndCall | TransferTo
 
 
+def normalise_number(number: str) -> str:
+    """Compare numbers by their digits and a leading `+` only."""
+    keep = "".join(ch for ch in number if ch.isdigit())
+    return ("+" + keep) if number.strip().startswith("+") else keep
+
+
 class Kind(enum.StrEnum):
     """What a `Record` says happened (kept in the store, logged, counted in metrics)."""
 
@@ -65,6 +72,8 @@ class Kind(enum.StrEnum):
     ENDED = "ended"
     TURN = "turn"
     BARGE_IN = "barge_in"
+    BACKCHANNEL = "backchannel"  # "mm-hmm" while the agent talks: no barge-in, no turn
+    TURN_JOINED = "turn_joined"  # another final before the reply was said: asked again
     ACTION = "action"
     TRANSFERRED = "transferred"
     TRANSCRIBE_RESTARTED = "transcribe_restarted"

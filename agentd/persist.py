@@ -78,10 +78,12 @@ class Persister:
     async def restore(self, settings: CallSettings) -> list[Call]:
         """The calls that were live when the last agentd stopped."""
         calls = []
+        now = self.store.now()
         for rec in await self.store.live_calls():
-            call = Call.restore(
-                {f: getattr(rec, f) for f in CallRecord.__dataclass_fields__}, settings
-            )
+            data = {f: getattr(rec, f) for f in CallRecord.__dataclass_fields__}
+            # VoIPBIN cuts a call an hour after it began, whoever restarted in between
+            data["age_s"] = max(0.0, now - rec.created_at) if rec.created_at else 0.0
+            call = Call.restore(data, settings)
             self._seen[call.id] = call.fingerprint()
             calls.append(call)
         return calls

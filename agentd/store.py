@@ -102,6 +102,7 @@ def _row_to_record(row: Sequence[Any]) -> CallRecord:
         history=_pairs(row[9]),
         hangup_reason=row[10],
         seen_transcripts=tuple(str(t) for t in json.loads(row[11])),
+        created_at=float(row[12]) if len(row) > 12 else 0.0,
     )
 
 
@@ -125,6 +126,10 @@ class Store:
         self._closed = False
         self._clock = clock
         self.schema_version = schema_version
+
+    def now(self) -> float:
+        """The store's clock (wall time): what `created_at` is measured on."""
+        return self._clock()
 
     @classmethod
     async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> Store:
@@ -210,7 +215,7 @@ class Store:
 
         def read(conn: sqlite3.Connection) -> list[CallRecord]:
             rows = conn.execute(
-                f"SELECT {_CALL_COLUMNS} FROM calls WHERE phase != 'ended' ORDER BY id"
+                f"SELECT {_CALL_COLUMNS}, created_at FROM calls WHERE phase != 'ended' ORDER BY id"
             ).fetchall()
             return [_row_to_record(r) for r in rows]
 

@@ -8,7 +8,7 @@ the ordered steps in `MIGRATIONS`. `open_connection` runs on the store's worker 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = ["LATEST_VERSION", "MIGRATIONS", "CallRecord", "StoreError", "open_connection"]
@@ -96,6 +96,9 @@ class CallRecord:
     history: tuple[tuple[str, str], ...]  # (role, text)
     hangup_reason: str = ""
     seen_transcripts: tuple[str, ...] = ()  # transcript ids already answered, newest last
+    # when the call was first saved (the store's clock): read back only, never written over,
+    # and not part of the call's state (two saves of one state compare equal)
+    created_at: float = field(default=0.0, compare=False)
 
 
 # ---- opening and migrating ----------------------------------------------------------------------

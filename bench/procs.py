@@ -71,6 +71,14 @@ class Sim:
         self.drain.cancel()
 
 
+#: The simulator's TTS/STT latencies (measured: ~1 s each) shrunk, as the playback speed is:
+#: the bench measures agentd's own cost, and callers must not wait seconds for every turn.
+LATENCY_SCALE = 0.05
+#: What agentd is told of them: its /say latency estimate, and no turn hold (turn-taking policy
+#: is not overhead; the hold is `agent.final_hold_s`, 0.5 s by default)
+AGENT_TIMING = {"say_latency_s": 1.1 * LATENCY_SCALE, "final_hold_s": 0.0}
+
+
 async def start_sim(
     *, rate_limit: bool, playback_chars_per_s: float, speech_words_per_s: float
 ) -> Sim:
@@ -84,6 +92,8 @@ async def start_sim(
         str(playback_chars_per_s),
         "--speech-words-per-s",
         str(speech_words_per_s),
+        "--latency-scale",
+        str(LATENCY_SCALE),
     ]
     if not rate_limit:
         args.append("--no-rate-limit")
@@ -122,7 +132,7 @@ def agent_config(sim: Sim, path: Path, **sections: dict[str, Any]) -> Path:
     """Write an agentd TOML config for `sim` (extra keys per section) and return its path."""
     base: dict[str, dict[str, Any]] = {
         "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
-        "agent": {"numbers": []},
+        "agent": {"numbers": ["*"]},  # every call of the simulator is the bench's
         "backend": {"kind": "echo"},
         "log": {"level": "info", "format": "json"},
         "daemon": {"drain_s": 10.0},

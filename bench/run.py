@@ -30,7 +30,16 @@ from typing import Any
 
 import aiohttp
 
-from bench.procs import Agent, Sim, agent_config, start_agent, start_sim, usage, wait_subscribed
+from bench.procs import (
+    AGENT_TIMING,
+    Agent,
+    Sim,
+    agent_config,
+    start_agent,
+    start_sim,
+    usage,
+    wait_subscribed,
+)
 from bench.stats import across_runs, summary_ms
 from bench.stub import LlmStub
 
@@ -129,7 +138,7 @@ class Run:
         config = agent_config(
             sim,
             tmp / f"agentd-{time.monotonic_ns()}.toml",
-            agent={"chars_per_s": playback, **(agent or {})},
+            agent={"chars_per_s": playback, **AGENT_TIMING, **(agent or {})},
             voipbin={**budget, **(voipbin or {})},
             backend=backend or {"kind": "echo"},
         )

@@ -16,7 +16,7 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.sim import SimSettings, Simulator
 from tests.stubs import HttpStub, OpenAIStub
-from tests.support import OUR_NUMBER, PLAYBACK, StartAgent
+from tests.support import FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, StartAgent
 
 
 class _NoopStreamWriter:
@@ -57,7 +57,19 @@ def merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> 
 
 @pytest.fixture
 def sim_settings() -> SimSettings:
-    return SimSettings(playback_chars_per_s=PLAYBACK, speech_words_per_s=40.0)
+    return SimSettings(
+        playback_chars_per_s=PLAYBACK,
+        speech_words_per_s=40.0,
+        stt_final_delay_s=0.05,
+        stt_final_delay_gcp_s=0.04,
+        stt_split_gap_s=0.03,
+        speaking_create_s=0.02,
+        say_latency_s=SAY_LATENCY,
+        stop_latency_s=0.02,
+        playback_cjk_chars_per_s=PLAYBACK * 0.4,
+        pod_rpc_timeout_s=0.1,
+        pod_breaker_open_s=1.0,
+    )
 
 
 @pytest.fixture
@@ -74,7 +86,12 @@ async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
     async def start(impl: Backend | None = None, **sections: dict[str, Any]) -> Daemon:
         base = {
             "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
-            "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK},
+            "agent": {
+                "numbers": [OUR_NUMBER],
+                "chars_per_s": PLAYBACK,
+                "say_latency_s": SAY_LATENCY,
+                "final_hold_s": FINAL_HOLD,
+            },
             "daemon": {"drain_s": 5.0, "stop_sessions_on_shutdown": True},
             "store": {"path": str(tmp_path / f"agentd-{len(running)}.db")},
         }

@@ -4,8 +4,10 @@
 
 The simulator runs in this process; agentd runs as a child process that is SIGKILLed and
 restarted every `--kill-every` seconds. Meanwhile the simulator duplicates 10% and loses 2% of
-the events, drops the WebSocket, expires the JWT, and answers bursts of 5xx and 429. Each caller
-asks two questions and hangs up once answered; a caller left waiting too long is hung up by the
+the events, drops the WebSocket, expires the JWT, answers bursts of 5xx, 429 and `/say` 404s,
+kills tts pods under live calls, and deafens or orphans their transcribes. Each caller asks two
+questions, the second one two sentences the STT splits into two finals, and hangs up once
+answered; a caller left waiting too long is hung up by the
 driver and counted as not served. The report counts calls served, leaked sessions, replies said
 twice and restarts survived.
 """
@@ -30,6 +32,9 @@ from agentd.sim import Caller, SimSettings, Simulator, Utterance
 
 OUR_NUMBER = "+15551234567"
 PLAYBACK = 200.0
+LATENCY_SCALE = 0.08  # the service's TTS/STT latencies, shrunk about as much as the playback
+SAY_LATENCY = 1.1 * LATENCY_SCALE  # what agentd is told of the simulator's
+FAULTS = ("drop", "expire", "5xx", "429", "say500", "say404", "pod", "deaf", "orphan")
 CONFIG = """
 [voipbin]
 api_url = "{api}"
@@ -39,6 +44,8 @@ rate_per_s = 0
 [agent]
 numbers = ["{number}"]
 chars_per_s = {playback}
+say_latency_s = {latency}
+final_hold_s = 0.1
 watch_s = 2.0
 silence_s = 3.0
 [store]
@@ -70,6 +77,7 @@ class Soak:
                 password=sim.settings.password,
                 number=OUR_NUMBER,
                 playback=PLAYBACK,
+                latency=SAY_LATENCY,
                 store=workdir / "agentd.db",
             )
         )
@@ -114,7 +122,7 @@ class Soak:
                 self.restarts_survived += 1
                 last_kill = time.monotonic()
                 continue
-            fault = self.rng.choice(["drop", "expire", "5xx", "429", "say500"])
+            fault = self.rng.choice(FAULTS)
             self.faults[fault] += 1
             if fault == "drop":
                 f.drop_websockets()
@@ -125,12 +133,34 @@ class Soak:
                 f.fail("POST", r"/(stop|transcribes)$", 503, count=3)
             elif fault == "429":
                 f.fail(r"(GET|POST)", r".*", 429, count=5, retry_after=0.2)
-            else:
+            elif fault == "say500":
                 f.fail("POST", r"/say$", 500, count=1)
+            elif fault == "say404":
+                f.fail("POST", r"/say$", 404, count=3)
+            else:
+                self.call_fault(fault)
+
+    def call_fault(self, fault: str) -> None:
+        """A fault under one live call: its tts pod dies, or its STT goes deaf or orphaned."""
+        live = [c for c in self.sim.world.calls.values() if c.status == "progressing"]
+        if not live:
+            return
+        call = self.rng.choice(live)
+        if fault == "pod":
+            if any(s.status == "active" for s in self.sim.world.speakings_of(call.id)):
+                self.sim.faults.kill_tts_pod(call_id=call.id)
+        elif fault == "deaf":
+            self.sim.faults.deafen_stt(call.id)
+        else:
+            self.sim.faults.orphan_stt(call.id)
 
     async def one_call(self, i: int, limit_s: float) -> dict[str, Any]:
         caller = Caller(
-            [Utterance(f"first question {i}"), Utterance(f"second question {i}")],
+            [
+                Utterance(f"first question {i}"),
+                # one turn the STT delivers as two finals: it must get one answer
+                Utterance(f"second question {i}. And a detail."),
+            ],
             hangup_after_s=0.05,
         )
         call_id = self.sim.inbound_call(f"+1555{i:07d}", OUR_NUMBER, caller)
@@ -143,8 +173,17 @@ class Soak:
             await self.sim.hangup(call_id)
         said = Counter(li.planned for li in call.conversation if li.who == "agent")
         doubles = sum(n - 1 for text, n in said.items() if text.startswith("You said") and n > 1)
+        # the split turn answered before its second final came (lost, or late past the hold):
+        # not a double reply, but worth counting
+        partial = f"You said: second question {i}." in said
         story = [f"{li.who}: {li.planned}" for li in call.conversation]
-        return {"served": served, "doubles": doubles, "call_id": call_id, "story": story}
+        return {
+            "served": served,
+            "doubles": doubles,
+            "partial": partial,
+            "call_id": call_id,
+            "story": story,
+        }
 
 
 async def run(
@@ -162,7 +201,8 @@ async def run(
         rate_limit=False,
         username="soak",
         password="soak-password-1",
-    )
+        playback_cjk_chars_per_s=PLAYBACK * 0.4,
+    ).scaled(LATENCY_SCALE)
     started = time.monotonic()
     async with Simulator(settings) as sim:
         sim.faults.seed(seed)
@@ -198,6 +238,7 @@ async def run(
                 "not_served": sum(not r["served"] for r in results),
                 "leaked_sessions": len(leaks),
                 "double_replies": sum(r["doubles"] for r in results),
+                "split_turns_answered_in_part": sum(r["partial"] for r in results),
                 "daemon_restarts": soak.restarts,
                 "daemon_restarts_survived": soak.restarts_survived,
                 "faults": dict(soak.faults) | {"duplicate_rate": 0.10, "lose_rate": 0.02},
@@ -206,6 +247,9 @@ async def run(
                     {"call_id": r["call_id"], "heard": r["story"]}
                     for r in results
                     if not r["served"]
+                ][:5],
+                "double_reply_examples": [
+                    {"call_id": r["call_id"], "heard": r["story"]} for r in results if r["doubles"]
                 ][:5],
                 "seconds": round(time.monotonic() - started, 1),
             }

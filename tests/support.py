@@ -10,8 +10,11 @@ from agentd.daemon import Daemon
 
 OUR_NUMBER = "+15551234567"
 CALLER = "+15550001111"
-# fast audio and speech keep the tests short; the daemon is told the same playback speed
+# fast audio and speech keep the tests short; the daemon is told the same playback speed,
+# TTS latency, and a turn hold that outlasts the simulator's (shrunk) gap between split finals
 PLAYBACK = 400.0
+SAY_LATENCY = 0.03
+FINAL_HOLD = 0.15
 
 StartAgent = Callable[..., Awaitable[Daemon]]
 

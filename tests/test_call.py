@@ -39,10 +39,17 @@ from agentd.commands import (
     WriteAhead,
 )
 from agentd.events import CallEvent, CallInfo, SpeechEvent, TranscribeEvent, TranscriptEvent
-from agentd.names import EndCall, Timer, TimerKind, TransferTo
+from agentd.names import EndCall, Kind, Timer, TimerKind, TransferTo
 
 CID = "c1"
-SETTINGS = CallSettings(greeting="Hi there.", system_prompt="be brief", chars_per_s=10.0)
+# the timing of the turn (hold, TTS latency) has tests of its own below
+SETTINGS = CallSettings(
+    greeting="Hi there.",
+    system_prompt="be brief",
+    chars_per_s=10.0,
+    say_latency_s=0.0,
+    final_hold_s=0.0,
+)
 
 
 def status(s: str, reason: str = "", by: str = "") -> CallEvent:
@@ -168,7 +175,9 @@ def test_say_404_restarts_the_session_and_says_it_again() -> None:
     step(call, transcript("hello"), 10)
     step(call, ReplySentence(1, "Hi."), 10)
     cmds = step(call, SayFailed("s1", "Hi.", 1, 404), 10.1)
-    assert StartSpeaking(CID, "en-US", "elevenlabs", SETTINGS.voice_id) in cmds
+    # the session given up on is never adopted again
+    new = StartSpeaking(CID, "en-US", "elevenlabs", SETTINGS.voice_id, frozenset({"s1"}))
+    assert new in cmds
     assert StopSpeaking(CID, "s1") in cmds  # an unconfirmed session is stopped, never assumed gone
     assert step(call, SpeakingStarted("s2", "active"), 10.2) == [Say(CID, "s2", "Hi.", 1)]
 
@@ -182,7 +191,7 @@ def test_barge_in_on_elevenlabs_stops_and_restarts_the_session() -> None:
     assert kinds(cmds) == ["CancelBackend", "StopSpeaking"]
     assert step(call, ReplySentence(1, "The end."), 12.1) == []  # stale reply: not spoken
     assert step(call, Stopped("speaking", "s1", True), 12.2) == [
-        StartSpeaking(CID, "en-US", "elevenlabs", SETTINGS.voice_id)
+        StartSpeaking(CID, "en-US", "elevenlabs", SETTINGS.voice_id, frozenset({"s1"}))
     ]
     assert step(call, SpeakingStarted("s2", "active"), 12.3) == []  # no second greeting
     ask = step(call, transcript("wait stop", "tr2"), 13)
@@ -235,7 +244,7 @@ def test_transcribe_conflict_looks_up_the_running_one() -> None:
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)
     assert step(call, TranscribeFailed(409, "TRANSCRIBE_ALREADY_PROGRESSING"), 0.1) == [
-        FindTranscribe(CID, "en-US")
+        FindTranscribe(CID, "en-US", frozenset())
     ]
     assert step(call, TranscribeStarted("t9"), 0.2) == []
     assert call.transcribe_id == "t9"
@@ -247,7 +256,8 @@ def test_a_failed_stop_is_retried_until_confirmed() -> None:
     assert kinds(step(call, status("hangup"), 5)) == ["StopSpeaking"]
     cmds = step(call, Stopped("speaking", "s1", False), 5.1)
     assert cmds == [StartTimer(CID, T("retry_stop:s1"), SETTINGS.retry_s)]
-    assert step(call, TimerFired(T("retry_stop:s1")), 6.1) == [StopSpeaking(CID, "s1")]
+    # the retry is a DELETE: it works when the tts pod that owns the session is gone
+    assert step(call, TimerFired(T("retry_stop:s1")), 6.1) == [StopSpeaking(CID, "s1", True)]
     assert step(call, Stopped("speaking", "s1", True), 6.2) == [Finished(CID)]
 
 
@@ -281,7 +291,7 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
 
 
 def test_transfer_after_the_reply_then_our_sessions_end() -> None:
-    call = answered()
+    call = answered(replace(SETTINGS, transfer_numbers=("+1 555 000 9999",)))
     step(call, transcript("a human please"), 10)
     step(call, ReplySentence(1, "Transferring you now."), 10)
     step(call, ReplyDone(1, action=TransferTo("+15550009999")), 10)
@@ -289,6 +299,29 @@ def test_transfer_after_the_reply_then_our_sessions_end() -> None:
     cmds = step(call, TransferDone(True), 13.5)
     assert kinds(cmds) == ["StopSpeaking", "StopTranscribe"]
     assert not any(isinstance(c, Hangup) for c in cmds)  # the caller stays, with the human
+
+
+def test_a_transfer_to_a_number_not_on_the_allow_list_is_refused_and_the_call_goes_on() -> None:
+    call = answered(replace(SETTINGS, transfer_numbers=("+15550009999",)))
+    step(call, transcript("put me through to 1-900-PREMIUM"), 10)
+    step(call, ReplySentence(1, "Transferring you now."), 10)
+    cmds = step(call, ReplyDone(1, action=TransferTo("+19005550100")), 10)
+    [error] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ERROR]
+    assert error.data["number"] == "+19005550100"
+    assert Say(CID, "s1", SETTINGS.transfer_failed_text, 1) in cmds
+    assert call.after_reply is None
+    assert step(call, TimerFired(T("after_reply")), 13) == []  # nothing dialled
+
+
+def test_a_failed_transfer_leaves_the_caller_with_the_agent() -> None:
+    call = answered(replace(SETTINGS, transfer_numbers=("+15550009999",)))
+    step(call, transcript("a human please"), 10)
+    step(call, ReplySentence(1, "Transferring you now."), 10)
+    step(call, ReplyDone(1, action=TransferTo("+15550009999")), 10)
+    step(call, TimerFired(T("after_reply")), 13)
+    cmds = step(call, TransferDone(False, "HTTP 500"), 13.5)
+    assert Say(CID, "s1", SETTINGS.transfer_failed_text, 1) in cmds
+    assert call.phase is Phase.ACTIVE
 
 
 def test_shutdown_hangs_up_and_stops_everything() -> None:
@@ -365,11 +398,17 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     assert Say(CID, "s1", settings.reprompt_text, 0) in cmds
     quiet = next(c for c in cmds if isinstance(c, Record) and c.what == "stt_quiet")
     assert quiet.data == {"quiet_s": 10.9, "stt_provider": "aws"}  # silent since the answer
+    # the STT may be the deaf one: replaced before the reprompt's answer is due
+    assert StopTranscribe(CID, "t1") in cmds
+    assert StartTranscribe(CID, "en-US", "aws") in cmds
+    assert call.handle(TranscribeStarted("t2"), 11) == []
     cmds = call.handle(TimerFired(T("silence")), 22.9)
+    assert not any(isinstance(c, StartTranscribe) for c in cmds)  # once per quiet spell
     assert Say(CID, "s1", settings.silence_goodbye, 0) in cmds
     timer = next(c for c in cmds if isinstance(c, StartTimer) and c.timer.kind == "after_reply")
     cmds = call.handle(TimerFired(T("after_reply")), 22.9 + timer.delay_s)
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
+    assert StopTranscribe(CID, "t2") in cmds
 
 
 def test_caller_speech_resets_the_silence_count() -> None:
@@ -419,19 +458,32 @@ def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
     assert Say(CID, "s1", SETTINGS.reprompt_text, 1) in cmds
 
 
-def test_a_stop_that_keeps_failing_is_never_given_up() -> None:
+def test_a_stop_that_keeps_failing_escalates_to_delete_then_is_given_up_loudly() -> None:
     call = answered()
     call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
     step(call, status("hangup"), 5)
     delays = []
-    for attempt in range(8):
-        cmds = step(call, Stopped("speaking", "s1", False), 6 + attempt)
+    for attempt in range(SETTINGS.max_stop_attempts - 1):
+        cmds = step(call, Stopped("speaking", "s1", False, 503), 6 + attempt)
         timer = next(c for c in cmds if isinstance(c, StartTimer))
         delays.append(timer.delay_s)
-        assert step(call, TimerFired(timer.timer), 7 + attempt) == [StopSpeaking(CID, "s1")]
+        assert step(call, TimerFired(timer.timer), 7 + attempt) == [StopSpeaking(CID, "s1", True)]
         assert not any(isinstance(c, Finished) for c in cmds)
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
-    assert step(call, Stopped("speaking", "s1", True), 20) == [Finished(CID)]
+    # a 5xx may be a dead pod: the first DELETE goes at once
+    assert delays == [0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
+    # bounded: the last failure is reported with the session id, and the call is let go
+    cmds = step(call, Stopped("speaking", "s1", False, 503), 300)
+    leak = next(c for c in cmds if isinstance(c, Record))
+    assert leak.what is Kind.LEAK
+    assert leak.data == {
+        "kind": "speaking",
+        "session_id": "s1",
+        "attempts": SETTINGS.max_stop_attempts,
+        "status": 503,
+        "gave_up": True,
+    }
+    assert cmds[-1] == Finished(CID)
+    assert not any(isinstance(c, StartTimer) for c in cmds)
 
 
 def test_barge_in_restart_waits_for_a_confirmed_stop() -> None:
@@ -441,7 +493,7 @@ def test_barge_in_restart_waits_for_a_confirmed_stop() -> None:
     step(call, SpeechEvent("sp1", "t1", "interim", "in", "wait stop"), 12)
     cmds = step(call, Stopped("speaking", "s1", False), 12.2)
     assert not any(isinstance(c, StartSpeaking) for c in cmds)  # the old one may still play
-    assert step(call, TimerFired(T("retry_stop:s1")), 13.2) == [StopSpeaking(CID, "s1")]
+    assert step(call, TimerFired(T("retry_stop:s1")), 13.2) == [StopSpeaking(CID, "s1", True)]
     assert kinds(step(call, Stopped("speaking", "s1", True), 13.3)) == ["StartSpeaking"]
 
 

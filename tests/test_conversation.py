@@ -14,7 +14,7 @@ import pytest
 
 from agentd.call import DEFAULT_GREETING
 from agentd.daemon import Daemon
-from agentd.sim import Caller, Simulator, Utterance
+from agentd.sim import Caller, Outcome, Simulator, Utterance
 from agentd.sim.records import Request
 from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script
 from tests.support import CALLER, OUR_NUMBER, StartAgent
@@ -179,31 +179,92 @@ async def test_end_call_says_goodbye_then_agentd_hangs_up(
     assert [r.what for r in daemon.records].count("action") == 1
 
 
-@pytest.mark.parametrize("kind", ["openai", "http"])
-async def test_transfer_tool_transfers_the_call_to_the_number(
-    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent, kind: str
-) -> None:
+#: The number's flow a transfer needs (README "Transfers"): the caller is `connect`ed to a
+#: second leg that answers and stays up, so the caller is in a confbridge (docs/protocol.md §9).
+HOLD_LINE = "+15550000100"
+CONNECT_FLOW = [
+    {"type": "answer"},
+    {
+        "type": "connect",
+        "option": {
+            "source": {"type": "tel", "target": OUR_NUMBER},
+            "destinations": [{"type": "tel", "target": HOLD_LINE}],
+        },
+    },
+    {"type": "sleep", "option": {"duration": 3600000}},
+]
+
+
+def _transfer_backend(kind: str, llm: OpenAIStub, service: HttpStub) -> dict[str, Any]:
     if kind == "openai":
         llm.script(Script("Let me connect you.", tool_calls=[("transfer", {"number": NUMBER})]))
-        backend = openai_config(llm)
-    else:
-        service.script(
-            HttpReply("ndjson", [{"text": "Let me connect you."}, {"action": {"transfer": NUMBER}}])
-        )
-        backend = {"kind": "http", "url": service.reply_url}
-    daemon = await start(agent, backend)
-    call_id = sim.inbound_call(
-        CALLER, OUR_NUMBER, Caller([Utterance("a human please")], hangup_after_s=None)
+        return openai_config(llm)
+    service.script(
+        HttpReply("ndjson", [{"text": "Let me connect you."}, {"action": {"transfer": NUMBER}}])
     )
+    return {"kind": "http", "url": service.reply_url}
+
+
+@pytest.mark.parametrize("kind", ["openai", "http"])
+async def test_transfer_hands_the_caller_to_the_human_through_the_connect_flow(
+    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent, kind: str
+) -> None:
+    sim.on_outbound(Outcome(ring_after_s=0.0, answer_after_s=0.05))  # the hold line, the human
+    daemon = await start(agent, _transfer_backend(kind, llm, service), transfer_numbers=[NUMBER])
+    call_id = sim.inbound_call(
+        CALLER,
+        OUR_NUMBER,
+        Caller([Utterance("a human please")], hangup_after_s=None),
+        flow_id=sim.create_flow(CONNECT_FLOW),
+    )
+    caller = sim.get_call(call_id)
     await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/transfers$")), 10)
     [transfer] = sim.requests_matching("POST", r"/transfers$")
     assert transfer.status == 200
-    assert transfer.body["transferer_call_id"] == call_id
+    # the second leg is the transferer: a blind transfer hangs the transferer up
+    [leg] = caller.chained_call_ids[:1]
+    assert transfer.body["transferer_call_id"] == leg != call_id
     assert transfer.body["transferee_addresses"] == [{"type": "tel", "target": NUMBER}]
     assert transfer.t > says(sim)[-1].t  # after "Let me connect you."
     assert agent_lines(sim, call_id) == ["Let me connect you."]
-    # agentd's part is over: its sessions end while the caller talks to the human
+    # the human answers into the caller's confbridge; the caller is still up, with them
+    [human] = [c for c in sim.world.calls.values() if c.destination.get("target") == NUMBER]
+    await sim.wait_for(lambda: human.confbridge_id == caller.confbridge_id, 5)
+    assert caller.status == "progressing"
+    # agentd's part is over: its sessions are stopped, it attached to no other leg
     await sim.wait_for(lambda: any(r.what == "transferred" for r in daemon.records), 5)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert sim.leaks() == []
+    assert daemon.dispatcher.counters["calls"] == 1
+    await sim.hangup(call_id)
+
+
+async def test_a_transfer_without_a_confbridge_is_not_attempted_and_the_caller_is_told(
+    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await start(agent, _transfer_backend("http", llm, service), transfer_numbers=[NUMBER])
+    # the default number flow: answer and sleep, no connect: VoIPBIN would answer 500
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("a human please")], hangup_after_s=None)
+    )
+    failed = "Sorry, I can't transfer you right now."
+    await sim.wait_for(lambda: failed in heard(sim, call_id), 10)
+    assert sim.requests_matching("POST", r"/transfers$") == []
+    [error] = [r for r in daemon.records if r.what == "error"]
+    assert "no confbridge" in str(error.data["error"])
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_a_transfer_to_a_number_off_the_allow_list_is_refused(
+    llm: OpenAIStub, service: HttpStub, sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await start(agent, _transfer_backend("http", llm, service))  # no transfer_numbers
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("call 1-900 for me")], hangup_after_s=None)
+    )
+    await sim.wait_for(lambda: any(r.what == "error" for r in daemon.records), 10)
+    assert sim.requests_matching("POST", r"/transfers$") == []
     await sim.hangup(call_id)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 

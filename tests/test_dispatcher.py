@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from agentd.commands import (
     Record,
     ReplySentence,
     SpeakingStarted,
+    StartSpeaking,
     StartTimer,
     Stopped,
     StopSpeaking,
@@ -89,6 +91,35 @@ def test_an_ended_call_is_never_adopted_again() -> None:
     assert d.calls == {}
 
 
+def test_a_hangup_seen_first_is_remembered_and_a_late_progressing_starts_nothing() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(call_event("c1", "hangup"))  # order is not guaranteed: the end came first
+    d.on_event(call_event("c1", "progressing"))
+    assert d.calls == {}
+    assert shell.commands("c1") == []
+    assert d.counters["ignored"] == 2
+
+
+def test_a_call_that_turns_out_to_be_a_flows_leg_is_released_before_its_answer() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    # a `connect` flow dials from our number: it looks like a call agentd placed...
+    leg = CallInfo("leg", "dialing", "outgoing", OUR_NUMBER, "+15550000100")
+    d.on_event(CallEvent(leg))
+    assert set(d.calls) == {"leg"}
+    # ...until VoIPBIN chains it to the caller's call
+    chained = CallInfo(
+        "leg", "ringing", "outgoing", OUR_NUMBER, "+15550000100", master_call_id="c1"
+    )
+    d.on_event(CallEvent(chained))
+    assert Finished("leg") in shell.commands("leg")
+    d.finished("leg")
+    d.on_event(CallEvent(replace(chained, status="progressing")))
+    assert d.calls == {}
+    assert not any(isinstance(c, StartSpeaking) for c in shell.commands("leg"))
+
+
 def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -109,6 +140,7 @@ def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     shell.now = 100.0  # the greetings have played: the transcripts are no barge-in
     d.on_event(TranscriptEvent("tr1", "t-c1", "in", "hello"))
     d.on_event(TranscriptEvent("tr2", "t-c2", "in", "hello"))
+    shell.now += CallSettings().final_hold_s  # the callers are done: the replies are not held
     shell.batches.clear()
     d.feed("c1", ReplySentence(1, "Hi."))
     d.feed("c2", ReplySentence(1, "Hi."))

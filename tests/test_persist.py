@@ -23,17 +23,23 @@ from agentd.commands import (
     ReplyDone,
     ReplySentence,
     SpeakingStarted,
+    StartTimer,
     Stopped,
     StopSpeaking,
     TranscribeStarted,
 )
 from agentd.events import CallEvent, CallInfo, Event, TranscriptEvent
+from agentd.names import TimerKind
 from agentd.persist import Persister
 from agentd.store import CallRecord, Store
 
 # fast playback: the caller's turns come after the agent finished talking (no barge-in)
 SETTINGS = CallSettings(
-    greeting="Hello, how can I help?", system_prompt="be brief", chars_per_s=1000.0
+    greeting="Hello, how can I help?",
+    system_prompt="be brief",
+    chars_per_s=1000.0,
+    say_latency_s=0.0,
+    final_hold_s=0.0,
 )
 
 
@@ -308,6 +314,31 @@ async def test_an_unconfirmed_stop_survives_a_restart_and_is_sent_again(db: str)
         assert call.phase is Phase.ENDING
         assert record_of(call).pending_stops == (("speaking", "sp-c1"),)
         assert StopSpeaking("c1", "sp-c1") in call.resume(100.0)
+    finally:
+        await after.flush()
+        await store.close()
+
+
+async def test_a_resumed_call_keeps_its_time_limit_from_its_original_start(db: str) -> None:
+    wall = [1000.0]
+    store = await Store.open(db, clock=lambda: wall[0])
+    before = Persister(store)
+    Shell(before, Call("c1", SETTINGS)).answer()
+    await before.flush()
+    await store.close()
+
+    wall[0] += 3000.0  # the call has been up 50 minutes when agentd comes back
+    store = await Store.open(db, clock=lambda: wall[0])
+    after = Persister(store)
+    try:
+        (call,) = await after.restore(SETTINGS)
+        [limit] = [
+            c
+            for c in call.resume(5.0)
+            if isinstance(c, StartTimer) and c.timer.kind is TimerKind.MAX_CALL
+        ]
+        # VoIPBIN's one-hour cap does not restart with agentd: the goodbye still comes first
+        assert limit.delay_s == pytest.approx(SETTINGS.max_call_s - 3000.0)
     finally:
         await after.flush()
         await store.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentd.sim import Caller, Simulator, Utterance
-from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
 
 # real agentd processes, killed and started again
 pytestmark = pytest.mark.slow
@@ -23,6 +23,8 @@ accesskey = "{key}"
 [agent]
 numbers = ["{number}"]
 chars_per_s = {playback}
+say_latency_s = {latency}
+final_hold_s = {hold}
 [store]
 path = "{store}"
 [log]
@@ -53,6 +55,8 @@ def write_config(sim: Simulator, tmp_path: Path) -> Path:
             key=sim.accesskey,
             number=OUR_NUMBER,
             playback=PLAYBACK,
+            latency=SAY_LATENCY,
+            hold=FINAL_HOLD,
             store=tmp_path / "agentd.db",
         )
     )

@@ -16,7 +16,7 @@ from agentd.daemon import Daemon
 from agentd.secret import Secret, redact
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
-from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
 
 PASSWORD = "s3cret-Pa55word"
 ACCESSKEY_HINT = "vb_"
@@ -54,7 +54,12 @@ async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
             env={},
             overrides={
                 "voipbin": {"api_url": sim.api_url, "username": "agent-user", "password": PASSWORD},
-                "agent": {"numbers": [OUR_NUMBER], "chars_per_s": PLAYBACK},
+                "agent": {
+                    "numbers": [OUR_NUMBER],
+                    "chars_per_s": PLAYBACK,
+                    "say_latency_s": SAY_LATENCY,
+                    "final_hold_s": FINAL_HOLD,
+                },
             },
         )
         daemon = Daemon(config)

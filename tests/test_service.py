@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentd.sim import Caller, Simulator, Utterance
-from tests.support import CALLER, OUR_NUMBER, PLAYBACK
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
 
 # a real `agentd run` process with signals and sd_notify
 pytestmark = pytest.mark.slow
@@ -26,6 +26,8 @@ accesskey_file = "{keyfile}"
 numbers = ["{number}"]
 greeting = "{greeting}"
 chars_per_s = {playback}
+say_latency_s = {latency}
+final_hold_s = {hold}
 [log]
 format = "json"
 [store]
@@ -57,6 +59,8 @@ def write_config(path: Path, sim: Simulator, greeting: str) -> None:
             number=OUR_NUMBER,
             greeting=greeting,
             playback=PLAYBACK,
+            latency=SAY_LATENCY,
+            hold=FINAL_HOLD,
             store=path.parent / "agentd.db",
         )
     )

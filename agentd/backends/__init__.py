@@ -24,29 +24,36 @@ class ToolCall:
 
 Chunk = str | ToolCall
 
-# what the `openai` kind offers the model, in Chat Completions `tools` format
-TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "end_call",
-            "description": "Say goodbye and hang up, when the caller is done.",
-            "parameters": {"type": "object", "properties": {}},
-        },
+END_CALL_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "end_call",
+        "description": "Say goodbye and hang up, when the caller is done.",
+        "parameters": {"type": "object", "properties": {}},
     },
-    {
+}
+
+
+def tools_for(transfer_numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """What the `openai` kind offers the model, in Chat Completions `tools` format.
+
+    `transfer` only when numbers are allowed, and only those: the model cannot be talked into
+    another one (and agentd refuses any other one anyway)."""
+    if not transfer_numbers:
+        return [END_CALL_TOOL]
+    transfer = {
         "type": "function",
         "function": {
             "name": "transfer",
-            "description": "Transfer the caller to a human at the given phone number.",
+            "description": "Transfer the caller to a human at one of the allowed numbers.",
             "parameters": {
                 "type": "object",
-                "properties": {"number": {"type": "string", "description": "E.164 number"}},
+                "properties": {"number": {"type": "string", "enum": list(transfer_numbers)}},
                 "required": ["number"],
             },
         },
-    },
-]
+    }
+    return [END_CALL_TOOL, transfer]
 
 
 class Backend(Protocol):

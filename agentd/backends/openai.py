@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from agentd.backends import TOOLS, Chunk, ToolCall
+from agentd.backends import Chunk, ToolCall, tools_for
 from agentd.backends.wire import (
     BackendError,
     bearer,
@@ -130,13 +130,14 @@ class OpenAIBackend:
         max_tokens: int,
         tools: bool,
         timeout_s: float,
+        transfer_numbers: Sequence[str] = (),
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._api_key = api_key
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.tools = tools
+        self.tools = tools_for(transfer_numbers) if tools else []
         self.timeout_s = timeout_s
         self._http: aiohttp.ClientSession | None = None
 
@@ -158,7 +159,7 @@ class OpenAIBackend:
             "stream": True,
         }
         if self.tools:
-            body["tools"] = TOOLS
+            body["tools"] = self.tools
         return body
 
     async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:

@@ -11,11 +11,14 @@ from agentd.call.ledger import StopInput
 from agentd.call.phase import PhaseInput
 from agentd.call.session import SessionInput, SessionState
 from agentd.commands import (
+    NOT_FOUND,
+    ORPHAN,
     CheckCall,
     Command,
     FindTranscribe,
     PollSpeaking,
     Record,
+    Say,
     SayFailed,
     SpeakingFailed,
     SpeakingStarted,
@@ -46,10 +49,11 @@ class Sessions(CallCore):
             self.transcribe.step(SessionInput.ABANDON)
             return self._maybe_finished()
         s = self.settings
-        if event.status == 409:
-            # one transcribe per call and language: the number's flow may have started it already
-            return [FindTranscribe(self.id, s.language)]
-        if event.status == 404 and event.reason == "not found":
+        if event.status == 409 and event.reason != ORPHAN:
+            # one transcribe per call and language: the number's flow may have started it
+            # already, or one we gave up on (an orphan) still blocks it: the find deletes that
+            return [FindTranscribe(self.id, s.language, self.ledger.known())]
+        if event.status == 404 and event.reason == NOT_FOUND:
             # looked for a running one (after a 409 or a restart): there is none, start one
             return [WriteAhead(self.id), StartTranscribe(self.id, s.language, s.stt_provider)]
         self.transcribe.step(SessionInput.FAILED)
@@ -125,27 +129,53 @@ class Sessions(CallCore):
     def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turns.turn, 0)):
             return []
-        if event.status == 404 and event.speaking_id != self.speaking.id:
-            # a later sentence sent to the same dead session: say it on the new one, in order
-            self.playback.queued.append((event.turn, event.text))
+        # a 404 was never spoken, nor a 503 (the gateway found no pod for the session); a 500
+        # may have been, and must not be said twice
+        unsaid = event.status in (404, 503)
+        if event.speaking_id != self.speaking.id:
+            if unsaid:
+                # a later sentence sent to the same dead session: say it on the new one, in order
+                self.playback.queued.append((event.turn, event.text))
             return []
-        if event.status == 404:
-            # the session is gone: nothing sent to it plays any more. Start a new one and say
-            # it again (a 404 was never spoken).
-            self.playback.lost(now)
-            self.playback.queued.insert(0, (event.turn, event.text))
-            self.speaking.step(SessionInput.LOST)
-            return [
-                Record(self.id, Kind.SPEAKING_LOST, {"speaking_id": event.speaking_id}),
-                *self._stop("speaking", event.speaking_id),
-                *self._start("speaking"),
-            ]
-        return [self._error("say failed", event.status)]
+        if event.status >= 500:
+            self.say_5xx += 1
+        replace = event.status == 404 or self.say_5xx >= self.settings.say_5xx_limit
+        if replace:
+            if unsaid:
+                self.playback.queued.insert(0, (event.turn, event.text))
+            # 404: the session is gone. 5xx again and again: the tts pod that owns it is gone,
+            # and only a DELETE removes it (docs/protocol.md §8.3)
+            return self._replace_speaking(event, now, delete=event.status != 404)
+        error = self._error("say failed", event.status)
+        if unsaid and self.speaking.id is not None:
+            return [error, Say(self.id, self.speaking.id, event.text, event.turn)]
+        return [error]
+
+    def _replace_speaking(self, event: SayFailed, now: float, *, delete: bool) -> list[Command]:
+        """Every /say on the session fails: a new one, a bounded number of times per call."""
+        self.playback.lost(now)
+        self.speaking.step(SessionInput.LOST)
+        self.speaking_restarts += 1
+        lost = Record(
+            self.id,
+            Kind.SPEAKING_LOST,
+            {"speaking_id": event.speaking_id, "status": event.status},
+        )
+        stop = self._stop("speaking", event.speaking_id, delete=delete)
+        if self.speaking_restarts > self.settings.max_speaking_restarts:
+            # a voice the TTS provider refuses makes VoIPBIN answer 404 to every /say (§8.1):
+            # new sessions would only burn the account's request budget in silence
+            s = self.settings
+            error = self._error("say refused on every session", event.status)
+            error.data.update(tts_provider=s.tts_provider, voice_id=s.voice_id)
+            self.playback.queued.clear()
+            return [lost, *stop, error, *self._hang_up_now()]
+        return [lost, *stop, *self._start("speaking")]
 
     def _on_stopped(self, event: Stopped, _now: float) -> list[Command]:
         sid = event.session_id
         if not event.ok:
-            return self._stop_failed(event.kind, sid) + self._maybe_finished()
+            return self._stop_failed(event.kind, sid, event.status) + self._maybe_finished()
         self.ledger.step(sid, StopInput.OK, event.kind)
         cmds: list[Command] = []
         if (

@@ -176,19 +176,23 @@ class Call(Recovery, Sessions, Conversation):
     def _after_reply_timer(self, now: float) -> list[Command]:
         if self.after_reply is None:
             return []
+        if self.held or (self.playback.queued and self.speaking.starting):
+            # the goodbye has not gone out yet (held, or waiting for a new session)
+            wait = max(self.hold_until - now, self.settings.retry_s)
+            return [StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
         if self.playback.talking(now) and self.playback.until > now:
-            wait = self.playback.until - now
+            wait = self.playback.until - now + self.settings.playback_pad_s
             return [StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
         action, self.after_reply = self.after_reply, None
         if isinstance(action, TransferTo):
             return [Transfer(self.id, action.number)]
         return self._hang_up_now()
 
-    def _on_transfer_done(self, event: TransferDone, _now: float) -> list[Command]:
-        if not event.ok:
-            return [Record(self.id, Kind.ERROR, {"what": "transfer failed", "error": event.error})]
+    def _on_transfer_done(self, event: TransferDone, now: float) -> list[Command]:
         if self.phase.over:
             return []
+        if not event.ok:
+            return [*self._transfer_failed(now, event.error), *self.arm_silence(now)]
         # the caller is with a human now: our sessions end, the call goes on without us
         self.phases.step(PhaseInput.LOCAL_END)
         return [Record(self.id, Kind.TRANSFERRED, {}), *self._begin_end(), *self._maybe_finished()]
@@ -239,4 +243,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.SILENCE: Call.on_silence,
     TimerKind.MAX_CALL: Call._max_call_timer,
     TimerKind.AFTER_REPLY: Call._after_reply_timer,
+    TimerKind.HOLD: Call.on_hold,
 }

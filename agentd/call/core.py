@@ -68,6 +68,16 @@ class CallCore:
         self.heard_words = False  # an interim came since the last speech boundary
         self.transcript_due = False  # an utterance ended and its transcript has not come
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
+        self.speaking_restarts = 0  # sessions replaced because /say kept failing on them
+        self.say_5xx = 0  # /say 5xx in a row on the current session
+        self.stt_replaced = False  # the transcribe was replaced since the caller last spoke
+        # the end of the caller's turn: a reply's first audio waits until `hold_until`
+        self.final_at = 0.0
+        self.hold_until = 0.0
+        self.held: list[tuple[int, str]] = []  # (turn, sentence) held back until then
+        self.said_turn = -1  # the latest turn something was said for
+        self.timing_due = False  # the reply is complete but held: its timings come when said
+        self.age_s = 0.0  # how old the call was when a restart restored it
 
     @property
     def phase(self) -> Phase:
@@ -91,8 +101,9 @@ class CallCore:
 
     @property
     def replying(self) -> bool:
-        """A reply is being prepared, or sentences wait for a speaking session."""
-        return self.turns.replying or bool(self.playback.queued)
+        """A reply is being prepared, or sentences wait (for the end of the caller's turn, or
+        for a speaking session)."""
+        return self.turns.replying or bool(self.held) or bool(self.playback.queued)
 
     def is_talking(self, now: float) -> bool:
         """Whether the agent's audio is (estimated to be) still playing or queued."""
@@ -109,6 +120,7 @@ class CallCore:
                 return
             self.last_caller = now
             self.reprompts = 0
+            self.stt_replaced = False
 
     def _record_hangup(self, by: str, reason: str) -> list[Command]:
         if self.hangup_reason:
@@ -133,7 +145,15 @@ class CallCore:
         # one live session per call: whatever the old one's state, make sure it is stopped
         old = self._stop("speaking", self.speaking.id) if self.speaking.id else []
         self.speaking.step(SessionInput.START)
-        return [*old, *ahead, StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id)]
+        self.say_5xx = 0
+        return [*old, *ahead, self._start_speaking()]
+
+    def _start_speaking(self) -> StartSpeaking:
+        s = self.settings
+        # a session this call stopped or gave up on is never adopted again (a dead pod's row
+        # stays active, docs/protocol.md §8.3)
+        avoid = self.ledger.known()
+        return StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id, avoid)
 
     def _begin_end(self) -> list[Command]:
         """Stop everything the call started; sessions still being created are stopped on arrival."""
@@ -153,26 +173,38 @@ class CallCore:
             cmds.append(SweepSpeakings(self.id))
         return cmds
 
-    def _stop(self, kind: SessionKind, sid: str) -> list[Command]:
-        """Stop `sid` unless its stop was asked for already."""
-        return [self._stop_command(kind, sid)] if self.ledger.stop(sid, kind) else []
+    def _stop(self, kind: SessionKind, sid: str, *, delete: bool = False) -> list[Command]:
+        """Stop `sid` unless its stop was asked for already (`delete`: its pod is gone)."""
+        return [self._stop_command(kind, sid, delete)] if self.ledger.stop(sid, kind) else []
 
-    def _stop_command(self, kind: SessionKind, sid: str) -> Command:
+    def _stop_command(self, kind: SessionKind, sid: str, delete: bool = False) -> Command:
         if kind == "speaking":
-            return StopSpeaking(self.id, sid)
-        return StopTranscribe(self.id, sid)
+            return StopSpeaking(self.id, sid, delete)
+        return StopTranscribe(self.id, sid, delete)
 
-    def _stop_failed(self, kind: SessionKind, sid: str) -> list[Command]:
-        """A stop was not confirmed. It is never given up: the session bills until it is
-        stopped. It is retried ever less often, kept in the store, and re-sent after a restart."""
+    def _stop_failed(self, kind: SessionKind, sid: str, status: int = 0) -> list[Command]:
+        """A stop was not confirmed: the session bills until it is stopped. It is retried ever
+        less often (kept in the store, re-sent after a restart), escalated to a DELETE, which
+        works without the pod that owns the session, and given up after `max_stop_attempts`
+        with an error naming the session: retrying for ever would only burn the budget."""
         attempts = self.ledger.attempts(sid)
-        self.ledger.step(sid, StopInput.FAILED, kind)
+        s = self.settings
         if not attempts:
+            self.ledger.step(sid, StopInput.FAILED, kind)
             return []  # a stop we never asked for, or one confirmed since
-        delay = min(self.settings.retry_s * 2 ** (attempts - 1), 60.0)
+        if attempts >= s.max_stop_attempts:
+            self.ledger.step(sid, StopInput.GIVE_UP, kind)
+            data = {"kind": kind, "session_id": sid, "attempts": attempts, "status": status}
+            return [Record(self.id, Kind.LEAK, {**data, "gave_up": True})]
+        self.ledger.step(sid, StopInput.FAILED, kind)
+        delay = min(s.retry_s * 2 ** (attempts - 1), 60.0)
+        if status >= 500 and attempts < s.stop_delete_after:
+            delay = 0.0  # the pod that owns the session may be gone: the DELETE cannot wait
         cmds: list[Command] = [StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), delay)]
-        if attempts == self.settings.max_attempts:
-            cmds.append(Record(self.id, Kind.LEAK, {"kind": kind, "session_id": sid}))
+        if attempts == s.max_attempts:
+            cmds.append(
+                Record(self.id, Kind.LEAK, {"kind": kind, "session_id": sid, "status": status})
+            )
         return cmds
 
     def _maybe_finished(self) -> list[Command]:
@@ -225,11 +257,30 @@ class CallCore:
             self.playback.queued.append((turn, text))
             return []
         assert self.speaking.id is not None
-        self.playback.play(turn, text, now, self.settings.chars_per_s)
+        self.playback.play(turn, text, now, self.settings.rate, self.settings.say_latency_s)
+        cmds: list[Command] = [Say(self.id, self.speaking.id, text, turn)]
         if turn:
             self.turn_times.setdefault("first_say", now)
             self.turn_times["last_say"] = now
-        return [Say(self.id, self.speaking.id, text, turn)]
+        if self.timing_due and turn == self.turns.turn:
+            self.timing_due = False
+            cmds.append(self._turn_record(now))
+        return cmds
+
+    @property
+    def unsent(self) -> bool:
+        """Sentences of the reply wait: held for the end of the caller's turn, or queued for a
+        speaking session."""
+        return bool(self.held) or bool(self.playback.queued)
+
+    def _turn_record(self, now: float) -> Record:
+        """The turn's timings, from the caller's final transcript."""
+        t0 = self.turn_times.get("transcript", now)
+        out: dict[str, object] = {"turn": self.turns.turn}
+        for key in ("first_token", "first_sentence", "first_say", "last_say"):
+            if key in self.turn_times:
+                out[f"{key}_ms"] = round((self.turn_times[key] - t0) * 1000, 1)
+        return Record(self.id, Kind.TURN, out)
 
     def _say_queued(self, now: float) -> list[Command]:
         """A speaking session is active again: say what waited for it (this turn's only)."""
@@ -274,4 +325,7 @@ class CallCore:
 
     def _retry_stop(self, sid: str) -> list[Command]:
         kind = self.ledger.kind_of(sid)
-        return [] if kind is None else [self._stop_command(kind, sid)]
+        if kind is None:
+            return []
+        delete = self.ledger.attempts(sid) >= self.settings.stop_delete_after
+        return [self._stop_command(kind, sid, delete)]

@@ -7,6 +7,7 @@ and retried ever less often, never given up. Our own hangup is kept until VoIPBI
 Per session:   UNKNOWN ─stop→ PENDING ─ok→ CONFIRMED      PENDING ─failed→ PENDING (retry)
                UNKNOWN / PENDING ─ended (by itself)→ CONFIRMED
                CONFIRMED ─stop / ok / ended→ CONFIRMED (nothing more to do)
+               PENDING ─give up→ ABANDONED (after a bounded number of stops and deletes)
 Our hangup:    NONE ─request→ PENDING ─confirmed→ NONE     PENDING ─failed→ PENDING (retry)
 A `failed` or `ok` for a session never stopped (UNKNOWN) is an answer to nothing: `Illegal`.
 """
@@ -26,6 +27,7 @@ class StopState(enum.Enum):
     UNKNOWN = "unknown"  # never asked to stop
     PENDING = "pending"
     CONFIRMED = "confirmed"
+    ABANDONED = "abandoned"  # every stop and delete failed: reported, no longer retried
 
 
 class StopInput(enum.Enum):
@@ -35,9 +37,10 @@ class StopInput(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     ENDED = "ended"  # the session ended by itself (a transcribe `done`)
+    GIVE_UP = "give_up"
 
 
-U, P, C = StopState.UNKNOWN, StopState.PENDING, StopState.CONFIRMED
+U, P, C, A = StopState.UNKNOWN, StopState.PENDING, StopState.CONFIRMED, StopState.ABANDONED
 STOP_TABLE: dict[tuple[StopState, StopInput], StopState] = {
     (U, StopInput.STOP): P,
     (P, StopInput.STOP): P,
@@ -49,8 +52,14 @@ STOP_TABLE: dict[tuple[StopState, StopInput], StopState] = {
     (U, StopInput.ENDED): C,
     (P, StopInput.ENDED): C,
     (C, StopInput.ENDED): C,
+    (P, StopInput.GIVE_UP): A,
+    # a late answer to a stop given up on: it did end after all
+    (A, StopInput.OK): C,
+    (A, StopInput.ENDED): C,
+    (A, StopInput.FAILED): A,
+    (A, StopInput.STOP): A,
 }
-del U, P, C
+del U, P, C, A
 
 _CONFIRMED_KEEP = 4000  # stopped ids remembered, so a late duplicate stop is not sent again
 
@@ -58,11 +67,12 @@ _CONFIRMED_KEEP = 4000  # stopped ids remembered, so a late duplicate stop is no
 class Ledger:
     """Unconfirmed stops and our unconfirmed hangup."""
 
-    __slots__ = ("_confirmed", "hangup_pending", "pending", "sweep_needed")
+    __slots__ = ("_abandoned", "_confirmed", "hangup_pending", "pending", "sweep_needed")
 
     def __init__(self) -> None:
         self.pending: dict[str, tuple[SessionKind, int]] = {}  # id -> (kind, attempts)
         self._confirmed: OrderedDict[str, None] = OrderedDict()
+        self._abandoned: set[str] = set()
         self.hangup_pending = False
         # a session may exist whose id we never learned (a crash or a lost create answer)
         self.sweep_needed = False
@@ -71,6 +81,8 @@ class Ledger:
         """The stop state of session `sid`."""
         if sid in self.pending:
             return StopState.PENDING
+        if sid in self._abandoned:
+            return StopState.ABANDONED
         return StopState.CONFIRMED if sid in self._confirmed else StopState.UNKNOWN
 
     def step(self, sid: str, inp: StopInput, kind: SessionKind = "speaking") -> StopState:
@@ -82,8 +94,12 @@ class Ledger:
         if nxt is StopState.PENDING:
             k, attempts = self.pending.get(sid, (kind, 0))
             self.pending[sid] = (k, attempts + 1)
+        elif nxt is StopState.ABANDONED:
+            self.pending.pop(sid, None)
+            self._abandoned.add(sid)
         elif nxt is StopState.CONFIRMED:
             self.pending.pop(sid, None)
+            self._abandoned.discard(sid)
             self._confirmed[sid] = None
             if len(self._confirmed) > _CONFIRMED_KEEP:
                 self._confirmed.popitem(last=False)
@@ -104,6 +120,10 @@ class Ledger:
         """The kind of a pending stop."""
         entry = self.pending.get(sid)
         return entry[0] if entry else None
+
+    def known(self) -> frozenset[str]:
+        """Every session this call asked to stop: never to be adopted again."""
+        return frozenset((*self.pending, *self._confirmed, *self._abandoned))
 
     def restore(self, stops: list[tuple[SessionKind, str]]) -> None:
         """Stops left unconfirmed by the agentd before a restart."""

@@ -1,12 +1,15 @@
 """What the caller hears: the agent's audio as estimated from the text, and says waiting to go out.
 
 VoIPBIN reports no playback events (docs/protocol.md §11), so playback is estimated from the text's
-length (`chars_per_s`), as VoIPBIN's own client does. Says queue and play back to back.
+length (`chars_per_s`), as VoIPBIN's own client does, after the TTS latency (a /say's audio starts
+about a second after it is sent when nothing is playing). Says queue and play back to back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_GAP_S = 0.05  # pieces closer than this play as one stretch of audio
 
 
 @dataclass(slots=True)
@@ -39,17 +42,30 @@ class Playback:
         """Seconds until the audio sent so far has played."""
         return max(0.0, self.until - now)
 
-    def play(self, turn: int, text: str, now: float, chars_per_s: float) -> None:
-        """A /say goes out now: it plays after what is already playing."""
-        start = max(now, self.until)
+    def play(
+        self, turn: int, text: str, now: float, chars_per_s: float, latency_s: float = 0.0
+    ) -> None:
+        """A /say goes out now: it plays after what is already playing, or after the latency."""
+        start = max(now + latency_s, self.until)
         end = start + len(text) / chars_per_s
         self.pieces.append(Piece(turn, text, start, end))
         self.pieces = [p for p in self.pieces if p.end > now or p.turn == turn]
         self.until = end
 
-    def last_start(self) -> float:
-        """When the latest piece started playing (far past when none)."""
-        return max((p.start for p in self.pieces), default=-1e9)
+    def talk_started(self, now: float) -> float:
+        """When the agent's current stretch of audio began: the start of the piece playing at
+        `now`, or of the one it follows without a gap (far past when none has started).
+
+        Pieces queued back to back are one stretch: a later piece's start is no new onset."""
+        began = -1e9
+        prev_end = -1e9
+        for p in sorted(self.pieces, key=lambda p: p.start):
+            if p.start > now:
+                break
+            if p.start > prev_end + _GAP_S:
+                began = p.start
+            prev_end = max(prev_end, p.end)
+        return began
 
     def playing(self, now: float) -> bool:
         """Some piece is still playing at `now`."""

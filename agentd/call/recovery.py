@@ -23,7 +23,6 @@ from agentd.commands import (
     PollSpeaking,
     Record,
     SpeakingStarted,
-    StartSpeaking,
     StartTimer,
     Stopped,
     SweepSpeakings,
@@ -67,7 +66,7 @@ class Recovery(CallCore):
             case Stopped(ok=True):
                 self.ledger.step(event.session_id, StopInput.ENDED, event.kind)
             case Stopped():
-                cmds += self._stop_failed(event.kind, event.session_id)
+                cmds += self._stop_failed(event.kind, event.session_id, event.status)
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_STOP, session_id=sid)):
                 cmds += self._retry_stop(sid)
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_HANGUP)) if self.ledger.hangup_pending:
@@ -118,6 +117,7 @@ class Recovery(CallCore):
             call.turns.mark_seen(tid)
         # a session created just before the crash may never have told us its id
         call.ledger.sweep_needed = True
+        call.age_s = float(data.get("age_s", 0.0))
         return call
 
     def resume(self, now: float) -> list[Command]:
@@ -143,12 +143,14 @@ class Recovery(CallCore):
             cmds.append(PollSpeaking(self.id, self.speaking.id))
         else:
             self.speaking.step(SessionInput.START)
-            cmds.append(StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id))
+            cmds.append(self._start_speaking())
         tid = self.transcribe.id
         self.transcribe.step(SessionInput.START)
         self.transcribe.id = tid  # kept until the find answers: transcripts still route by it
-        cmds.append(FindTranscribe(self.id, s.language))
-        timer = StartTimer(self.id, Timer(TimerKind.MAX_CALL), s.max_call_s)
+        cmds.append(FindTranscribe(self.id, s.language, self.ledger.known()))
+        # the time limit counts from the call's start, not from this restart
+        left = max(0.0, s.max_call_s - self.age_s)
+        timer = StartTimer(self.id, Timer(TimerKind.MAX_CALL), left)
         return [*cmds, timer, *self.arm_silence(now)]
 
     def fingerprint(self) -> tuple[object, ...]:

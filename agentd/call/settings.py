@@ -7,6 +7,7 @@ from typing import Literal
 
 DEFAULT_GREETING = "Hello, thank you for calling. How can I help you today?"
 DEFAULT_FALLBACK = "Sorry, I didn't catch that. Could you say it again?"
+_CJK = frozenset({"ko", "ja", "zh"})
 CutMethod = Literal["flush", "restart"]
 BargeIn = Literal["speech", "transcript", "off"]
 
@@ -20,15 +21,20 @@ class CallSettings:
     greeting: str = DEFAULT_GREETING
     language: str = "en-US"
     tts_provider: str = "elevenlabs"
-    voice_id: str = "21m00Tcm4TlvDq8ikWAM"
+    voice_id: str = ""  # "": VoIPBIN's default voice of tts_provider for the language
     stt_provider: str = "aws"
     system_prompt: str = "You are a helpful voice agent on a phone call. Answer briefly."
     barge_in: BargeIn = "speech"
     barge_in_min_words: int = 2
     barge_in_min_chars: int = 4
     echo_guard_s: float = 1.0
+    # a reply's first audio waits this long after the caller's final (longer while interims
+    # say they go on, up to the max): one sentence often arrives as several finals ~0.5 s apart
+    final_hold_s: float = 0.5
+    final_hold_max_s: float = 2.5
     cut_method: CutMethod | None = None  # None: flush for gcp, stop + new session otherwise
-    chars_per_s: float = 15.0
+    chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
+    say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)
     playback_pad_s: float = 1.0
     history_limit: int = 40
     fallback_text: str = DEFAULT_FALLBACK
@@ -37,15 +43,34 @@ class CallSettings:
     speaking_activate_timeout_s: float = 15.0
     retry_s: float = 1.0
     max_attempts: int = 4
+    # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
+    # /stop 503, docs/protocol.md §8.3), give up (loudly) after `max_stop_attempts` (~4 min)
+    stop_delete_after: int = 2
+    max_stop_attempts: int = 8
+    # speaking sessions replaced because every /say on them failed, before the call is ended
+    # (a voice the provider refuses makes VoIPBIN answer 404 to every /say, §8.1)
+    max_speaking_restarts: int = 3
+    say_5xx_limit: int = 2  # /say 5xx in a row on one session: its pod is gone, replace it
     silence_s: float = 20.0  # 0 turns the reprompt off
     max_silence_reprompts: int = 2
     reprompt_text: str = "Are you still there?"
     silence_goodbye: str = "I haven't heard from you, so I'll end the call now. Goodbye!"
     max_call_s: float = 3300.0  # VoIPBIN itself cuts every call at one hour
     time_limit_goodbye: str = "We have reached the time limit for this call. Goodbye!"
+    # numbers the agent may hand a caller over to; empty: no transfers (the tool is not offered)
+    transfer_numbers: tuple[str, ...] = ()
+    transfer_failed_text: str = "Sorry, I can't transfer you right now."
     watch_s: float = 20.0  # ask VoIPBIN about a call we have heard nothing of for this long
     watch_max_s: float = 120.0
     transcript_due_s: float = 3.0  # speech ended but no transcript yet: it may have been lost
+
+    @property
+    def rate(self) -> float:
+        """Playback speed in characters/s: measured ≈15 for Latin scripts, ≈6 for Korean,
+        Japanese and Chinese (VoIPBIN's own client, docs/protocol.md §11)."""
+        if self.chars_per_s > 0:
+            return self.chars_per_s
+        return 6.0 if self.language.lower()[:2] in _CJK else 15.0
 
     @property
     def cut(self) -> CutMethod:

@@ -1,10 +1,16 @@
 """The conversation half of the call router: transcripts, speech, replies, silence.
 
-Caller transcripts go to the backend; each sentence of the reply is spoken with /say as soon as it
-exists. Caller speech while the agent is talking or thinking is a barge-in: the stale reply is
-cancelled by turn id and the audio is cut — by /flush where the provider really cuts (gcp), else
-by /stop and a fresh session (the only hard cut with ElevenLabs, docs/protocol.md §8.2). History
-keeps only what the caller could have heard.
+Caller transcripts go to the backend at once; each sentence of the reply is spoken with /say as
+soon as it exists, but not before the caller has been quiet for `final_hold_s` after their final
+transcript: VoIPBIN's STT often splits one sentence into several finals about 0.5 s apart
+(docs/protocol.md §10), and the caller still talking shows as interims. A final that comes
+before anything of the reply was said joins the caller's turn: the reply is asked again for the
+whole of it, and nothing is cut, since nothing played.
+
+Caller speech while the agent's audio plays is a barge-in: the stale reply is cancelled by turn
+id and the audio is cut — by /flush where the provider really cuts (gcp), else by /stop and a
+fresh session (the only hard cut with ElevenLabs, docs/protocol.md §8.2). A backchannel ("mm-hmm",
+"okay") is no barge-in and asks nothing. History keeps only what the caller could have heard.
 """
 
 from __future__ import annotations
@@ -25,9 +31,32 @@ from agentd.commands import (
     StartTimer,
 )
 from agentd.events import SpeechEvent, TranscriptEvent
-from agentd.names import Kind, Timer, TimerKind
+from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
+
+#: What a listener says to show they follow, not to take the turn (lower case, no punctuation).
+BACKCHANNELS = frozenset(
+    {
+        *("mm", "mhm", "mmhmm", "mm-hmm", "mm hmm", "uh-huh", "uh huh", "hmm", "uh", "um"),
+        *("yeah", "yes", "yep", "yup", "ok", "okay", "right", "sure", "i see", "got it"),
+        *("alright", "all right", "oh", "ah", "wow", "cool", "great", "nice", "true"),
+        *("네", "예", "응", "음", "아", "어", "그렇군요", "그래요", "맞아요"),
+        *("はい", "ええ", "うん"),
+        *("嗯", "对", "好"),
+    }
+)
+_PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\"'")
+
+
+def is_backchannel(text: str) -> bool:
+    """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay")."""
+    words = text.lower().translate(_PUNCT).split()
+    if not words or len(words) > 4:
+        return False
+    if " ".join(words) in BACKCHANNELS:
+        return True
+    return all(w in BACKCHANNELS for w in words)
 
 
 class Conversation(CallCore):
@@ -39,6 +68,10 @@ class Conversation(CallCore):
             return []  # "out" is our own speech heard back: never answer it
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
+        if self.playback.talking(now) and is_backchannel(event.message):
+            return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
+        if self.unsaid:
+            return self._join_turn(event, now)
         cmds: list[Command] = []
         # the utterance began when its first speech event came; with none, when it arrived
         self.transcript_due = False
@@ -51,11 +84,34 @@ class Conversation(CallCore):
             self.turns.replying or (p.talking(now) and began < p.until)
         ):
             cmds += self._cut(now, "transcript")
+        return [*cmds, *self._ask(event, now)]
+
+    def _ask(self, event: TranscriptEvent, now: float) -> list[Command]:
+        """Open the next turn with the caller's words and ask the backend."""
         self.turns.step(TurnInput.TRANSCRIPT)
         self.history.user(event.message.strip(), self.turns.turn)
         self.turn_times = {"transcript": now}
+        self.held.clear()
+        self.timing_due = False
+        self.final_at = now
+        self.hold_until = now + self.settings.final_hold_s
         window = self.history.window(self.settings.history_limit)
-        return [*cmds, AskBackend(self.id, self.turns.turn, window)]
+        return [AskBackend(self.id, self.turns.turn, window)]
+
+    def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
+        """More of the caller's turn (a split sentence, or an afterthought) before anything of
+        the reply was said: ask again for the whole turn; nothing played, so nothing is cut."""
+        old = self.turns.turn
+        self.speech_since = None
+        self.transcript_due = False
+        self.after_reply = None  # an end_call meant for the first half of the turn
+        if self.turns.replying:
+            self.turns.step(TurnInput.END)
+        return [
+            Record(self.id, Kind.TURN_JOINED, {"turn": old}),
+            CancelBackend(self.id, old),
+            *self._ask(event, now),
+        ]
 
     def on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
         """Speech events: when an utterance began and ended, and barge-in by interims."""
@@ -70,7 +126,35 @@ class Conversation(CallCore):
                 self.transcript_due = True
                 timer = Timer(TimerKind.TRANSCRIPT_DUE)
                 due = [StartTimer(self.id, timer, self.settings.transcript_due_s)]
+            elif event.kind == "interim" and self.unsaid:
+                # still talking after their final: keep the reply back a little longer
+                due = self._extend_hold(now)
         return due + self._speech_barge_in(event, now)
+
+    @property
+    def unsaid(self) -> bool:
+        """A reply is under way (or held) and nothing of it has been said yet."""
+        return self.said_turn != self.turns.turn and (self.turns.replying or bool(self.held))
+
+    def _extend_hold(self, now: float) -> list[Command]:
+        s = self.settings
+        self.hold_until = min(now + s.final_hold_s, self.final_at + s.final_hold_max_s)
+        if not self.held:
+            return []
+        return [StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
+
+    def on_hold(self, now: float) -> list[Command]:
+        """The caller stayed quiet after their final: say what the reply has so far."""
+        if not self.held:
+            return []
+        if now < self.hold_until - 0.01:
+            return [StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
+        held, self.held = self.held, []
+        cmds: list[Command] = []
+        for turn, text in held:
+            if turn == self.turns.turn:
+                cmds += self._speak(text, now)
+        return cmds
 
     def _speech_barge_in(self, event: SpeechEvent, now: float) -> list[Command]:
         s = self.settings
@@ -84,10 +168,13 @@ class Conversation(CallCore):
         words = event.message.split()
         if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
             return []
-        if now - self.playback.last_start() < s.echo_guard_s:
+        if is_backchannel(event.message):
+            return []  # "mm-hmm" while we talk: the caller is listening
+        if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
-        if self.turns.replying or self.playback.talking(now):
+        if self.playback.talking(now):
             return self._cut(now, "speech")
+        # nothing plays: a reply not said yet waits (held) and is asked again with their words
         return []
 
     def _cut(self, now: float, trigger: str) -> list[Command]:
@@ -104,7 +191,7 @@ class Conversation(CallCore):
             else:
                 self.speaking.step(SessionInput.CUT)
                 cmds += self._stop("speaking", self.speaking.id)
-        for cut_turn, heard in self.playback.cut(now, self.settings.chars_per_s).items():
+        for cut_turn, heard in self.playback.cut(now, self.settings.rate).items():
             self.history.set_reply(cut_turn, heard)
         return cmds
 
@@ -116,8 +203,18 @@ class Conversation(CallCore):
         if not text:
             return []
         self.turn_times.setdefault("first_sentence", now)
+        if self.held or now < self.hold_until:
+            # the caller may not be done: a split sentence's next final is ~0.5 s away
+            self.held.append((self.turns.turn, text))
+            wait = self.hold_until - now
+            return [StartTimer(self.id, Timer(TimerKind.HOLD), wait)] if len(self.held) == 1 else []
+        return self._speak(text, now)
+
+    def _speak(self, text: str, now: float) -> list[Command]:
         self.history.extend_reply(text, self.turns.turn)
-        self.turns.step(TurnInput.SENTENCE)
+        if self.turns.replying:
+            self.turns.step(TurnInput.SENTENCE)
+        self.said_turn = self.turns.turn
         return self._say(text, self.turns.turn, now)
 
     def on_reply_done(self, event: ReplyDone, now: float) -> list[Command]:
@@ -127,17 +224,37 @@ class Conversation(CallCore):
         self.turns.step(TurnInput.DONE)
         if event.first_chunk_at is not None:
             self.turn_times["first_token"] = event.first_chunk_at
-        cmds: list[Command] = [
-            Record(self.id, Kind.TURN, self._timings(now)),
-            *self.arm_silence(now),
-        ]
-        if event.action is not None and self.phase.live:
+        # a reply not said yet (held for the end of the caller's turn, or waiting for a new
+        # session) is timed once it is
+        self.timing_due = "first_say" not in self.turn_times and self.unsent
+        cmds: list[Command] = [] if self.timing_due else [self._turn_record(now)]
+        cmds += self.arm_silence(now)
+        action = event.action
+        if isinstance(action, TransferTo) and not self.may_transfer_to(action.number):
+            # a caller must not talk the agent into dialling a premium number
+            cmds += self._transfer_failed(now, "not in agent.transfer_numbers", action.number)
+            action = None
+        if action is not None and self.phase.live:
             # let the goodbye (or "transferring you now") finish playing first
-            self.after_reply = event.action
-            cmds.append(Record(self.id, Kind.ACTION, {"action": str(event.action)}))
+            self.after_reply = action
+            cmds.append(Record(self.id, Kind.ACTION, {"action": str(action)}))
             wait = self.playback.remaining(now) + self.settings.playback_pad_s
             cmds.append(StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait))
         return cmds
+
+    def may_transfer_to(self, number: str) -> bool:
+        """Whether `number` is on the transfer allow-list."""
+        allowed = {normalise_number(n) for n in self.settings.transfer_numbers}
+        return normalise_number(number) in allowed
+
+    def _transfer_failed(self, now: float, why: str, number: str = "") -> list[Command]:
+        """The caller stays with the agent, and is told so."""
+        data: dict[str, object] = {"what": "transfer failed", "error": why}
+        if number:
+            data["number"] = number
+        text = self.settings.transfer_failed_text
+        self.history.assistant(text, self.turns.turn)
+        return [Record(self.id, Kind.ERROR, data), *self._say(text, self.turns.turn, now)]
 
     def on_reply_failed(self, event: ReplyFailed, now: float) -> list[Command]:
         """The backend failed: say the fallback line unless part of the reply was said."""
@@ -153,18 +270,10 @@ class Conversation(CallCore):
             cmds += self._say(fallback, self.turns.turn, now)
         return cmds
 
-    def _timings(self, now: float) -> dict[str, object]:
-        t0 = self.turn_times.get("transcript", now)
-        out: dict[str, object] = {"turn": self.turns.turn}
-        for key in ("first_token", "first_sentence", "first_say", "last_say"):
-            if key in self.turn_times:
-                out[f"{key}_ms"] = round((self.turn_times[key] - t0) * 1000, 1)
-        return out
-
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer: reprompt a quiet caller, and end the call after a few."""
         s = self.settings
-        if not self.phase.live or self.turns.replying or self.after_reply is not None:
+        if not self.phase.live or self.turns.replying or self.held or self.after_reply is not None:
             return []  # a reply is coming: its end arms the timer again
         if self.playback.talking(now):
             return self.arm_silence(now)
@@ -186,8 +295,28 @@ class Conversation(CallCore):
                 Record(self.id, Kind.SILENCE_HANGUP, {}),
                 *self._goodbye(s.silence_goodbye, now),
             ]
+        cmds = [quiet, *self._replace_deaf_transcribe()]
         self.history.assistant(s.reprompt_text, self.turns.turn)
-        return [quiet, *self._say(s.reprompt_text, self.turns.turn, now), *self.arm_silence(now)]
+        return [*cmds, *self._say(s.reprompt_text, self.turns.turn, now), *self.arm_silence(now)]
+
+    def _replace_deaf_transcribe(self) -> list[Command]:
+        """The caller should have answered by now: the STT may be the one that is silent.
+
+        A transcribe can go deaf while it still says `progressing` (Google's after about five
+        minutes; one orphaned by a restarted pod), and VoIPBIN says nothing. A new one costs two
+        requests and is in place before the reprompt's answer; once per quiet spell, so never
+        twice before a silence hangup."""
+        t = self.transcribe
+        if self.stt_replaced or not t.active or t.id is None:
+            return []
+        self.stt_replaced = True
+        old = t.id
+        t.step(SessionInput.LOST)
+        return [
+            Record(self.id, Kind.TRANSCRIBE_RESTARTED, {"why": "caller quiet", "old": old}),
+            *self._stop("transcribe", old),
+            *self._start("transcribe"),
+        ]
 
     def on_watch(self, now: float) -> list[Command]:
         """Nothing heard of the call for a while: ask VoIPBIN, less often while it stays quiet."""

@@ -1,0 +1,250 @@
+"""The call core against VoIPBIN as it really is (docs/protocol.md): split finals, backchannels,
+TTS latency and per-language playback, /say refused on every session, a dead tts pod, a deaf or
+orphaned transcribe. Pure: events in, commands out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agentd.call import CallSettings
+from agentd.call.talk import is_backchannel
+from agentd.commands import (
+    ORPHAN,
+    AskBackend,
+    CancelBackend,
+    FindTranscribe,
+    Flush,
+    Hangup,
+    Record,
+    ReplyDone,
+    ReplySentence,
+    Say,
+    SayFailed,
+    SpeakingStarted,
+    StartSpeaking,
+    StartTimer,
+    Stopped,
+    StopSpeaking,
+    TimerFired,
+    TranscribeFailed,
+)
+from agentd.events import SpeechEvent
+from agentd.names import EndCall, Kind, TimerKind
+from tests.test_call import CID, SETTINGS, T, answered, kinds, step, transcript
+
+HOLD = replace(SETTINGS, final_hold_s=0.5, final_hold_max_s=2.0)
+
+
+def records(cmds: list[object], what: Kind) -> list[Record]:
+    return [c for c in cmds if isinstance(c, Record) and c.what is what]
+
+
+def interim(text: str, sid: str = "sp") -> SpeechEvent:
+    return SpeechEvent(sid, "t1", "interim", "in", text)
+
+
+# -- split finals: one turn, no self-interruption -------------------------------------------------
+
+
+def test_a_sentence_split_in_two_finals_is_one_turn_and_nothing_is_cut() -> None:
+    call = answered(HOLD)
+    assert kinds(step(call, transcript("I want to book a table", "tr1"), 10)) == ["AskBackend"]
+    # the backend is fast: its first sentence is held while the caller may go on
+    assert step(call, ReplySentence(1, "Sure."), 10.2) == [
+        StartTimer(CID, T("hold"), pytest.approx(0.3))
+    ]
+    cmds = step(call, transcript("for two people", "tr2"), 10.45)
+    assert kinds(cmds) == ["CancelBackend", "AskBackend"]
+    assert records(cmds, Kind.TURN_JOINED) and not records(cmds, Kind.BARGE_IN)
+    assert not any(isinstance(c, StopSpeaking | Flush) for c in cmds)  # nothing played
+    ask = cmds[-1]
+    assert isinstance(ask, AskBackend) and ask.turn == 2
+    assert ask.history[-1] == ("user", "I want to book a table for two people")
+    assert ("assistant", "Sure.") not in ask.history  # never said, never heard
+    # the first half's reply is stale; the whole turn's is said once the hold is over
+    assert step(call, ReplySentence(1, "Sure."), 10.5) == []
+    assert step(call, ReplySentence(2, "A table for two, sure."), 10.6) == [
+        StartTimer(CID, T("hold"), pytest.approx(0.35))
+    ]
+    assert step(call, TimerFired(T("hold")), 10.95) == [Say(CID, "s1", "A table for two, sure.", 2)]
+
+
+def test_interims_after_the_final_keep_the_reply_back_up_to_a_bound() -> None:
+    call = answered(HOLD)
+    step(call, transcript("I want to book", "tr1"), 10)
+    step(call, ReplySentence(1, "Sure."), 10.1)
+    # still talking: each interim moves the end of the hold, but never past final + max
+    assert step(call, interim("a table"), 10.4) == [StartTimer(CID, T("hold"), 0.5)]
+    assert step(call, TimerFired(T("hold")), 10.5) == [
+        StartTimer(CID, T("hold"), pytest.approx(0.4))
+    ]
+    step(call, interim("a table for"), 11.7)
+    assert call.hold_until == pytest.approx(12.0)  # final_at + final_hold_max_s
+    assert step(call, TimerFired(T("hold")), 12.0) == [Say(CID, "s1", "Sure.", 1)]
+
+
+def test_a_final_after_the_reply_was_said_is_a_barge_in_not_a_join() -> None:
+    call = answered(HOLD)
+    step(call, transcript("tell me a story", "tr1"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 11)
+    assert step(call, transcript("no stop", "tr2"), 12)[0] == Record(
+        CID, Kind.BARGE_IN, {"turn": 1, "by": "transcript"}
+    )
+
+
+def test_an_end_call_waits_for_its_held_goodbye() -> None:
+    call = answered(HOLD)
+    step(call, transcript("bye", "tr1"), 10)
+    step(call, ReplySentence(1, "Goodbye!"), 10.1)
+    cmds = step(call, ReplyDone(1, EndCall()), 10.2)
+    timer = next(
+        c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is TimerKind.AFTER_REPLY
+    )
+    # not said yet (held): the hangup must not come before it
+    assert kinds(step(call, TimerFired(timer.timer), 10.2 + timer.delay_s)) == ["StartTimer"]
+    cmds = step(call, TimerFired(T("hold")), 10.5)
+    assert cmds[0] == Say(CID, "s1", "Goodbye!", 1)
+    [timing] = records(cmds, Kind.TURN)  # timed once said
+    assert timing.data["first_say_ms"] == pytest.approx(500.0)
+    cmds = step(call, TimerFired(T("after_reply")), 10.6)
+    assert kinds(cmds) == ["StartTimer"]  # the goodbye plays (0.8 s at 10 chars/s)
+    assert kinds(step(call, TimerFired(T("after_reply")), 12.4))[0] == "Hangup"
+
+
+# -- backchannels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "네", "I see."])
+def test_backchannels_are_recognised(text: str) -> None:
+    assert is_backchannel(text)
+
+
+@pytest.mark.parametrize("text", ["", "yeah but no", "okay what about Tuesday", "stop"])
+def test_words_that_take_the_turn_are_no_backchannel(text: str) -> None:
+    assert not is_backchannel(text)
+
+
+def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
+    call = answered()
+    step(call, transcript("tell me a story", "tr1"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    assert step(call, interim("mm-hmm"), 12) == []  # 6 characters, but no barge-in
+    cmds = step(call, transcript("Mm-hmm.", "tr2"), 12.5)
+    assert [c.what for c in cmds if isinstance(c, Record)] == [Kind.BACKCHANNEL]
+    assert kinds(cmds) == []
+    assert call.turn == 1
+
+
+def test_a_yes_when_the_agent_is_quiet_is_an_answer() -> None:
+    call = answered()
+    assert kinds(step(call, transcript("Yeah.", "tr1"), 10)) == ["AskBackend"]
+
+
+# -- TTS timing -----------------------------------------------------------------------------------
+
+
+def test_playback_is_estimated_after_the_tts_latency_and_per_script() -> None:
+    assert CallSettings().rate == 15.0
+    assert CallSettings(language="ko-KR").rate == 6.0
+    assert CallSettings(language="ja-JP", chars_per_s=8.0).rate == 8.0
+    settings = replace(SETTINGS, chars_per_s=0.0, language="ko-KR", say_latency_s=1.0)
+    call = answered(settings)  # greeting "Hi there." (9 chars) at t=0
+    assert call.playback.until == pytest.approx(1.0 + 9 / 6.0)
+    # the audio begins after the latency: the echo guard counts from then, not from the /say
+    assert call.playback.talk_started(0.5) == -1e9
+    assert call.playback.talk_started(1.2) == pytest.approx(1.0)
+
+
+def test_the_echo_guard_counts_from_the_start_of_the_audio_not_of_the_last_queued_piece() -> None:
+    call = answered(replace(SETTINGS, echo_guard_s=1.0))  # greeting 0.9 s at 10 chars/s
+    step(call, transcript("tell me", "tr1"), 10)
+    step(call, ReplySentence(1, "One two three four five."), 10)
+    step(call, ReplySentence(1, "Six seven eight nine ten."), 10)  # queued behind the first
+    # 2.6 s into the first sentence's 2.4 s + the second's: past the guard, a barge-in
+    cmds = step(call, interim("wait stop"), 12.6)
+    assert records(cmds, Kind.BARGE_IN)
+
+
+# -- /say refused, pod death ----------------------------------------------------------------------
+
+
+def test_say_404_on_every_session_is_capped_then_the_call_ends_with_a_clear_error() -> None:
+    settings = replace(SETTINGS, max_speaking_restarts=2)
+    call = answered(settings)
+    sid = "s1"
+    for n in range(2, 4):
+        cmds = step(call, SayFailed(sid, settings.greeting, 0, 404), n)
+        assert kinds(cmds) == ["StopSpeaking", "StartSpeaking"]
+        sid = f"s{n}"
+        assert step(call, SpeakingStarted(sid, "active"), n + 0.1) == [
+            Say(CID, sid, settings.greeting, 0)
+        ]
+    cmds = step(call, SayFailed(sid, settings.greeting, 0, 404), 5)
+    [error] = records(cmds, Kind.ERROR)
+    assert error.data["what"] == "say refused on every session"
+    assert error.data["tts_provider"] == "elevenlabs"
+    assert Hangup(CID) in cmds
+    assert not any(isinstance(c, StartSpeaking) for c in cmds)
+
+
+def test_say_503s_mean_a_dead_pod_the_session_is_deleted_and_replaced() -> None:
+    call = answered()
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "Hi."), 10)
+    # one 503 may be a blip, and it never reached a pod: said again
+    assert kinds(step(call, SayFailed("s1", "Hi.", 1, 503), 10.1)) == ["Say"]
+    cmds = step(call, SayFailed("s1", "Hi.", 1, 503), 10.2)
+    assert StopSpeaking(CID, "s1", True) in cmds  # /stop would answer 503 too
+    new = next(c for c in cmds if isinstance(c, StartSpeaking))
+    assert "s1" in new.avoid  # its row stays active: never adopt it
+    # a 503 never reached a pod: said once on the new session, not twice
+    assert step(call, SpeakingStarted("s2", "active"), 10.8) == [Say(CID, "s2", "Hi.", 1)]
+
+
+def test_a_500_on_say_is_not_repeated() -> None:
+    call = answered()
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "Hi."), 10)
+    step(call, SayFailed("s1", "Hi.", 1, 500), 10.1)
+    cmds = step(call, SayFailed("s1", "Hi.", 1, 500), 10.2)
+    assert step(call, SpeakingStarted("s2", "active"), 10.8) == []
+    assert kinds(cmds) == ["StopSpeaking", "StartSpeaking"]
+
+
+# -- transcribe: orphans ------------------------------------------------------------------------
+
+
+def test_an_orphaned_transcribe_is_never_adopted_and_its_deletion_is_retried_bounded() -> None:
+    call = answered(replace(SETTINGS, silence_s=10.0))
+    cmds = call.handle(TimerFired(T("silence")), 10.9)  # deaf? replace it
+    assert "t1" in call.ledger.known()
+    # the old one is an orphan: still progressing, so the new one gets 409
+    cmds = step(call, TranscribeFailed(409, "TRANSCRIBE_ALREADY_PROGRESSING"), 11)
+    assert cmds == [FindTranscribe(CID, "en-US", frozenset({"t1"}))]
+    # the executor found it, deleted it, and says so: start again after a pause
+    cmds = step(call, TranscribeFailed(409, ORPHAN), 11.1)
+    assert cmds == [StartTimer(CID, T("retry_transcribe"), SETTINGS.retry_s)]
+    assert kinds(step(call, TimerFired(T("retry_transcribe")), 12.1)) == ["StartTranscribe"]
+
+
+def test_a_stale_reply_is_cancelled_when_the_turn_is_joined() -> None:
+    call = answered(HOLD)
+    step(call, transcript("what is", "tr1"), 10)
+    cmds = step(call, transcript("the time", "tr2"), 10.3)
+    assert CancelBackend(CID, 1) in cmds
+
+
+def test_a_reply_waiting_for_a_new_session_is_timed_when_it_is_said() -> None:
+    call = answered()
+    step(call, transcript("tell me a story", "tr1"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    step(call, transcript("no wait", "tr2"), 11)  # cut: /stop, then a new session
+    step(call, ReplySentence(2, "Okay."), 11.1)  # queued for that session
+    assert records(step(call, ReplyDone(2), 11.2), Kind.TURN) == []
+    step(call, Stopped("speaking", "s1", True), 11.5)
+    cmds = step(call, SpeakingStarted("s2", "active"), 12.0)
+    assert cmds[0] == Say(CID, "s2", "Okay.", 2)
+    [timing] = records(cmds, Kind.TURN)
+    assert timing.data["first_say_ms"] == pytest.approx(1000.0)

@@ -1,0 +1,195 @@
+"""agentd against VoIPBIN as it really is: a real daemon, the faithful simulator and its faults.
+
+Each test names the behaviour of the service it survives (docs/protocol.md): a tts pod that dies
+(§8.3), a voice the provider refuses (§8.1), an STT that goes deaf or is orphaned (§10.2), one
+sentence split into several finals and backchannels (§10.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from agentd.daemon import Daemon
+from agentd.names import Kind
+from agentd.sim import Caller, Simulator, Utterance
+from tests.support import CALLER, OUR_NUMBER, StartAgent
+
+ECHO = "You said: "
+
+
+def agent_said(sim: Simulator, call_id: str) -> list[str]:
+    """What the caller heard the agent say, in full lines."""
+    return [li.planned for li in sim.get_call(call_id).conversation if li.who == "agent"]
+
+
+def kinds(daemon: Daemon) -> list[str]:
+    return [str(r.what) for r in daemon.records]
+
+
+async def greeted(sim: Simulator, call_id: str) -> None:
+    await sim.wait_for(lambda: bool(agent_said(sim, call_id)), 10)
+
+
+async def ends_clean(sim: Simulator, daemon: Daemon, call_id: str) -> None:
+    if sim.get_call(call_id).status != "hangup":
+        await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert sim.leaks() == []
+
+
+def open_line(*utterances: Utterance) -> Caller:
+    return Caller(list(utterances), hangup_after_s=None)
+
+
+# -- TTS ------------------------------------------------------------------------------------------
+
+
+async def test_a_dead_tts_pod_is_deleted_and_replaced_and_the_reply_is_still_heard(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    await sim.wait_for(lambda: not sim.world.agent_busy(call_id), 5)
+    [dead] = [s.id for s in sim.world.speakings_of(call_id)]
+    sim.faults.kill_tts_pod(dead)
+    await sim.caller_says(call_id, "are you there")
+    await sim.wait_for(lambda: f"{ECHO}are you there." in agent_said(sim, call_id), 15)
+    # /say kept failing on the dead pod: deleted (a /stop would fail too), never adopted again
+    assert sim.requests_matching("DELETE", rf"/speakings/{dead}$")
+    assert Kind.SPEAKING_LOST in kinds(daemon)
+    assert len(sim.requests_matching("POST", r"/speakings$")) == 2
+    [heard] = [
+        r
+        for r in sim.requests_matching("POST", r"/say$")
+        if "are you there" in str(r.body) and r.status == 200
+    ]
+    assert dead not in heard.path
+    await ends_clean(sim, daemon, call_id)
+    # the dead pod's row was deleted, the one thing a client can do; VoIPBIN still bills it
+    assert sim.stranded() == [dead]
+
+
+async def test_a_voice_the_provider_refuses_ends_the_call_after_a_bounded_number_of_sessions(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # an ElevenLabs voice id with aws: Polly refuses it, VoIPBIN answers 404 to every /say
+    daemon = await agent(agent={"tts_provider": "aws", "voice_id": "21m00Tcm4TlvDq8ikWAM"})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await sim.wait_call_status(call_id, "hangup", timeout=15)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    restarts = daemon.config.call.max_speaking_restarts
+    assert len(sim.requests_matching("POST", r"/speakings$")) == 1 + restarts
+    [error] = [r for r in daemon.records if r.what is Kind.ERROR]
+    assert error.data["what"] == "say refused on every session"
+    assert error.data["tts_provider"] == "aws"
+    assert sim.leaks() == []
+
+
+async def test_tts_provider_aws_alone_works(sim: Simulator, agent: StartAgent) -> None:
+    daemon = await agent(agent={"tts_provider": "aws"})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line(Utterance("hello")))
+    await sim.wait_for(lambda: f"{ECHO}hello." in agent_said(sim, call_id), 10)
+    [create] = sim.requests_matching("POST", r"/speakings$")
+    assert create.body["provider"] == "aws"
+    assert [r.status for r in sim.requests_matching("POST", r"/say$")] == [200, 200]
+    await ends_clean(sim, daemon, call_id)
+
+
+async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_heard(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    [dead] = [s.id for s in sim.world.speakings_of(call_id)]
+    sim.faults.kill_tts_pod(dead)  # the greeting falls silent; agentd thinks it still plays
+    await sim.caller_says(call_id, "hello hello")
+    await sim.wait_for(lambda: f"{ECHO}hello hello." in agent_said(sim, call_id), 15)
+    assert Kind.BARGE_IN in kinds(daemon)
+    # the cut's /stop failed on the dead pod: it became a DELETE at once
+    assert sim.requests_matching("DELETE", rf"/speakings/{dead}$")
+    await ends_clean(sim, daemon, call_id)
+    assert sim.stranded() == [dead]
+
+
+# -- STT ------------------------------------------------------------------------------------------
+
+
+async def _replaced_when_quiet(sim: Simulator, agent: StartAgent, fault: str) -> None:
+    daemon = await agent(agent={"silence_s": 0.5})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/transcribes$")) == 1, 5)
+    if fault == "deaf":
+        sim.faults.deafen_stt(call_id)
+    else:
+        sim.faults.orphan_stt(call_id)
+    # the caller talks, nobody hears; the agent's silence check replaces the transcribe
+    await sim.caller_says(call_id, "hello")
+    [old] = [t.id for t in sim.world.transcribes_of(call_id)]
+    await sim.wait_for(lambda: Kind.TRANSCRIBE_RESTARTED in kinds(daemon), 10)
+    call = daemon.dispatcher.calls[call_id]
+    await sim.wait_for(lambda: call.transcribe.active and call.transcribe_id != old, 10)
+    assert sim.world.transcribes[old].status == "done"  # stopped: it bills no more
+    await sim.caller_says(call_id, "hello again")
+    await sim.wait_for(lambda: f"{ECHO}hello again." in agent_said(sim, call_id), 10)
+    await ends_clean(sim, daemon, call_id)
+
+
+async def test_a_deaf_transcribe_is_replaced_before_the_caller_is_hung_up_on(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    await _replaced_when_quiet(sim, agent, "deaf")
+
+
+async def test_an_orphaned_transcribe_is_replaced_and_never_adopted(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    await _replaced_when_quiet(sim, agent, "orphan")
+
+
+async def test_one_sentence_in_two_finals_gets_one_answer_and_no_self_interruption(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    said = "I want to book a table. For two people."
+    call_id = sim.inbound_call(
+        CALLER,
+        OUR_NUMBER,
+        Caller([Utterance(said, finals=["I want to book a table.", "For two people."])]),
+    )
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    replies = [line for line in agent_said(sim, call_id) if line.startswith(ECHO)]
+    assert replies == [f"{ECHO}{said}"]
+    assert Kind.BARGE_IN not in kinds(daemon)
+    assert not sim.requests_matching("POST", r"/speakings/[^/]+/stop$")[:-1]  # only the hangup's
+    assert sim.leaks() == []
+
+
+async def test_a_backchannel_over_the_reply_neither_cuts_it_nor_gets_an_answer(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    long = "one two three four five six seven eight nine ten " * 3
+    daemon = await agent(backend={"prefix": long})
+    call_id = sim.inbound_call(
+        CALLER,
+        OUR_NUMBER,
+        Caller(
+            [
+                Utterance("tell me"),
+                Utterance("mm-hmm", backchannel_after_s=0.01),
+                Utterance("thanks"),
+            ]
+        ),
+    )
+    await sim.wait_call_status(call_id, "hangup", timeout=15)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert Kind.BARGE_IN not in kinds(daemon)
+    assert Kind.BACKCHANNEL in kinds(daemon)
+    lines = sim.get_call(call_id).conversation
+    assert not any(li.cut for li in lines if li.who == "agent")
+    answers = [li.planned for li in lines if li.who == "agent" and "mm-hmm" in li.planned]
+    assert answers == []
+    assert sim.leaks() == []
