@@ -47,7 +47,8 @@ chars_per_s = {playback}
 say_latency_s = {latency}
 final_hold_s = 0.1
 watch_s = 2.0
-silence_s = 3.0
+# shorter than the short soak's 3 s between SIGKILLs: a deaf STT is found between restarts
+silence_s = 1.5
 [store]
 path = "{store}"
 [log]

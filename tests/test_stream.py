@@ -544,12 +544,18 @@ async def test_close_says_goodbye_with_a_normal_close_code(
 async def test_the_daemon_stops_and_raises_when_the_login_lacks_a_permission(
     sim: Simulator, tmp_path: Path
 ) -> None:
-    sim.faults.fail("GET", r"/customer$", 403)
+    # a real login of an agent with the CustomerAgent permission only: VoIPBIN refuses it
+    # /customer (bin-api-manager servicehandler) and every customer topic
+    s = sim.settings
     config = load(
         None,
         env={},
         overrides={
-            "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+            "voipbin": {
+                "api_url": sim.api_url,
+                "username": s.agent_username,
+                "password": s.agent_password,
+            },
             "agent": {"numbers": ["*"]},
             "store": {"path": str(tmp_path / "agentd.db")},
         },
