@@ -105,6 +105,7 @@ _CALL_KEYS = _owned_by(
     transfer_failed_text=str,
     max_speaking_restarts=int,
     final_hold_s=NUMBER,
+    final_wait_s=NUMBER,
     fallback_text=str,
     history_limit=int,
     silence_s=NUMBER,

@@ -16,7 +16,7 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.sim import SimSettings, Simulator
 from tests.stubs import HttpStub, OpenAIStub
-from tests.support import FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, StartAgent
+from tests.support import FINAL_HOLD, FINAL_WAIT, OUR_NUMBER, PLAYBACK, SAY_LATENCY, StartAgent
 
 
 class _NoopStreamWriter:
@@ -91,6 +91,7 @@ async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
                 "chars_per_s": PLAYBACK,
                 "say_latency_s": SAY_LATENCY,
                 "final_hold_s": FINAL_HOLD,
+                "final_wait_s": FINAL_WAIT,
             },
             "daemon": {"drain_s": 5.0, "stop_sessions_on_shutdown": True},
             "store": {"path": str(tmp_path / f"agentd-{len(running)}.db")},

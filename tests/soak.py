@@ -45,7 +45,8 @@ rate_per_s = 0
 numbers = ["{number}"]
 chars_per_s = {playback}
 say_latency_s = {latency}
-final_hold_s = 0.1
+final_hold_s = {hold}
+final_wait_s = {wait}
 watch_s = 2.0
 # shorter than the short soak's 3 s between SIGKILLs: a deaf STT is found between restarts
 silence_s = 1.5
@@ -79,6 +80,8 @@ class Soak:
                 number=OUR_NUMBER,
                 playback=PLAYBACK,
                 latency=SAY_LATENCY,
+                hold=0.5 * LATENCY_SCALE,
+                wait=1.6 * LATENCY_SCALE,
                 store=workdir / "agentd.db",
             )
         )

@@ -15,6 +15,7 @@ CALLER = "+15550001111"
 PLAYBACK = 400.0
 SAY_LATENCY = 0.03
 FINAL_HOLD = 0.15
+FINAL_WAIT = 0.3  # interims after a final: how long their own final is waited for
 
 StartAgent = Callable[..., Awaitable[Daemon]]
 

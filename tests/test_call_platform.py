@@ -34,7 +34,7 @@ from agentd.events import SpeechEvent
 from agentd.names import EndCall, Kind, TimerKind
 from tests.test_call import CID, SETTINGS, T, answered, kinds, step, transcript
 
-HOLD = replace(SETTINGS, final_hold_s=0.5, final_hold_max_s=2.0)
+HOLD = replace(SETTINGS, final_hold_s=0.5, final_wait_s=1.5)
 
 
 def records(cmds: list[object], what: Kind) -> list[Record]:
@@ -71,18 +71,27 @@ def test_a_sentence_split_in_two_finals_is_one_turn_and_nothing_is_cut() -> None
     assert step(call, TimerFired(T("hold")), 10.95) == [Say(CID, "s1", "A table for two, sure.", 2)]
 
 
-def test_interims_after_the_final_keep_the_reply_back_up_to_a_bound() -> None:
+def test_interims_after_the_final_keep_the_reply_back_for_their_own_final() -> None:
     call = answered(HOLD)
     step(call, transcript("I want to book", "tr1"), 10)
     step(call, ReplySentence(1, "Sure."), 10.1)
-    # still talking: each interim moves the end of the hold, but never past final + max
-    assert step(call, interim("a table"), 10.4) == [StartTimer(CID, T("hold"), 0.5)]
+    # still talking: their final comes ~1.1 s after these words; the reply waits for it
+    assert step(call, interim("a table"), 10.4) == [StartTimer(CID, T("hold"), 1.5)]
     assert step(call, TimerFired(T("hold")), 10.5) == [
-        StartTimer(CID, T("hold"), pytest.approx(0.4))
+        StartTimer(CID, T("hold"), pytest.approx(1.4))
     ]
-    step(call, interim("a table for"), 11.7)
-    assert call.hold_until == pytest.approx(12.0)  # final_at + final_hold_max_s
-    assert step(call, TimerFired(T("hold")), 12.0) == [Say(CID, "s1", "Sure.", 1)]
+    step(call, interim("a table for"), 10.7)
+    cmds = step(call, transcript("a table for two", "tr2"), 11.8)  # it came: one turn
+    assert kinds(cmds) == ["CancelBackend", "AskBackend"]
+    assert call.hold_until == pytest.approx(12.3)  # and the usual hold after it
+
+
+def test_words_whose_final_never_comes_hold_the_reply_back_only_so_long() -> None:
+    call = answered(HOLD)
+    step(call, transcript("I want to book", "tr1"), 10)
+    step(call, ReplySentence(1, "Sure."), 10.1)
+    step(call, interim("a table"), 10.4)  # a noise the STT took for words, then dropped
+    assert step(call, TimerFired(T("hold")), 11.9) == [Say(CID, "s1", "Sure.", 1)]
 
 
 def test_a_final_after_the_reply_was_said_is_a_barge_in_not_a_join() -> None:

@@ -28,10 +28,11 @@ class CallSettings:
     barge_in_min_words: int = 2
     barge_in_min_chars: int = 4
     echo_guard_s: float = 1.0
-    # a reply's first audio waits this long after the caller's final (longer while interims
-    # say they go on, up to the max): one sentence often arrives as several finals ~0.5 s apart
+    # a reply's first audio waits this long after the caller's final: one sentence often
+    # arrives as several finals ~0.5 s apart. Interims after it mean the caller goes on: the
+    # reply then waits for their final, which comes ~1.1 s after the words (up to final_wait_s)
     final_hold_s: float = 0.5
-    final_hold_max_s: float = 2.5
+    final_wait_s: float = 1.6
     cut_method: CutMethod | None = None  # None: flush for gcp, stop + new session otherwise
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)

@@ -127,7 +127,7 @@ class Conversation(CallCore):
                 timer = Timer(TimerKind.TRANSCRIPT_DUE)
                 due = [StartTimer(self.id, timer, self.settings.transcript_due_s)]
             elif event.kind == "interim" and self.unsaid:
-                # still talking after their final: keep the reply back a little longer
+                # still talking after their final: keep the reply back for the rest
                 due = self._extend_hold(now)
         return due + self._speech_barge_in(event, now)
 
@@ -137,8 +137,8 @@ class Conversation(CallCore):
         return self.said_turn != self.turns.turn and (self.turns.replying or bool(self.held))
 
     def _extend_hold(self, now: float) -> list[Command]:
-        s = self.settings
-        self.hold_until = min(now + s.final_hold_s, self.final_at + s.final_hold_max_s)
+        # these words will have a final of their own (~1.1 s after them): it joins the turn
+        self.hold_until = max(self.hold_until, now + self.settings.final_wait_s)
         if not self.held:
             return []
         return [StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
