@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.procs import LATENCY_SCALE
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -84,6 +86,12 @@ def _header(r: dict[str, Any]) -> list[str]:
         "the event, when the request reached it. Figures are the **median of "
         f"{runs} run{'s' if runs != 1 else ''}, with the spread (min–max) in brackets**, "
         "unless marked as one run.",
+        "",
+        "The simulator models the service's TTS and STT latencies (~1 s each) scaled by "
+        f"{LATENCY_SCALE} (`agentd sim --latency-scale`), as playback is sped up: what is "
+        "measured is agentd's own cost. For the same reason agentd runs with "
+        "`final_hold_s = 0`: the hold that waits for the end of the caller's turn (0.5 s by "
+        "default) is turn-taking policy, not overhead.",
         "",
     ]
 
