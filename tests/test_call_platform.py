@@ -31,7 +31,7 @@ from agentd.commands import (
     TranscribeFailed,
 )
 from agentd.events import SpeechEvent
-from agentd.names import EndCall, Kind, TimerKind
+from agentd.names import EndCall, Kind, TimerKind, TransferTo
 from tests.test_call import CID, SETTINGS, T, answered, kinds, step, transcript
 
 HOLD = replace(SETTINGS, final_hold_s=0.5, final_wait_s=1.5)
@@ -257,3 +257,14 @@ def test_a_reply_waiting_for_a_new_session_is_timed_when_it_is_said() -> None:
     assert cmds[0] == Say(CID, "s2", "Okay.", 2)
     [timing] = records(cmds, Kind.TURN)
     assert timing.data["first_say_ms"] == pytest.approx(1000.0)
+
+
+def test_a_refused_transfer_is_said_after_the_held_reply_it_follows() -> None:
+    call = answered(HOLD)
+    step(call, transcript("put me through to 1-900-PREMIUM", "tr1"), 10)
+    step(call, ReplySentence(1, "Transferring you now."), 10.1)
+    cmds = step(call, ReplyDone(1, action=TransferTo("+19005550100")), 10.2)
+    assert kinds(cmds) == []  # nothing said yet: the reply is held
+    cmds = step(call, TimerFired(T("hold")), 10.5)
+    texts = [c.text for c in cmds if isinstance(c, Say)]
+    assert texts == ["Transferring you now.", SETTINGS.transfer_failed_text]

@@ -253,8 +253,13 @@ class Conversation(CallCore):
         if number:
             data["number"] = number
         text = self.settings.transfer_failed_text
+        error = Record(self.id, Kind.ERROR, data)
+        if self.held:
+            # after the reply it follows ("let me connect you"), still held back
+            self.held.append((self.turns.turn, text))
+            return [error]
         self.history.assistant(text, self.turns.turn)
-        return [Record(self.id, Kind.ERROR, data), *self._say(text, self.turns.turn, now)]
+        return [error, *self._say(text, self.turns.turn, now)]
 
     def on_reply_failed(self, event: ReplyFailed, now: float) -> list[Command]:
         """The backend failed: say the fallback line unless part of the reply was said."""
