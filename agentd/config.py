@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -332,7 +333,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         voipbin=_voipbin(_section(m, "voipbin"), env),
         call=call,
         numbers=numbers,
-        flow_id=agent["flow_id"],
+        flow_id=_flow_id(agent["flow_id"]),
         caller_id=_caller_id(agent["caller_id"], numbers),
         backend=_backend(_section(m, "backend"), env),
         store_path=store_path,
@@ -448,6 +449,20 @@ def _numbers(values: list[str]) -> tuple[str, ...]:
                 '(+ and digits, e.g. "+15551234567"), nor "*"'
             )
     return tuple(values)
+
+
+def _flow_id(value: str) -> str:
+    """`agent.flow_id`: VoIPBIN ignores one that is not a uuid (`uuid.FromStringOrNil` in
+    `bin-api-manager` `server/calls.go`), and a call without a flow hangs up at the answer."""
+    if value:
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise ConfigError(
+                f"agent.flow_id: {value!r} is not a flow id (a uuid); VoIPBIN would ignore it "
+                "and hang the call up when it is answered"
+            ) from None
+    return value
 
 
 def _transfer_numbers(values: list[object]) -> tuple[str, ...]:

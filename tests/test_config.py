@@ -219,6 +219,7 @@ NUMBERS = 'numbers = ["+15551234567"]'
             (NUMBERS, f'{NUMBERS}\ntransfer_numbers = ["1-900-PREMIUM"]'),
             "agent.transfer_numbers: '1-900-PREMIUM' is not a phone number",
         ),
+        ((NUMBERS, f'{NUMBERS}\nflow_id = "my-flow"'), "agent.flow_id: 'my-flow' is not a flow id"),
     ],
 )
 def test_numbers_and_providers_must_be_valid(
