@@ -268,3 +268,13 @@ def test_a_refused_transfer_is_said_after_the_held_reply_it_follows() -> None:
     cmds = step(call, TimerFired(T("hold")), 10.5)
     texts = [c.text for c in cmds if isinstance(c, Say)]
     assert texts == ["Transferring you now.", SETTINGS.transfer_failed_text]
+
+
+@pytest.mark.parametrize(
+    ("tts", "cut"), [("gcp", "flush"), ("aws", "flush"), ("elevenlabs", "restart")]
+)
+def test_a_barge_in_cuts_by_flush_where_the_provider_drops_its_buffered_audio(
+    tts: str, cut: str
+) -> None:
+    # aws.go: a say is synthesised into the pod's buffer; SayFlush drains it (docs/protocol.md §8.2)
+    assert CallSettings(tts_provider=tts).cut == cut

@@ -94,10 +94,11 @@ async def barge_in_call(sim: Simulator, agent: StartAgent, provider: str) -> tup
     return daemon, call_id
 
 
-async def test_barge_in_with_gcp_flushes_and_drops_the_stale_reply(
-    sim: Simulator, agent: StartAgent
+@pytest.mark.parametrize("tts", ["gcp", "aws"])
+async def test_barge_in_with_gcp_or_aws_flushes_and_drops_the_stale_reply(
+    sim: Simulator, agent: StartAgent, tts: str
 ) -> None:
-    _, call_id = await barge_in_call(sim, agent, "gcp")
+    _, call_id = await barge_in_call(sim, agent, tts)
     seq = ops(sim, call_id)
     assert seq.count("POST /speakings/flush") == 1
     assert seq.count("POST /speakings") == 1

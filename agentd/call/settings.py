@@ -33,7 +33,7 @@ class CallSettings:
     # reply then waits for their final, which comes ~1.1 s after the words (up to final_wait_s)
     final_hold_s: float = 0.5
     final_wait_s: float = 1.6
-    cut_method: CutMethod | None = None  # None: flush for gcp, stop + new session otherwise
+    cut_method: CutMethod | None = None  # None: flush for gcp and aws, else stop + new session
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)
     playback_pad_s: float = 1.0
@@ -75,7 +75,9 @@ class CallSettings:
 
     @property
     def cut(self) -> CutMethod:
-        """How a barge-in cuts the audio for this provider (docs/protocol.md §8.2)."""
+        """How a barge-in cuts the audio for this provider (docs/protocol.md §8.2): a flush
+        cuts with `gcp` (the stream is closed) and `aws` (the pod's buffered audio is dropped,
+        so the say stops within its 0.26 s chunk); with ElevenLabs only a stop does."""
         if self.cut_method is not None:
             return self.cut_method
-        return "flush" if self.tts_provider == "gcp" else "restart"
+        return "flush" if self.tts_provider in ("gcp", "aws") else "restart"
