@@ -17,7 +17,7 @@ from agentd.backends import Backend, ToolCall
 from agentd.commands import AskBackend, ReplyDone, ReplyFailed, ReplySentence, Result
 from agentd.names import Action, EndCall, TransferTo
 from agentd.secret import redact
-from agentd.sentences import SentenceBuffer
+from agentd.sentences import SentenceBuffer, speakable
 
 log = structlog.get_logger("agentd.reply")
 
@@ -47,9 +47,9 @@ async def stream_reply(
                 if first is None and chunk:
                     first = clock()
                 for sentence in buf.feed(chunk):
-                    feed(ReplySentence(cmd.turn, sentence))
+                    _say(feed, cmd.turn, sentence)
         for sentence in buf.flush():
-            feed(ReplySentence(cmd.turn, sentence))
+            _say(feed, cmd.turn, sentence)
         feed(ReplyDone(cmd.turn, action, first))
     except asyncio.CancelledError:
         raise
@@ -97,3 +97,10 @@ def _action(call: ToolCall) -> Action | None:
             return TransferTo(number)
     log.warning("backend.unknown_tool", tool=call.name)
     return None
+
+
+def _say(feed: Callable[[Result], None], turn: int, sentence: str) -> None:
+    """One sentence as the voice should read it; one that was only markup says nothing."""
+    text = speakable(sentence)
+    if text:
+        feed(ReplySentence(turn, text))

@@ -97,6 +97,33 @@ class SentenceBuffer:
         return [rest] if rest else []
 
 
+_LINK = re.compile(r"\[([^\]\n]+)\]\([^)\s]*\)")  # [text](url): the text is what is meant
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_EMPHASIS = re.compile(r"(\*\*|__|\*|~~|`+)(?=\S)(.+?)(?<=\S)\1")
+_LINE_MARK = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+|[-*+\u2022][ \t]+|\d{1,3}[.)](?:[ \t]+|$)|>[ \t]*)", re.M
+)
+_SPACE = re.compile(r"\s+")
+
+
+def _is_emoji(ch: str) -> bool:
+    cp = ord(ch)
+    # pictographs and their modifiers; not the symbols a sentence reads (°, ©, €)
+    return cp >= 0x1F000 or 0x2600 <= cp <= 0x27BF or cp in (0x200D, 0xFE0F)
+
+
+def speakable(sentence: str) -> str:
+    """What a TTS voice should read of a model's sentence: markdown marks, list bullets, links'
+    addresses, bare URLs and emoji removed (a voice reads them out or stumbles on them)."""
+    text = _LINK.sub(r"\1", sentence)
+    text = _URL.sub("", text)
+    text = _LINE_MARK.sub("", text)
+    for _ in range(2):  # **_nested_** marks
+        text = _EMPHASIS.sub(r"\2", text)
+    text = "".join(ch for ch in text if not _is_emoji(ch))
+    return _SPACE.sub(" ", text).strip()
+
+
 def split_for_say(text: str, limit: int = 5000) -> list[str]:
     """Split text into pieces of at most `limit` UTF-8 bytes, at word boundaries where possible."""
     pieces: list[str] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentd.sentences import SentenceBuffer, split_for_say
+from agentd.sentences import SentenceBuffer, speakable, split_for_say
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,24 @@ def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
     buf = SentenceBuffer()
     assert buf.feed(text) == ([] if not text.endswith(". ") else ["It is noon."])
     assert buf.ends_a_sentence() is ends
+
+
+@pytest.mark.parametrize(
+    ("model", "voice"),
+    [
+        ("**Sure!** Your balance is *1,200* dollars.", "Sure! Your balance is 1,200 dollars."),
+        ("- First, open the `app`.", "First, open the app."),
+        ("2. Then tap **Settings**.", "Then tap Settings."),
+        ("## Opening hours", "Opening hours"),
+        ("See [our site](https://example.com/hours) for details.", "See our site for details."),
+        ("Go to https://example.com/a?b=c now.", "Go to now."),
+        ("Great news 🎉👍🏽!", "Great news !"),
+        ("It is 25°C and costs €3 © ACME.", "It is 25°C and costs €3 © ACME."),
+        ("file_name_here stays, 2 * 3 = 6 too.", "file_name_here stays, 2 * 3 = 6 too."),
+        ("네, **확인했습니다**. 😊", "네, 확인했습니다."),
+        ("🙂", ""),
+        ("3.", ""),  # a list number the splitter took for a sentence
+    ],
+)
+def test_speakable_strips_what_a_voice_reads_badly(model: str, voice: str) -> None:
+    assert speakable(model) == voice
