@@ -329,15 +329,21 @@ class Executor:
             if not (failure.status in (0, 409) or failure.status >= 500):
                 return failure
             # one live session per call: it may exist already (a 409/500 says so), or the
-            # create may have happened despite the error. Adopt it, unless it is one the call
-            # gave up on: a dead pod's row stays active and blocks every create until deleted.
+            # create may have happened despite the error. Adopt an active one, unless the call
+            # gave up on it: a dead pod's row stays active and blocks every create until it is
+            # deleted. One still `initiating` after our create failed is the row of a pod that
+            # died inside the create (docs/protocol.md §8.3): it never becomes active.
             try:
                 live = [s for s in await c.list_speakings() if _billing(s, cmd.call_id)]
-                dead = [str(s.get("id")) for s in live if str(s.get("id")) in cmd.avoid]
-                for spk in live:
-                    if str(spk.get("id")) not in cmd.avoid:
-                        log.info("speaking.adopted", speaking_id=spk.get("id"))
-                        return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
+                usable = [
+                    s
+                    for s in live
+                    if s.get("status") == "active" and str(s.get("id")) not in cmd.avoid
+                ]
+                dead = [str(s.get("id")) for s in live if s not in usable]
+                for spk in usable:
+                    log.info("speaking.adopted", speaking_id=spk.get("id"))
+                    return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status")))
                 for sid in dead:
                     log.warning("speaking.dead_deleted", speaking_id=sid)
                     await c.delete_speaking(sid)

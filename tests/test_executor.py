@@ -156,3 +156,32 @@ async def test_reply_timings_use_the_injected_clock() -> None:
     [done] = results.of(ReplyDone)
     assert isinstance(done, ReplyDone) and done.first_chunk_at == 42.0
     await ex.close()
+
+
+async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_created_again(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    """bin-tts-manager speaking.go: a pod that dies inside the create leaves the row
+    `initiating` (it never becomes active) and the gateway answers 503; the row blocks the call
+    (500 on a new create) until it is deleted."""
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    killed: list[str] = []
+
+    def kill_the_first_create() -> bool:
+        rows = sim.world.speakings_of(call_id)
+        if rows and not killed:
+            killed.append(rows[0].id)
+            sim.faults.kill_tts_pod(rows[0].id)
+        return bool(killed)
+
+    ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
+    await sim.wait_for(kill_the_first_create, 5)
+    await results.until(lambda: bool(results.of(SpeakingStarted)))
+    [started] = results.of(SpeakingStarted)
+    assert isinstance(started, SpeakingStarted)
+    assert started.status == "active" and started.speaking_id != killed[0]
+    assert sim.requests_matching("DELETE", rf"/speakings/{killed[0]}$")
+    await ex.close()
