@@ -103,6 +103,7 @@ _CALL_KEYS = _owned_by(
     chars_per_s=NUMBER,
     say_latency_s=NUMBER,
     transfer_numbers=(list, tuple),
+    backchannels=(list, tuple),
     transfer_failed_text=str,
     max_speaking_restarts=int,
     final_hold_s=NUMBER,
@@ -406,6 +407,7 @@ def _call_settings(agent: dict[str, Any]) -> CallSettings:
     if values["cut_method"] == "auto":
         values["cut_method"] = None
     values["transfer_numbers"] = _transfer_numbers(list(values["transfer_numbers"]))
+    values["backchannels"] = tuple(str(w).lower().strip() for w in values["backchannels"])
     call = CallSettings(**values)
     if call.chars_per_s < 0:
         raise ConfigError("agent.chars_per_s: must not be negative (0: by the language's script)")

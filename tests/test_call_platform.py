@@ -135,6 +135,12 @@ def test_words_that_take_the_turn_are_no_backchannel(text: str) -> None:
     assert not is_backchannel(text)
 
 
+def test_more_backchannels_can_be_configured() -> None:
+    assert not is_backchannel("gotcha")
+    assert is_backchannel("Gotcha.", ("gotcha",))
+    assert is_backchannel("okay gotcha", ("gotcha",))
+
+
 def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
     call = answered()
     step(call, transcript("tell me a story", "tr1"), 10)

@@ -233,9 +233,11 @@ def test_numbers_and_providers_must_be_valid(
 def test_transfers_are_off_unless_numbers_are_allowed(tmp_path: Path) -> None:
     assert load(write(tmp_path, GOOD), env={}).call.transfer_numbers == ()
     allowed = f'{NUMBERS}\ntransfer_numbers = ["+15550009999"]\nfinal_hold_s = 0.3'
+    allowed += '\nbackchannels = ["Gotcha"]'
     config = load(write(tmp_path, GOOD.replace(NUMBERS, allowed)), env={})
     assert config.call.transfer_numbers == ("+15550009999",)
     assert config.call.final_hold_s == 0.3
+    assert config.call.backchannels == ("gotcha",)
 
 
 def test_the_cli_names_agent_numbers_when_they_are_missing(tmp_path: Path) -> None:

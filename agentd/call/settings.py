@@ -27,6 +27,9 @@ class CallSettings:
     barge_in: BargeIn = "speech"
     barge_in_min_words: int = 2
     barge_in_min_chars: int = 4
+    # words (lower case) that, alone, never cut the agent nor take the turn while it talks,
+    # on top of the built-in English, Korean, Japanese and Chinese ones (agentd.call.talk)
+    backchannels: tuple[str, ...] = ()
     echo_guard_s: float = 1.0
     # a reply's first audio waits this long after the caller's final: one sentence often
     # arrives as several finals ~0.5 s apart. Interims after it mean the caller goes on: the

@@ -49,14 +49,15 @@ BACKCHANNELS = frozenset(
 _PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\"'")
 
 
-def is_backchannel(text: str) -> bool:
-    """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay")."""
+def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay"); `extra`
+    adds words (`agent.backchannels`)."""
     words = text.lower().translate(_PUNCT).split()
     if not words or len(words) > 4:
         return False
-    if " ".join(words) in BACKCHANNELS:
+    if " ".join(words) in BACKCHANNELS or " ".join(words) in extra:
         return True
-    return all(w in BACKCHANNELS for w in words)
+    return all(w in BACKCHANNELS or w in extra for w in words)
 
 
 class Conversation(CallCore):
@@ -68,7 +69,7 @@ class Conversation(CallCore):
             return []  # "out" is our own speech heard back: never answer it
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
-        if self.playback.talking(now) and is_backchannel(event.message):
+        if self.playback.talking(now) and is_backchannel(event.message, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
         if self.unsaid:
             return self._join_turn(event, now)
@@ -168,7 +169,7 @@ class Conversation(CallCore):
         words = event.message.split()
         if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
             return []
-        if is_backchannel(event.message):
+        if is_backchannel(event.message, s.backchannels):
             return []  # "mm-hmm" while we talk: the caller is listening
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
