@@ -104,6 +104,7 @@ _CALL_KEYS = _owned_by(
     say_latency_s=NUMBER,
     transfer_numbers=(list, tuple),
     backchannels=(list, tuple),
+    barge_in_greeting=bool,
     transfer_failed_text=str,
     max_speaking_restarts=int,
     final_hold_s=NUMBER,

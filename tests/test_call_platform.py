@@ -152,6 +152,14 @@ def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
     assert call.turn == 1
 
 
+def test_a_greeting_that_may_not_be_cut_is_heard_to_the_end_and_the_caller_then_answered() -> None:
+    call = answered(replace(SETTINGS, barge_in_greeting=False))  # "Hi there." plays 0.9 s
+    assert step(call, interim("hello hello hello"), 0.5) == []
+    cmds = step(call, transcript("hello hello hello", "tr1"), 0.6)
+    assert kinds(cmds) == ["AskBackend"]  # no cut: the reply follows the greeting
+    assert not records(cmds, Kind.BARGE_IN)
+
+
 def test_a_yes_when_the_agent_is_quiet_is_an_answer() -> None:
     call = answered()
     assert kinds(step(call, transcript("Yeah.", "tr1"), 10)) == ["AskBackend"]

@@ -27,6 +27,7 @@ class CallSettings:
     barge_in: BargeIn = "speech"
     barge_in_min_words: int = 2
     barge_in_min_chars: int = 4
+    barge_in_greeting: bool = True  # False: the greeting (a disclosure, say) is never cut
     # words (lower case) that, alone, never cut the agent nor take the turn while it talks,
     # on top of the built-in English, Korean, Japanese and Chinese ones (agentd.call.talk)
     backchannels: tuple[str, ...] = ()

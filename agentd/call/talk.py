@@ -81,8 +81,10 @@ class Conversation(CallCore):
             began = now
         self.speech_since = None
         p = self.playback
-        if self.settings.barge_in != "off" and (
-            self.turns.replying or (p.talking(now) and began < p.until)
+        if (
+            self.settings.barge_in != "off"
+            and not self._greeting_kept(now)
+            and (self.turns.replying or (p.talking(now) and began < p.until))
         ):
             cmds += self._cut(now, "transcript")
         return [*cmds, *self._ask(event, now)]
@@ -132,6 +134,15 @@ class Conversation(CallCore):
                 due = self._extend_hold(now)
         return due + self._speech_barge_in(event, now)
 
+    def _greeting_kept(self, now: float) -> bool:
+        """The greeting plays and `agent.barge_in_greeting` is off: it is heard to the end, and
+        what the caller said is answered after it."""
+        return (
+            not self.settings.barge_in_greeting
+            and self.turns.turn == 0
+            and self.playback.talking(now)
+        )
+
     @property
     def unsaid(self) -> bool:
         """A reply is under way (or held) and nothing of it has been said yet."""
@@ -169,7 +180,7 @@ class Conversation(CallCore):
         words = event.message.split()
         if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
             return []
-        if is_backchannel(event.message, s.backchannels):
+        if is_backchannel(event.message, s.backchannels) or self._greeting_kept(now):
             return []  # "mm-hmm" while we talk: the caller is listening
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
