@@ -99,9 +99,9 @@ class SentenceBuffer:
 
 _LINK = re.compile(r"\[([^\]\n]+)\]\([^)\s]*\)")  # [text](url): the text is what is meant
 _URL = re.compile(r"(?:https?://|www\.)\S+")
-_EMPHASIS = re.compile(r"(\*\*|__|\*|~~|`+)(?=\S)(.+?)(?<=\S)\1")
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*|~~|`+)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 _LINE_MARK = re.compile(
-    r"^[ \t]*(?:#{1,6}[ \t]+|[-*+\u2022][ \t]+|\d{1,3}[.)](?:[ \t]+|$)|>[ \t]*)", re.M
+    r"^[ \t]*(?:#{1,6}[ \t]+|[-*+\u2022][ \t]+|\d{1,3}[.)][ \t]+(?=\S)|>[ \t]*)", re.M
 )
 _SPACE = re.compile(r"\s+")
 

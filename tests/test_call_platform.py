@@ -19,6 +19,7 @@ from agentd.commands import (
     Hangup,
     Record,
     ReplyDone,
+    ReplyFailed,
     ReplySentence,
     Say,
     SayFailed,
@@ -30,9 +31,9 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
 )
-from agentd.events import SpeechEvent
+from agentd.events import SpeechEvent, TranscribeEvent
 from agentd.names import EndCall, Kind, TimerKind, TransferTo
-from tests.test_call import CID, SETTINGS, T, answered, kinds, step, transcript
+from tests.test_call import CID, SETTINGS, T, answered, kinds, status, step, transcript
 
 HOLD = replace(SETTINGS, final_hold_s=0.5, final_wait_s=1.5)
 
@@ -292,3 +293,45 @@ def test_a_barge_in_cuts_by_flush_where_the_provider_drops_its_buffered_audio(
 ) -> None:
     # aws.go: a say is synthesised into the pod's buffer; SayFlush drains it (docs/protocol.md §8.2)
     assert CallSettings(tts_provider=tts).cut == cut
+
+
+def test_a_time_limit_goodbye_drops_the_held_reply_and_no_final_can_undo_it() -> None:
+    call = answered(HOLD)
+    step(call, transcript("and another thing", "tr1"), 3000)
+    step(call, ReplySentence(1, "Sure."), 3000.1)
+    cmds = step(call, TimerFired(T("max_call")), 3000.2)
+    assert [c.text for c in cmds if isinstance(c, Say)] == [SETTINGS.time_limit_goodbye]
+    assert records(cmds, Kind.TURN) == []  # nothing of turn 1 was said: no first_say
+    assert step(call, TimerFired(T("hold")), 3000.5) == []  # "Sure." is never said
+    step(call, transcript("wait", "tr2"), 3000.6)  # a late final joins nothing
+    assert call.after_reply == EndCall()
+
+
+def test_a_backend_failure_with_a_held_part_says_that_part_not_the_fallback() -> None:
+    call = answered(HOLD)
+    step(call, transcript("how many", "tr1"), 10)
+    step(call, ReplySentence(1, "Sure, for how many?"), 10.1)
+    assert kinds(step(call, ReplyFailed(1, "backend timed out"), 10.2)) == []
+    cmds = step(call, TimerFired(T("hold")), 10.5)
+    assert [c.text for c in cmds if isinstance(c, Say)] == ["Sure, for how many?"]
+
+
+def test_a_say_503_far_apart_does_not_replace_a_healthy_session() -> None:
+    call = answered()
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "Hi."), 10)
+    step(call, SayFailed("s1", "Hi.", 1, 500), 10.1)
+    step(call, transcript("again", "tr2"), 500)
+    step(call, ReplySentence(2, "Hi again."), 500)
+    cmds = step(call, SayFailed("s1", "Hi again.", 2, 500), 500.1)
+    assert not any(isinstance(c, StartSpeaking) for c in cmds)
+
+
+def test_a_stop_voipbin_never_answers_is_never_given_up() -> None:
+    call = answered()
+    call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
+    step(call, status("hangup"), 5)
+    for attempt in range(SETTINGS.max_stop_attempts + 3):  # an outage, not a refusal
+        cmds = step(call, Stopped("speaking", "s1", False, 0), 6 + attempt)
+        assert any(isinstance(c, StartTimer) for c in cmds)
+        assert not [r for r in records(cmds, Kind.LEAK) if r.data.get("gave_up")]

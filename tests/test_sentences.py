@@ -91,7 +91,8 @@ def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
         ("file_name_here stays, 2 * 3 = 6 too.", "file_name_here stays, 2 * 3 = 6 too."),
         ("네, **확인했습니다**. 😊", "네, 확인했습니다."),
         ("🙂", ""),
-        ("3.", ""),  # a list number the splitter took for a sentence
+        ("42.", "42."),  # an answer, not a list number
+        ("2*3*4 is 24.", "2*3*4 is 24."),
     ],
 )
 def test_speakable_strips_what_a_voice_reads_badly(model: str, voice: str) -> None:

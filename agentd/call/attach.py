@@ -10,6 +10,7 @@ from agentd.call.core import CallCore
 from agentd.call.ledger import StopInput
 from agentd.call.phase import PhaseInput
 from agentd.call.session import SessionInput, SessionState
+from agentd.call.turn import TurnState
 from agentd.commands import (
     NOT_FOUND,
     ORPHAN,
@@ -32,6 +33,8 @@ from agentd.commands import (
 )
 from agentd.events import TranscribeEvent
 from agentd.names import Kind, Timer, TimerKind
+
+_SAY_5XX_WINDOW_S = 10.0  # /say 5xx further apart than this are not "in a row"
 
 
 class Sessions(CallCore):
@@ -130,15 +133,20 @@ class Sessions(CallCore):
         if self.phase.over or (event.turn not in (self.turns.turn, 0)):
             return []
         # a 404 was never spoken, nor a 503 (the gateway found no pod for the session); a 500
-        # may have been, and must not be said twice
-        unsaid = event.status in (404, 503)
+        # may have been, and must not be said twice. Text the caller cut off stays unsaid.
+        unsaid = event.status in (404, 503) and self.turns.state is not TurnState.CUT
         if event.speaking_id != self.speaking.id:
             if unsaid:
                 # a later sentence sent to the same dead session: say it on the new one, in order
                 self.playback.queued.append((event.turn, event.text))
             return []
         if event.status >= 500:
+            # "in a row": a /say that succeeds reports nothing, so failures far apart are
+            # counted apart
+            if now - self.say_5xx_at > _SAY_5XX_WINDOW_S:
+                self.say_5xx = 0
             self.say_5xx += 1
+            self.say_5xx_at = now
         replace = event.status == 404 or self.say_5xx >= self.settings.say_5xx_limit
         if replace:
             if unsaid:

@@ -70,6 +70,7 @@ class CallCore:
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
         self.speaking_restarts = 0  # sessions replaced because /say kept failing on them
         self.say_5xx = 0  # /say 5xx in a row on the current session
+        self.say_5xx_at = 0.0
         self.stt_replaced = False  # the transcribe was replaced since the caller last spoke
         # the end of the caller's turn: a reply's first audio waits until `hold_until`
         self.final_at = 0.0
@@ -159,6 +160,7 @@ class CallCore:
         """Stop everything the call started; sessions still being created are stopped on arrival."""
         cmds = self._end_reply()
         self.playback.queued.clear()
+        self.held.clear()
         for session in (self.speaking, self.transcribe):
             if session.id and session.state in (
                 SessionState.INITIATING,
@@ -186,13 +188,15 @@ class CallCore:
         """A stop was not confirmed: the session bills until it is stopped. It is retried ever
         less often (kept in the store, re-sent after a restart), escalated to a DELETE, which
         works without the pod that owns the session, and given up after `max_stop_attempts`
-        with an error naming the session: retrying for ever would only burn the budget."""
+        refusals with an error naming the session: retrying for ever would only burn the budget.
+        No answer at all (VoIPBIN unreachable) or a 429 is no refusal: that is retried until
+        VoIPBIN answers, however long it is away."""
         attempts = self.ledger.attempts(sid)
         s = self.settings
         if not attempts:
             self.ledger.step(sid, StopInput.FAILED, kind)
             return []  # a stop we never asked for, or one confirmed since
-        if attempts >= s.max_stop_attempts:
+        if attempts >= s.max_stop_attempts and status not in (0, 429):
             self.ledger.step(sid, StopInput.GIVE_UP, kind)
             data = {"kind": kind, "session_id": sid, "attempts": attempts, "status": status}
             return [Record(self.id, Kind.LEAK, {**data, "gave_up": True})]
@@ -246,11 +250,20 @@ class CallCore:
         return Record(self.id, Kind.ERROR, data)
 
     def _end_reply(self) -> list[Command]:
-        """Drop the reply under way (the call ends, or a goodbye replaces it)."""
+        """Drop the reply under way (the call ends, or a goodbye replaces it); a complete reply
+        that was never said is timed as it is."""
+        cmds = self._timing_flushed()
         if not self.turns.replying:
-            return []
+            return cmds
         self.turns.step(TurnInput.END)
-        return [CancelBackend(self.id, self.turns.turn)]
+        return [*cmds, CancelBackend(self.id, self.turns.turn)]
+
+    def _timing_flushed(self) -> list[Command]:
+        """The turn record a reply still waiting to be said owed (it will not be said now)."""
+        if not self.timing_due:
+            return []
+        self.timing_due = False
+        return [self._turn_record(self.turn_times.get("transcript", 0.0))]
 
     def _say(self, text: str, turn: int, now: float) -> list[Command]:
         if not self.speaking.active:
@@ -304,6 +317,10 @@ class CallCore:
         """Say `text`, then hang up once it has played."""
         cmds = self._end_reply()
         self.after_reply = EndCall()
+        # the goodbye replaces what was still held: nothing is said after it, and no later
+        # final can join (and so undo) a turn that ends the call
+        self.held.clear()
+        self.said_turn = self.turns.turn
         if text:
             self.history.assistant(text, self.turns.turn)
             cmds += self._say(text, self.turns.turn, now)

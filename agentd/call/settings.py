@@ -49,7 +49,8 @@ class CallSettings:
     retry_s: float = 1.0
     max_attempts: int = 4
     # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
-    # /stop 503, docs/protocol.md §8.3), give up (loudly) after `max_stop_attempts` (~4 min)
+    # /stop 503, docs/protocol.md §8.3); refused `max_stop_attempts` times (~2 min): give up,
+    # loudly. An unreachable VoIPBIN (no answer, 429) is waited out instead
     stop_delete_after: int = 2
     max_stop_attempts: int = 8
     # speaking sessions replaced because every /say on them failed, before the call is ended

@@ -93,13 +93,13 @@ class Conversation(CallCore):
         """Open the next turn with the caller's words and ask the backend."""
         self.turns.step(TurnInput.TRANSCRIPT)
         self.history.user(event.message.strip(), self.turns.turn)
+        cmds = self._timing_flushed()  # the previous reply was cut before it was said
         self.turn_times = {"transcript": now}
         self.held.clear()
-        self.timing_due = False
         self.final_at = now
         self.hold_until = now + self.settings.final_hold_s
         window = self.history.window(self.settings.history_limit)
-        return [AskBackend(self.id, self.turns.turn, window)]
+        return [*cmds, AskBackend(self.id, self.turns.turn, window)]
 
     def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
         """More of the caller's turn (a split sentence, or an afterthought) before anything of
@@ -242,10 +242,12 @@ class Conversation(CallCore):
         cmds: list[Command] = [] if self.timing_due else [self._turn_record(now)]
         cmds += self.arm_silence(now)
         action = event.action
-        if isinstance(action, TransferTo) and not self.may_transfer_to(action.number):
-            # a caller must not talk the agent into dialling a premium number
-            cmds += self._transfer_failed(now, "not in agent.transfer_numbers", action.number)
-            action = None
+        if isinstance(action, TransferTo):
+            allowed = self.allowed_number(action.number)
+            if allowed is None:
+                # a caller must not talk the agent into dialling a premium number
+                cmds += self._transfer_failed(now, "not in agent.transfer_numbers", action.number)
+            action = None if allowed is None else TransferTo(allowed)
         if action is not None and self.phase.live:
             # let the goodbye (or "transferring you now") finish playing first
             self.after_reply = action
@@ -254,10 +256,12 @@ class Conversation(CallCore):
             cmds.append(StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait))
         return cmds
 
-    def may_transfer_to(self, number: str) -> bool:
-        """Whether `number` is on the transfer allow-list."""
-        allowed = {normalise_number(n) for n in self.settings.transfer_numbers}
-        return normalise_number(number) in allowed
+    def allowed_number(self, number: str) -> str | None:
+        """The allow-listed number `number` names (as configured: that is what is dialled)."""
+        wanted = normalise_number(number)
+        return next(
+            (n for n in self.settings.transfer_numbers if normalise_number(n) == wanted), None
+        )
 
     def _transfer_failed(self, now: float, why: str, number: str = "") -> list[Command]:
         """The caller stays with the agent, and is told so."""
@@ -282,7 +286,8 @@ class Conversation(CallCore):
             Record(self.id, Kind.BACKEND_FAILED, {"turn": event.turn, "error": event.error})
         ]
         fallback = self.settings.fallback_text
-        if fallback and not self.history.has_reply(self.turns.turn):
+        # a part held back for the end of the caller's turn is said; no fallback on top of it
+        if fallback and not self.history.has_reply(self.turns.turn) and not self.held:
             self.history.assistant(fallback, self.turns.turn)
             cmds += self._say(fallback, self.turns.turn, now)
         return cmds
