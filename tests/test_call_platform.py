@@ -335,3 +335,15 @@ def test_a_stop_voipbin_never_answers_is_never_given_up() -> None:
         cmds = step(call, Stopped("speaking", "s1", False, 0), 6 + attempt)
         assert any(isinstance(c, StartTimer) for c in cmds)
         assert not [r for r in records(cmds, Kind.LEAK) if r.data.get("gave_up")]
+
+
+def test_a_joined_turn_is_timed_once() -> None:
+    call = answered(HOLD)
+    step(call, transcript("great thanks", "tr1"), 10)
+    step(call, ReplySentence(1, "Goodbye!"), 10.1)
+    step(call, ReplyDone(1), 10.2)  # complete, but held
+    cmds = step(call, transcript("bye", "tr2"), 10.4)
+    assert records(cmds, Kind.TURN) == []
+    step(call, ReplySentence(2, "Goodbye!"), 10.5)
+    step(call, ReplyDone(2), 10.6)
+    assert len(records(step(call, TimerFired(T("hold")), 10.9), Kind.TURN)) == 1

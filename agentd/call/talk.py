@@ -108,6 +108,7 @@ class Conversation(CallCore):
         self.speech_since = None
         self.transcript_due = False
         self.after_reply = None  # an end_call meant for the first half of the turn
+        self.timing_due = False  # the same turn goes on: it is timed once, when answered
         if self.turns.replying:
             self.turns.step(TurnInput.END)
         return [
