@@ -347,3 +347,16 @@ def test_a_joined_turn_is_timed_once() -> None:
     step(call, ReplySentence(2, "Goodbye!"), 10.5)
     step(call, ReplyDone(2), 10.6)
     assert len(records(step(call, TimerFired(T("hold")), 10.9), Kind.TURN)) == 1
+
+
+def test_a_goodbye_waiting_for_a_polled_session_is_said_before_the_hangup() -> None:
+    call = answered(speaking="initiating")  # the session is polled until active
+    cmds = step(call, TimerFired(T("max_call")), SETTINGS.max_call_s)
+    timer = next(
+        c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is TimerKind.AFTER_REPLY
+    )
+    assert kinds(step(call, TimerFired(timer.timer), SETTINGS.max_call_s + timer.delay_s)) == [
+        "StartTimer"
+    ]  # not yet: the goodbye waits for the session
+    cmds = step(call, SpeakingStarted("s1", "active"), SETTINGS.max_call_s + 2)
+    assert SETTINGS.time_limit_goodbye in [c.text for c in cmds if isinstance(c, Say)]

@@ -176,7 +176,7 @@ class Call(Recovery, Sessions, Conversation):
     def _after_reply_timer(self, now: float) -> list[Command]:
         if self.after_reply is None:
             return []
-        if self.held or (self.playback.queued and self.speaking.starting):
+        if self.held or (self.playback.queued and not self.speaking.active):
             # the goodbye has not gone out yet (held, or waiting for a new session)
             wait = max(self.hold_until - now, self.settings.retry_s)
             return [StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
