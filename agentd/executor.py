@@ -473,5 +473,7 @@ def _describe(cmd: Command) -> dict[str, Any]:
     if isinstance(cmd, Say):
         out["text"] = cmd.text
     if isinstance(cmd, Record):
-        out.update({k: v for k, v in cmd.data.items() if k not in out})
+        # an error record says what failed in data["what"]: shown as `detail`, not dropped
+        data = {("detail" if k == "what" else k): v for k, v in cmd.data.items()}
+        out.update({k: v for k, v in data.items() if k not in out})
     return out

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
+import structlog.testing
 
 from agentd.backends.echo import EchoBackend
 from agentd.commands import (
@@ -13,6 +14,7 @@ from agentd.commands import (
     CancelBackend,
     Finished,
     Message,
+    Record,
     ReplyDone,
     ReplySentence,
     Result,
@@ -26,7 +28,7 @@ from agentd.commands import (
 )
 from agentd.events import Event
 from agentd.executor import Executor
-from agentd.names import Timer, TimerKind
+from agentd.names import Kind, Timer, TimerKind
 from agentd.sim import Caller, Simulator
 from agentd.voipbin import Credentials, Secret, VoipbinClient
 from tests.support import CALLER, OUR_NUMBER
@@ -184,4 +186,13 @@ async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_cre
     assert isinstance(started, SpeakingStarted)
     assert started.status == "active" and started.speaking_id != killed[0]
     assert sim.requests_matching("DELETE", rf"/speakings/{killed[0]}$")
+    await ex.close()
+
+
+async def test_an_error_records_own_what_is_logged_as_detail(client: VoipbinClient) -> None:
+    ex = Executor(client, EchoBackend(), Results().feed)
+    with structlog.testing.capture_logs() as logs:
+        ex.execute("c1", [Record("c1", Kind.ERROR, {"what": "say failed", "status": 503})])
+    [line] = [e for e in logs if e.get("command") == "Record"]
+    assert (line["what"], line["detail"], line["status"]) == ("error", "say failed", 503)
     await ex.close()
