@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from agentd.call import CallSettings
+from agentd.call import Call, CallSettings
 from agentd.call.talk import is_backchannel
 from agentd.commands import (
     ORPHAN,
@@ -360,3 +360,17 @@ def test_a_goodbye_waiting_for_a_polled_session_is_said_before_the_hangup() -> N
     ]  # not yet: the goodbye waits for the session
     cmds = step(call, SpeakingStarted("s1", "active"), SETTINGS.max_call_s + 2)
     assert SETTINGS.time_limit_goodbye in [c.text for c in cmds if isinstance(c, Say)]
+
+
+def test_a_session_given_up_on_is_kept_for_the_next_agentd_which_never_adopts_it() -> None:
+    call = answered()
+    call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
+    step(call, status("hangup"), 5)
+    for attempt in range(SETTINGS.max_stop_attempts):
+        cmds = step(call, Stopped("speaking", "s1", False, 503), 6 + attempt)
+    assert [r for r in records(cmds, Kind.LEAK) if r.data.get("gave_up")]
+    snapshot = call.snapshot()
+    assert ("speaking", "s1") in snapshot["pending_stops"]
+    again = Call.restore(snapshot, SETTINGS)
+    assert "s1" in again.ledger.known()  # never adopted; its stop is sent once more
+    assert StopSpeaking(CID, "s1") in again.resume(100.0)

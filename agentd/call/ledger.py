@@ -72,7 +72,7 @@ class Ledger:
     def __init__(self) -> None:
         self.pending: dict[str, tuple[SessionKind, int]] = {}  # id -> (kind, attempts)
         self._confirmed: OrderedDict[str, None] = OrderedDict()
-        self._abandoned: set[str] = set()
+        self._abandoned: dict[str, SessionKind] = {}
         self.hangup_pending = False
         # a session may exist whose id we never learned (a crash or a lost create answer)
         self.sweep_needed = False
@@ -95,11 +95,11 @@ class Ledger:
             k, attempts = self.pending.get(sid, (kind, 0))
             self.pending[sid] = (k, attempts + 1)
         elif nxt is StopState.ABANDONED:
-            self.pending.pop(sid, None)
-            self._abandoned.add(sid)
+            k, _ = self.pending.pop(sid, (kind, 0))
+            self._abandoned[sid] = k
         elif nxt is StopState.CONFIRMED:
             self.pending.pop(sid, None)
-            self._abandoned.discard(sid)
+            self._abandoned.pop(sid, None)
             self._confirmed[sid] = None
             if len(self._confirmed) > _CONFIRMED_KEEP:
                 self._confirmed.popitem(last=False)
@@ -124,6 +124,12 @@ class Ledger:
     def known(self) -> frozenset[str]:
         """Every session this call asked to stop: never to be adopted again."""
         return frozenset((*self.pending, *self._confirmed, *self._abandoned))
+
+    def unconfirmed(self) -> tuple[tuple[SessionKind, str], ...]:
+        """Every stop not confirmed, given up ones included (for the store): a restart sends
+        them all again, and never adopts one of those sessions."""
+        pending = [(kind, sid) for sid, (kind, _) in self.pending.items()]
+        return (*pending, *((kind, sid) for sid, kind in self._abandoned.items()))
 
     def restore(self, stops: list[tuple[SessionKind, str]]) -> None:
         """Stops left unconfirmed by the agentd before a restart."""

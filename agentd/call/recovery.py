@@ -92,7 +92,7 @@ class Recovery(CallCore):
             "status": self.status,
             "transcribe_id": self.transcribe.id,
             "speaking_id": self.speaking.id,
-            "pending_stops": tuple((kind, sid) for sid, (kind, _) in self.ledger.pending.items()),
+            "pending_stops": self.ledger.unconfirmed(),
             "greeted": self.greeted,
             "turn": self.turns.turn,
             "history": self.history.pairs(),
