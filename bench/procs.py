@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from agentd.sim.settings import SimSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,7 +78,10 @@ class Sim:
 LATENCY_SCALE = 0.05
 #: What agentd is told of them: its /say latency estimate, and no turn hold (turn-taking policy
 #: is not overhead; the hold is `agent.final_hold_s`, 0.5 s by default)
-AGENT_TIMING = {"say_latency_s": 1.1 * LATENCY_SCALE, "final_hold_s": 0.0}
+AGENT_TIMING = {
+    "say_latency_s": SimSettings().scaled(LATENCY_SCALE).say_latency_s,
+    "final_hold_s": 0.0,
+}
 
 
 async def start_sim(

@@ -28,12 +28,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from agentd.call import CallSettings
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 
 OUR_NUMBER = "+15551234567"
 PLAYBACK = 200.0
 LATENCY_SCALE = 0.08  # the service's TTS/STT latencies, shrunk about as much as the playback
-SAY_LATENCY = 1.1 * LATENCY_SCALE  # what agentd is told of the simulator's
+SAY_LATENCY = SimSettings().scaled(LATENCY_SCALE).say_latency_s  # agentd is told the simulator's
 FAULTS = ("drop", "expire", "5xx", "429", "say500", "say404", "pod", "deaf", "orphan")
 CONFIG = """
 [voipbin]
@@ -80,8 +81,8 @@ class Soak:
                 number=OUR_NUMBER,
                 playback=PLAYBACK,
                 latency=SAY_LATENCY,
-                hold=0.5 * LATENCY_SCALE,
-                wait=1.6 * LATENCY_SCALE,
+                hold=CallSettings().final_hold_s * LATENCY_SCALE,
+                wait=CallSettings().final_wait_s * LATENCY_SCALE,
                 store=workdir / "agentd.db",
             )
         )
