@@ -24,6 +24,7 @@ class TimerKind(enum.StrEnum):
     TRANSCRIPT_DUE = "transcript_due"  # speech ended, its transcript has not come
     AFTER_REPLY = "after_reply"  # the reply has played: run the action it asked for
     HOLD = "hold"  # the caller's turn seems over: say the reply held back so far
+    ENDPOINT = "endpoint"  # the caller's words stopped growing: ask, or end their turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,10 @@ from typing import Any
 
 from agentd.call.attach import Sessions
 from agentd.call.core import Input
+from agentd.call.listen import Listening
 from agentd.call.phase import REMOTE, Effect, Phase, PhaseInput
 from agentd.call.recovery import Recovery
 from agentd.call.table import Illegal
-from agentd.call.talk import Conversation
 from agentd.commands import (
     CallGone,
     CheckCall,
@@ -66,7 +66,7 @@ from agentd.names import Kind, Timer, TimerKind, TransferTo
 _STATUSES = {inp.value: inp for inp in REMOTE}
 
 
-class Call(Recovery, Sessions, Conversation):
+class Call(Recovery, Sessions, Listening):
     """One call. Feed it events and results; it returns commands."""
 
     def handle(self, event: Input, now: float) -> list[Command]:
@@ -244,4 +244,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.MAX_CALL: Call._max_call_timer,
     TimerKind.AFTER_REPLY: Call._after_reply_timer,
     TimerKind.HOLD: Call.on_hold,
+    TimerKind.ENDPOINT: Call.on_endpoint,
 }

@@ -34,6 +34,18 @@ class History:
         else:
             self.msgs.append(Msg("user", text, turn))
 
+    def revise_user(self, old: str, new: str, turn: int) -> bool:
+        """The caller's words `old`, the end of the last message, are now `new`; False when the
+        last message is no longer theirs (then `new` is added with `user`)."""
+        if not old or not self.msgs or self.msgs[-1].role != "user":
+            return False
+        m = self.msgs[-1]
+        if not m.text.endswith(old):
+            return False
+        m.text = (m.text[: len(m.text) - len(old)] + new).strip()
+        m.turn = turn
+        return True
+
     def assistant(self, text: str, turn: int) -> None:
         """The agent said `text` (a greeting, a reprompt, a fallback, a goodbye)."""
         self.msgs.append(Msg("assistant", text, turn))

@@ -10,6 +10,7 @@ DEFAULT_FALLBACK = "Sorry, I didn't catch that. Could you say it again?"
 _CJK = frozenset({"ko", "ja", "zh"})
 CutMethod = Literal["flush", "restart"]
 BargeIn = Literal["speech", "transcript", "off"]
+ReplyOn = Literal["final", "interim"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,17 @@ class CallSettings:
     # reply then waits for their final, which comes ~1.1 s after the words (up to final_wait_s)
     final_hold_s: float = 0.5
     final_wait_s: float = 1.6
+    # "interim": the end of the caller's turn is read from their interims (stable text, cues of
+    # the language, their own pauses) and the reply is asked for before the final transcript;
+    # "final": only on final transcripts (agentd.call.endpoint)
+    reply_on: ReplyOn = "final"
+    # interim: the turn is over after this long without new words when they end a sentence
+    # (0.6 of it after a question, 1.5 times it when nothing tells, longer for a caller who
+    # pauses mid-thought); the backend is asked at once on a question or a full sentence, after
+    # `speculate_s` of stable words otherwise, at most `max_speculative` times a turn
+    end_of_turn_s: float = 0.6
+    speculate_s: float = 0.35
+    max_speculative: int = 3
     cut_method: CutMethod | None = None  # None: flush for gcp and aws, else stop + new session
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)

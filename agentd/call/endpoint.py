@@ -1,0 +1,224 @@
+"""Where the caller's turn ends, read from VoIPBIN's interims and finals: pure text and times.
+
+VoIPBIN publishes `speech_ended` together with the final transcript, about a second after the
+caller stopped (docs/protocol.md §10): the earliest sign of the end of a turn is that the
+interims stop bringing new words. How long to wait for more depends on what the words say — a
+question is over, "and" or "um" is not — and on this caller's own pauses: one who went on after
+a pause the agent took for the end gets a longer wait next time (cf. LiveKit's dynamic
+endpointing). `Hearing` keeps the words of the open turn; `cue` reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+_PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\uff0c\"'()")
+_PAUSE_MIN_S = 0.3  # a gap shorter than this is between two words, not a pause
+_PAUSE_MAX_S = 3.0  # longer: the caller started over, not a pause mid-thought
+MAX_END_S = 1.5  # however long this caller's pauses, the wait never exceeds this
+
+
+class Cue(enum.Enum):
+    """What the words say about the end of the turn."""
+
+    QUESTION = "question"  # a question is complete: answer soon
+    DONE = "done"  # a full stop, or a sentence-final ending
+    OPEN = "open"  # nothing either way
+    GOING_ON = "going_on"  # a trailing conjunction, filler or comma: more is coming
+
+
+# words that leave a sentence open when they end it (lower case, no punctuation)
+_TRAILING_EN = frozenset(
+    {
+        *("and", "but", "or", "so", "because", "cause", "um", "uh", "er", "erm", "hmm"),
+        *("like", "the", "a", "an", "to", "of", "with", "for", "my", "your", "our", "if"),
+        *("that", "then", "than", "when", "which", "who", "i", "i'm", "is", "are", "was"),
+        *("at", "in", "on", "from", "about", "also", "well", "actually", "maybe", "not"),
+        *("could", "would", "can", "will", "want", "need", "just", "please", "let", "me"),
+    }
+)
+_TRAILING_KO = frozenset(
+    {
+        "그리고",
+        "근데",
+        "그런데",
+        "그래서",
+        "그러니까",
+        "음",
+        "어",
+        "저",
+        "그",
+        "아니",
+        "뭐",
+        "좀",
+        "혹시",
+        "제",
+        "내",
+    }
+)
+# connective verb endings: "-고" (and), "-는데" (but, so), "-면" (if), "-서" (because) ...
+_CONNECTIVE_KO = ("는데", "은데", "인데", "지만", "니까", "려고", "고", "서", "면")
+_QUESTION_KO = ("까", "까요", "나요", "가요", "죠", "니", "냐")
+_DONE_KO = ("다", "요", "니다")
+_TRAILING_JA = (
+    "えーと",
+    "えっと",
+    "あの",
+    "その",
+    "えー",
+    "それで",
+    "でも",
+    "けど",
+    "けれど",
+    "から",
+    "て",
+    "で",
+    "が",
+    "し",
+    "と",
+)
+_QUESTION_JA = ("か", "かな", "の")
+_DONE_JA = ("です", "ます", "でした", "ました", "た", "だ")
+_QMARKS = "?\uff1f"  # ? and the full-width one
+_STOPS = ".!\u3002\uff01"  # . ! and the CJK ones
+_GOING = ",\u3001\uff0c-\u2013\u2014\u2026"  # commas, dashes, an ellipsis
+
+
+def words(text: str) -> tuple[str, ...]:
+    """`text` as lower-case words without punctuation: what is compared."""
+    return tuple(text.lower().translate(_PUNCT).split())
+
+
+def cue(text: str, language: str) -> Cue:
+    """What `text`, the caller's turn so far, says about its end (en, ko and ja cues; the
+    punctuation VoIPBIN's STT adds counts in every language)."""
+    stripped = text.rstrip()
+    if not stripped:
+        return Cue.GOING_ON
+    last = stripped[-1]
+    if last in _GOING:
+        return Cue.GOING_ON
+    ws = words(stripped)
+    tail = ws[-1] if ws else ""
+    lang = language.lower()[:2]
+    if lang == "ko" and (tail in _TRAILING_KO or tail.endswith(_CONNECTIVE_KO)):
+        return Cue.GOING_ON
+    if lang == "ja" and tail.endswith(_TRAILING_JA) and last not in _QMARKS + _STOPS:
+        return Cue.GOING_ON
+    if lang not in ("ko", "ja") and tail in _TRAILING_EN:
+        return Cue.GOING_ON
+    if last in _QMARKS:
+        return Cue.QUESTION
+    if last in _STOPS:
+        return Cue.DONE
+    if lang == "ko":
+        if tail.endswith(_QUESTION_KO):
+            return Cue.QUESTION
+        if tail.endswith(_DONE_KO):
+            return Cue.DONE
+    if lang == "ja":
+        if tail.endswith(_QUESTION_JA):
+            return Cue.QUESTION
+        if tail.endswith(_DONE_JA):
+            return Cue.DONE
+    return Cue.OPEN
+
+
+def goes_on(new: str, old: str) -> bool:
+    """Whether `new` has words `old` has not: the caller said more. A re-punctuated or
+    re-cased repeat is no more, nor one word of three or more the STT heard again differently."""
+    a, b = words(old), words(new)
+    matched = sum(m.size for m in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+    unmatched = len(b) - matched
+    if unmatched == 1 and len(b) == len(a) >= 3:
+        return False
+    return unmatched > 0
+
+
+@dataclass(slots=True)
+class Hearing:
+    """The caller's open turn: its final fragments and the interim in progress.
+
+    The STT reports one utterance at a time: an interim that starts other, fewer words than the
+    one before is the next utterance, and the one before stands (provisionally) until its
+    final comes."""
+
+    finals: list[str] = field(default_factory=list)
+    provisional: int = 0  # how many of `finals`, the last ones, are interims awaiting their final
+    interim: str = ""
+    changed_at: float = 0.0  # when the words last grew
+    final_at: float = -1.0  # when the last final came
+    asked: str = ""  # the words the reply under way was asked with ("": none)
+    in_history: str = ""  # the words the history holds for this turn
+    asks: int = 0  # backend calls made for this turn
+    wasted: int = 0  # of them, dropped because the caller went on
+    ended: bool = False  # the turn was taken for over (and the caller may yet go on)
+
+    def text(self) -> str:
+        """The turn so far."""
+        return " ".join([*self.finals, self.interim]).strip()
+
+    def on_interim(self, text: str, now: float) -> bool:
+        """An interim; True when it brought words the turn did not have."""
+        before = self.text()
+        old, new = words(self.interim), words(text)
+        if old and new[:1] != old[:1] and len(new) < len(old):
+            self.finals.append(self.interim)
+            self.provisional += 1
+        self.interim = text.strip()
+        return self._grew(before, now)
+
+    def on_final(self, text: str, now: float) -> bool:
+        """A final fragment; True when it brought words the turn did not have."""
+        before = self.text()
+        self.final_at = now
+        if self.provisional:
+            # the final of the oldest utterance still standing on its interim
+            self.finals[len(self.finals) - self.provisional] = text.strip()
+            self.provisional -= 1
+        else:
+            self.finals.append(text.strip())
+            if words(self.interim)[:1] == words(text)[:1]:
+                self.interim = ""  # else: an interim of the next utterance came first
+        return self._grew(before, now)
+
+    def _grew(self, before: str, now: float) -> bool:
+        if goes_on(self.text(), before):
+            self.changed_at = now
+            return True
+        return False
+
+    @property
+    def final(self) -> bool:
+        """The STT ended the utterance: a final came and no new words since."""
+        return self.final_at >= self.changed_at
+
+    def stale(self) -> bool:
+        """The reply under way was asked with fewer words than the turn now has."""
+        return bool(self.asked) and goes_on(self.text(), self.asked)
+
+
+class Pauses:
+    """This caller's pauses mid-turn: a gap after which they went on although the agent had
+    taken it for the end (cf. LiveKit's dynamic endpointing)."""
+
+    __slots__ = ("typical",)
+
+    def __init__(self) -> None:
+        self.typical = 0.0
+
+    def went_on_after(self, gap: float) -> None:
+        """The caller went on after `gap` seconds of no new words."""
+        if _PAUSE_MIN_S <= gap <= _PAUSE_MAX_S:
+            self.typical = gap if not self.typical else 0.5 * self.typical + 0.5 * gap
+
+    def wait(self, c: Cue, base: float, going_on: float) -> float:
+        """Seconds of no new words after which the turn is over, for words that end `c`."""
+        if c is Cue.GOING_ON:
+            return going_on
+        if c is Cue.QUESTION:
+            return base * 0.6  # a question mark is trusted: no adaptation
+        own = base * 1.5 if c is Cue.OPEN else base
+        return min(max(own, self.typical * 1.1), MAX_END_S)

@@ -1,0 +1,198 @@
+"""Replies asked for before the final transcript (`agent.reply_on = "interim"`).
+
+On VoIPBIN the final transcript comes about a second after the caller stopped, with
+`speech_ended` (docs/protocol.md §10); the interims come as the words are said. So the reply is
+asked for on the interims: at once when the words end a question or a sentence, after a short
+stable spell otherwise, never on a trailing "and" or "um" (`endpoint.cue`). Its sentences are
+held until the turn is over — no new words for a while that depends on those cues and on this
+caller's own pauses — and then said, usually before the final has come. When the caller goes on
+the reply is dropped (a backend call wasted, at most `max_speculative` per turn) and asked again
+for all of the words; a reply sent but not heard yet is cut before its audio starts.
+
+One user turn gets one reply: the final that repeats the words already answered is absorbed,
+whatever order, duplicates or read-backs it comes in; only new words open a new turn.
+"""
+
+from __future__ import annotations
+
+from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, words
+from agentd.call.settings import CallSettings
+from agentd.call.talk import Conversation, is_backchannel
+from agentd.call.turn import TurnInput
+from agentd.commands import AskBackend, CancelBackend, Command, Record, StartTimer
+from agentd.events import SpeechEvent, TranscriptEvent
+from agentd.names import Kind, Timer, TimerKind
+
+_EPS = 0.01  # timers fire a hair early
+_NEVER = float("inf")  # "ask" time of words that go on: only once the turn is over
+
+
+class Listening(Conversation):
+    """The conversation, with the end of the caller's turn read from their interims."""
+
+    def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
+        super().__init__(call_id, settings, direction=direction)
+        self.hearing: Hearing | None = None  # the caller's open turn
+        self.pauses = Pauses()
+        self.answered: tuple[str, ...] = ()  # words of the last turn answered, for its late final
+        self.wasted = 0  # backend calls dropped because the caller went on
+
+    @property
+    def _speculating(self) -> bool:
+        return self.settings.reply_on == "interim"
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
+        if not self._speculating or event.kind != "interim" or event.direction != "in":
+            return super().on_speech(event, now)
+        if not self.phase.live or not event.message.strip():
+            return []
+        if self.speech_since is None:
+            self.speech_since = now
+        self.heard_words = True
+        h = self._open_turn(now)
+        cmds: list[Command] = []
+        if h is None:
+            if self.playback.talking(now):
+                # the agent's audio plays: only words that pass the barge-in gate take the turn
+                cmds = self._speech_barge_in(event, now)
+                if not cmds:
+                    return []
+            elif not goes_on(event.message, " ".join(self.answered)):
+                return []  # the answered turn's words again
+            h = self.hearing = Hearing()
+        gap = now - h.changed_at
+        if not h.on_interim(event.message, now):
+            return cmds
+        return cmds + self._words_grew(h, gap, now)
+
+    def on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
+        if not self._speculating:
+            return super().on_transcript(event, now)
+        if event.direction != "in" or not event.message.strip():
+            return []
+        if not self.turns.mark_seen(event.id) or not self.phase.live:
+            return []
+        self.speech_since = None
+        self.transcript_due = False
+        h = self._open_turn(now)
+        cmds: list[Command] = []
+        if h is None:
+            if not goes_on(event.message, " ".join(self.answered)):
+                return []  # the final of words already answered (it repeats their interim)
+            self.answered = ()
+            if self.playback.talking(now):
+                if is_backchannel(event.message, self.settings.backchannels):
+                    return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
+                if self.settings.barge_in != "off" and not self._greeting_kept(now):
+                    cmds = self._cut(now, "transcript")
+            h = self.hearing = Hearing()
+        gap = now - h.changed_at
+        if not h.on_final(event.message, now):
+            return cmds + self._final_confirms(h, now)
+        return cmds + self._words_grew(h, gap, now)
+
+    def on_endpoint(self, now: float) -> list[Command]:
+        """The timer of the open turn: ask the backend, or end the turn, when due."""
+        h = self.hearing
+        if h is None or self._heard_reply(h, now):
+            return []
+        return self._due(h, now)
+
+    # -- the open turn ---------------------------------------------------------------------------
+
+    def _open_turn(self, now: float) -> Hearing | None:
+        """The caller's open turn; one whose reply the caller hears is answered: closed."""
+        h = self.hearing
+        if h is not None and self._heard_reply(h, now):
+            self.answered = words(h.text())
+            self.hearing = h = None
+        return h
+
+    def _heard_reply(self, h: Hearing, now: float) -> bool:
+        """Whether the audio of this turn's reply (or of the fallback said for it) started."""
+        if not h.asks:
+            return False
+        starts = [p.start for p in self.playback.pieces if p.turn == self.turns.turn]
+        return bool(starts) and min(starts) <= now
+
+    def _words_grew(self, h: Hearing, gap: float, now: float) -> list[Command]:
+        """The caller said more: drop a reply asked with fewer words, then see what is due."""
+        cmds: list[Command] = []
+        if h.stale():
+            if h.ended:
+                self.pauses.went_on_after(gap)
+            h.ended = False
+            h.asked = ""
+            cmds += self._drop_reply(h, now)
+        return cmds + self._due(h, now)
+
+    def _final_confirms(self, h: Hearing, now: float) -> list[Command]:
+        """A final with no new words: the STT says the utterance ended. Words that seemed to go
+        on ("and", "um") are over after all once the caller stays quiet a little longer."""
+        if h.asked or cue(h.text(), self.settings.language) is not Cue.GOING_ON:
+            return []
+        return self._due(h, now)
+
+    def _drop_reply(self, h: Hearing, now: float) -> list[Command]:
+        """The reply was asked with fewer words: cancel it; cut it if it was sent, unheard."""
+        turn = self.turns.turn
+        self.wasted += 1
+        h.wasted += 1
+        cmds: list[Command] = [
+            Record(self.id, Kind.TURN_JOINED, {"turn": turn, "wasted": h.wasted})
+        ]
+        if self.said_turn == turn:
+            return cmds + self._cut(now, "caller went on")
+        self.held.clear()
+        self.after_reply = None
+        self.timing_due = False
+        if self.turns.replying:
+            self.turns.step(TurnInput.END)
+            cmds.append(CancelBackend(self.id, turn))
+        return cmds
+
+    def _due(self, h: Hearing, now: float) -> list[Command]:
+        """Ask the backend and end the turn when their time has come; else wait for it."""
+        s = self.settings
+        text = h.text()
+        c = cue(text, s.language)
+        if c is Cue.GOING_ON and h.final:
+            c = Cue.OPEN  # the STT heard the end of it: trust the pause
+        # words that go on and then nothing, not even their final (lost): over after a while
+        end_at = h.changed_at + self.pauses.wait(c, s.end_of_turn_s, 2 * s.final_wait_s)
+        if h.final and c is not Cue.QUESTION:
+            end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
+        ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)
+        if c is Cue.GOING_ON:
+            ask_at = _NEVER
+        if h.asks >= s.max_speculative:
+            ask_at = end_at  # enough was wasted on this turn: ask once it is over
+        cmds: list[Command] = []
+        if not h.asked and now >= ask_at - _EPS:
+            cmds += self._ask_for(h, text, now)
+        self.hold_until = end_at
+        if now >= end_at - _EPS:
+            h.ended = True
+            return cmds + self.on_hold(now)
+        nxt = end_at if h.asked else min(ask_at, end_at)
+        return [*cmds, StartTimer(self.id, Timer(TimerKind.ENDPOINT), max(0.0, nxt - now))]
+
+    def _ask_for(self, h: Hearing, text: str, now: float) -> list[Command]:
+        """Ask the backend for the reply to `text`, the caller's whole turn so far."""
+        cmds = self._timing_flushed()
+        if self.turns.replying:
+            self.turns.step(TurnInput.END)
+            cmds.append(CancelBackend(self.id, self.turns.turn))
+        self.turns.step(TurnInput.TRANSCRIPT)
+        # the history holds the turn once, with all of its words
+        if not self.history.revise_user(h.in_history, text, self.turns.turn):
+            self.history.user(text, self.turns.turn)
+        h.in_history = text
+        h.asks += 1
+        h.asked = text
+        self.held.clear()
+        self.turn_times = {"transcript": h.changed_at}  # timed from the caller's last words
+        window = self.history.window(self.settings.history_limit)
+        return [*cmds, AskBackend(self.id, self.turns.turn, window)]
