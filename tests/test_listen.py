@@ -100,13 +100,19 @@ def test_only_new_words_go_on() -> None:
 
 def test_a_caller_who_pauses_mid_thought_gets_a_longer_wait() -> None:
     p = Pauses()
-    assert p.wait(Cue.DONE, 0.6, 9) == 0.6
-    p.went_on_after(1.0)
-    assert p.wait(Cue.DONE, 0.6, 9) == pytest.approx(1.1)
-    assert p.wait(Cue.QUESTION, 0.6, 9) == pytest.approx(0.36)  # a question mark is trusted
+    assert p.wait(Cue.DONE, 0.6, 9, lead=1.0) == 0.6
+    p.went_on_after(1.0)  # a reply said after 0.6 s would have been cut before its audio
+    assert p.wait(Cue.DONE, 0.6, 9, lead=1.0) == 0.6
+    assert p.wait(Cue.DONE, 0.6, 9, lead=0.0) == pytest.approx(1.2)
+    p.went_on_after(2.6)
+    assert p.wait(Cue.DONE, 0.6, 9, lead=1.0) == pytest.approx(1.0)  # (1.0 + 2.6) / 2 + 0.2 - 1
+    assert p.wait(Cue.QUESTION, 0.6, 9, lead=1.0) == pytest.approx(0.36)  # a "?" is trusted
     p.went_on_after(10.0)  # started over: no pause
-    assert p.wait(Cue.DONE, 0.6, 9) == pytest.approx(1.1)
-    assert p.wait(Cue.GOING_ON, 0.6, 9) == 9
+    assert p.wait(Cue.DONE, 0.6, 9, lead=1.0) == pytest.approx(1.0)
+    assert p.wait(Cue.OPEN, 0.6, 9, lead=1.0) == pytest.approx(1.0)
+    assert p.wait(Cue.GOING_ON, 0.6, 9, lead=1.0) == 9
+    p.went_on_after(3.0)
+    assert p.wait(Cue.OPEN, 0.6, 9, lead=0.0) == 1.5  # never longer than this
 
 
 # -- the turn -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ _PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\uff0c\"'()")
 _PAUSE_MIN_S = 0.3  # a gap shorter than this is between two words, not a pause
 _PAUSE_MAX_S = 3.0  # longer: the caller started over, not a pause mid-thought
 MAX_END_S = 1.5  # however long this caller's pauses, the wait never exceeds this
+_MARGIN_S = 0.2
 
 
 class Cue(enum.Enum):
@@ -141,9 +142,8 @@ def goes_on(new: str, old: str) -> bool:
 class Hearing:
     """The caller's open turn: its final fragments and the interim in progress.
 
-    The STT reports one utterance at a time: an interim that starts other, fewer words than the
-    one before is the next utterance, and the one before stands (provisionally) until its
-    final comes."""
+    The STT reports one utterance at a time: an interim much shorter than the one before is the
+    next utterance, and the one before stands (provisionally) until its final comes."""
 
     finals: list[str] = field(default_factory=list)
     provisional: int = 0  # how many of `finals`, the last ones, are interims awaiting their final
@@ -164,7 +164,9 @@ class Hearing:
         """An interim; True when it brought words the turn did not have."""
         before = self.text()
         old, new = words(self.interim), words(text)
-        if old and new[:1] != old[:1] and len(new) < len(old):
+        # partials grow word by word and revise a word or so: one that lost more, or starts
+        # with another word and is shorter, is the next utterance
+        if old and (len(new) < len(old) - 1 or (new[:1] != old[:1] and len(new) < len(old))):
             self.finals.append(self.interim)
             self.provisional += 1
         self.interim = text.strip()
@@ -190,6 +192,10 @@ class Hearing:
             return True
         return False
 
+    def unconfirmed(self) -> str:
+        """The words whose final has not come yet."""
+        return " ".join([*self.finals[len(self.finals) - self.provisional :], self.interim]).strip()
+
     @property
     def final(self) -> bool:
         """The STT ended the utterance: a final came and no new words since."""
@@ -201,8 +207,8 @@ class Hearing:
 
 
 class Pauses:
-    """This caller's pauses mid-turn: a gap after which they went on although the agent had
-    taken it for the end (cf. LiveKit's dynamic endpointing)."""
+    """This caller's pauses mid-turn: gaps after which they went on although the agent had
+    taken the turn for over (cf. LiveKit's dynamic endpointing)."""
 
     __slots__ = ("typical",)
 
@@ -214,11 +220,15 @@ class Pauses:
         if _PAUSE_MIN_S <= gap <= _PAUSE_MAX_S:
             self.typical = gap if not self.typical else 0.5 * self.typical + 0.5 * gap
 
-    def wait(self, c: Cue, base: float, going_on: float) -> float:
-        """Seconds of no new words after which the turn is over, for words that end `c`."""
+    def wait(self, c: Cue, base: float, going_on: float, lead: float = 0.0) -> float:
+        """Seconds of no new words after which a turn whose words end `c` is over.
+
+        A reply said at the end is heard `lead` (the TTS latency) later, and one the caller
+        talks into before that is cut unheard: so the wait only grows for a caller whose
+        pauses outlast it and the lead together."""
         if c is Cue.GOING_ON:
             return going_on
         if c is Cue.QUESTION:
             return base * 0.6  # a question mark is trusted: no adaptation
         own = base * 1.5 if c is Cue.OPEN else base
-        return min(max(own, self.typical * 1.1), MAX_END_S)
+        return min(max(own, self.typical + _MARGIN_S - lead), MAX_END_S)

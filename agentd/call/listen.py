@@ -34,7 +34,9 @@ class Listening(Conversation):
         super().__init__(call_id, settings, direction=direction)
         self.hearing: Hearing | None = None  # the caller's open turn
         self.pauses = Pauses()
-        self.answered: tuple[str, ...] = ()  # words of the last turn answered, for its late final
+        # the words of the answered turn whose final has not come: it must not open a turn
+        self.answered = ""
+        self.answered_until = 0.0
         self.wasted = 0  # backend calls dropped because the caller went on
 
     @property
@@ -59,7 +61,7 @@ class Listening(Conversation):
                 cmds = self._speech_barge_in(event, now)
                 if not cmds:
                     return []
-            elif not goes_on(event.message, " ".join(self.answered)):
+            elif self._answered(event.message, now, final=False):
                 return []  # the answered turn's words again
             h = self.hearing = Hearing()
         gap = now - h.changed_at
@@ -79,9 +81,8 @@ class Listening(Conversation):
         h = self._open_turn(now)
         cmds: list[Command] = []
         if h is None:
-            if not goes_on(event.message, " ".join(self.answered)):
+            if self._answered(event.message, now, final=True):
                 return []  # the final of words already answered (it repeats their interim)
-            self.answered = ()
             if self.playback.talking(now):
                 if is_backchannel(event.message, self.settings.backchannels):
                     return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
@@ -106,9 +107,21 @@ class Listening(Conversation):
         """The caller's open turn; one whose reply the caller hears is answered: closed."""
         h = self.hearing
         if h is not None and self._heard_reply(h, now):
-            self.answered = words(h.text())
+            self.answered = h.unconfirmed()
+            self.answered_until = now + self.settings.transcript_due_s
             self.hearing = h = None
         return h
+
+    def _answered(self, text: str, now: float, *, final: bool) -> bool:
+        """Whether `text` repeats words of the answered turn (its late final, or an interim
+        sent again); a final takes its words off, and new words end the matching."""
+        if not self.answered or now > self.answered_until or goes_on(text, self.answered):
+            self.answered = ""
+            return False
+        if final:
+            rest = words(self.answered)[len(words(text)) :]
+            self.answered = " ".join(rest)
+        return True
 
     def _heard_reply(self, h: Hearing, now: float) -> bool:
         """Whether the audio of this turn's reply (or of the fallback said for it) started."""
@@ -161,7 +174,9 @@ class Listening(Conversation):
         if c is Cue.GOING_ON and h.final:
             c = Cue.OPEN  # the STT heard the end of it: trust the pause
         # words that go on and then nothing, not even their final (lost): over after a while
-        end_at = h.changed_at + self.pauses.wait(c, s.end_of_turn_s, 2 * s.final_wait_s)
+        end_at = h.changed_at + self.pauses.wait(
+            c, s.end_of_turn_s, 2 * s.final_wait_s, s.say_latency_s
+        )
         if h.final and c is not Cue.QUESTION:
             end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
         ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)
