@@ -25,6 +25,7 @@ class TimerKind(enum.StrEnum):
     AFTER_REPLY = "after_reply"  # the reply has played: run the action it asked for
     HOLD = "hold"  # the caller's turn seems over: say the reply held back so far
     ENDPOINT = "endpoint"  # the caller's words stopped growing: ask, or end their turn
+    FILLER = "filler"  # the turn is over and the reply is slow: say a filler
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,9 @@ class Kind(enum.StrEnum):
     BARGE_IN = "barge_in"
     BACKCHANNEL = "backchannel"  # "mm-hmm" while the agent talks: no barge-in, no turn
     TURN_JOINED = "turn_joined"  # another final before the reply was said: asked again
+    FILLER = "filler"  # the reply was slow: "One moment."
+    CUT_IN = "cut_in"  # the caller's turn ran past agent.max_turn_s: answered what was heard
+    ECHO = "echo"  # the caller's side repeated the agent's own words: no turn, no barge-in
     ACTION = "action"
     TRANSFERRED = "transferred"
     TRANSCRIBE_RESTARTED = "transcribe_restarted"

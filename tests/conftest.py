@@ -92,6 +92,9 @@ async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
                 "say_latency_s": SAY_LATENCY,
                 "final_hold_s": FINAL_HOLD,
                 "final_wait_s": FINAL_WAIT,
+                # a filler is one more /say in tests that count them: fillers are tested
+                # on their own (test_listen, test_turn_taking)
+                "filler_after_s": 0,
             },
             "daemon": {"drain_s": 5.0, "stop_sessions_on_shutdown": True},
             "store": {"path": str(tmp_path / f"agentd-{len(running)}.db")},

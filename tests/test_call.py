@@ -60,7 +60,7 @@ def transcript(text: str, tid: str = "tr1", direction: str = "in") -> Transcript
     return TranscriptEvent(tid, "t1", direction, text)
 
 
-BACKGROUND_TIMERS = {"watch", "silence", "max_call"}
+BACKGROUND_TIMERS = {"watch", "silence", "max_call", "filler"}
 
 
 def T(name: str) -> Timer:

@@ -21,7 +21,7 @@ from agentd.commands import (
     TimerFired,
 )
 from agentd.events import SpeechEvent
-from agentd.names import Kind, Timer, TimerKind
+from agentd.names import EndCall, Kind, Timer, TimerKind
 from tests.test_call import SETTINGS, answered, step, transcript
 
 CID = "c1"
@@ -60,7 +60,7 @@ def endpoint_delay(cmds: list[object]) -> float:
 
 
 def greeted(settings: CallSettings = LIVE) -> Call:
-    """Answered, and the greeting has played (t=0 .. ~2 s)."""
+    """Answered, and the greeting sent at t=0."""
     return answered(settings)
 
 
@@ -222,3 +222,74 @@ def test_final_mode_is_unchanged_by_interims() -> None:
     assert call.turn == 0
     cmds = step(call, transcript("What is my balance?"), 12.0)
     assert len(asks(cmds)) == 1
+
+
+# -- fillers, the turn limit, echo, kept lines ----------------------------------------------------
+
+
+def test_a_slow_reply_gets_a_filler_once_the_turn_is_over() -> None:
+    call = greeted()
+    last = speak(call, "what is my balance?", 10.0)
+    cmds = call.handle(ENDPOINT, last + 0.36)  # (`step` leaves the filler timer out)
+    filler = [c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is TimerKind.FILLER]
+    assert [t.delay_s for t in filler] == [LIVE.filler_after_s]
+    cmds = step(call, TimerFired(Timer(TimerKind.FILLER)), last + 0.36 + LIVE.filler_after_s)
+    assert says(cmds) == ["One moment."]
+    cmds = step(call, ReplySentence(1, "Ten dollars."), last + 2.0)
+    assert says(cmds) == ["Ten dollars."]  # it plays after the filler
+    # one filler a turn
+    assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), last + 3.0)) == []
+
+
+def test_a_reply_ready_in_time_needs_no_filler() -> None:
+    call = greeted(replace(LIVE, language="ko-KR"))
+    assert call.settings.filler == "잠시만요."
+    last = speak(call, "잔액이 얼마인가요?", 10.0)
+    step(call, ReplySentence(1, "만 원입니다."), last + 0.2)
+    step(call, ENDPOINT, last + 0.36)
+    assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), last + 1.4)) == []
+
+
+def test_a_turn_past_the_limit_is_cut_short_politely_and_answered() -> None:
+    call = greeted(replace(LIVE, max_turn_s=3.0))
+    words = "so the thing is that my card was charged twice last week and then again"
+    words = words.split()
+    for i in range(len(words)):
+        cmds = step(call, interim(" ".join(words[: i + 1])), 10.0 + 0.3 * i)
+        if any(isinstance(c, Record) and c.what == Kind.CUT_IN for c in cmds):
+            break
+    else:
+        raise AssertionError("never cut in")
+    assert says(cmds) == ["Sorry to cut in."]
+    (ask,) = asks(cmds)
+    assert ask.history[-1][1].startswith("so the thing is that my card was charged")
+    # the caller talking on neither cuts the agent nor makes another turn
+    t = 10.0 + 0.3 * i
+    assert step(call, interim("and I really want it back now"), t + 0.5) == []
+    assert step(call, transcript("so the thing is and I really want it back now"), t + 1.0) == []
+    assert says(step(call, ReplySentence(ask.turn, "I'll refund it."), t + 1.2)) == [
+        "I'll refund it."
+    ]
+
+
+def test_the_agents_own_words_heard_back_are_no_turn_and_no_barge_in() -> None:
+    for mode in ("final", "interim"):
+        greeting = "Hello, here is how I can help you today."
+        call = greeted(replace(LIVE, reply_on=mode, greeting=greeting))  # type: ignore[arg-type]
+        step(call, SpeechEvent("e", "t1", "interim", "in", "here is how I can"), 1.5)
+        cmds = step(call, transcript("Here is how I can help.", "echo1"), 1.8)
+        assert [c.what for c in cmds if isinstance(c, Record)] == [Kind.ECHO], mode
+        assert call.turn == 0
+        # a caller who says a word or two of ours is still heard
+        cmds = step(call, transcript("hello hello", "tr2"), 2.0)
+        assert Kind.ECHO not in [c.what for c in cmds if isinstance(c, Record)], mode
+
+
+def test_the_goodbye_before_an_action_is_not_barged_in_on() -> None:
+    call = greeted(replace(LIVE, reply_on="final", say_latency_s=0.0))
+    step(call, transcript("bye"), 5.0)
+    step(call, ReplySentence(1, "Goodbye, have a nice day and take care."), 5.1)
+    step(call, ReplyDone(1, action=EndCall()), 5.2)
+    cmds = step(call, interim("okay thank you bye"), 6.5)
+    cmds += step(call, transcript("okay thank you bye", "tr2"), 7.0)
+    assert not any(isinstance(c, Flush | StopSpeaking) for c in cmds)

@@ -245,4 +245,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.AFTER_REPLY: Call._after_reply_timer,
     TimerKind.HOLD: Call.on_hold,
     TimerKind.ENDPOINT: Call.on_endpoint,
+    TimerKind.FILLER: Call.on_filler,
 }

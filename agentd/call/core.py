@@ -78,6 +78,8 @@ class CallCore:
         self.held: list[tuple[int, str]] = []  # (turn, sentence) held back until then
         self.said_turn = -1  # the latest turn something was said for
         self.timing_due = False  # the reply is complete but held: its timings come when said
+        self.filler_due_at = float("inf")  # when a slow reply gets a filler
+        self.filler_turn = -1  # the turn a filler was said for
         self.age_s = 0.0  # how old the call was when a restart restored it
 
     @property

@@ -148,6 +148,7 @@ class Hearing:
     finals: list[str] = field(default_factory=list)
     provisional: int = 0  # how many of `finals`, the last ones, are interims awaiting their final
     interim: str = ""
+    started_at: float = 0.0  # when its first words came
     changed_at: float = 0.0  # when the words last grew
     final_at: float = -1.0  # when the last final came
     asked: str = ""  # the words the reply under way was asked with ("": none)

@@ -38,6 +38,7 @@ class Listening(Conversation):
         self.answered = ""
         self.answered_until = 0.0
         self.wasted = 0  # backend calls dropped because the caller went on
+        self.cutting_in = -1  # the turn the agent cut in on: its reply is not barged in on
 
     @property
     def _speculating(self) -> bool:
@@ -48,7 +49,7 @@ class Listening(Conversation):
     def on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
         if not self._speculating or event.kind != "interim" or event.direction != "in":
             return super().on_speech(event, now)
-        if not self.phase.live or not event.message.strip():
+        if not self.phase.live or not event.message.strip() or self._cutting_in(now):
             return []
         if self.speech_since is None:
             self.speech_since = now
@@ -63,10 +64,13 @@ class Listening(Conversation):
                     return []
             elif self._answered(event.message, now, final=False):
                 return []  # the answered turn's words again
-            h = self.hearing = Hearing()
+            h = self.hearing = Hearing(started_at=now)
         gap = now - h.changed_at
         if not h.on_interim(event.message, now):
             return cmds
+        limit = self.settings.max_turn_s
+        if limit > 0 and now - h.started_at > limit:
+            return cmds + self._cut_in(h, now)
         return cmds + self._words_grew(h, gap, now)
 
     def on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
@@ -78,17 +82,22 @@ class Listening(Conversation):
             return []
         self.speech_since = None
         self.transcript_due = False
+        if self._cutting_in(now):
+            return []  # the rest of the turn the agent cut short: it is answering
         h = self._open_turn(now)
         cmds: list[Command] = []
         if h is None:
             if self._answered(event.message, now, final=True):
                 return []  # the final of words already answered (it repeats their interim)
+            text = event.message.strip()
             if self.playback.talking(now):
-                if is_backchannel(event.message, self.settings.backchannels):
-                    return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
-                if self.settings.barge_in != "off" and not self._greeting_kept(now):
+                if is_backchannel(text, self.settings.backchannels):
+                    return [Record(self.id, Kind.BACKCHANNEL, {"text": text})]
+                if self._echo(text, now):
+                    return [Record(self.id, Kind.ECHO, {"text": text})]
+                if self.settings.barge_in != "off" and not self._kept(now):
                     cmds = self._cut(now, "transcript")
-            h = self.hearing = Hearing()
+            h = self.hearing = Hearing(started_at=now)
         gap = now - h.changed_at
         if not h.on_final(event.message, now):
             return cmds + self._final_confirms(h, now)
@@ -112,6 +121,27 @@ class Listening(Conversation):
             self.hearing = h = None
         return h
 
+    def _cutting_in(self, now: float) -> bool:
+        """The agent cut a long turn short and is answering: the caller's words wait."""
+        return self.cutting_in == self.turns.turn and (
+            self.turns.replying or self.playback.talking(now)
+        )
+
+    def _cut_in(self, h: Hearing, now: float) -> list[Command]:
+        """The caller's turn ran past `agent.max_turn_s`: say so politely and answer it."""
+        cmds: list[Command] = [
+            Record(self.id, Kind.CUT_IN, {"turn_s": round(now - h.started_at, 1)})
+        ]
+        if h.stale():
+            cmds += self._drop_reply(h, now)
+        if not h.asked:
+            cmds += self._ask_for(h, h.text(), now)
+        self.hearing = None
+        self.answered = ""
+        self.cutting_in = self.turns.turn
+        self.hold_until = now
+        return [*cmds, *self._say(self.settings.cut_in, self.turns.turn, now)]
+
     def _answered(self, text: str, now: float, *, final: bool) -> bool:
         """Whether `text` repeats words of the answered turn (its late final, or an interim
         sent again); a final takes its words off, and new words end the matching."""
@@ -133,6 +163,7 @@ class Listening(Conversation):
     def _words_grew(self, h: Hearing, gap: float, now: float) -> list[Command]:
         """The caller said more: drop a reply asked with fewer words, then see what is due."""
         cmds: list[Command] = []
+        self.filler_due_at = _NEVER
         if h.stale():
             if h.ended:
                 self.pauses.went_on_after(gap)
@@ -189,7 +220,9 @@ class Listening(Conversation):
             cmds += self._ask_for(h, text, now)
         self.hold_until = end_at
         if now >= end_at - _EPS:
-            h.ended = True
+            if not h.ended:
+                h.ended = True
+                cmds += self._arm_filler(now, now)
             return cmds + self.on_hold(now)
         nxt = end_at if h.asked else min(ask_at, end_at)
         return [*cmds, StartTimer(self.id, Timer(TimerKind.ENDPOINT), max(0.0, nxt - now))]

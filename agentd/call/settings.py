@@ -8,6 +8,14 @@ from typing import Literal
 DEFAULT_GREETING = "Hello, thank you for calling. How can I help you today?"
 DEFAULT_FALLBACK = "Sorry, I didn't catch that. Could you say it again?"
 _CJK = frozenset({"ko", "ja", "zh"})
+# what is said, by language, when the reply is slow to come, and before cutting a long turn short
+FILLERS = {"en": "One moment.", "ko": "잠시만요.", "ja": "少々お待ちください。", "zh": "请稍等。"}
+CUT_INS = {
+    "en": "Sorry to cut in.",
+    "ko": "말씀 중에 죄송합니다.",
+    "ja": "お話し中すみません。",
+    "zh": "抱歉打断一下。",
+}
 CutMethod = Literal["flush", "restart"]
 BargeIn = Literal["speech", "transcript", "off"]
 ReplyOn = Literal["final", "interim"]
@@ -49,6 +57,16 @@ class CallSettings:
     end_of_turn_s: float = 0.6
     speculate_s: float = 0.35
     max_speculative: int = 3
+    # a short line when the reply's first sentence is not ready this long after the end of the
+    # caller's turn: its audio fills the ~1 s VoIPBIN takes to start the reply's. 0: never;
+    # "" text: by the language (FILLERS)
+    filler_after_s: float = 1.0
+    filler_text: str = ""
+    # reply_on = interim: a caller's turn longer than this is cut short politely and answered
+    # (the cut-in line, "" by the language: CUT_INS); 0: no limit
+    max_turn_s: float = 60.0
+    cut_in_text: str = ""
+    barge_in_actions: bool = False  # False: a goodbye or "transferring you" plays to its end
     cut_method: CutMethod | None = None  # None: flush for gcp and aws, else stop + new session
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)
@@ -89,6 +107,16 @@ class CallSettings:
         if self.chars_per_s > 0:
             return self.chars_per_s
         return 6.0 if self.language.lower()[:2] in _CJK else 15.0
+
+    @property
+    def filler(self) -> str:
+        """The filler line for the language."""
+        return self.filler_text or FILLERS.get(self.language.lower()[:2], FILLERS["en"])
+
+    @property
+    def cut_in(self) -> str:
+        """The line said before cutting a long turn short."""
+        return self.cut_in_text or CUT_INS.get(self.language.lower()[:2], CUT_INS["en"])
 
     @property
     def cut(self) -> CutMethod:

@@ -15,7 +15,10 @@ fresh session (the only hard cut with ElevenLabs, docs/protocol.md §8.2). A bac
 
 from __future__ import annotations
 
+from difflib import SequenceMatcher
+
 from agentd.call.core import CallCore
+from agentd.call.endpoint import words
 from agentd.call.session import SessionInput
 from agentd.call.turn import TurnInput
 from agentd.commands import (
@@ -34,6 +37,9 @@ from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
+_ECHO_WINDOW_S = 2.0  # our audio heard back reaches the caller's transcript this late at most
+_ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
+_ECHO_MIN_WORDS = 3
 
 #: What a listener says to show they follow, not to take the turn (lower case, no punctuation).
 BACKCHANNELS = frozenset(
@@ -71,6 +77,8 @@ class Conversation(CallCore):
             return []
         if self.playback.talking(now) and is_backchannel(event.message, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
+        if self._echo(event.message, now):
+            return [Record(self.id, Kind.ECHO, {"text": event.message.strip()})]
         if self.unsaid:
             return self._join_turn(event, now)
         cmds: list[Command] = []
@@ -83,7 +91,7 @@ class Conversation(CallCore):
         p = self.playback
         if (
             self.settings.barge_in != "off"
-            and not self._greeting_kept(now)
+            and not self._kept(now)
             and (self.turns.replying or (p.talking(now) and began < p.until))
         ):
             cmds += self._cut(now, "transcript")
@@ -99,6 +107,7 @@ class Conversation(CallCore):
         self.final_at = now
         self.hold_until = now + self.settings.final_hold_s
         window = self.history.window(self.settings.history_limit)
+        cmds += self._arm_filler(self.hold_until, now)
         return [*cmds, AskBackend(self.id, self.turns.turn, window)]
 
     def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
@@ -144,6 +153,54 @@ class Conversation(CallCore):
             and self.playback.talking(now)
         )
 
+    def _kept(self, now: float) -> bool:
+        """What plays is heard to its end whatever the caller says: the greeting (unless
+        `agent.barge_in_greeting`), or the line before an action (unless `barge_in_actions`)."""
+        action = self.after_reply is not None and not self.settings.barge_in_actions
+        return self._greeting_kept(now) or (action and self.playback.talking(now))
+
+    def _echo(self, text: str, now: float) -> bool:
+        """Whether `text`, heard from the caller's side, is the agent's own words as it speaks
+        them (a speakerphone, a line echo): a run of at least three of them, most of `text`.
+        It is no turn and no barge-in."""
+        heard = words(text)
+        if len(heard) < _ECHO_MIN_WORDS:
+            return False
+        for p in self.playback.pieces:
+            if p.end <= now - _ECHO_WINDOW_S:
+                continue
+            said = words(p.text)
+            run = SequenceMatcher(None, said, heard, autojunk=False).find_longest_match()
+            if run.size >= max(_ECHO_MIN_WORDS, _ECHO_SHARE * len(heard)):
+                return True
+        return False
+
+    def _arm_filler(self, end: float, now: float) -> list[Command]:
+        """The caller's turn ends at `end`: a filler is due if the reply is slow to come."""
+        after = self.settings.filler_after_s
+        if after <= 0:
+            return []
+        self.filler_due_at = end + after
+        return [StartTimer(self.id, Timer(TimerKind.FILLER), self.filler_due_at - now)]
+
+    def on_filler(self, now: float) -> list[Command]:
+        """The turn is over and nothing of the reply is ready: say the filler, once a turn."""
+        turn = self.turns.turn
+        if (
+            now < self.filler_due_at - 0.01
+            or not self.phase.live
+            or not self.turns.replying
+            or self.held
+            or turn in (self.said_turn, self.filler_turn)
+            or self.playback.talking(now)
+        ):
+            return []
+        self.filler_turn = turn
+        return [
+            Record(self.id, Kind.FILLER, {"turn": turn}),
+            *self._say(self.settings.filler, turn, now),
+        ]
+
     @property
     def unsaid(self) -> bool:
         """A reply is under way (or held) and nothing of it has been said yet."""
@@ -181,8 +238,10 @@ class Conversation(CallCore):
         words = event.message.split()
         if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
             return []
-        if is_backchannel(event.message, s.backchannels) or self._greeting_kept(now):
+        if is_backchannel(event.message, s.backchannels) or self._kept(now):
             return []  # "mm-hmm" while we talk: the caller is listening
+        if self._echo(event.message, now):
+            return []
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
         if self.playback.talking(now):
