@@ -99,6 +99,7 @@ _CALL_KEYS = _owned_by(
     system_prompt=str,
     barge_in=str,
     barge_in_min_words=int,
+    echo_guard_s=NUMBER,
     cut_method=str,
     chars_per_s=NUMBER,
     say_latency_s=NUMBER,
