@@ -125,6 +125,7 @@ class AskBackend:
     turn: int
     history: tuple[Message, ...]
     lane: Lane = "none"
+    marker: bool = False  # the reply starts with a turn-completion marker (agent.turn_marker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +322,14 @@ class ReplyFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyIncomplete:
+    """The backend judged the caller unfinished (a ○ or ◐ marker): no reply to `turn`."""
+
+    turn: int
+    long: bool = False  # ◐: they need longer
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     """A `StartTimer` ran out."""
 
@@ -357,6 +366,7 @@ Result = (
     | ReplySentence
     | ReplyDone
     | ReplyFailed
+    | ReplyIncomplete
     | TimerFired
     | TransferDone
     | HangupDone

@@ -119,6 +119,7 @@ _CALL_KEYS = _owned_by(
     max_turn_s=NUMBER,
     cut_in_text=str,
     barge_in_actions=bool,
+    turn_marker=bool,
     fallback_text=str,
     history_limit=int,
     silence_s=NUMBER,

@@ -26,6 +26,7 @@ class TimerKind(enum.StrEnum):
     HOLD = "hold"  # the caller's turn seems over: say the reply held back so far
     ENDPOINT = "endpoint"  # the caller's words stopped growing: ask, or end their turn
     FILLER = "filler"  # the turn is over and the reply is slow: say a filler
+    INCOMPLETE = "incomplete"  # the backend judged the caller unfinished: ask again, later
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class Kind(enum.StrEnum):
     BACKCHANNEL = "backchannel"  # "mm-hmm" while the agent talks: no barge-in, no turn
     TURN_JOINED = "turn_joined"  # another final before the reply was said: asked again
     FILLER = "filler"  # the reply was slow: "One moment."
+    TURN_INCOMPLETE = "turn_incomplete"  # the backend judged the caller unfinished (○ / ◐)
     CUT_IN = "cut_in"  # the caller's turn ran past agent.max_turn_s: answered what was heard
     ECHO = "echo"  # the caller's side repeated the agent's own words: no turn, no barge-in
     ACTION = "action"

@@ -14,7 +14,14 @@ from typing import Any
 import structlog
 
 from agentd.backends import Backend, ToolCall
-from agentd.commands import AskBackend, ReplyDone, ReplyFailed, ReplySentence, Result
+from agentd.commands import (
+    AskBackend,
+    ReplyDone,
+    ReplyFailed,
+    ReplyIncomplete,
+    ReplySentence,
+    Result,
+)
 from agentd.names import Action, EndCall, TransferTo
 from agentd.secret import redact
 from agentd.sentences import SentenceBuffer, speakable
@@ -37,6 +44,7 @@ async def stream_reply(
     stream: Any = None
     action: Action | None = None
     first: float | None = None
+    unread = True  # the first character may be a turn-completion marker: never spoken
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
         async with asyncio.timeout(timeout_s):
@@ -46,7 +54,14 @@ async def stream_reply(
                     continue
                 if first is None and chunk:
                     first = clock()
-                for sentence in buf.feed(chunk):
+                text: str = chunk
+                if unread and text.strip():
+                    unread = False
+                    verdict, text = _verdict(text)
+                    if cmd.marker and verdict != COMPLETE:
+                        feed(ReplyIncomplete(cmd.turn, long=verdict == LONG))
+                        return
+                for sentence in buf.feed(text):
                     _say(feed, cmd.turn, sentence)
         for sentence in buf.flush():
             _say(feed, cmd.turn, sentence)
@@ -85,6 +100,18 @@ async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]
             nxt.cancel()
             raise
         yield chunk
+
+
+COMPLETE, SHORT, LONG = "\u2713", "\u25cb", "\u25d0"  # ✓ ○ ◐
+
+
+def _verdict(chunk: str) -> tuple[str, str]:
+    """The turn-completion marker a reply starts with, and the text after it. A reply with
+    none is taken as complete: a model that forgets the marker still answers."""
+    text = chunk.lstrip()
+    if text[:1] in (COMPLETE, SHORT, LONG):
+        return text[0], text[1:]
+    return COMPLETE, chunk
 
 
 def _action(call: ToolCall) -> Action | None:

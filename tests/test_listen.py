@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
 from agentd.call import Call, CallSettings
 from agentd.call.endpoint import Cue, Pauses, cue, goes_on
+from agentd.call.settings import TURN_NUDGE
 from agentd.commands import (
     AskBackend,
     CancelBackend,
     Flush,
+    Message,
     Record,
     ReplyDone,
+    ReplyIncomplete,
     ReplySentence,
     Say,
     StartTimer,
@@ -22,6 +26,7 @@ from agentd.commands import (
 )
 from agentd.events import SpeechEvent
 from agentd.names import EndCall, Kind, Timer, TimerKind
+from agentd.reply import stream_reply
 from tests.test_call import SETTINGS, answered, step, transcript
 
 CID = "c1"
@@ -293,3 +298,66 @@ def test_the_goodbye_before_an_action_is_not_barged_in_on() -> None:
     cmds = step(call, interim("okay thank you bye"), 6.5)
     cmds += step(call, transcript("okay thank you bye", "tr2"), 7.0)
     assert not any(isinstance(c, Flush | StopSpeaking) for c in cmds)
+
+
+# -- the backend's own verdict (agent.turn_marker) -------------------------------------------------
+
+
+class Scripted:
+    """A backend that streams `chunks`."""
+
+    def __init__(self, *chunks: str) -> None:
+        self.chunks = chunks
+        self.asked: list[tuple[Message, ...]] = []
+
+    async def reply(self, call_id: str, history: tuple[Message, ...]) -> AsyncIterator[str]:
+        self.asked.append(history)
+        for chunk in self.chunks:
+            yield chunk
+
+
+async def replies(backend: Scripted, *, marker: bool) -> list[object]:
+    out: list[object] = []
+    cmd = AskBackend(CID, 3, (("user", "hi"),), marker=marker)
+    await stream_reply(backend, cmd, out.append, clock=lambda: 0.0, timeout_s=5)  # type: ignore[arg-type]
+    return out
+
+
+async def test_a_reply_marked_unfinished_is_not_spoken() -> None:
+    assert await replies(Scripted(" ", "\u25cb"), marker=True) == [ReplyIncomplete(3)]
+    assert await replies(Scripted("\u25d0 hmm"), marker=True) == [ReplyIncomplete(3, long=True)]
+    out = await replies(Scripted("\u2713 Sure", ". It is ", "ten."), marker=True)
+    assert [o.text for o in out if isinstance(o, ReplySentence)] == ["Sure.", "It is ten."]
+    # a model that forgets the marker still answers; a marker is never spoken
+    out = await replies(Scripted("Sure."), marker=True)
+    assert [o.text for o in out if isinstance(o, ReplySentence)] == ["Sure."]
+    out = await replies(Scripted("\u2713 Sure."), marker=False)
+    assert [o.text for o in out if isinstance(o, ReplySentence)] == ["Sure."]
+
+
+def test_an_unfinished_caller_gets_more_time_then_an_answer() -> None:
+    settings = replace(LIVE, reply_on="final", turn_marker=True)
+    assert "\u25cb" in settings.prompt
+    call = greeted(settings)
+    (ask,) = asks(step(call, transcript("I want to"), 5.0))
+    assert ask.marker and ask.history[0][1] == settings.prompt
+    cmds = call.handle(ReplyIncomplete(1), 5.5)
+    assert says(cmds) == []
+    (timer,) = [c for c in cmds if isinstance(c, StartTimer)]
+    assert timer.timer.kind is TimerKind.INCOMPLETE and timer.delay_s == 5.0
+    # quiet: the backend is told to answer now
+    (again,) = asks(step(call, TimerFired(Timer(TimerKind.INCOMPLETE)), 10.5))
+    assert again.history[-1] == ("system", TURN_NUDGE) and not again.marker
+    assert says(step(call, ReplySentence(again.turn, "What would you like?"), 10.6)) == [
+        "What would you like?"
+    ]
+
+
+def test_an_unfinished_caller_who_goes_on_is_answered_for_all_of_it() -> None:
+    call = greeted(replace(LIVE, turn_marker=True))
+    last = speak(call, "I want to book.", 5.0)
+    call.handle(ReplyIncomplete(1), last + 0.4)
+    last = speak(call, "a table for two", last + 1.0)
+    (ask,) = asks(step(call, ENDPOINT, last + LIVE.speculate_s))
+    assert ask.history[-1] == ("user", "I want to book. a table for two")
+    assert asks(step(call, TimerFired(Timer(TimerKind.INCOMPLETE)), last + 5.0)) == []

@@ -47,6 +47,7 @@ from agentd.commands import (
     Record,
     ReplyDone,
     ReplyFailed,
+    ReplyIncomplete,
     ReplySentence,
     SayFailed,
     SpeakingFailed,
@@ -228,6 +229,7 @@ _HANDLERS: dict[type, Handler] = {
     ReplySentence: Call.on_sentence,
     ReplyDone: Call.on_reply_done,
     ReplyFailed: Call.on_reply_failed,
+    ReplyIncomplete: Call.on_reply_incomplete,
     TimerFired: Call._on_timer,
     TransferDone: Call._on_transfer_done,
     HangupDone: Call._on_hangup_done,
@@ -246,4 +248,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.HOLD: Call.on_hold,
     TimerKind.ENDPOINT: Call.on_endpoint,
     TimerKind.FILLER: Call.on_filler,
+    TimerKind.INCOMPLETE: Call.on_incomplete,
 }

@@ -52,7 +52,7 @@ class CallCore:
         self.turns = TurnMachine()
         self.ledger = Ledger()
         self.playback = Playback()
-        self.history = History(settings.system_prompt)
+        self.history = History(settings.prompt)
         self.status = ""
         self.hangup_reason = ""
         self.greeted = False
@@ -80,6 +80,7 @@ class CallCore:
         self.timing_due = False  # the reply is complete but held: its timings come when said
         self.filler_due_at = float("inf")  # when a slow reply gets a filler
         self.filler_turn = -1  # the turn a filler was said for
+        self.incomplete_turn = -1  # the turn the backend judged the caller not done with
         self.age_s = 0.0  # how old the call was when a restart restored it
 
     @property

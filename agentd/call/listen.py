@@ -19,7 +19,7 @@ from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, words
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation, is_backchannel
 from agentd.call.turn import TurnInput
-from agentd.commands import AskBackend, CancelBackend, Command, Record, StartTimer
+from agentd.commands import CancelBackend, Command, Record, StartTimer
 from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import Kind, Timer, TimerKind
 
@@ -242,5 +242,4 @@ class Listening(Conversation):
         h.asked = text
         self.held.clear()
         self.turn_times = {"transcript": h.changed_at}  # timed from the caller's last words
-        window = self.history.window(self.settings.history_limit)
-        return [*cmds, AskBackend(self.id, self.turns.turn, window)]
+        return [*cmds, self._asking(self.history.window(self.settings.history_limit))]

@@ -21,6 +21,20 @@ BargeIn = Literal["speech", "transcript", "off"]
 ReplyOn = Literal["final", "interim"]
 
 
+# agent.turn_marker: the backend's own verdict on the end of the caller's turn (cf. Pipecat's
+# LLM turn completion). The reply's first character is read, and never spoken.
+TURN_MARKER_PROMPT = (
+    "Before every reply, judge whether the caller has finished what they wanted to say. "
+    "Start your reply with exactly one of these characters: "
+    "✓ if they have finished (then reply as usual after it); "
+    "○ if they stopped mid-sentence and will go on in a moment; "
+    "◐ if they are thinking and will need longer. "
+    "After ○ or ◐ write nothing else."
+)
+# said to the backend when a caller it judged unfinished has stayed quiet
+TURN_NUDGE = "The caller has stopped talking. Reply now, starting with ✓."
+
+
 @dataclass(frozen=True, slots=True)
 class CallSettings:
     """What a call needs to know from the configuration (pure values, no I/O).
@@ -67,6 +81,9 @@ class CallSettings:
     max_turn_s: float = 60.0
     cut_in_text: str = ""
     barge_in_actions: bool = False  # False: a goodbye or "transferring you" plays to its end
+    # the backend judges the end of the turn too (TURN_MARKER_PROMPT is added to the system
+    # prompt): a reply it starts with ○ (◐) is dropped, and the caller given 5 s (10 s) more
+    turn_marker: bool = False
     cut_method: CutMethod | None = None  # None: flush for gcp and aws, else stop + new session
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)
@@ -107,6 +124,13 @@ class CallSettings:
         if self.chars_per_s > 0:
             return self.chars_per_s
         return 6.0 if self.language.lower()[:2] in _CJK else 15.0
+
+    @property
+    def prompt(self) -> str:
+        """The system prompt the backend sees."""
+        if not self.turn_marker:
+            return self.system_prompt
+        return f"{self.system_prompt}\n\n{TURN_MARKER_PROMPT}".strip()
 
     @property
     def filler(self) -> str:

@@ -20,6 +20,7 @@ from difflib import SequenceMatcher
 from agentd.call.core import CallCore
 from agentd.call.endpoint import words
 from agentd.call.session import SessionInput
+from agentd.call.settings import TURN_NUDGE
 from agentd.call.turn import TurnInput
 from agentd.commands import (
     AskBackend,
@@ -27,9 +28,11 @@ from agentd.commands import (
     CheckCall,
     Command,
     Flush,
+    Message,
     Record,
     ReplyDone,
     ReplyFailed,
+    ReplyIncomplete,
     ReplySentence,
     StartTimer,
 )
@@ -40,6 +43,10 @@ _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utt
 _ECHO_WINDOW_S = 2.0  # our audio heard back reaches the caller's transcript this late at most
 _ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
 _ECHO_MIN_WORDS = 3
+# how long a caller the backend judged unfinished (○ / ◐) gets before it must answer anyway:
+# Pipecat's defaults
+_INCOMPLETE_S = 5.0
+_INCOMPLETE_LONG_S = 10.0
 
 #: What a listener says to show they follow, not to take the turn (lower case, no punctuation).
 BACKCHANNELS = frozenset(
@@ -108,7 +115,11 @@ class Conversation(CallCore):
         self.hold_until = now + self.settings.final_hold_s
         window = self.history.window(self.settings.history_limit)
         cmds += self._arm_filler(self.hold_until, now)
-        return [*cmds, AskBackend(self.id, self.turns.turn, window)]
+        return [*cmds, self._asking(window)]
+
+    def _asking(self, window: tuple[Message, ...]) -> AskBackend:
+        marker = self.settings.turn_marker
+        return AskBackend(self.id, self.turns.turn, window, marker=marker)
 
     def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
         """More of the caller's turn (a split sentence, or an afterthought) before anything of
@@ -336,6 +347,36 @@ class Conversation(CallCore):
             return [error]
         self.history.assistant(text, self.turns.turn)
         return [error, *self._say(text, self.turns.turn, now)]
+
+    def on_reply_incomplete(self, event: ReplyIncomplete, now: float) -> list[Command]:
+        """The backend judged the caller unfinished: no reply yet. New words ask again; if none
+        come for a while, the backend is told to answer now."""
+        if not self.turns.current(event.turn) or not self.phase.live:
+            return []
+        self.turns.step(TurnInput.END)
+        self.held.clear()
+        self.timing_due = False
+        self.incomplete_turn = event.turn
+        wait = _INCOMPLETE_LONG_S if event.long else _INCOMPLETE_S
+        return [
+            Record(self.id, Kind.TURN_INCOMPLETE, {"turn": event.turn, "long": event.long}),
+            StartTimer(self.id, Timer(TimerKind.INCOMPLETE), wait),
+        ]
+
+    def on_incomplete(self, now: float) -> list[Command]:
+        """The caller the backend judged unfinished stayed quiet: ask for the reply now."""
+        if (
+            self.incomplete_turn != self.turns.turn
+            or self.turns.replying
+            or not self.phase.live
+            or now - self.last_caller < _INCOMPLETE_S - 0.05
+        ):
+            return []
+        self.turns.step(TurnInput.TRANSCRIPT)
+        self.hold_until = now
+        self.turn_times = {"transcript": now}
+        window = (*self.history.window(self.settings.history_limit), ("system", TURN_NUDGE))
+        return [AskBackend(self.id, self.turns.turn, window)]
 
     def on_reply_failed(self, event: ReplyFailed, now: float) -> list[Command]:
         """The backend failed: say the fallback line unless part of the reply was said."""
