@@ -2,8 +2,8 @@
 
 Rules (see :class:`~agentd.sim.model.Utterance`):
 
-* default: wait until the agent has said something since the previous utterance started (the
-  greeting, for the first one) and all its audio has finished, then ``pause_s``;
+* default: wait until the caller has heard the agent say something since the previous utterance
+  started (the greeting, for the first one) and all its audio has finished, then ``pause_s``;
 * ``barge_in_after_s``: start that long after the agent starts playing its next reply audio;
 * ``wait_for_agent=False``: ``pause_s`` after the previous utterance, whatever the agent does;
 * ``backchannel_after_s``: like a barge-in, but the caller expects no answer: the next utterance
@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 
 async def _wait_answered(world: World, call: SimCall, baseline: int) -> None:
-    """Until the agent said something after ``baseline`` and is silent again."""
+    """Until the caller heard the agent say something sent after ``baseline``, and it is
+    silent again. A /say cut before its audio started was never heard: a caller waits on."""
     await world.wait_for(
-        lambda: call.say_seq > baseline and not world.agent_busy(call.id), timeout=None
+        lambda: any(seq > baseline for seq, _ in call.play_log) and not world.agent_busy(call.id),
+        timeout=None,
     )
 
 
