@@ -57,7 +57,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def render(r: dict[str, Any]) -> str:
     """REPORT.md (without its closing Profile section): one function per section."""
-    sections = (_header, _overhead, _ttfa, _capacity, _economy, _ratelimited, _recovery)
+    sections = (
+        _header,
+        _overhead,
+        _ttfa,
+        _capacity,
+        _economy,
+        _ratelimited,
+        _recovery,
+        _conversation,
+    )
     return "\n".join(line for section in sections for line in section(r))
 
 
@@ -361,6 +370,267 @@ def _sigkill_runs(krun: list[dict[str, Any]]) -> list[str]:
         + ", ".join(str(x["leaked_sessions"]) for x in krun)
         + "."
     ]
+
+
+def _conversation(r: dict[str, Any]) -> list[str]:
+    cv = r.get("conversation")
+    if not cv:
+        return []  # a results.json from before the section existed
+    prof = cv["profile"]
+    scale = prof["scale"]
+    out = [
+        "## 6. Conversation: turn-taking",
+        "",
+        "Scripted calls against the simulator "
+        + (
+            "**at real time scale** (not the shrunk latencies of sections 1–5)"
+            if scale == 1.0
+            else f"with every time constant × {scale} (**smoke: not meaningful**)"
+        )
+        + ', agentd with its own timing defaults, `[backend] kind = "openai"` pointed at the '
+        "streaming stub. Every time is the simulator's: the caller line's end, the agent line's "
+        "first audio. The metrics are defined in "
+        "[`bench/conversation.py`](conversation.py) (module docstring).",
+        "",
+        *_conversation_model(cv),
+        "",
+    ]
+    if "latency" in cv:
+        out += _conversation_latency(cv)
+    if "eval" in cv:
+        out += _conversation_eval(cv)
+    out += [
+        f"Calls not over by the deadline: {cv['unfinished_calls']}; HTTP 429 answers: "
+        f"{cv['status_429']}; sessions left open after the hangups: {cv['leaked_sessions']}; "
+        f"the section took {_f(cv['duration_s'], 0)} s.",
+        "",
+    ]
+    return out
+
+
+def _conversation_model(cv: dict[str, Any]) -> list[str]:
+    m, ag, st = cv["model"], cv["agentd"], cv["stub"]
+    first = st["reply"]["en-US"].split(". ")[0] + "."
+    return [
+        "**Model parameters** (at real time scale; redo the sums below with your own STT/TTS):",
+        "",
+        "| parameter | value |",
+        "| --- | --- |",
+        f"| caller speech | {_f(m['words_per_s'])} words/s, one interim per word |",
+        "| end of speech → final transcript (`speech_ended` just before it) "
+        f"| {_f(m['stt_final_delay_s'], 2)} s |",
+        f"| a multi-sentence utterance | up to 3 finals, ≥ {_f(m['stt_split_gap_s'], 2)} s apart |",
+        f"| `/say` → first audio | {_f(m['say_latency_s'], 2)} s |",
+        f"| playback | {_f(m['playback_chars_per_s'], 0)} characters/s "
+        f"(Korean {_f(m['playback_cjk_chars_per_s'], 0)}) |",
+        f"| `POST /speakings`; `/stop` until silent | {_f(m['speaking_create_s'], 2)} s; "
+        f"{_f(m['stop_latency_s'], 2)} s |",
+        f"| LLM stub | first token {_f(m['llm_ttft_s'], 2)} s, {_f(m['llm_tokens_per_s'], 0)} "
+        f"tokens/s; reply of {st['tokens']} tokens, first sentence ({first!r}) "
+        f"{st['first_sentence_tokens']} tokens; its number names the request |",
+        f"| agentd (`{ag['timing']}`) | `final_hold_s` {_f(ag['final_hold_s'], 2)}, "
+        f"`final_wait_s` {_f(ag['final_wait_s'], 2)}, `say_latency_s` "
+        f"{_f(ag['say_latency_s'], 2)}, echo guard {_f(ag['echo_guard_s'], 1)} s, barge-in on "
+        f"≥ {ag['barge_in_min_words']} words or {ag['barge_in_min_chars']} characters, "
+        f"`{ag['tts_provider']}` (a cut is `{ag['cut']}`: `/stop` + a new session) |",
+    ]
+
+
+_DESIGN_NAMES = {
+    "baseline": "tutorial agent (webhook, whole reply, `/flush` + `/say`)",
+    "final": 'agentd, `reply_on = "final"`',
+    "interim": 'agentd, `reply_on = "interim"`',
+}
+
+
+def _conversation_latency(cv: dict[str, Any]) -> list[str]:
+    lat = cv["latency"]
+    out = [
+        "### Latency: caller end of speech → agent audio starts",
+        "",
+        f"{_calls(str(lat['calls']))} per design at once, {lat['turns']} single-sentence "
+        "questions each "
+        "(4–9 words), the caller waiting for the agent to finish before the next; no "
+        "barge-ins. *Early*: the reply's audio started before the end of speech (left out of "
+        "the percentiles). *Model*: the sum below, without agentd's or the network's cost.",
+        "",
+        "| design | questions | p50 s | p90 s | min–max s | model s | early | unanswered "
+        "| double |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, d in lat["designs"].items():
+        out.append(
+            f"| {_DESIGN_NAMES.get(key, key)} | {d['questions']} | **{_f(d['p50'], 2)}** "
+            f"| {_f(d['p90'], 2)} | {_f(d['min'], 2)}–{_f(d['max'], 2)} "
+            f"| {_f(d.get('model_s'), 2)} | {d['early']} | {d['unanswered']} | {d['double']} |"
+        )
+    out += ["", "Where the time goes (seconds):", ""]
+    for key, terms in lat["decomposition"].items():
+        if key not in lat["designs"]:
+            continue
+        parts = "; ".join(f"{label}: {_f(value, 3)}" for label, value in terms)
+        out.append(f"- {_DESIGN_NAMES.get(key, key)}: {parts}.")
+    interim = lat["designs"].get("interim")
+    if interim:
+        target = lat["target_p50_s"]
+        out += [
+            "",
+            f'- Target *speculative design (`reply_on = "interim"`) p50 ≤ {_f(target, 2)} s*: '
+            f"{_f(interim['p50'], 2)} s → **{'met' if lat['target_met'] else 'missed'}**.",
+        ]
+    return [*out, ""]
+
+
+_EVAL_ROWS: tuple[tuple[str, str, str], ...] = (
+    # (label, target, key of `pass`)
+    ("turns answered exactly once", "100 %", "answered_once_pct"),
+    ("backchannels that cut the agent", "0", "backchannel_cuts"),
+    ("backchannels answered", "0", "backchannels_answered"),
+    ("real interruptions missed (agent still audible after {w} s)", "0", "interruptions_missed"),
+    ("replies started mid-turn", "≤ 3 %", "mid_turn_pct"),
+)
+
+
+def _eval_cell(mode: dict[str, Any], key: str) -> str:
+    ok = "pass" if mode["pass"][key] else "**fail**"
+    if key == "answered_once_pct":
+        value = (
+            f"{_f(mode[key])} % ({mode['answered_once']}/{mode['turns']}; unanswered "
+            f"{mode['unanswered']}, twice or more {mode['answered_twice_or_more']})"
+        )
+    elif key == "mid_turn_pct":
+        value = f"{_f(mode[key])} % ({mode['mid_turn']}/{mode['replies']} replies)"
+    elif key == "interruptions_missed":
+        value = f"{mode[key]}/{mode['interruptions'] - mode['interruptions_void']}"
+        if mode["interruptions_void"]:
+            value += f" ({mode['interruptions_void']} void)"
+    else:
+        value = f"{mode[key]}/{mode['backchannels']}"
+    return f"{value} {ok}"
+
+
+def _conversation_eval(cv: dict[str, Any]) -> list[str]:
+    ev = cv["eval"]
+    modes = ev["modes"]
+    names = list(modes)
+    steps = ", ".join(f"{n} {k}" for k, n in sorted(ev["steps"].items()))
+    head = "| | target | " + " | ".join(f'`reply_on = "{m}"`' for m in names) + " |"
+    rule = "| --- | --- |" + " ---: |" * len(names)
+    out = [
+        "### Turn-taking eval",
+        "",
+        f"{ev['scripts_per_language']} scripts per language (English, and Korean with "
+        '`[agent] language = "ko-KR"`), each run once per mode, all calls at once; per '
+        f"language the steps are: {steps}. A pause mid-thought is one turn; a backchannel is "
+        "no turn and must get no reply.",
+        "",
+        head,
+        rule,
+    ]
+    for label, target, key in _EVAL_ROWS:
+        cells = " | ".join(_eval_cell(modes[m], key) for m in names)
+        out.append(f"| {label.format(w=_f(cv['cut_within_s'], 1))} | {target} | {cells} |")
+    out += _eval_cost_rows(modes, names)
+    out += ["", *_eval_kinds(modes, names), "", *_eval_failures(modes, names)]
+    return out
+
+
+def _eval_cost_rows(modes: dict[str, Any], names: list[str]) -> list[str]:
+    def row(label: str, target: str, fmt: Any) -> str:
+        return f"| {label} | {target} | " + " | ".join(fmt(modes[m]) for m in names) + " |"
+
+    def vs(m: dict[str, Any], key: str) -> str:
+        d = m.get("vs_final", {}).get(key)
+        return "" if d is None else f" ({'+' if d >= 0 else ''}{_f(d, 2)} vs final)"
+
+    return [
+        row(
+            "backend requests per turn",
+            "",
+            lambda m: (
+                f"{_f(m['backend_requests_per_turn'], 2)}" + vs(m, "backend_requests_per_turn")
+            ),
+        ),
+        row(
+            "wasted backend calls per turn (requests not used; cancelled)",
+            "vs final",
+            lambda m: (
+                f"{_f(m['wasted_requests_per_turn'], 2)}"
+                + vs(m, "wasted_requests_per_turn")
+                + f"; {m['backend_cancelled']} cancelled"
+            ),
+        ),
+        row(
+            "wasted tokens per turn",
+            "vs final",
+            lambda m: f"{_f(m['wasted_tokens_per_turn'], 1)}" + vs(m, "wasted_tokens_per_turn"),
+        ),
+        row(
+            "turn end → reply audio, p50 / p90 s",
+            "",
+            lambda m: (
+                f"{_f(m['turn_end_to_reply_s']['p50'], 2)} / "
+                f"{_f(m['turn_end_to_reply_s']['p90'], 2)}"
+            ),
+        ),
+        row(
+            "interruption → agent silent, p50 / max s",
+            "",
+            lambda m: (
+                f"{_f(m['interruption_silence_s']['p50'], 2)} / "
+                f"{_f(m['interruption_silence_s']['max'], 2)}"
+            ),
+        ),
+        row(
+            "REST requests per turn; `/say`s never heard (retracted before their audio)",
+            "",
+            lambda m: f"{_f(m['rest_requests_per_turn'], 2)}; {m.get('says_never_heard', 'n/a')}",
+        ),
+    ]
+
+
+def _eval_kinds(modes: dict[str, Any], names: list[str]) -> list[str]:
+    out = [
+        "Turns answered exactly once, and replies started inside them, per kind of turn and "
+        "per language:",
+        "",
+        "| turns | " + " | ".join(f"{m}: once | {m}: mid-turn" for m in names) + " |",
+        "| --- |" + " ---: | ---: |" * len(names),
+    ]
+    kinds = sorted({k for m in names for k in modes[m]["by_kind"]})
+    for kind in kinds:
+        cells = []
+        for m in names:
+            k = modes[m]["by_kind"].get(kind, {"turns": 0, "once": 0, "mid_turn": 0})
+            cells.append(f"{k['once']}/{k['turns']} | {k['mid_turn']}")
+        out.append(f"| {kind} | " + " | ".join(cells) + " |")
+    langs = sorted({lang for m in names for lang in modes[m]["by_lang"]})
+    for lang in langs:
+        cells = []
+        for m in names:
+            x = modes[m]["by_lang"].get(lang)
+            cells.append(f"{x['answered_once']}/{x['turns']} | {x['mid_turn']}" if x else " | ")
+        out.append(f"| all, {lang} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _eval_failures(modes: dict[str, Any], names: list[str]) -> list[str]:
+    out: list[str] = []
+    for m in names:
+        fails = modes[m]["failures"]
+        if not fails:
+            continue
+        shown = fails[:8]
+        out.append(
+            f'What went wrong with `reply_on = "{m}"` ({modes[m]["failures_total"]} findings'
+            + (f", the first {len(shown)}" if len(shown) < modes[m]["failures_total"] else "")
+            + "; all in results.json):"
+        )
+        out.append("")
+        for f in shown:
+            out.append(f"- {f['lang']}, {f['kind']} “{f['text']}”: {f['problem']}.")
+        out.append("")
+    return out
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

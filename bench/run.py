@@ -30,6 +30,9 @@ from typing import Any
 
 import aiohttp
 
+from bench.conversation import FULL as CONVERSATION_FULL
+from bench.conversation import SMOKE as CONVERSATION_SMOKE
+from bench.conversation import run_section as conversation
 from bench.procs import (
     AGENT_TIMING,
     Agent,
@@ -763,6 +766,10 @@ async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
             "ws_drop": await ws_recovery(tmp, profile),
             "sigkill": await kill_recovery(tmp, profile),
         }
+        log("conversation: turn-taking latency and eval (real time scale)")
+        results["conversation"] = await conversation(
+            tmp, CONVERSATION_SMOKE if smoke else CONVERSATION_FULL
+        )
     results["duration_s"] = round(time.monotonic() - started, 1)
     return results
 

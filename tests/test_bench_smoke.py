@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-# runs the benchmarks in miniature: about half a minute
+# runs the benchmarks in miniature: about a minute
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(150)  # ~35 s alone; CI may share its 2 cores
+@pytest.mark.timeout(150)  # ~50 s alone; CI may share its 2 cores
 def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the bench extra is not installed (make bench)")
     proc = subprocess.run(
@@ -41,6 +41,7 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         "economy",
         "ratelimited",
         "recovery",
+        "conversation",
     ):
         assert section in results, section
     assert results["machine"]["cores"] >= 1
@@ -65,6 +66,18 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     assert 0 < ws < 5000
     assert not math.isnan(results["recovery"]["sigkill"]["resubscribed_ms"]["median"])
 
+    # the conversation section: every design and mode measured (smoke: the numbers mean little)
+    conv = results["conversation"]
+    for design in ("baseline", "final", "interim"):
+        row = conv["latency"]["designs"][design]
+        assert row["n"] >= 1 and 0 < row["p50"] <= row["max"] < 10, design
+    for mode in ("final", "interim"):
+        row = conv["eval"]["modes"][mode]
+        assert row["turns"] >= 1 and row["backchannels"] >= 1, mode
+        assert row["backend_requests"] >= row["replies"] >= 1, mode
+    assert conv["status_429"] == 0 and conv["leaked_sessions"] == 0
+
     # the report is rendered from this JSON
     assert f"{floor:.3f}" in report
     assert "## 5. Recovery" in report
+    assert "## 6. Conversation: turn-taking" in report

@@ -5,7 +5,8 @@ Routes (JSON bodies and answers):
 * ``GET /_sim/info``: urls, customer id, access key, a fresh JWT, and ``agent_token``: a JWT of
   the second agent, who has no customer-admin rights.
 * ``POST /_sim/flows`` ``{"actions": [...], "customer_id"?}`` -> ``{"id"}``; ``GET /_sim/flows``.
-* ``POST /_sim/calls`` ``{"source", "destination", "utterances": [{"text", ...}],
+* ``POST /_sim/calls`` ``{"source", "destination", "utterances": [{"text", "pause_s",
+  "barge_in_after_s", "wait_for_agent", "backchannel_after_s"}],
   "answer_after_s", "hangup_after_s", "flow_id"?}`` -> ``{"id"}``: an inbound call with a scripted
   caller, on a number whose flow is ``flow_id`` (default: answer + sleep 1 h).
 * ``GET /_sim/confbridges``, ``GET /_sim/transfers``.
@@ -66,6 +67,11 @@ def _caller_from(body: JSON) -> Caller | None:
                     else None
                 ),
                 wait_for_agent=bool(item.get("wait_for_agent", True)),
+                backchannel_after_s=(
+                    float(item["backchannel_after_s"])
+                    if item.get("backchannel_after_s") is not None
+                    else None
+                ),
             )
         )
     hangup = body.get("hangup_after_s", 0.2)
