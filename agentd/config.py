@@ -112,6 +112,7 @@ _CALL_KEYS = _owned_by(
     final_wait_s=NUMBER,
     reply_on=str,
     end_of_turn_s=NUMBER,
+    end_of_turn_stop_s=NUMBER,
     speculate_s=NUMBER,
     max_speculative=int,
     filler_after_s=NUMBER,

@@ -1,8 +1,9 @@
 """`agentd demo`: the real daemon against the built-in VoIPBIN simulator, no account needed.
 
 A scripted caller phones in, talks to the agent (interrupting it once), and hangs up; the demo
-prints the conversation as the caller heard it, with agentd's latency per turn, and checks that no
-session was left running. Exit code 0 means all of that worked.
+prints the conversation as the caller heard it, with the time from the end of each caller turn
+to the agent's voice, and checks that no session was left running. Exit code 0 means all of
+that worked.
 
 It runs on the simulator's real-world timing (a voice reads ~15 characters a second, the TTS
 starts ~1.1 s after a /say, the STT's final transcript comes ~1.1 s after the caller stops), so
@@ -20,7 +21,6 @@ from agentd.backends import last_user_text
 from agentd.commands import Message
 from agentd.config import load
 from agentd.daemon import Daemon
-from agentd.names import Kind
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 
 OUR_NUMBER = "+15551234567"
@@ -93,14 +93,16 @@ async def run(quiet: bool = False) -> int:
         finally:
             daemon.stop()
             await task
-        turns = [r.data for r in daemon.records if r.what is Kind.TURN]
         print(f"\ncall {call_id}", file=out)
-        latencies = iter(turns)
-        for line in sim.get_call(call_id).conversation:
+        lines = sim.get_call(call_id).conversation
+        turns = [li for li in lines if li.who == "caller"]
+        for i, line in enumerate(lines):
             if line.who == "caller":
-                t = next(latencies, {})
-                ms = t.get("first_say_ms")
-                lat = f"   (agent answered in {ms:.0f} ms)" if isinstance(ms, float) else ""
+                # what the caller waits through: the end of their words to the agent's voice
+                reply = next((li for li in lines[i + 1 :] if li.who == "agent"), None)
+                lat = ""
+                if reply is not None and line.t_end is not None:
+                    lat = f"   (agent answered in {(reply.t_start - line.t_end) * 1000:.0f} ms)"
                 print(f"  caller: {line.text}{lat}", file=out)
             else:
                 cut = "  [cut off by the caller]" if line.cut else ""

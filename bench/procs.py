@@ -76,11 +76,14 @@ class Sim:
 #: The simulator's TTS/STT latencies (measured: ~1 s each) shrunk, as the playback speed is:
 #: the bench measures agentd's own cost, and callers must not wait seconds for every turn.
 LATENCY_SCALE = 0.05
-#: What agentd is told of them: its /say latency estimate, and no turn hold (turn-taking policy
-#: is not overhead; the hold is `agent.final_hold_s`, 0.5 s by default)
+#: What agentd is told of them: its /say latency estimate, and no turn hold. These sections time
+#: agentd's own path from the caller's final transcript to its /say, so they answer on finals:
+#: turn-taking policy is not overhead (the default, answering on interims before the final, is
+#: measured on VoIPBIN's timing in the conversation section)
 AGENT_TIMING = {
     "say_latency_s": SimSettings().scaled(LATENCY_SCALE).say_latency_s,
     "final_hold_s": 0.0,
+    "reply_on": "final",
 }
 
 

@@ -16,7 +16,16 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.sim import SimSettings, Simulator
 from tests.stubs import HttpStub, OpenAIStub
-from tests.support import FINAL_HOLD, FINAL_WAIT, OUR_NUMBER, PLAYBACK, SAY_LATENCY, StartAgent
+from tests.support import (
+    END_OF_TURN,
+    FINAL_HOLD,
+    FINAL_WAIT,
+    OUR_NUMBER,
+    PLAYBACK,
+    SAY_LATENCY,
+    SPECULATE,
+    StartAgent,
+)
 
 
 class _NoopStreamWriter:
@@ -92,6 +101,9 @@ async def agent(sim: Simulator, tmp_path: Any) -> AsyncIterator[StartAgent]:
                 "say_latency_s": SAY_LATENCY,
                 "final_hold_s": FINAL_HOLD,
                 "final_wait_s": FINAL_WAIT,
+                "end_of_turn_s": END_OF_TURN,
+                "end_of_turn_stop_s": END_OF_TURN * 1.5,
+                "speculate_s": SPECULATE,
                 # a filler is one more /say in tests that count them: fillers are tested
                 # on their own (test_listen, test_turn_taking)
                 "filler_after_s": 0,

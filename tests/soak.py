@@ -48,6 +48,10 @@ chars_per_s = {playback}
 say_latency_s = {latency}
 final_hold_s = {hold}
 final_wait_s = {wait}
+# the default reply_on = "interim", on the caller's pace here (a word every 33 ms)
+end_of_turn_s = 0.1
+end_of_turn_stop_s = 0.15
+speculate_s = 0.06
 watch_s = 2.0
 # shorter than the short soak's 3 s between SIGKILLs: a deaf STT is found between restarts
 silence_s = 1.5

@@ -16,6 +16,10 @@ PLAYBACK = 400.0
 SAY_LATENCY = 0.03
 FINAL_HOLD = 0.15
 FINAL_WAIT = 0.3  # interims after a final: how long their own final is waited for
+# reply_on = "interim" (the default): no new words for this long ends a turn (the simulator's
+# caller says a word every 25 ms)
+END_OF_TURN = 0.1
+SPECULATE = 0.06
 
 StartAgent = Callable[..., Awaitable[Daemon]]
 

@@ -49,6 +49,7 @@ SETTINGS = CallSettings(
     chars_per_s=10.0,
     say_latency_s=0.0,
     final_hold_s=0.0,
+    reply_on="final",  # these tests step final transcripts; interims: test_listen
 )
 
 

@@ -46,8 +46,13 @@ class Shell:
         return [c for cid, batch in self.batches if cid == call_id for c in batch]
 
 
+def settings() -> CallSettings:
+    """Final transcripts are stepped here (no interims): answered on them."""
+    return CallSettings(reply_on="final")
+
+
 def dispatcher(shell: Shell, numbers: tuple[str, ...] = (OUR_NUMBER,)) -> Dispatcher:
-    return Dispatcher(CallSettings, shell.execute, numbers=numbers, clock=lambda: shell.now)
+    return Dispatcher(settings, shell.execute, numbers=numbers, clock=lambda: shell.now)
 
 
 def call_event(call_id: str, status: str, dest: str = OUR_NUMBER) -> CallEvent:
@@ -140,7 +145,7 @@ def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     shell.now = 100.0  # the greetings have played: the transcripts are no barge-in
     d.on_event(TranscriptEvent("tr1", "t-c1", "in", "hello"))
     d.on_event(TranscriptEvent("tr2", "t-c2", "in", "hello"))
-    shell.now += CallSettings().final_hold_s  # the callers are done: the replies are not held
+    shell.now += settings().final_hold_s  # the callers are done: the replies are not held
     shell.batches.clear()
     d.feed("c1", ReplySentence(1, "Hi."))
     d.feed("c2", ReplySentence(1, "Hi."))

@@ -86,6 +86,8 @@ def greeted(settings: CallSettings = LIVE) -> Call:
         ("카드를 잃어버렸는데", "ko-KR", Cue.GOING_ON),
         ("주소를 바꾸고", "ko-KR", Cue.GOING_ON),
         ("그리고", "ko-KR", Cue.GOING_ON),
+        ("문제는", "ko-KR", Cue.GOING_ON),
+        ("지난달부터 카드를", "ko-KR", Cue.GOING_ON),
         ("残高はいくらですか", "ja-JP", Cue.QUESTION),
         ("カードをなくしました", "ja-JP", Cue.DONE),
         ("カードをなくして", "ja-JP", Cue.GOING_ON),
@@ -216,8 +218,10 @@ def test_a_stop_cuts_an_unheard_reply_with_elevenlabs() -> None:
     call = greeted(replace(LIVE, tts_provider="elevenlabs"))
     last = speak(call, "I lost my card.", 10.0)
     step(call, ReplySentence(1, "I'm sorry."), last + 0.1)
-    step(call, ENDPOINT, last + LIVE.end_of_turn_s)
-    cmds = step(call, interim("It was"), last + 1.0)
+    # a retraction costs a /stop and a new session: a statement's end is waited for longer
+    assert says(step(call, ENDPOINT, last + LIVE.end_of_turn_s)) == []
+    assert says(step(call, ENDPOINT, last + LIVE.end_of_turn_stop_s)) == ["I'm sorry."]
+    cmds = step(call, interim("It was"), last + 1.2)
     assert any(isinstance(c, StopSpeaking) for c in cmds)
 
 

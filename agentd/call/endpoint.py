@@ -59,8 +59,12 @@ _TRAILING_KO = frozenset(
         "내",
     }
 )
-# connective verb endings: "-고" (and), "-는데" (but, so), "-면" (if), "-서" (because) ...
-_CONNECTIVE_KO = ("는데", "은데", "인데", "지만", "니까", "려고", "고", "서", "면")
+# connective verb endings: "-고" (and), "-는데" (but, so), "-면" (if), "-서" (because) ...; and
+# the particles a noun ends with mid-sentence ("문제는" the problem is, "카드를" the card ...)
+_CONNECTIVE_KO = (
+    *("는데", "은데", "인데", "지만", "니까", "려고", "고", "서", "면"),
+    *("는", "은", "이", "가", "을", "를", "에", "에서", "으로", "로", "와", "과", "랑", "도", "의"),
+)
 _QUESTION_KO = ("까", "까요", "나요", "가요", "죠", "니", "냐")
 _DONE_KO = ("다", "요", "니다")
 _TRAILING_JA = (

@@ -80,6 +80,7 @@ class Listening(Conversation):
             return []
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
+        began = self._began(now)
         self.speech_since = None
         self.transcript_due = False
         if self._cutting_in(now):
@@ -93,7 +94,7 @@ class Listening(Conversation):
             if self.playback.talking(now):
                 if is_backchannel(text, self.settings.backchannels):
                     return [Record(self.id, Kind.BACKCHANNEL, {"text": text})]
-                if self._echo(text, now):
+                if self._echo(text, began):
                     return [Record(self.id, Kind.ECHO, {"text": text})]
                 if self.settings.barge_in != "off" and not self._kept(now):
                     cmds = self._cut(now, "transcript")
@@ -205,9 +206,12 @@ class Listening(Conversation):
         if c is Cue.GOING_ON and h.final:
             c = Cue.OPEN  # the STT heard the end of it: trust the pause
         # words that go on and then nothing, not even their final (lost): over after a while
-        end_at = h.changed_at + self.pauses.wait(
-            c, s.end_of_turn_s, 2 * s.final_wait_s, s.say_latency_s
-        )
+        wait = self.pauses.wait(c, s.end_of_turn_s, 2 * s.final_wait_s, s.say_latency_s)
+        if s.cut == "restart" and c in (Cue.DONE, Cue.OPEN):
+            # a reply sent too early is retracted with a /stop and a new session (a question
+            # is trusted to end the turn)
+            wait = max(wait, s.end_of_turn_stop_s)
+        end_at = h.changed_at + wait
         if h.final and c is not Cue.QUESTION:
             end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
         ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)

@@ -63,12 +63,16 @@ class CallSettings:
     # "interim": the end of the caller's turn is read from their interims (stable text, cues of
     # the language, their own pauses) and the reply is asked for before the final transcript;
     # "final": only on final transcripts (agentd.call.endpoint)
-    reply_on: ReplyOn = "final"
+    reply_on: ReplyOn = "interim"
     # interim: the turn is over after this long without new words when they end a sentence
     # (0.6 of it after a question, 1.5 times it when nothing tells, longer for a caller who
     # pauses mid-thought); the backend is asked at once on a question or a full sentence, after
     # `speculate_s` of stable words otherwise, at most `max_speculative` times a turn
     end_of_turn_s: float = 0.6
+    # with a TTS only a /stop cuts (ElevenLabs), a statement's end waits at least this long: a
+    # reply sent too early is retracted by a /stop (~0.5 s) that must land before its audio
+    # starts, and the next sentence's interims only come with this one's final (~1.1 s)
+    end_of_turn_stop_s: float = 0.9
     speculate_s: float = 0.35
     max_speculative: int = 3
     # a short line when the reply's first sentence is not ready this long after the end of the

@@ -40,7 +40,6 @@ from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
-_ECHO_WINDOW_S = 2.0  # our audio heard back reaches the caller's transcript this late at most
 _ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
 _ECHO_MIN_WORDS = 3
 # how long a caller the backend judged unfinished (○ / ◐) gets before it must answer anyway:
@@ -84,7 +83,7 @@ class Conversation(CallCore):
             return []
         if self.playback.talking(now) and is_backchannel(event.message, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
-        if self._echo(event.message, now):
+        if self._echo(event.message, self._began(now)):
             return [Record(self.id, Kind.ECHO, {"text": event.message.strip()})]
         if self.unsaid:
             return self._join_turn(event, now)
@@ -170,21 +169,26 @@ class Conversation(CallCore):
         action = self.after_reply is not None and not self.settings.barge_in_actions
         return self._greeting_kept(now) or (action and self.playback.talking(now))
 
-    def _echo(self, text: str, now: float) -> bool:
-        """Whether `text`, heard from the caller's side, is the agent's own words as it speaks
-        them (a speakerphone, a line echo): a run of at least three of them, most of `text`.
-        It is no turn and no barge-in."""
+    def _echo(self, text: str, began: float) -> bool:
+        """Whether `text`, heard from the caller's side, is the agent's own words coming back
+        (a speakerphone, a line echo): speech that began while the agent's audio played, a run
+        of at least three of its words and most of `text`. It is no turn and no barge-in. A
+        caller who repeats the agent after it stopped is heard."""
         heard = words(text)
         if len(heard) < _ECHO_MIN_WORDS:
             return False
         for p in self.playback.pieces:
-            if p.end <= now - _ECHO_WINDOW_S:
+            if not p.start <= began < p.end:
                 continue
             said = words(p.text)
             run = SequenceMatcher(None, said, heard, autojunk=False).find_longest_match()
             if run.size >= max(_ECHO_MIN_WORDS, _ECHO_SHARE * len(heard)):
                 return True
         return False
+
+    def _began(self, now: float) -> float:
+        """When the caller's current utterance began: its first speech event, or `now`."""
+        return self.speech_since if self.speech_since is not None else now
 
     def _arm_filler(self, end: float, now: float) -> list[Command]:
         """The caller's turn ends at `end`: a filler is due if the reply is slow to come."""
@@ -251,7 +255,7 @@ class Conversation(CallCore):
             return []
         if is_backchannel(event.message, s.backchannels) or self._kept(now):
             return []  # "mm-hmm" while we talk: the caller is listening
-        if self._echo(event.message, now):
+        if self._echo(event.message, self._began(now)):
             return []
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
