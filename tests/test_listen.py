@@ -365,3 +365,16 @@ def test_an_unfinished_caller_who_goes_on_is_answered_for_all_of_it() -> None:
     (ask,) = asks(step(call, ENDPOINT, last + LIVE.speculate_s))
     assert ask.history[-1] == ("user", "I want to book. a table for two")
     assert asks(step(call, TimerFired(Timer(TimerKind.INCOMPLETE)), last + 5.0)) == []
+
+
+def test_an_end_call_meant_for_fewer_words_is_dropped_with_its_reply() -> None:
+    call = greeted()
+    last = speak(call, "that is all.", 10.0)
+    step(call, ReplySentence(1, "Goodbye!"), last + 0.1)
+    step(call, ReplyDone(1, action=EndCall()), last + 0.2)
+    step(call, ENDPOINT, last + LIVE.end_of_turn_s)  # said; its audio is a second away
+    assert call.after_reply == EndCall()
+    cmds = step(call, interim("oh wait"), last + 1.0)  # the caller goes on
+    assert Flush(CID, "s1") in cmds
+    assert call.after_reply is None
+    assert step(call, TimerFired(Timer(TimerKind.AFTER_REPLY)), last + 3.0) == []

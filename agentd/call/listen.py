@@ -57,13 +57,13 @@ class Listening(Conversation):
         h = self._open_turn(now)
         cmds: list[Command] = []
         if h is None:
+            if self._answered(event.message, now, final=False):
+                return []  # the answered turn's words again
             if self.playback.talking(now):
                 # the agent's audio plays: only words that pass the barge-in gate take the turn
                 cmds = self._speech_barge_in(event, now)
                 if not cmds:
                     return []
-            elif self._answered(event.message, now, final=False):
-                return []  # the answered turn's words again
             h = self.hearing = Hearing(started_at=now)
         gap = now - h.changed_at
         if not h.on_interim(event.message, now):
@@ -188,10 +188,10 @@ class Listening(Conversation):
         cmds: list[Command] = [
             Record(self.id, Kind.TURN_JOINED, {"turn": turn, "wasted": h.wasted})
         ]
+        self.after_reply = None  # an end_call or a transfer meant for fewer words
         if self.said_turn == turn:
             return cmds + self._cut(now, "caller went on")
         self.held.clear()
-        self.after_reply = None
         self.timing_due = False
         if self.turns.replying:
             self.turns.step(TurnInput.END)
