@@ -483,11 +483,19 @@ def agent_keys(spec: Spec, scale: float) -> dict[str, Any]:
         # the smoke profile shrinks the simulator's time: agentd's hold times shrink with it
         d = CallSettings(language=spec.language)
         keys |= {
-            "final_hold_s": d.final_hold_s * scale,
-            "final_wait_s": d.final_wait_s * scale,
-            "say_latency_s": d.say_latency_s * scale,
-            "chars_per_s": d.rate / scale,
+            name: getattr(d, name) * scale
+            for name in (
+                "final_hold_s",
+                "final_wait_s",
+                "say_latency_s",
+                "end_of_turn_s",
+                "end_of_turn_stop_s",
+                "speculate_s",
+                "echo_guard_s",
+                "filler_after_s",
+            )
         }
+        keys["chars_per_s"] = d.rate / scale
     return keys
 
 
@@ -1189,6 +1197,11 @@ def analyse(
             else f"defaults × {profile.scale}",
             "final_hold_s": d.final_hold_s,
             "final_wait_s": d.final_wait_s,
+            "end_of_turn_s": d.end_of_turn_s,
+            "end_of_turn_stop_s": d.end_of_turn_stop_s,
+            "speculate_s": d.speculate_s,
+            "max_speculative": d.max_speculative,
+            "filler_after_s": d.filler_after_s,
             "say_latency_s": d.say_latency_s,
             "echo_guard_s": d.echo_guard_s,
             "barge_in": d.barge_in,

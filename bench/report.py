@@ -98,9 +98,9 @@ def _header(r: dict[str, Any]) -> list[str]:
         "",
         "The simulator models the service's TTS and STT latencies (~1 s each) scaled by "
         f"{LATENCY_SCALE} (`agentd sim --latency-scale`), as playback is sped up: what is "
-        "measured is agentd's own cost. For the same reason agentd runs with "
-        "`final_hold_s = 0`: the hold that waits for the end of the caller's turn (0.5 s by "
-        "default) is turn-taking policy, not overhead.",
+        "measured is agentd's own cost. For the same reason sections 1–5 run agentd with "
+        '`reply_on = "final"` and `final_hold_s = 0`: when the caller\'s turn is over is '
+        "turn-taking policy, not overhead (section 6 measures it, on VoIPBIN's real timing).",
         "",
     ]
 
@@ -428,7 +428,12 @@ def _conversation_model(cv: dict[str, Any]) -> list[str]:
         f"| LLM stub | first token {_f(m['llm_ttft_s'], 2)} s, {_f(m['llm_tokens_per_s'], 0)} "
         f"tokens/s; reply of {st['tokens']} tokens, first sentence ({first!r}) "
         f"{st['first_sentence_tokens']} tokens; its number names the request |",
-        f"| agentd (`{ag['timing']}`) | `final_hold_s` {_f(ag['final_hold_s'], 2)}, "
+        f"| agentd (`{ag['timing']}`), `interim` | `end_of_turn_s` "
+        f"{_f(ag.get('end_of_turn_s'), 2)} (× 0.6 after a question, × 1.5 with no cue), "
+        f"`end_of_turn_stop_s` {_f(ag.get('end_of_turn_stop_s'), 2)}, `speculate_s` "
+        f"{_f(ag.get('speculate_s'), 2)}, `max_speculative` {ag.get('max_speculative')}, "
+        f"`filler_after_s` {_f(ag.get('filler_after_s'), 2)} |",
+        f"| agentd, both | `final_hold_s` {_f(ag['final_hold_s'], 2)}, "
         f"`final_wait_s` {_f(ag['final_wait_s'], 2)}, `say_latency_s` "
         f"{_f(ag['say_latency_s'], 2)}, echo guard {_f(ag['echo_guard_s'], 1)} s, barge-in on "
         f"≥ {ag['barge_in_min_words']} words or {ag['barge_in_min_chars']} characters, "

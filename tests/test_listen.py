@@ -378,3 +378,15 @@ def test_an_end_call_meant_for_fewer_words_is_dropped_with_its_reply() -> None:
     assert Flush(CID, "s1") in cmds
     assert call.after_reply is None
     assert step(call, TimerFired(Timer(TimerKind.AFTER_REPLY)), last + 3.0) == []
+
+
+def test_speculation_is_capped_per_turn_then_asked_only_at_the_end() -> None:
+    call = greeted(replace(LIVE, max_speculative=2))
+    t = 10.0
+    # each sentence ends like a turn and is asked about at once; the caller goes on each time
+    for text in ("I lost my card.", "It was stolen.", "On Monday."):
+        t = speak(call, text, t) + 0.4
+    assert call.wasted == 2  # two asks dropped; the third sentence was not asked about
+    assert call.turn == 2
+    (ask,) = asks(step(call, ENDPOINT, t - 0.4 + LIVE.end_of_turn_s))
+    assert ask.history[-1] == ("user", "I lost my card. It was stolen. On Monday.")
