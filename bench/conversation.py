@@ -88,10 +88,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import aiohttp
-
 from agentd.call.settings import CallSettings
-from bench.procs import ROOT, VENV_BIN, Agent, Sim, _drain, _env, agent_config
+from bench import procs
+from bench.procs import ROOT, VENV_BIN, Agent, Sim, _env, agent_config, attach_sim
 from bench.stats import percentile
 from bench.stub import LlmStub
 
@@ -448,26 +447,7 @@ async def start_sim(settings: dict[str, Any]) -> Sim:
         env=_env(),
         cwd=ROOT,
     )
-    assert proc.stdout is not None
-    lines: dict[str, str] = {}
-    async with asyncio.timeout(20):
-        while "control api" not in lines:
-            raw = await proc.stdout.readline()
-            if not raw:
-                raise RuntimeError("the simulator exited before it was ready")
-            key, _, value = raw.decode().partition(":")
-            if value:
-                lines[key.strip()] = value.strip()
-    api = lines["api url"]
-    return Sim(
-        proc=proc,
-        api_url=api,
-        ws_url=lines["ws url"],
-        accesskey=lines["access key"],
-        base_url=api.removesuffix("/v1.0"),
-        http=aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)),
-        drain=asyncio.get_running_loop().create_task(_drain(proc.stdout)),
-    )
+    return await attach_sim(proc)
 
 
 def agent_keys(spec: Spec, scale: float) -> dict[str, Any]:
@@ -538,25 +518,7 @@ async def start_agentd(sim: Sim, tmp: Path, spec: Spec, scale: float, logs: Path
 
 async def start_baseline(sim: Sim, spec: Spec) -> Agent:
     """The tutorial's agent, fed by the simulator's webhook delivery."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.baseline.agent",
-        "--api",
-        sim.api_url,
-        "--accesskey",
-        sim.accesskey,
-        "--llm",
-        spec.stub.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=_env(),
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
-    await sim.bench("webhook", {"url": url})
-    return Agent(proc)
+    return await procs.start_baseline(sim, spec.stub.url)
 
 
 async def wait_subscribed(sim: Sim, count: int, timeout_s: float = 60.0) -> None:

@@ -113,6 +113,11 @@ async def start_sim(
         env=_env(),
         cwd=ROOT,
     )
+    return await attach_sim(proc)
+
+
+async def attach_sim(proc: asyncio.subprocess.Process) -> Sim:
+    """The `Sim` of a simulator process, once it has printed its URLs and access key."""
     assert proc.stdout is not None
     lines: dict[str, str] = {}
     async with asyncio.timeout(20):
@@ -134,6 +139,29 @@ async def start_sim(
         http=aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)),
         drain=drain,
     )
+
+
+async def start_baseline(sim: Sim, llm_url: str) -> Agent:
+    """The tutorial's agent (bench/baseline/agent.py), fed by the simulator's webhook delivery."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.baseline.agent",
+        "--api",
+        sim.api_url,
+        "--accesskey",
+        sim.accesskey,
+        "--llm",
+        llm_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
+    await sim.bench("webhook", {"url": url})
+    return Agent(proc)
 
 
 def agent_config(sim: Sim, path: Path, **sections: dict[str, Any]) -> Path:

@@ -39,6 +39,7 @@ from bench.procs import (
     Sim,
     agent_config,
     start_agent,
+    start_baseline,
     start_sim,
     usage,
     wait_subscribed,
@@ -405,24 +406,7 @@ async def ttfa_agentd(tmp: Path, profile: Profile, stub: LlmStub) -> dict[str, A
 
 async def ttfa_baseline(tmp: Path, profile: Profile, stub: LlmStub) -> dict[str, Any]:
     sim = await start_sim(rate_limit=True, playback_chars_per_s=200.0, speech_words_per_s=10.0)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.baseline.agent",
-        "--api",
-        sim.api_url,
-        "--accesskey",
-        sim.accesskey,
-        "--llm",
-        stub.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=HERE.parent,
-    )
-    assert proc.stdout is not None
-    url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
-    await sim.bench("webhook", {"url": url})
-    agent = Agent(proc)
+    agent = await start_baseline(sim, stub.url)
     return await _ttfa_calls(Run(sim, agent), profile, stub)
 
 

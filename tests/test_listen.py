@@ -184,13 +184,19 @@ def test_a_reply_sent_but_not_heard_yet_is_cut_before_its_audio_when_the_caller_
     assert call.history.window(9)[-1] == ("user", "I lost my card. It was stolen.")
 
 
-def test_words_after_the_reply_is_heard_are_a_new_turn_or_a_barge_in() -> None:
-    call = greeted()
+def answered_question(call: Call, reply: str) -> float:
+    """The caller asks; the reply is said at the end of the question; returns when its audio
+    starts."""
     last = speak(call, "what is my balance?", 10.0)
-    step(call, ReplySentence(1, "It is ten dollars, and your card is fine."), last + 0.2)
+    step(call, ReplySentence(1, reply), last + 0.2)
     step(call, ENDPOINT, last + 0.36)
     step(call, ReplyDone(1), last + 0.4)
-    audio = last + 0.36 + LIVE.say_latency_s
+    return last + 0.36 + LIVE.say_latency_s
+
+
+def test_words_after_the_reply_is_heard_are_a_new_turn_or_a_barge_in() -> None:
+    call = greeted()
+    audio = answered_question(call, "It is ten dollars, and your card is fine.")
     # a backchannel while the reply plays cuts nothing and is no turn
     assert step(call, interim("mm-hmm"), audio + 1.5) == []
     cmds = step(call, transcript("mm-hmm", "tr9"), audio + 2.5)
@@ -204,11 +210,7 @@ def test_words_after_the_reply_is_heard_are_a_new_turn_or_a_barge_in() -> None:
 
 def test_the_final_of_the_answered_turn_arriving_after_its_reply_is_absorbed() -> None:
     call = greeted()
-    last = speak(call, "what is my balance?", 10.0)
-    step(call, ReplySentence(1, "Ten dollars."), last + 0.2)
-    step(call, ENDPOINT, last + 0.36)
-    step(call, ReplyDone(1), last + 0.4)
-    after = last + 0.36 + LIVE.say_latency_s + 2.0  # the reply has played
+    after = answered_question(call, "Ten dollars.") + 2.0  # the reply has played
     for tid in ("tr1", "tr1", "tr1"):  # the event, its duplicate, a REST read-back
         assert asks(step(call, transcript("What is my balance?", tid), after)) == []
     assert call.turn == 1

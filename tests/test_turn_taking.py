@@ -91,6 +91,9 @@ async def test_a_sentence_split_in_two_finals_gets_one_reply(
     ]
 
 
+LONG_QUESTION = "tell me about your opening hours today and tomorrow please"
+
+
 async def test_backchannels_while_the_agent_talks_cut_nothing_and_get_no_reply(
     sim: Simulator, agent: StartAgent
 ) -> None:
@@ -98,13 +101,13 @@ async def test_backchannels_while_the_agent_talks_cut_nothing_and_get_no_reply(
     call_id = await talk(
         sim,
         daemon,
-        Utterance("tell me about your opening hours today and tomorrow please"),
+        Utterance(LONG_QUESTION),
         Utterance("mm-hmm", backchannel_after_s=0.5),
         Utterance("thanks"),
     )
     lines = heard(sim, call_id)
     assert [li.planned for li in lines] == [
-        echo("tell me about your opening hours today and tomorrow please"),
+        echo(LONG_QUESTION),
         echo("thanks"),
     ]
     assert not any(li.cut for li in lines)
@@ -117,7 +120,7 @@ async def test_a_real_interruption_cuts_the_agent_and_is_answered(
     call_id = await talk(
         sim,
         daemon,
-        Utterance("tell me about your opening hours today and tomorrow please"),
+        Utterance(LONG_QUESTION),
         Utterance("wait I meant the other shop", barge_in_after_s=0.6),
     )
     first, second = heard(sim, call_id)
