@@ -9,11 +9,15 @@ STAMP  := $(VENV)/.installed
 all: test
 
 # the bench extra (matplotlib) too: `make test` runs a smoke version of the benchmarks
+# pip's output goes to $(VENV)/install.log, and is shown only when the install fails
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
-	touch $(STAMP)
+	@echo "installing agentd and its tools into $(VENV) (log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip \
+	  > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+	  -e '.[dev,bench]' >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 venv: $(STAMP)
 

@@ -11,6 +11,7 @@ import asyncio
 import signal
 import sys
 
+from agentd import logs
 from agentd.sim.settings import SimSettings
 from agentd.sim.simulator import Simulator
 
@@ -78,6 +79,8 @@ async def _run(args: argparse.Namespace) -> None:
 def main(argv: list[str]) -> int:
     """Parse ``argv`` (without the program name), serve until a signal; exit status 0."""
     args = _parser().parse_args(argv)
+    # stdout is the banner a program reads (the URLs, the key): log lines go to stderr
+    logs.configure(stream=sys.stderr)
     asyncio.run(_run(args))
     return 0
 
