@@ -20,6 +20,7 @@ from agentd.commands import (
     ReplyIncomplete,
     ReplySentence,
     Say,
+    SpeakingStarted,
     StartTimer,
     StopSpeaking,
     TimerFired,
@@ -392,3 +393,16 @@ def test_speculation_is_capped_per_turn_then_asked_only_at_the_end() -> None:
     assert call.turn == 2
     (ask,) = asks(step(call, ENDPOINT, t - 0.4 + LIVE.end_of_turn_s))
     assert ask.history[-1] == ("user", "I lost my card. It was stolen. On Monday.")
+
+
+def test_a_turn_answered_on_interims_before_a_restart_is_not_answered_again_by_its_final() -> None:
+    call = greeted()
+    audio = answered_question(call, "Ten dollars.")
+    restored = Call.restore(call.snapshot(), LIVE)  # SIGKILL before the final came
+    restored.resume(audio + 5.0)
+    restored.handle(SpeakingStarted("s1", "active"), audio + 5.1)
+    # the final, read back over REST after the restart
+    assert asks(step(restored, transcript("What is my balance?"), audio + 6.0)) == []
+    # a new question is answered
+    speak(restored, "and my savings?", audio + 8.0)
+    assert restored.turn == 2

@@ -330,6 +330,9 @@ class CallCore:
         wait = self.playback.remaining(now) + self.settings.playback_pad_s
         return [*cmds, StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
 
+    def _restored(self, now: float) -> None:
+        """A restart rebuilt the call from the store at `now` (the conversation adds to it)."""
+
     def arm_silence(self, now: float) -> list[Command]:
         """Start counting the caller's silence from when our audio ends."""
         if self.settings.silence_s <= 0:

@@ -24,6 +24,7 @@ from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import Kind, Timer, TimerKind
 
 _EPS = 0.01  # timers fire a hair early
+_RESTORED_S = 30.0  # a restarted agentd reads the transcripts it missed back within this
 _NEVER = float("inf")  # "ask" time of words that go on: only once the turn is over
 
 
@@ -39,6 +40,14 @@ class Listening(Conversation):
         self.answered_until = 0.0
         self.wasted = 0  # backend calls dropped because the caller went on
         self.cutting_in = -1  # the turn the agent cut in on: its reply is not barged in on
+
+    def _restored(self, now: float) -> None:
+        """The last turn the history shows answered may have been answered on its interims,
+        and its final be read back only now: it must not be answered again."""
+        msgs = self.history.msgs
+        if len(msgs) >= 2 and msgs[-1].role == "assistant" and msgs[-2].role == "user":
+            self.answered = msgs[-2].text
+            self.answered_until = now + _RESTORED_S
 
     @property
     def _speculating(self) -> bool:

@@ -123,6 +123,7 @@ class Recovery(CallCore):
     def resume(self, now: float) -> list[Command]:
         """After a restart: re-check the call, re-send unconfirmed stops, re-attach sessions."""
         self.last_heard = now
+        self._restored(now)
         cmds: list[Command] = [
             CheckCall(self.id),
             StartTimer(self.id, Timer(TimerKind.WATCH), self.settings.watch_s),
