@@ -134,6 +134,21 @@ async def test_a_korean_question_is_answered_once(sim: Simulator, agent: StartAg
     assert [li.planned for li in heard(sim, call_id)] == [echo("잔액이 얼마인가요?")]
 
 
+async def test_a_japanese_turn_that_goes_on_is_answered_once_for_all_of_it(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent(agent={**INTERIM, "language": "ja-JP", "greeting": "こんにちは。"})
+    call_id = await talk(
+        sim,
+        daemon,
+        Utterance("カードをなくして"),  # "I lost my card and": て leaves it open
+        Utterance("再発行したいです。", pause_s=0.6 * SCALE * 3, wait_for_agent=False),
+    )
+    assert [li.planned for li in heard(sim, call_id)] == [
+        f"{ECHO}カードをなくして 再発行したいです."
+    ]
+
+
 async def test_a_slow_backend_gets_a_filler_first(
     sim: Simulator, agent: StartAgent, llm: OpenAIStub
 ) -> None:

@@ -16,7 +16,7 @@ class EchoBackend:
 
     async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[str]:
         """Stream the echo word by word."""
-        text = last_user_text(history).rstrip(".!? ")
+        text = last_user_text(history).rstrip(".!? \u3002\uff01\uff1f")  # and the CJK marks
         for word in f"{self.prefix} {text}.".split(" "):
             yield word + " "
 
