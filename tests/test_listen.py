@@ -406,3 +406,20 @@ def test_a_turn_answered_on_interims_before_a_restart_is_not_answered_again_by_i
     # a new question is answered
     speak(restored, "and my savings?", audio + 8.0)
     assert restored.turn == 2
+
+
+def test_words_after_a_goodbye_that_was_heard_are_not_answered() -> None:
+    for mode in ("final", "interim"):
+        call = greeted(replace(LIVE, reply_on=mode))  # type: ignore[arg-type]
+        last = speak(call, "that is all, bye.", 10.0)
+        step(call, transcript("That is all, bye."), last + 1.0)
+        turn = call.turn
+        step(call, ReplySentence(turn, "Goodbye!"), last + 1.1)
+        step(call, ReplyDone(turn, action=EndCall()), last + 1.2)
+        step(call, ENDPOINT, last + 1.6)
+        step(call, TimerFired(Timer(TimerKind.HOLD)), last + 1.6)
+        heard_at = last + 4.0  # the goodbye has played; the hang-up is a moment away
+        cmds = step(call, interim("bye bye"), heard_at)
+        cmds += step(call, transcript("Bye bye.", "tr2"), heard_at + 0.5)
+        assert asks(cmds) == [] and says(cmds) == [], mode
+        assert call.turn == turn, mode

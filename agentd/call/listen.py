@@ -66,8 +66,8 @@ class Listening(Conversation):
         h = self._open_turn(now)
         cmds: list[Command] = []
         if h is None:
-            if self._answered(event.message, now, final=False):
-                return []  # the answered turn's words again
+            if self._closing():
+                return []  # words after the goodbye
             if self.playback.talking(now):
                 # the agent's audio plays: only words that pass the barge-in gate take the turn
                 cmds = self._speech_barge_in(event, now)
@@ -95,10 +95,12 @@ class Listening(Conversation):
         if self._cutting_in(now):
             return []  # the rest of the turn the agent cut short: it is answering
         h = self._open_turn(now)
+        if self._answered(event.message, now, h):
+            return []  # the late final of words already answered
         cmds: list[Command] = []
         if h is None:
-            if self._answered(event.message, now, final=True):
-                return []  # the final of words already answered (it repeats their interim)
+            if self._closing():
+                return []  # words after the goodbye
             text = event.message.strip()
             if self.playback.talking(now):
                 if is_backchannel(text, self.settings.backchannels):
@@ -152,15 +154,17 @@ class Listening(Conversation):
         self.hold_until = now
         return [*cmds, *self._say(self.settings.cut_in, self.turns.turn, now)]
 
-    def _answered(self, text: str, now: float, *, final: bool) -> bool:
-        """Whether `text` repeats words of the answered turn (its late final, or an interim
-        sent again); a final takes its words off, and new words end the matching."""
+    def _answered(self, text: str, now: float, h: Hearing | None) -> bool:
+        """Whether the final `text` repeats words of the answered turn whose final had not
+        come, and is not the open turn's own (a caller may ask the same thing again); it takes
+        its words off, and new words end the matching."""
         if not self.answered or now > self.answered_until or goes_on(text, self.answered):
             self.answered = ""
             return False
-        if final:
-            rest = words(self.answered)[len(words(text)) :]
-            self.answered = " ".join(rest)
+        if h is not None and not goes_on(text, h.unconfirmed()):
+            return False  # the open turn's own words
+        rest = words(self.answered)[len(words(text)) :]
+        self.answered = " ".join(rest)
         return True
 
     def _heard_reply(self, h: Hearing, now: float) -> bool:

@@ -87,6 +87,8 @@ class Conversation(CallCore):
             return [Record(self.id, Kind.ECHO, {"text": event.message.strip()})]
         if self.unsaid:
             return self._join_turn(event, now)
+        if self._closing():
+            return []  # "bye" after the goodbye: the call ends, nothing more is answered
         cmds: list[Command] = []
         # the utterance began when its first speech event came; with none, when it arrived
         self.transcript_due = False
@@ -168,6 +170,11 @@ class Conversation(CallCore):
         `agent.barge_in_greeting`), or the line before an action (unless `barge_in_actions`)."""
         action = self.after_reply is not None and not self.settings.barge_in_actions
         return self._greeting_kept(now) or (action and self.playback.talking(now))
+
+    def _closing(self) -> bool:
+        """The goodbye (or "transferring you") was said and its action waits for its end: the
+        caller's words no longer open a turn (unless `agent.barge_in_actions`)."""
+        return self.after_reply is not None and not self.settings.barge_in_actions
 
     def _echo(self, text: str, began: float) -> bool:
         """Whether `text`, heard from the caller's side, is the agent's own words coming back
