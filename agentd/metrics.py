@@ -5,7 +5,9 @@ daemons in one process — the tests — never share a counter. Two kinds of met
 
 - counted from the daemon's records as they happen (`record()`): calls answered by direction,
   calls ended by reason, barge-ins, leaked sessions, and the turn latency histogram
-  (caller transcript -> first `/say`, from each `turn` record's `first_say_ms`);
+  (caller transcript -> first `/say`, from each `turn` record's `first_say_ms`); and from each
+  finished call's `call_report`, the seconds its speaking and transcribe sessions stayed open
+  (what VoIPBIN bills) and the turns it had;
 - read at scrape time from the counters the daemon keeps anyway (`live()`): reconnects, REST
   errors, rejected frames, live calls, REST queue depth, connected.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import TypeGuard
 
 import structlog
 from aiohttp import web
@@ -110,6 +113,17 @@ class Metrics:
             buckets=FIRST_SAY_BUCKETS,
             registry=r,
         )
+        self.session_seconds = Counter(
+            "agentd_session_seconds",
+            "Seconds VoIPBIN sessions stayed open, by kind, summed over finished calls",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("speaking", "transcribe"):
+            self.session_seconds.labels(kind=kind)
+        self.turns = Counter(
+            "agentd_turns", "Caller turns of finished calls (from their reports)", registry=r
+        )
         r.register(_LiveCollector(live))
         self._reasons: set[str] = set()
         self._runner: web.AppRunner | None = None
@@ -130,6 +144,21 @@ class Metrics:
                 ms = data.get("first_say_ms")
                 if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
                     self.turn_first_say.observe(ms / 1000)
+            case Kind.REPORT:
+                self._report(data)
+
+    def _report(self, data: Mapping[str, object]) -> None:
+        """A finished call's report: its session seconds and turns (bad values are skipped:
+        a counter must never go down, and a report is no reason to fail the record path)."""
+        seconds = data.get("session_seconds")
+        if isinstance(seconds, Mapping):
+            for kind in ("speaking", "transcribe"):
+                value = seconds.get(kind)
+                if _amount(value):
+                    self.session_seconds.labels(kind=kind).inc(value)
+        turns = data.get("turns")
+        if _amount(turns):
+            self.turns.inc(turns)
 
     def _reason(self, value: object) -> str:
         reason = _label(value, "normal")
@@ -160,6 +189,11 @@ class Metrics:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _amount(value: object) -> TypeGuard[int | float]:
+    """A number a counter may be increased by."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
 def _label(value: object, default: str) -> str:

@@ -94,6 +94,7 @@ class Kind(enum.StrEnum):
     LEAK = "leak"
     ANOMALY = "anomaly"  # an internal transition the machines do not allow: a bug to report
     FAILED = "failed"  # the call's handler raised: the call was ended
+    REPORT = "call_report"  # once, when the call is finished: its duration, turns, sessions
 
     @property
     def warns(self) -> bool:

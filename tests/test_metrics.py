@@ -10,7 +10,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentd.commands import Record
 from agentd.config import ConfigError, load, parse_listen
+from agentd.metrics import Metrics
+from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, StartAgent
 
@@ -204,3 +207,14 @@ def test_loopback_addresses_are_accepted(tmp_path: Path) -> None:
     env = {"AGENTD_METRICS_LISTEN": "0.0.0.0:9464"}
     with pytest.raises(ConfigError, match="not a loopback address"):
         load(config, env=env)
+
+
+def test_a_call_report_adds_its_session_seconds_and_turns() -> None:
+    m = Metrics("127.0.0.1:0", lambda: {})
+    data: dict[str, object] = {"session_seconds": {"speaking": 12.5, "transcribe": 10.0}}
+    m.record(Record("c1", Kind.REPORT, {**data, "turns": 3}))
+    m.record(Record("c2", Kind.REPORT, {"session_seconds": {"speaking": -1}, "turns": True}))
+    value = m.registry.get_sample_value
+    assert value("agentd_session_seconds_total", {"kind": "speaking"}) == 12.5
+    assert value("agentd_session_seconds_total", {"kind": "transcribe"}) == 10.0
+    assert value("agentd_turns_total") == 3.0

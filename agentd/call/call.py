@@ -72,6 +72,10 @@ class Call(Recovery, Sessions, Listening):
 
     def handle(self, event: Input, now: float) -> list[Command]:
         """Apply one event or command result at time `now` (seconds, monotonic)."""
+        self._report_input(event, now)
+        return self._reported(self._apply(event, now))
+
+    def _apply(self, event: Input, now: float) -> list[Command]:
         if self.failed:
             return self._cleanup_only(event, now)
         if self.phase is Phase.ENDED and not isinstance(event, CallEvent):

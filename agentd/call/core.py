@@ -11,10 +11,12 @@ from agentd.call.history import History
 from agentd.call.ledger import Ledger, StopInput
 from agentd.call.phase import Phase, PhaseInput, PhaseMachine
 from agentd.call.playback import Playback
+from agentd.call.report import ENDED, GONE, STOPPED, Report
 from agentd.call.session import SessionInput, SessionKind, SessionMachine, SessionState
 from agentd.call.settings import CallSettings
 from agentd.call.turn import TurnInput, TurnMachine
 from agentd.commands import (
+    CallGone,
     CancelBackend,
     Command,
     FetchTranscripts,
@@ -23,10 +25,12 @@ from agentd.commands import (
     Record,
     Result,
     Say,
+    SpeakingFailed,
     SpeakingStarted,
     StartSpeaking,
     StartTimer,
     StartTranscribe,
+    Stopped,
     StopSpeaking,
     StopTranscribe,
     SweepSpeakings,
@@ -82,6 +86,7 @@ class CallCore:
         self.filler_turn = -1  # the turn a filler was said for
         self.incomplete_turn = -1  # the turn the backend judged the caller not done with
         self.age_s = 0.0  # how old the call was when a restart restored it
+        self.report = Report()  # summed up in one record when the call is finished
 
     @property
     def phase(self) -> Phase:
@@ -125,6 +130,45 @@ class CallCore:
             self.last_caller = now
             self.reprompts = 0
             self.stt_replaced = False
+
+    def _report_input(self, event: Input, now: float) -> None:
+        """Feed the report what the inputs tell, whatever the handlers make of them: when the
+        call was answered and hung up, when each session was created and confirmed gone.
+        Seen before the handler, so a failed call's cleanup and late results count too."""
+        r = self.report
+        r.tick(now)
+        match event:
+            case CallEvent() if event.deleted or event.call.status == "hangup":
+                r.hung_up(now)
+            case CallEvent() if event.call.status == "progressing":
+                r.answered(now)
+            case CallGone():
+                r.hung_up(now)
+            case SpeakingStarted():
+                r.opened("speaking", event.speaking_id, now)
+                if event.status == "stopped":
+                    r.closed(event.speaking_id, now, GONE)
+            case TranscribeStarted():
+                r.opened("transcribe", event.transcribe_id, now)
+            case Stopped(ok=True):
+                r.closed(event.session_id, now, STOPPED)
+            case TranscribeEvent(status="done"):
+                r.closed(event.id, now, ENDED)
+            case SpeakingFailed(status=404) if event.speaking_id:
+                r.closed(event.speaking_id, now, GONE)  # VoIPBIN: no such session (any more)
+
+    def _reported(self, cmds: list[Command]) -> list[Command]:
+        """Feed the report the step's records; the finished call's report goes just before
+        `Finished` (whichever path finished it: a clean end, a failure, a late cleanup)."""
+        self.report.saw(cmds)
+        for i, cmd in enumerate(cmds):
+            if isinstance(cmd, Finished):
+                restored = self.age_s > 0  # sessions made before the restart were not seen
+                # turns answered and timed: the turn number also counts speculative asks
+                turns = self.report.turn_records
+                report = self.report.record(self.id, turns=turns, restored=restored)
+                return [*cmds[:i], report, *cmds[i:]]
+        return cmds
 
     def _record_hangup(self, by: str, reason: str) -> list[Command]:
         if self.hangup_reason:

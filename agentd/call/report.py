@@ -1,0 +1,190 @@
+"""A call's report: what it cost and how it went, summed up once when the call is finished.
+
+The call core feeds `Report` as it goes (the records it emits, when each billed session was
+created and when its end was confirmed, when VoIPBIN answered and hung up the call), always
+with the `now` the machine was handed: no clock is read here. When the call is `Finished`,
+`Report.record()` gives one `call_report` record: the daemon logs it (one journal line), keeps
+it in the store (what `agentd calls show` reads) and counts its session seconds in metrics.
+
+Why session seconds: VoIPBIN bills a speaking (TTS) and a transcribe (STT) session from its
+creation until it is stopped. A session counts from the create's answer (the first time its id
+is seen) to the first confirmation that it is gone: a stop answered 200/404, VoIPBIN's own
+`transcribe done`, or — for a transcribe only — the call's hangup, since VoIPBIN ends a
+call's transcribes itself when it hangs up (docs/protocol.md). A speaking session whose stop was
+never confirmed is counted up to the report and marked unconfirmed: it may still be billing.
+
+Backend tokens are not in the report: no backend reports its usage to agentd (the OpenAI
+backend skips the stream's final usage chunk), so there is nothing true to put there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from agentd.commands import Command, Record
+from agentd.names import Kind
+
+SessionKind = Literal["speaking", "transcribe"]
+
+# how a session's end was confirmed
+STOPPED: Final = "stopped"  # our stop was answered (200, or 404: already gone)
+ENDED: Final = "ended"  # VoIPBIN said the transcribe was done
+HANGUP: Final = "hangup"  # the call hung up: VoIPBIN ends its transcribes itself
+GONE: Final = "gone"  # VoIPBIN answered 404 for the session: it was not there any more
+
+# records that say something went wrong on the call (counted as "errors")
+ERROR_KINDS: Final = frozenset(
+    {Kind.ERROR, Kind.BACKEND_FAILED, Kind.SPEAKING_LOST, Kind.LEAK, Kind.ANOMALY, Kind.FAILED}
+)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100) of `values`, nearest rank: always a value that occurred.
+
+    Nearest rank rather than interpolation: with the handful of turns a call has, an
+    interpolated p90 would be a latency no caller ever waited."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(slots=True)
+class SessionSpan:
+    """One billed session: when it was created and when its end was confirmed (and how)."""
+
+    kind: SessionKind
+    id: str
+    opened: float
+    closed: float | None = None
+    how: str = ""  # STOPPED / ENDED / HANGUP; "" while not confirmed
+
+    def seconds(self, until: float) -> float:
+        """How long it was open; an unconfirmed one counts up to `until`."""
+        end = self.closed if self.closed is not None else until
+        return max(0.0, end - self.opened)
+
+
+class Report:
+    """The pure accumulator of one call's report. Every method takes the machine's `now`."""
+
+    def __init__(self) -> None:
+        self.first_seen: float | None = None  # the first input of the call
+        self.last_seen: float | None = None  # the latest input: when the report is made
+        self.answered_at: float | None = None
+        self.hangup_at: float | None = None
+        self.first_say_ms: list[float] = []  # per timed turn, from its `turn` record
+        self.turn_records = 0
+        self.barge_ins = 0
+        self.backchannels = 0
+        self.errors = 0
+        self.leaks = 0
+        self.sessions: dict[str, SessionSpan] = {}
+
+    def tick(self, now: float) -> None:
+        """The machine was handed an input at `now`."""
+        if self.first_seen is None:
+            self.first_seen = now
+        self.last_seen = now if self.last_seen is None else max(self.last_seen, now)
+
+    def answered(self, now: float) -> None:
+        """VoIPBIN says the call is up (the first time counts)."""
+        self.tick(now)
+        if self.answered_at is None:
+            self.answered_at = now
+
+    def hung_up(self, now: float) -> None:
+        """VoIPBIN says the call is over: its transcribes end with it."""
+        self.tick(now)
+        if self.hangup_at is None:
+            self.hangup_at = now
+        for span in self.sessions.values():
+            if span.kind == "transcribe" and span.closed is None:
+                span.closed, span.how = now, HANGUP
+
+    def opened(self, kind: SessionKind, session_id: str, now: float) -> None:
+        """A session's id was seen for the first time: it bills from here."""
+        self.tick(now)
+        if session_id and session_id not in self.sessions:
+            self.sessions[session_id] = SessionSpan(kind, session_id, now)
+
+    def closed(self, session_id: str, now: float, how: str) -> None:
+        """A session's end was confirmed; only the first confirmation counts."""
+        self.tick(now)
+        span = self.sessions.get(session_id)
+        if span is not None and span.closed is None:
+            span.closed, span.how = now, how
+
+    def saw(self, commands: Iterable[Command]) -> None:
+        """Count what the call's records say: turns timed, barge-ins, backchannels, errors."""
+        for cmd in commands:
+            if not isinstance(cmd, Record):
+                continue
+            what = cmd.what
+            if what is Kind.TURN:
+                self.turn_records += 1
+                ms = cmd.data.get("first_say_ms")
+                if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
+                    self.first_say_ms.append(float(ms))
+            elif what is Kind.BARGE_IN and cmd.data.get("by") != "caller went on":
+                # (a reply retracted before its audio, because the caller went on, was not
+                # talked over: no interruption)
+                self.barge_ins += 1
+            elif what is Kind.BACKCHANNEL:
+                self.backchannels += 1
+            if what in ERROR_KINDS:
+                self.errors += 1
+            if what is Kind.LEAK:
+                self.leaks += 1
+
+    def session_seconds(self, until: float) -> dict[str, float]:
+        """Seconds open, summed per kind (both kinds always present)."""
+        out = {"speaking": 0.0, "transcribe": 0.0}
+        for span in self.sessions.values():
+            out[span.kind] += span.seconds(until)
+        return {k: round(v, 3) for k, v in out.items()}
+
+    def data(self, *, turns: int, restored: bool = False) -> dict[str, object]:
+        """The report as plain JSON values; `turns`: the caller turns the call opened."""
+        until = self.last_seen if self.last_seen is not None else 0.0
+        end = self.hangup_at if self.hangup_at is not None else until
+        duration = end - self.answered_at if self.answered_at is not None else 0.0
+        out: dict[str, object] = {
+            "duration_s": round(max(0.0, duration), 3),
+            "answered": self.answered_at is not None,
+            "turns": turns,
+            "barge_ins": self.barge_ins,
+            "backchannels": self.backchannels,
+            "errors": self.errors,
+            "leaks": self.leaks,
+            "session_seconds": self.session_seconds(until),
+            "sessions": [
+                {
+                    "kind": s.kind,
+                    "id": s.id,
+                    "open_s": round(s.seconds(until), 3),
+                    "confirmed": s.how or None,
+                }
+                for s in self.sessions.values()
+            ],
+        }
+        if self.first_say_ms:
+            v = self.first_say_ms
+            out["first_say_ms"] = {
+                "n": len(v),
+                "p50": percentile(v, 50),
+                "p90": percentile(v, 90),
+                "max": max(v),
+            }
+        if restored:
+            # sessions created before the restart were not seen being created: not counted
+            out["restored"] = True
+        return out
+
+    def record(self, call_id: str, *, turns: int, restored: bool = False) -> Record:
+        """The `call_report` record, made once when the call is finished."""
+        return Record(call_id, Kind.REPORT, self.data(turns=turns, restored=restored))
