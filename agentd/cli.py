@@ -1,4 +1,4 @@
-"""The `agentd` command line: run, call, status, demo, sim, check-config."""
+"""The `agentd` command line: run, call, status, calls, demo, console, sim, check-config."""
 
 from __future__ import annotations
 
@@ -65,8 +65,31 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
     status.add_argument("--config", help="read [status] socket from this config")
 
+    calls = sub.add_parser("calls", help="the call history in the store (read-only)")
+    calls.add_argument("--since", help="only calls started since: 30m, 2h, 7d, or a date")
+    calls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    calls.add_argument("--json", action="store_true", help="print JSON")
+    calls.add_argument("--config", help="read [store] path from this config")
+    calls_sub = calls.add_subparsers(dest="calls_command", metavar="show")
+    show = calls_sub.add_parser("show", help="one call: conversation, turn timings, sessions")
+    show.add_argument("id", help="the call id (or an unambiguous start of it)")
+    # SUPPRESS: given after `show` they count, left out they keep the values given before it
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    show.add_argument("--config", default=argparse.SUPPRESS)
+
     demo = sub.add_parser("demo", help="agentd against its built-in simulator, no account needed")
     demo.add_argument("--quiet", action="store_true", help="print only the conversation")
+
+    console = sub.add_parser(
+        "console", help="talk to your own agent in the terminal, against the built-in simulator"
+    )
+    console.add_argument(
+        "--config", help=f"TOML config (default: $AGENTD_CONFIG or {DEFAULT_CONFIG}, else echo)"
+    )
+    console.add_argument(
+        "--fast", action="store_true", help="VoIPBIN's timing and agentd's ten times quicker"
+    )
+    console.add_argument("--log", help="write agentd's log to this file (default: warnings only)")
 
     sim = sub.add_parser("sim", help="run the VoIPBIN simulator standalone", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
@@ -93,10 +116,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agentd.status import main as status_main
 
             return status_main(args.socket, args.json, _config_path(args.config))
+        if args.command == "calls":
+            from agentd.calls import main as calls_main
+
+            return calls_main(
+                _config_path(args.config),
+                call_id=args.id if args.calls_command == "show" else None,
+                since=args.since,
+                as_json=args.json,
+                limit=args.limit,
+            )
         if args.command == "demo":
             from agentd.demo import main as demo_main
 
             return demo_main(quiet=args.quiet)
+        if args.command == "console":
+            from agentd.console import main as console_main
+
+            return console_main(_config_path(args.config), fast=args.fast, log_path=args.log)
         if args.command == "sim":
             from agentd.sim.standalone import main as sim_main
 

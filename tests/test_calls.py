@@ -1,0 +1,140 @@
+"""`agentd calls`: the call history read back from the store, and the store's retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agentd.calls import HistoryError, open_read_only, parse_since, store_path
+from agentd.daemon import prune_expired
+from agentd.sim import Caller, Simulator, Utterance
+from agentd.store import CallRecord, Store
+from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
+
+
+def config_file(tmp_path: Path, store: str) -> str:
+    path = tmp_path / "agentd.toml"
+    # no credentials: the history needs only [store] path
+    path.write_text(f"[store]\npath = {json.dumps(store)}\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.slow
+async def test_a_served_call_is_listed_and_shown_with_transcript_timings_and_cleanup(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    daemon = await agent(agent={"greeting": "Hello there."})
+    caller = Caller([Utterance("what are your hours")], hangup_after_s=0.05)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_call_status(call_id, "hangup", timeout=15)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert daemon.persister is not None
+    await daemon.persister.flush()
+    # the report went out once, as a record (logged, stored, counted)
+    reports = [r for r in daemon.records if r.what == "call_report"]
+    assert len(reports) == 1 and reports[0].call_id == call_id
+    cfg = config_file(tmp_path, daemon.config.store_path)
+
+    # read while the daemon still has the store open: read-only, beside the writer
+    code, out, err = await run_cli("calls", "--config", cfg)
+    assert code == 0, err
+    header, row = out.splitlines()[:2]
+    assert header.split()[:3] == ["CALL", "STARTED", "DIRECTION"]
+    assert row.startswith(call_id) and "incoming" in row
+
+    code, out, err = await run_cli("calls", "--json", "--since", "1h", "--config", cfg)
+    assert code == 0, err
+    [listed] = json.loads(out)
+    assert listed["call_id"] == call_id and listed["turns"] == 1 and listed["errors"] == 0
+
+    code, out, err = await run_cli("calls", "show", call_id[:8], "--config", cfg)
+    assert code == 0, err
+    assert "Conversation (from the call's history" in out
+    assert "agent: Hello there." in out
+    assert "caller: what are your hours" in out
+    assert "Turns (ms from the caller's final transcript):" in out
+    assert "confirmed stopped" in out  # the speaking session's stop was confirmed
+    assert "NOT confirmed" not in out
+
+    code, out, err = await run_cli("calls", "show", call_id, "--json", "--config", cfg)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["conversation_source"] == "history"
+    assert [t["turn"] for t in doc["turn_timings"]] == [1]
+    assert doc["turn_timings"][0]["first_say_ms"] >= 0
+    report = doc["report"]
+    kinds = {s["kind"]: s for s in report["sessions"]}
+    assert set(kinds) == {"speaking", "transcribe"}
+    assert all(s["confirmed"] for s in report["sessions"])
+    assert report["session_seconds"]["speaking"] > 0
+
+
+async def test_the_store_off_or_missing_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    code, _, err = await run_cli("calls", "--config", config_file(tmp_path, ""))
+    assert code == 2 and 'the store is off (store.path = "")' in err
+    missing = str(tmp_path / "nothing.db")
+    code, _, err = await run_cli("calls", "show", "x", "--config", config_file(tmp_path, missing))
+    assert code == 2 and f"no store at {missing}" in err
+
+
+async def test_an_unknown_call_exits_1_and_a_bad_since_exits_2(tmp_path: Path) -> None:
+    db = str(tmp_path / "agentd.db")
+    store = await Store.open(db)
+    await store.close()
+    cfg = config_file(tmp_path, db)
+    code, out, err = await run_cli("calls", "--config", cfg)
+    assert (code, out.strip()) == (0, "no calls in the store")
+    code, _, err = await run_cli("calls", "show", "nope", "--config", cfg)
+    assert code == 1 and "no call 'nope'" in err
+    code, _, err = await run_cli("calls", "--since", "yesterday", "--config", cfg)
+    assert code == 2 and "--since 'yesterday'" in err
+
+
+def test_since_takes_durations_and_dates() -> None:
+    assert parse_since("90s", 1000.0) == 910.0
+    assert parse_since("2h", 10_000.0) == 10_000.0 - 7200
+    assert parse_since("2025-01-31T00:00:00+00:00", 0) == 1738281600.0
+    with pytest.raises(HistoryError):
+        parse_since("soon", 0)
+
+
+def test_the_store_path_comes_from_the_environment_or_the_config(tmp_path: Path) -> None:
+    cfg = config_file(tmp_path, "/var/lib/agentd/agentd.db")
+    assert store_path(cfg, env={}) == "/var/lib/agentd/agentd.db"
+    assert store_path(cfg, env={"AGENTD_STORE_PATH": ""}) == ""
+    assert store_path(None, env={}) == "agentd.db"
+
+
+async def test_the_history_is_opened_read_only(tmp_path: Path) -> None:
+    db = str(tmp_path / "agentd.db")
+    store = await Store.open(db)
+    await store.close()
+    conn = open_read_only(db)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn.execute("DELETE FROM calls")
+    conn.close()
+
+
+def ended(call_id: str) -> CallRecord:
+    return CallRecord(call_id, "incoming", "ended", "hangup", None, None, (), True, 1, ())
+
+
+async def test_retention_prunes_calls_ended_longer_ago_than_keep_days(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = await Store.open(str(tmp_path / "agentd.db"), clock=lambda: now[0])
+    try:
+        await store.save_call(ended("old"))
+        await store.add_transcript("old", "tr1", "in", "my card number is ...")
+        now[0] += 20 * 86400
+        await store.save_call(ended("recent"))
+        now[0] += 11 * 86400  # "old" ended 31 days ago, "recent" 11
+        assert await prune_expired(store, 0) == 0  # 0 keeps everything
+        assert await prune_expired(store, 30) == 1
+        assert await store.ended_call_ids() == ["recent"]
+        assert await store.transcript("old") == []
+    finally:
+        await store.close()
