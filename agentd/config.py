@@ -17,6 +17,7 @@ accepts, because it accepts anything and fails later, at the first `/say` (404) 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -76,6 +77,16 @@ class DaemonConfig:
     drain_s: float = 10.0  # on SIGTERM, how long in-flight replies (or the goodbyes) may take
     stop_sessions_on_shutdown: bool = False  # False: leave live calls for the next agentd
     shutdown_goodbye: str = "Sorry, I have to end the call now. Goodbye!"
+
+
+@dataclass(frozen=True)
+class OtelConfig:
+    """[otel]: OpenTelemetry traces to the user's collector (the optional extra agentd[otel])."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318"  # the collector's OTLP/HTTP receiver
+    service_name: str = "agentd"
+    include_text: bool = False  # put the caller's and the agent's words on spans
 
 
 TypeSpec = type | tuple[type, ...]
@@ -168,7 +179,8 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
         ),
         "api_key_file": (str, ""),
     },
-    "store": {"path": (str, "agentd.db")},
+    # keep_days: ended calls (transcripts, history, events) are deleted after it; 0 = never
+    "store": {"path": (str, "agentd.db"), "keep_days": (NUMBER, 30.0)},
     "log": {"level": (str, "info"), "format": (str, "auto")},
     "daemon": _owned_by(
         DaemonConfig, drain_s=NUMBER, stop_sessions_on_shutdown=bool, shutdown_goodbye=str
@@ -176,6 +188,7 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
     # observability: `agentd status` socket (None = the default path, "" = off) and metrics
     "status": {"socket": (str, None)},
     "metrics": {"listen": (str, "")},
+    "otel": _owned_by(OtelConfig, enabled=bool, endpoint=str, service_name=str, include_text=bool),
 }
 _CHOICES = {
     # STT: "" lets VoIPBIN choose (GCP, then AWS); TTS: what bin-tts-manager streams to
@@ -216,6 +229,8 @@ class Config:
     status_socket: str = ""  # absolute path of the `agentd status` socket; "" = off
     metrics_listen: str = ""  # loopback "host:port" for Prometheus metrics; "" = off
     warnings: tuple[str, ...] = ()  # doubtful but valid settings, logged at start
+    store_keep_days: float = 30.0  # ended calls older than this are pruned; 0 = kept for ever
+    otel: OtelConfig = OtelConfig()
 
 
 def load(
@@ -340,7 +355,8 @@ def default_ws_url(api_url: str) -> str:
 
 def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) -> Config:
     agent = _section(m, "agent")
-    store_path = _section(m, "store")["path"]
+    store = _section(m, "store")
+    store_path = store["path"]
     log = _section(m, "log")
     call = _call_settings(agent)
     numbers = _numbers(agent["numbers"])
@@ -358,7 +374,9 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         source=source,
         status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
         metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
+        otel=_otel(_section(m, "otel")),
         warnings=_voice_warnings(call),
+        store_keep_days=store["keep_days"],
     )
 
 
@@ -600,3 +618,38 @@ def _metrics_listen(value: str) -> str:
     if value:
         parse_listen(value)
     return value
+
+
+OTEL_MISSING = (
+    "otel.enabled: traces need the OpenTelemetry packages, which are not installed: "
+    "pip install 'agentd[otel]'"
+)
+
+
+def _otel(values: dict[str, Any]) -> OtelConfig:
+    """`[otel]`: when enabled, an http(s) collector URL and the optional extra installed."""
+    otel = OtelConfig(**values)
+    if not otel.enabled:
+        return otel
+    parts = urlsplit(otel.endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"otel.endpoint: not an http(s) URL: {otel.endpoint!r} "
+            "(the collector's OTLP/HTTP receiver, e.g. http://127.0.0.1:4318)"
+        )
+    if not otel.service_name.strip():
+        raise ConfigError("otel.service_name: must not be empty")
+    if not otel_installed():
+        raise ConfigError(OTEL_MISSING)
+    return otel
+
+
+def otel_installed() -> bool:
+    """Whether the extra `agentd[otel]` is installed (found, not imported)."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+        )
+    except (ImportError, ValueError):  # a parent package missing, or a stub without a spec
+        return False

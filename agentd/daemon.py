@@ -25,12 +25,13 @@ from agentd.persist import Persister
 from agentd.ratelimit import tool_budget
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
-from agentd.store import Store
+from agentd.store import Store, StoreError
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 
 if TYPE_CHECKING:
     from agentd.metrics import Metrics
+    from agentd.otel import Tracing
 
 log = structlog.get_logger("agentd.daemon")
 
@@ -78,6 +79,34 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     )
     rate, burst = tool_budget(v.rate_per_s, v.burst) if tool else (v.rate_per_s, v.burst)
     return VoipbinClient(v.api_url, creds, rate_per_s=rate, burst=burst, timeout_s=v.timeout_s)
+
+
+RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted
+
+
+async def prune_expired(store: Store, keep_days: float) -> int:
+    """Delete the calls that ended more than `keep_days` ago (their transcripts, history and
+    events with them); 0 keeps everything. A failed prune is logged, never fatal: the calls
+    are served either way, and the next round tries again."""
+    if keep_days <= 0:
+        return 0
+    try:
+        deleted = await store.prune(keep_days * 86400.0)
+    except StoreError as exc:
+        log.error("store.prune_failed", error=str(exc))
+        return 0
+    if deleted:
+        log.info("store.pruned", calls=deleted, keep_days=keep_days)
+    return deleted
+
+
+async def retention_loop(
+    store: Store, keep_days: float, every_s: float = RETENTION_EVERY_S
+) -> None:
+    """Prune at start, then every `every_s`, until cancelled."""
+    while True:
+        await prune_expired(store, keep_days)
+        await asyncio.sleep(every_s)
 
 
 class Daemon:
@@ -141,6 +170,11 @@ class Daemon:
             from agentd.metrics import Metrics  # prometheus_client only when metrics are on
 
             self.metrics = Metrics(config.metrics_listen, self._live_metrics)
+        self.tracing: Tracing | None = None
+        if config.otel.enabled:
+            from agentd.otel import Tracing  # OpenTelemetry only when traces are on
+
+            self.tracing = Tracing(config, clock=clock)
 
     def _execute(self, call_id: str, commands: list[Any]) -> None:
         """Run a call's commands; a batch with a `WriteAhead` waits for the call's save.
@@ -173,6 +207,8 @@ class Daemon:
     def _on_step(self, call: Call, event: Event | Result) -> None:
         if call.id not in self.call_seen:
             self.call_seen[call.id] = self.clock()
+            if self.tracing is not None:
+                self.tracing.started(call.id)
         if self.persister is None:
             return
         self.persister.changed(call)
@@ -181,6 +217,8 @@ class Daemon:
 
     def _on_finished(self, call: Call | None, call_id: str) -> None:
         self.call_seen.pop(call_id, None)
+        if self.tracing is not None:
+            self.tracing.finished(call_id, call)
         if self.persister is not None:
             self.persister.finished(call, call_id)
 
@@ -188,6 +226,8 @@ class Daemon:
         self.tallies[record.what] += 1
         if self.metrics is not None:
             self.metrics.record(record)
+        if self.tracing is not None:
+            self.tracing.record(record, self.dispatcher.calls.get(record.call_id))
         if self.persister is not None:
             self.persister.record(record)
         self.records.append(record)
@@ -242,6 +282,9 @@ class Daemon:
             loop.create_task(self._heartbeat(stream_task)),
             loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
         ]
+        if self.persister is not None and self.config.store_keep_days > 0:
+            keep = self.config.store_keep_days
+            helpers.append(loop.create_task(retention_loop(self.persister.store, keep)))
         try:
             await self._stop.wait()
         finally:
@@ -333,6 +376,8 @@ class Daemon:
             await self.status_server.close()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.tracing is not None:
+            await self.tracing.close()
 
     def status_snapshot(self) -> Snapshot:
         """What `agentd status` shows, as plain values (agentd/status.py serves and renders it)."""

@@ -352,3 +352,11 @@ def test_version() -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("agentd ")
+
+
+def test_store_keep_days_defaults_to_30_and_0_keeps_for_ever() -> None:
+    assert load(None, env={}, overrides=MINIMAL).store_keep_days == 30.0
+    config = load(None, env={"AGENTD_STORE_KEEP_DAYS": "0"}, overrides=MINIMAL)
+    assert config.store_keep_days == 0.0
+    with pytest.raises(ConfigError, match=r"store\.keep_days: must not be negative"):
+        load(None, env={}, overrides={**MINIMAL, "store": {"keep_days": -1}})
