@@ -415,10 +415,12 @@ def main(
     since: str | None = None,
     as_json: bool = False,
     limit: int = 100,
+    store: str | None = None,
 ) -> int:
-    """`agentd calls` (no `call_id`) or `agentd calls show ID`."""
+    """`agentd calls` (no `call_id`) or `agentd calls show ID`; `store`: this file rather
+    than the one the config names."""
     try:
-        conn = open_read_only(store_path(config_path))
+        conn = open_read_only(store if store is not None else store_path(config_path))
     except HistoryError as exc:
         print(f"agentd calls: {exc}", file=sys.stderr)
         return EXIT_NO_STORE

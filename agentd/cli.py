@@ -70,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     calls.add_argument("--json", action="store_true", help="print JSON")
     calls.add_argument("--config", help="read [store] path from this config")
+    calls.add_argument("--store", help="read this store file (e.g. agentd console's)")
     calls_sub = calls.add_subparsers(dest="calls_command", metavar="show")
     show = calls_sub.add_parser("show", help="one call: conversation, turn timings, sessions")
     show.add_argument("id", help="the call id (or an unambiguous start of it)")
     # SUPPRESS: given after `show` they count, left out they keep the values given before it
     show.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     show.add_argument("--config", default=argparse.SUPPRESS)
+    show.add_argument("--store", default=argparse.SUPPRESS)
 
     demo = sub.add_parser("demo", help="agentd against its built-in simulator, no account needed")
     demo.add_argument("--quiet", action="store_true", help="print only the conversation")
@@ -90,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         "--fast", action="store_true", help="VoIPBIN's timing and agentd's ten times quicker"
     )
     console.add_argument("--log", help="write agentd's log to this file (default: warnings only)")
+    console.add_argument(
+        "--store",
+        default="agentd-console.db",
+        help='keep the call here, for `agentd calls --store` (default agentd-console.db; "": off)',
+    )
 
     sim = sub.add_parser("sim", help="run the VoIPBIN simulator standalone", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
@@ -125,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 since=args.since,
                 as_json=args.json,
                 limit=args.limit,
+                store=args.store,
             )
         if args.command == "demo":
             from agentd.demo import main as demo_main
@@ -133,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "console":
             from agentd.console import main as console_main
 
-            return console_main(_config_path(args.config), fast=args.fast, log_path=args.log)
+            return console_main(
+                _config_path(args.config), fast=args.fast, log_path=args.log, store=args.store
+            )
         if args.command == "sim":
             from agentd.sim.standalone import main as sim_main
 

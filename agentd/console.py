@@ -38,6 +38,8 @@ from agentd.daemon import Daemon
 from agentd.secret import Secret
 from agentd.sim import Line, SimCall, SimSettings, Simulator
 
+#: The console's own call history (`agentd calls show ID --store agentd-console.db`).
+DEFAULT_STORE = "agentd-console.db"
 CONSOLE_NUMBER = "+15551234567"  # the number the console calls (agent.numbers is forced to it)
 CALLER_NUMBER = "+15550001111"
 FAST_SCALE = 0.1  # --fast: every latency of the service and of agentd x0.1, every rate x10
@@ -94,10 +96,11 @@ def console_config(
     *,
     fast: bool = False,
     env: Mapping[str, str] | None = None,
+    store: str = "",
 ) -> Config:
     """The user's config (or the defaults: the echo backend) with its [voipbin] replaced by the
-    simulator at `api_url`, the store, status socket and metrics off, and agent.numbers forced
-    to the number the console calls."""
+    simulator at `api_url`, its store by `store` (the console's own: "" = none), status socket
+    and metrics off, and agent.numbers forced to the number the console calls."""
     env = dict(os.environ if env is None else env)
     for name in list(env):
         if name.startswith(_REPLACED_ENV) or name == "AGENTD_AGENT_NUMBERS":
@@ -112,7 +115,8 @@ def console_config(
             "voipbin": {"api_url": api_url, "ws_url": "", "accesskey": accesskey}
             | {key: "" for key in blank},
             "agent": {"numbers": [CONSOLE_NUMBER]},
-            "store": {"path": ""},
+            # never the daemon's store: a restarted daemon would try to resume these calls
+            "store": {"path": store},
             "status": {"socket": ""},
             "metrics": {"listen": ""},
         },
@@ -383,13 +387,17 @@ async def run(
     out: TextIO | None = None,
     log_file: TextIO | None = None,
     env: Mapping[str, str] | None = None,
+    store: str = "",
 ) -> int:
-    """Run one console call; return the exit code (1: a session was left open)."""
+    """Run one console call; return the exit code (1: a session was left open). With a
+    `store` the call is kept there, for `agentd calls show ID --store PATH`."""
     out = out or sys.stdout
     interactive = os.isatty(stdin_fd)
     loop = asyncio.get_running_loop()
     async with Simulator(sim_settings(fast)) as sim:
-        config = console_config(config_path, sim.api_url, sim.accesskey, fast=fast, env=env)
+        config = console_config(
+            config_path, sim.api_url, sim.accesskey, fast=fast, env=env, store=store
+        )
         if log_file is not None:
             logs.configure(config.log_level, "json", stream=log_file)
         daemon = Daemon(config)
@@ -434,7 +442,10 @@ async def run(
                 with contextlib.suppress(asyncio.CancelledError):
                     await printer
         assert transcript is not None
-        return _report(sim, call, transcript, by_agent=hung_up_by_agent, t_hangup=t_hangup, out=out)
+        code = _report(sim, call, transcript, by_agent=hung_up_by_agent, t_hangup=t_hangup, out=out)
+        if store:
+            print(f"the call is kept: agentd calls show {call_id} --store {store}", file=out)
+        return code
 
 
 async def _wait_ready(daemon: Daemon, task: asyncio.Task[None]) -> None:
@@ -519,12 +530,18 @@ def _header(
         )
 
 
-def main(config_path: str | None, *, fast: bool = False, log_path: str | None = None) -> int:
+def main(
+    config_path: str | None,
+    *,
+    fast: bool = False,
+    log_path: str | None = None,
+    store: str = DEFAULT_STORE,
+) -> int:
     """Entry point for `agentd console`."""
     if log_path is None:
         # the terminal is the transcript's: only warnings and errors of agentd go beside it
         logs.configure("warning", "console", stream=sys.stderr)
-        return asyncio.run(run(config_path, fast=fast))
+        return asyncio.run(run(config_path, fast=fast, store=store))
     with open(log_path, "a", encoding="utf-8") as log_file:
         logs.configure("warning", "json", stream=log_file)
-        return asyncio.run(run(config_path, fast=fast, log_file=log_file))
+        return asyncio.run(run(config_path, fast=fast, log_file=log_file, store=store))

@@ -18,6 +18,7 @@ from agentd import console
 from agentd.call.settings import CallSettings
 from agentd.sim import Line
 from tests.stubs import OpenAIStub, Script
+from tests.support import run_cli
 
 API_URL = "http://127.0.0.1:9/v1.0"  # never contacted: console_config only builds the config
 ACCESSKEY = "vb_console_test_key"
@@ -41,9 +42,10 @@ def transcript(out: str) -> list[str]:
 
 
 async def run_console(
-    *args: str, stdin: str, limit_s: float = 60.0, cwd: Path | None = None
+    *args: str, stdin: str, cwd: Path, limit_s: float = 60.0
 ) -> tuple[int, str, str]:
-    """`python -m agentd console ...` with `stdin` piped in."""
+    """`python -m agentd console ...` with `stdin` piped in, in `cwd` (where it keeps its
+    call history)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -59,6 +61,20 @@ async def run_console(
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), limit_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def call_of(out: str) -> str:
+    """The id of the call the console made."""
+    found = re.search(r"^call (\S+) answered", out, re.MULTILINE)
+    assert found is not None, out
+    return found.group(1)
+
+
+async def calls_show(call_id: str, store: Path) -> str:
+    """`agentd calls show ID --store STORE`, as a user runs it after the console."""
+    code, out, err = await run_cli("calls", "show", call_id, "--store", str(store))
+    assert code == 0, err
+    return out
 
 
 # ---- the configuration ---------------------------------------------------------------------------
@@ -183,8 +199,13 @@ socket = "{tmp_path}/status.sock"
         re.MULTILINE,
     )
     assert re.search(r"^0 interruptions, \d+ REST requests, 0 sessions left open$", out, re.M)
-    # the store and the status socket of the config stayed off
-    assert sorted(os.listdir(tmp_path)) == ["agentd.toml"]
+    # the store and the status socket of the config stayed off: the call is in the console's
+    files = set(os.listdir(tmp_path))
+    assert "agentd.db" not in files and "status.sock" not in files
+    call_id = call_of(out)
+    assert f"agentd calls show {call_id} --store agentd-console.db" in out
+    shown = await calls_show(call_id, tmp_path / "agentd-console.db")
+    assert "You said: I lost my card." in shown
 
 
 @pytest.mark.slow  # a subprocess and a call with the OpenAI stub: about 2 s
@@ -204,7 +225,7 @@ api_key = "sk-console-test-key"
 """
         )
         code, out, err = await run_console(
-            "--fast", "--config", str(config), stdin="What is my balance?\n"
+            "--fast", "--config", str(config), stdin="What is my balance?\n", cwd=tmp_path
         )
     assert code == 0, out + err
     assert f"backend openai stub-model at {llm.base_url} ({config})" in out.splitlines()[0]
@@ -330,6 +351,7 @@ async def test_typed_in_a_terminal_a_line_said_over_the_agent_cuts_it_off(
         stderr=slave,
         env=clean_env(),
         start_new_session=True,
+        cwd=tmp_path,  # where the console keeps its call (agentd-console.db)
     )
     os.close(slave)
     term = Terminal(master)
@@ -352,6 +374,10 @@ async def test_typed_in_a_terminal_a_line_said_over_the_agent_cuts_it_off(
         await term.until(r"^2 turns; the caller's last word to the agent's voice: \d+ ms, \d+ ms")
         await term.until(r"^1 interruption, \d+ REST requests, 0 sessions left open")
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+        # and the call is in the history, with the reply the caller cut off
+        shown = await calls_show(call_of(term.text), tmp_path / "agentd-console.db")
+        assert "[cut off by the caller]" in shown
+        assert "wait, stop please" in shown
     finally:
         if proc.returncode is None:
             proc.kill()

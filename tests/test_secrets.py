@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -40,7 +41,7 @@ def test_secret_never_prints() -> None:
 
 @pytest.mark.slow  # a whole run with faults
 async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
-    captured_logs: io.StringIO,
+    captured_logs: io.StringIO, tmp_path: Path
 ) -> None:
     settings = SimSettings(
         playback_chars_per_s=PLAYBACK,
@@ -60,6 +61,7 @@ async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
                     "say_latency_s": SAY_LATENCY,
                     "final_hold_s": FINAL_HOLD,
                 },
+                "store": {"path": str(tmp_path / "agentd.db")},  # not the working directory's
             },
         )
         daemon = Daemon(config)
