@@ -358,7 +358,11 @@ def render_show(doc: Mapping[str, Any]) -> str:
         out += ["", "Heard but not answered:"]
         for n in doc["not_answered"]:
             out.append(f"  +{n['at_s']:.1f} s  {n['why']}: {n['text']}")
-    out += ["", "Turns (ms from the caller's final transcript):"]
+    out += [
+        "",
+        "Turns (ms from the end of the caller's turn: their last words, or on finals their "
+        "final transcript):",
+    ]
     if doc["turn_timings"]:
         keys = ("first_token_ms", "first_sentence_ms", "first_say_ms", "last_say_ms")
         out.append("  TURN  FIRST TOKEN  FIRST SENTENCE  FIRST SAY  LAST SAY")

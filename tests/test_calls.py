@@ -56,7 +56,7 @@ async def test_a_served_call_is_listed_and_shown_with_transcript_timings_and_cle
     assert "Conversation (from the call's history" in out
     assert "agent: Hello there." in out
     assert "caller: what are your hours" in out
-    assert "Turns (ms from the caller's final transcript):" in out
+    assert "Turns (ms from the end of the caller's turn" in out
     assert "confirmed stopped" in out  # the speaking session's stop was confirmed
     assert "NOT confirmed" not in out
 

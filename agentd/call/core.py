@@ -334,7 +334,8 @@ class CallCore:
         return bool(self.held) or bool(self.playback.queued)
 
     def _turn_record(self, now: float) -> Record:
-        """The turn's timings, from the caller's final transcript."""
+        """The turn's timings, from the end of the caller's turn: their last words (answering
+        on interims) or their final transcript (answering on finals)."""
         t0 = self.turn_times.get("transcript", now)
         out: dict[str, object] = {"turn": self.turns.turn}
         for key in ("first_token", "first_sentence", "first_say", "last_say"):
