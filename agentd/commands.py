@@ -311,6 +311,7 @@ class ReplyDone:
     turn: int
     action: Action | None = None  # what the backend asked for once the reply has played
     first_chunk_at: float | None = None  # when the backend's first text arrived (monotonic)
+    tokens: tuple[int, int] | None = None  # (input, output) as the backend reported them
 
 
 @dataclass(frozen=True, slots=True)

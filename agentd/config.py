@@ -66,6 +66,7 @@ class BackendConfig:
     temperature: float = 0.7
     max_tokens: int = 300
     tools: bool = True
+    usage: bool = True  # openai: ask for the reply's token counts (`stream_options`)
     url: str = ""  # http
     callable: str = ""  # python: "module:function"
 
@@ -174,6 +175,7 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
             temperature=NUMBER,
             max_tokens=int,
             tools=bool,
+            usage=bool,
             url=str,
             callable=str,
         ),

@@ -59,6 +59,7 @@ def make_backend(config: Config) -> Backend:
             tools=b.tools,
             timeout_s=b.timeout_s,
             transfer_numbers=config.call.transfer_numbers,
+            usage=b.usage,
         )
     if kind == "http":
         return HttpBackend(url=b.url, api_key=b.api_key, timeout_s=b.timeout_s)

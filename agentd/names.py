@@ -78,6 +78,7 @@ class Kind(enum.StrEnum):
     BACKCHANNEL = "backchannel"  # "mm-hmm" while the agent talks: no barge-in, no turn
     TURN_JOINED = "turn_joined"  # another final before the reply was said: asked again
     FILLER = "filler"  # the reply was slow: "One moment."
+    TOKENS = "tokens"  # what a reply cost, as the backend reported it
     TURN_INCOMPLETE = "turn_incomplete"  # the backend judged the caller unfinished (○ / ◐)
     CUT_IN = "cut_in"  # the caller's turn ran past agent.max_turn_s: answered what was heard
     ECHO = "echo"  # the caller's side repeated the agent's own words: no turn, no barge-in

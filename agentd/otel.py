@@ -27,7 +27,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -74,6 +74,8 @@ class CallView(Protocol):
 class _CallSpan:
     span: Span
     turns: int = 0
+    # turn -> (input, output) tokens, from the reply's `tokens` record, for its turn span
+    tokens: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def traces_url(endpoint: str) -> str:
@@ -137,6 +139,11 @@ class Tracing:
         if record.what is Kind.TURN:
             self._turn(state, record, call)
             return
+        if record.what is Kind.TOKENS:
+            turn, spent_in, spent_out = (record.data.get(k) for k in ("turn", "input", "output"))
+            if isinstance(turn, int) and isinstance(spent_in, int) and isinstance(spent_out, int):
+                state.tokens[turn] = (spent_in, spent_out)  # its turn span comes next
+                return
         span = state.span
         data = record.data
         for key, name in _CALL_ATTRS.items():
@@ -214,6 +221,10 @@ class Tracing:
         }
         if self.model:
             attrs["gen_ai.request.model"] = self.model
+        if turn in state.tokens:
+            spent_in, spent_out = state.tokens.pop(turn)
+            attrs["gen_ai.usage.input_tokens"] = spent_in
+            attrs["gen_ai.usage.output_tokens"] = spent_out
         for key, ms in offsets.items():
             attrs[f"agentd.turn.{key}_ms"] = ms
         if self.include_text and call is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from agentd.backends import Backend, ToolCall
+from agentd.backends import Backend, ToolCall, Usage
 from agentd.commands import (
     AskBackend,
     ReplyDone,
@@ -44,6 +44,7 @@ async def stream_reply(
     stream: Any = None
     action: Action | None = None
     first: float | None = None
+    tokens: tuple[int, int] | None = None
     unread = True  # the first character may be a turn-completion marker: never spoken
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
@@ -51,6 +52,9 @@ async def stream_reply(
             async for chunk in _tail_flushing(stream, buf):
                 if isinstance(chunk, ToolCall):
                     action = _action(chunk) or action
+                    continue
+                if isinstance(chunk, Usage):
+                    tokens = (chunk.input_tokens, chunk.output_tokens)
                     continue
                 if first is None and chunk:
                     first = clock()
@@ -65,7 +69,7 @@ async def stream_reply(
                     _say(feed, cmd.turn, sentence)
         for sentence in buf.flush():
             _say(feed, cmd.turn, sentence)
-        feed(ReplyDone(cmd.turn, action, first))
+        feed(ReplyDone(cmd.turn, action, first, tokens))
     except asyncio.CancelledError:
         raise
     except TimeoutError:

@@ -199,16 +199,24 @@ class OpenAIStub(StubServer):
                     for i, (name, args) in enumerate(script.tool_calls)
                 ]
             choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            return web.json_response({"object": "chat.completion", "choices": [choice]})
+            whole = {
+                "object": "chat.completion",
+                "choices": [choice],
+                "usage": usage_of(seen.body, script),
+            }
+            return web.json_response(whole)
         eol = "\r\n" if script.crlf else "\n"
         if script.raw is not None:
             events = [line.encode() for line in script.raw]
         else:
             model = seen.body.get("model", "") if isinstance(seen.body, dict) else ""
-            events = [
-                f"data: {json.dumps(chunk)}{eol}{eol}".encode()
-                for chunk in completion_chunks(model, script)
-            ]
+            chunks = completion_chunks(model, script)
+            options = seen.body.get("stream_options") if isinstance(seen.body, dict) else None
+            if isinstance(options, dict) and options.get("include_usage"):
+                # as OpenAI does: one more chunk, with no choices, after the last
+                usage = usage_of(seen.body, script)
+                chunks.append({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+            events = [f"data: {json.dumps(chunk)}{eol}{eol}".encode() for chunk in chunks]
             events.insert(0, f": keepalive{eol}{eol}".encode())  # a comment, as proxies send
             events.append(f"data: [DONE]{eol}{eol}".encode())
         return await self._stream(
@@ -219,6 +227,13 @@ class OpenAIStub(StubServer):
             first_s=script.first_token_s,
             per_s=script.tokens_per_s,
         )
+
+
+def usage_of(body: Any, script: Script) -> dict[str, int]:
+    """The stub's token counts: a word a prompt token, `tokens()` of the reply."""
+    messages = body.get("messages", []) if isinstance(body, dict) else []
+    prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
+    return {"prompt_tokens": prompt, "completion_tokens": len(tokens(script.text))}
 
 
 def completion_chunks(model: str, script: Script) -> list[dict[str, Any]]:

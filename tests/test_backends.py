@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentd.backends import Backend, Chunk, ToolCall, tools_for
+from agentd.backends import Backend, Chunk, ToolCall, Usage, tools_for
 from agentd.backends.http import HttpBackend
 from agentd.backends.openai import OpenAIBackend
 from agentd.backends.python import BackendConfigError, PythonBackend
@@ -20,7 +20,7 @@ from agentd.config import ConfigError, load
 from agentd.daemon import make_backend
 from agentd.secret import Secret
 from tests import stubs
-from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script
+from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script, tokens
 
 HISTORY: tuple[Message, ...] = (
     ("system", "You are brief."),
@@ -31,7 +31,12 @@ KEY = "sk-test-4f9c2a7b1e0d"
 
 
 def openai(
-    stub: OpenAIStub | str, *, key: str | None = None, tools: bool = True, timeout_s: float = 5.0
+    stub: OpenAIStub | str,
+    *,
+    key: str | None = None,
+    tools: bool = True,
+    timeout_s: float = 5.0,
+    usage: bool = False,
 ) -> OpenAIBackend:
     return OpenAIBackend(
         base_url=stub if isinstance(stub, str) else stub.base_url,
@@ -41,6 +46,7 @@ def openai(
         max_tokens=123,
         tools=tools,
         timeout_s=timeout_s,
+        usage=usage,
     )
 
 
@@ -194,6 +200,23 @@ async def test_openai_tolerates_crlf_comments_and_a_missing_done(llm: OpenAIStub
         )
     )
     assert text_of(await collect(openai(llm))) == "No done marker."
+
+
+async def test_openai_reports_the_tokens_a_reply_cost_when_asked(llm: OpenAIStub) -> None:
+    llm.script(Script("Two words."))
+    chunks = await collect(openai(llm, usage=True))
+    assert llm.requests[0].body["stream_options"] == {"include_usage": True}
+    assert text_of(chunks) == "Two words."
+    # the stub counts a prompt token a word, and its reply's tokens
+    assert chunks[-1] == Usage(input_tokens=13, output_tokens=len(tokens("Two words.")))
+    # a server that answers one whole completion says it in the completion
+    llm.script(Script("Whole.", whole=True))
+    assert (await collect(openai(llm, usage=True)))[-1] == Usage(13, len(tokens("Whole.")))
+    # not asked: not sent, and nothing reported
+    llm.script(Script("Quiet."))
+    chunks = await collect(openai(llm))
+    assert "stream_options" not in llm.requests[2].body
+    assert not any(isinstance(c, Usage) for c in chunks)
 
 
 async def test_openai_answer_that_is_not_streamed_is_accepted(llm: OpenAIStub) -> None:

@@ -90,7 +90,12 @@ def test_a_stepped_call_ends_with_its_report_just_before_finished() -> None:
     call = answered()  # both sessions created at t=0
     step(call, transcript("What time is it"), 10)
     step(call, ReplySentence(1, "It is noon."), 10.5)
-    step(call, ReplyDone(1, first_chunk_at=10.2), 10.6)
+    tokens = [
+        c.data
+        for c in call.handle(ReplyDone(1, first_chunk_at=10.2, tokens=(120, 9)), 10.6)
+        if isinstance(c, Record) and c.what is Kind.TOKENS
+    ]
+    assert tokens == [{"turn": 1, "input": 120, "output": 9}]
     step(call, status("hangup", "normal", "remote"), 20)
     assert call.handle(Stopped("speaking", "s1", True), 21) == []
     cmds = call.handle(Stopped("transcribe", "t1", True), 22)
@@ -103,6 +108,7 @@ def test_a_stepped_call_ends_with_its_report_just_before_finished() -> None:
     assert data["duration_s"] == 20.0
     assert data["turns"] == 1
     assert data["first_say_ms"] == {"n": 1, "p50": 500.0, "p90": 500.0, "max": 500.0}
+    assert data["backend_tokens"] == {"input": 120, "output": 9}
     assert [s["confirmed"] for s in data["sessions"]] == [HANGUP, STOPPED]  # type: ignore[attr-defined]
 
 

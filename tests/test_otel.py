@@ -95,6 +95,7 @@ def one_call(t: Tracing, clock: Clock, call: FakeCall | None) -> int:
         call.history.extend_reply(SAID, 1)
     clock.advance(0.9)  # the record comes when the reply is complete
     timings = {"first_token_ms": 300.0, "first_sentence_ms": 420.0, "first_say_ms": 450.0}
+    t.record(record(Kind.TOKENS, turn=1, input=120, output=9), call)  # just before its turn
     t.record(record(Kind.TURN, turn=1, **timings, last_say_ms=900.0), call)
     clock.advance(0.3)
     t.record(record(Kind.BARGE_IN, turn=1, by="speech"), call)
@@ -177,6 +178,8 @@ async def test_a_call_span_with_its_turn_span_attributes_and_events() -> None:
         "agentd.turn.first_sentence_ms": 420.0,
         "agentd.turn.first_say_ms": 450.0,
         "agentd.turn.last_say_ms": 900.0,
+        "gen_ai.usage.input_tokens": 120,
+        "gen_ai.usage.output_tokens": 9,
     }
     assert [(e.name, e.timestamp - turn_end) for e in turn.events] == [
         ("agentd.first_token", 300 * MS),

@@ -22,7 +22,15 @@ class ToolCall:
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
-Chunk = str | ToolCall
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The tokens a reply cost, as the backend reports them (an OpenAI-style `usage`)."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+Chunk = str | ToolCall | Usage
 
 END_CALL_TOOL: dict[str, Any] = {
     "type": "function",

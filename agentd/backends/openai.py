@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from agentd.backends import Chunk, ToolCall, tools_for
+from agentd.backends import Chunk, ToolCall, Usage, tools_for
 from agentd.backends.wire import (
     BackendError,
     bearer,
@@ -131,6 +131,7 @@ class OpenAIBackend:
         tools: bool,
         timeout_s: float,
         transfer_numbers: Sequence[str] = (),
+        usage: bool = True,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -139,6 +140,7 @@ class OpenAIBackend:
         self.max_tokens = max_tokens
         self.tools = tools_for(transfer_numbers) if tools else []
         self.timeout_s = timeout_s
+        self.usage = usage
         self._http: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -160,6 +162,9 @@ class OpenAIBackend:
         }
         if self.tools:
             body["tools"] = self.tools
+        if self.usage:
+            # the last chunk then carries the reply's token counts (for the call report)
+            body["stream_options"] = {"include_usage": True}
         return body
 
     async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:
@@ -176,19 +181,26 @@ class OpenAIBackend:
                 # a server that ignores `stream: true` answers with one whole completion
                 raw = await resp.read()
                 obj = decode_json(raw.decode("utf-8", errors="replace"), _KIND, "response")
+                spent = _usage(obj) if self.usage else None
                 message = _first_choice(obj).get("message")
                 if isinstance(message, dict):
                     if isinstance(message.get("content"), str) and message["content"]:
                         yield message["content"]
                     calls.add(message.get("tool_calls"))
+                if spent is not None:
+                    yield spent
             else:
                 async with contextlib.aclosing(iter_sse(resp.content)) as events:
                     async for data in events:
                         if data.strip() == "[DONE]":
                             break
-                        delta = _first_choice(decode_json(data, _KIND, "stream event")).get("delta")
+                        obj = decode_json(data, _KIND, "stream event")
+                        spent = _usage(obj) if self.usage else None
+                        if spent is not None:
+                            yield spent  # the final chunk (`include_usage`), with no choices
+                        delta = _first_choice(obj).get("delta")
                         if not isinstance(delta, dict):
-                            continue  # e.g. the final usage chunk, which has no choices
+                            continue
                         content = delta.get("content")
                         if isinstance(content, str) and content:
                             yield content
@@ -201,6 +213,17 @@ class OpenAIBackend:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+def _usage(obj: Any) -> Usage | None:
+    """The `usage` of a completion or chunk, when it carries one."""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
 
 
 def _first_choice(obj: Any) -> dict[str, Any]:

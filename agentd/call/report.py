@@ -13,8 +13,10 @@ is seen) to the first confirmation that it is gone: a stop answered 200/404, VoI
 call's transcribes itself when it hangs up (docs/protocol.md). A speaking session whose stop was
 never confirmed is counted up to the report and marked unconfirmed: it may still be billing.
 
-Backend tokens are not in the report: no backend reports its usage to agentd (the OpenAI
-backend skips the stream's final usage chunk), so there is nothing true to put there.
+Backend tokens (`backend_tokens`) are the sum of what the backend reported for the replies
+the call used (the `openai` kind asks for `usage`; the other kinds report none, and then the
+report has no tokens). A reply dropped before it was complete, because the caller went on,
+never got its count: speculation's cost shows in the `turn_joined` records instead.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ GONE: Final = "gone"  # VoIPBIN answered 404 for the session: it was not there a
 ERROR_KINDS: Final = frozenset(
     {Kind.ERROR, Kind.BACKEND_FAILED, Kind.SPEAKING_LOST, Kind.LEAK, Kind.ANOMALY, Kind.FAILED}
 )
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -79,6 +85,8 @@ class Report:
         self.hangup_at: float | None = None
         self.first_say_ms: list[float] = []  # per timed turn, from its `turn` record
         self.turn_records = 0
+        self.tokens_in = 0  # backend tokens of the replies used, where the backend reports them
+        self.tokens_out = 0
         self.barge_ins = 0
         self.backchannels = 0
         self.errors = 0
@@ -136,6 +144,9 @@ class Report:
                 self.barge_ins += 1
             elif what is Kind.BACKCHANNEL:
                 self.backchannels += 1
+            elif what is Kind.TOKENS:
+                self.tokens_in += _count(cmd.data.get("input"))
+                self.tokens_out += _count(cmd.data.get("output"))
             if what in ERROR_KINDS:
                 self.errors += 1
             if what is Kind.LEAK:
@@ -180,6 +191,8 @@ class Report:
                 "p90": percentile(v, 90),
                 "max": max(v),
             }
+        if self.tokens_in or self.tokens_out:
+            out["backend_tokens"] = {"input": self.tokens_in, "output": self.tokens_out}
         if restored:
             # sessions created before the restart were not seen being created: not counted
             out["restored"] = True

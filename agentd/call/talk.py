@@ -318,10 +318,18 @@ class Conversation(CallCore):
         self.turns.step(TurnInput.DONE)
         if event.first_chunk_at is not None:
             self.turn_times["first_token"] = event.first_chunk_at
+        spent: list[Command] = []
+        if event.tokens is not None:
+            data: dict[str, object] = {
+                "turn": event.turn,
+                "input": event.tokens[0],
+                "output": event.tokens[1],
+            }
+            spent.append(Record(self.id, Kind.TOKENS, data))
         # a reply not said yet (held for the end of the caller's turn, or waiting for a new
         # session) is timed once it is
         self.timing_due = "first_say" not in self.turn_times and self.unsent
-        cmds: list[Command] = [] if self.timing_due else [self._turn_record(now)]
+        cmds: list[Command] = spent if self.timing_due else [*spent, self._turn_record(now)]
         cmds += self.arm_silence(now)
         action = event.action
         if isinstance(action, TransferTo):
