@@ -26,7 +26,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from agentd.call.report import ERROR_KINDS
-from agentd.names import Kind
+from agentd.names import TURN_TIMINGS, Kind
 
 EXIT_NOT_FOUND: Final = 1
 EXIT_NO_STORE: Final = 2
@@ -364,7 +364,7 @@ def render_show(doc: Mapping[str, Any]) -> str:
         "final transcript):",
     ]
     if doc["turn_timings"]:
-        keys = ("first_token_ms", "first_sentence_ms", "first_say_ms", "last_say_ms")
+        keys = [f"{name}_ms" for name in TURN_TIMINGS]
         out.append("  TURN  FIRST TOKEN  FIRST SENTENCE  FIRST SAY  LAST SAY")
         for t in doc["turn_timings"]:
             cells = [f"{t[k]:.0f}" if isinstance(t.get(k), (int, float)) else "-" for k in keys]

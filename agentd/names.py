@@ -67,6 +67,11 @@ def normalise_number(number: str) -> str:
     return ("+" + keep) if number.strip().startswith("+") else keep
 
 
+#: A `turn` record's timings, in the order they happen (each `<name>_ms` from the end of the
+#: caller's turn).
+TURN_TIMINGS = ("first_token", "first_sentence", "first_say", "last_say")
+
+
 class Kind(enum.StrEnum):
     """What a `Record` says happened (kept in the store, logged, counted in metrics)."""
 

@@ -36,7 +36,7 @@ from agentd import __version__
 from agentd.call.history import History
 from agentd.commands import Record
 from agentd.config import OTEL_MISSING, Config, ConfigError
-from agentd.names import Kind
+from agentd.names import TURN_TIMINGS, Kind
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -48,7 +48,6 @@ log = structlog.get_logger("agentd.otel")
 
 TRACES_PATH = "/v1/traces"  # the OTLP/HTTP traces path, added to `endpoint`
 EXPORT_TIMEOUT_S = 5.0  # one export request; the SDK retries a failed one until then
-TIMINGS = ("first_token", "first_sentence", "first_say", "last_say")  # a turn record's, in order
 TEXT_KEYS = frozenset({"text"})  # record data that holds someone's words
 _CALL_ATTRS = {"direction": "direction", "reason": "hangup_reason", "hangup_by": "hangup_by"}
 
@@ -211,7 +210,7 @@ class Tracing:
         data = record.data
         turn = data.get("turn")
         turn = turn if isinstance(turn, int) and not isinstance(turn, bool) else 0
-        offsets = {k: v for k in TIMINGS if (v := _ms(data.get(f"{k}_ms"))) is not None}
+        offsets = {k: v for k in TURN_TIMINGS if (v := _ms(data.get(f"{k}_ms"))) is not None}
         start = self._turn_start(call, turn, max(offsets.values(), default=0.0))
         attrs: dict[str, AttributeValue] = {
             "gen_ai.operation.name": "chat",

@@ -38,7 +38,7 @@ from agentd.commands import (
     WriteAhead,
 )
 from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
-from agentd.names import Action, EndCall, Kind, Timer, TimerKind
+from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind
 
 Input = Event | Result  # what a call handles
 
@@ -77,7 +77,6 @@ class CallCore:
         self.say_5xx_at = 0.0
         self.stt_replaced = False  # the transcribe was replaced since the caller last spoke
         # the end of the caller's turn: a reply's first audio waits until `hold_until`
-        self.final_at = 0.0
         self.hold_until = 0.0
         self.held: list[tuple[int, str]] = []  # (turn, sentence) held back until then
         self.said_turn = -1  # the latest turn something was said for
@@ -112,7 +111,7 @@ class CallCore:
     def replying(self) -> bool:
         """A reply is being prepared, or sentences wait (for the end of the caller's turn, or
         for a speaking session)."""
-        return self.turns.replying or bool(self.held) or bool(self.playback.queued)
+        return self.turns.replying or self.unsent
 
     def is_talking(self, now: float) -> bool:
         """Whether the agent's audio is (estimated to be) still playing or queued."""
@@ -338,7 +337,7 @@ class CallCore:
         on interims) or their final transcript (answering on finals)."""
         t0 = self.turn_times.get("transcript", now)
         out: dict[str, object] = {"turn": self.turns.turn}
-        for key in ("first_token", "first_sentence", "first_say", "last_say"):
+        for key in TURN_TIMINGS:
             if key in self.turn_times:
                 out[f"{key}_ms"] = round((self.turn_times[key] - t0) * 1000, 1)
         return Record(self.id, Kind.TURN, out)

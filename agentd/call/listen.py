@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, words
 from agentd.call.settings import CallSettings
-from agentd.call.talk import Conversation, is_backchannel
+from agentd.call.talk import Conversation
 from agentd.call.turn import TurnInput
 from agentd.commands import CancelBackend, Command, Record, StartTimer
 from agentd.events import SpeechEvent, TranscriptEvent
@@ -101,14 +101,12 @@ class Listening(Conversation):
         if h is None:
             if self._closing():
                 return []  # words after the goodbye
-            text = event.message.strip()
-            if self.playback.talking(now):
-                if is_backchannel(text, self.settings.backchannels):
-                    return [Record(self.id, Kind.BACKCHANNEL, {"text": text})]
-                if self._echo(text, began):
-                    return [Record(self.id, Kind.ECHO, {"text": text})]
-                if self.settings.barge_in != "off" and not self._kept(now):
-                    cmds = self._cut(now, "transcript")
+            no_turn = self._not_a_turn(event.message, began, now)
+            if no_turn:
+                return no_turn
+            s = self.settings
+            if self.playback.talking(now) and s.barge_in != "off" and not self._kept(now):
+                cmds = self._cut(now, "transcript")
             h = self.hearing = Hearing(started_at=now)
         gap = now - h.changed_at
         if not h.on_final(event.message, now):
@@ -195,21 +193,15 @@ class Listening(Conversation):
 
     def _drop_reply(self, h: Hearing, now: float) -> list[Command]:
         """The reply was asked with fewer words: cancel it; cut it if it was sent, unheard."""
-        turn = self.turns.turn
         self.wasted += 1
         h.wasted += 1
-        cmds: list[Command] = [
-            Record(self.id, Kind.TURN_JOINED, {"turn": turn, "wasted": h.wasted})
-        ]
+        if self.said_turn != self.turns.turn:
+            self.held.clear()
+            return self._drop_unsaid({"wasted": h.wasted})
+        turn = self.turns.turn
         self.after_reply = None  # an end_call or a transfer meant for fewer words
-        if self.said_turn == turn:
-            return cmds + self._cut(now, "caller went on")
-        self.held.clear()
-        self.timing_due = False
-        if self.turns.replying:
-            self.turns.step(TurnInput.END)
-            cmds.append(CancelBackend(self.id, turn))
-        return cmds
+        joined = Record(self.id, Kind.TURN_JOINED, {"turn": turn, "wasted": h.wasted})
+        return [joined, *self._cut(now, "caller went on")]
 
     def _due(self, h: Hearing, now: float) -> list[Command]:
         """Ask the backend and end the turn when their time has come; else wait for it."""

@@ -58,18 +58,17 @@ BACKCHANNELS = frozenset(
         *("嗯", "对", "好"),
     }
 )
-_PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\"'")
 
 
 def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
     """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay"); `extra`
     adds words (`agent.backchannels`)."""
-    words = text.lower().translate(_PUNCT).split()
-    if not words or len(words) > 4:
+    said = words(text)
+    if not said or len(said) > 4:
         return False
-    if " ".join(words) in BACKCHANNELS or " ".join(words) in extra:
+    if " ".join(said) in BACKCHANNELS or " ".join(said) in extra:
         return True
-    return all(w in BACKCHANNELS or w in extra for w in words)
+    return all(w in BACKCHANNELS or w in extra for w in said)
 
 
 class Conversation(CallCore):
@@ -81,10 +80,9 @@ class Conversation(CallCore):
             return []  # "out" is our own speech heard back: never answer it
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
-        if self.playback.talking(now) and is_backchannel(event.message, self.settings.backchannels):
-            return [Record(self.id, Kind.BACKCHANNEL, {"text": event.message.strip()})]
-        if self._echo(event.message, self._began(now)):
-            return [Record(self.id, Kind.ECHO, {"text": event.message.strip()})]
+        no_turn = self._not_a_turn(event.message, self._began(now), now)
+        if no_turn:
+            return no_turn
         if self.unsaid:
             return self._join_turn(event, now)
         if self._closing():
@@ -112,7 +110,6 @@ class Conversation(CallCore):
         cmds = self._timing_flushed()  # the previous reply was cut before it was said
         self.turn_times = {"transcript": now}
         self.held.clear()
-        self.final_at = now
         self.hold_until = now + self.settings.final_hold_s
         window = self.history.window(self.settings.history_limit)
         cmds += self._arm_filler(self.hold_until, now)
@@ -125,18 +122,30 @@ class Conversation(CallCore):
     def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
         """More of the caller's turn (a split sentence, or an afterthought) before anything of
         the reply was said: ask again for the whole turn; nothing played, so nothing is cut."""
-        old = self.turns.turn
         self.speech_since = None
         self.transcript_due = False
-        self.after_reply = None  # an end_call meant for the first half of the turn
-        self.timing_due = False  # the same turn goes on: it is timed once, when answered
+        return [*self._drop_unsaid({}), *self._ask(event, now)]
+
+    def _drop_unsaid(self, data: dict[str, object]) -> list[Command]:
+        """The caller's turn goes on before anything of its reply was said: the reply, and an
+        action meant for the fewer words, are dropped; the turn is timed once, when answered."""
+        turn = self.turns.turn
+        self.after_reply = None
+        self.timing_due = False
+        cmds: list[Command] = [Record(self.id, Kind.TURN_JOINED, {"turn": turn, **data})]
         if self.turns.replying:
             self.turns.step(TurnInput.END)
-        return [
-            Record(self.id, Kind.TURN_JOINED, {"turn": old}),
-            CancelBackend(self.id, old),
-            *self._ask(event, now),
-        ]
+            cmds.append(CancelBackend(self.id, turn))
+        return cmds
+
+    def _not_a_turn(self, text: str, began: float, now: float) -> list[Command]:
+        """A backchannel while the agent talks, or the agent's own words heard back: recorded,
+        and no turn (empty: the words are the caller's)."""
+        if self.playback.talking(now) and is_backchannel(text, self.settings.backchannels):
+            return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
+        if self._echo(text, began):
+            return [Record(self.id, Kind.ECHO, {"text": text.strip()})]
+        return []
 
     def on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
         """Speech events: when an utterance began and ended, and barge-in by interims."""
@@ -168,8 +177,7 @@ class Conversation(CallCore):
     def _kept(self, now: float) -> bool:
         """What plays is heard to its end whatever the caller says: the greeting (unless
         `agent.barge_in_greeting`), or the line before an action (unless `barge_in_actions`)."""
-        action = self.after_reply is not None and not self.settings.barge_in_actions
-        return self._greeting_kept(now) or (action and self.playback.talking(now))
+        return self._greeting_kept(now) or (self._closing() and self.playback.talking(now))
 
     def _closing(self) -> bool:
         """The goodbye (or "transferring you") was said and its action waits for its end: the
