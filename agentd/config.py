@@ -112,6 +112,7 @@ _CALL_KEYS = _owned_by(
     barge_in=str,
     barge_in_min_words=int,
     echo_guard_s=NUMBER,
+    playback_pad_s=NUMBER,
     cut_method=str,
     chars_per_s=NUMBER,
     say_latency_s=NUMBER,

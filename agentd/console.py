@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from agentd import logs
-from agentd.call.settings import CallSettings
 from agentd.config import Config, VoipbinConfig, default_ws_url, load
 from agentd.daemon import Daemon
 from agentd.secret import Secret
@@ -66,26 +65,6 @@ def sim_settings(fast: bool) -> SimSettings:
         speech_words_per_s=real.speech_words_per_s / FAST_SCALE,
         playback_chars_per_s=real.playback_chars_per_s / FAST_SCALE,
         playback_cjk_chars_per_s=real.playback_cjk_chars_per_s / FAST_SCALE,
-    )
-
-
-def scale_call(call: CallSettings, scale: float) -> CallSettings:
-    """`call` with agentd's timing scaled like the simulator's (as bench/conversation.py does):
-    its hold times shrink, and it expects the voice to read `1 / scale` times faster."""
-    # the human-paced ones (silence_s, max_turn_s, max_call_s) are not: the typist is not
-    # ten times quicker
-    return dataclasses.replace(
-        call,
-        final_hold_s=call.final_hold_s * scale,
-        final_wait_s=call.final_wait_s * scale,
-        say_latency_s=call.say_latency_s * scale,
-        end_of_turn_s=call.end_of_turn_s * scale,
-        end_of_turn_stop_s=call.end_of_turn_stop_s * scale,
-        speculate_s=call.speculate_s * scale,
-        echo_guard_s=call.echo_guard_s * scale,
-        filler_after_s=call.filler_after_s * scale,
-        playback_pad_s=call.playback_pad_s * scale,
-        chars_per_s=call.rate / scale,
     )
 
 
@@ -134,7 +113,7 @@ def console_config(
         burst=v.burst,
         timeout_s=v.timeout_s,
     )
-    call = scale_call(config.call, FAST_SCALE) if fast else config.call
+    call = config.call.scaled(FAST_SCALE) if fast else config.call
     return dataclasses.replace(config, voipbin=voipbin, call=call)
 
 

@@ -88,7 +88,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from agentd.call.settings import CallSettings
+from agentd.call.settings import MACHINE_PACED, CallSettings
 from bench import procs
 from bench.procs import ROOT, VENV_BIN, Agent, Sim, _env, agent_config, attach_sim
 from bench.stats import percentile
@@ -461,21 +461,8 @@ def agent_keys(spec: Spec, scale: float) -> dict[str, Any]:
     }
     if scale != 1.0:
         # the smoke profile shrinks the simulator's time: agentd's hold times shrink with it
-        d = CallSettings(language=spec.language)
-        keys |= {
-            name: getattr(d, name) * scale
-            for name in (
-                "final_hold_s",
-                "final_wait_s",
-                "say_latency_s",
-                "end_of_turn_s",
-                "end_of_turn_stop_s",
-                "speculate_s",
-                "echo_guard_s",
-                "filler_after_s",
-            )
-        }
-        keys["chars_per_s"] = d.rate / scale
+        d = CallSettings(language=spec.language).scaled(scale)
+        keys |= {name: getattr(d, name) for name in (*MACHINE_PACED, "chars_per_s")}
     return keys
 
 

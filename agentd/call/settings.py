@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 DEFAULT_GREETING = "Hello, thank you for calling. How can I help you today?"
@@ -129,6 +129,14 @@ class CallSettings:
             return self.chars_per_s
         return 6.0 if self.language.lower()[:2] in _CJK else 15.0
 
+    def scaled(self, factor: float) -> CallSettings:
+        """These settings for a platform `factor` times as slow (a simulator shrunk for tests,
+        benchmarks or `agentd console --fast`): the machine-paced waits scaled, the voice
+        expected `1 / factor` times as fast. The human-paced ones (silence, turn and call
+        limits) are not: the caller is no quicker."""
+        waits = {name: getattr(self, name) * factor for name in MACHINE_PACED}
+        return replace(self, **waits, chars_per_s=self.rate / factor)
+
     @property
     def prompt(self) -> str:
         """The system prompt the backend sees."""
@@ -154,3 +162,17 @@ class CallSettings:
         if self.cut_method is not None:
             return self.cut_method
         return "flush" if self.tts_provider in ("gcp", "aws") else "restart"
+
+
+#: The waits `CallSettings.scaled` scales: they follow the platform's latencies, not the caller.
+MACHINE_PACED = (
+    "final_hold_s",
+    "final_wait_s",
+    "say_latency_s",
+    "end_of_turn_s",
+    "end_of_turn_stop_s",
+    "speculate_s",
+    "echo_guard_s",
+    "filler_after_s",
+    "playback_pad_s",
+)
