@@ -73,6 +73,10 @@ class Sim:
         self.drain.cancel()
 
 
+#: The agents section 1 and its burst compare: agentd (`agentd run`, `echo` backend) and the
+#: tutorial's agent (`bench/baseline/agent.py --echo`), each with its own simulator.
+AGENTS = ("agentd", "baseline")
+
 #: The simulator's TTS/STT latencies (measured: ~1 s each) shrunk, as the playback speed is:
 #: the bench measures agentd's own cost, and callers must not wait seconds for every turn.
 LATENCY_SCALE = 0.05
@@ -141,8 +145,12 @@ async def attach_sim(proc: asyncio.subprocess.Process) -> Sim:
     )
 
 
-async def start_baseline(sim: Sim, llm_url: str) -> Agent:
-    """The tutorial's agent (bench/baseline/agent.py), fed by the simulator's webhook delivery."""
+async def start_baseline(sim: Sim, llm_url: str | None = None) -> Agent:
+    """The tutorial's agent (bench/baseline/agent.py), fed by the simulator's webhook delivery.
+
+    It asks the LLM at `llm_url`; with `None` it runs with `--echo` (replies "You said: <text>."
+    with no model request, like agentd's `echo` backend), for the overhead and burst loads."""
+    reply = ["--echo"] if llm_url is None else ["--llm", llm_url]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -151,8 +159,7 @@ async def start_baseline(sim: Sim, llm_url: str) -> Agent:
         sim.api_url,
         "--accesskey",
         sim.accesskey,
-        "--llm",
-        llm_url,
+        *reply,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env=_env(),

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import bisect
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from bench.conversation import SMOKE as CONVERSATION_SMOKE
 from bench.conversation import run_section as conversation
 from bench.procs import (
     AGENT_TIMING,
+    AGENTS,
     Agent,
     Sim,
     agent_config,
@@ -44,6 +46,7 @@ from bench.procs import (
     usage,
     wait_subscribed,
 )
+from bench.report import targets, write_report
 from bench.stats import across_runs, summary_ms
 from bench.stub import LlmStub
 
@@ -64,6 +67,14 @@ class Profile:
     measure_s: float = 8.0
     answers_per_s: float = 300.0  # how fast the calls of a run are answered (the ramp)
     floor_posts: int = 500
+    # a turn whose /say has not come by the caller's next utterance, nor this long after the
+    # measurement window, is unanswered (the baseline may fall behind: the run stays bounded)
+    reply_grace_s: float = 2.0
+    # the baseline has no REST watch: a lost hangup webhook leaks for good, so do not wait long
+    baseline_leak_wait_s: float = 10.0
+    burst_calls: int = 200
+    burst_rounds: int = 3
+    burst_every_s: float = 3.0  # between the rounds: every reply is out well before the next
     capacity_steps: tuple[int, ...] = (1500, 2000, 3000, 4000)
     capacity_down: tuple[int, ...] = (700, 500, 300, 100)
     ttfa_turns: int = 3
@@ -84,11 +95,16 @@ class Profile:
 FULL = Profile()
 SMOKE = Profile(
     runs=1,
-    calls=(2,),
+    calls=(1,),
     every_s=0.5,
     single_every_s=0.3,
-    measure_s=1.0,
+    measure_s=1.5,
     floor_posts=50,
+    reply_grace_s=0.5,
+    baseline_leak_wait_s=2.0,
+    burst_calls=3,
+    burst_rounds=2,
+    burst_every_s=0.8,
     capacity_steps=(),
     capacity_down=(),
     ttfa_turns=1,
@@ -117,10 +133,14 @@ def log(msg: str) -> None:
 class Run:
     """One simulator process + one agentd process; torn down by `close()`."""
 
-    def __init__(self, sim: Sim, agent: Agent, config: Path | None = None) -> None:
+    def __init__(
+        self, sim: Sim, agent: Agent, config: Path | None = None, leak_wait_s: float = 60.0
+    ) -> None:
         self.sim = sim
         self.agent = agent
         self.config = config
+        #: How long `close()` waits for every session to be stopped after the mass hangup.
+        self.leak_wait_s = leak_wait_s
 
     @classmethod
     async def start(
@@ -158,7 +178,7 @@ class Run:
             await self.sim.bench("hangup_all")
             # a mass hangup overflows the 2,000-frame client queue (as on VoIPBIN): hangups that
             # never arrive are found by agentd's REST watch once a call is quiet for 20 s
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + self.leak_wait_s
             while time.monotonic() < deadline:
                 leaks = await self.sim.control("GET", "leaks")
                 if not leaks:
@@ -281,9 +301,26 @@ async def floor(profile: Profile) -> dict[str, Any]:
 # ---- 1 + 3. overhead per turn, CPU and memory ---------------------------------------------------
 
 
-async def load_run(tmp: Path, profile: Profile, calls: int) -> dict[str, Any]:
-    """N calls speaking every few seconds against a zero-latency backend (echo)."""
-    run = await Run.start(tmp)
+async def start_load(tmp: Path, profile: Profile, who: str) -> Run:
+    """A simulator with the load settings of section 1 and `who` serving its calls."""
+    if who == "agentd":
+        return await Run.start(tmp)
+    # the same simulator settings as Run.start's: no rate limit, fast playback, 10 words/s
+    sim = await start_sim(
+        rate_limit=False, playback_chars_per_s=FAST_PLAYBACK, speech_words_per_s=10.0
+    )
+    try:
+        agent = await start_baseline(sim)
+    except BaseException:
+        await sim.stop()
+        raise
+    return Run(sim, agent, leak_wait_s=profile.baseline_leak_wait_s)
+
+
+async def load_run(tmp: Path, profile: Profile, calls: int, who: str = "agentd") -> dict[str, Any]:
+    """N calls speaking every few seconds against a zero-latency reply (agentd's `echo` backend,
+    or the baseline's `--echo`)."""
+    run = await start_load(tmp, profile, who)
     every = profile.single_every_s if calls == 1 else profile.every_s
     # answers spread over at least one speaking period, so the callers do not speak in lockstep
     ramp = max(calls / profile.answers_per_s, every + 0.5)
@@ -302,7 +339,7 @@ async def load_run(tmp: Path, profile: Profile, calls: int) -> dict[str, Any]:
             rss_peak = max(rss_peak, usage(run.agent.pid).rss)
         u1 = usage(run.agent.pid)
         t1 = await run.sim.now()
-        await asyncio.sleep(0.5)  # replies to the last transcripts
+        await asyncio.sleep(profile.reply_grace_s)  # replies to the last transcripts
         events, requests = await fetch(run.sim, t0 - 10)
     finally:
         leaks = await run.close()
@@ -319,21 +356,126 @@ async def load_run(tmp: Path, profile: Profile, calls: int) -> dict[str, Any]:
     }
 
 
-async def overhead(tmp: Path, profile: Profile) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _load_row(calls: int, every_s: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of section 1 (one agent, one load): medians over the runs, and every sample."""
+    keys = (*LATENCY_KEYS, "n", "cpu_pct", "rss_mb", "turns_per_s", "unanswered")
+    return {
+        "calls": calls,
+        "every_s": every_s,
+        **across_runs(runs, keys),
+        "leaked_sessions": sum(r["leaked_sessions"] for r in runs),
+        "runs": [{k: v for k, v in r.items() if k != "samples_ms"} for r in runs],
+        "samples_ms": [x for r in runs for x in r["samples_ms"]],
+    }
+
+
+async def overhead(tmp: Path, profile: Profile) -> dict[str, dict[str, Any]]:
+    """Section 1 for agentd and the baseline, interleaved run by run (same load, same run):
+    ``{"agentd": {calls: row}, "baseline": {calls: row}}``."""
+    out: dict[str, dict[str, Any]] = {who: {} for who in AGENTS}
     for calls in profile.calls:
-        runs = []
+        runs: dict[str, list[dict[str, Any]]] = {who: [] for who in AGENTS}
         for i in range(profile.runs):
-            log(f"overhead: {calls} calls, run {i + 1}/{profile.runs}")
-            runs.append(await load_run(tmp, profile, calls))
-        keys = (*LATENCY_KEYS, "n", "cpu_pct", "rss_mb", "turns_per_s", "unanswered")
-        out[str(calls)] = {
-            "calls": calls,
-            "every_s": profile.single_every_s if calls == 1 else profile.every_s,
-            **across_runs(runs, keys),
-            "leaked_sessions": sum(r["leaked_sessions"] for r in runs),
-            "runs": [{k: v for k, v in r.items() if k != "samples_ms"} for r in runs],
-            "samples_ms": [x for r in runs for x in r["samples_ms"]],
+            for who in AGENTS:
+                log(f"overhead: {calls} calls, {who}, run {i + 1}/{profile.runs}")
+                runs[who].append(await load_run(tmp, profile, calls, who))
+        every = profile.single_every_s if calls == 1 else profile.every_s
+        for who in AGENTS:
+            out[who][str(calls)] = _load_row(calls, every, runs[who])
+    return out
+
+
+# ---- 1, burst: every caller speaks at the same instant ------------------------------------------
+
+
+async def _wait_greeted(sim: Sim, ids: Sequence[str], since: float, timeout_s: float) -> int:
+    """Until every call in `ids` got its greeting `/say` (or `timeout_s`); returns how many did.
+
+    The greeting's `/say` comes after the agent started the call's transcribe: a caller who
+    speaks before would not be heard."""
+    want = set(ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        requests = await sim.bench("requests", {"since": since})
+        greeted = want & {
+            r["call_id"]
+            for r in requests
+            if r["kind"] == "POST /speakings/say" and r["status"] < 300
+        }
+        if len(greeted) == len(want) or time.monotonic() >= deadline:
+            return len(greeted)
+        await asyncio.sleep(0.2)
+
+
+async def burst_run(tmp: Path, profile: Profile, who: str) -> dict[str, Any]:
+    """`burst_calls` calls answered and greeted, then `burst_rounds` times every caller says the
+    utterance at the same simulator instant, `burst_every_s` apart."""
+    run = await start_load(tmp, profile, who)
+    calls = profile.burst_calls
+    ramp = calls / profile.answers_per_s
+    try:
+        t_start = await run.sim.now()
+        ids = (
+            await run.sim.bench(
+                "calls", {"count": calls, "spread_s": ramp, "turns": 0, "text": UTTERANCE}
+            )
+        )["ids"]
+        greeted = await _wait_greeted(run.sim, ids, t_start, ramp + 30.0)
+        await asyncio.sleep(profile.settle_s)  # the greetings' audio ends: nobody talks over it
+        t0 = await run.sim.now()
+        u0 = usage(run.agent.pid)
+        rounds: list[dict[str, Any]] = []
+        for _ in range(profile.burst_rounds):
+            rounds.append(await run.sim.bench("burst", {"text": UTTERANCE}))
+            await asyncio.sleep(profile.burst_every_s)  # the replies (a late one is unanswered)
+        u1 = usage(run.agent.pid)
+        t1 = await run.sim.now()
+        events, requests = await fetch(run.sim, t0)
+    finally:
+        leaks = await run.close()
+    turns, _, unanswered = turn_latencies(events, requests, t0, t1)
+    # how close to "one instant" the simulator published each round's transcripts
+    published = sorted(
+        e["t"] for e in events if e["type"] == "transcript_created" and e["direction"] == "in"
+    )
+    starts = [float(b["t"]) for b in rounds] + [t1]
+    spreads = []
+    for a, b in itertools.pairwise(starts):
+        ts = [t for t in published if a <= t < b]
+        if ts:
+            spreads.append((ts[-1] - ts[0]) * 1000)
+    return {
+        **summary_ms(turns),
+        "unanswered": unanswered,
+        "greeted": greeted,
+        "callers": [int(b["count"]) for b in rounds],
+        "spread_ms": round(max(spreads), 3) if spreads else math.nan,
+        "cpu_pct": round(100 * (u1.cpu_s - u0.cpu_s) / (u1.t - u0.t), 1),
+        "leaked_sessions": leaks,
+        "samples_ms": [round(x * 1000, 3) for x in turns],
+    }
+
+
+async def burst(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """The burst for agentd and the baseline, interleaved run by run."""
+    runs: dict[str, list[dict[str, Any]]] = {who: [] for who in AGENTS}
+    for i in range(profile.runs):
+        for who in AGENTS:
+            log(f"burst: {profile.burst_calls} callers at once, {who}, run {i + 1}/{profile.runs}")
+            runs[who].append(await burst_run(tmp, profile, who))
+    keys = (*LATENCY_KEYS, "n", "unanswered", "spread_ms", "cpu_pct")
+    out: dict[str, Any] = {
+        "calls": profile.burst_calls,
+        "rounds": profile.burst_rounds,
+        "every_s": profile.burst_every_s,
+        "text": UTTERANCE,
+    }
+    for who in AGENTS:
+        out[who] = {
+            **across_runs(runs[who], keys),
+            "leaked_sessions": sum(r["leaked_sessions"] for r in runs[who]),
+            "runs": [{k: v for k, v in r.items() if k != "samples_ms"} for r in runs[who]],
+            "samples_ms": [x for r in runs[who] for x in r["samples_ms"]],
         }
     return out
 
@@ -741,7 +883,10 @@ async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
         tmp = Path(d)
         log("floor: bare aiohttp POST round trips")
         results["floor"] = await floor(profile)
-        results["overhead"] = await overhead(tmp, profile)
+        loads = await overhead(tmp, profile)
+        results["overhead"] = loads["agentd"]
+        results["overhead_baseline"] = loads["baseline"]
+        results["burst"] = await burst(tmp, profile)
         results["capacity"] = await capacity(tmp, profile, results["overhead"])
         results["ttfa"] = await ttfa(tmp, profile)
         results["economy"] = await economy(tmp, profile)
@@ -755,6 +900,7 @@ async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
             tmp, CONVERSATION_SMOKE if smoke else CONVERSATION_FULL
         )
     results["duration_s"] = round(time.monotonic() - started, 1)
+    results["targets"] = targets(results)
     return results
 
 
@@ -767,8 +913,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = SMOKE if args.smoke else FULL
     results = asyncio.run(main_async(profile, args.smoke))
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    from bench.report import write_report
-
     write_report(results, args.out)
     log(f"done in {results['duration_s']} s: {args.out / 'REPORT.md'}")
     return 0

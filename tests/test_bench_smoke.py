@@ -36,22 +36,45 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         "machine",
         "floor",
         "overhead",
+        "overhead_baseline",
+        "burst",
         "capacity",
         "ttfa",
         "economy",
         "ratelimited",
         "recovery",
         "conversation",
+        "targets",
     ):
         assert section in results, section
     assert results["machine"]["cores"] >= 1
 
     floor = results["floor"]["p50"]["median"]
     assert 0 < floor < 50
-    for calls, row in results["overhead"].items():
-        assert row["n"]["median"] >= 1, calls
+    # section 1: every load for agentd and for the baseline, in the same run
+    assert results["overhead_baseline"].keys() == results["overhead"].keys()
+    for who in ("overhead", "overhead_baseline"):
+        for calls, row in results[who].items():
+            assert row["n"]["median"] >= 1, (who, calls)
+            assert 0 < row["p50"]["median"] <= row["p99"]["median"] <= row["max"]["median"] < 1000
+            assert row["leaked_sessions"] == 0, (who, calls)
+            assert row["cpu_pct"]["median"] > 0 and row["rss_mb"]["median"] > 5, (who, calls)
+            assert len(row["samples_ms"]) == sum(r["n"] for r in row["runs"])
+
+    # the burst: every caller spoke in every round, every turn is counted once
+    burst = results["burst"]
+    assert burst["calls"] >= 2 and burst["rounds"] >= 1
+    for who in ("agentd", "baseline"):
+        row = burst[who]
+        for run in row["runs"]:
+            assert run["greeted"] == burst["calls"], who
+            assert run["callers"] == [burst["calls"]] * burst["rounds"], who
+            assert run["n"] + run["unanswered"] == burst["calls"] * burst["rounds"], who
+            # one start for every caller: each round's transcripts come out together
+            assert 0 <= run["spread_ms"] < 200, who
+            assert run["leaked_sessions"] == 0, who
         assert 0 < row["p50"]["median"] <= row["p99"]["median"] <= row["max"]["median"] < 1000
-        assert row["leaked_sessions"] == 0
+    assert burst["agentd"]["unanswered"]["median"] == 0
 
     ttfa = results["ttfa"]
     assert 0 < ttfa["agentd"]["first_say_ms"]["median"] < ttfa["baseline"]["first_say_ms"]["median"]
@@ -77,7 +100,29 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         assert row["backend_requests"] >= row["replies"] >= 1, mode
     assert conv["status_429"] == 0 and conv["leaked_sessions"] == 0
 
+    # the targets, evaluated from this run's figures (smoke has no 1,000-call load)
+    got = {t["id"]: t for t in results["targets"]}
+    assert set(got) == {
+        "one_call_floor",
+        "p99_1000_calls",
+        "burst",
+        "memory_per_call",
+        "cpu_1000_calls",
+        "ratelimited_conversations",
+    }
+    one = results["overhead"]["1"]["p50"]["median"] / floor
+    assert got["one_call_floor"]["met"] is (one <= 3)
+    assert got["p99_1000_calls"]["met"] is None and got["cpu_1000_calls"]["met"] is None
+    assert got["burst"]["met"] in (True, False)
+    assert got["ratelimited_conversations"]["met"] is None  # the smoke ladder stops below 60
+
     # the report is rendered from this JSON
     assert f"{floor:.3f}" in report
+    assert "| 1 call — agentd |" in report and "| 1 call — baseline |" in report
+    assert f"### Burst: {burst['calls']} callers speak at the same instant" in report
+    assert f"| agentd | {burst['agentd']['n']['median']:.0f} |" in report
+    for t in results["targets"]:
+        verdict = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        assert f"- Target *{t['label']}*: {t['value']} → **{verdict}**" in report, t["id"]
     assert "## 5. Recovery" in report
     assert "## 6. Conversation: turn-taking" in report

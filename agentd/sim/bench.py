@@ -9,6 +9,10 @@ system-wide on Linux, so a driver in another process can compare them with its o
   ``{"ids"}``: ``count`` inbound calls created at once and answered evenly over ``spread_s``; each
   caller says ``text`` ``every_s`` seconds after its previous utterance (``turns`` times, whatever
   the agent does) and never hangs up by itself.
+* ``burst`` ``{"text"}`` -> ``{"t", "count"}``: every answered call that is not over
+  (``progressing``) has its caller say ``text``, all starting at the same instant ``t``, so
+  every final transcript is due at once (the bench's burst; start calls with ``"turns": 0`` so
+  their callers say nothing else). Only the callers' speech is scheduled: publishing is unchanged.
 * ``hangup_all`` -> ``{"count"}``: the far end hangs up every call that is not over.
 * ``events`` ``{"since", "types"}``: published events at or after ``since`` (optionally only those
   types) as ``{"t", "type", "call_id", "direction"}``; ``call_id`` is resolved for transcripts and
@@ -71,6 +75,8 @@ class BenchApi:
                 return {"t": time.monotonic()}
             case ["calls"]:
                 return {"ids": self.start_calls(body)}
+            case ["burst"]:
+                return self.burst(body)
             case ["hangup_all"]:
                 return {"count": self.hangup_all()}
             case ["events"]:
@@ -117,6 +123,24 @@ class BenchApi:
             )
             ids.append(self.sim.inbound_call(source, destination, caller, spread * i / count))
         return ids
+
+    def burst(self, body: JSON) -> JSON:
+        """Every caller of a call in progress says ``text``, all from the same instant."""
+        text = body.get("text", "what is my balance")
+        if not isinstance(text, str) or not text.strip():
+            raise BenchError("text must be a non-empty string")
+        # one start time for all: the tasks below run one after another, and a start read in
+        # each would spread the burst over the time it takes to launch them
+        t = time.monotonic()
+        live = [c for c in self.sim.world.calls.values() if c.status == "progressing"]
+        for call in live:
+            call.tasks.append(  # cancelled with the call's other tasks when it ends
+                self.sim.world.spawn(
+                    self.sim.speech.stt.caller_says(call, text, start=t),
+                    name=f"sim-burst-{call.id}",
+                )
+            )
+        return {"t": t, "count": len(live)}
 
     def hangup_all(self) -> int:
         """Remote hangup of every call that is not over."""

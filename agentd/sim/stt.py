@@ -341,18 +341,27 @@ class Stt:
             plan.setdefault(first + i, []).append(result)
         return plan
 
-    async def caller_says(self, call: SimCall, text: str, finals: list[str] | None = None) -> None:
+    async def caller_says(
+        self,
+        call: SimCall,
+        text: str,
+        finals: list[str] | None = None,
+        *,
+        start: float | None = None,
+    ) -> None:
         """The caller speaks ``text``, one word every ``1 / speech_words_per_s`` seconds.
 
         Returns when the caller stops talking; the transcribes that hear direction ``in`` report
         it as :func:`schedule` says, the last final ``stt_final_delay_s`` later. ``finals``
         forces the split (default :func:`split_finals`). A transcribe started mid-utterance
-        hears the rest of it. The conversation records the utterance either way.
+        hears the rest of it. The conversation records the utterance either way. ``start``
+        (``time.monotonic()``, default now) is when the caller started talking: callers given
+        the same one speak in lockstep (the bench's burst), whenever their tasks get to run.
         """
         parts = [p.split() for p in (finals if finals is not None else split_finals(text))]
         parts = [p for p in parts if p]
         count = sum(len(p) for p in parts)
-        t0 = time.monotonic()
+        t0 = time.monotonic() if start is None else start
         step = 1.0 / self.world.settings.speech_words_per_s
         times = [t0 + (i + 1) * step for i in range(count)]
         line = Line("caller", text, text, t0)

@@ -6,7 +6,12 @@ whole reply (no streaming), flushes the speaking session and says the reply; at 
 both sessions. Every HTTP call blocks the handler thread (standard library only, like the
 tutorial's `requests` code).
 
+With `--echo` the reply is "You said: <text>." without any LLM request (agentd's `echo` backend
+says the same), so the bench can time the design's own cost per turn beside agentd's; everything
+else (the handler, blocking HTTP, `/flush` then `/say`) is unchanged.
+
     python -m bench.baseline.agent --api URL --accesskey KEY --llm URL --port 0
+    python -m bench.baseline.agent --api URL --accesskey KEY --echo --port 0
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ GREETING = "Hello, thank you for calling. How can I help you today?"
 class Agent:
     """State of the tutorial agent: sessions per call, and the conversation so far."""
 
-    def __init__(self, api: str, accesskey: str, llm: str) -> None:
+    def __init__(self, api: str, accesskey: str, llm: str | None) -> None:
         self.api = api
         self.accesskey = accesskey
+        #: The LLM's chat completions URL; ``None`` echoes the caller instead (zero latency).
         self.llm = llm
         self.lock = threading.Lock()
         self.calls: dict[str, dict[str, Any]] = {}
@@ -45,6 +51,9 @@ class Agent:
         return json.loads(raw) if raw else {}
 
     def ask_llm(self, messages: list[dict[str, str]]) -> str:
+        """The whole reply to the conversation so far (blocks until the model is done)."""
+        if self.llm is None:  # --echo: agentd's echo backend's reply, no model at all
+            return f"You said: {messages[-1]['content'].rstrip('.!? ')}."
         body = json.dumps({"model": "stub", "messages": messages}).encode()
         req = urllib.request.Request(
             self.llm, data=body, method="POST", headers={"Content-Type": "application/json"}
@@ -133,17 +142,27 @@ def serve(agent: Agent, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    class Server(ThreadingHTTPServer):
+        # socketserver listens with a backlog of 5; the tutorial's app runs under a web server
+        # (gunicorn, uvicorn: 2048). With 5, a burst of webhooks overflows the accept queue and
+        # the kernel's SYN retries (1 s) would be measured, not the agent's design.
+        request_queue_size = 2048
+
+    return Server(("127.0.0.1", port), Handler)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline.agent")
     parser.add_argument("--api", required=True)
     parser.add_argument("--accesskey", required=True)
-    parser.add_argument("--llm", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--llm", help="the LLM's chat completions URL (OpenAI-compatible)")
+    mode.add_argument(
+        "--echo", action="store_true", help='reply "You said: <text>." with no LLM request'
+    )
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = serve(Agent(args.api, args.accesskey, args.llm), args.port)
+    server = serve(Agent(args.api, args.accesskey, None if args.echo else args.llm), args.port)
     print(f"webhook url: http://127.0.0.1:{server.server_address[1]}/webhook", flush=True)
     server.serve_forever()
 

@@ -116,6 +116,43 @@ async def test_events_and_requests_are_resolved_to_their_call(
     assert later == []
 
 
+async def test_burst_makes_every_live_caller_speak_at_one_instant(
+    sim: Simulator, ctl: Any, http: aiohttp.ClientSession
+) -> None:
+    _, data = await ctl("calls", {"count": 3, "turns": 0})
+    ids = data["ids"]
+    await sim.wait_for(lambda: all(sim.get_call(i).status == "progressing" for i in ids))
+    for call_id in ids:
+        body = {
+            "reference_type": "call",
+            "reference_id": call_id,
+            "language": "en-US",
+            "direction": "in",
+        }
+        assert (await post(http, sim.api_url + "/transcribes", body))[0] == 200
+    ended = sim.inbound_call()  # a call that is over says nothing
+    await sim.wait_call_status(ended, "progressing")
+    await sim.hangup(ended)
+
+    status, burst = await ctl("burst", {"text": "what is my balance"})
+    assert status == 200 and burst["count"] == 3
+
+    def transcripts() -> list[float]:
+        return [
+            t
+            for (kind, p), t in zip(sim.events, sim.world.event_times, strict=True)
+            if kind == "transcript_created" and p["direction"] == "in"
+        ]
+
+    await sim.wait_for(lambda: len(transcripts()) == 3, timeout=5)
+    # every caller started at the route's instant, so every final was due at the same time
+    starts = {sim.get_call(i).conversation[-1].t_start for i in ids}
+    assert starts == {burst["t"]}
+    published = transcripts()
+    assert min(published) >= burst["t"] and max(published) - min(published) < 0.05
+    assert [line.who for line in sim.get_call(ended).conversation] == []
+
+
 async def test_ws_view_and_drop(sim: Simulator, ctl: Any) -> None:
     ws = await ws_connect(sim)
     try:
@@ -184,6 +221,7 @@ async def test_webhook_failures_are_counted_not_fatal(sim: Simulator, ctl: Any) 
         ("calls", {"count": 1, "text": ""}),
         ("calls", {"count": "many"}),
         ("events", {"types": "transcript_created"}),
+        ("burst", {"text": " "}),
         ("webhook", {"url": 5}),
     ],
 )
