@@ -180,6 +180,8 @@ def _run(config_arg: str | None) -> int:
     except PermissionDenied as exc:
         print(f"agentd: VoIPBIN refused: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        logs.flush()  # the writer thread's last lines, before anything else is printed
     return 0
 
 

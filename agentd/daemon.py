@@ -10,8 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from agentd import logs
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from agentd.metrics import Metrics
     from agentd.otel import Tracing
 
-log = structlog.get_logger("agentd.daemon")
+log = logs.get_logger("agentd.daemon")
 
 
 def make_backend(config: Config) -> Backend:
@@ -417,6 +416,7 @@ class Daemon:
                 barge_ins=self.tallies[Kind.BARGE_IN],
                 backend_failures=self.tallies[Kind.BACKEND_FAILED],
                 leaks=self.tallies[Kind.LEAK],
+                log_lines_dropped=logs.dropped(),
             ),
         )
 
@@ -430,6 +430,7 @@ class Daemon:
             "live_calls": len(self.dispatcher.live_calls()),
             "rest_queue_depth": self.client.limiter.queue_depth,
             "connected": 0.0 if stats.connected_since is None else 1.0,
+            "log_lines_dropped": logs.dropped(),
         }
 
     def status_line(self) -> str:

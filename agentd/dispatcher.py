@@ -14,8 +14,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
-import structlog
-
+from agentd import logs
 from agentd.call import Call, CallSettings, Phase
 from agentd.commands import Command, Finished, Result
 from agentd.events import (
@@ -30,7 +29,7 @@ from agentd.events import (
 )
 from agentd.names import normalise_number
 
-log = structlog.get_logger("agentd.dispatcher")
+log = logs.get_logger("agentd.dispatcher")
 
 _PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
 
@@ -153,7 +152,7 @@ class Dispatcher:
     # ---- stepping a call -----------------------------------------------------------------
 
     def _step(self, call: Call, event: Event | Result) -> None:
-        with structlog.contextvars.bound_contextvars(call_id=call.id):
+        with logs.bound(call_id=call.id):
             log.info("event", **_describe(event))
             commands = self._handle(call, event)
         if self.on_step is not None:

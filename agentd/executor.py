@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
+from agentd import logs
 from agentd.backends import Backend
 from agentd.commands import (
     NOT_FOUND,
@@ -62,7 +61,7 @@ from agentd.secret import redact
 from agentd.sentences import split_for_say
 from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
-log = structlog.get_logger("agentd.executor")
+log = logs.get_logger("agentd.executor")
 
 NO_BRIDGE = (
     "the caller is in no confbridge: a transfer needs the number's flow to `connect` the caller "
@@ -182,7 +181,7 @@ class Executor:
     # ---- lanes ---------------------------------------------------------------------------
 
     async def _drain(self, call_id: str, queue: deque[Command]) -> None:
-        with structlog.contextvars.bound_contextvars(call_id=call_id):
+        with logs.bound(call_id=call_id):
             while queue:
                 cmd = queue.popleft()
                 if isinstance(cmd, Say):
@@ -363,7 +362,7 @@ class Executor:
         lanes.replies[cmd.turn] = self._spawn(self._reply(cmd))
 
     async def _reply(self, cmd: AskBackend) -> None:
-        with structlog.contextvars.bound_contextvars(call_id=cmd.call_id, turn=cmd.turn):
+        with logs.bound(call_id=cmd.call_id, turn=cmd.turn):
             await stream_reply(
                 self.backend,
                 cmd,
@@ -376,7 +375,7 @@ class Executor:
         lanes = self._calls.get(call_id)
         if lanes is not None:
             lanes.timers.pop(timer, None)
-        with structlog.contextvars.bound_contextvars(call_id=call_id):
+        with logs.bound(call_id=call_id):
             self.feed(call_id, TimerFired(timer))
 
 

@@ -21,18 +21,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeGuard
 
-import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agentd import logs
 from agentd.commands import Record
 from agentd.config import parse_listen
 from agentd.names import Kind
 
-log = structlog.get_logger("agentd.metrics")
+log = logs.get_logger("agentd.metrics")
 
 # transcript -> first /say: agentd's own overhead is a few ms, a streaming LLM adds 0.2-2 s
 FIRST_SAY_BUCKETS = (
@@ -82,6 +82,11 @@ class _LiveCollector(Collector):
             "agentd_rest_queue_depth",
             "REST requests waiting for the rate budget",
             value=v["rest_queue_depth"],
+        )
+        yield CounterMetricFamily(
+            "agentd_log_lines_dropped",
+            "Log lines dropped because the log sink could not keep up",
+            value=v["log_lines_dropped"],
         )
         yield GaugeMetricFamily(
             "agentd_connected", "1 while subscribed to VoIPBIN's WebSocket", value=v["connected"]

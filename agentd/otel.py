@@ -30,9 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import structlog
-
-from agentd import __version__
+from agentd import __version__, logs
 from agentd.call.history import History
 from agentd.commands import Record
 from agentd.config import OTEL_MISSING, Config, ConfigError
@@ -44,7 +42,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
     from opentelemetry.util.types import AttributeValue
 
-log = structlog.get_logger("agentd.otel")
+log = logs.get_logger("agentd.otel")
 
 TRACES_PATH = "/v1/traces"  # the OTLP/HTTP traces path, added to `endpoint`
 EXPORT_TIMEOUT_S = 5.0  # one export request; the SDK retries a failed one until then

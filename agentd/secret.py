@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final
 
 _MASK: Final = "***"
 _known: set[str] = set()
 _known_re: re.Pattern[str] | None = None  # every known secret in one pattern, rebuilt on change
+# the same for rendered JSON lines (bytes): each secret as is and as JSON escapes it (a quote, a
+# backslash or a control character in a password must not slip through as `\"`)
+_known_bytes: tuple[bytes, ...] = ()
+_known_bytes_re: re.Pattern[bytes] | None = None
 # credential-looking query parameters, in case a URL reaches a message some other way
 _QUERY_RE = re.compile(r"(?i)\b(accesskey|token|api_key|password)=[^&\s'\"]+")
+_QUERY_BYTES_RE = re.compile(rb"(?i)\b(accesskey|token|api_key|password)=[^&\s'\"\\]+")
 
 
 class Secret:
@@ -21,9 +27,7 @@ class Secret:
         self._value = value
         # too short a value would scrub ordinary words from every log line
         if len(value) >= 6 and value not in _known:
-            global _known_re
-            _known.add(value)
-            _known_re = re.compile("|".join(map(re.escape, sorted(_known, key=len, reverse=True))))
+            _learn(value)
 
     def reveal(self) -> str:
         """The secret value, for the one place that sends it."""
@@ -42,6 +46,28 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def _learn(value: str) -> None:
+    global _known_re, _known_bytes, _known_bytes_re
+    _known.add(value)
+    longest_first = sorted(_known, key=len, reverse=True)
+    _known_re = re.compile("|".join(map(re.escape, longest_first)))
+    forms = {f for v in longest_first for f in (v, json.dumps(v, ensure_ascii=False)[1:-1])}
+    _known_bytes = tuple(sorted((f.encode() for f in forms), key=len, reverse=True))
+    _known_bytes_re = re.compile(b"|".join(map(re.escape, _known_bytes)))
+
+
+def redact_bytes(line: bytes) -> bytes:
+    """`redact` for a rendered JSON line, fast when there is nothing to scrub (the usual case)."""
+    if _known_bytes_re is not None:
+        for form in _known_bytes:
+            if form in line:
+                line = _known_bytes_re.sub(b"***", line)
+                break
+    if b"=" in line:
+        line = _QUERY_BYTES_RE.sub(lambda m: m.group(1) + b"=***", line)
+    return line
 
 
 def redact(text: str) -> str:

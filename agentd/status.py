@@ -26,12 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from agentd import __version__
+from agentd import __version__, logs
 from agentd.config import SOCKET_NAME, default_status_socket
 
-log = structlog.get_logger("agentd.status")
+log = logs.get_logger("agentd.status")
 
 SOCKET_MODE = 0o660
 RUNTIME_SOCKET = f"/run/agentd/{SOCKET_NAME}"  # where the systemd unit's daemon listens
@@ -82,6 +80,7 @@ class Counters:
     barge_ins: int
     backend_failures: int
     leaks: int
+    log_lines_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +317,7 @@ _COUNTERS = (
     ("barge_ins", "barge-ins"),
     ("backend_failures", "backend failures"),
     ("leaks", "leaked sessions"),
+    ("log_lines_dropped", "log lines dropped"),
 )
 
 

@@ -21,17 +21,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import structlog
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from agentd import logs
 from agentd.backoff import ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
 from agentd.voipbin import ApiError, PermissionDenied
 
-log = structlog.get_logger("agentd.stream")
+log = logs.get_logger("agentd.stream")
 
 
 def topics(customer_id: str) -> list[str]:

@@ -22,8 +22,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import structlog
 
+from agentd import logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
 from agentd.ratelimit import (
     BACKGROUND,
@@ -35,7 +35,7 @@ from agentd.ratelimit import (
 )
 from agentd.secret import Secret, redact
 
-log = structlog.get_logger("agentd.voipbin")
+log = logs.get_logger("agentd.voipbin")
 
 SAY_LIMIT_BYTES = 5000
 KEEP_CALL_UP = [{"type": "sleep", "option": {"duration": 3_600_000}}]

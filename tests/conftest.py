@@ -11,6 +11,7 @@ import aioresponses.core
 import pytest
 from aiohttp import ClientResponse
 
+from agentd import logs
 from agentd.backends import Backend
 from agentd.config import load
 from agentd.daemon import Daemon
@@ -62,6 +63,13 @@ def merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> 
     for section, values in extra.items():
         out.setdefault(section, {}).update(values)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _loggers_follow_the_config() -> None:
+    """Module loggers are bound once per configuration (agentd/logs.py): a test that reset
+    structlog's configuration must not leave the next one logging into its stream."""
+    logs.rebind()
 
 
 @pytest.fixture

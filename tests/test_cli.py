@@ -74,6 +74,6 @@ async def test_run_exits_2_naming_the_permission_the_login_lacks(
             "or CustomerManager permission"
         )
     )
-    assert '"event": "stream.forbidden"' in out  # the journal says it too, as an error
+    assert '"event":"stream.forbidden"' in out  # the journal says it too, as an error
     assert sim.accesskey not in out + err
     assert len(sim.requests_matching("GET", r"/customer$")) == 1  # no silent retries

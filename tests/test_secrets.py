@@ -87,6 +87,7 @@ async def test_a_full_run_with_login_expiry_and_faults_leaks_no_credential(
         structlog.get_logger().error("probe", error=str(info.value), exc=repr(info.value))
         daemon.stop()
         await task
+    assert logs.flush()
     text = captured_logs.getvalue()
     assert len(tokens) == 2, "the daemon did not log in again after the expiry"
     assert "voipbin.login" in text and "You said: my key is secret." in text
@@ -105,6 +106,7 @@ def test_exception_tracebacks_carry_no_locals(captured_logs: io.StringIO) -> Non
         fail(key.reveal())
     except RuntimeError:
         structlog.get_logger().exception("crash")
+    assert logs.flush()
     text = captured_logs.getvalue()
     assert "boom" in text
     assert "vb_local_variable_key" not in text

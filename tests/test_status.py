@@ -254,7 +254,7 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
         connection=Connection("reconnecting", None, 3, 2, -0.01),
         last_event_age_s=None,
         calls=(LiveCall("c1", "", "active", 4, 61.0004),),
-        counters=Counters(1, 2, 30, 1, 0, 0, 2, 0, 0, 1, 0, 0),
+        counters=Counters(1, 2, 30, 1, 0, 0, 2, 0, 0, 1, 0, 0, 0),
     )
     doc = snap.document()
     assert list(doc) == [

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import structlog
 
+from agentd import logs
 from agentd.backends import Chunk, ToolCall, Usage, tools_for
 from agentd.backends.wire import (
     BackendError,
@@ -30,7 +30,7 @@ from agentd.backends.wire import (
 from agentd.commands import Message
 from agentd.secret import Secret, redact
 
-log = structlog.get_logger("agentd.backends.openai")
+log = logs.get_logger("agentd.backends.openai")
 
 _KIND = "openai"
 
