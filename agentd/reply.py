@@ -11,8 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import structlog
-
+from agentd import logs
 from agentd.backends import Backend, ToolCall, Usage
 from agentd.commands import (
     AskBackend,
@@ -26,7 +25,7 @@ from agentd.names import Action, EndCall, TransferTo
 from agentd.secret import redact
 from agentd.sentences import SentenceBuffer, speakable
 
-log = structlog.get_logger("agentd.reply")
+log = logs.get_logger("agentd.reply")
 
 TAIL_WAIT_S = 0.005
 
@@ -90,19 +89,24 @@ async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]
     this the first sentence would be spoken one token interval late."""
     it = stream.__aiter__()
     while True:
-        nxt = asyncio.ensure_future(it.__anext__())
         try:
-            if buf.ends_a_sentence():
+            if not buf.ends_a_sentence():
+                # the usual case: no task, so a backend whose chunks are ready (a local model,
+                # the echo) streams the whole reply in one step of the loop
+                yield await it.__anext__()
+                continue
+            nxt = asyncio.ensure_future(it.__anext__())
+            try:
                 done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
                 if not done:
                     buf.end_tail()
                     yield ""
-            chunk = await nxt
+                chunk = await nxt
+            except BaseException:
+                nxt.cancel()
+                raise
         except StopAsyncIteration:
             return
-        except BaseException:
-            nxt.cancel()
-            raise
         yield chunk
 
 
