@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 # Later statuses never go back to earlier ones; terminating and canceling are both "ending".
 STATUS_RANK = {
     "dialing": 0,
@@ -127,9 +129,13 @@ def parse_frame(frame: str | bytes) -> Parsed | Rejected:
     if len(frame) > MAX_FRAME:
         return Rejected("frame too large")
     try:
-        obj = json.loads(frame)
-    except (ValueError, RecursionError):
-        return Rejected("not JSON")
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        # what orjson refuses and the stdlib reads (NaN, huge integers, a lone surrogate escape)
+        try:
+            obj = json.loads(frame)
+        except (ValueError, RecursionError):
+            return Rejected("not JSON")
     if not isinstance(obj, dict):
         return Rejected("not a JSON object")
     return parse_object(obj, frame)
