@@ -24,7 +24,7 @@ from agentd.persist import Persister
 from agentd.ratelimit import tool_budget
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
-from agentd.store import Store, StoreError
+from agentd.store import CallStore, Store, StoreError
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 
@@ -84,7 +84,7 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
 RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted
 
 
-async def prune_expired(store: Store, keep_days: float) -> int:
+async def prune_expired(store: CallStore, keep_days: float) -> int:
     """Delete the calls that ended more than `keep_days` ago (their transcripts, history and
     events with them); 0 keeps everything. A failed prune is logged, never fatal: the calls
     are served either way, and the next round tries again."""
@@ -101,7 +101,7 @@ async def prune_expired(store: Store, keep_days: float) -> int:
 
 
 async def retention_loop(
-    store: Store, keep_days: float, every_s: float = RETENTION_EVERY_S
+    store: CallStore, keep_days: float, every_s: float = RETENTION_EVERY_S
 ) -> None:
     """Prune at start, then every `every_s`, until cancelled."""
     while True:
@@ -186,8 +186,10 @@ class Daemon:
         if gate is not None and gate.done():
             del self._gates[call_id]
             gate = None
-        saving = self.persister.saving(call_id) if self.persister is not None else None
-        creates = saving is not None and any(isinstance(c, WriteAhead) for c in commands)
+        saving = None
+        if self.persister is not None and any(isinstance(c, WriteAhead) for c in commands):
+            saving = self.persister.saving(call_id)
+        creates = saving is not None
         if gate is None and not creates:
             self.executor.execute(call_id, commands)
             return

@@ -1,79 +1,136 @@
 """Writes each call's state to the store as it changes, so a restart can pick the calls up again.
 
 The state machine stays pure: after each step the dispatcher shows the call to `Persister`, which
-compares a cheap fingerprint with the last one written and, if it changed, queues a save. Saves
-are ordered (one writer thread, FIFO) and never awaited on the event path.
+compares a cheap fingerprint with the last one written and, if it changed, marks the call dirty.
+Nothing is written on the event path. Writes are coalesced: every `COALESCE_S` at most, the
+latest state of each dirty call, with the records, transcripts and ends gathered meanwhile, goes to
+the store as one job (one transaction on the store's thread). A call that changed five times in
+that window is written once.
+
+The one write that is not coalesced is the write-ahead: before a billed session is created the
+daemon waits on `saving(call_id)`, which writes that call at once. So a SIGKILL can lose at most
+the last `COALESCE_S` of turns (history, the greeting flag) — never the fact that a call exists
+and may own a session (tests/test_crash_points.py shows each case).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
 
-import structlog
-
+from agentd import logs
 from agentd.call import Call, CallSettings
 from agentd.commands import Record
-from agentd.store import CallRecord, Store, StoreError
+from agentd.store import Batch, CallRecord, CallStore, StoreError
 
-log = structlog.get_logger("agentd.persist")
+log = logs.get_logger("agentd.persist")
+
+#: how long a change may wait to be written with others (what a SIGKILL can lose of a turn)
+COALESCE_S = 0.02
 
 
 class Persister:
-    """The bridge from live calls to the SQLite store."""
+    """The bridge from live calls to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: CallStore, *, coalesce_s: float = COALESCE_S) -> None:
         self.store = store
+        self.coalesce_s = coalesce_s
         self._seen: dict[str, tuple[object, ...]] = {}
+        self._dirty: dict[str, Call] = {}  # changed since the last write, by call id
+        self._batch = Batch()  # records, transcripts and ends waiting for the next write
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._saving: dict[str, asyncio.Task[None]] = {}
-        self.failures = 0
+        self._writing: dict[str, asyncio.Task[None]] = {}  # call id -> write of its latest state
+        self.failures = 0  # writes lost
+        self.writes = 0  # jobs sent to the store (one per coalesced batch)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self._guard(coro))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except StoreError as exc:
-            # the call goes on; a restart may just not find the latest state of it
-            self.failures += 1
-            log.error("store.write_failed", error=str(exc))
+    # ---- what the daemon shows us ------------------------------------------------------------
 
     def changed(self, call: Call) -> None:
-        """After a step: save the call if anything that must survive a restart changed."""
+        """After a step: write the call soon if anything that must survive a restart changed."""
         key = call.fingerprint()
         if self._seen.get(call.id) == key:
             return
         self._seen[call.id] = key
-        self._saving[call.id] = self._spawn(self.store.save_call(CallRecord(**call.snapshot())))
+        self._dirty[call.id] = call
+        self._soon()
 
     def saving(self, call_id: str) -> asyncio.Task[None] | None:
-        """The latest save of the call, while it is not on disk yet."""
-        task = self._saving.get(call_id)
+        """The write that puts the call's latest state on disk, while it is not there yet.
+
+        A call still waiting for the coalescing window is written now: whoever asks (the
+        write-ahead before a billed session) is about to wait for it."""
+        if call_id in self._dirty:
+            self.write_now()
+        task = self._writing.get(call_id)
         if task is not None and task.done():
-            del self._saving[call_id]
+            del self._writing[call_id]
             return None
         return task
 
     def record(self, record: Record) -> None:
         """A fact about a call (turn timings, ended, barge-in, ...)."""
-        self._spawn(self.store.add_event(record.call_id, record.what, dict(record.data)))
+        self._batch.events.append(
+            (record.call_id, record.what, dict(record.data), self.store.now())
+        )
+        self._soon()
 
     def transcript(self, call_id: str, transcript_id: str, direction: str, text: str) -> None:
         """A final transcript of the call."""
-        self._spawn(self.store.add_transcript(call_id, transcript_id, direction, text))
+        self._batch.transcripts.append(
+            ((call_id, transcript_id, direction, text), self.store.now())
+        )
+        self._soon()
 
     def finished(self, call: Call | None, call_id: str) -> None:
         """Nothing is left to stop: the call is no longer live in the store."""
         self._seen.pop(call_id, None)
-        self._saving.pop(call_id, None)
+        self._writing.pop(call_id, None)
+        last = self._dirty.pop(call_id, None)
+        now = self.store.now()
+        if last is not None:  # its final state (the last turn's history) comes before the end
+            self._batch.calls.append((CallRecord(**last.snapshot()), now))
         reason = call.hangup_reason if call is not None else ""
-        self._spawn(self.store.end_call(call_id, reason))
+        self._batch.ends.append((call_id, reason, now))
+        self._soon()
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def _soon(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.coalesce_s, self.write_now)
+
+    def write_now(self) -> None:
+        """Send everything waiting to the store as one job (without waiting for it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self.store.now()
+        batch, self._batch = self._batch, Batch()
+        # the states come first: an end gathered meanwhile must not be undone by an older save
+        batch.calls[:0] = [(CallRecord(**c.snapshot()), now) for c in self._dirty.values()]
+        dirty, self._dirty = self._dirty, {}
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        for call_id in dirty:
+            self._writing[call_id] = task
+        self.writes += 1
+
+    async def _write(self, batch: Batch) -> None:
+        try:
+            failed = await self.store.write(batch)
+        except StoreError as exc:
+            # the calls go on; a restart may just not find the latest state of them
+            self.failures += len(batch)
+            log.error("store.write_failed", error=str(exc), writes=len(batch))
+            return
+        if failed:
+            self.failures += failed
+            log.error("store.write_failed", error=f"{failed} writes could not be stored")
+
+    # ---- restart -------------------------------------------------------------------------------
 
     async def restore(self, settings: CallSettings) -> list[Call]:
         """The calls that were live when the last agentd stopped."""
@@ -89,6 +146,7 @@ class Persister:
         return calls
 
     async def flush(self) -> None:
-        """Wait for every queued write."""
+        """Write what is waiting now and wait for every write."""
+        self.write_now()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -33,12 +33,23 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, Protocol, TypeVar
 
 from agentd.store_schema import LATEST_VERSION, MIGRATIONS, CallRecord, StoreError, open_connection
 from agentd.store_worker import Worker, close_fn, submit
 
-__all__ = ["LATEST_VERSION", "MIGRATIONS", "SEEN_LIMIT", "CallRecord", "Store", "StoreError"]
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "SEEN_LIMIT",
+    "Batch",
+    "CallRecord",
+    "CallStore",
+    "Store",
+    "StoreError",
+]
 
 T = TypeVar("T")
 
@@ -106,7 +117,128 @@ def _row_to_record(row: Sequence[Any]) -> CallRecord:
     )
 
 
+def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
+    ended = rec.phase == "ended"
+    conn.execute(
+        f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT(call_id) DO UPDATE SET
+                direction = excluded.direction, phase = excluded.phase,
+                status = excluded.status, transcribe_id = excluded.transcribe_id,
+                speaking_id = excluded.speaking_id,
+                pending_stops = excluded.pending_stops, greeted = excluded.greeted,
+                turn = excluded.turn, history = excluded.history,
+                hangup_reason = excluded.hangup_reason,
+                seen_transcripts = excluded.seen_transcripts,
+                updated_at = excluded.updated_at,
+                -- the first time it ended counts for prune; a revived call has none
+                ended_at = CASE WHEN excluded.phase = 'ended'
+                                THEN coalesce(calls.ended_at, excluded.ended_at)
+                                END""",
+        (
+            _text(rec.call_id),
+            _text(rec.direction),
+            _text(rec.phase),
+            _text(rec.status),
+            _opt(rec.transcribe_id),
+            _opt(rec.speaking_id),
+            _dumps([list(p) for p in rec.pending_stops]),
+            int(rec.greeted),
+            rec.turn,
+            _dumps([list(m) for m in rec.history]),
+            _text(rec.hangup_reason),
+            _dumps(list(rec.seen_transcripts[-SEEN_LIMIT:])),
+            now,
+            now,
+            now if ended else None,
+        ),
+    )
+
+
+def _end(conn: sqlite3.Connection, call_id: str, reason: str, now: float) -> None:
+    conn.execute(
+        """UPDATE calls SET phase = 'ended', hangup_reason = ?, updated_at = ?,
+               ended_at = coalesce(ended_at, ?)
+           WHERE call_id = ?""",
+        (_text(reason), now, now, _text(call_id)),
+    )
+
+
+def _event(conn: sqlite3.Connection, call_id: str, what: str, raw: str, now: float) -> None:
+    conn.execute(
+        "INSERT INTO events (call_id, at, what, data) VALUES (?, ?, ?, ?)",
+        (_text(call_id), now, _text(what), raw),
+    )
+
+
+def _event_data(
+    conn: sqlite3.Connection, call_id: str, what: str, data: dict[str, object], now: float
+) -> None:
+    _event(conn, call_id, what, _dumps(data), now)
+
+
+# what one write of a batch can raise for its own values, leaving the transaction usable
+_UNSTORABLE = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    TypeError,
+    ValueError,
+)
+
+
+def _transcript(conn: sqlite3.Connection, line: tuple[str, str, str, str], now: float) -> None:
+    call_id, transcript_id, direction, text = line
+    conn.execute(
+        """INSERT INTO transcripts (call_id, transcript_id, direction, text, at)
+           VALUES (?, ?, ?, ?, ?) ON CONFLICT(transcript_id) DO NOTHING""",
+        (_text(call_id), _text(transcript_id), _text(direction), _text(text), now),
+    )
+
+
+@dataclass
+class Batch:
+    """Writes gathered on the event loop, done by `Store.write` in one job. Each carries the
+    unix time it happened; event data is serialised on the store's thread, not the loop."""
+
+    calls: list[tuple[CallRecord, float]] = field(default_factory=list)
+    events: list[tuple[str, str, dict[str, object], float]] = field(default_factory=list)
+    transcripts: list[tuple[tuple[str, str, str, str], float]] = field(default_factory=list)
+    ends: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.calls) + len(self.events) + len(self.transcripts) + len(self.ends)
+
+
 # ---- the public face ----------------------------------------------------------------------------
+
+
+class CallStore(Protocol):
+    """What the daemon needs of a store: SQLite (`Store`) and PostgreSQL (`PgStore`) both are."""
+
+    def now(self) -> float:
+        """The store's clock (unix time)."""
+        ...
+
+    async def write(self, batch: Batch) -> int:
+        """One batch of writes; how many failed."""
+        ...
+
+    async def live_calls(self) -> list[CallRecord]:
+        """Every call not ended."""
+        ...
+
+    async def ended_call_ids(self, limit: int = 10_000) -> list[str]:
+        """The calls that ended, newest first."""
+        ...
+
+    async def prune(self, older_than_s: float) -> int:
+        """Delete what ended long ago."""
+        ...
+
+    async def close(self) -> None:
+        """Write what is queued and close."""
+        ...
 
 
 class Store:
@@ -170,45 +302,7 @@ class Store:
     async def save_call(self, rec: CallRecord) -> None:
         """Insert or replace the call's state; returns once it is committed to disk."""
         now = self._clock()
-
-        def save(conn: sqlite3.Connection) -> None:
-            ended = rec.phase == "ended"
-            conn.execute(
-                f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT(call_id) DO UPDATE SET
-                        direction = excluded.direction, phase = excluded.phase,
-                        status = excluded.status, transcribe_id = excluded.transcribe_id,
-                        speaking_id = excluded.speaking_id,
-                        pending_stops = excluded.pending_stops, greeted = excluded.greeted,
-                        turn = excluded.turn, history = excluded.history,
-                        hangup_reason = excluded.hangup_reason,
-                        seen_transcripts = excluded.seen_transcripts,
-                        updated_at = excluded.updated_at,
-                        -- the first time it ended counts for prune; a revived call has none
-                        ended_at = CASE WHEN excluded.phase = 'ended'
-                                        THEN coalesce(calls.ended_at, excluded.ended_at)
-                                        END""",
-                (
-                    _text(rec.call_id),
-                    _text(rec.direction),
-                    _text(rec.phase),
-                    _text(rec.status),
-                    _opt(rec.transcribe_id),
-                    _opt(rec.speaking_id),
-                    _dumps([list(p) for p in rec.pending_stops]),
-                    int(rec.greeted),
-                    rec.turn,
-                    _dumps([list(m) for m in rec.history]),
-                    _text(rec.hangup_reason),
-                    _dumps(list(rec.seen_transcripts[-SEEN_LIMIT:])),
-                    now,
-                    now,
-                    now if ended else None,
-                ),
-            )
-
-        await self._run(save, write=True)
+        await self._run(lambda conn: _save(conn, rec, now), write=True)
 
     async def live_calls(self) -> list[CallRecord]:
         """Every call whose phase is not "ended", the first saved first."""
@@ -236,16 +330,7 @@ class Store:
     async def end_call(self, call_id: str, reason: str) -> None:
         """Mark the call ended (the row stays, for history, until `prune`). Unknown id: no-op."""
         now = self._clock()
-
-        def end(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                """UPDATE calls SET phase = 'ended', hangup_reason = ?, updated_at = ?,
-                       ended_at = coalesce(ended_at, ?)
-                   WHERE call_id = ?""",
-                (_text(reason), now, now, _text(call_id)),
-            )
-
-        await self._run(end, write=True)
+        await self._run(lambda conn: _end(conn, call_id, reason, now), write=True)
 
     # ---- events and transcripts ----
 
@@ -254,14 +339,7 @@ class Store:
         now = self._clock()
         # serialised here, not on the worker: the caller may mutate `data` right after
         raw = _dumps(data)
-
-        def add(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO events (call_id, at, what, data) VALUES (?, ?, ?, ?)",
-                (_text(call_id), now, _text(what), raw),
-            )
-
-        await self._run(add, write=True)
+        await self._run(lambda conn: _event(conn, call_id, what, raw, now), write=True)
 
     async def events(self, call_id: str) -> list[tuple[float, str, dict[str, object]]]:
         """The call's events as (unix time, what, data), in the order they were added."""
@@ -280,15 +358,29 @@ class Store:
     ) -> None:
         """Append a transcript line; a transcript id already stored is ignored (redeliveries)."""
         now = self._clock()
+        line = (call_id, transcript_id, direction, text)
+        await self._run(lambda conn: _transcript(conn, line, now), write=True)
 
-        def add(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                """INSERT INTO transcripts (call_id, transcript_id, direction, text, at)
-                   VALUES (?, ?, ?, ?, ?) ON CONFLICT(transcript_id) DO NOTHING""",
-                (_text(call_id), _text(transcript_id), _text(direction), _text(text), now),
-            )
+    async def write(self, batch: Batch) -> int:
+        """Every write of `batch` in one job (one transaction): call states, then events and
+        transcripts, then ends. Returns how many writes failed; the others are committed."""
 
-        await self._run(add, write=True)
+        def write(conn: sqlite3.Connection) -> int:
+            failed = 0
+            steps: list[Callable[[], None]] = [
+                *(partial(_save, conn, rec, at) for rec, at in batch.calls),
+                *(partial(_event_data, conn, c, w, d, at) for c, w, d, at in batch.events),
+                *(partial(_transcript, conn, line, at) for line, at in batch.transcripts),
+                *(partial(_end, conn, c, reason, at) for c, reason, at in batch.ends),
+            ]
+            for step in steps:
+                try:
+                    step()
+                except _UNSTORABLE:
+                    failed += 1  # this value cannot be stored; the rest of the batch can
+            return failed
+
+        return await self._run(write, write=True)
 
     async def transcript(self, call_id: str) -> list[tuple[str, str]]:
         """The call's transcript as (direction, text), in the order it was added."""

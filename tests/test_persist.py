@@ -31,7 +31,7 @@ from agentd.commands import (
 from agentd.events import CallEvent, CallInfo, Event, TranscriptEvent
 from agentd.names import TimerKind
 from agentd.persist import Persister
-from agentd.store import CallRecord, Store
+from agentd.store import Batch, CallRecord, Store
 
 # fast playback: the caller's turns come after the agent finished talking (no barge-in)
 SETTINGS = CallSettings(
@@ -50,10 +50,16 @@ class SpyStore(Store):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.saved: list[CallRecord] = []
+        self.batches = 0
 
     async def save_call(self, rec: CallRecord) -> None:
         self.saved.append(rec)
         await super().save_call(rec)
+
+    async def write(self, batch: Batch) -> int:
+        self.saved += [rec for rec, _ in batch.calls]
+        self.batches += 1
+        return await super().write(batch)
 
 
 def status(call_id: str, s: str, *, by: str = "", reason: str = "") -> CallEvent:
@@ -175,24 +181,49 @@ async def test_a_step_that_changes_nothing_durable_is_not_saved_again(
     assert [r.phase for r in store.saved] == ["ringing", "answered"]
 
 
-async def test_saves_are_written_in_order_and_saving_is_the_latest(
+async def test_changes_within_the_window_are_one_write_of_the_latest_state(
     store: SpyStore, persister: Persister
 ) -> None:
     shell = Shell(persister, Call("c1", SETTINGS))
     shell.answer()  # four steps, four changes, nothing awaited in between
     task = persister.saving("c1")
     assert task is not None
-    await task  # the latest save is on disk, so every earlier one is too
+    await task  # the latest state is on disk
     assert [(r.phase, r.transcribe_id, r.speaking_id) for r in store.saved] == [
-        ("ringing", None, None),
-        ("answered", None, None),
-        ("answered", "tr-c1", None),
         ("active", "tr-c1", "sp-c1"),
     ]
+    assert store.batches == 1
     (rec,) = await store.live_calls()
     assert rec == record_of(shell.call)
     assert rec.greeted
     assert rec.history == (("system", "be brief"), ("assistant", "Hello, how can I help?"))
+
+
+async def test_the_write_ahead_does_not_wait_for_the_window(store: SpyStore) -> None:
+    persister = Persister(store, coalesce_s=3600.0)  # the window would never end in this test
+    shell = Shell(persister, Call("c1", SETTINGS))
+    shell.step(status("c1", "ringing"))
+    assert store.batches == 0  # nothing written on the event path
+    task = persister.saving("c1")  # the daemon asks before it creates a billed session
+    assert task is not None
+    await task
+    assert [r.phase for r in await store.live_calls()] == ["ringing"]
+    shell.step(status("c1", "progressing"))
+    assert persister.saving("c1") is not None
+    await persister.flush()
+    assert [r.phase for r in store.saved] == ["ringing", "answered"]
+
+
+async def test_changes_after_the_window_are_written_again(
+    store: SpyStore, persister: Persister
+) -> None:
+    shell = Shell(persister, Call("c1", SETTINGS))
+    shell.step(status("c1", "ringing"))
+    await persister.flush()
+    shell.step(status("c1", "progressing"))
+    await persister.flush()
+    assert [r.phase for r in store.saved] == ["ringing", "answered"]
+    assert store.batches == 2
 
 
 async def test_records_and_transcripts_of_a_conversation_are_written(

@@ -16,7 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentd.store import LATEST_VERSION, MIGRATIONS, SEEN_LIMIT, CallRecord, Store, StoreError
+from agentd.store import (
+    LATEST_VERSION,
+    MIGRATIONS,
+    SEEN_LIMIT,
+    Batch,
+    CallRecord,
+    Store,
+    StoreError,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -432,6 +440,22 @@ async def test_a_failing_write_does_not_spoil_its_batch(store: Store) -> None:
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], TypeError)
     assert [r.call_id for r in await store.live_calls()] == ["a", "c"]
+
+
+async def test_a_batch_is_one_job_and_a_bad_value_in_it_loses_only_itself(store: Store) -> None:
+    bad = record("bad", history=(("user", object()),))  # json cannot encode it
+    batch = Batch(
+        calls=[(record("a"), 1.0), (bad, 1.0), (record("c", phase="active"), 1.0)],
+        events=[("a", "turn", {"n": 1}, 2.0), ("a", "odd", {"x": object()}, 2.0)],
+        transcripts=[(("a", "tr-1", "in", "hello"), 3.0)],
+        ends=[("c", "normal", 4.0)],
+    )
+    assert len(batch) == 7
+    assert await store.write(batch) == 2  # the unstorable call and event
+    assert [r.call_id for r in await store.live_calls()] == ["a"]  # c ended in the same job
+    assert [(w, d) for _, w, d in await store.events("a")] == [("turn", {"n": 1})]
+    assert await store.transcript("a") == [("in", "hello")]
+    assert await store.ended_call_ids() == ["c"]
 
 
 async def test_reads_see_writes_queued_before_them(store: Store) -> None:
