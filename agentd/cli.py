@@ -248,8 +248,10 @@ def _unserved(config: Config, source: str, config_arg: str | None) -> str | None
 
 
 def _check(config_arg: str | None) -> int:
-    """One line per check (config, voipbin, backend); 1 if a check failed, 2 for the config."""
+    """One line per check (config, store, voipbin, backend); 1 if a check failed, 2 for the
+    config."""
     from agentd.daemon import make_backend, make_client
+    from agentd.stores import check_store
     from agentd.voipbin import ApiError
 
     config = _load(config_arg)
@@ -259,7 +261,9 @@ def _check(config_arg: str | None) -> int:
     backend = make_backend(config)  # a python callable that cannot be imported: config error
 
     async def probe() -> int:
-        failed = False
+        ok, line = await check_store(config)  # reads the schema version, changes nothing
+        print(f"store: ok ({line})" if ok else f"store: FAILED: {line}", flush=True)
+        failed = not ok
         client = make_client(config, tool=True)
         try:
             cid = await client.customer_id()

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from agentd.call import CallSettings
 from agentd.ratelimit import DEFAULT_BURST, DEFAULT_RATE_PER_S
@@ -88,6 +88,54 @@ class OtelConfig:
     endpoint: str = "http://127.0.0.1:4318"  # the collector's OTLP/HTTP receiver
     service_name: str = "agentd"
     include_text: bool = False  # put the caller's and the agent's words on spans
+
+
+PG_SCHEMES = ("postgresql", "postgres")
+
+
+@dataclass(frozen=True)
+class PgUrl:
+    """`[store] url`: a PostgreSQL URL split into what may be printed and the password.
+
+    `dsn` is the URL without its password (in the user part or a `password=` query parameter):
+    safe for a log line, an error or `check-config`. The password is a `Secret`, handed to the
+    driver as a separate argument, so no driver message quoting the DSN can carry it.
+    """
+
+    dsn: str
+    password: Secret | None = None
+
+    def __str__(self) -> str:
+        return self.dsn
+
+    @classmethod
+    def parse(cls, text: str, password: Secret | None = None, *, key: str = "store.url") -> PgUrl:
+        """Split `text`; `password` (from `password_file`, ...) if the URL carries none.
+
+        Raises ConfigError naming `key`; the message never quotes the URL (it may hold a
+        password)."""
+        try:
+            parts = urlsplit(text.strip())
+            parts.port  # noqa: B018  (a bad port raises here, not at the first connect)
+        except ValueError:
+            raise ConfigError(f"{key}: not a valid URL (a bad port or host?)") from None
+        if parts.scheme not in PG_SCHEMES:
+            got = f"a {parts.scheme!r} URL" if parts.scheme else "no scheme"
+            raise ConfigError(
+                f"{key}: expected a postgresql:// (or postgres://) URL, got {got}, e.g. "
+                '"postgresql://agentd@db.example:5432/agentd"'
+            )
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        user, colon, in_url = userinfo.partition(":")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        in_query = [v for k, v in query if k == "password"]
+        found = unquote(in_url) if colon and in_url else (in_query[-1] if in_query else "")
+        if found and password is not None:
+            raise ConfigError(f"{key}: the URL has a password and so has store.password(_file)")
+        netloc = f"{user}@{hostport}" if at and user else hostport
+        rest = urlencode([(k, v) for k, v in query if k != "password"]) if in_query else parts.query
+        dsn = urlunsplit((parts.scheme, netloc, parts.path, rest, parts.fragment))
+        return cls(dsn, Secret(found) if found else password)
 
 
 TypeSpec = type | tuple[type, ...]
@@ -183,7 +231,14 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
         "api_key_file": (str, ""),
     },
     # keep_days: ended calls (transcripts, history, events) are deleted after it; 0 = never
-    "store": {"path": (str, "agentd.db"), "keep_days": (NUMBER, 30.0)},
+    # url: PostgreSQL (several replicas, one database) instead of the SQLite file at path
+    "store": {
+        "path": (str, "agentd.db"),
+        "keep_days": (NUMBER, 30.0),
+        "url": (str, ""),
+        "password": (str, ""),
+        "password_file": (str, ""),
+    },
     "log": {"level": (str, "info"), "format": (str, "auto")},
     "daemon": _owned_by(
         DaemonConfig, drain_s=NUMBER, stop_sessions_on_shutdown=bool, shutdown_goodbye=str
@@ -211,6 +266,7 @@ _CREDENTIALS = {
     "voipbin-token": ("voipbin", "token"),
     "voipbin-password": ("voipbin", "password"),
     "backend-api-key": ("backend", "api_key"),
+    "store-password": ("store", "password"),
 }
 
 
@@ -224,7 +280,7 @@ class Config:
     flow_id: str
     caller_id: str
     backend: BackendConfig
-    store_path: str
+    store_path: str  # the SQLite file; "" = no store, or PostgreSQL (`store_url`)
     log_level: str
     log_format: str
     daemon: DaemonConfig = DaemonConfig()
@@ -234,6 +290,7 @@ class Config:
     warnings: tuple[str, ...] = ()  # doubtful but valid settings, logged at start
     store_keep_days: float = 30.0  # ended calls older than this are pruned; 0 = kept for ever
     otel: OtelConfig = OtelConfig()
+    store_url: PgUrl | None = None  # PostgreSQL instead of SQLite (`[store] url`)
 
 
 def load(
@@ -257,8 +314,10 @@ def load(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     # overrides (the demo, tests) are checked like the file: a typo there must not pass either
     merged = _validate(_merge(_validate(data), overrides or {}))
+    # AGENTD_STORE_PATH is set by the systemd unit: only a path in the config conflicts with a url
+    path_in_file = "path" in merged["store"]
     _apply_env(merged, env)
-    return _build(merged, env, str(path or ""))
+    return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
 
 
 def _merge(
@@ -356,10 +415,17 @@ def default_ws_url(api_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path + "/ws", "", ""))
 
 
-def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) -> Config:
+def _build(
+    m: dict[str, dict[str, Any]],
+    env: Mapping[str, str],
+    source: str,
+    *,
+    store_path_in_file: bool = False,
+) -> Config:
     agent = _section(m, "agent")
     store = _section(m, "store")
-    store_path = store["path"]
+    store_url = _store_url(store, store_path_in_file, env)
+    store_path = "" if store_url else store["path"]
     log = _section(m, "log")
     call = _call_settings(agent)
     numbers = _numbers(agent["numbers"])
@@ -380,6 +446,7 @@ def _build(m: dict[str, dict[str, Any]], env: Mapping[str, str], source: str) ->
         otel=_otel(_section(m, "otel")),
         warnings=_voice_warnings(call),
         store_keep_days=store["keep_days"],
+        store_url=store_url,
     )
 
 
@@ -390,6 +457,37 @@ def _section(m: dict[str, dict[str, Any]], section: str) -> dict[str, Any]:
         value = m[section].get(key, default)
         out[key] = float(value) if typ == NUMBER else value
     return out
+
+
+POSTGRES_MISSING = (
+    "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
+    "pip install 'agentd[postgres]'"
+)
+
+
+def _store_url(store: dict[str, Any], path_in_file: bool, env: Mapping[str, str]) -> PgUrl | None:
+    """`[store] url` (with `password`/`password_file`/credential store-password), or None."""
+    if not store["url"]:
+        if store["password"] or store["password_file"]:
+            raise ConfigError("store.password: only used with store.url (PostgreSQL)")
+        return None
+    if path_in_file and store["path"] != _SCHEMA["store"]["path"][1]:
+        raise ConfigError(
+            "store: both url (PostgreSQL) and path (SQLite) are set; keep one "
+            "(remove path to use PostgreSQL)"
+        )
+    url = PgUrl.parse(store["url"], _secret("store", store, "password", env))
+    if not postgres_installed():
+        raise ConfigError(POSTGRES_MISSING)
+    return url
+
+
+def postgres_installed() -> bool:
+    """Whether the extra `agentd[postgres]` (asyncpg) is installed (found, not imported)."""
+    try:
+        return importlib.util.find_spec("asyncpg") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _voipbin(v: dict[str, Any], env: Mapping[str, str]) -> VoipbinConfig:

@@ -24,7 +24,8 @@ from agentd.persist import Persister
 from agentd.ratelimit import tool_budget
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
 from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
-from agentd.store import CallStore, Store, StoreError
+from agentd.store import CallStore, StoreError
+from agentd.stores import open_store
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 
@@ -271,8 +272,8 @@ class Daemon:
             numbers=list(self.config.numbers) or "all",
             backend=self.config.backend.kind,
         )
-        if self.config.store_path:
-            store = await Store.open(self.config.store_path)
+        store = await open_store(self.config)
+        if store is not None:
             self.persister = Persister(store)
             await self._restore()
         await self._start_observability()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,6 +13,10 @@ from agentd.sim import Simulator
 from tests.stubs import HttpStub, OpenAIStub, Script
 from tests.support import run_cli
 
+if TYPE_CHECKING:
+    from tests.pg import PgServer
+
+pytest_plugins = ["tests.pg"]  # a real PostgreSQL for the [store] url checks
 # one `agentd check-config` process per test
 pytestmark = pytest.mark.slow
 
@@ -24,14 +29,24 @@ timeout_s = 2
 numbers = ["+15551234567"]
 [backend]
 {backend}
+[store]
+{store}
 """
 
 
-def write(tmp_path: Path, sim: Simulator, key: str, backend: str = 'kind = "echo"') -> Path:
+def write(
+    tmp_path: Path,
+    sim: Simulator,
+    key: str,
+    backend: str = 'kind = "echo"',
+    store: str | None = None,
+) -> Path:
     keyfile = tmp_path / "accesskey"
     keyfile.write_text(key + "\n")
     path = tmp_path / "agentd.toml"
-    path.write_text(CONFIG.format(api=sim.api_url, keyfile=keyfile, backend=backend))
+    if store is None:
+        store = f'path = "{tmp_path / "agentd.db"}"'
+    path.write_text(CONFIG.format(api=sim.api_url, keyfile=keyfile, backend=backend, store=store))
     return path
 
 
@@ -53,9 +68,10 @@ async def test_a_good_config_passes_every_check(sim: Simulator, tmp_path: Path) 
     customer = sim.requests_matching("GET", r"/customer$")
     assert len(customer) == 1 and customer[0].status == 200
     assert lines[0] == f"config: ok ({config})"
-    assert lines[1].startswith("voipbin: ok, customer ") and lines[1].endswith(f"at {sim.api_url}")
-    assert lines[2] == "backend: ok (echo, nothing to check)"
-    assert len(lines) == 3
+    assert lines[1] == f"store: ok (sqlite {tmp_path / 'agentd.db'}, created at the first start)"
+    assert lines[2].startswith("voipbin: ok, customer ") and lines[2].endswith(f"at {sim.api_url}")
+    assert lines[3] == "backend: ok (echo, nothing to check)"
+    assert len(lines) == 4
 
 
 async def test_a_wrong_access_key_fails_without_printing_it(sim: Simulator, tmp_path: Path) -> None:
@@ -123,9 +139,9 @@ async def test_an_unreachable_backend_fails(sim: Simulator, tmp_path: Path) -> N
     backend = f'kind = "openai"\nbase_url = "http://127.0.0.1:{port}/v1"\ntimeout_s = 5'
     code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
     assert code == 1, lines
-    assert lines[1].startswith("voipbin: ok")
-    assert lines[2].startswith("backend: FAILED: openai backend: ")
-    assert f"127.0.0.1:{port}" in lines[2]
+    assert lines[2].startswith("voipbin: ok")
+    assert lines[3].startswith("backend: FAILED: openai backend: ")
+    assert f"127.0.0.1:{port}" in lines[3]
 
 
 async def test_a_backend_error_or_silence_fails(sim: Simulator, tmp_path: Path) -> None:
@@ -175,3 +191,57 @@ async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> Non
         "listens on nothing but 127.0.0.1 or ::1 (scrape through a local Prometheus or an SSH "
         "tunnel)"
     ]
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+
+async def test_the_sqlite_store_is_named_with_its_schema(sim: Simulator, tmp_path: Path) -> None:
+    from agentd.store import LATEST_VERSION, Store
+
+    db = tmp_path / "agentd.db"
+    store = await Store.open(str(db))
+    await store.close()
+    code, lines = await check(write(tmp_path, sim, sim.accesskey))
+    assert code == 0, lines
+    assert lines[1] == f"store: ok (sqlite {db}, schema version {LATEST_VERSION})"
+    code, lines = await check(write(tmp_path, sim, sim.accesskey, store='path = "/no/such/a.db"'))
+    assert code == 1, lines
+    assert lines[1] == "store: FAILED: sqlite /no/such/a.db: the directory /no/such does not exist"
+    assert lines[-1] == "backend: ok (echo, nothing to check)"  # the other checks still ran
+    code, lines = await check(write(tmp_path, sim, sim.accesskey, store='path = ""'))
+    assert code == 0, lines
+    assert lines[1] == 'store: ok (off (store.path = ""): no restart recovery, no call history)'
+
+
+async def test_a_postgresql_store_is_checked_without_its_password(
+    sim: Simulator, tmp_path: Path, pg_server: PgServer
+) -> None:
+    from agentd.config import PgUrl
+    from agentd.store_pg import LATEST_PG_VERSION, PgStore
+
+    name = pg_server.create_database(owner=pg_server.pw_user)
+    try:
+        url = pg_server.url(name, pg_server.pw_user, pg_server.pw_password)
+        dsn = PgUrl.parse(url).dsn
+        config = write(tmp_path, sim, sim.accesskey, store=f'url = "{url}"')
+        code, lines = await check(config)
+        assert code == 0, lines
+        assert lines[1] == (
+            f"store: ok (postgresql {dsn}, empty: agentd creates its tables at the first start)"
+        )
+        store = await PgStore.open(url)
+        await store.close()
+        code, lines = await check(config)
+        assert code == 0, lines
+        assert lines[1] == f"store: ok (postgresql {dsn}, schema version {LATEST_PG_VERSION})"
+        wrong = url.replace(pg_server.pw_password, "Not-The-Password-42")
+        code, lines = await check(write(tmp_path, sim, sim.accesskey, store=f'url = "{wrong}"'))
+        assert code == 1, lines
+        assert lines[1].startswith(f"store: FAILED: PostgreSQL {dsn}: cannot connect: ")
+        assert "password authentication failed" in lines[1]
+        assert lines[-1] == "backend: ok (echo, nothing to check)"
+        text = "\n".join(lines)
+        assert pg_server.pw_password not in text and "Not-The-Password" not in text
+    finally:
+        pg_server.drop_database(name)

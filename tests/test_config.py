@@ -360,3 +360,99 @@ def test_store_keep_days_defaults_to_30_and_0_keeps_for_ever() -> None:
     assert config.store_keep_days == 0.0
     with pytest.raises(ConfigError, match=r"store\.keep_days: must not be negative"):
         load(None, env={}, overrides={**MINIMAL, "store": {"keep_days": -1}})
+
+
+# ---- [store] url: PostgreSQL ------------------------------------------------------------------
+
+
+def with_store(**store: object) -> dict[str, dict[str, Any]]:
+    return {**MINIMAL, "store": store}
+
+
+def test_sqlite_stays_the_default() -> None:
+    config = load(None, env={}, overrides=MINIMAL)
+    assert config.store_path == "agentd.db" and config.store_url is None
+
+
+def test_a_postgresql_url_keeps_its_password_a_secret(tmp_path: Path) -> None:
+    url = "postgresql://agentd:s3cret%2Fpw-123@db.example:5432/agentd?sslmode=require"
+    config = load(None, env={}, overrides=with_store(url=url))
+    assert config.store_path == ""  # no SQLite file
+    assert config.store_url is not None
+    assert config.store_url.dsn == "postgresql://agentd@db.example:5432/agentd?sslmode=require"
+    assert config.store_url.password == Secret("s3cret/pw-123")
+    for shown in (repr(config), str(config.store_url), repr(config.store_url)):
+        assert "s3cret" not in shown
+    # postgres:// too, a password in the query, and the path the systemd unit sets is ignored
+    env = {
+        "AGENTD_STORE_URL": "postgres://agentd@/agentd?host=/run/postgresql&password=qwerty-99",
+        "AGENTD_STORE_PATH": "/var/lib/agentd/agentd.db",
+    }
+    config = load(None, env=env, overrides=MINIMAL)
+    assert config.store_url is not None and config.store_path == ""
+    assert config.store_url.dsn == "postgres://agentd@/agentd?host=%2Frun%2Fpostgresql"
+    assert config.store_url.password == Secret("qwerty-99")
+
+
+def test_a_store_password_from_a_file_or_a_credential(tmp_path: Path) -> None:
+    (tmp_path / "pgpass").write_text("from-a-file-77\n")
+    store = {"url": "postgresql://agentd@db/agentd", "password_file": str(tmp_path / "pgpass")}
+    config = load(None, env={}, overrides=with_store(**store))
+    assert config.store_url is not None
+    assert config.store_url.password == Secret("from-a-file-77")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "store-password").write_text("from-systemd-88\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    config = load(None, env=env, overrides=with_store(url="postgresql://agentd@db/agentd"))
+    assert config.store_url is not None
+    assert config.store_url.password == Secret("from-systemd-88")
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        (
+            {"url": "mysql://agentd:hunter2-secret@db/agentd"},
+            r"store\.url: expected a postgresql:// \(or postgres://\) URL, got a 'mysql' URL",
+        ),
+        ({"url": "db.example:5432/agentd"}, r"store\.url: expected a postgresql://"),
+        ({"url": "postgresql://a:hunter2-secret@db:99999/x"}, r"store\.url: not a valid URL"),
+        (
+            {"url": "postgresql://agentd@db/agentd", "path": "/var/lib/agentd/agentd.db"},
+            r"store: both url \(PostgreSQL\) and path \(SQLite\) are set",
+        ),
+        ({"url": "postgresql://agentd@db/agentd", "path": ""}, r"store: both url"),
+        ({"password": "hunter2-secret"}, r"store\.password: only used with store\.url"),
+        (
+            {"url": "postgresql://a:hunter2-secret@db/x", "password": "other-secret"},
+            r"store\.url: the URL has a password and so has store\.password",
+        ),
+    ],
+)
+def test_store_mistakes_name_the_key_and_never_the_password(
+    store: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load(None, env={}, overrides=with_store(**store))
+    assert "hunter2" not in str(err.value)
+
+
+def test_the_default_path_beside_a_url_is_no_conflict() -> None:
+    config = load(None, env={}, overrides=with_store(url="postgresql://db/x", path="agentd.db"))
+    assert config.store_url is not None and config.store_path == ""
+
+
+def test_a_url_without_asyncpg_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import agentd.config
+
+    monkeypatch.setattr(agentd.config, "postgres_installed", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        load(None, env={}, overrides=with_store(url="postgresql://db/x"))
+    assert str(err.value) == (
+        "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
+        "pip install 'agentd[postgres]'"
+    )
+    assert load(None, env={}, overrides=MINIMAL).store_path == "agentd.db"  # SQLite needs none

@@ -13,6 +13,8 @@ import pytest
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
 
+pytest_plugins = ["tests.pg"]  # the fixture pg_url: a fresh database of a real PostgreSQL
+
 # real agentd processes, killed and started again
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ chars_per_s = {playback}
 say_latency_s = {latency}
 final_hold_s = {hold}
 [store]
-path = "{store}"
+{store}
 [log]
 format = "json"
 """
@@ -46,8 +48,9 @@ async def start(config: Path) -> asyncio.subprocess.Process:
     )
 
 
-def write_config(sim: Simulator, tmp_path: Path) -> Path:
+def write_config(sim: Simulator, tmp_path: Path, store_url: str | None = None) -> Path:
     """One config for every agentd of a test: the same store, so a restart finds the calls."""
+    store = f'url = "{store_url}"' if store_url else f'path = "{tmp_path / "agentd.db"}"'
     config = tmp_path / "agentd.toml"
     config.write_text(
         CONFIG.format(
@@ -57,7 +60,7 @@ def write_config(sim: Simulator, tmp_path: Path) -> Path:
             playback=PLAYBACK,
             latency=SAY_LATENCY,
             hold=FINAL_HOLD,
-            store=tmp_path / "agentd.db",
+            store=store,
         )
     )
     return config
@@ -71,8 +74,10 @@ def agent_lines(sim: Simulator, call_id: str) -> list[str]:
     return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
 
 
-async def crash_and_restart(sim: Simulator, tmp_path: Path, kill: signal.Signals) -> None:
-    config = write_config(sim, tmp_path)
+async def crash_and_restart(
+    sim: Simulator, tmp_path: Path, kill: signal.Signals, store_url: str | None = None
+) -> None:
+    config = write_config(sim, tmp_path, store_url)
     first = await start(config)
     second = None
     try:
@@ -117,6 +122,12 @@ async def test_sigkill_mid_call_then_restart_resumes_the_conversation(
     sim: Simulator, tmp_path: Path
 ) -> None:
     await crash_and_restart(sim, tmp_path, signal.SIGKILL)
+
+
+async def test_sigkill_then_restart_resumes_the_conversation_from_postgresql(
+    sim: Simulator, tmp_path: Path, pg_url: str
+) -> None:
+    await crash_and_restart(sim, tmp_path, signal.SIGKILL, store_url=pg_url)
 
 
 async def test_sigterm_leaves_live_calls_for_the_next_start(sim: Simulator, tmp_path: Path) -> None:

@@ -1,0 +1,125 @@
+"""Which store a config asks for: open it, describe it, check it (`agentd check-config`).
+
+`[store] url` (PostgreSQL, `agentd.store_pg.PgStore`) for several replicas sharing one database;
+otherwise `[store] path` (SQLite, `agentd.store.Store`), the default for one box; neither
+(`path = ""`) keeps no store. Both stores offer the same call methods.
+
+Leases: only PostgreSQL has them (`PgStore.claim/renew/release/holds/...`). The SQLite store is
+one process's file, so it has none: its process owns every call it serves, for ever. A daemon
+that wants one code path can use `LocalLeases`, which gives the PostgreSQL answers a single owner
+would get.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from agentd.config import Config
+from agentd.store import LATEST_VERSION, Store, StoreError
+
+if TYPE_CHECKING:
+    from agentd.store_pg import PgStore
+
+__all__ = ["LocalLeases", "check_store", "describe_store", "open_store"]
+
+
+async def open_store(config: Config) -> Store | PgStore | None:
+    """Open (and migrate) the configured store; None when the config keeps none.
+
+    Raises StoreError (with no password in it) if it cannot be opened."""
+    if config.store_url is not None:
+        from agentd.store_pg import PgStore
+
+        return await PgStore.open(config.store_url)
+    if config.store_path:
+        return await Store.open(config.store_path)
+    return None
+
+
+def describe_store(config: Config) -> str:
+    """One line naming the store, fit to print (never a password)."""
+    if config.store_url is not None:
+        return f"postgresql {config.store_url.dsn}"
+    if config.store_path:
+        return f"sqlite {os.path.abspath(config.store_path)}"
+    return 'off (store.path = ""): no restart recovery, no call history'
+
+
+async def check_store(config: Config) -> tuple[bool, str]:
+    """(usable, a line for check-config). Reads the schema version; never creates or migrates."""
+    what = describe_store(config)
+    if config.store_url is not None:
+        from agentd.store_pg import LATEST_PG_VERSION, pg_schema_version
+
+        try:
+            version = await pg_schema_version(config.store_url)
+        except StoreError as exc:
+            return False, str(exc)
+        return _version_line(what, version, LATEST_PG_VERSION)
+    if not config.store_path:
+        return True, what
+    return _check_sqlite(what, config.store_path)
+
+
+def _check_sqlite(what: str, store_path: str) -> tuple[bool, str]:
+    """The SQLite file's schema version, read-only (a few local syscalls: fine on the loop)."""
+    path = Path(os.path.abspath(store_path))
+    if not path.exists():
+        if not path.parent.is_dir():
+            return False, f"{what}: the directory {path.parent} does not exist"
+        return True, f"{what}, created at the first start"
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return False, f"{what}: not a usable agentd store: {exc}"
+    return _version_line(what, version, LATEST_VERSION)
+
+
+def _version_line(what: str, version: int, latest: int) -> tuple[bool, str]:
+    if version > latest:
+        return False, f"{what}: schema version {version}, newer than this agentd's {latest}"
+    if version == 0:
+        return True, f"{what}, empty: agentd creates its tables at the first start"
+    if version < latest:
+        return True, f"{what}, schema version {version}, migrated to {latest} at the next start"
+    return True, f"{what}, schema version {version}"
+
+
+class LocalLeases:
+    """The lease API of `PgStore` for a store only this process uses (SQLite, or none).
+
+    Every claim succeeds (epoch 1, or the epoch this process already holds; after a release,
+    the next one), `holds` is True for the epoch claimed until it is released, `renew` keeps
+    everything claimed. In memory: nothing survives a restart, which is right for one owner.
+    There are no heartbeats: this process is the one replica.
+    """
+
+    def __init__(self) -> None:
+        self._epochs: dict[str, int] = {}  # call id -> epoch held
+        self._released: dict[str, int] = {}  # call id -> last epoch released
+
+    async def claim(self, call_id: str, replica_id: str, ttl_s: float) -> int | None:
+        if call_id not in self._epochs:
+            self._epochs[call_id] = self._released.pop(call_id, 0) + 1
+        return self._epochs[call_id]
+
+    async def renew(self, replica_id: str, ttl_s: float, call_ids: Iterable[str]) -> set[str]:
+        return {c for c in call_ids if c in self._epochs}
+
+    async def release(self, call_id: str, replica_id: str, epoch: int) -> bool:
+        if self._epochs.get(call_id) != epoch:
+            return False
+        self._released[call_id] = self._epochs.pop(call_id)
+        return True
+
+    async def holds(self, call_id: str, replica_id: str, epoch: int) -> bool:
+        return self._epochs.get(call_id) == epoch
