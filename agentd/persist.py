@@ -8,9 +8,18 @@ the store as one job (one transaction on the store's thread). A call that change
 that window is written once.
 
 The one write that is not coalesced is the write-ahead: before a billed session is created the
-daemon waits on `saving(call_id)`, which writes that call at once. So a SIGKILL can lose at most
-the last `COALESCE_S` of turns (history, the greeting flag) — never the fact that a call exists
-and may own a session (tests/test_crash_points.py shows each case).
+daemon waits on `saving(call_id)`, which writes that call at once. What a SIGKILL can cause
+(tests/test_crash_points.py shows each case):
+
+- before the write-ahead is on disk: nothing was started; the next agentd finds the answered
+  call in VoIPBIN's list and serves it;
+- while a session is being created: the call is on disk, the session id not yet; the next agentd
+  finds the session by its call and stops it, and greets once;
+- within `COALESCE_S` of a turn: that turn is not on disk; the next agentd reads the caller's
+  words back from VoIPBIN and may answer them once more. No session leaks.
+
+A store that stays stuck past SQLite's busy_timeout (5 s) fails the write-ahead: the call is then
+served without it rather than left in silence, and the failure is logged.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ format = "json"
 """
 
 
-async def start(config: Path) -> asyncio.subprocess.Process:
+async def start(config: Path, stdout: Path | None = None) -> asyncio.subprocess.Process:
+    """`agentd run` in its own process; its JSON log to `stdout` when given."""
+    out = stdout.open("wb") if stdout is not None else asyncio.subprocess.DEVNULL
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -42,7 +44,7 @@ async def start(config: Path) -> asyncio.subprocess.Process:
         "run",
         "--config",
         str(config),
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=out,
         stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "NOTIFY_SOCKET": ""},
     )

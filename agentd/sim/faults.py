@@ -65,6 +65,7 @@ class Faults:
         self.rng = random.Random()
         self._fails: list[FailRule] = []
         self._delays: list[DelayRule] = []
+        self.held = 0  # requests a delay rule has held so far (they reached the server)
         self._refuse: list[tuple[int, int]] = []  # [(status, remaining)]
 
     def seed(self, n: int) -> None:
@@ -173,6 +174,7 @@ class Faults:
         """Seconds to hold this request (0 when no rule matches)."""
         for rule in self._delays:
             if rule.take(method, path):
+                self.held += 1
                 return rule.seconds
         return 0.0
 
