@@ -112,7 +112,7 @@ def rebind() -> None:
         logger._bind()
 
 
-def _merge_bound(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _merge_bound(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in _fields.get().items():
         event_dict.setdefault(key, value)
     return event_dict
@@ -152,8 +152,7 @@ class _JsonLine:
         )
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
-        for key, value in _fields.get().items():
-            event_dict.setdefault(key, value)
+        _merge_bound(logger, method, event_dict)
         level = _LEVEL.get(method, method)
         event_dict["level"] = level
         event_dict["timestamp"] = self._clock()

@@ -50,7 +50,6 @@ class Persister:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writing: dict[str, asyncio.Task[None]] = {}  # call id -> write of its latest state
         self.failures = 0  # writes lost
-        self.writes = 0  # jobs sent to the store (one per coalesced batch)
 
     # ---- what the daemon shows us ------------------------------------------------------------
 
@@ -125,7 +124,6 @@ class Persister:
         task.add_done_callback(self._tasks.discard)
         for call_id in dirty:
             self._writing[call_id] = task
-        self.writes += 1
 
     async def _write(self, batch: Batch) -> None:
         try:

@@ -56,7 +56,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from agentd.config import PgUrl
 from agentd.secret import redact
-from agentd.store import SEEN_LIMIT, Batch, _dumps, _row_to_record, _text
+from agentd.store import _CALL_COLUMNS, SEEN_LIMIT, Batch, _dumps, _row_to_record, _text
 from agentd.store_schema import CallRecord, StoreError
 
 __all__ = [
@@ -142,10 +142,6 @@ LATEST_PG_VERSION: Final = len(MIGRATIONS)
 
 # "now" of every lease statement: the database's clock, plus the store's test-only skew ($1)
 _NOW: Final = "(now() + $1::float8 * interval '1 second')"
-_CALL_COLUMNS: Final = (
-    "call_id, direction, phase, status, transcribe_id, speaking_id, pending_stops, greeted, "
-    "turn, history, hangup_reason, seen_transcripts"
-)
 _SAVE_SQL: Final = f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14)
     ON CONFLICT (call_id) DO UPDATE SET

@@ -51,10 +51,6 @@ def logged(log: Path, **fields: str) -> bool:
     return False
 
 
-async def started(config: Path, log: Path) -> asyncio.subprocess.Process:
-    return await start(config, stdout=log)
-
-
 async def kill(proc: asyncio.subprocess.Process) -> None:
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
@@ -65,7 +61,7 @@ async def test_killed_while_the_write_ahead_waits_nothing_was_started_and_the_ca
 ) -> None:
     config = write_config(sim, tmp_path)
     db, log = tmp_path / "agentd.db", tmp_path / "first.log"
-    procs = [await started(config, log)]
+    procs = [await start(config, stdout=log)]
     try:
         await sim.wait_for(lambda: subscribed(sim) == 1 and (tmp_path / "agentd.db").exists(), 15)
         with store_locked(db):
@@ -77,7 +73,7 @@ async def test_killed_while_the_write_ahead_waits_nothing_was_started_and_the_ca
             assert not sim.requests_matching("POST", r"/(speakings|transcribes)$")
             await kill(procs[0])
         await sim.wait_for(lambda: subscribed(sim) == 0, 10)
-        procs.append(await started(config, tmp_path / "second.log"))
+        procs.append(await start(config, stdout=tmp_path / "second.log"))
         # the new agentd finds the answered call in VoIPBIN's list (GET /calls) and serves it
         await sim.wait_for(lambda: "You said: hello." in agent_lines(sim, call_id), 15)
         await sim.hangup(call_id)
@@ -94,7 +90,7 @@ async def test_killed_while_creating_the_speaking_its_session_is_found_and_no_se
     sim: Simulator, tmp_path: Path
 ) -> None:
     config = write_config(sim, tmp_path)
-    procs = [await started(config, tmp_path / "first.log")]
+    procs = [await start(config, stdout=tmp_path / "first.log")]
     try:
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
         sim.faults.delay("POST", r"/speakings$", 1.0)  # VoIPBIN creates it after agentd died
@@ -104,7 +100,7 @@ async def test_killed_while_creating_the_speaking_its_session_is_found_and_no_se
         await sim.wait_for(lambda: sim.faults.held == 1, 10)  # the POST reached the server
         await kill(procs[0])
         await sim.wait_for(lambda: len(sim.world.speakings_of(call_id)) == 1, 10)
-        procs.append(await started(config, tmp_path / "second.log"))
+        procs.append(await start(config, stdout=tmp_path / "second.log"))
         await sim.wait_for(lambda: "You said: after the crash." in agent_lines(sim, call_id), 15)
         await sim.hangup(call_id)
         await sim.wait_for(lambda: not sim.leaks(), 10)  # the orphan session was stopped too
@@ -120,7 +116,7 @@ async def test_a_turn_not_yet_on_disk_is_what_a_kill_can_lose_and_no_session_lea
 ) -> None:
     config = write_config(sim, tmp_path)
     db = tmp_path / "agentd.db"
-    procs = [await started(config, tmp_path / "first.log")]
+    procs = [await start(config, stdout=tmp_path / "first.log")]
     try:
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
         call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
@@ -133,7 +129,7 @@ async def test_a_turn_not_yet_on_disk_is_what_a_kill_can_lose_and_no_session_lea
             )
             await kill(procs[0])
         await sim.wait_for(lambda: subscribed(sim) == 0, 10)
-        procs.append(await started(config, tmp_path / "second.log"))
+        procs.append(await start(config, stdout=tmp_path / "second.log"))
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
         await sim.caller_says(call_id, "and now")
         await sim.wait_for(lambda: any("and now" in li for li in agent_lines(sim, call_id)), 15)

@@ -4,7 +4,6 @@ heartbeats, and a password that never shows."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from agentd.config import PgUrl
 from agentd.store import SEEN_LIMIT, Batch, CallRecord, Store, StoreError
 from agentd.store_pg import LATEST_PG_VERSION, MIGRATIONS, PgStore, pg_schema_version
+from tests.test_store import Clock, record
 
 if TYPE_CHECKING:
     from tests.pg import PgServer
@@ -23,30 +23,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.pg"]  # the fixtures pg_server and pg_url
 
 AnyStore = Store | PgStore
-
-
-def record(call_id: str = "c1", **changes: object) -> CallRecord:
-    base = CallRecord(
-        call_id=call_id,
-        direction="incoming",
-        phase="active",
-        status="progressing",
-        transcribe_id="t-1",
-        speaking_id="s-1",
-        pending_stops=(("speaking", "s-0"),),
-        greeted=True,
-        turn=2,
-        history=(("assistant", "Hello."), ("user", "Hi")),
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def rows(url: str, sql: str) -> list[asyncpg.Record]:
