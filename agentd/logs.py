@@ -329,20 +329,22 @@ def configure(
     )
     rebind()
     # dependencies log through stdlib logging: keep them quiet and in the same sink
-    handler = _StdlibHandler()
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_StdlibHandler()]
     root.setLevel(max(numeric, logging.WARNING))
 
 
 class _StdlibHandler(logging.Handler):
-    """Stdlib records, redacted, through the same sink (so lines never interleave mid-line)."""
+    """Stdlib records (asyncpg, aiohttp...) as our own lines: the same format, redacted, one
+    line each. An exception is named, not traced: a dependency's retry loop would otherwise
+    fill the journal with its internals."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            record.msg = redact(record.getMessage())
-            record.args = ()
-            _SINK.msg(self.format(record) + "\n")
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = redact(f"{type(exc).__name__}: {exc}")
+            structlog.get_logger().log(record.levelno, redact(record.getMessage()), **fields)
         except Exception:
             self.handleError(record)

@@ -125,8 +125,18 @@ def test_stdlib_records_go_through_the_same_sink_redacted() -> None:
     logs.configure("info", "json", stream=out)
     Secret("stdlib-secret-value")
     logging.getLogger("aiohttp.client").warning("retry with %s", "stdlib-secret-value")
+    try:
+        raise ConnectionError("refused: stdlib-secret-value")
+    except ConnectionError:
+        logging.getLogger("asyncpg.pool").warning("Failed to restore", exc_info=True)
     assert logs.flush()
-    assert out.getvalue() == "aiohttp.client WARNING retry with ***\n"
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["event"] == "retry with ***"
+    assert (first["logger"], first["level"]) == ("aiohttp.client", "warning")
+    # one line, the exception named (redacted) rather than traced
+    assert second["event"] == "Failed to restore"
+    assert second["error"] == "ConnectionError: refused: ***"
+    assert "Traceback" not in out.getvalue()
 
 
 def test_console_format_is_key_value_with_the_call_id() -> None:
