@@ -149,7 +149,7 @@ def _owned_by(cls: type[Any], **types: TypeSpec) -> dict[str, tuple[TypeSpec, An
 
 
 # [agent] keys that are CallSettings fields (cut_method "auto" is CallSettings' None)
-_CALL_KEYS = _owned_by(
+CALL_KEYS = _owned_by(
     CallSettings,
     greeting=str,
     language=str,
@@ -208,7 +208,7 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
     },
     "agent": {
         "numbers": (list, []),
-        **_CALL_KEYS,
+        **CALL_KEYS,
         "flow_id": (str, ""),
         "caller_id": (str, ""),
     },
@@ -231,13 +231,17 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
         "api_key_file": (str, ""),
     },
     # keep_days: ended calls (transcripts, history, events) are deleted after it; 0 = never
-    # url: PostgreSQL (several replicas, one database) instead of the SQLite file at path
+    # url: PostgreSQL (several replicas, one database) instead of the SQLite file at path;
+    # lease_s: how long a replica's hold on a call outlives it (failover takes about that);
+    # replica: the name `agentd status` shows for this replica (the host name by default)
     "store": {
         "path": (str, "agentd.db"),
         "keep_days": (NUMBER, 30.0),
         "url": (str, ""),
         "password": (str, ""),
         "password_file": (str, ""),
+        "lease_s": (NUMBER, 3.0),
+        "replica": (str, ""),
     },
     "log": {"level": (str, "info"), "format": (str, "auto")},
     "daemon": _owned_by(
@@ -291,6 +295,8 @@ class Config:
     store_keep_days: float = 30.0  # ended calls older than this are pruned; 0 = kept for ever
     otel: OtelConfig = OtelConfig()
     store_url: PgUrl | None = None  # PostgreSQL instead of SQLite (`[store] url`)
+    lease_s: float = 3.0  # a replica's lease on a call (PostgreSQL only)
+    replica_name: str = ""  # this replica's name in `agentd status` ("" = the host name)
 
 
 def load(
@@ -447,6 +453,8 @@ def _build(
         warnings=_voice_warnings(call),
         store_keep_days=store["keep_days"],
         store_url=store_url,
+        lease_s=_lease_s(store["lease_s"]),
+        replica_name=store["replica"],
     )
 
 
@@ -536,7 +544,7 @@ def _voipbin_credentials(
 
 
 def _call_settings(agent: dict[str, Any]) -> CallSettings:
-    values = {key: agent[key] for key in _CALL_KEYS}
+    values = {key: agent[key] for key in CALL_KEYS}
     if values["cut_method"] == "auto":
         values["cut_method"] = None
     values["transfer_numbers"] = _transfer_numbers(list(values["transfer_numbers"]))
@@ -713,6 +721,14 @@ def parse_listen(value: str) -> tuple[str, int]:
             "127.0.0.1 or ::1 (scrape through a local Prometheus or an SSH tunnel)"
         )
     return host, int(port_text)
+
+
+def _lease_s(value: float) -> float:
+    # below 1 s a renew every lease/3 races the database's own latency; above 60 s a dead
+    # replica's callers wait that long in silence
+    if not 1.0 <= value <= 60.0:
+        raise ConfigError(f"store.lease_s: {value:g} is out of range (1 to 60 seconds)")
+    return value
 
 
 def _metrics_listen(value: str) -> str:

@@ -7,8 +7,8 @@ import contextlib
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from agentd import logs
 from agentd.backends import Backend
@@ -22,8 +22,19 @@ from agentd.executor import Executor
 from agentd.names import Kind, normalise_number
 from agentd.persist import Persister
 from agentd.ratelimit import tool_budget
+from agentd.replicas import Replica, new_replica_id
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
-from agentd.status import Connection, Counters, LiveCall, Snapshot, StatusError, StatusServer
+from agentd.status import (
+    Connection,
+    Counters,
+    LiveCall,
+    OwnerRow,
+    ReplicaRow,
+    Replicas,
+    Snapshot,
+    StatusError,
+    StatusServer,
+)
 from agentd.store import CallStore, StoreError
 from agentd.stores import open_store
 from agentd.stream import EventStream
@@ -32,8 +43,20 @@ from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClien
 if TYPE_CHECKING:
     from agentd.metrics import Metrics
     from agentd.otel import Tracing
+    from agentd.store_pg import PgStore
 
 log = logs.get_logger("agentd.daemon")
+
+
+Gate = asyncio.Task[None]
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _writes_ahead(commands: list[Any]) -> bool:
+    return any(isinstance(c, WriteAhead) for c in commands)
 
 
 def make_backend(config: Config) -> Backend:
@@ -161,6 +184,9 @@ class Daemon:
         self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gates: dict[str, asyncio.Task[None]] = {}  # per call: commands waiting for a save
+        # several replicas on PostgreSQL: the leases this one holds (None: the only agentd)
+        self.replica: Replica | None = None
+        self._claims: dict[str, asyncio.Task[bool]] = {}  # first claims of new calls
         self.record_limit = 1000
         # observability: `agentd status` (agentd/status.py) and Prometheus (agentd/metrics.py)
         self.tallies: Counter[Kind] = Counter()  # records by `what` since start
@@ -178,7 +204,8 @@ class Daemon:
             self.tracing = Tracing(config, clock=clock)
 
     def _execute(self, call_id: str, commands: list[Any]) -> None:
-        """Run a call's commands; a batch with a `WriteAhead` waits for the call's save.
+        """Run a call's commands; a batch with a `WriteAhead` waits for the call's save, and
+        with replicas a new call's batches wait for its lease.
 
         The call asks for the write-ahead before it creates a billed session: a crash right
         after POST /speakings must find the call in the store on restart, or nobody would ever
@@ -187,25 +214,162 @@ class Daemon:
         if gate is not None and gate.done():
             del self._gates[call_id]
             gate = None
+        replica = self.replica
+        claims = replica is not None and call_id not in replica.held
+        if replica is not None and not claims and not replica.holds(call_id):
+            self._lose(call_id, "its lease lapsed: the store did not answer the renewals")
+            return
+        writes_ahead = self.persister is not None and _writes_ahead(commands)
         saving = None
-        if self.persister is not None and any(isinstance(c, WriteAhead) for c in commands):
+        if writes_ahead and not claims and self.persister is not None:
             saving = self.persister.saving(call_id)
-        creates = saving is not None
-        if gate is None and not creates:
+        if gate is None and saving is None and not claims:
             self.executor.execute(call_id, commands)
             return
 
-        async def after(previous: asyncio.Task[None] | None) -> None:
+        async def after(
+            previous: asyncio.Task[None] | None, saving: asyncio.Task[None] | None
+        ) -> None:
             if previous is not None:
                 await asyncio.wait([previous])
-            if creates and saving is not None:
+            if replica is not None and call_id not in replica.held:
+                if call_id not in self.dispatcher.calls or not await self._claimed(call_id):
+                    return
+                if writes_ahead and self.persister is not None:
+                    saving = self.persister.saving(call_id)  # not saved before it was ours
+            if saving is not None:
                 await asyncio.wait([saving])
+            if replica is not None and not replica.holds(call_id):
+                return  # lost meanwhile: another replica serves it
             self.executor.execute(call_id, commands)
 
-        task = asyncio.get_running_loop().create_task(after(gate))
+        task = asyncio.get_running_loop().create_task(after(gate, saving))
         self._gates[call_id] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ---- replicas: leases on the calls ---------------------------------------------------------
+
+    async def _claimed(self, call_id: str) -> bool:
+        """Claim a new call once, however many batches wait for it: True if it is ours."""
+        task = self._claims.get(call_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._claim(call_id))
+            self._claims[call_id] = task
+            task.add_done_callback(lambda _: self._claims.pop(call_id, None))
+        return await asyncio.shield(task)
+
+    async def _claim(self, call_id: str) -> bool:
+        assert self.replica is not None
+        asking = self.dispatcher.calls.get(call_id)
+        epoch = await self.replica.claim(call_id)
+        if asking is None or self.dispatcher.calls.get(call_id) is not asking:
+            return False  # dropped, or replaced by a takeover, while the claim was out
+        if epoch is None:
+            log.warning("call.refused", call_id=call_id, reason="the store does not answer")
+            self._drop(call_id, never_ours=True, foreign=False)
+            return False
+        if epoch == 0:
+            log.info("call.foreign", call_id=call_id, reason="another replica serves it")
+            self._drop(call_id, never_ours=True)
+            return False
+        if epoch > 1:
+            # served before, by a replica that is gone: the call built here from one event
+            # knows nothing of its greeting, sessions or turns; the store does
+            self._drop(call_id, never_ours=True, foreign=False)
+            await self._resume({call_id})
+            return False
+        if self.persister is not None:
+            self.persister.changed(asking)  # it was not saved while it was not ours yet
+        return True
+
+    def _lose(self, call_id: str, reason: str) -> None:
+        """This replica may no longer act on the call: another one serves it, or will."""
+        if self.replica is None or self.replica.forget(call_id) is None:
+            return
+        self.replica.counters["lost"] += 1
+        log.warning("call.lost", call_id=call_id, reason=reason)
+        self._drop(call_id)
+
+    def _drop(self, call_id: str, *, never_ours: bool = False, foreign: bool = True) -> None:
+        """Forget the call here without touching it or its row in the store."""
+        self.executor.drop(call_id)
+        if self.persister is not None:
+            self.persister.forget(call_id)
+        self.call_seen.pop(call_id, None)
+        gate = self._gates.pop(call_id, None)
+        if gate is not None and gate is not asyncio.current_task():
+            gate.cancel()
+        self.dispatcher.disown(call_id, never_ours=never_ours, foreign=foreign)
+
+    def _store_back(self) -> None:
+        if self.dispatcher.accepting:
+            # the calls refused while nobody could claim them are still up: find them
+            self._spawn(self.reconcile())
+
+    def _on_fenced(self, call_id: str) -> None:
+        self._lose(call_id, "its lease ran out before a request could go")
+
+    async def _lease_loop(self, replica: Replica) -> None:
+        """Heartbeat and renew every lease_s / 3; drop the calls lost or lapsed meanwhile; split
+        the rate limit by the live replicas."""
+        v = self.config.voipbin
+        share = 1
+        while True:
+            try:
+                for call_id in await replica.renew():
+                    self._lose(call_id, "another replica took it over")
+                for call_id in replica.lapsed():
+                    self._lose(call_id, "its lease lapsed: the store did not answer the renewals")
+                await replica.beat(len(self.dispatcher.calls))
+                if replica.replicas != share:
+                    share = replica.replicas
+                    self.client.limiter.set_budget(v.rate_per_s / share, v.burst / share)
+                    rate = round(v.rate_per_s / share, 2)
+                    log.info("replicas.changed", live=share, rate_per_s=rate)
+            except Exception:  # a bug here must not stop the renewals: every call would go quiet
+                log.exception("lease_loop.crashed")
+            await asyncio.sleep(replica.renew_every_s)
+
+    async def _takeover_loop(self, replica: Replica) -> None:
+        """Take over the live calls whose owner stopped renewing, as a restart resumes them."""
+        every_s = min(0.5, replica.lease_s / 6)
+        while self.dispatcher.accepting:
+            try:
+                expired = [c for c in await replica.expired() if c not in replica.held]
+                taken = {c for c in expired if await replica.claim(c)}
+                if taken:
+                    for call_id in taken & set(self.dispatcher.calls):
+                        self._drop(call_id, foreign=False)  # a fresh claim of ours raced it
+                    await self._resume(taken)
+            except Exception:
+                log.exception("takeover_loop.crashed")
+            await asyncio.sleep(every_s)
+
+    async def _resume(self, call_ids: set[str] | None) -> None:
+        """Restore calls from the store (all the live ones: None) and resume each."""
+        assert self.persister is not None
+        try:
+            calls = await self.persister.restore(self.config.call, call_ids)
+        except StoreError as exc:
+            log.error("store.restore_failed", error=str(exc))
+            calls = []
+        if call_ids is not None and self.replica is not None:
+            for call_id in call_ids - {c.id for c in calls}:
+                self.replica.forget(call_id)  # it ended meanwhile: nothing to serve
+        now = self.clock()
+        for call in calls:
+            if call.id in self.dispatcher.calls:
+                continue  # a late first claim of ours already serves it
+            self.dispatcher.adopt(call)
+            log.info("call.restored", call_id=call.id, phase=call.phase.value)
+            self._execute(call.id, call.resume(now))
+            if call_ids is not None and call.transcribe_id and call.phase.live:
+                # a takeover, with the stream up: what the caller said while nobody served the
+                # call reached no replica (or one that left it alone); read it back
+                self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
+        if calls:
+            log.info("agentd.restored", calls=len(calls), takeover=call_ids is not None)
 
     def _on_step(self, call: Call, event: Event | Result) -> None:
         if call.id not in self.call_seen:
@@ -214,12 +378,21 @@ class Daemon:
                 self.tracing.started(call.id)
         if self.persister is None:
             return
+        if self.replica is not None and not self.replica.holds(call.id):
+            return  # not ours (yet): its owner saves it
         self.persister.changed(call)
         if isinstance(event, TranscriptEvent):
             self.persister.transcript(call.id, event.id, event.direction, event.message)
 
     def _on_finished(self, call: Call | None, call_id: str) -> None:
         self.call_seen.pop(call_id, None)
+        if self.replica is not None:
+            # not released: the lease lapses after the end is written, so nobody takes it over.
+            # Kept one more lease meanwhile: the commands queued behind the end (the sweep for a
+            # session a dead owner never recorded) still go out under it
+            asyncio.get_running_loop().call_later(
+                self.replica.lease_s, self.replica.forget, call_id
+            )
         if self.tracing is not None:
             self.tracing.finished(call_id, call)
         if self.persister is not None:
@@ -240,7 +413,10 @@ class Daemon:
     def _on_ready(self, first: bool) -> None:
         log.info("stream.ready", first=first, live_calls=len(self.dispatcher.calls))
         self.notifier.ready(self.status_line())
-        task = asyncio.get_running_loop().create_task(self.reconcile())
+        self._spawn(self.reconcile())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -273,15 +449,24 @@ class Daemon:
             backend=self.config.backend.kind,
         )
         store = await open_store(self.config)
+        loop = asyncio.get_running_loop()
+        helpers = []
+        leases = None
         if store is not None:
             self.persister = Persister(store)
-            await self._restore()
+            if self.config.store_url is not None:
+                replica = self._replica(cast("PgStore", store))
+                # the calls the last agentd left are taken over as their leases expire
+                self.dispatcher.remember_ended(await store.ended_call_ids())
+                leases = loop.create_task(self._lease_loop(replica))
+                helpers.append(loop.create_task(self._takeover_loop(replica)))
+            else:
+                await self._restore()
         await self._start_observability()
-        loop = asyncio.get_running_loop()
         stream_task = loop.create_task(self.stream.run())
         # the stream only ends by itself on a fatal refusal: stop rather than serve nothing
         stream_task.add_done_callback(lambda _: self._stop.set())
-        helpers = [
+        helpers += [
             loop.create_task(self._heartbeat(stream_task)),
             loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
         ]
@@ -295,7 +480,7 @@ class Daemon:
             self.dispatcher.accepting = False
             for task in helpers:
                 task.cancel()
-            await self._drain()
+            await self._drain()  # the leases are still renewed meanwhile
             stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, PermissionDenied):
                 await stream_task
@@ -306,6 +491,11 @@ class Daemon:
             await self.client.close()
             if self.persister is not None:
                 await self.persister.flush()
+            if leases is not None and self.replica is not None:
+                leases.cancel()
+                # after the flush: whoever takes the calls over reads their latest state
+                await self.replica.leave()
+            if self.persister is not None:
                 await self.persister.store.close()
             await self._stop_observability()
             log.info("agentd.stopped")
@@ -313,6 +503,18 @@ class Daemon:
         fatal = None if stream_task.cancelled() else stream_task.exception()
         if isinstance(fatal, PermissionDenied):
             raise fatal
+
+    def _replica(self, store: PgStore) -> Replica:
+        """This process as one of the replicas sharing `store`."""
+        replica = Replica(
+            store, new_replica_id(self.config.replica_name), lease_s=self.config.lease_s
+        )
+        self.replica = replica
+        self.executor.may_act = replica.holds
+        self.executor.on_fenced = self._on_fenced
+        replica.on_reachable = self._store_back
+        log.info("replica.start", replica_id=replica.id, lease_s=replica.lease_s)
+        return replica
 
     async def _restore(self) -> None:
         """Pick up the calls the last agentd left live: check each, re-attach or clean up."""
@@ -421,6 +623,35 @@ class Daemon:
                 leaks=self.tallies[Kind.LEAK],
                 log_lines_dropped=logs.dropped(),
             ),
+            replicas=self._replicas_status(),
+        )
+
+    def _replicas_status(self) -> Replicas | None:
+        r = self.replica
+        if r is None:
+            return None
+        c = r.counters
+        return Replicas(
+            id=r.id,
+            lease_s=r.lease_s,
+            store_reachable=r.reachable,
+            rate_per_s=self.client.limiter.rate,
+            leases_held=len(r.held),
+            live=tuple(
+                ReplicaRow(
+                    h.replica_id,
+                    str(h.info.get("host", "")),
+                    _int(h.info.get("pid")),
+                    _int(h.info.get("calls")),
+                    h.age_s,
+                )
+                for h in r.live
+            ),
+            owners=tuple(OwnerRow(o.call_id, o.owner, o.epoch, o.expires_in_s) for o in r.owners),
+            claimed=c["claimed"],
+            taken_by_others=c["taken_by_others"],
+            takeovers=c["takeovers"],
+            lost=c["lost"],
         )
 
     def _live_metrics(self) -> dict[str, float]:
@@ -434,6 +665,21 @@ class Daemon:
             "rest_queue_depth": self.client.limiter.queue_depth,
             "connected": 0.0 if stats.connected_since is None else 1.0,
             "log_lines_dropped": logs.dropped(),
+            **self._replica_metrics(),
+        }
+
+    def _replica_metrics(self) -> dict[str, float]:
+        r = self.replica
+        if r is None:
+            return {}
+        return {
+            "leases_held": len(r.held),
+            "replicas_live": r.replicas,
+            "store_reachable": 1.0 if r.reachable else 0.0,
+            "lease_claims": r.counters["claimed"],
+            "lease_claims_lost": r.counters["taken_by_others"],
+            "takeovers": r.counters["takeovers"],
+            "calls_lost": r.counters["lost"],
         }
 
     def status_line(self) -> str:

@@ -61,7 +61,10 @@ class Dispatcher:
         self._by_transcribe: dict[str, str] = {}
         self._transcribes: dict[str, list[str]] = {}  # call id -> its transcribe ids
         self._ended: OrderedDict[str, None] = OrderedDict()
-        self._orphans: deque[tuple[float, Event]] = deque(maxlen=256)
+        # calls another replica serves (or took from us): their events are not ours to act on
+        self._foreign: OrderedDict[str, None] = OrderedDict()
+        self._foreign_transcribes: OrderedDict[str, None] = OrderedDict()  # of those calls
+        self._orphans: deque[tuple[float, TranscriptEvent | SpeechEvent]] = deque(maxlen=256)
         self.dedupe = Deduper()
         self.counters: dict[str, int] = {
             "events": 0,
@@ -69,6 +72,7 @@ class Dispatcher:
             "ignored": 0,
             "calls": 0,
             "failed": 0,
+            "foreign": 0,
         }
         self.last_event_at: float | None = None
         self._idle: asyncio.Event | None = None
@@ -89,6 +93,9 @@ class Dispatcher:
         """Route one event to its call (creating the call when it is ours and new)."""
         match event:
             case CallEvent(call=info):
+                if info.id in self._foreign:
+                    self.counters["foreign"] += 1
+                    return
                 call = self.calls.get(info.id)
                 if call is not None and info.master_call_id and call.phase in _PRE_ANSWER:
                     self._release(call)
@@ -99,13 +106,18 @@ class Dispatcher:
             case TranscriptEvent() | SpeechEvent():
                 call_id = self._by_transcribe.get(event.transcribe_id)
                 if call_id is None:
-                    self._orphans.append((self.clock(), event))
+                    if event.transcribe_id in self._foreign_transcribes:
+                        self.counters["foreign"] += 1
+                    else:
+                        self._orphans.append((self.clock(), event))
                 elif call_id in self.calls:
                     self._step(self.calls[call_id], event)
             case TranscribeEvent():
                 call = self.calls.get(event.reference_id)
                 if call is not None:
                     self._step(call, event)
+                elif event.reference_id in self._foreign:
+                    self._foreign_transcribe(event.id)
 
     def feed(self, call_id: str, result: Event | Result) -> None:
         """A command's outcome (from the executor) for `call_id`."""
@@ -184,8 +196,12 @@ class Dispatcher:
         horizon = self.clock() - 30.0
         waiting, self._orphans = self._orphans, deque(maxlen=self._orphans.maxlen)
         for at, event in waiting:
-            if at >= horizon:
+            if at < horizon:
+                continue
+            if event.transcribe_id in self._by_transcribe:
                 self.on_event(event)
+            else:
+                self._orphans.append((at, event))  # still nobody's: it keeps its age
 
     def finished(self, call_id: str) -> None:
         """The executor saw `Finished`: forget the call, remember it ended."""
@@ -209,6 +225,31 @@ class Dispatcher:
         log.info("call.released", call_id=call.id, reason="a leg chained to another call")
         self.execute(call.id, [Finished(call.id)])
 
+    def disown(self, call_id: str, *, never_ours: bool = False, foreign: bool = True) -> None:
+        """Another replica serves the call (it claimed it first, or took it over): forget it
+        here without a side effect, and (`foreign`) leave its events alone until `adopt` takes
+        it back. `never_ours`: it lost the first claim, so it does not count as a call taken."""
+        call = self.calls.pop(call_id, None)
+        if call is not None and never_ours:
+            self.counters["calls"] -= 1
+        tids = self._transcribes.pop(call_id, ())
+        for tid in tids:
+            self._by_transcribe.pop(tid, None)
+        if foreign:
+            self._foreign[call_id] = None
+            while len(self._foreign) > 10_000:
+                self._foreign.popitem(last=False)
+            for tid in tids:
+                self._foreign_transcribe(tid)
+        self._check_waiters()
+        if not self.calls and self._idle is not None:
+            self._idle.set()
+
+    def _foreign_transcribe(self, transcribe_id: str) -> None:
+        self._foreign_transcribes[transcribe_id] = None
+        while len(self._foreign_transcribes) > 10_000:
+            self._foreign_transcribes.popitem(last=False)
+
     def _remember(self, call_id: str) -> None:
         self._ended[call_id] = None
         while len(self._ended) > 10_000:
@@ -221,10 +262,18 @@ class Dispatcher:
 
     def adopt(self, call: Call) -> None:
         """Take over a call restored from the store."""
+        self._foreign.pop(call.id, None)
         self.calls[call.id] = call
         if call.transcribe_id:
-            self._by_transcribe[call.transcribe_id] = call.id
-            self._transcribes[call.id] = [call.transcribe_id]
+            tid = call.transcribe_id
+            self._foreign_transcribes.pop(tid, None)
+            self._by_transcribe[tid] = call.id
+            self._transcribes[call.id] = [tid]
+            # what came for it while it was not ours is stale: its transcripts are read back,
+            # and replaying its old speech events would look like the caller speaking now
+            self._orphans = deque(
+                (o for o in self._orphans if o[1].transcribe_id != tid), self._orphans.maxlen
+            )
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once `predicate()` holds; re-checked after every step."""
@@ -265,7 +314,7 @@ def _describe(event: Event | Result) -> dict[str, object]:
     if isinstance(event, CallEvent):
         out.update(status=event.call.status, reason=event.call.hangup_reason or None)
     elif isinstance(event, TranscriptEvent):
-        out.update(direction=event.direction, text=event.message)
+        out.update(id=event.id, direction=event.direction, text=event.message)
     elif isinstance(event, SpeechEvent):
         out.update(kind=event.kind, text=event.message or None)
     else:

@@ -15,9 +15,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from agentd import logs
+from agentd import fence, logs
 from agentd.backends import Backend
 from agentd.commands import (
     NOT_FOUND,
@@ -92,6 +93,8 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         on_record: Callable[[Record], None] | None = None,
         on_finished: Callable[[str], None] | None = None,
+        may_act: Callable[[str], bool] | None = None,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.backend = backend
@@ -100,6 +103,9 @@ class Executor:
         self.clock = clock  # the dispatcher's: reply timings are compared with its times
         self.on_record = on_record
         self.on_finished = on_finished
+        # replicas: a call's requests go out only while this replica holds its lease
+        self.may_act = may_act
+        self.on_fenced = on_fenced
         self._calls: dict[str, _Lanes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -157,6 +163,18 @@ class Executor:
         if self.on_finished is not None:
             self.on_finished(call_id)
 
+    def drop(self, call_id: str) -> None:
+        """Stop everything of a call this replica lost, requests in flight too, silently:
+        another replica serves it now."""
+        lanes = self._calls.pop(call_id, None)
+        if lanes is None:
+            return
+        for handle in lanes.timers.values():
+            handle.cancel()
+        for task in (*lanes.replies.values(), *lanes.workers.values()):
+            if task is not asyncio.current_task():
+                task.cancel()
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -181,7 +199,9 @@ class Executor:
     # ---- lanes ---------------------------------------------------------------------------
 
     async def _drain(self, call_id: str, queue: deque[Command]) -> None:
-        with logs.bound(call_id=call_id):
+        may_act = self.may_act
+        guard = fence.guarded(partial(may_act, call_id)) if may_act else contextlib.nullcontext()
+        with logs.bound(call_id=call_id), guard:
             while queue:
                 cmd = queue.popleft()
                 if isinstance(cmd, Say):
@@ -190,6 +210,11 @@ class Executor:
                     result = await self._run(cmd)
                 except asyncio.CancelledError:
                     raise
+                except fence.Fenced:
+                    log.warning("command.fenced", command=type(cmd).__name__)
+                    if self.on_fenced is not None:
+                        self.on_fenced(call_id)
+                    return
                 except Exception as exc:  # a bug must not kill the lane: report and go on
                     log.exception(
                         "command.crashed", command=type(cmd).__name__, error=redact(str(exc))

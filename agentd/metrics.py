@@ -91,6 +91,41 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "agentd_connected", "1 while subscribed to VoIPBIN's WebSocket", value=v["connected"]
         )
+        if "leases_held" in v:  # several replicas on PostgreSQL
+            yield from _replica_metrics(v)
+
+
+def _replica_metrics(v: Mapping[str, float]) -> Iterable[Metric]:
+    """This replica's share of the calls (each replica serves its own endpoint)."""
+    yield GaugeMetricFamily(
+        "agentd_leases_held", "Calls this replica holds the lease of", value=v["leases_held"]
+    )
+    yield GaugeMetricFamily(
+        "agentd_replicas_live",
+        "Replicas with a recent heartbeat, this one too",
+        value=v["replicas_live"],
+    )
+    yield GaugeMetricFamily(
+        "agentd_store_reachable",
+        "1 while PostgreSQL answers this replica",
+        value=v["store_reachable"],
+    )
+    claims = CounterMetricFamily(
+        "agentd_lease_claims", "First claims of new calls, by who won", labels=["won"]
+    )
+    claims.add_metric(["true"], v["lease_claims"])
+    claims.add_metric(["false"], v["lease_claims_lost"])
+    yield claims
+    yield CounterMetricFamily(
+        "agentd_takeovers",
+        "Calls taken over from a replica that stopped renewing",
+        value=v["takeovers"],
+    )
+    yield CounterMetricFamily(
+        "agentd_calls_lost",
+        "Calls this replica stopped serving: its lease lapsed or was taken over",
+        value=v["calls_lost"],
+    )
 
 
 class Metrics:

@@ -139,11 +139,19 @@ class Persister:
 
     # ---- restart -------------------------------------------------------------------------------
 
-    async def restore(self, settings: CallSettings) -> list[Call]:
-        """The calls that were live when the last agentd stopped."""
+    def forget(self, call_id: str) -> None:
+        """Another replica serves the call now: nothing more of it is written from here."""
+        self._seen.pop(call_id, None)
+        self._writing.pop(call_id, None)
+        self._dirty.pop(call_id, None)
+
+    async def restore(self, settings: CallSettings, call_ids: set[str] | None = None) -> list[Call]:
+        """The calls that were live when the last agentd stopped (of `call_ids`: those only)."""
         calls = []
         now = self.store.now()
         for rec in await self.store.live_calls():
+            if call_ids is not None and rec.call_id not in call_ids:
+                continue
             data = {f: getattr(rec, f) for f in CallRecord.__dataclass_fields__}
             # VoIPBIN cuts a call an hour after it began, whoever restarted in between
             data["age_s"] = max(0.0, now - rec.created_at) if rec.created_at else 0.0

@@ -66,6 +66,14 @@ class RateLimiter:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
+    def set_budget(self, rate: float, burst: float) -> None:
+        """Change the budget (replicas re-split the account's as they come and go)."""
+        self._refill()
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = min(self._tokens, self.burst)
+        self._wake()
+
     def penalise(self, seconds: float) -> None:
         """The server said 429: spend the budget so nothing more is sent for `seconds`."""
         if self.rate > 0:

@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,44 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    """One live replica, from its heartbeat row."""
+
+    id: str
+    host: str
+    pid: int | None
+    calls: int | None  # the calls it served at its last heartbeat
+    seen_s: float  # since its last heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRow:
+    """Who serves a live call: its lease."""
+
+    call_id: str
+    owner: str
+    epoch: int
+    expires_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replicas:
+    """Several agentd on one PostgreSQL: this replica, the others, and who owns which call."""
+
+    id: str
+    lease_s: float
+    store_reachable: bool
+    rate_per_s: float  # this replica's share of the account's budget
+    leases_held: int
+    live: tuple[ReplicaRow, ...]
+    owners: tuple[OwnerRow, ...]
+    claimed: int
+    taken_by_others: int
+    takeovers: int
+    lost: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the daemon is doing, as plain values (the daemon builds it: `Daemon.status_snapshot`).
 
@@ -95,6 +133,7 @@ class Snapshot:
     last_event_age_s: float | None
     calls: tuple[LiveCall, ...]
     counters: Counters
+    replicas: Replicas | None = None
 
     def document(self) -> dict[str, Any]:
         """The status document: plain JSON types only, safe to show (no secret, no transcript)."""
@@ -114,7 +153,18 @@ class Snapshot:
             "last_event_age_s": _seconds(self.last_event_age_s),
             "calls": [{**asdict(call), "age_s": _seconds(call.age_s)} for call in self.calls],
             "counters": asdict(self.counters),
+            "replicas": None if self.replicas is None else _replicas(self.replicas),
         }
+
+
+def _replicas(r: Replicas) -> dict[str, Any]:
+    doc = asdict(r)
+    doc["rate_per_s"] = round(r.rate_per_s, 3)
+    doc["live"] = [{**asdict(row), "seen_s": _seconds(row.seen_s)} for row in r.live]
+    doc["owners"] = [
+        {**asdict(row), "expires_in_s": round(row.expires_in_s, 3)} for row in r.owners
+    ]
+    return doc
 
 
 def _seconds(age: float | None) -> float | None:
@@ -351,16 +401,69 @@ def render(doc: Mapping[str, Any]) -> str:
             )
             for c in calls
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        for row in rows:
-            cells = (v.ljust(w) for v, w in zip(row, widths, strict=True))
-            lines.append(("  " + "  ".join(cells)).rstrip())
+        lines += _table(rows)
+    replicas = doc.get("replicas")
+    if isinstance(replicas, Mapping):
+        lines += _render_replicas(replicas)
     lines.append("counters:")
     width = max(len(label) for _, label in _COUNTERS)
     for key, label in _COUNTERS:
         if key in counters:
             lines.append(f"  {label.ljust(width)}  {counters[key]}")
     return "\n".join(lines)
+
+
+def _render_replicas(r: Mapping[str, Any]) -> list[str]:
+    me = str(r.get("id", "?"))
+    reach = "reachable" if r.get("store_reachable") else "UNREACHABLE"
+    lines = [
+        f"replica:    {me} (lease {r.get('lease_s')} s, PostgreSQL {reach}, "
+        f"{r.get('rate_per_s')} req/s of the account's budget)",
+        f"  leases held {r.get('leases_held')}, claimed {r.get('claimed')}, "
+        f"taken over {r.get('takeovers')}, lost {r.get('lost')}, "
+        f"left to other replicas {r.get('taken_by_others')}",
+    ]
+    live = r.get("live") or []
+    lines.append(f"replicas:   {len(live)} live")
+    rows = [("REPLICA", "HOST", "PID", "CALLS", "SEEN")] + [
+        (
+            str(x.get("id", "")) + (" (this one)" if x.get("id") == me else ""),
+            str(x.get("host") or "-"),
+            str(x.get("pid") or "-"),
+            str(x.get("calls") if x.get("calls") is not None else "-"),
+            _ago(x.get("seen_s")),
+        )
+        for x in live
+    ]
+    lines += _table(rows)
+    owners = r.get("owners") or []
+    if owners:
+        lines.append("calls by owner:")
+        owned = [("CALL", "OWNER", "EPOCH", "LEASE")] + [
+            (
+                str(o.get("call_id", "")),
+                str(o.get("owner", "")),
+                str(o.get("epoch", "")),
+                _lease_left(o.get("expires_in_s")),
+            )
+            for o in owners
+        ]
+        lines += _table(owned)
+    return lines
+
+
+def _lease_left(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    return f"{seconds:.1f} s left" if seconds > 0 else "expired: up for takeover"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        ("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    ]
 
 
 def _n(count: object, noun: str) -> str:

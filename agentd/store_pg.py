@@ -12,9 +12,12 @@ and `CallRecord`; on top come two tables that let the replicas share the calls:
   replica to `claim` a new call gets epoch 1; the others get None and ignore the call's events.
   The owner `renew`s all its leases in one statement every few seconds. When an owner dies its
   leases expire, and the next `claim` by another replica takes the call over with epoch + 1.
-  Fencing: before every side effect the owner checks `holds(call_id, me, epoch)`; a replica that
-  lost its lease (its process paused past the expiry, its network cut) sees False and never acts
-  on that call again, even if it never noticed the takeover.
+  Fencing (`agentd.replicas`): the owner acts on a call only before the lease's deadline as
+  counted on its own clock from when it sent the claim or renew, which comes before the
+  database's expiry; a replica that lost its lease (paused past the expiry, cut off) never acts
+  on that call again, even if it never noticed the takeover. `holds` asks the database the same
+  question, for whoever wants it answered there (a round trip per side effect is too dear for
+  the daemon's hot path).
 
 Every lease statement is one atomic SQL statement, and its clock is the database's `now()`:
 replicas whose clocks disagree still agree on who holds what. A lease row is never deleted
@@ -892,6 +895,20 @@ class PgStore:
                     WHERE expires_at <= {_NOW}
                       AND call_id IN (SELECT call_id FROM calls WHERE phase != 'ended')
                     ORDER BY expires_at, call_id""",
+                self._skew,
+            )
+            return [_lease(r) for r in rows]
+
+        return await self._with_conn(read, "cannot read the leases")
+
+    async def live_leases(self) -> list[Lease]:
+        """The leases of the calls still live in the store, by call id: who serves what."""
+
+        async def read(conn: Conn) -> list[Lease]:
+            rows = await conn.fetch(
+                f"""SELECT {_LEASE_COLUMNS} FROM leases
+                    WHERE call_id IN (SELECT call_id FROM calls WHERE phase != 'ended')
+                    ORDER BY call_id""",
                 self._skew,
             )
             return [_lease(r) for r in rows]

@@ -4,17 +4,14 @@
 otherwise `[store] path` (SQLite, `agentd.store.Store`), the default for one box; neither
 (`path = ""`) keeps no store. Both stores offer the same call methods.
 
-Leases: only PostgreSQL has them (`PgStore.claim/renew/release/holds/...`). The SQLite store is
-one process's file, so it has none: its process owns every call it serves, for ever. A daemon
-that wants one code path can use `LocalLeases`, which gives the PostgreSQL answers a single owner
-would get.
+Leases: only PostgreSQL has them (`PgStore.claim/renew/...`, used by `agentd.replicas`). The
+SQLite store is one process's file, so it has none: its process owns every call it serves.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -25,7 +22,7 @@ from agentd.store import LATEST_VERSION, Store, StoreError
 if TYPE_CHECKING:
     from agentd.store_pg import PgStore
 
-__all__ = ["LocalLeases", "check_store", "describe_store", "open_store"]
+__all__ = ["check_store", "describe_store", "open_store"]
 
 
 async def open_store(config: Config) -> Store | PgStore | None:
@@ -92,34 +89,3 @@ def _version_line(what: str, version: int, latest: int) -> tuple[bool, str]:
     if version < latest:
         return True, f"{what}, schema version {version}, migrated to {latest} at the next start"
     return True, f"{what}, schema version {version}"
-
-
-class LocalLeases:
-    """The lease API of `PgStore` for a store only this process uses (SQLite, or none).
-
-    Every claim succeeds (epoch 1, or the epoch this process already holds; after a release,
-    the next one), `holds` is True for the epoch claimed until it is released, `renew` keeps
-    everything claimed. In memory: nothing survives a restart, which is right for one owner.
-    There are no heartbeats: this process is the one replica.
-    """
-
-    def __init__(self) -> None:
-        self._epochs: dict[str, int] = {}  # call id -> epoch held
-        self._released: dict[str, int] = {}  # call id -> last epoch released
-
-    async def claim(self, call_id: str, replica_id: str, ttl_s: float) -> int | None:
-        if call_id not in self._epochs:
-            self._epochs[call_id] = self._released.pop(call_id, 0) + 1
-        return self._epochs[call_id]
-
-    async def renew(self, replica_id: str, ttl_s: float, call_ids: Iterable[str]) -> set[str]:
-        return {c for c in call_ids if c in self._epochs}
-
-    async def release(self, call_id: str, replica_id: str, epoch: int) -> bool:
-        if self._epochs.get(call_id) != epoch:
-            return False
-        self._released[call_id] = self._epochs.pop(call_id)
-        return True
-
-    async def holds(self, call_id: str, replica_id: str, epoch: int) -> bool:
-        return self._epochs.get(call_id) == epoch

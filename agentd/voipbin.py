@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from agentd import logs
+from agentd import fence, logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
 from agentd.ratelimit import (
     BACKGROUND,
@@ -199,6 +199,7 @@ class VoipbinClient:
         relogged = False
         while True:
             await self.limiter.acquire(priority)
+            fence.check()  # the lease may have run out while we queued for the token
             stale = self.credentials.token
             attempt = await self._attempt(method, path, json, params)
             if not attempt.failed:

@@ -354,6 +354,16 @@ def test_version() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("agentd ")
 
 
+def test_lease_s_and_the_replica_name_for_several_agentd_on_postgresql() -> None:
+    config = load(None, env={}, overrides=MINIMAL)
+    assert (config.lease_s, config.replica_name) == (3.0, "")
+    config = load(None, env={}, overrides={**MINIMAL, "store": {"lease_s": 5, "replica": "box-a"}})
+    assert (config.lease_s, config.replica_name) == (5.0, "box-a")
+    for bad in (0.5, 61):
+        with pytest.raises(ConfigError, match=r"store\.lease_s: .* out of range"):
+            load(None, env={}, overrides={**MINIMAL, "store": {"lease_s": bad}})
+
+
 def test_store_keep_days_defaults_to_30_and_0_keeps_for_ever() -> None:
     assert load(None, env={}, overrides=MINIMAL).store_keep_days == 30.0
     config = load(None, env={"AGENTD_STORE_KEEP_DAYS": "0"}, overrides=MINIMAL)

@@ -26,7 +26,7 @@ from agentd.commands import (
     TranscribeStarted,
 )
 from agentd.dispatcher import Dispatcher
-from agentd.events import CallEvent, CallInfo, TranscriptEvent
+from agentd.events import CallEvent, CallInfo, TranscribeEvent, TranscriptEvent
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, StartAgent
@@ -86,6 +86,56 @@ def test_a_transcript_before_its_transcribe_id_is_known_waits_then_reaches_its_c
     d.feed("c1", TranscribeStarted("t1"))
     asks = [c for c in shell.commands("c1") if type(c).__name__ == "AskBackend"]
     assert len(asks) == 1
+
+
+def asks(shell: Shell, call_id: str) -> list[Command]:
+    return [c for c in shell.commands(call_id) if type(c).__name__ == "AskBackend"]
+
+
+def test_a_call_another_replica_serves_is_left_alone_until_taken_back() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(call_event("c1", "progressing"))
+    d.feed("c1", SpeakingStarted("s1", "active"))
+    d.feed("c1", TranscribeStarted("t1"))
+    restorable = d.calls["c1"]
+    d.disown("c1")  # another replica took it over
+    before = len(shell.batches)
+    d.on_event(call_event("c1", "progressing"))  # not adopted again as a new call
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # its transcribe's: dropped
+    d.on_event(TranscribeEvent("t2", "call", "c1", "progressing"))  # a new one of it: known
+    d.on_event(TranscriptEvent("tr2", "t2", "in", "hello"))
+    assert "c1" not in d.calls and len(shell.batches) == before
+    assert d.counters["foreign"] == 3
+    d.adopt(restorable)  # taken back (a takeover restores it)
+    d.on_event(TranscriptEvent("tr3", "t1", "in", "how are you"))
+    assert len(asks(shell, "c1")) == 1
+
+
+def test_events_that_waited_for_a_call_taken_over_are_not_replayed_into_it() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(call_event("c1", "progressing"))
+    d.feed("c1", SpeakingStarted("s1", "active"))
+    d.feed("c1", TranscribeStarted("t1"))
+    taken = d.calls["c1"]
+    d.disown("c1", foreign=False)  # lost while the store was unreachable: not known as foreign
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "said meanwhile"))  # waits as an orphan
+    d.adopt(taken)  # the takeover reads "said meanwhile" back over REST instead
+    d.on_event(call_event("c2", "progressing"))
+    d.feed("c2", TranscribeStarted("t9"))  # a new transcribe id replays the orphans
+    assert asks(shell, "c1") == []
+
+
+def test_an_orphan_keeps_its_age_across_replays() -> None:
+    shell = Shell()
+    d = dispatcher(shell)
+    d.on_event(TranscriptEvent("tr1", "t-nobody", "in", "hello"))
+    for i in range(4):  # each new call's transcribe replays the orphans
+        shell.now += 10.0
+        d.on_event(call_event(f"c{i}", "progressing"))
+        d.feed(f"c{i}", TranscribeStarted(f"t{i}"))
+    assert len(d._orphans) == 0  # 40 s old: dropped, not re-stamped on every replay
 
 
 def test_an_ended_call_is_never_adopted_again() -> None:

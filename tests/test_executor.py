@@ -89,6 +89,36 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     await ex.close()
 
 
+async def test_a_request_waiting_for_the_budget_is_not_sent_once_the_lease_ran_out(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    results = Results()
+    ours = {"yes": True}
+    fenced: list[str] = []
+    seen = asyncio.Event()
+
+    def on_fenced(call_id: str) -> None:
+        fenced.append(call_id)
+        seen.set()
+
+    ex = Executor(
+        client,
+        EchoBackend(),
+        results.feed,
+        may_act=lambda call_id: ours["yes"],
+        on_fenced=on_fenced,
+    )
+    call_id, sid = await speaking(sim, ex, results)
+    client.limiter.set_budget(1.0, 1.0)
+    client.limiter.penalise(0.5)  # the next request waits for a token...
+    ex.execute(call_id, [Say(call_id, sid, "Too late.", 1)])
+    ours["yes"] = False  # ...while the lease runs out
+    await asyncio.wait_for(seen.wait(), 5)
+    assert fenced == [call_id]
+    assert sim.requests_matching("POST", r"/say$") == []
+    await ex.close()
+
+
 async def test_a_command_that_crashes_reports_a_failure_the_call_understands(
     sim: Simulator, client: VoipbinClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

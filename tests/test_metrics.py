@@ -218,3 +218,37 @@ def test_a_call_report_adds_its_session_seconds_and_turns() -> None:
     assert value("agentd_session_seconds_total", {"kind": "speaking"}) == 12.5
     assert value("agentd_session_seconds_total", {"kind": "transcribe"}) == 10.0
     assert value("agentd_turns_total") == 3.0
+
+
+LIVE = {
+    "reconnects": 0.0,
+    "rest_errors": 0.0,
+    "rejected_frames": 0.0,
+    "live_calls": 2.0,
+    "rest_queue_depth": 0.0,
+    "connected": 1.0,
+    "log_lines_dropped": 0.0,
+}
+
+
+def test_a_replica_shows_its_leases_takeovers_and_the_store() -> None:
+    replica = {
+        "leases_held": 2.0,
+        "replicas_live": 2.0,
+        "store_reachable": 1.0,
+        "lease_claims": 5.0,
+        "lease_claims_lost": 4.0,
+        "takeovers": 1.0,
+        "calls_lost": 0.0,
+    }
+    value = Metrics("127.0.0.1:0", lambda: {**LIVE, **replica}).registry.get_sample_value
+    assert value("agentd_leases_held") == 2.0
+    assert value("agentd_replicas_live") == 2.0
+    assert value("agentd_store_reachable") == 1.0
+    assert value("agentd_lease_claims_total", {"won": "true"}) == 5.0
+    assert value("agentd_lease_claims_total", {"won": "false"}) == 4.0
+    assert value("agentd_takeovers_total") == 1.0
+    assert value("agentd_calls_lost_total") == 0.0
+    # one agentd on SQLite: no replica series at all
+    alone = Metrics("127.0.0.1:0", lambda: LIVE).registry.get_sample_value
+    assert alone("agentd_leases_held") is None and alone("agentd_live_calls") == 2.0

@@ -20,6 +20,9 @@ from agentd.status import (
     Connection,
     Counters,
     LiveCall,
+    OwnerRow,
+    ReplicaRow,
+    Replicas,
     Snapshot,
     client_socket,
     duration,
@@ -266,7 +269,9 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
         "last_event_age_s",
         "calls",
         "counters",
+        "replicas",
     ]
+    assert doc["replicas"] is None  # one agentd: no replicas section
     assert doc["pid"] == os.getpid()
     assert doc["uptime_s"] == 3725.123
     assert doc["connection"] == {
@@ -286,6 +291,48 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
     assert lines[1] == "VoIPBIN:    reconnecting (3 connects, 2 reconnects)"
     assert lines[2] == "last event: none yet"
     assert "  c1    -          active  4     1m 01s" in lines
+    assert not any(line.startswith("replica") for line in lines)
+
+
+def test_the_replicas_section_shows_who_owns_which_call() -> None:
+    replicas = Replicas(
+        id="box-a:12:ab",
+        lease_s=3.0,
+        store_reachable=True,
+        rate_per_s=7.5,
+        leases_held=1,
+        live=(
+            ReplicaRow("box-a:12:ab", "box-a", 12, 1, 0.4),
+            ReplicaRow("box-b:7:cd", "b", 7, 2, 1.2),
+        ),
+        owners=(OwnerRow("c1", "box-a:12:ab", 1, 2.5), OwnerRow("c2", "box-b:7:cd", 2, -0.3)),
+        claimed=3,
+        taken_by_others=4,
+        takeovers=1,
+        lost=0,
+    )
+    snap = Snapshot(
+        uptime_s=10.0,
+        accepting_calls=True,
+        connection=Connection("subscribed", 9.0, 1, 0, 0.1),
+        last_event_age_s=0.2,
+        calls=(LiveCall("c1", "incoming", "active", 1, 5.0),),
+        counters=Counters(1, 1, 30, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        replicas=replicas,
+    )
+    doc = snap.document()
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["replicas"]["owners"][1] == {
+        "call_id": "c2",
+        "owner": "box-b:7:cd",
+        "epoch": 2,
+        "expires_in_s": -0.3,
+    }
+    report = render(doc)
+    assert "replica:    box-a:12:ab (lease 3.0 s, PostgreSQL reachable, 7.5 req/s" in report
+    assert "replicas:   2 live" in report
+    assert "box-a:12:ab (this one)" in report
+    assert "c2    box-b:7:cd   2      expired: up for takeover" in report
 
 
 def test_status_knows_nothing_of_the_daemon() -> None:

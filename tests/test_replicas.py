@@ -1,0 +1,353 @@
+"""Several agentd on one PostgreSQL: leases, fencing, failover, partitions, an unreachable store.
+
+The first tests drive `agentd.replicas.Replica` against a real PostgreSQL with a hand-turned
+clock. The others run real agentd processes beside the simulator: the owner of a call is killed,
+paused past its lease, or cut off from the database, and the caller must hear every answer once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from agentd.replicas import Replica, new_replica_id
+from agentd.sim import Caller, Simulator, Utterance
+from agentd.status import fetch, render
+from agentd.store_pg import PgStore
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
+from tests.test_restart import CONFIG, agent_lines, start, subscribed
+from tests.test_store import Clock, record
+
+if TYPE_CHECKING:
+    from tests.pg import PgServer
+
+pytest_plugins = ["tests.pg"]
+
+GREETING = "Hello, thank you for calling. How can I help you today?"
+LEASE_S = 2.0
+
+
+# ---- the lease view of one replica ------------------------------------------------------------
+
+
+async def test_the_first_claim_wins_and_the_other_replica_stays_out(pg_url: str) -> None:
+    store = await PgStore.open(pg_url)
+    try:
+        a = Replica(store, new_replica_id("a"), lease_s=LEASE_S)
+        b = Replica(store, new_replica_id("b"), lease_s=LEASE_S)
+        first, second = await asyncio.gather(a.claim("call-1"), b.claim("call-1"))
+        assert sorted([first, second]) == [0, 1]
+        winner = a if first else b
+        loser = b if first else a
+        assert winner.holds("call-1")
+        assert not loser.holds("call-1")
+        assert loser.counters["taken_by_others"] == 1
+    finally:
+        await store.close()
+
+
+async def test_a_lease_is_usable_only_until_its_local_deadline_unless_renewed(pg_url: str) -> None:
+    store = await PgStore.open(pg_url)
+    clock = Clock(1000.0)
+    try:
+        a = Replica(store, "a", lease_s=LEASE_S, clock=clock)
+        assert await a.claim("call-1") == 1
+        clock.now += a.usable_s - 0.01
+        assert a.holds("call-1")
+        assert await a.renew() == []  # still ours: the deadline moves on
+        clock.now += a.usable_s - 0.01
+        assert a.holds("call-1")
+        clock.now += 0.02
+        assert not a.holds("call-1")
+        assert a.lapsed() == ["call-1"]
+        # the margin: the replica stops acting before the database would let anyone take over
+        assert a.usable_s < a.lease_s
+    finally:
+        await store.close()
+
+
+async def test_a_call_taken_over_is_reported_lost_at_the_next_renew(pg_url: str) -> None:
+    store = await PgStore.open(pg_url)
+    # a replica whose database clock runs ahead: for it, the lease of `a` has expired
+    later = await PgStore.open(pg_url, db_skew_s=LEASE_S + 1)
+    try:
+        a = Replica(store, "a", lease_s=LEASE_S)
+        b = Replica(later, "b", lease_s=LEASE_S)
+        c = Replica(store, "c", lease_s=LEASE_S)
+        assert await a.claim("call-1") == 1
+        await store.save_call(record("call-1"))
+        assert await c.claim("call-1") == 0  # live for the owner's clock...
+        assert await b.expired() == ["call-1"]  # ...but expired for the later one
+        assert await b.claim("call-1") == 2
+        assert b.counters["takeovers"] == 1
+        assert await a.renew() == ["call-1"]
+    finally:
+        await store.close()
+        await later.close()
+
+
+async def test_replicas_count_each_other_and_a_clean_leave_hands_calls_over(pg_url: str) -> None:
+    store = await PgStore.open(pg_url)
+    try:
+        a = Replica(store, "a", lease_s=LEASE_S)
+        b = Replica(store, "b", lease_s=LEASE_S)
+        await a.beat(calls=0)
+        await b.beat(calls=0)
+        await a.beat(calls=0)
+        assert a.replicas == 2
+        assert await a.claim("call-1") == 1
+        await store.save_call(record("call-1"))
+        await a.leave()
+        assert a.held == {}
+        assert await b.expired() == ["call-1"]  # at once: released, not left to expire
+        assert await b.claim("call-1") == 2
+        await b.beat(calls=1)
+        assert b.replicas == 1
+    finally:
+        await store.close()
+
+
+async def test_an_unreachable_store_answers_none_and_is_logged_once(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = await PgStore.open(pg_url)
+    a = Replica(store, "a", lease_s=LEASE_S)
+    assert await a.claim("call-1") == 1
+    await store.close()
+    assert await a.claim("call-2") is None
+    assert await a.renew() == []  # nothing known to be lost: the leases just lapse
+    assert await a.expired() == []
+    assert not a.reachable
+    assert capsys.readouterr().out.count("store.unreachable") == 1
+
+
+# ---- real agentd processes ---------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    """One agentd process of the test, by its replica name."""
+
+    name: str
+    config: Path
+    log: Path
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await start(self.config, stdout=self.log)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def status(self) -> dict[str, Any]:
+        """Its `agentd status --json` document."""
+        return fetch(str(self.config.with_suffix(".sock")))
+
+    def events(self, event: str, call_id: str) -> list[dict[str, object]]:
+        """The JSON log lines of `event` about the call."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            if f'"{event}"' in line and call_id in line:
+                fields = json.loads(line)
+                if fields.get("event") == event and fields.get("call_id") == call_id:
+                    out.append(fields)
+        return out
+
+
+def agent_config(sim: Simulator, tmp_path: Path, store_url: str, name: str) -> Path:
+    store = f'url = "{store_url}"\nlease_s = {LEASE_S}\nreplica = "{name}"'
+    config = tmp_path / f"{name}.toml"
+    config.write_text(
+        CONFIG.format(
+            api=sim.api_url,
+            key=sim.accesskey,
+            number=OUR_NUMBER,
+            playback=PLAYBACK,
+            latency=SAY_LATENCY,
+            hold=FINAL_HOLD,
+            store=store,
+        )
+        + f'[status]\nsocket = "{tmp_path / name}.sock"\n'
+    )
+    return config
+
+
+@asynccontextmanager
+async def replicas(
+    sim: Simulator, tmp_path: Path, urls: dict[str, str]
+) -> AsyncIterator[dict[str, Agent]]:
+    """agentd processes named by `urls` (each with its own database URL: the same database,
+    maybe as different roles), subscribed; stopped at the end."""
+    agents = {
+        name: Agent(name, agent_config(sim, tmp_path, url, name), tmp_path / f"{name}.log")
+        for name, url in urls.items()
+    }
+    try:
+        for agent in agents.values():
+            await agent.start()
+        await sim.wait_for(lambda: subscribed(sim) == len(agents), 20)
+        yield agents
+    finally:
+        for agent in agents.values():
+            if agent.proc is not None and agent.proc.returncode is None:
+                agent.signal(signal.SIGCONT)
+            await agent.stop()
+
+
+def _status_shows(doc: dict[str, Any], owner: str, call_id: str) -> bool:
+    replicas = doc["replicas"]
+    owners = {o["call_id"]: o["owner"].split(":")[0] for o in replicas["owners"]}
+    return (
+        [r["id"].split(":")[0] for r in replicas["live"]] == [owner]
+        and owners.get(call_id) == owner
+        and replicas["takeovers"] == 1
+        and replicas["rate_per_s"] == 15.0  # alone again: the whole budget
+    )
+
+
+async def owner_of(url: str, call_id: str) -> str:
+    """The replica name that holds the call's lease now."""
+    store = await PgStore.open(url)
+    try:
+        leases = {lease.call_id: lease.owner for lease in await store.leases()}
+    finally:
+        await store.close()
+    return leases[call_id].split(":")[0]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:  # noqa: ASYNC109
+    """Wait until `predicate()` holds, for things no simulator state shows (a log line)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.05)
+
+
+def says(sim: Simulator, text: str) -> list[float]:
+    """When each POST /say carrying `text` was served."""
+    return [
+        r.t
+        for r in sim.requests_matching("POST", r"/speakings/[^/]+/say$")
+        if text in str((r.body or {}).get("text", ""))
+    ]
+
+
+async def answered(sim: Simulator, call_id: str, words: str) -> None:
+    await sim.caller_says(call_id, words)
+    await sim.wait_for(lambda: f"You said: {words}." in agent_lines(sim, call_id), 20)
+
+
+def assert_each_once(sim: Simulator, call_id: str, *turns: str) -> None:
+    lines = agent_lines(sim, call_id)
+    assert lines.count(GREETING) == 1
+    for words in turns:
+        assert lines.count(f"You said: {words}.") == 1, lines
+        assert len(says(sim, f"You said: {words}.")) == 1
+
+
+@pytest.mark.slow
+async def test_sigkill_of_the_owner_the_other_replica_answers_the_next_turn(
+    sim: Simulator, tmp_path: Path, pg_url: str
+) -> None:
+    async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}) as agents:
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
+        owner = await owner_of(pg_url, call_id)
+        other = "b" if owner == "a" else "a"
+        await agents[owner].stop(signal.SIGKILL)
+        await answered(sim, call_id, "second turn")  # spoken while nobody serves the call
+        assert await owner_of(pg_url, call_id) == other
+        assert agents[other].events("call.restored", call_id)
+        # `agentd status` on the survivor: the dead one's heartbeat ages out, the call is its own
+        await eventually(lambda: _status_shows(agents[other].status(), other, call_id))
+        report = render(agents[other].status())
+        assert "replicas:   1 live" in report and "(this one)" in report
+        assert call_id in report.split("calls by owner:")[1]
+        await answered(sim, call_id, "third turn")
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, "first turn", "second turn", "third turn")
+        # the session of the dead owner was still good: it was re-attached, not replaced
+        assert len(sim.requests_matching("POST", r"/speakings$")) == 1
+
+
+@pytest.mark.slow
+async def test_a_replica_paused_past_its_lease_says_nothing_more_on_the_call(
+    sim: Simulator, tmp_path: Path, pg_url: str
+) -> None:
+    async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}) as agents:
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
+        owner = await owner_of(pg_url, call_id)
+        other = "b" if owner == "a" else "a"
+        checks = len(sim.requests_matching("GET", rf"/calls/{call_id}$"))
+        agents[owner].signal(signal.SIGSTOP)
+        # the other replica takes the call over: its resume checks the call
+        await sim.wait_for(
+            lambda: len(sim.requests_matching("GET", rf"/calls/{call_id}$")) > checks, 15
+        )
+        await answered(sim, call_id, "during the pause")
+        agents[owner].signal(signal.SIGCONT)
+        await answered(sim, call_id, "after the pause")
+        await eventually(lambda: bool(agents[owner].events("call.lost", call_id)))
+        await agents[owner].stop()  # whatever it would still send, it has sent by its exit
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, "first turn", "during the pause", "after the pause")
+        assert await owner_of(pg_url, call_id) == other
+
+
+@pytest.mark.slow
+async def test_while_postgresql_is_unreachable_calls_go_quiet_then_resume(
+    sim: Simulator, tmp_path: Path, pg_url: str, pg_server: PgServer
+) -> None:
+    database = urlsplit(pg_url).path.lstrip("/")
+    async with replicas(sim, tmp_path, {"a": pg_url}) as agents:
+        a = agents["a"]
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
+        pg_server.execute(
+            f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false',
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+        )
+        await eventually(lambda: bool(a.events("call.lost", call_id)))
+        await sim.caller_says(call_id, "during the outage")
+        # a call that comes in meanwhile is not taken: no replica could claim it
+        second = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await eventually(lambda: bool(a.events("call.refused", second)))
+        back = time.monotonic()
+        pg_server.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        # the quiet call is taken over from the store and its missed turn read back, once
+        await sim.wait_for(lambda: "You said: during the outage." in agent_lines(sim, call_id), 20)
+        assert all(t > back for t in says(sim, "You said: during the outage."))
+        # the refused call is picked up once the store answers again
+        await sim.wait_for(lambda: GREETING in agent_lines(sim, second), 20)
+        await answered(sim, second, "late but served")
+        for cid in (call_id, second):
+            await sim.hangup(cid)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, "first turn", "during the outage")
