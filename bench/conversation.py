@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from agentd.call.settings import MACHINE_PACED, CallSettings
+from agentd.config import CALL_KEYS
 from bench import procs
 from bench.procs import ROOT, VENV_BIN, Agent, Sim, _env, agent_config, attach_sim
 from bench.stats import percentile
@@ -462,7 +463,9 @@ def agent_keys(spec: Spec, scale: float) -> dict[str, Any]:
     if scale != 1.0:
         # the smoke profile shrinks the simulator's time: agentd's hold times shrink with it
         d = CallSettings(language=spec.language).scaled(scale)
-        keys |= {name: getattr(d, name) for name in (*MACHINE_PACED, "chars_per_s")}
+        # a wait that is not a config key (transcribe_end_wait_s) keeps its default
+        paced = [n for n in (*MACHINE_PACED, "chars_per_s") if n in CALL_KEYS]
+        keys |= {name: getattr(d, name) for name in paced}
     return keys
 
 

@@ -9,6 +9,7 @@ import pytest
 from agentd.call import Call, CallSettings, Phase
 from agentd.commands import (
     AskBackend,
+    CallGone,
     CancelBackend,
     CheckCall,
     FetchTranscripts,
@@ -117,11 +118,15 @@ def test_full_call_issues_the_protocol_sequence() -> None:
     assert done[0].data["first_token_ms"] == pytest.approx(200.0)
     assert done[0].data["first_say_ms"] == 500.0
     cmds = step(call, status("hangup", "normal", "remote"), 20)
-    assert kinds(cmds) == ["StopSpeaking", "StopTranscribe"]
+    # the speaking bills until stopped; the transcribe VoIPBIN ends itself at hangup: awaited,
+    # with a late stop armed in case its `done` never comes
+    assert kinds(cmds) == ["StopSpeaking", "StartTimer"]
+    assert StartTimer(CID, T("retry_stop:t1"), SETTINGS.transcribe_end_wait_s) in cmds
     assert any(isinstance(c, Record) and c.data.get("reason") == "normal" for c in cmds)
     assert step(call, Stopped("speaking", "s1", True), 20) == []
-    assert step(call, Stopped("transcribe", "t1", True), 20) == [Finished(CID)]
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 20.2) == [Finished(CID)]
     assert call.phase is Phase.ENDED
+    assert step(call, TimerFired(T("retry_stop:t1")), 25) == []  # too late to matter
 
 
 def test_duplicate_transcript_is_answered_once() -> None:
@@ -290,7 +295,8 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     timer = [c for c in cmds if isinstance(c, StartTimer)][0]
     assert timer.delay_s == pytest.approx(0.8 + SETTINGS.playback_pad_s)
     cmds = step(call, TimerFired(T("after_reply")), 12)
-    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
+    # our hangup ends the transcribe on VoIPBIN's side: no stop for it, a late one armed
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StartTimer"]
 
 
 def test_transfer_after_the_reply_then_our_sessions_end() -> None:
@@ -411,8 +417,8 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     assert Say(CID, "s1", settings.silence_goodbye, 0) in cmds
     timer = next(c for c in cmds if isinstance(c, StartTimer) and c.timer.kind == "after_reply")
     cmds = call.handle(TimerFired(T("after_reply")), 22.9 + timer.delay_s)
-    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
-    assert StopTranscribe(CID, "t2") in cmds
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StartTimer"]
+    assert StartTimer(CID, T("retry_stop:t2"), settings.transcribe_end_wait_s) in cmds
 
 
 def test_caller_speech_resets_the_silence_count() -> None:
@@ -527,4 +533,103 @@ def test_a_transcribe_that_ends_under_a_live_call_is_replaced() -> None:
     assert kinds(cmds) == ["StartTranscribe"]
     assert step(call, TranscribeStarted("t2"), 5.1) == []
     cmds = step(call, status("hangup"), 6)
-    assert StopTranscribe(CID, "t2") in cmds and StopTranscribe(CID, "t1") not in cmds
+    assert not any(isinstance(c, StopTranscribe) for c in cmds)  # VoIPBIN ends t2 itself
+    assert StartTimer(CID, T("retry_stop:t2"), SETTINGS.transcribe_end_wait_s) in cmds
+    assert T("retry_stop:t1") not in [c.timer for c in cmds if isinstance(c, StartTimer)]
+
+
+# ---- the transcribe at hangup: VoIPBIN ends it, agentd awaits that -----------------------------
+# bin-transcribe-manager stops every transcribe of a call on its call_hangup
+# (transcribehandler/event.go EventCMCallHangup): a /stop of ours would find it `done`.
+
+
+def hung_up_remotely(now: float = 20.0) -> Call:
+    """A call the caller hung up at `now`, its speaking's stop confirmed: only the transcribe's
+    end is awaited."""
+    call = answered()
+    cmds = step(call, status("hangup", "normal", "remote"), now)
+    assert not any(isinstance(c, StopTranscribe) for c in cmds)
+    assert StartTimer(CID, T("retry_stop:t1"), SETTINGS.transcribe_end_wait_s) in cmds
+    assert step(call, Stopped("speaking", "s1", True), now + 0.1) == []  # not finished yet
+    assert call.phase is Phase.ENDING
+    return call
+
+
+def test_at_hangup_the_transcribe_is_awaited_not_stopped() -> None:
+    call = hung_up_remotely()
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 20.3) == [Finished(CID)]
+    # a duplicate `done` and the late-stop timer find nothing left to do
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 20.4) == []
+    assert step(call, TimerFired(T("retry_stop:t1")), 25) == []
+
+
+def test_an_awaited_transcribe_whose_end_never_comes_is_stopped_after_all() -> None:
+    call = hung_up_remotely()
+    # the `done` was lost, or VoIPBIN's own stop failed (its handler only logs the error)
+    assert step(call, TimerFired(T("retry_stop:t1")), 25) == [StopTranscribe(CID, "t1")]
+    # that stop is an ordinary one from now on: retried until confirmed
+    assert step(call, Stopped("transcribe", "t1", False), 25.1) == [
+        StartTimer(CID, T("retry_stop:t1"), SETTINGS.retry_s)
+    ]
+    assert kinds(step(call, TimerFired(T("retry_stop:t1")), 26.1)) == ["StopTranscribe"]
+    assert step(call, Stopped("transcribe", "t1", True), 26.2) == [Finished(CID)]
+
+
+def test_a_done_after_the_late_stop_was_sent_also_ends_the_wait() -> None:
+    call = hung_up_remotely()
+    assert step(call, TimerFired(T("retry_stop:t1")), 25) == [StopTranscribe(CID, "t1")]
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 25.05) == [Finished(CID)]
+    assert step(call, Stopped("transcribe", "t1", True), 25.1) == []
+
+
+def test_after_a_gap_in_the_events_an_awaited_transcribe_is_stopped_at_once() -> None:
+    call = hung_up_remotely()
+    # the stream reconnected: the `done` may have come while we were away
+    assert call.check() == [CheckCall(CID), StopTranscribe(CID, "t1")]
+    assert call.check() == [CheckCall(CID)]  # asked once
+    assert step(call, Stopped("transcribe", "t1", True), 21) == [Finished(CID)]
+
+
+def test_our_own_hangup_awaits_the_transcribe_too() -> None:
+    call = answered()
+    step(call, transcript("bye"), 10)
+    step(call, ReplySentence(1, "Goodbye."), 10)
+    step(call, ReplyDone(1, action=EndCall()), 10)
+    cmds = step(call, TimerFired(T("after_reply")), 12)
+    assert kinds(cmds) == ["Hangup", "StopSpeaking", "StartTimer"]
+    step(call, HangupDone(True), 12.1)
+    step(call, Stopped("speaking", "s1", True), 12.2)
+    assert call.phase is Phase.ENDING  # the transcribe's end is still awaited
+    assert step(call, status("hangup", "normal", "local"), 12.3) == []
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 12.4) == [Finished(CID)]
+
+
+def test_shutdown_stops_an_awaited_transcribe_at_once() -> None:
+    call = hung_up_remotely()
+    # the process may be gone before VoIPBIN's `done` comes
+    assert call.shutdown(21) == [StopTranscribe(CID, "t1")]
+    assert step(call, Stopped("transcribe", "t1", True), 21.1) == [Finished(CID)]
+
+
+def test_a_call_gone_or_handed_over_still_stops_its_transcribe() -> None:
+    # no hangup VoIPBIN is known to act on: the call vanished (404/403), or goes on with a human
+    call = answered()
+    assert kinds(step(call, CallGone(), 10)) == ["StopSpeaking", "StopTranscribe"]
+
+
+def test_an_awaited_transcribe_survives_a_restart_as_a_stop_to_send() -> None:
+    call = hung_up_remotely()
+    snap = call.snapshot()
+    assert ("transcribe", "t1") in snap["pending_stops"]
+    again = Call.restore(snap, SETTINGS)
+    cmds = again.resume(100)
+    assert StopTranscribe(CID, "t1") in cmds  # whether its `done` came is unknown: stop it
+    assert step(again, Stopped("transcribe", "t1", True), 100.1) == [Finished(CID)]
+
+
+def test_a_failure_while_the_transcribe_is_awaited_stops_it() -> None:
+    call = hung_up_remotely()
+    cmds = call.fail("boom")
+    assert StopTranscribe(CID, "t1") in cmds
+    assert call.handle(HangupDone(True), 21)[-1:] == []  # its stop is not confirmed yet
+    assert isinstance(call.handle(Stopped("transcribe", "t1", True), 21.1)[-1], Finished)

@@ -14,6 +14,7 @@ from agentd.commands import (
     Stopped,
     TranscribeStarted,
 )
+from agentd.events import TranscribeEvent
 from agentd.names import Kind
 from tests.test_call import CID, answered, status, step, transcript
 
@@ -98,7 +99,8 @@ def test_a_stepped_call_ends_with_its_report_just_before_finished() -> None:
     assert tokens == [{"turn": 1, "input": 120, "output": 9}]
     step(call, status("hangup", "normal", "remote"), 20)
     assert call.handle(Stopped("speaking", "s1", True), 21) == []
-    cmds = call.handle(Stopped("transcribe", "t1", True), 22)
+    # VoIPBIN ended the transcribe itself at the hangup: no stop was sent, its `done` comes
+    cmds = call.handle(TranscribeEvent("t1", "call", CID, "done"), 22)
     assert isinstance(cmds[-1], Finished)
     report = cmds[-2]
     assert isinstance(report, Record) and report.what is Kind.REPORT

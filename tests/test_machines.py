@@ -128,6 +128,24 @@ def test_a_failed_stop_stays_pending_until_confirmed() -> None:
         ledger.step("nobody", StopInput.OK)  # a stop confirmed that was never sent: a bug
 
 
+def test_an_awaited_end_keeps_the_call_unclean_until_it_comes_or_a_stop_replaces_it() -> None:
+    ledger = Ledger()
+    assert ledger.expect("t1", "transcribe")
+    assert not ledger.expect("t1", "transcribe")  # armed once
+    assert ledger.state("t1") is StopState.AWAITING and not ledger.clean
+    assert ("transcribe", "t1") in ledger.unconfirmed() and "t1" in ledger.known()
+    assert ledger.attempts("t1") == 0  # no stop sent
+    with pytest.raises(Illegal):
+        ledger.step("t1", StopInput.OK)  # an answer to a stop that was never sent: a bug
+    ledger.step("t1", StopInput.ENDED)
+    assert ledger.state("t1") is StopState.CONFIRMED and ledger.clean
+    # the end did not come: the late stop takes over, as an ordinary pending stop
+    assert ledger.expect("t2", "transcribe")
+    assert ledger.stop("t2", "speaking")  # the kind awaited is kept
+    assert ledger.kind_of("t2") == "transcribe" and ledger.attempts("t2") == 1
+    assert not ledger.expect("t2", "transcribe")  # a stop under way is not undone
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(list(StopInput))),
@@ -150,7 +168,7 @@ def test_a_confirmed_stop_stays_confirmed_and_clean_means_nothing_pending(
         if after is StopState.CONFIRMED:
             confirmed.add(sid)
         assert all(ledger.state(s) is StopState.CONFIRMED for s in confirmed)
-        assert ledger.clean == (not ledger.pending)
+        assert ledger.clean == (not ledger.pending and not ledger.awaiting)
 
 
 # ---- the turn -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from agentd.commands import (
     StopSpeaking,
     TranscribeStarted,
 )
-from agentd.events import CallEvent, CallInfo, Event, TranscriptEvent
+from agentd.events import CallEvent, CallInfo, Event, TranscribeEvent, TranscriptEvent
 from agentd.names import TimerKind
 from agentd.persist import Persister
 from agentd.store import Batch, CallRecord, Store
@@ -257,9 +257,9 @@ async def test_a_finished_call_is_recorded_as_ended_with_its_reason(
     shell = Shell(persister, Call("c1", SETTINGS))
     shell.answer()
     shell.step(status("c1", "hangup", by="remote", reason="normal"))
-    assert shell.call.phase is Phase.ENDING  # both sessions still need stopping
+    assert shell.call.phase is Phase.ENDING  # the speaking is stopping, the transcribe ending
     shell.step(Stopped("speaking", "sp-c1", True))
-    cmds = shell.step(Stopped("transcribe", "tr-c1", True))
+    cmds = shell.step(TranscribeEvent("tr-c1", "call", "c1", "done"))  # VoIPBIN ended it
     assert Finished("c1") in cmds
     assert persister.saving("c1") is None  # a finished call has nothing to wait for
     await persister.flush()
@@ -333,7 +333,7 @@ async def test_an_unconfirmed_stop_survives_a_restart_and_is_sent_again(db: str)
     shell = Shell(before, Call("c1", SETTINGS))
     shell.answer()
     shell.step(status("c1", "hangup", by="remote", reason="normal"))
-    shell.step(Stopped("transcribe", "tr-c1", True))
+    shell.step(TranscribeEvent("tr-c1", "call", "c1", "done"))  # VoIPBIN ended it
     shell.step(Stopped("speaking", "sp-c1", False))  # the stop failed: VoIPBIN still bills it
     assert shell.call.phase is Phase.ENDING
     await before.flush()

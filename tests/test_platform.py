@@ -8,6 +8,7 @@ sentence split into several finals and backchannels (§10.3).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from agentd.daemon import Daemon
 from agentd.names import Kind
@@ -114,6 +115,40 @@ async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_he
 
 
 # -- STT ------------------------------------------------------------------------------------------
+
+
+async def test_at_hangup_voipbin_ends_the_transcribe_and_no_stop_is_sent(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    for by in ("remote", "local"):  # the caller hangs up, or the call is hung up on our side
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+        await greeted(sim, call_id)
+        await sim.hangup(call_id, by=by)
+        await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+        assert sim.leaks() == []
+    # the speakings were stopped (they bill until then); the transcribes needed no request
+    assert len(sim.requests_matching("POST", r"/speakings/[^/]+/stop$")) == 2
+    assert sim.requests_matching("POST", r"/transcribes/[^/]+/stop$") == []
+
+
+async def test_a_transcribe_voipbin_fails_to_end_at_hangup_is_stopped_late(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent()
+    # not a config key: VoIPBIN's pace, shrunk like the simulator's
+    daemon.config = replace(
+        daemon.config, call=replace(daemon.config.call, transcribe_end_wait_s=0.3)
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    [trn] = [t.id for t in sim.world.transcribes_of(call_id)]
+    sim.faults.fail_stt_hangup_end()
+    await sim.hangup(call_id)
+    assert sim.leaks() != []  # VoIPBIN left it progressing
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert len(sim.requests_matching("POST", rf"/transcribes/{trn}/stop$")) == 1
+    assert sim.leaks() == []
 
 
 async def _replaced_when_quiet(sim: Simulator, agent: StartAgent, fault: str) -> None:

@@ -131,7 +131,9 @@ class Call(Recovery, Sessions, Listening):
             ]
         if effect is Effect.ANSWER:
             return [*watch, *self._answer()]
-        cmds = self._begin_end() if effect is Effect.END else []
+        # terminating, canceling and hangup all end in the channel's hangup: VoIPBIN then ends
+        # the transcribe itself, which is awaited rather than stopped
+        cmds = self._begin_end(hangup=True) if effect is Effect.END else []
         if status == "hangup":
             cmds += self._record_hangup(info.hangup_by, info.hangup_reason)
         return cmds + self._maybe_finished()
@@ -203,16 +205,25 @@ class Call(Recovery, Sessions, Listening):
         return [Record(self.id, Kind.TRANSFERRED, {}), *self._begin_end(), *self._maybe_finished()]
 
     def shutdown(self, now: float, goodbye: str = "") -> list[Command]:
-        """The daemon is stopping for good: say `goodbye`, hang up, stop every session."""
+        """The daemon is stopping for good: say `goodbye`, hang up, stop every session.
+
+        Every session is stopped, a transcribe too: the process may be gone before VoIPBIN's
+        own end of it arrives, and without a store nobody would stop it later."""
+        self.shutting_down = True
         if self.phase.over:
-            return []
+            return self._stop_awaited()
         if goodbye and self.speaking.active and self.phase.live:
             return self._goodbye(goodbye, now)
         return self._hang_up_now()
 
     def check(self) -> list[Command]:
-        """Reconcile after a gap in the event stream: ask VoIPBIN how the call is."""
-        return [] if self.phase is Phase.ENDED else [CheckCall(self.id)]
+        """Reconcile after a gap in the event stream: ask VoIPBIN how the call is.
+
+        An end awaited since the hangup may have come during the gap, unseen: the session is
+        stopped now rather than after the wait (a stop of a `done` transcribe is harmless)."""
+        if self.phase is Phase.ENDED:
+            return []
+        return [CheckCall(self.id), *self._stop_awaited()]
 
 
 Handler = Callable[[Call, Any, float], list[Command]]

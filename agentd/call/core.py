@@ -72,6 +72,7 @@ class CallCore:
         self.heard_words = False  # an interim came since the last speech boundary
         self.transcript_due = False  # an utterance ended and its transcript has not come
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
+        self.shutting_down = False  # the daemon is stopping: nothing is left to end by itself
         self.speaking_restarts = 0  # sessions replaced because /say kept failing on them
         self.say_5xx = 0  # /say 5xx in a row on the current session
         self.say_5xx_at = 0.0
@@ -202,8 +203,11 @@ class CallCore:
         avoid = self.ledger.known()
         return StartSpeaking(self.id, s.language, s.tts_provider, s.voice_id, avoid)
 
-    def _begin_end(self) -> list[Command]:
-        """Stop everything the call started; sessions still being created are stopped on arrival."""
+    def _begin_end(self, *, hangup: bool = False) -> list[Command]:
+        """Stop everything the call started; sessions still being created are stopped on arrival.
+
+        `hangup`: the call ends by a hangup (VoIPBIN's, or ours being sent), which ends its
+        transcribe on VoIPBIN's side: that one is awaited instead of stopped (`_await_end`)."""
         cmds = self._end_reply()
         self.playback.queued.clear()
         self.held.clear()
@@ -213,12 +217,40 @@ class CallCore:
                 SessionState.ACTIVE,
                 SessionState.STOPPING,
             ):
-                cmds += self._stop(session.kind, session.id)
+                if hangup and session.kind == "transcribe" and not self.shutting_down:
+                    cmds += self._await_end(session.kind, session.id)
+                else:
+                    cmds += self._stop(session.kind, session.id)
             session.step(SessionInput.RELEASE)
         if self.ledger.take_sweep():
             # a session created just before a crash, or by a create whose answer was lost,
             # may never have told us its id
             cmds.append(SweepSpeakings(self.id))
+        return cmds
+
+    def _await_end(self, kind: SessionKind, sid: str) -> list[Command]:
+        """Leave `sid` to end by itself: no stop now, one only if its end does not come in time.
+
+        Only a transcribe at a hangup: bin-transcribe-manager stops every transcribe of a call
+        on the call's `call_hangup` (`subscribehandler/call_manager.go`
+        `processEventCMCallHangup` → `transcribehandler/event.go` `EventCMCallHangup` →
+        `stop.go` `Stop`: `done`, `transcribe_done`), and its STT stream ends with the channel
+        anyway (the snoop's external-media channel is hung up, `streaminghandler/aws.go`
+        `awsProcessMedia` reads an error). A /stop after that finds it `done` and does nothing.
+        The safety net, for a lost `done` or a failed stop on VoIPBIN's side (its handler only
+        logs errors and the event is not redelivered): the late stop armed here, the stop sent
+        at once after a gap in the event stream (`Call.check`) or at shutdown, and a restart,
+        which stops every awaited session it finds in the store."""
+        if not self.ledger.expect(sid, kind):
+            return []
+        wait = self.settings.transcribe_end_wait_s
+        return [StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), wait)]
+
+    def _stop_awaited(self) -> list[Command]:
+        """Give up waiting for the ends awaited: stop those sessions now."""
+        cmds: list[Command] = []
+        for sid, kind in list(self.ledger.awaiting.items()):
+            cmds += self._stop(kind, sid)
         return cmds
 
     def _stop(self, kind: SessionKind, sid: str, *, delete: bool = False) -> list[Command]:
@@ -284,7 +316,7 @@ class CallCore:
         self.ledger.hangup_pending = True
         return [
             Hangup(self.id),
-            *self._begin_end(),
+            *self._begin_end(hangup=True),
             *self._record_hangup("local", "normal"),
             *self._maybe_finished(),
         ]
@@ -394,5 +426,8 @@ class CallCore:
         kind = self.ledger.kind_of(sid)
         if kind is None:
             return []
+        if sid in self.ledger.awaiting:
+            # its end did not come in time: lost on the way, or VoIPBIN's own stop failed
+            return self._stop(kind, sid)
         delete = self.ledger.attempts(sid) >= self.settings.stop_delete_after
         return [self._stop_command(kind, sid, delete)]

@@ -162,6 +162,7 @@ class Recovery(CallCore):
             self.transcribe.id,
             self.speaking.id,
             tuple(self.ledger.pending),
+            tuple(self.ledger.awaiting),
             self.greeted,
             self.turns.turn,
             len(self.history),

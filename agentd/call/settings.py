@@ -104,6 +104,11 @@ class CallSettings:
     # loudly. An unreachable VoIPBIN (no answer, 429) is waited out instead
     stop_delete_after: int = 2
     max_stop_attempts: int = 8
+    # at a hangup VoIPBIN ends the call's transcribe itself (`transcribe_done`), so no /stop is
+    # sent for it; one is, only if that `done` has not come this long after the call ended.
+    # VoIPBIN's own stop waits for at most one 3 s internal request per STT stream
+    # (bin-common-handler `requestTimeoutDefault`, bin-transcribe-manager `stopLive`)
+    transcribe_end_wait_s: float = 5.0
     # speaking sessions replaced because every /say on them failed, before the call is ended
     # (a voice the provider refuses makes VoIPBIN answer 404 to every /say, §8.1)
     max_speaking_restarts: int = 3
@@ -175,4 +180,5 @@ MACHINE_PACED = (
     "echo_guard_s",
     "filler_after_s",
     "playback_pad_s",
+    "transcribe_end_wait_s",
 )

@@ -155,6 +155,13 @@ class Faults:
         """Undo :meth:`stt_provider_down` (for transcribes started from now on)."""
         self._speech.stt.providers_down.discard(provider)
 
+    def fail_stt_hangup_end(self, count: int = 1) -> None:
+        """The next ``count`` call hangups fail to end their calls' transcribes: those stay
+        ``progressing`` (hearing nothing) until a client stops them, and count as leaks
+        (``transcribehandler/event.go`` ``EventCMCallHangup`` only logs a failed ``Stop``; see
+        :meth:`agentd.sim.stt.Stt.on_call_hangup`)."""
+        self._speech.stt.hangup_end_failures += count
+
     def orphan_stt(self, call_id: str | None = None) -> list[str]:
         """The transcribe manager's pod restarts: the progressing transcribes (of ``call_id``, or
         all) hear nothing, stay ``progressing`` and make a new ``POST /transcribes`` for the same

@@ -173,6 +173,8 @@ class Stt:
         self._streams: dict[tuple[str, Direction], _Stream] = {}
         #: Providers that fail to start (fault): new transcribes fall back to another.
         self.providers_down: set[str] = set()
+        #: Hangups whose own stop of the call's transcribes fails (fault), see on_call_hangup.
+        self.hangup_end_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -247,8 +249,33 @@ class Stt:
         self.world.notify()
 
     def on_call_hangup(self, call: SimCall) -> None:
-        """The call is gone: its transcribes end by themselves (``transcribehandler/event.go``
-        ``EventCMCallHangup``, handled by whichever pod is up: orphans end too)."""
+        """The call is gone: its transcribes end by themselves, ``done`` and ``transcribe_done``.
+
+        The transcribe manager subscribes to the call manager's events and, on ``call_hangup``
+        (``pkg/subscribehandler/call_manager.go`` ``processEventCMCallHangup``), stops every
+        transcribe whose ``reference_id`` is the call (``pkg/transcribehandler/event.go``
+        ``EventCMCallHangup`` -> ``stop.go`` ``Stop``/``stopLive``: an already ``done`` one is left
+        as it is). Whichever pod takes the event does it, so orphans end too. It runs after the
+        call manager has published ``call_hangup``, so ``transcribe_done`` follows it; the
+        milliseconds its database work and one internal request take are not modelled.
+
+        With the :meth:`~agentd.sim.faults.Faults.fail_stt_hangup_end` fault that stop fails:
+        the handler only logs errors (``EventCMCallHangup`` ``continue``s past a failed ``Stop``,
+        and ``subscribehandler/main.go`` ``processEventRun`` acks the event whatever happened, so
+        it is never redelivered). The transcribe then stays ``progressing`` for good; its STT
+        stream has ended with the channel all the same (the snoop's external-media channel is
+        hung up, ``bin-call-manager/pkg/callhandler/bridge.go`` ``bridgeLeftExternal``, and
+        ``streaminghandler/aws.go`` ``awsProcessMedia`` reads an error), so it hears nothing.
+        Only a client's ``/stop`` (or ``DELETE``) ends it then.
+        """
+        if self.hangup_end_failures > 0:
+            self.hangup_end_failures -= 1
+            for trn in self.world.transcribes_of(call.id):
+                for direction in ("in", "out"):
+                    self._streams.pop((trn.id, direction), None)
+                trn.deaf = True
+            self.world.notify()
+            return
         for trn in self.world.transcribes_of(call.id):
             self.stop_transcribe(trn)
 

@@ -91,6 +91,30 @@ async def test_transcribe_done_when_call_hangs_up(
     assert sim.leaks() == []
 
 
+async def test_a_failed_end_at_hangup_leaves_the_transcribe_progressing_until_stopped(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """transcribehandler/event.go EventCMCallHangup only logs a failed Stop, and the event is
+    never redelivered: the transcribe stays progressing (deaf) until a client stops it."""
+    call_id = await answered_call(sim, http)
+    _, trn, _ = await post(http, sim.api_url + "/transcribes", _body(call_id))
+    sim.faults.fail_stt_hangup_end()
+    await sim.hangup(call_id)
+    assert sim.transcribes[trn["id"]].status == "progressing"
+    assert "transcribe_done" not in [t for t, _ in sim.events]
+    assert sim.leaks() == [
+        {"kind": "transcribe", "id": trn["id"], "call_id": call_id, "status": "progressing"}
+    ]
+    status, stopped, _ = await post(http, f"{sim.api_url}/transcribes/{trn['id']}/stop", {})
+    assert (status, stopped["status"]) == (200, "done")
+    assert sim.leaks() == []
+    # the fault was for one hangup: the next call's transcribe ends by itself again
+    other = await answered_call(sim, http)
+    _, trn2, _ = await post(http, sim.api_url + "/transcribes", _body(other))
+    await sim.hangup(other)
+    assert sim.transcribes[trn2["id"]].status == "done"
+
+
 async def test_transcripts_paging_newest_first(sim: Simulator, http: aiohttp.ClientSession) -> None:
     # The first utterance waits for the greeting, the others follow without waiting.
     utterances = [Utterance("utterance number 0", pause_s=0.0)] + [
