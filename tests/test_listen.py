@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from agentd.call import Call, CallSettings
-from agentd.call.endpoint import Cue, Pauses, cue, goes_on
+from agentd.call.endpoint import Cue, Pauses, cue, goes_on, rejoin
 from agentd.call.settings import TURN_NUDGE
 from agentd.commands import (
     AskBackend,
@@ -406,6 +406,143 @@ def test_a_turn_answered_on_interims_before_a_restart_is_not_answered_again_by_i
     # a new question is answered
     speak(restored, "and my savings?", audio + 8.0)
     assert restored.turn == 2
+
+
+def restored_unanswered(said: list[str]) -> tuple[Call, float]:
+    """The caller says `said`, one utterance each, their finals lost but for the first's when
+    there are two; the turn is asked for on the interims and the process dies before anything
+    of the reply is said. Returns the call restored from its last snapshot, the read-back due."""
+    call = greeted()
+    t = 10.0
+    for i, text in enumerate(said):
+        t = speak(call, text, t) + 0.4
+        if i == 0 and len(said) > 1:
+            step(call, transcript(text, "tr1"), t)
+    assert call.history.msgs[-1].role == "user"  # asked, not answered
+    restored = Call.restore(call.snapshot(), LIVE)
+    restored.resume(t + 5.0)
+    restored.handle(SpeakingStarted("s1", "active"), t + 5.1)
+    return restored, t + 6.0
+
+
+@pytest.mark.parametrize(
+    ("held", "start", "final", "expected"),
+    [
+        (
+            "Second question. And a detail.",
+            0,
+            "And a detail.",
+            ("Second question. And a detail.", -1),
+        ),
+        (
+            "Second question. and a detail",
+            0,
+            "And a detail.",
+            ("Second question. And a detail.", -1),
+        ),
+        ("Second question. And a", 0, "And a detail.", ("Second question. And a detail.", -1)),
+        ("I lost my card.", 0, "I lost my card on Monday.", ("I lost my card on Monday.", -1)),
+        ("I lost it. It was", 0, "was stolen.", ("I lost it. It was stolen.", -1)),
+        ("I lost it. It was stolen.", 0, "I lost it.", ("I lost it. It was stolen.", 3)),
+        ("I lost it. It was stolen.", 3, "It was stolen.", ("I lost it. It was stolen.", -1)),
+        (
+            "It is for two people",
+            0,
+            "for three people please",
+            ("It is for three people please", -1),
+        ),
+        ("I lost my card.", 0, "Where is the bank?", None),
+        ("I lost it. It was stolen.", 3, "I lost it.", None),
+    ],
+)
+def test_a_final_is_set_into_the_words_it_repeats(
+    held: str, start: int, final: str, expected: tuple[str, int] | None
+) -> None:
+    assert rejoin(held, start, final) == expected
+
+
+def test_a_turn_asked_on_interims_before_a_restart_takes_its_final_once() -> None:
+    call, t = restored_unanswered(["what is my balance?"])
+    (ask,) = asks(step(call, transcript("What is my balance?"), t))
+    assert ask.history[-1] == ("user", "What is my balance?")
+    assert call.turn == 2  # the restored turn, answered now
+
+
+def test_a_final_after_a_restart_that_extends_the_interims_adds_only_its_new_words() -> None:
+    call, t = restored_unanswered(["I lost my card."])
+    (ask,) = asks(step(call, transcript("I lost my card on Monday."), t))
+    assert ask.history[-1] == ("user", "I lost my card on Monday.")
+    # the interims' end and the words after them, their first final already answered
+    call, t = restored_unanswered(["I lost my card.", "It was stolen."])
+    assert asks(step(call, transcript("I lost my card.", "tr1"), t)) == []  # seen
+    (ask,) = asks(step(call, transcript("stolen on Monday.", "tr2"), t + 0.1))
+    assert ask.history[-1] == ("user", "I lost my card. It was stolen on Monday.")
+
+
+def test_finals_of_a_split_utterance_after_a_restart_are_not_added_again() -> None:
+    call, t = restored_unanswered(["I lost my card.", "It was stolen."])
+    # the first final was seen before the restart, but the history cannot say which words
+    # it brought: the read-back sends it again and then the lost one
+    (ask,) = asks(step(call, transcript("It was stolen.", "tr2"), t))
+    assert ask.history[-1] == ("user", "I lost my card. It was stolen.")
+    call, t = restored_unanswered(["I lost my card.", "It was stolen.", "On Monday."])
+    cmds = step(call, transcript("It was stolen.", "tr2"), t)
+    cmds += step(call, transcript("On Monday.", "tr3"), t + 0.1)
+    assert [a.history[-1] for a in asks(cmds)] == [
+        ("user", "I lost my card. It was stolen. On Monday.")
+    ]
+
+
+def test_the_final_of_a_restored_turn_read_back_after_its_reply_was_heard_is_absorbed() -> None:
+    call, t = restored_unanswered(["what is my balance?"])
+    # the caller goes on before the read-back: the turn is asked for all of it and answered
+    last = speak(call, "and my savings?", t)
+    step(call, ReplySentence(2, "Ten and twenty dollars."), last + 0.1)
+    step(call, ENDPOINT, last + 0.36)
+    audio = last + 0.36 + LIVE.say_latency_s
+    assert call.history.window(9)[-2] == ("user", "what is my balance? and my savings?")
+    cmds = step(call, transcript("What is my balance?"), audio + 0.5)
+    cmds += step(call, transcript("And my savings?", "tr2"), audio + 0.6)
+    assert asks(cmds) == [] and call.turn == 2
+
+
+def test_a_new_final_after_a_restart_joins_the_unanswered_turn() -> None:
+    call, t = restored_unanswered(["what is my balance?"])
+    (ask,) = asks(step(call, transcript("And my savings?", "tr2"), t))
+    assert ask.history[-1] == ("user", "what is my balance? And my savings?")
+
+
+def test_an_old_snapshot_with_an_unanswered_turn_restores_and_takes_its_final_once() -> None:
+    snap = {
+        "call_id": CID,
+        "direction": "incoming",
+        "phase": "active",
+        "status": "progressing",
+        "transcribe_id": "t1",
+        "speaking_id": "s1",
+        "pending_stops": [],
+        "greeted": True,
+        "turn": 4,
+        "history": [
+            ("user", "first question 1"),
+            ("assistant", "You said: first question 1."),
+            ("user", "second question 1. And a detail."),
+        ],
+        "hangup_reason": "",
+        "seen_transcripts": ["f1", "f2"],
+    }
+    call = Call.restore(snap, LIVE)
+    call.resume(100.0)
+    call.handle(SpeakingStarted("s1", "active"), 100.0)
+    cmds: list[object] = []
+    for tid, text in (
+        ("f1", "first question 1"),
+        ("f2", "second question 1."),
+        ("f3", "And a detail."),
+    ):
+        cmds += step(call, transcript(text, tid), 100.5)
+    (ask,) = asks(cmds)
+    assert (ask.turn, ask.history[-1]) == (5, ("user", "second question 1. And a detail."))
 
 
 def test_words_after_a_goodbye_that_was_heard_are_not_answered() -> None:

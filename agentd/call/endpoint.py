@@ -142,6 +142,49 @@ def goes_on(new: str, old: str) -> bool:
     return unmatched > 0
 
 
+def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Equal runs of words, but for one of three or more the STT heard again differently."""
+    differ = sum(x != y for x, y in zip(a, b, strict=True))
+    return differ == 0 or (differ == 1 and len(a) >= 3)
+
+
+def _split(text: str, n: int) -> tuple[str, str]:
+    """`text` cut before its `n`-th word (counted as `words` counts them)."""
+    tokens = text.split()
+    seen = 0
+    for i, token in enumerate(tokens):
+        if token.lower().translate(_PUNCT):
+            if seen == n:
+                return " ".join(tokens[:i]), " ".join(tokens[i:])
+            seen += 1
+    return " ".join(tokens), ""
+
+
+def rejoin(held: str, start: int, final: str) -> tuple[str, int] | None:
+    """The final `final` set into `held`, a turn whose words from the `start`-th on may stand
+    on interims whose finals have not come: None when it repeats none of them (its words are
+    new), else (the turn with the final's words in place of the ones they repeat, the number
+    of the first word still awaiting its final: -1 when none is).
+
+    A final that comes after interims repeats them: all of it (a split utterance's first
+    final: within them), or its first words (the interims' end, and words they did not have
+    yet). Matched from the earliest word, the final's words win (the STT's last word on them);
+    one word of three or more heard again differently still matches (as in `goes_on`)."""
+    have, new = words(held), words(final)
+    if not new:
+        return held, start
+    for at in range(start, len(have)):
+        n = min(len(have) - at, len(new))
+        if not _same(have[at : at + n], new[:n]):
+            continue
+        head, rest = _split(held, at)
+        if at + n == len(have):  # its first words end the turn: the rest are new
+            return " ".join(filter(None, (head, final.strip()))), -1
+        tail = _split(rest, n)[1]
+        return " ".join(filter(None, (head, final.strip(), tail))), at + n
+    return None
+
+
 @dataclass(slots=True)
 class Hearing:
     """The caller's open turn: its final fragments and the interim in progress.

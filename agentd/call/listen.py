@@ -11,11 +11,16 @@ for all of the words; a reply sent but not heard yet is cut before its audio sta
 
 One user turn gets one reply: the final that repeats the words already answered is absorbed,
 whatever order, duplicates or read-backs it comes in; only new words open a new turn.
+
+A restart can come between a turn's interims and its final. The history saved then ends with
+the turn asked for on its interims; the restored call takes that turn for its open one and
+sets the final, read back later, into it (`rejoin`): its words are not added twice, and words
+it brings that the interims had not are kept.
 """
 
 from __future__ import annotations
 
-from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, words
+from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, words
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation
 from agentd.call.turn import TurnInput
@@ -40,14 +45,28 @@ class Listening(Conversation):
         self.answered_until = 0.0
         self.wasted = 0  # backend calls dropped because the caller went on
         self.cutting_in = -1  # the turn the agent cut in on: its reply is not barged in on
+        # the open turn a restart found unanswered, and the first of its words that may stand
+        # on interims whose final is still to come (-1: none may)
+        self.restored: Hearing | None = None
+        self.restored_from = -1
+        self.restored_until = 0.0
 
     def _restored(self, now: float) -> None:
         """The last turn the history shows answered may have been answered on its interims,
-        and its final be read back only now: it must not be answered again."""
+        and its final be read back only now: it must not be answered again. One it shows
+        asked for and unanswered stays the open turn: its finals must not add its words twice."""
         msgs = self.history.msgs
         if len(msgs) >= 2 and msgs[-1].role == "assistant" and msgs[-2].role == "user":
             self.answered = msgs[-2].text
             self.answered_until = now + _RESTORED_S
+        elif msgs and msgs[-1].role == "user" and self._speculating:
+            # which of its words came only from interims is not saved (the store has no field
+            # for it): any of them may have a final still to be read back
+            text = msgs[-1].text
+            h = Hearing([text], started_at=now, changed_at=now, in_history=text)
+            self.hearing = self.restored = h
+            self.restored_from = 0
+            self.restored_until = now + _RESTORED_S
 
     @property
     def _speculating(self) -> bool:
@@ -109,9 +128,37 @@ class Listening(Conversation):
                 cmds = self._cut(now, "transcript")
             h = self.hearing = Hearing(started_at=now)
         gap = now - h.changed_at
+        grew = self._rejoin(h, event.message, now)
+        if grew is not None:
+            if grew:
+                return cmds + self._words_grew(h, gap, now)
+            # no new words; the restored turn, not asked for since the restart, is answered now
+            return cmds + (self._final_confirms(h, now) if h.asked else self._due(h, now))
         if not h.on_final(event.message, now):
             return cmds + self._final_confirms(h, now)
         return cmds + self._words_grew(h, gap, now)
+
+    def _rejoin(self, h: Hearing, text: str, now: float) -> bool | None:
+        """Set the final `text` into `h` if it is the open turn restored from the store and
+        the final repeats some of its words: whether that brought new words. None: it is not
+        that turn, or the final's words are all new (it joins the turn as any final does)."""
+        if h is not self.restored:
+            return None
+        joined = None
+        if self.restored_from >= 0 and now <= self.restored_until:
+            joined = rejoin(h.finals[0], self.restored_from, text)
+        if joined is None:
+            self.restored, self.restored_from = None, -1  # the interims' finals are all in
+            return None
+        before = h.text()
+        h.finals[0], self.restored_from = joined
+        if self.restored_from < 0:
+            self.restored = None
+        h.final_at = now
+        if goes_on(h.text(), before):
+            h.changed_at = now
+            return True
+        return False
 
     def on_endpoint(self, now: float) -> list[Command]:
         """The timer of the open turn: ask the backend, or end the turn, when due."""
@@ -128,6 +175,12 @@ class Listening(Conversation):
         if h is not None and self._heard_reply(h, now):
             self.answered = h.unconfirmed()
             self.answered_until = now + self.settings.transcript_due_s
+            if h is self.restored:
+                # answered before the read-back: the restored words may still have finals due
+                pending = words(h.finals[0])[self.restored_from :]
+                self.answered = " ".join(filter(None, (*pending, self.answered)))
+                self.answered_until = now + _RESTORED_S
+                self.restored, self.restored_from = None, -1
             self.hearing = h = None
         return h
 
