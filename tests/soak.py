@@ -1,6 +1,8 @@
 """Soak: thousands of simulated calls through a real `agentd run` process with every fault on.
 
     python -m tests.soak --calls 2000 --out soak-report.json     (what `make soak` runs)
+    python -m tests.soak --replicas 2 --store-url postgresql://agentd@/soak?host=/run/postgresql
+        --calls 500 --concurrency 30 --kill-every 5 --workdir soak-work     (one command line)
 
 The simulator runs in this process; agentd runs as a child process that is SIGKILLed and
 restarted every `--kill-every` seconds. Meanwhile the simulator duplicates 10% and loses 2% of
@@ -10,6 +12,16 @@ questions, the second one two sentences the STT splits into two finals, and hang
 answered; a caller left waiting too long is hung up by the
 driver and counted as not served. The report counts calls served, leaked sessions, replies said
 twice and restarts survived.
+
+With `--replicas 2` (and `--store-url`, an empty PostgreSQL database agentd may migrate) two
+agentd processes share that database as replicas (`[store] replica` "a" and "b", `lease_s` 2,
+each its own status socket and JSON log `a.log` / `b.log` in the workdir, at level info). Both
+are subscribed before the first call; every `--kill-every` seconds a random one of them is
+SIGKILLed and restarted at once, never both, so the other one takes the dead one's calls over
+when their leases expire. The report adds how many calls were taken over (`calls_taken_over`:
+leases whose epoch is 2 or more at the end; `takeovers`: `lease.claimed` log lines with such an
+epoch, a call taken over twice counts twice) and a count of the replica events worth reading
+when something goes wrong (`call.lost`, `command.fenced`, `call.restored`, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,62 +69,148 @@ watch_s = 2.0
 # shorter than the short soak's 3 s between SIGKILLs: a deaf STT is found between restarts
 silence_s = 1.5
 [store]
-path = "{store}"
+{store}
 [log]
-level = "warning"
+level = "{level}"
 format = "json"
 """
+LEASE_S = 2.0  # a replica's lease: a dead replica's calls wait this long for the other one
+# the replica log events the report counts: what to grep the logs for when a call goes wrong
+REPLICA_EVENTS = (
+    "lease.claimed",
+    "call.restored",
+    "call.lost",
+    "command.fenced",
+    "call.foreign",
+    "call.refused",
+    "store.unreachable",
+)
 
 
 def subscribed(sim: Simulator) -> int:
     return sum(1 for c in sim.ws_connections if c.subscriptions and not c.closed)
 
 
+@dataclass
+class Agent:
+    """One agentd process of the soak, restarted under the same name, config and log."""
+
+    name: str
+    config: Path
+    log: Path
+    proc: asyncio.subprocess.Process | None = None
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines of `event`, from every process that ran under this name."""
+        out: list[dict[str, Any]] = []
+        if not self.log.exists():
+            return out
+        for line in self.log.read_text(errors="replace").splitlines():
+            if f'"{event}"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                fields = json.loads(line)
+                if isinstance(fields, dict) and fields.get("event") == event:
+                    out.append(fields)
+        return out
+
+
 class Soak:
-    def __init__(self, sim: Simulator, workdir: Path, seed: int) -> None:
+    """The agentd under test (one, or several replicas on one PostgreSQL), the chaos that
+    kills them and injects faults, and the callers."""
+
+    def __init__(
+        self,
+        sim: Simulator,
+        workdir: Path,
+        seed: int,
+        *,
+        replicas: int = 1,
+        store_url: str | None = None,
+    ) -> None:
         self.sim = sim
         self.workdir = workdir
         self.rng = random.Random(seed)
-        self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.restarts_survived = 0
         self.faults: Counter[str] = Counter()
-        self.config = workdir / "agentd.toml"
-        self.config.write_text(
+        if replicas == 1:
+            store = f'path = "{workdir / "agentd.db"}"'
+            self.agents = [self._agent("agentd", store, level="warning")]
+        else:
+            if not store_url:
+                raise ValueError("several replicas need a PostgreSQL store_url")
+            # info: the replica events (lease.claimed, call.restored, call.lost) are info
+            self.agents = [
+                self._agent(
+                    name,
+                    f'url = "{store_url}"\nlease_s = {LEASE_S}\nreplica = "{name}"\n'
+                    f'[status]\nsocket = "{workdir / name}.sock"',
+                    level="info",
+                )
+                for name in "abcdefgh"[:replicas]
+            ]
+
+    def _agent(self, name: str, store: str, level: str) -> Agent:
+        config = self.workdir / f"{name}.toml"
+        config.write_text(
             CONFIG.format(
-                api=sim.api_url,
-                user=sim.settings.username,
-                password=sim.settings.password,
+                api=self.sim.api_url,
+                user=self.sim.settings.username,
+                password=self.sim.settings.password,
                 number=OUR_NUMBER,
                 playback=PLAYBACK,
                 latency=SAY_LATENCY,
                 hold=CallSettings().final_hold_s * LATENCY_SCALE,
                 wait=CallSettings().final_wait_s * LATENCY_SCALE,
-                store=workdir / "agentd.db",
+                store=store,
+                level=level,
             )
         )
+        return Agent(name, config, self.workdir / f"{name}.log")
 
-    async def start_agent(self) -> None:
-        log = open(self.workdir / "agentd.log", "ab")  # noqa: ASYNC230, SIM115 (child's stdout)
-        self.proc = await asyncio.create_subprocess_exec(
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        """The single agentd's process (the first replica's with several)."""
+        return self.agents[0].proc
+
+    async def start_agent(self, agent: Agent, up: int | None = None) -> None:
+        """Start `agent`; return once `up` agentd (all of them by default) are subscribed."""
+        log = open(agent.log, "ab")  # noqa: ASYNC230, SIM115 (child's stdout)
+        agent.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "agentd",
             "run",
             "--config",
-            str(self.config),
+            str(agent.config),
             stdout=log,
             stderr=log,
             env={**os.environ, "NOTIFY_SOCKET": ""},
         )
         log.close()
-        await self.sim.wait_for(lambda: subscribed(self.sim) >= 1, 30)
+        # the others were subscribed before (one may be reconnecting after a dropped
+        # WebSocket, which takes well under these 30 s)
+        want = len(self.agents) if up is None else up
+        await self.sim.wait_for(lambda: subscribed(self.sim) >= want, 30)
 
-    async def kill_agent(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        await self.sim.wait_for(lambda: subscribed(self.sim) == 0, 10)
+    async def kill_agent(self, agent: Agent) -> None:
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGKILL)
+        await agent.proc.wait()
+        # its connection is gone, so the restart's wait counts the new one
+        await self.sim.wait_for(lambda: subscribed(self.sim) < len(self.agents), 10)
+
+    async def stop_agents(self) -> None:
+        """SIGTERM every agentd still running (SIGKILL one that does not stop in 30 s)."""
+        for agent in self.agents:
+            if agent.proc is not None and agent.proc.returncode is None:
+                agent.proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(agent.proc.wait(), 30)
+                except TimeoutError:
+                    agent.proc.kill()
+                    await agent.proc.wait()
 
     async def chaos(self, kill_every: float, stop: asyncio.Event) -> None:
         """Faults at random moments; a SIGKILL + restart every `kill_every` seconds."""
@@ -126,11 +225,16 @@ class Soak:
                 pass
             if time.monotonic() - last_kill > kill_every:
                 self.restarts += 1
-                await self.kill_agent()
-                await self.start_agent()
+                # with replicas: one at a time, restarted at once, so the other one is up
+                agent = self.rng.choice(self.agents) if len(self.agents) > 1 else self.agents[0]
+                await self.kill_agent(agent)
+                await self.start_agent(agent)
                 self.restarts_survived += 1
                 last_kill = time.monotonic()
                 continue
+            # every fault stays on with replicas: each is one VoIPBIN does to all of them at
+            # once (a dropped pod's WebSockets, expired tokens, 5xx/429 bursts) or to one call
+            # (its tts pod, its STT), whichever replica serves that call
             fault = self.rng.choice(FAULTS)
             self.faults[fault] += 1
             if fault == "drop":
@@ -181,7 +285,13 @@ class Soak:
             served = False
             await self.sim.hangup(call_id)
         said = Counter(li.planned for li in call.conversation if li.who == "agent")
-        doubles = sum(n - 1 for text, n in said.items() if text.startswith("You said") and n > 1)
+        # a reply said twice, or one sentence of it: every sentence the echo backend says
+        # comes from the caller's words ("You said: ..." and the split turn's "And a detail.")
+        doubles = sum(
+            n - 1
+            for text, n in said.items()
+            if (text.startswith("You said") or text == "And a detail.") and n > 1
+        )
         # the split turn answered before its second final came (lost, or late past the hold):
         # not a double reply, but worth counting
         partial = f"You said: second question {i}." in said
@@ -194,6 +304,77 @@ class Soak:
             "story": story,
         }
 
+    async def drive(self, calls: int, concurrency: int, kill_every: float) -> dict[str, Any]:
+        """Start the agentd, place the calls under chaos, wait for the sessions to end; the
+        report of what the callers heard."""
+        sim = self.sim
+        for n, agent in enumerate(self.agents, 1):
+            await self.start_agent(agent, up=n)
+        stop = asyncio.Event()
+        chaos = asyncio.create_task(self.chaos(kill_every, stop))
+        gate = asyncio.Semaphore(concurrency)
+
+        async def guarded(i: int) -> dict[str, Any]:
+            async with gate:
+                return await self.one_call(i, limit_s=30.0)
+
+        try:
+            results = await asyncio.gather(*(guarded(i) for i in range(calls)))
+        finally:
+            stop.set()
+            await chaos
+        sim.faults.duplicate_rate = sim.faults.lose_rate = 0.0
+        # everything has ended: the (restarted) agentd must have stopped every session
+        with contextlib.suppress(TimeoutError):
+            await sim.wait_for(lambda: not sim.leaks(), 60)
+        leaks = sim.leaks()
+        return {
+            "calls": calls,
+            "served": sum(r["served"] for r in results),
+            "not_served": sum(not r["served"] for r in results),
+            "leaked_sessions": len(leaks),
+            "double_replies": sum(r["doubles"] for r in results),
+            "split_turns_answered_in_part": sum(r["partial"] for r in results),
+            "daemon_restarts": self.restarts,
+            "daemon_restarts_survived": self.restarts_survived,
+            "faults": dict(self.faults) | {"duplicate_rate": 0.10, "lose_rate": 0.02},
+            "rest_requests": len(sim.requests),
+            "not_served_examples": [
+                {"call_id": r["call_id"], "heard": r["story"]} for r in results if not r["served"]
+            ][:5],
+            "double_reply_examples": [
+                {"call_id": r["call_id"], "heard": r["story"]} for r in results if r["doubles"]
+            ][:5],
+            "leak_examples": leaks[:5],
+        }
+
+    def replica_report(self) -> dict[str, Any]:
+        """What the replicas' logs say: takeovers, and the events to read when a call failed."""
+        events = {e: sum(len(a.events(e)) for a in self.agents) for e in REPLICA_EVENTS}
+        takeovers = sum(
+            1
+            for agent in self.agents
+            for line in agent.events("lease.claimed")
+            if int(line.get("epoch", 0)) >= 2
+        )
+        return {
+            "replicas": len(self.agents),
+            "takeovers": takeovers,
+            "replica_events": events,
+            "logs": [str(a.log) for a in self.agents],
+        }
+
+
+async def calls_taken_over(store_url: str) -> int:
+    """How many calls' leases ended with epoch 2 or more: served by more than one replica."""
+    from agentd.store_pg import PgStore  # asyncpg: only for the replicas' mode
+
+    store = await PgStore.open(store_url, max_size=1)
+    try:
+        return sum(1 for lease in await store.leases() if lease.epoch >= 2)
+    finally:
+        await store.close()
+
 
 async def run(
     calls: int,
@@ -203,7 +384,15 @@ async def run(
     *,
     out: Path | None = None,
     workdir: Path | None = None,
+    replicas: int = 1,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
+    """Run the soak; its report. `replicas` > 1 runs that many agentd on the PostgreSQL
+    database at `store_url` (empty, or agentd's own) and kills one of them at a time."""
+    if replicas < 1:
+        raise ValueError("replicas: at least 1")
+    if replicas > 1 and not store_url:
+        raise ValueError("several replicas need a PostgreSQL store_url")
     settings = SimSettings(
         playback_chars_per_s=PLAYBACK,
         speech_words_per_s=30.0,
@@ -220,48 +409,16 @@ async def run(
         with tempfile.TemporaryDirectory(prefix="agentd-soak-") as tmp:
             if workdir is not None:
                 os.makedirs(workdir, exist_ok=True)
-            soak = Soak(sim, workdir or Path(tmp), seed)
-            await soak.start_agent()
-            stop = asyncio.Event()
-            chaos = asyncio.create_task(soak.chaos(kill_every, stop))
-            gate = asyncio.Semaphore(concurrency)
-
-            async def guarded(i: int) -> dict[str, Any]:
-                async with gate:
-                    return await soak.one_call(i, limit_s=30.0)
-
-            results = await asyncio.gather(*(guarded(i) for i in range(calls)))
-            stop.set()
-            await chaos
-            sim.faults.duplicate_rate = sim.faults.lose_rate = 0.0
-            # everything has ended: the (restarted) agentd must have stopped every session
-            with contextlib.suppress(TimeoutError):
-                await sim.wait_for(lambda: not sim.leaks(), 60)
-            leaks = sim.leaks()
-            if soak.proc is not None and soak.proc.returncode is None:
-                soak.proc.send_signal(signal.SIGTERM)
-                await soak.proc.wait()
-            report = {
-                "calls": calls,
-                "served": sum(r["served"] for r in results),
-                "not_served": sum(not r["served"] for r in results),
-                "leaked_sessions": len(leaks),
-                "double_replies": sum(r["doubles"] for r in results),
-                "split_turns_answered_in_part": sum(r["partial"] for r in results),
-                "daemon_restarts": soak.restarts,
-                "daemon_restarts_survived": soak.restarts_survived,
-                "faults": dict(soak.faults) | {"duplicate_rate": 0.10, "lose_rate": 0.02},
-                "rest_requests": len(sim.requests),
-                "not_served_examples": [
-                    {"call_id": r["call_id"], "heard": r["story"]}
-                    for r in results
-                    if not r["served"]
-                ][:5],
-                "double_reply_examples": [
-                    {"call_id": r["call_id"], "heard": r["story"]} for r in results if r["doubles"]
-                ][:5],
-                "seconds": round(time.monotonic() - started, 1),
-            }
+            soak = Soak(sim, workdir or Path(tmp), seed, replicas=replicas, store_url=store_url)
+            try:
+                report = await soak.drive(calls, concurrency, kill_every)
+            finally:
+                await soak.stop_agents()  # also when the soak failed: no agentd left behind
+            if replicas > 1:
+                assert store_url is not None
+                report |= soak.replica_report()
+                report["calls_taken_over"] = await calls_taken_over(store_url)
+    report["seconds"] = round(time.monotonic() - started, 1)
     return report
 
 
@@ -273,9 +430,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("soak-report.json"))
     p.add_argument("--workdir", type=Path, help="keep agentd's config, store and log here")
+    p.add_argument("--replicas", type=int, default=1, help="agentd processes on one PostgreSQL (2)")
+    p.add_argument(
+        "--store-url", help="the replicas' PostgreSQL database (postgresql://...), empty"
+    )
     args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error("--replicas: at least 1")
+    if args.replicas > 1 and not args.store_url:
+        p.error("--replicas 2 needs --store-url (a PostgreSQL database agentd may migrate)")
     report = asyncio.run(
-        run(args.calls, args.concurrency, args.kill_every, args.seed, workdir=args.workdir)
+        run(
+            args.calls,
+            args.concurrency,
+            args.kill_every,
+            args.seed,
+            workdir=args.workdir,
+            replicas=args.replicas,
+            store_url=args.store_url,
+        )
     )
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -1,4 +1,5 @@
-"""The short soak (the long one is `make soak`): faults, SIGKILL restarts, and still no leaks."""
+"""The short soak (the long one is `make soak`): faults, SIGKILL restarts, and still no leaks;
+then the same with two replicas on one PostgreSQL, one of them SIGKILLed at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 
 from tests import soak
 
-# the short soak: faults and SIGKILL restarts, about 20 s
+pytest_plugins = ["tests.pg"]  # the fixture pg_url: a fresh database of a real PostgreSQL
+
+# the short soaks: faults and SIGKILL restarts, about 10 s and 20 s
 pytestmark = pytest.mark.slow
 
 
@@ -19,3 +22,22 @@ async def test_short_soak(tmp_path: Path) -> None:
     assert report["served"] == report["calls"], report["not_served_examples"]
     assert report["daemon_restarts_survived"] == report["daemon_restarts"] >= 1
     assert (tmp_path / "agentd.db").exists()  # the restarted agentd resumed calls from this store
+
+
+async def test_short_soak_with_two_replicas(tmp_path: Path, pg_url: str) -> None:
+    """Two agentd on one PostgreSQL, a random one SIGKILLed every 3 s: the other takes its
+    calls over, and every caller is still answered once, with no session left behind."""
+    report = await soak.run(
+        calls=40,
+        concurrency=10,  # about 15 s of calls: 3 to 5 SIGKILLs, most of them under live calls
+        kill_every=3.0,
+        seed=6,
+        workdir=tmp_path,
+        replicas=2,
+        store_url=pg_url,
+    )
+    assert report["served"] == report["calls"], report["not_served_examples"]
+    assert report["leaked_sessions"] == 0, report["leak_examples"]
+    assert report["double_replies"] == 0, report["double_reply_examples"]
+    assert report["daemon_restarts_survived"] == report["daemon_restarts"] >= 1
+    assert report["calls_taken_over"] >= 1, report["replica_events"]
