@@ -254,6 +254,16 @@ async def answered(sim: Simulator, call_id: str, words: str) -> None:
     await sim.wait_for(lambda: f"You said: {words}." in agent_lines(sim, call_id), 20)
 
 
+async def first_turn(sim: Simulator, pg_url: str) -> tuple[str, str, str]:
+    """A call answered once by one of replicas a and b: (its id, its owner, the other)."""
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
+    )
+    await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
+    owner = await owner_of(pg_url, call_id)
+    return call_id, owner, "b" if owner == "a" else "a"
+
+
 def assert_each_once(sim: Simulator, call_id: str, *turns: str) -> None:
     lines = agent_lines(sim, call_id)
     assert lines.count(GREETING) == 1
@@ -267,12 +277,7 @@ async def test_sigkill_of_the_owner_the_other_replica_answers_the_next_turn(
     sim: Simulator, tmp_path: Path, pg_url: str
 ) -> None:
     async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}) as agents:
-        call_id = sim.inbound_call(
-            CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
-        )
-        await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
-        owner = await owner_of(pg_url, call_id)
-        other = "b" if owner == "a" else "a"
+        call_id, owner, other = await first_turn(sim, pg_url)
         await agents[owner].stop(signal.SIGKILL)
         await answered(sim, call_id, "second turn")  # spoken while nobody serves the call
         assert await owner_of(pg_url, call_id) == other
@@ -295,12 +300,7 @@ async def test_a_replica_paused_past_its_lease_says_nothing_more_on_the_call(
     sim: Simulator, tmp_path: Path, pg_url: str
 ) -> None:
     async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}) as agents:
-        call_id = sim.inbound_call(
-            CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
-        )
-        await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
-        owner = await owner_of(pg_url, call_id)
-        other = "b" if owner == "a" else "a"
+        call_id, owner, other = await first_turn(sim, pg_url)
         checks = len(sim.requests_matching("GET", rf"/calls/{call_id}$"))
         agents[owner].signal(signal.SIGSTOP)
         # the other replica takes the call over: its resume checks the call
