@@ -8,6 +8,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from agentd import logs
@@ -53,6 +54,11 @@ Gate = asyncio.Task[None]
 
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) else None
+
+
+def _forget_gate(gates: dict[str, Gate], call_id: str, task: Gate) -> None:
+    if gates.get(call_id) is task:  # a done task would keep its coroutine and context
+        del gates[call_id]
 
 
 def _writes_ahead(commands: list[Any]) -> bool:
@@ -247,6 +253,7 @@ class Daemon:
         self._gates[call_id] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(_forget_gate, self._gates, call_id))
 
     # ---- replicas: leases on the calls ---------------------------------------------------------
 

@@ -151,7 +151,10 @@ class Executor:
         queue.append(cmd)
         worker = lanes.workers.get(cmd.lane)
         if worker is None or worker.done():
-            lanes.workers[cmd.lane] = self._spawn(self._drain(call_id, queue))
+            lanes.workers[cmd.lane] = worker = self._spawn(self._drain(call_id, queue))
+            # a finished task keeps its coroutine and context: at a thousand calls, holding
+            # on to the last one of each lane costs memory and GC time for nothing
+            worker.add_done_callback(partial(_drop_task, lanes.workers, cmd.lane))
 
     def _forget(self, call_id: str) -> None:
         lanes = self._calls.pop(call_id, None)
@@ -384,7 +387,8 @@ class Executor:
             if turn < cmd.turn:  # a newer turn makes any older reply stale
                 task.cancel()
                 del lanes.replies[turn]
-        lanes.replies[cmd.turn] = self._spawn(self._reply(cmd))
+        task = lanes.replies[cmd.turn] = self._spawn(self._reply(cmd))
+        task.add_done_callback(partial(_drop_task, lanes.replies, cmd.turn))
 
     async def _reply(self, cmd: AskBackend) -> None:
         with logs.bound(call_id=cmd.call_id, turn=cmd.turn):
@@ -402,6 +406,12 @@ class Executor:
             lanes.timers.pop(timer, None)
         with logs.bound(call_id=call_id):
             self.feed(call_id, TimerFired(timer))
+
+
+def _drop_task(tasks: dict[Any, asyncio.Task[None]], key: object, task: asyncio.Task[None]) -> None:
+    """Forget a finished task, unless a newer one took its place."""
+    if tasks.get(key) is task:
+        del tasks[key]
 
 
 def _billing(speaking: dict[str, Any], call_id: str) -> bool:

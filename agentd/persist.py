@@ -124,6 +124,12 @@ class Persister:
         task.add_done_callback(self._tasks.discard)
         for call_id in dirty:
             self._writing[call_id] = task
+        task.add_done_callback(lambda t: self._written(t, dirty))
+
+    def _written(self, task: asyncio.Task[None], calls: dict[str, Call]) -> None:
+        for call_id in calls:  # done: nothing to wait for (and no task kept per call)
+            if self._writing.get(call_id) is task:
+                del self._writing[call_id]
 
     async def _write(self, batch: Batch) -> None:
         try:
