@@ -157,6 +157,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
+def tune_gc() -> None:
+    """Collect garbage cycles less often, in smaller steps. CPython's first threshold (700 new
+    objects) runs a young collection every few hundred events under load, and every hundredth
+    is a full one that walks every live object: some hundred thousand at a thousand calls, tens
+    of milliseconds on a small box while every turn in flight waits. Ten times the threshold
+    makes young collections ten times rarer, and the middle generation collected every third
+    time instead of every tenth keeps each of them short (a full one comes every 30, three times
+    rarer than by default). What was imported at start never changes: it is frozen, so no
+    collection walks it again."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    young, _, old = gc.get_threshold()
+    gc.set_threshold(young * 10, 3, old)
+
+
 def _run(config_arg: str | None) -> int:
     import structlog
 
@@ -167,6 +184,7 @@ def _run(config_arg: str | None) -> int:
 
     config = _load(config_arg)
     logs.configure(config.log_level, config.log_format)
+    tune_gc()
     for warning in config.warnings:
         structlog.get_logger("agentd.config").warning("config.warning", warning=warning)
 

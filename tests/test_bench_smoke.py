@@ -60,7 +60,8 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
             assert row["n"]["median"] >= 1, (who, calls)
             assert 0 < row["p50"]["median"] <= row["p99"]["median"] <= row["max"]["median"] < 1000
             assert row["leaked_sessions"] == 0, (who, calls)
-            assert row["cpu_pct"]["median"] > 0 and row["rss_mb"]["median"] > 5, (who, calls)
+            # one call for 1.5 s may use less CPU than /proc's 10 ms tick: 0 is a true reading
+            assert row["cpu_pct"]["median"] >= 0 and row["rss_mb"]["median"] > 5, (who, calls)
             assert len(row["samples_ms"]) == sum(r["n"] for r in row["runs"])
 
     # the burst: every caller spoke in every round, every turn is counted once

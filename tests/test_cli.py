@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 from typing import TYPE_CHECKING
 
@@ -77,3 +78,13 @@ async def test_run_exits_2_naming_the_permission_the_login_lacks(
     assert '"event":"stream.forbidden"' in out  # the journal says it too, as an error
     assert sim.accesskey not in out + err
     assert len(sim.requests_matching("GET", r"/customer$")) == 1  # no silent retries
+
+
+def test_agentd_run_collects_garbage_cycles_less_often_and_never_walks_its_imports() -> None:
+    # in a fresh interpreter: the tests' own process keeps CPython's defaults
+    code = (
+        "import gc; from agentd.cli import tune_gc; d = gc.get_threshold(); tune_gc(); "
+        "print(d, gc.get_threshold(), gc.get_freeze_count() > 10_000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split(") (") == ["(700, 10, 10", "7000, 3, 10) True\n"]
