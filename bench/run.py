@@ -1058,7 +1058,7 @@ async def _failover_measure(
         "taken_over": taken_over,
         "takeover_p50_ms": takeover_p50,
         "takeover_max_ms": takeover_max,
-        "takeover_ms": [round(x * 1000, 1) for x in takeover],
+        "takeover_ms": [round(x * 1000, 3) for x in takeover],  # as summary_ms rounds p50
         "no_kill_p50_ms": no_kill_p50,
         "no_kill_max_ms": no_kill_max,
         "survivor_calls": held[survivor],
