@@ -353,30 +353,33 @@ class Daemon:
                 log.exception("takeover_loop.crashed")
             await asyncio.sleep(every_s)
 
-    async def _resume(self, call_ids: set[str] | None) -> None:
-        """Restore calls from the store (all the live ones: None) and resume each."""
-        assert self.persister is not None
+    async def _resume(self, call_ids: set[str]) -> None:
+        """Take over these calls from the store (their leases are ours now) and resume each."""
+        assert self.persister is not None and self.replica is not None
         try:
             calls = await self.persister.restore(self.config.call, call_ids)
         except StoreError as exc:
             log.error("store.restore_failed", error=str(exc))
             calls = []
-        if call_ids is not None and self.replica is not None:
-            for call_id in call_ids - {c.id for c in calls}:
-                self.replica.forget(call_id)  # it ended meanwhile: nothing to serve
+        for call_id in call_ids - {c.id for c in calls}:
+            self.replica.forget(call_id)  # it ended meanwhile: nothing to serve
+        # a late first claim of ours may serve one already
+        self._adopt_restored([c for c in calls if c.id not in self.dispatcher.calls], True)
+
+    def _adopt_restored(self, calls: list[Call], takeover: bool) -> None:
+        """Serve calls restored from the store: check each, re-attach or clean up."""
         now = self.clock()
         for call in calls:
-            if call.id in self.dispatcher.calls:
-                continue  # a late first claim of ours already serves it
             self.dispatcher.adopt(call)
             log.info("call.restored", call_id=call.id, phase=call.phase.value)
             self._execute(call.id, call.resume(now))
-            if call_ids is not None and call.transcribe_id and call.phase.live:
-                # a takeover, with the stream up: what the caller said while nobody served the
-                # call reached no replica (or one that left it alone); read it back
+            if takeover and call.transcribe_id and call.phase.live:
+                # the stream is up: what the caller said while nobody served the call reached
+                # no replica (or one that left it alone); read it back. (After a restart the
+                # reconcile on subscribing does it.)
                 self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
         if calls:
-            log.info("agentd.restored", calls=len(calls), takeover=call_ids is not None)
+            log.info("agentd.restored", calls=len(calls), takeover=takeover)
 
     def _on_step(self, call: Call, event: Event | Result) -> None:
         if call.id not in self.call_seen:
@@ -527,14 +530,7 @@ class Daemon:
         """Pick up the calls the last agentd left live: check each, re-attach or clean up."""
         assert self.persister is not None
         self.dispatcher.remember_ended(await self.persister.store.ended_call_ids())
-        calls = await self.persister.restore(self.config.call)
-        now = self.clock()
-        for call in calls:
-            self.dispatcher.adopt(call)
-            log.info("call.restored", call_id=call.id, phase=call.phase.value)
-            self._execute(call.id, call.resume(now))
-        if calls:
-            log.info("agentd.restored", calls=len(calls))
+        self._adopt_restored(await self.persister.restore(self.config.call), False)
 
     async def _drain(self) -> None:
         """Let in-flight replies finish (up to drain_s). Then, when configured or without a

@@ -117,7 +117,7 @@ class Dispatcher:
                 if call is not None:
                     self._step(call, event)
                 elif event.reference_id in self._foreign:
-                    self._foreign_transcribe(event.id)
+                    _keep(self._foreign_transcribes, event.id)
 
     def feed(self, call_id: str, result: Event | Result) -> None:
         """A command's outcome (from the executor) for `call_id`."""
@@ -236,24 +236,15 @@ class Dispatcher:
         for tid in tids:
             self._by_transcribe.pop(tid, None)
         if foreign:
-            self._foreign[call_id] = None
-            while len(self._foreign) > 10_000:
-                self._foreign.popitem(last=False)
+            _keep(self._foreign, call_id)
             for tid in tids:
-                self._foreign_transcribe(tid)
+                _keep(self._foreign_transcribes, tid)
         self._check_waiters()
         if not self.calls and self._idle is not None:
             self._idle.set()
 
-    def _foreign_transcribe(self, transcribe_id: str) -> None:
-        self._foreign_transcribes[transcribe_id] = None
-        while len(self._foreign_transcribes) > 10_000:
-            self._foreign_transcribes.popitem(last=False)
-
     def _remember(self, call_id: str) -> None:
-        self._ended[call_id] = None
-        while len(self._ended) > 10_000:
-            self._ended.popitem(last=False)
+        _keep(self._ended, call_id)
 
     def remember_ended(self, call_ids: Iterable[str]) -> None:
         """Calls that ended (or were handed over) before a restart: never adopt them again."""
@@ -307,6 +298,13 @@ class Dispatcher:
     def live_calls(self) -> list[Call]:
         """Calls not yet ended."""
         return [c for c in self.calls.values() if c.phase is not Phase.ENDED]
+
+
+def _keep(ids: OrderedDict[str, None], key: str, limit: int = 10_000) -> None:
+    """Remember `key` among the last `limit` ids (the oldest forgotten first)."""
+    ids[key] = None
+    while len(ids) > limit:
+        ids.popitem(last=False)
 
 
 def _describe(event: Event | Result) -> dict[str, object]:

@@ -157,25 +157,28 @@ class Executor:
             worker.add_done_callback(partial(_drop_task, lanes.workers, cmd.lane))
 
     def _forget(self, call_id: str) -> None:
-        lanes = self._calls.pop(call_id, None)
-        if lanes is not None:
-            for handle in lanes.timers.values():
-                handle.cancel()
-            for task in lanes.replies.values():
-                task.cancel()
+        self._cancel(call_id)  # the lanes finish what they hold: the last stops
         if self.on_finished is not None:
             self.on_finished(call_id)
 
     def drop(self, call_id: str) -> None:
         """Stop everything of a call this replica lost, requests in flight too, silently:
         another replica serves it now."""
+        self._cancel(call_id, lanes_too=True)
+
+    def _cancel(self, call_id: str, *, lanes_too: bool = False) -> None:
+        """Forget the call's lanes: cancel its timers and replies (and its lane workers)."""
         lanes = self._calls.pop(call_id, None)
         if lanes is None:
             return
         for handle in lanes.timers.values():
             handle.cancel()
+        if not lanes_too:
+            for task in lanes.replies.values():
+                task.cancel()
+            return
         for task in (*lanes.replies.values(), *lanes.workers.values()):
-            if task is not asyncio.current_task():
+            if task is not asyncio.current_task():  # the lane that found the lease gone
                 task.cancel()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:

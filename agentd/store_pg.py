@@ -407,6 +407,8 @@ def _lease(row: asyncpg.Record) -> Lease:
     )
 
 
+# the leases that matter: of calls still live in the store
+_LIVE_CALL: Final = "call_id IN (SELECT call_id FROM calls WHERE phase != 'ended')"
 _LEASE_COLUMNS: Final = f"""call_id, owner, epoch,
     extract(epoch FROM acquired_at)::float8 AS acquired_at,
     extract(epoch FROM expires_at)::float8 AS expires_at,
@@ -892,8 +894,7 @@ class PgStore:
         async def read(conn: Conn) -> list[Lease]:
             rows = await conn.fetch(
                 f"""SELECT {_LEASE_COLUMNS} FROM leases
-                    WHERE expires_at <= {_NOW}
-                      AND call_id IN (SELECT call_id FROM calls WHERE phase != 'ended')
+                    WHERE expires_at <= {_NOW} AND {_LIVE_CALL}
                     ORDER BY expires_at, call_id""",
                 self._skew,
             )
@@ -907,7 +908,7 @@ class PgStore:
         async def read(conn: Conn) -> list[Lease]:
             rows = await conn.fetch(
                 f"""SELECT {_LEASE_COLUMNS} FROM leases
-                    WHERE call_id IN (SELECT call_id FROM calls WHERE phase != 'ended')
+                    WHERE {_LIVE_CALL}
                     ORDER BY call_id""",
                 self._skew,
             )
@@ -916,7 +917,7 @@ class PgStore:
         return await self._with_conn(read, "cannot read the leases")
 
     async def leases(self, owner: str | None = None) -> list[Lease]:
-        """Every lease (or `owner`'s), expired ones too, by call id: for `agentd status`."""
+        """Every lease (or `owner`'s), expired ones too, ended calls' too, by call id."""
 
         async def read(conn: Conn) -> list[Lease]:
             rows = await conn.fetch(

@@ -24,8 +24,8 @@ from agentd.replicas import Replica, new_replica_id
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.status import fetch, render
 from agentd.store_pg import PgStore
-from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
-from tests.test_restart import CONFIG, agent_lines, start, subscribed
+from tests.support import CALLER, OUR_NUMBER
+from tests.test_restart import agent_lines, config_text, start, subscribed
 from tests.test_store import Clock, record
 
 if TYPE_CHECKING:
@@ -173,18 +173,7 @@ class Agent:
 def agent_config(sim: Simulator, tmp_path: Path, store_url: str, name: str) -> Path:
     store = f'url = "{store_url}"\nlease_s = {LEASE_S}\nreplica = "{name}"'
     config = tmp_path / f"{name}.toml"
-    config.write_text(
-        CONFIG.format(
-            api=sim.api_url,
-            key=sim.accesskey,
-            number=OUR_NUMBER,
-            playback=PLAYBACK,
-            latency=SAY_LATENCY,
-            hold=FINAL_HOLD,
-            store=store,
-        )
-        + f'[status]\nsocket = "{tmp_path / name}.sock"\n'
-    )
+    config.write_text(config_text(sim, store) + f'[status]\nsocket = "{tmp_path / name}.sock"\n')
     return config
 
 

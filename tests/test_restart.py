@@ -50,21 +50,24 @@ async def start(config: Path, stdout: Path | None = None) -> asyncio.subprocess.
     )
 
 
+def config_text(sim: Simulator, store: str) -> str:
+    """The tests' agentd config against `sim`, with `store` as its `[store]` table's body."""
+    return CONFIG.format(
+        api=sim.api_url,
+        key=sim.accesskey,
+        number=OUR_NUMBER,
+        playback=PLAYBACK,
+        latency=SAY_LATENCY,
+        hold=FINAL_HOLD,
+        store=store,
+    )
+
+
 def write_config(sim: Simulator, tmp_path: Path, store_url: str | None = None) -> Path:
     """One config for every agentd of a test: the same store, so a restart finds the calls."""
     store = f'url = "{store_url}"' if store_url else f'path = "{tmp_path / "agentd.db"}"'
     config = tmp_path / "agentd.toml"
-    config.write_text(
-        CONFIG.format(
-            api=sim.api_url,
-            key=sim.accesskey,
-            number=OUR_NUMBER,
-            playback=PLAYBACK,
-            latency=SAY_LATENCY,
-            hold=FINAL_HOLD,
-            store=store,
-        )
-    )
+    config.write_text(config_text(sim, store))
     return config
 
 
