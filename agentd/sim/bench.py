@@ -8,7 +8,8 @@ system-wide on Linux, so a driver in another process can compare them with its o
 * ``calls`` ``{"count", "spread_s", "text", "every_s", "turns", "source", "destination"}`` ->
   ``{"ids"}``: ``count`` inbound calls created at once and answered evenly over ``spread_s``; each
   caller says ``text`` ``every_s`` seconds after its previous utterance (``turns`` times, whatever
-  the agent does) and never hangs up by itself.
+  the agent does) and never hangs up by itself. Each keeps to its own timeline from its planned
+  answer, so the callers stay staggered even when the simulator runs late for a while.
 * ``burst`` ``{"text"}`` -> ``{"t", "count"}``: every answered call that is not over
   (``progressing``) has its caller say ``text``, all starting at the same instant ``t``, so
   every final transcript is due at once (the bench's burst; start calls with ``"turns": 0`` so
@@ -116,10 +117,14 @@ class BenchApi:
         source = str(body.get("source", "+15550001111"))
         destination = str(body.get("destination", "+15551234567"))
         ids = []
+        t = time.monotonic()
         for i in range(count):
             caller = Caller(
                 [Utterance(text, pause_s=every, wait_for_agent=False) for _ in range(turns)],
                 hangup_after_s=None,
+                # each caller keeps its own slot: a pause of this simulator (a GC of the 1,000
+                # calls just created) would otherwise bunch the callers due in it for good
+                paced_from=t + spread * i / count,
             )
             ids.append(self.sim.inbound_call(source, destination, caller, spread * i / count))
         return ids

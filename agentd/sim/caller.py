@@ -6,6 +6,8 @@ Rules (see :class:`~agentd.sim.model.Utterance`):
   started (the greeting, for the first one) and all its audio has finished, then ``pause_s``;
 * ``barge_in_after_s``: start that long after the agent starts playing its next reply audio;
 * ``wait_for_agent=False``: ``pause_s`` after the previous utterance, whatever the agent does;
+  with :attr:`~agentd.sim.model.Caller.paced_from` set, on a timeline from that instant, so a
+  late simulator (its own GC, a busy loop) does not bunch callers together for the rest of a run;
 * ``backchannel_after_s``: like a barge-in, but the caller expects no answer: the next utterance
   still waits for the reply the backchannel was said over (said even if that reply has ended).
 
@@ -66,16 +68,33 @@ async def _wait_turn(world: World, call: SimCall, utt: Utterance, baseline: int)
             return
 
 
+def _paced(utt: Utterance) -> bool:
+    """Said on the clock alone (not waiting for the agent, nor keyed to its reply)."""
+    return (
+        not utt.wait_for_agent and utt.barge_in_after_s is None and utt.backchannel_after_s is None
+    )
+
+
 async def run_caller(
     world: World, speech: Speech, calls: Calls, call: SimCall, caller: Caller
 ) -> None:
     """Play ``caller``'s script on ``call`` (started when the call is answered)."""
     baseline = call.say_seq
+    paced = caller.paced_from
     for utt in caller.utterances:
-        await _wait_turn(world, call, utt, baseline)
+        start = None
+        if paced is not None and _paced(utt):
+            start = paced + utt.pause_s
+            delay = start - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            await _wait_turn(world, call, utt, baseline)
         if call.status != "progressing":
             return
-        await speech.stt.caller_says(call, utt.text, utt.finals)
+        end = await speech.stt.caller_says(call, utt.text, utt.finals, start=start)
+        if paced is not None:
+            paced = end
         if utt.backchannel_after_s is None:
             # an answer comes after the words it answers: what the agent sent while the caller
             # was talking is the reply they talked over

@@ -79,6 +79,10 @@ class Caller:
 
     utterances: list[Utterance] = field(default_factory=list)
     hangup_after_s: float | None = 0.2
+    #: When set (a ``time.monotonic()`` instant), utterances with ``wait_for_agent=False`` keep
+    #: to a timeline from it: each starts ``pause_s`` after the previous one was due to end, not
+    #: after it really ended, so lateness does not carry over (the bench's staggered callers).
+    paced_from: float | None = None
 
 
 OutcomeResult = Literal["answer", "busy", "noanswer", "failed"]

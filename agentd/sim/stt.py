@@ -375,15 +375,16 @@ class Stt:
         finals: list[str] | None = None,
         *,
         start: float | None = None,
-    ) -> None:
+    ) -> float:
         """The caller speaks ``text``, one word every ``1 / speech_words_per_s`` seconds.
 
-        Returns when the caller stops talking; the transcribes that hear direction ``in`` report
-        it as :func:`schedule` says, the last final ``stt_final_delay_s`` later. ``finals``
-        forces the split (default :func:`split_finals`). A transcribe started mid-utterance
-        hears the rest of it. The conversation records the utterance either way. ``start``
-        (``time.monotonic()``, default now) is when the caller started talking: callers given
-        the same one speak in lockstep (the bench's burst), whenever their tasks get to run.
+        Returns when the caller stops talking, with the instant its last word was due; the
+        transcribes that hear direction ``in`` report it as :func:`schedule` says, the last final
+        ``stt_final_delay_s`` later. ``finals`` forces the split (default :func:`split_finals`).
+        A transcribe started mid-utterance hears the rest of it. The conversation records the
+        utterance either way. ``start`` (``time.monotonic()``, default now) is when the caller
+        started talking: callers given the same one speak in lockstep (the bench's burst),
+        whenever their tasks get to run.
         """
         parts = [p.split() for p in (finals if finals is not None else split_finals(text))]
         parts = [p for p in parts if p]
@@ -410,6 +411,7 @@ class Stt:
         finally:
             line.t_end = time.monotonic()
             self.world.notify()
+        return times[-1] if times else t0
 
     def hear_agent(self, call_id: str, text: str) -> None:
         """The agent's audio, just finished, heard back on an ``out``/``both`` transcribe.

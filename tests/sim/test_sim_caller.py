@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import pytest
 from simhelpers import post, recv_json, subscribe, ws_connect
@@ -150,6 +152,22 @@ async def test_wait_for_agent_false_and_never_hang_up(sim: Simulator) -> None:
     assert [line.text for line in call.conversation] == ["one", "two"]
     with pytest.raises(TimeoutError):
         await sim.wait_for(lambda: call.ended, timeout=0.3)
+
+
+async def test_a_paced_caller_keeps_its_timeline_when_late(sim: Simulator) -> None:
+    # A caller whose timeline began 60 s ago (as if the simulator had stalled): it does not
+    # start its pauses over from now but says what was due at once, each line at its slot.
+    t = time.monotonic() - 60.0
+    caller = Caller(
+        [Utterance(w, pause_s=2.0, wait_for_agent=False) for w in ("one", "two", "three")],
+        hangup_after_s=None,
+        paced_from=t,
+    )
+    call = sim.get_call(sim.inbound_call(caller=caller))
+    await sim.wait_for(lambda: len(call.conversation) == 3 and call.conversation[2].t_end)
+    step = 1.0 / sim.settings.speech_words_per_s  # one word each
+    starts = [line.t_start for line in call.conversation]
+    assert starts == pytest.approx([t + 2.0, t + 4.0 + step, t + 6.0 + 2 * step])
 
 
 async def test_outbound_callee_script(sim: Simulator, http: aiohttp.ClientSession) -> None:
