@@ -40,6 +40,8 @@ _SAY_5XX_WINDOW_S = 10.0  # /say 5xx further apart than this are not "in a row"
 class Sessions(CallCore):
     """Results of the session commands, and the session timers."""
 
+    __slots__ = ()
+
     def _on_transcribe_started(self, event: TranscribeStarted, _now: float) -> list[Command]:
         if self.phase.over:
             self.transcribe.step(SessionInput.ABANDON)

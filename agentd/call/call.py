@@ -70,6 +70,8 @@ _STATUSES = {inp.value: inp for inp in REMOTE}
 class Call(Recovery, Sessions, Listening):
     """One call. Feed it events and results; it returns commands."""
 
+    __slots__ = ()
+
     def handle(self, event: Input, now: float) -> list[Command]:
         """Apply one event or command result at time `now` (seconds, monotonic)."""
         self._report_input(event, now)

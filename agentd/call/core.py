@@ -46,6 +46,49 @@ Input = Event | Result  # what a call handles
 class CallCore:
     """The state of one call and the steps its handlers share."""
 
+    # slots, not a dict per call: a thousand calls are a thousand of these
+    __slots__ = (
+        "after_reply",
+        "age_s",
+        "anomalies",
+        "direction",
+        "failed",
+        "filler_due_at",
+        "filler_turn",
+        "greeted",
+        "hangup_reason",
+        "heard_words",
+        "held",
+        "history",
+        "hold_until",
+        "id",
+        "incomplete_turn",
+        "last_caller",
+        "last_heard",
+        "ledger",
+        "phases",
+        "playback",
+        "report",
+        "reprompts",
+        "said_turn",
+        "say_5xx",
+        "say_5xx_at",
+        "settings",
+        "shutting_down",
+        "speaking",
+        "speaking_restarts",
+        "speech_since",
+        "status",
+        "stt_replaced",
+        "timing_due",
+        "transcribe",
+        "transcribe_lost",
+        "transcript_due",
+        "turn_times",
+        "turns",
+        "watch_delay",
+    )
+
     def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
         self.id = call_id
         self.settings = settings

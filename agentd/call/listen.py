@@ -36,6 +36,18 @@ _NEVER = float("inf")  # "ask" time of words that go on: only once the turn is o
 class Listening(Conversation):
     """The conversation, with the end of the caller's turn read from their interims."""
 
+    __slots__ = (
+        "answered",
+        "answered_until",
+        "cutting_in",
+        "hearing",
+        "pauses",
+        "restored",
+        "restored_from",
+        "restored_until",
+        "wasted",
+    )
+
     def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
         super().__init__(call_id, settings, direction=direction)
         self.hearing: Hearing | None = None  # the caller's open turn

@@ -36,6 +36,8 @@ from agentd.names import Kind, Timer, TimerKind
 class Recovery(CallCore):
     """What outlives the process, and the clean end of a call whose handler raised."""
 
+    __slots__ = ()
+
     def fail(self, error: str) -> list[Command]:
         """A handler raised: end the call cleanly, whatever state the machines were left in.
 

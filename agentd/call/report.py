@@ -78,6 +78,22 @@ class SessionSpan:
 class Report:
     """The pure accumulator of one call's report. Every method takes the machine's `now`."""
 
+    __slots__ = (
+        "answered_at",
+        "backchannels",
+        "barge_ins",
+        "errors",
+        "first_say_ms",
+        "first_seen",
+        "hangup_at",
+        "last_seen",
+        "leaks",
+        "sessions",
+        "tokens_in",
+        "tokens_out",
+        "turn_records",
+    )
+
     def __init__(self) -> None:
         self.first_seen: float | None = None  # the first input of the call
         self.last_seen: float | None = None  # the latest input: when the report is made

@@ -74,6 +74,8 @@ def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
 class Conversation(CallCore):
     """Turn taking, replies and silence."""
 
+    __slots__ = ()
+
     def on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
         """A final caller transcript opens a turn and asks the backend."""
         if event.direction != "in" or not event.message.strip():
