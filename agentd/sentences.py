@@ -106,10 +106,8 @@ _LINE_MARK = re.compile(
 _SPACE = re.compile(r"\s+")
 
 
-def _is_emoji(ch: str) -> bool:
-    cp = ord(ch)
-    # pictographs and their modifiers; not the symbols a sentence reads (°, ©, €)
-    return cp >= 0x1F000 or 0x2600 <= cp <= 0x27BF or cp in (0x200D, 0xFE0F)
+# pictographs and their modifiers; not the symbols a sentence reads (°, ©, €)
+_EMOJI = re.compile("[\U0001f000-\U0010ffff\u2600-\u27bf\u200d\ufe0f]")
 
 
 def speakable(sentence: str) -> str:
@@ -120,7 +118,7 @@ def speakable(sentence: str) -> str:
     text = _LINE_MARK.sub("", text)
     for _ in range(2):  # **_nested_** marks
         text = _EMPHASIS.sub(r"\2", text)
-    text = "".join(ch for ch in text if not _is_emoji(ch))
+    text = _EMOJI.sub("", text)
     return _SPACE.sub(" ", text).strip()
 
 
