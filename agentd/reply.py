@@ -64,10 +64,10 @@ async def stream_reply(
                     if cmd.marker and verdict != COMPLETE:
                         feed(ReplyIncomplete(cmd.turn, long=verdict == LONG))
                         return
-                for sentence in buf.feed(text):
-                    _say(feed, cmd.turn, sentence)
-        for sentence in buf.flush():
-            _say(feed, cmd.turn, sentence)
+                if _said(feed, cmd.turn, buf.feed(text)):
+                    await _let_it_go()
+        if _said(feed, cmd.turn, buf.flush()):
+            await _let_it_go()
         feed(ReplyDone(cmd.turn, action, first, tokens))
     except asyncio.CancelledError:
         raise
@@ -134,8 +134,20 @@ def _action(call: ToolCall) -> Action | None:
     return None
 
 
-def _say(feed: Callable[[Result], None], turn: int, sentence: str) -> None:
-    """One sentence as the voice should read it; one that was only markup says nothing."""
-    text = speakable(sentence)
-    if text:
-        feed(ReplySentence(turn, text))
+def _said(feed: Callable[[Result], None], turn: int, sentences: list[str]) -> bool:
+    """Each sentence as the voice should read it (one that was only markup says nothing);
+    whether any was fed."""
+    fed = False
+    for sentence in sentences:
+        text = speakable(sentence)
+        if text:
+            feed(ReplySentence(turn, text))
+            fed = True
+    return fed
+
+
+async def _let_it_go() -> None:
+    """Yield to the loop: the `/say` the sentence made starts before this reply goes on (a
+    backend whose text is all ready, the echo or a local model, would otherwise run to its end,
+    bookkeeping and all, while the caller waits for the first words)."""
+    await asyncio.sleep(0)
