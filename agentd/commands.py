@@ -190,6 +190,15 @@ class StartTimer:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelTimer:
+    """Stop a running timer whose reason went away: it would only fire to be ignored."""
+
+    call_id: str
+    timer: Timer
+    lane: Lane = "none"
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """A fact worth logging and keeping: call answered, ended (with reason), turn timings, ..."""
 
@@ -235,6 +244,7 @@ Command = (
     | CheckCall
     | FetchTranscripts
     | StartTimer
+    | CancelTimer
     | Record
     | WriteAhead
     | Finished

@@ -26,6 +26,7 @@ from agentd.commands import (
     AskBackend,
     CallGone,
     CancelBackend,
+    CancelTimer,
     CheckCall,
     Command,
     FetchTranscripts,
@@ -126,6 +127,10 @@ class Executor:
                         task.cancel()
                 case StartTimer():
                     self._start_timer(call_id, lanes, cmd)
+                case CancelTimer():
+                    handle = lanes.timers.pop(cmd.timer, None)
+                    if handle is not None:
+                        handle.cancel()
                 case Record():
                     if self.on_record is not None:
                         self.on_record(cmd)
@@ -503,7 +508,7 @@ def _describe(cmd: Command) -> dict[str, Any]:
         value = getattr(cmd, name, None)
         if value is not None:
             out[name] = value
-    if isinstance(cmd, StartTimer):
+    if isinstance(cmd, StartTimer | CancelTimer):
         out["timer"] = str(cmd.timer)
     if isinstance(cmd, Record):
         out["what"] = cmd.what.value

@@ -11,6 +11,7 @@ from agentd.commands import (
     AskBackend,
     CallGone,
     CancelBackend,
+    CancelTimer,
     CheckCall,
     FetchTranscripts,
     FindTranscribe,
@@ -78,7 +79,7 @@ def step(call: Call, event: object, now: float) -> list[object]:
     return [
         c
         for c in call.handle(event, now)  # type: ignore[arg-type]
-        if not (isinstance(c, StartTimer) and c.timer.kind in BACKGROUND_TIMERS)
+        if not (isinstance(c, StartTimer | CancelTimer) and c.timer.kind in BACKGROUND_TIMERS)
         and not isinstance(c, WriteAhead)
         and not (isinstance(c, Record) and c.what is Kind.REPORT)
     ]

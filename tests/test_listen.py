@@ -13,6 +13,7 @@ from agentd.call.settings import TURN_NUDGE
 from agentd.commands import (
     AskBackend,
     CancelBackend,
+    CancelTimer,
     Flush,
     Message,
     Record,
@@ -260,6 +261,25 @@ def test_a_reply_ready_in_time_needs_no_filler() -> None:
     step(call, ReplySentence(1, "만 원입니다."), last + 0.2)
     step(call, ENDPOINT, last + 0.36)
     assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), last + 1.4)) == []
+
+
+def test_timers_whose_reason_went_away_are_cancelled_not_left_to_fire() -> None:
+    call = greeted(replace(LIVE, reply_on="final", final_hold_s=0.0))
+    last = speak(call, "what is my balance", 10.0)
+    cmds = call.handle(SpeechEvent("b", "t1", "boundary", "in", ""), last + 0.1)
+    due = Timer(TimerKind.TRANSCRIPT_DUE)
+    assert [c.timer for c in cmds if isinstance(c, StartTimer)] == [due]
+    # the transcript that was due came: its timer goes; the turn arms a filler
+    cmds = call.handle(transcript("What is my balance?"), last + 0.2)
+    assert CancelTimer(CID, due) in cmds
+    assert any(isinstance(c, StartTimer) and c.timer.kind is TimerKind.FILLER for c in cmds)
+    # the reply was said in time: the filler it was armed for goes
+    cmds = call.handle(ReplySentence(1, "Ten dollars."), last + 0.3)
+    assert says(cmds) == ["Ten dollars."]
+    assert CancelTimer(CID, Timer(TimerKind.FILLER)) in cmds
+    # nothing more is due: later steps cancel nothing
+    cmds = call.handle(ReplyDone(1), last + 0.4)
+    assert not [c for c in cmds if isinstance(c, CancelTimer)]
 
 
 def test_a_turn_past_the_limit_is_cut_short_politely_and_answered() -> None:

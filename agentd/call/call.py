@@ -40,6 +40,7 @@ from agentd.call.recovery import Recovery
 from agentd.call.table import Illegal
 from agentd.commands import (
     CallGone,
+    CancelTimer,
     CheckCall,
     Command,
     Hangup,
@@ -65,6 +66,7 @@ from agentd.events import CallEvent, SpeechEvent, TranscribeEvent, TranscriptEve
 from agentd.names import Kind, Timer, TimerKind, TransferTo
 
 _STATUSES = {inp.value: inp for inp in REMOTE}
+_NEVER = float("inf")
 
 
 class Call(Recovery, Sessions, Listening):
@@ -75,7 +77,22 @@ class Call(Recovery, Sessions, Listening):
     def handle(self, event: Input, now: float) -> list[Command]:
         """Apply one event or command result at time `now` (seconds, monotonic)."""
         self._report_input(event, now)
-        return self._reported(self._apply(event, now))
+        # a timer that just fired needs no cancelling
+        transcript_was_due = self.transcript_due and not isinstance(event, TimerFired)
+        cmds = self._apply(event, now)
+        return self._reported(cmds + self._moot_timers(transcript_was_due))
+
+    def _moot_timers(self, transcript_was_due: bool) -> list[Command]:
+        """Timers whose reason went away in this step, cancelled rather than left to fire for
+        nothing (an event, a step and a log line each, on nearly every turn): the transcript
+        that was due came; something was said for the turn a filler was armed for."""
+        out: list[Command] = []
+        if transcript_was_due and not self.transcript_due:
+            out.append(CancelTimer(self.id, Timer(TimerKind.TRANSCRIPT_DUE)))
+        if self.filler_due_at != _NEVER and self.said_turn == self.turns.turn:
+            self.filler_due_at = _NEVER
+            out.append(CancelTimer(self.id, Timer(TimerKind.FILLER)))
+        return out
 
     def _apply(self, event: Input, now: float) -> list[Command]:
         if self.failed:
