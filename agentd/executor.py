@@ -112,7 +112,9 @@ class Executor:
 
     def execute(self, call_id: str, commands: list[Command]) -> None:
         """Schedule `commands`; never blocks."""
-        lanes = self._calls.setdefault(call_id, _Lanes())
+        if not commands:
+            return  # most speech events: nothing to do, no lanes to make
+        lanes = self._calls.get(call_id) or self._calls.setdefault(call_id, _Lanes())
         for cmd in commands:
             if isinstance(cmd, Record) and cmd.what.warns:
                 log.warning("command", call_id=call_id, **_describe(cmd))
@@ -152,7 +154,9 @@ class Executor:
 
     def _enqueue(self, call_id: str, lanes: _Lanes, cmd: Command) -> None:
         """A REST command waits its turn on its lane; the lane's worker runs them in order."""
-        queue = lanes.queues.setdefault(cmd.lane, deque())
+        queue = lanes.queues.get(cmd.lane)
+        if queue is None:
+            queue = lanes.queues[cmd.lane] = deque()
         queue.append(cmd)
         worker = lanes.workers.get(cmd.lane)
         if worker is None or worker.done():
