@@ -267,6 +267,10 @@ class Conversation(CallCore):
             or not self.phase.live
         ):
             return []  # a bare speech_started is a cough as often as a word: tentative only
+        if not self.playback.talking(now):
+            # nothing plays: nothing to cut (the usual interim: the caller talks, we listen);
+            # a reply not said yet waits (held) and is asked again with their words
+            return []
         words = event.message.split()
         if len(words) < s.barge_in_min_words and len(event.message.strip()) < s.barge_in_min_chars:
             return []
@@ -276,10 +280,7 @@ class Conversation(CallCore):
             return []
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
-        if self.playback.talking(now):
-            return self._cut(now, "speech")
-        # nothing plays: a reply not said yet waits (held) and is asked again with their words
-        return []
+        return self._cut(now, "speech")
 
     def _cut(self, now: float, trigger: str) -> list[Command]:
         """Barge-in: drop the stale reply, cut the audio, keep only what was heard."""
