@@ -162,3 +162,21 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     assert "### Failover: SIGKILL of a replica" in report
     assert "### Store cost: SQLite against PostgreSQL" in report
     assert f"| PostgreSQL | {cost['postgresql']['n']['median']:.0f} |" in report
+
+
+@pytest.mark.timeout(60)
+def test_the_turn_profile_times_every_stage_in_order() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.turn", "--turns", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split(maxsplit=1) for line in proc.stdout.splitlines()[1:]]
+    stages = [stage for _, stage in rows]
+    assert stages[0] == "dispatcher steps the call" and stages[-1] == "say() called"
+    times = [float(us) for us, _ in rows]
+    assert times == sorted(times) and times[0] > 0
