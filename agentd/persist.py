@@ -33,10 +33,8 @@ from agentd.store import Batch, CallRecord, CallStore, StoreError
 
 log = logs.get_logger("agentd.persist")
 
-#: how long a change may wait to be written with others (what a SIGKILL can lose of a turn).
-#: 50 ms, not 20: at 1,000 calls a store job every 20 ms (its commit, the thread's wake-ups, the
-#: answer back on the loop) cost 8 % of a core more than one every 50 ms (bench/PROFILE.md)
-COALESCE_S = 0.05
+#: how long a change may wait to be written with others (what a SIGKILL can lose of a turn)
+COALESCE_S = 0.02
 
 
 class Persister:
