@@ -430,6 +430,31 @@ def test_caller_speech_resets_the_silence_count() -> None:
     assert cmds == [StartTimer(CID, T("silence"), pytest.approx(4.1))]  # 10 s after the speech
 
 
+def test_one_silence_timer_runs_across_turns_and_waits_out_the_rest() -> None:
+    settings = replace(SETTINGS, silence_s=10.0)
+    call = answered(settings)  # the greeting armed the timer: due at 10.9
+
+    def silence_timers(cmds: list[object]) -> list[float]:
+        return [c.delay_s for c in cmds if isinstance(c, StartTimer) and c.timer.kind == "silence"]
+
+    call.handle(transcript("hello", "tr1"), 3)
+    call.handle(ReplySentence(1, "Hi."), 3)
+    # the reply's end would want it at 13.x: the one due at 10.9 stays, nothing is re-armed
+    assert silence_timers(call.handle(ReplyDone(1), 3)) == []
+    # it fires: the caller was not quiet 10 s, so it waits the rest, from the reply's end
+    cmds = call.handle(TimerFired(T("silence")), 10.9)
+    assert not any(isinstance(c, Say) for c in cmds)
+    [rest] = silence_timers(cmds)
+    assert 10.9 + rest == pytest.approx(max(3.0, call.playback.until) + 10.0)
+    # after it fires the next reply's end arms one again
+    call.handle(transcript("again", "tr2"), 12)
+    call.handle(ReplySentence(2, "Yes."), 12)
+    assert silence_timers(call.handle(ReplyDone(2), 12)) == []  # the rest, due sooner, runs
+    cmds = call.handle(TimerFired(T("silence")), 10.9 + rest)
+    assert silence_timers(cmds)  # not quiet long enough yet: the rest again
+    assert not any(isinstance(c, Say) for c in cmds)
+
+
 def test_the_time_limit_says_goodbye_and_hangs_up() -> None:
     call = answered()
     call.handle(transcript("tell me everything"), 10)

@@ -75,6 +75,7 @@ class CallCore:
         "say_5xx_at",
         "settings",
         "shutting_down",
+        "silence_due",
         "speaking",
         "speaking_restarts",
         "speech_since",
@@ -126,6 +127,7 @@ class CallCore:
         self.said_turn = -1  # the latest turn something was said for
         self.timing_due = False  # the reply is complete but held: its timings come when said
         self.filler_due_at = float("inf")  # when a slow reply gets a filler
+        self.silence_due = float("inf")  # when the running silence timer fires (none: inf)
         self.filler_turn = -1  # the turn a filler was said for
         self.incomplete_turn = -1  # the turn the backend judged the caller not done with
         self.age_s = 0.0  # how old the call was when a restart restored it
@@ -456,7 +458,16 @@ class CallCore:
         """Start counting the caller's silence from when our audio ends."""
         if self.settings.silence_s <= 0:
             return []
-        wait = self.playback.remaining(now) + self.settings.silence_s
+        return self.silence_timer(now, self.playback.remaining(now) + self.settings.silence_s)
+
+    def silence_timer(self, now: float, wait: float) -> list[Command]:
+        """The silence timer, due in `wait`. One already due sooner is left running: when it
+        fires it finds the caller was not quiet that long and waits the rest. One timer a
+        silence, not a timer (and a command and a log line) every turn."""
+        due = now + wait
+        if self.silence_due <= due:
+            return []
+        self.silence_due = due
         return [StartTimer(self.id, Timer(TimerKind.SILENCE), wait)]
 
     def _fetch_transcripts(self) -> list[Command]:

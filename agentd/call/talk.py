@@ -425,6 +425,7 @@ class Conversation(CallCore):
 
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer: reprompt a quiet caller, and end the call after a few."""
+        self.silence_due = float("inf")  # it has fired: none runs now
         s = self.settings
         if not self.phase.live or self.turns.replying or self.held or self.after_reply is not None:
             return []  # a reply is coming: its end arms the timer again
@@ -432,8 +433,7 @@ class Conversation(CallCore):
             return self.arm_silence(now)
         quiet_since = max(self.last_caller, self.playback.until)
         if now - quiet_since < s.silence_s - 0.05:  # timers fire a hair early or late
-            wait = quiet_since + s.silence_s - now
-            return [StartTimer(self.id, Timer(TimerKind.SILENCE), wait)]
+            return self.silence_timer(now, quiet_since + s.silence_s - now)
         self.reprompts += 1
         # a silent caller, or an STT that stopped hearing one (measured with Google's after ~5
         # minutes while the transcribe still says progressing): worth a warning either way
