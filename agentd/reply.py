@@ -45,6 +45,7 @@ async def stream_reply(
     first: float | None = None
     tokens: tuple[int, int] | None = None
     unread = True  # the first character may be a turn-completion marker: never spoken
+    said = False
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
         async with asyncio.timeout(timeout_s):
@@ -64,9 +65,8 @@ async def stream_reply(
                     if cmd.marker and verdict != COMPLETE:
                         feed(ReplyIncomplete(cmd.turn, long=verdict == LONG))
                         return
-                if _said(feed, cmd.turn, buf.feed(text)):
-                    await _let_it_go()
-        if _said(feed, cmd.turn, buf.flush()):
+                said = _said(feed, cmd.turn, buf.feed(text)) or said
+        if _said(feed, cmd.turn, buf.flush()) or said:
             await _let_it_go()
         feed(ReplyDone(cmd.turn, action, first, tokens))
     except asyncio.CancelledError:
@@ -147,7 +147,9 @@ def _said(feed: Callable[[Result], None], turn: int, sentences: list[str]) -> bo
 
 
 async def _let_it_go() -> None:
-    """Yield to the loop: the `/say` the sentence made starts before this reply goes on (a
-    backend whose text is all ready, the echo or a local model, would otherwise run to its end,
-    bookkeeping and all, while the caller waits for the first words)."""
+    """Yield to the loop before the reply's end is fed: the `/say` its sentences made starts
+    first, and the reply's bookkeeping (its records, its timers) comes after. Not between
+    sentences: those a backend has ready at once (the echo, a local model) stay queued together
+    and go in one `/say` (the lane merges them); a streaming backend yields between its chunks
+    anyway."""
     await asyncio.sleep(0)

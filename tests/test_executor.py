@@ -89,6 +89,38 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     await ex.close()
 
 
+async def test_a_ready_reply_goes_in_one_say_sent_before_its_end_is_fed(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # the echo has both sentences at once: they go in one /say, and that /say is on its way
+    # before the reply's end (and the bookkeeping it brings) is stepped
+    results = Results()
+    asked: list[str] = []
+    said_when_done: list[list[str]] = []
+    real_say = client.say
+
+    async def say(speaking_id: str, text: str) -> None:
+        asked.append(text)
+        await real_say(speaking_id, text)
+
+    client.say = say  # type: ignore[method-assign]
+    ex: Executor
+
+    def feed(call_id: str, result: Event | Result) -> None:
+        results.feed(call_id, result)
+        if isinstance(result, ReplySentence):  # what the call does with a sentence
+            ex.execute(call_id, [Say(call_id, sid, result.text, result.turn)])
+        if isinstance(result, ReplyDone):
+            said_when_done.append(list(asked))
+
+    ex = Executor(client, EchoBackend(), feed)
+    call_id, sid = await speaking(sim, ex, results)
+    ex.execute(call_id, [AskBackend(call_id, 1, (("user", "Book a table. For two"),))])
+    await results.until(lambda: bool(results.of(ReplyDone)))
+    assert said_when_done == [["You said: Book a table. For two."]]
+    await ex.close()
+
+
 async def test_a_request_waiting_for_the_budget_is_not_sent_once_the_lease_ran_out(
     sim: Simulator, client: VoipbinClient
 ) -> None:
