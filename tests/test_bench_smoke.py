@@ -16,18 +16,24 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(180)  # ~70 s alone (the replica sections ~20 s); CI may share its 2 cores
-def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="the bench extra is not installed (make bench)")
+def _bench(module: str, *args: str, timeout_s: float) -> str:
+    """`python -m bench.<module> args...`; its stdout, once it has exited 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout_s,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.timeout(180)  # ~70 s alone (the replica sections ~20 s); CI may share its 2 cores
+def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra is not installed (make bench)")
+    _bench("run", "--smoke", "--out", str(tmp_path), timeout_s=170)
     results = json.loads((tmp_path / "results.json").read_text())
     report = (tmp_path / "REPORT.md").read_text()
     assert (tmp_path / "latency.png").stat().st_size > 1000
@@ -166,16 +172,8 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_the_turn_profile_times_every_stage_in_order() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.turn", "--turns", "20"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [line.split(maxsplit=1) for line in proc.stdout.splitlines()[1:]]
+    out = _bench("turn", "--turns", "20", timeout_s=50)
+    rows = [line.split(maxsplit=1) for line in out.splitlines()[1:]]
     stages = [stage for _, stage in rows]
     assert stages[0] == "dispatcher steps the call" and stages[-1] == "say() called"
     times = [float(us) for us, _ in rows]
