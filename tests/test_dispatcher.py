@@ -88,6 +88,14 @@ def test_a_transcript_before_its_transcribe_id_is_known_waits_then_reaches_its_c
     assert len(asks) == 1
 
 
+def attached(d: Dispatcher, call_id: str, transcribe_id: str, speaking_id: str) -> Call:
+    """An answered call of ours whose speaking and transcribe sessions have started."""
+    d.on_event(call_event(call_id, "progressing"))
+    d.feed(call_id, SpeakingStarted(speaking_id, "active"))
+    d.feed(call_id, TranscribeStarted(transcribe_id))
+    return d.calls[call_id]
+
+
 def asks(shell: Shell, call_id: str) -> list[Command]:
     return [c for c in shell.commands(call_id) if type(c).__name__ == "AskBackend"]
 
@@ -95,10 +103,7 @@ def asks(shell: Shell, call_id: str) -> list[Command]:
 def test_a_call_another_replica_serves_is_left_alone_until_taken_back() -> None:
     shell = Shell()
     d = dispatcher(shell)
-    d.on_event(call_event("c1", "progressing"))
-    d.feed("c1", SpeakingStarted("s1", "active"))
-    d.feed("c1", TranscribeStarted("t1"))
-    restorable = d.calls["c1"]
+    restorable = attached(d, "c1", "t1", "s1")
     d.disown("c1")  # another replica took it over
     before = len(shell.batches)
     d.on_event(call_event("c1", "progressing"))  # not adopted again as a new call
@@ -115,10 +120,7 @@ def test_a_call_another_replica_serves_is_left_alone_until_taken_back() -> None:
 def test_events_that_waited_for_a_call_taken_over_are_not_replayed_into_it() -> None:
     shell = Shell()
     d = dispatcher(shell)
-    d.on_event(call_event("c1", "progressing"))
-    d.feed("c1", SpeakingStarted("s1", "active"))
-    d.feed("c1", TranscribeStarted("t1"))
-    taken = d.calls["c1"]
+    taken = attached(d, "c1", "t1", "s1")
     d.disown("c1", foreign=False)  # lost while the store was unreachable: not known as foreign
     d.on_event(TranscriptEvent("tr1", "t1", "in", "said meanwhile"))  # waits as an orphan
     d.adopt(taken)  # the takeover reads "said meanwhile" back over REST instead
@@ -181,9 +183,7 @@ def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     shell = Shell()
     d = dispatcher(shell)
     for cid in ("c1", "c2"):
-        d.on_event(call_event(cid, "progressing"))
-        d.feed(cid, TranscribeStarted(f"t-{cid}"))
-        d.feed(cid, SpeakingStarted(f"s-{cid}", "active"))
+        attached(d, cid, f"t-{cid}", f"s-{cid}")
 
     def boom(self: Call, event: Any, now: float) -> list[Command]:
         if self.id == "c1":
