@@ -48,7 +48,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             )
             ax.plot(xs, ys, style, color=f"C{k}", label=label)
     fl = results["floor"]["p50"]["median"]
-    ax.axvline(fl, color="grey", linestyle="--", label=f"floor p50 {fl:.2f} ms")
+    ax.axvline(fl, color="grey", linestyle="--", label=f"floor p50 {fl:.2f} ms (back to back)")
+    paced = _paced_floor(results["floor"])
+    if paced is not results["floor"]:
+        pl = paced["p50"]["median"]
+        ax.axvline(pl, color="grey", linestyle=":", label=f"floor p50 {pl:.2f} ms (paced)")
     ax.axvline(20, color="red", linestyle=":", label="target p99 at 1,000 calls: 20 ms")
     ax.set_xscale("log")
     ax.set_xlabel("transcript_created published → /say received (ms, log scale)")
@@ -78,19 +82,33 @@ def _lower(a: float, b: float) -> bool:
     return math.isnan(b) or a < b
 
 
+def _paced_floor(fl: dict[str, Any]) -> dict[str, Any]:
+    """The floor at the 1-call load's pace (a report of an older run has only the warm one)."""
+    paced: dict[str, Any] = fl.get("paced") or fl
+    return paced
+
+
+def _one_call_target(r: dict[str, Any]) -> dict[str, Any]:
+    """The single call against the floor at its own pace (the other ratio in the note)."""
+    one = r.get("overhead", {}).get("1")
+    label = (
+        "p50 ≤ 3× the floor at 1 call (agentd's default config: logs at info, store on; the "
+        "floor at the same pace)"
+    )
+    if not one:
+        return _target("one_call_floor", label, "no 1-call load in this run", None)
+    p50 = one["p50"]["median"]
+    warm = r["floor"]["p50"]["median"]
+    ratio = p50 / _paced_floor(r["floor"])["p50"]["median"]
+    note = f"{_f(p50 / warm, 2)}× the floor sent back to back"
+    return _target("one_call_floor", label, f"{_f(ratio, 2)}×", bool(ratio <= 3), note)
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target of the report, from this run's figures: ``{"id", "label", "value", "met",
     "note"}``; ``met`` is ``None`` when the run did not measure it (e.g. the smoke profile)."""
     ov = r.get("overhead", {})
-    out: list[dict[str, Any]] = []
-
-    one = ov.get("1")
-    label = "p50 ≤ 3× the floor at 1 call (agentd's default config: logs at info, store on)"
-    if one:
-        ratio = one["p50"]["median"] / r["floor"]["p50"]["median"]
-        out.append(_target("one_call_floor", label, f"{_f(ratio, 2)}×", bool(ratio <= 3)))
-    else:
-        out.append(_target("one_call_floor", label, "no 1-call load in this run", None))
+    out: list[dict[str, Any]] = [_one_call_target(r)]
 
     big = ov.get("1000")
     label = "p99 < 20 ms at 1,000 staggered calls"
@@ -246,7 +264,13 @@ def _overhead(r: dict[str, Any]) -> list[str]:
         f"(the single call every {prof['single_every_s']} s, for more samples); the rate "
         "limit is off in the simulator and in agentd. The floor is one bare aiohttp POST round "
         "trip on loopback (client and server in two processes, like agentd and the simulator), "
-        "measured in the same run.",
+        "measured in the same run: back to back (the client sends the next one 2 ms after the "
+        f"last answer) and *paced*, one every {prof['single_every_s']} s as the 1-call load's "
+        "turns. Paced, both processes are idle between round trips and the machine wakes "
+        "each in turn, as it does in every turn of a single call (the simulator publishes, "
+        "agentd wakes; agentd sends, the simulator wakes): that costs more than the round trip "
+        "itself here, so the 1-call load is compared with the paced floor, the others with the "
+        "floor sent back to back.",
         "",
         *(_baseline_setup(prof) if base else []),
         *_overhead_table(r["floor"], r["overhead"], base),
@@ -278,26 +302,36 @@ def _baseline_setup(prof: dict[str, Any]) -> list[str]:
 def _overhead_table(
     fl: dict[str, Any], ov: dict[str, Any], base: dict[str, Any] | None = None
 ) -> list[str]:
+    paced = _paced_floor(fl)
+    gap = paced.get("gap_s")
     out = [
         "| | turns | unanswered | p50 ms | p90 ms | p99 ms | max ms | p50 / floor p50 "
-        "| CPU % | RSS MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| floor (bare POST RTT) | {_m(fl['n'], 0)} | "
+        "| p50 / paced floor p50 | CPU % | RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| floor (bare POST RTT, back to back) | {_m(fl['n'], 0)} | "
         f"| {_m(fl['p50'], 3)} | {_m(fl['p90'], 3)} | {_m(fl['p99'], 3)} | {_m(fl['max'], 3)} "
-        "| 1.0 | | |",
+        "| 1.0 | | | |",
     ]
+    if paced is not fl:
+        out.append(
+            f"| floor, paced (one POST every {gap} s) | {_m(paced['n'], 0)} | "
+            f"| {_m(paced['p50'], 3)} | {_m(paced['p90'], 3)} | {_m(paced['p99'], 3)} "
+            f"| {_m(paced['max'], 3)} | | 1.0 | | |"
+        )
     floor_p50 = fl["p50"]["median"]
+    paced_p50 = paced["p50"]["median"]
     for key, row in ov.items():
         rows = [("agentd", row)]
         if base and key in base:
             rows.append(("baseline", base[key]))
         for who, x in rows:
             ratio = x["p50"]["median"] / floor_p50 if floor_p50 else math.nan
+            slow = x["p50"]["median"] / paced_p50 if paced_p50 else math.nan
             label = f"{_calls(key)} — {who}" if base else _calls(key)
             out.append(
                 f"| {label} | {_m(x['n'], 0)} | {_m(x['unanswered'], 0)} "
                 f"| {_m(x['p50'], 2)} | {_m(x['p90'], 2)} | {_m(x['p99'], 2)} "
-                f"| {_m(x['max'], 2)} | {_f(ratio, 2)}× | {_m(x['cpu_pct'])} "
+                f"| {_m(x['max'], 2)} | {_f(ratio, 2)}× | {_f(slow, 2)}× | {_m(x['cpu_pct'])} "
                 f"| {_m(x['rss_mb'])} |"
             )
     return out

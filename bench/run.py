@@ -70,6 +70,9 @@ class Profile:
     measure_s: float = 8.0
     answers_per_s: float = 300.0  # how fast the calls of a run are answered (the ramp)
     floor_posts: int = 500
+    # the floor at the 1-call load's pace: one POST every `single_every_s`, both processes idle
+    # in between as they are between that load's turns
+    floor_paced_posts: int = 30
     # a turn whose /say has not come by the caller's next utterance, nor this long after the
     # measurement window, is unanswered (the baseline may fall behind: the run stays bounded)
     reply_grace_s: float = 2.0
@@ -106,6 +109,7 @@ SMOKE = Profile(
     single_every_s=0.3,
     measure_s=1.5,
     floor_posts=50,
+    floor_paced_posts=3,
     reply_grace_s=0.5,
     baseline_leak_wait_s=2.0,
     burst_calls=3,
@@ -282,7 +286,9 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 
 async def floor(profile: Profile) -> dict[str, Any]:
-    """A bare aiohttp POST round trip on loopback, server in its own process (as the simulator)."""
+    """A bare aiohttp POST round trip on loopback, server in its own process (as the simulator):
+    back to back (``warm``) and one every `single_every_s` (``paced``, the pace of the 1-call
+    load: an idle machine wakes up twice per round trip, once per process, as it does per turn)."""
     import socket
 
     with socket.socket() as s:
@@ -291,7 +297,7 @@ async def floor(profile: Profile) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", FLOOR_SERVER, str(port), stdout=subprocess.DEVNULL
     )
-    runs = []
+    warm, paced = [], []
     try:
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{port}/"
@@ -303,19 +309,29 @@ async def floor(profile: Profile) -> dict[str, Any]:
                         break
                     except aiohttp.ClientConnectionError:
                         await asyncio.sleep(0.05)
-            for _ in range(profile.runs):
-                rtts = []
-                for _ in range(profile.floor_posts):
+
+            async def rtts(posts: int, gap_s: float) -> dict[str, Any]:
+                out = []
+                for _ in range(posts):
                     t = time.perf_counter()
                     async with http.post(url, json={"text": "You said: what is my balance."}) as r:
                         await r.read()
-                    rtts.append(time.perf_counter() - t)
-                    await asyncio.sleep(0.002)
-                runs.append(summary_ms(rtts))
+                    out.append(time.perf_counter() - t)
+                    await asyncio.sleep(gap_s)
+                return summary_ms(out)
+
+            for _ in range(profile.runs):
+                warm.append(await rtts(profile.floor_posts, 0.002))
+                paced.append(await rtts(profile.floor_paced_posts, profile.single_every_s))
     finally:
         proc.terminate()
         await proc.wait()
-    return {"runs": runs, **across_runs(runs, (*LATENCY_KEYS, "n"))}
+    keys = (*LATENCY_KEYS, "n")
+    return {
+        "runs": warm,
+        **across_runs(warm, keys),
+        "paced": {"gap_s": profile.single_every_s, "runs": paced, **across_runs(paced, keys)},
+    }
 
 
 # ---- 1 + 3. overhead per turn, CPU and memory ---------------------------------------------------
