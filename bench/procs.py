@@ -76,6 +76,9 @@ class Sim:
 #: The agents section 1 and its burst compare: agentd (`agentd run`, `echo` backend) and the
 #: tutorial's agent (`bench/baseline/agent.py --echo`), each with its own simulator.
 AGENTS = ("agentd", "baseline")
+#: Section 1 also runs the stack alone (`bench/bare.py`): its CPU is what websockets, aiohttp and
+#: asyncio cost at the same load, the part of agentd's that is not agentd's own work.
+LOAD_AGENTS = (*AGENTS, "bare")
 
 #: The simulator's TTS/STT latencies (measured: ~1 s each) shrunk, as the playback speed is:
 #: the bench measures agentd's own cost, and callers must not wait seconds for every turn.
@@ -168,6 +171,35 @@ async def start_baseline(sim: Sim, llm_url: str | None = None) -> Agent:
     assert proc.stdout is not None
     url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
     await sim.bench("webhook", {"url": url})
+    return Agent(proc)
+
+
+async def start_bare(sim: Sim) -> Agent:
+    """The stack alone (bench/bare.py) on `sim`'s WebSocket, once it has subscribed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.bare",
+        sim.api_url,
+        sim.ws_url,
+        sim.accesskey,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(20):
+        if (await proc.stdout.readline()).strip() != b"ready":
+            raise RuntimeError("bench.bare exited before it subscribed")
+        # VoIPBIN binds a subscription's topics a moment later (the simulator models it) and
+        # drops the events published before: agentd reads what it missed over REST, bare.py
+        # cannot, so the load starts once its three topics are bound
+        while True:
+            conns = await sim.bench("ws")  # polled: the simulator's state, in its process
+            if any(c["subscriptions"] >= 3 for c in conns):
+                break
+            await asyncio.sleep(0.01)
     return Agent(proc)
 
 

@@ -147,7 +147,13 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     label = "≤ 30 % of one core at 1,000 calls (agentd CPU)"
     if big:
         cpu = big["cpu_pct"]["median"]
-        out.append(_target("cpu_1000_calls", label, f"{_f(cpu)} %", bool(cpu <= 30)))
+        bare = (r.get("overhead_bare") or {}).get("1000")
+        note = (
+            f"the stack alone, `bench/bare.py`, {_m(bare['cpu_pct'])} % on the same load"
+            if bare
+            else ""
+        )
+        out.append(_target("cpu_1000_calls", label, f"{_f(cpu)} %", bool(cpu <= 30), note))
     else:
         out.append(_target("cpu_1000_calls", label, "no 1,000-call load in this run", None))
 
@@ -273,7 +279,7 @@ def _overhead(r: dict[str, Any]) -> list[str]:
         "floor sent back to back.",
         "",
         *(_baseline_setup(prof) if base else []),
-        *_overhead_table(r["floor"], r["overhead"], base),
+        *_overhead_table(r["floor"], r["overhead"], base, r.get("overhead_bare")),
         "",
         *_overhead_targets(r["overhead"], base, ts),
         "",
@@ -285,7 +291,7 @@ def _overhead(r: dict[str, Any]) -> list[str]:
 
 def _baseline_setup(prof: dict[str, Any]) -> list[str]:
     return [
-        "Each load runs twice, run by run: against agentd and against the **baseline**, the "
+        "Each load runs, run by run, against agentd and against the **baseline**, the "
         "tutorial's agent ([`bench/baseline/agent.py`](baseline/agent.py) `--echo`: a webhook "
         'handler with blocking HTTP that replies "You said: …" without a model, then '
         "`/flush` and `/say`), each with its own simulator started with the same settings. "
@@ -296,11 +302,20 @@ def _baseline_setup(prof: dict[str, Any]) -> list[str]:
         "*unanswered* when its `/say` has not reached the simulator by the caller's next "
         f"utterance, nor {prof.get('reply_grace_s', 0.5)} s after the measurement window.",
         "",
+        "A third agent, **the stack alone** ([`bench/bare.py`](bare.py)), runs the same loads "
+        "on agentd's stack with nothing of agentd's: one `websockets` connection in, one "
+        "`aiohttp` session out, the echo reply's `/say` for each final transcript; no log "
+        "line, store, state machine, dedupe, timer or retry. Its CPU is what the stack costs "
+        "at that load; agentd's above it is agentd's own work.",
+        "",
     ]
 
 
 def _overhead_table(
-    fl: dict[str, Any], ov: dict[str, Any], base: dict[str, Any] | None = None
+    fl: dict[str, Any],
+    ov: dict[str, Any],
+    base: dict[str, Any] | None = None,
+    bare: dict[str, Any] | None = None,
 ) -> list[str]:
     paced = _paced_floor(fl)
     gap = paced.get("gap_s")
@@ -324,6 +339,8 @@ def _overhead_table(
         rows = [("agentd", row)]
         if base and key in base:
             rows.append(("baseline", base[key]))
+        if bare and key in bare:
+            rows.append(("the stack alone", bare[key]))
         for who, x in rows:
             ratio = x["p50"]["median"] / floor_p50 if floor_p50 else math.nan
             slow = x["p50"]["median"] / paced_p50 if paced_p50 else math.nan

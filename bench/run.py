@@ -40,10 +40,12 @@ from bench.pg import PgServer
 from bench.procs import (
     AGENT_TIMING,
     AGENTS,
+    LOAD_AGENTS,
     Agent,
     Sim,
     agent_config,
     start_agent,
+    start_bare,
     start_baseline,
     start_sim,
     usage,
@@ -347,7 +349,7 @@ async def start_load(tmp: Path, profile: Profile, who: str, store_url: str | Non
         rate_limit=False, playback_chars_per_s=FAST_PLAYBACK, speech_words_per_s=10.0
     )
     try:
-        agent = await start_baseline(sim)
+        agent = await (start_bare(sim) if who == "bare" else start_baseline(sim))
     except BaseException:
         await sim.stop()
         raise
@@ -409,17 +411,17 @@ def _load_row(calls: int, every_s: float, runs: list[dict[str, Any]]) -> dict[st
 
 
 async def overhead(tmp: Path, profile: Profile) -> dict[str, dict[str, Any]]:
-    """Section 1 for agentd and the baseline, interleaved run by run (same load, same run):
-    ``{"agentd": {calls: row}, "baseline": {calls: row}}``."""
-    out: dict[str, dict[str, Any]] = {who: {} for who in AGENTS}
+    """Section 1 for agentd, the baseline and the stack alone, interleaved run by run (same
+    load, same run): ``{"agentd": {calls: row}, "baseline": {calls: row}, "bare": ...}``."""
+    out: dict[str, dict[str, Any]] = {who: {} for who in LOAD_AGENTS}
     for calls in profile.calls:
-        runs: dict[str, list[dict[str, Any]]] = {who: [] for who in AGENTS}
+        runs: dict[str, list[dict[str, Any]]] = {who: [] for who in LOAD_AGENTS}
         for i in range(profile.runs):
-            for who in AGENTS:
+            for who in LOAD_AGENTS:
                 log(f"overhead: {calls} calls, {who}, run {i + 1}/{profile.runs}")
                 runs[who].append(await load_run(tmp, profile, calls, who))
         every = profile.single_every_s if calls == 1 else profile.every_s
-        for who in AGENTS:
+        for who in LOAD_AGENTS:
             out[who][str(calls)] = _load_row(calls, every, runs[who])
     return out
 
@@ -1210,6 +1212,7 @@ async def main_async(profile: Profile, smoke: bool) -> dict[str, Any]:
         loads = await overhead(tmp, profile)
         results["overhead"] = loads["agentd"]
         results["overhead_baseline"] = loads["baseline"]
+        results["overhead_bare"] = loads["bare"]
         results["burst"] = await burst(tmp, profile)
         results["capacity"] = await capacity(tmp, profile, results["overhead"])
         results["ttfa"] = await ttfa(tmp, profile)

@@ -43,6 +43,7 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         "floor",
         "overhead",
         "overhead_baseline",
+        "overhead_bare",
         "burst",
         "capacity",
         "ttfa",
@@ -65,7 +66,8 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     assert 0 < paced["p50"]["median"] < 50
     # section 1: every load for agentd and for the baseline, in the same run
     assert results["overhead_baseline"].keys() == results["overhead"].keys()
-    for who in ("overhead", "overhead_baseline"):
+    assert results["overhead_bare"].keys() == results["overhead"].keys()
+    for who in ("overhead", "overhead_baseline", "overhead_bare"):
         for calls, row in results[who].items():
             assert row["n"]["median"] >= 1, (who, calls)
             assert 0 < row["p50"]["median"] <= row["p99"]["median"] <= row["max"]["median"] < 1000
@@ -164,6 +166,7 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     # the report is rendered from this JSON
     assert f"{floor:.3f}" in report and f"{paced['p50']['median']:.3f}" in report
     assert "| 1 call — agentd |" in report and "| 1 call — baseline |" in report
+    assert "| 1 call — the stack alone |" in report
     assert f"### Burst: {burst['calls']} callers speak at the same instant" in report
     assert f"| agentd | {burst['agentd']['n']['median']:.0f} |" in report
     for t in results["targets"]:
