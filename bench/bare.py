@@ -83,7 +83,7 @@ async def run(api: str, ws_url: str, accesskey: str) -> None:
         async with websockets.connect(
             ws_url, additional_headers=auth, max_queue=None, compression=None
         ) as ws:
-            topics = [  # agentd.stream.topics
+            topics = [  # agentd's (agentd.stream.topics)
                 f"customer_id:{customer}:call:call_",
                 f"customer_id:{customer}:transcript:transcript_created",
                 f"customer_id:{customer}:transcribe:transcribe_",

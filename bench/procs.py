@@ -148,25 +148,28 @@ async def attach_sim(proc: asyncio.subprocess.Process) -> Sim:
     )
 
 
+async def _module(name: str, *args: str) -> asyncio.subprocess.Process:
+    """`python -m name args` from the repository, its stdout a pipe for its first line."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        name,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(),
+        cwd=ROOT,
+    )
+
+
 async def start_baseline(sim: Sim, llm_url: str | None = None) -> Agent:
     """The tutorial's agent (bench/baseline/agent.py), fed by the simulator's webhook delivery.
 
     It asks the LLM at `llm_url`; with `None` it runs with `--echo` (replies "You said: <text>."
     with no model request, like agentd's `echo` backend), for the overhead and burst loads."""
     reply = ["--echo"] if llm_url is None else ["--llm", llm_url]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.baseline.agent",
-        "--api",
-        sim.api_url,
-        "--accesskey",
-        sim.accesskey,
-        *reply,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=_env(),
-        cwd=ROOT,
+    proc = await _module(
+        "bench.baseline.agent", "--api", sim.api_url, "--accesskey", sim.accesskey, *reply
     )
     assert proc.stdout is not None
     url = (await proc.stdout.readline()).decode().partition(":")[2].strip()
@@ -176,18 +179,7 @@ async def start_baseline(sim: Sim, llm_url: str | None = None) -> Agent:
 
 async def start_bare(sim: Sim) -> Agent:
     """The stack alone (bench/bare.py) on `sim`'s WebSocket, once it has subscribed."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.bare",
-        sim.api_url,
-        sim.ws_url,
-        sim.accesskey,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=_env(),
-        cwd=ROOT,
-    )
+    proc = await _module("bench.bare", sim.api_url, sim.ws_url, sim.accesskey)
     assert proc.stdout is not None
     async with asyncio.timeout(20):
         if (await proc.stdout.readline()).strip() != b"ready":
