@@ -5,17 +5,20 @@ to the customer's events, one `aiohttp` session, and for each caller's final tra
 `/say` of "You said: <text>." (agentd's `echo` reply). A call is answered as agentd answers it
 (a transcribe, a speaking session, the greeting) and both sessions are stopped at hangup.
 Nothing else: no log line, no store, no state machine, no dedupe, no timer, no retry, no
-barge-in; the garbage collector tuned as `agentd run` tunes it. The bench runs it beside agentd
+barge-in; the garbage collector tuned as `agentd run` tunes it (the comparison is of the
+work, not of GC settings). The bench runs it beside agentd
 on the section-1 loads so the report can tell the stack's share of agentd's CPU from agentd's
 own. Not an agent anyone should run.
 
-    python -m bench.bare API_URL WS_URL ACCESSKEY      (prints "ready" once subscribed)
+    python -m bench.bare API_URL WS_URL ACCESSKEY
+
+It prints "ready" once it has sent its subscription; VoIPBIN binds the topics a moment later
+(bench.procs.start_bare waits for that).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -24,14 +27,26 @@ import aiohttp
 import orjson
 import websockets
 
+from agentd.cli import tune_gc
 from bench.baseline.agent import GREETING
 
 _STATUS_EVENTS = {"progressing": "answered", "hangup": "hangup"}
 
 
+def topics(customer_id: str) -> list[str]:
+    """agentd's subscription (agentd.stream.topics; a test keeps the two the same)."""
+    return [
+        f"customer_id:{customer_id}:call:call_",
+        f"customer_id:{customer_id}:transcript:transcript_created",
+        f"customer_id:{customer_id}:transcribe:transcribe_",
+    ]
+
+
 def kind_of(frame: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """("transcript" | "answered" | "hangup" | None, the resource): VoIPBIN sends resources
-    unwrapped, told apart by their fields (agentd.events does the same, with every check)."""
+    unwrapped, told apart by their fields. agentd.events does it with every check (event type
+    hints, chained legs, group calls); the bench's frames need none of them: a speech event
+    (an interim) carries `streaming_id`, a final transcript does not."""
     if isinstance(frame.get("data"), dict):  # the documented wrapper, should it come
         frame = frame["data"]
     if "transcribe_id" in frame and "message" in frame and "streaming_id" not in frame:
@@ -83,12 +98,8 @@ async def run(api: str, ws_url: str, accesskey: str) -> None:
         async with websockets.connect(
             ws_url, additional_headers=auth, max_queue=None, compression=None
         ) as ws:
-            topics = [  # agentd's (agentd.stream.topics)
-                f"customer_id:{customer}:call:call_",
-                f"customer_id:{customer}:transcript:transcript_created",
-                f"customer_id:{customer}:transcribe:transcribe_",
-            ]
-            await ws.send(orjson.dumps({"type": "subscribe", "topics": topics}).decode())
+            subscribe = {"type": "subscribe", "topics": topics(customer)}
+            await ws.send(orjson.dumps(subscribe).decode())
             print("ready", flush=True)
             async for raw in ws:
                 kind, obj = kind_of(orjson.loads(raw))
@@ -106,10 +117,7 @@ async def run(api: str, ws_url: str, accesskey: str) -> None:
 
 def main() -> None:
     api, ws_url, accesskey = sys.argv[1:4]
-    gc.collect()  # as agentd.cli.tune_gc: the comparison is of the work, not of GC settings
-    gc.freeze()
-    young, _, old = gc.get_threshold()
-    gc.set_threshold(young * 10, 3, old)
+    tune_gc()
     asyncio.run(run(api, ws_url, accesskey))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from agentd.sim.settings import SimSettings
+from bench.bare import topics as bare_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -181,17 +182,22 @@ async def start_bare(sim: Sim) -> Agent:
     """The stack alone (bench/bare.py) on `sim`'s WebSocket, once it has subscribed."""
     proc = await _module("bench.bare", sim.api_url, sim.ws_url, sim.accesskey)
     assert proc.stdout is not None
-    async with asyncio.timeout(20):
-        if (await proc.stdout.readline()).strip() != b"ready":
-            raise RuntimeError("bench.bare exited before it subscribed")
-        # VoIPBIN binds a subscription's topics a moment later (the simulator models it) and
-        # drops the events published before: agentd reads what it missed over REST, bare.py
-        # cannot, so the load starts once its three topics are bound
-        while True:
-            conns = await sim.bench("ws")  # polled: the simulator's state, in its process
-            if any(c["subscriptions"] >= 3 for c in conns):
-                break
-            await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(20):
+            if (await proc.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("bench.bare exited before it subscribed")
+            # VoIPBIN binds a subscription's topics a moment later (the simulator models it)
+            # and drops the events published before: agentd reads what it missed over REST,
+            # bare.py cannot, so the load starts once all its topics are bound
+            want = len(bare_topics(""))
+            while True:
+                conns = await sim.bench("ws")  # polled: the simulator's state, in its process
+                if any(c["subscriptions"] >= want for c in conns):
+                    break
+                await asyncio.sleep(0.01)
+    except BaseException:
+        await _terminate(proc)
+        raise
     return Agent(proc)
 
 

@@ -50,7 +50,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fl = results["floor"]["p50"]["median"]
     ax.axvline(fl, color="grey", linestyle="--", label=f"floor p50 {fl:.2f} ms (back to back)")
     paced = _paced_floor(results["floor"])
-    if paced is not results["floor"]:
+    if paced is not None:
         pl = paced["p50"]["median"]
         ax.axvline(pl, color="grey", linestyle=":", label=f"floor p50 {pl:.2f} ms (paced)")
     ax.axvline(20, color="red", linestyle=":", label="target p99 at 1,000 calls: 20 ms")
@@ -82,25 +82,33 @@ def _lower(a: float, b: float) -> bool:
     return math.isnan(b) or a < b
 
 
-def _paced_floor(fl: dict[str, Any]) -> dict[str, Any]:
-    """The floor at the 1-call load's pace (a report of an older run has only the warm one)."""
-    paced: dict[str, Any] = fl.get("paced") or fl
+def _paced_floor(fl: dict[str, Any]) -> dict[str, Any] | None:
+    """The floor at the 1-call load's pace (None in a report of a run before it existed)."""
+    paced: dict[str, Any] | None = fl.get("paced")
     return paced
 
 
 def _one_call_target(r: dict[str, Any]) -> dict[str, Any]:
-    """The single call against the floor at its own pace (the other ratio in the note)."""
+    """The single call against the floor at its own pace; the note gives its ratio to the floor
+    sent back to back, the target's first definition, with that verdict too."""
     one = r.get("overhead", {}).get("1")
-    label = (
-        "p50 ≤ 3× the floor at 1 call (agentd's default config: logs at info, store on; the "
-        "floor at the same pace)"
-    )
+    paced = _paced_floor(r["floor"])
+    label = "p50 ≤ 3× the floor at 1 call (agentd's default config: logs at info, store on"
+    label += "; the floor at the same pace)" if paced else ")"
     if not one:
         return _target("one_call_floor", label, "no 1-call load in this run", None)
     p50 = one["p50"]["median"]
-    warm = r["floor"]["p50"]["median"]
-    ratio = p50 / _paced_floor(r["floor"])["p50"]["median"]
-    note = f"{_f(p50 / warm, 2)}× the floor sent back to back"
+    warm = p50 / r["floor"]["p50"]["median"]
+    if paced is None:
+        return _target("one_call_floor", label, f"{_f(warm, 2)}×", bool(warm <= 3))
+    ratio = p50 / paced["p50"]["median"]
+    note = (
+        f"{_f(warm, 2)}× the floor sent back to back, the target's first definition: "
+        f"{'met' if warm <= 3 else 'missed'} by it"
+    )
+    bare = (r.get("overhead_bare") or {}).get("1")
+    if bare:
+        note += f"; {_f(p50 / bare['p50']['median'], 2)}× the stack alone"
     return _target("one_call_floor", label, f"{_f(ratio, 2)}×", bool(ratio <= 3), note)
 
 
@@ -271,12 +279,16 @@ def _overhead(r: dict[str, Any]) -> list[str]:
         "limit is off in the simulator and in agentd. The floor is one bare aiohttp POST round "
         "trip on loopback (client and server in two processes, like agentd and the simulator), "
         "measured in the same run: back to back (the client sends the next one 2 ms after the "
-        f"last answer) and *paced*, one every {prof['single_every_s']} s as the 1-call load's "
-        "turns. Paced, both processes are idle between round trips and the machine wakes "
-        "each in turn, as it does in every turn of a single call (the simulator publishes, "
-        "agentd wakes; agentd sends, the simulator wakes): that costs more than the round trip "
-        "itself here, so the 1-call load is compared with the paced floor, the others with the "
-        "floor sent back to back.",
+        "last answer) and *paced*, each one "
+        f"{_ms((_paced_floor(r['floor']) or {}).get('gap_s', math.nan))} after the last "
+        "answer. Paced, both "
+        "processes sit idle before each round trip as long as the simulator and agentd do "
+        "before a final transcript of the single call (its last interim comes ~57 ms "
+        "earlier), and each is woken once per round trip as it is once per turn (the "
+        "simulator publishes, agentd wakes; agentd sends, the simulator wakes). On this VM "
+        "those wake-ups cost more than the round trip itself, so the 1-call load is compared "
+        "with the paced floor; the other loads keep their processes busy and are compared "
+        "with the floor sent back to back.",
         "",
         *(_baseline_setup(prof) if base else []),
         *_overhead_table(r["floor"], r["overhead"], base, r.get("overhead_bare")),
@@ -318,7 +330,6 @@ def _overhead_table(
     bare: dict[str, Any] | None = None,
 ) -> list[str]:
     paced = _paced_floor(fl)
-    gap = paced.get("gap_s")
     out = [
         "| | turns | unanswered | p50 ms | p90 ms | p99 ms | max ms | p50 / floor p50 "
         "| p50 / paced floor p50 | CPU % | RSS MB |",
@@ -327,14 +338,13 @@ def _overhead_table(
         f"| {_m(fl['p50'], 3)} | {_m(fl['p90'], 3)} | {_m(fl['p99'], 3)} | {_m(fl['max'], 3)} "
         "| 1.0 | | | |",
     ]
-    if paced is not fl:
+    if paced is not None:
         out.append(
-            f"| floor, paced (one POST every {gap} s) | {_m(paced['n'], 0)} | "
-            f"| {_m(paced['p50'], 3)} | {_m(paced['p90'], 3)} | {_m(paced['p99'], 3)} "
-            f"| {_m(paced['max'], 3)} | | 1.0 | | |"
+            f"| floor, paced (one POST {_ms(paced['gap_s'])} after the last answer) "
+            f"| {_m(paced['n'], 0)} | | {_m(paced['p50'], 3)} | {_m(paced['p90'], 3)} "
+            f"| {_m(paced['p99'], 3)} | {_m(paced['max'], 3)} | | 1.0 | | |"
         )
     floor_p50 = fl["p50"]["median"]
-    paced_p50 = paced["p50"]["median"]
     for key, row in ov.items():
         rows = [("agentd", row)]
         if base and key in base:
@@ -342,16 +352,24 @@ def _overhead_table(
         if bare and key in bare:
             rows.append(("the stack alone", bare[key]))
         for who, x in rows:
-            ratio = x["p50"]["median"] / floor_p50 if floor_p50 else math.nan
-            slow = x["p50"]["median"] / paced_p50 if paced_p50 else math.nan
+            p50 = x["p50"]["median"]
+            ratio = f"{_f(p50 / floor_p50 if floor_p50 else math.nan, 2)}×"
+            # only the single call waits idle between its turns as the paced floor does
+            slow = f"{_f(p50 / paced['p50']['median'], 2)}×" if paced and key == "1" else ""
             label = f"{_calls(key)} — {who}" if base else _calls(key)
             out.append(
                 f"| {label} | {_m(x['n'], 0)} | {_m(x['unanswered'], 0)} "
                 f"| {_m(x['p50'], 2)} | {_m(x['p90'], 2)} | {_m(x['p99'], 2)} "
-                f"| {_m(x['max'], 2)} | {_f(ratio, 2)}× | {_f(slow, 2)}× | {_m(x['cpu_pct'])} "
+                f"| {_m(x['max'], 2)} | {ratio} | {slow} | {_m(x['cpu_pct'])} "
                 f"| {_m(x['rss_mb'])} |"
             )
     return out
+
+
+def _ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:g} s"
 
 
 def _overhead_targets(
