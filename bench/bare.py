@@ -6,9 +6,9 @@ to the customer's events, one `aiohttp` session, and for each caller's final tra
 (a transcribe, a speaking session, the greeting) and both sessions are stopped at hangup.
 Nothing else: no log line, no store, no state machine, no dedupe, no timer, no retry, no
 barge-in; the garbage collector tuned as `agentd run` tunes it (the comparison is of the
-work, not of GC settings). The bench runs it beside agentd
-on the section-1 loads so the report can tell the stack's share of agentd's CPU from agentd's
-own. Not an agent anyone should run.
+work, not of GC settings). The bench runs it beside agentd on the section-1 loads so the
+report can tell the stack's share of agentd's CPU from agentd's own. Not an agent anyone
+should run.
 
     python -m bench.bare API_URL WS_URL ACCESSKEY
 
