@@ -81,6 +81,12 @@ class _Lanes:
     replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
 
+def _cancel_timer(lanes: _Lanes, timer: Timer) -> None:
+    handle = lanes.timers.pop(timer, None)
+    if handle is not None:
+        handle.cancel()
+
+
 class Executor:
     """Runs commands for every call; results go to `feed(call_id, result)`."""
 
@@ -114,7 +120,9 @@ class Executor:
         """Schedule `commands`; never blocks."""
         if not commands:
             return  # most speech events: nothing to do, no lanes to make
-        lanes = self._calls.get(call_id) or self._calls.setdefault(call_id, _Lanes())
+        lanes = self._calls.get(call_id)
+        if lanes is None:
+            lanes = self._calls[call_id] = _Lanes()
         for cmd in commands:
             if isinstance(cmd, Record) and cmd.what.warns:
                 log.warning("command", call_id=call_id, **_describe(cmd))
@@ -130,9 +138,7 @@ class Executor:
                 case StartTimer():
                     self._start_timer(call_id, lanes, cmd)
                 case CancelTimer():
-                    handle = lanes.timers.pop(cmd.timer, None)
-                    if handle is not None:
-                        handle.cancel()
+                    _cancel_timer(lanes, cmd.timer)
                 case Record():
                     if self.on_record is not None:
                         self.on_record(cmd)
@@ -144,9 +150,7 @@ class Executor:
                     self._enqueue(call_id, lanes, cmd)
 
     def _start_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer) -> None:
-        old = lanes.timers.pop(cmd.timer, None)
-        if old is not None:
-            old.cancel()
+        _cancel_timer(lanes, cmd.timer)
         # a handle, not a task: timers are re-armed on nearly every event
         lanes.timers[cmd.timer] = asyncio.get_running_loop().call_later(
             cmd.delay_s, self._fire, call_id, cmd.timer
