@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentd.call.attach import Sessions
-from agentd.call.core import Input
+from agentd.call.core import NEVER, Input
 from agentd.call.listen import Listening
 from agentd.call.phase import REMOTE, Effect, Phase, PhaseInput
 from agentd.call.recovery import Recovery
@@ -66,7 +66,6 @@ from agentd.events import CallEvent, SpeechEvent, TranscribeEvent, TranscriptEve
 from agentd.names import Kind, Timer, TimerKind, TransferTo
 
 _STATUSES = {inp.value: inp for inp in REMOTE}
-_NEVER = float("inf")
 
 
 class Call(Recovery, Sessions, Listening):
@@ -89,8 +88,8 @@ class Call(Recovery, Sessions, Listening):
         out: list[Command] = []
         if transcript_was_due and not self.transcript_due:
             out.append(CancelTimer(self.id, Timer(TimerKind.TRANSCRIPT_DUE)))
-        if self.filler_due_at != _NEVER and self.said_turn == self.turns.turn:
-            self.filler_due_at = _NEVER
+        if self.filler_due_at != NEVER and self.said_turn == self.turns.turn:
+            self.filler_due_at = NEVER
             out.append(CancelTimer(self.id, Timer(TimerKind.FILLER)))
         return out
 

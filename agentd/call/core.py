@@ -41,6 +41,7 @@ from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, Transc
 from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind
 
 Input = Event | Result  # what a call handles
+NEVER = float("inf")  # the time of something not due (a timer not running)
 
 
 class CallCore:
@@ -126,8 +127,8 @@ class CallCore:
         self.held: list[tuple[int, str]] = []  # (turn, sentence) held back until then
         self.said_turn = -1  # the latest turn something was said for
         self.timing_due = False  # the reply is complete but held: its timings come when said
-        self.filler_due_at = float("inf")  # when a slow reply gets a filler
-        self.silence_due = float("inf")  # when the running silence timer fires (none: inf)
+        self.filler_due_at = NEVER  # when a slow reply gets a filler
+        self.silence_due = NEVER  # when the running silence timer fires
         self.filler_turn = -1  # the turn a filler was said for
         self.incomplete_turn = -1  # the turn the backend judged the caller not done with
         self.age_s = 0.0  # how old the call was when a restart restored it

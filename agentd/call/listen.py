@@ -20,6 +20,7 @@ it brings that the interims had not are kept.
 
 from __future__ import annotations
 
+from agentd.call.core import NEVER
 from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, words
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation
@@ -30,7 +31,6 @@ from agentd.names import Kind, Timer, TimerKind
 
 _EPS = 0.01  # timers fire a hair early
 _RESTORED_S = 30.0  # a restarted agentd reads the transcripts it missed back within this
-_NEVER = float("inf")  # "ask" time of words that go on: only once the turn is over
 
 
 class Listening(Conversation):
@@ -240,7 +240,7 @@ class Listening(Conversation):
     def _words_grew(self, h: Hearing, gap: float, now: float) -> list[Command]:
         """The caller said more: drop a reply asked with fewer words, then see what is due."""
         cmds: list[Command] = []
-        self.filler_due_at = _NEVER
+        self.filler_due_at = NEVER
         if h.stale():
             if h.ended:
                 self.pauses.went_on_after(gap)
@@ -286,7 +286,7 @@ class Listening(Conversation):
             end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
         ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)
         if c is Cue.GOING_ON:
-            ask_at = _NEVER
+            ask_at = NEVER  # words that go on: asked only once the turn is over
         if h.asks >= s.max_speculative:
             ask_at = end_at  # enough was wasted on this turn: ask once it is over
         cmds: list[Command] = []

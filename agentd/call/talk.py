@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from difflib import SequenceMatcher
 
-from agentd.call.core import CallCore
+from agentd.call.core import NEVER, CallCore
 from agentd.call.endpoint import words
 from agentd.call.session import SessionInput
 from agentd.call.settings import TURN_NUDGE
@@ -425,7 +425,7 @@ class Conversation(CallCore):
 
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer: reprompt a quiet caller, and end the call after a few."""
-        self.silence_due = float("inf")  # it has fired: none runs now
+        self.silence_due = NEVER  # it has fired: none runs now
         s = self.settings
         if not self.phase.live or self.turns.replying or self.held or self.after_reply is not None:
             return []  # a reply is coming: its end arms the timer again
