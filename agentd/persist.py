@@ -1,11 +1,11 @@
 """Writes each call's state to the store as it changes, so a restart can pick the calls up again.
 
 The state machine stays pure: after each step the dispatcher shows the call to `Persister`, which
-compares a cheap fingerprint with the last one written and, if it changed, marks the call dirty.
-Nothing is written on the event path. Writes are coalesced: every `COALESCE_S` at most, the
-latest state of each dirty call, with the records, transcripts and ends gathered meanwhile, goes to
-the store as one job (one transaction on the store's thread). A call that changed five times in
-that window is written once.
+notes it as touched. Nothing is written on the event path, nor compared: every `COALESCE_S` at
+most, each touched call's cheap fingerprint is compared with the last one written, and the latest
+state of those that changed, with the records, transcripts and ends gathered meanwhile, goes to
+the store as one job (one transaction on the store's thread). A call that stepped nine times in
+that window (a turn: six speech events, the transcript, the reply) is compared and written once.
 
 The one write that is not coalesced is the write-ahead: before a billed session is created the
 daemon waits on `saving(call_id)`, which writes that call at once. What a SIGKILL can cause
@@ -43,8 +43,8 @@ class Persister:
     def __init__(self, store: CallStore, *, coalesce_s: float = COALESCE_S) -> None:
         self.store = store
         self.coalesce_s = coalesce_s
-        self._seen: dict[str, tuple[object, ...]] = {}
-        self._dirty: dict[str, Call] = {}  # changed since the last write, by call id
+        self._seen: dict[str, tuple[object, ...]] = {}  # the fingerprint last written
+        self._touched: dict[str, Call] = {}  # stepped since the last write, by call id
         self._batch = Batch()  # records, transcripts and ends waiting for the next write
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -54,12 +54,9 @@ class Persister:
     # ---- what the daemon shows us ------------------------------------------------------------
 
     def changed(self, call: Call) -> None:
-        """After a step: write the call soon if anything that must survive a restart changed."""
-        key = call.fingerprint()
-        if self._seen.get(call.id) == key:
-            return
-        self._seen[call.id] = key
-        self._dirty[call.id] = call
+        """After a step: write the call soon if anything that must survive a restart changed
+        (told at the write: most steps, the speech events, change nothing that is saved)."""
+        self._touched[call.id] = call
         self._soon()
 
     def saving(self, call_id: str) -> asyncio.Task[None] | None:
@@ -67,7 +64,7 @@ class Persister:
 
         A call still waiting for the coalescing window is written now: whoever asks (the
         write-ahead before a billed session) is about to wait for it."""
-        if call_id in self._dirty:
+        if call_id in self._touched:
             self.write_now()
         task = self._writing.get(call_id)
         if task is not None and task.done():
@@ -91,12 +88,13 @@ class Persister:
 
     def finished(self, call: Call | None, call_id: str) -> None:
         """Nothing is left to stop: the call is no longer live in the store."""
-        self._seen.pop(call_id, None)
         self._writing.pop(call_id, None)
-        last = self._dirty.pop(call_id, None)
+        last = self._touched.pop(call_id, None)
         now = self.store.now()
-        if last is not None:  # its final state (the last turn's history) comes before the end
+        if last is not None and self._changed(last):
+            # its final state (the last turn's history) comes before the end
             self._batch.calls.append((CallRecord(**last.snapshot()), now))
+        self._seen.pop(call_id, None)
         reason = call.hangup_reason if call is not None else ""
         self._batch.ends.append((call_id, reason, now))
         self._soon()
@@ -114,9 +112,10 @@ class Persister:
             self._timer = None
         now = self.store.now()
         batch, self._batch = self._batch, Batch()
+        touched, self._touched = self._touched, {}
+        dirty = {call_id: c for call_id, c in touched.items() if self._changed(c)}
         # the states come first: an end gathered meanwhile must not be undone by an older save
-        batch.calls[:0] = [(CallRecord(**c.snapshot()), now) for c in self._dirty.values()]
-        dirty, self._dirty = self._dirty, {}
+        batch.calls[:0] = [(CallRecord(**c.snapshot()), now) for c in dirty.values()]
         if not batch:
             return
         task = asyncio.get_running_loop().create_task(self._write(batch))
@@ -125,6 +124,14 @@ class Persister:
         for call_id in dirty:
             self._writing[call_id] = task
         task.add_done_callback(lambda t: self._written(t, dirty))
+
+    def _changed(self, call: Call) -> bool:
+        """Whether what must survive a restart changed since the call was last written."""
+        key = call.fingerprint()
+        if self._seen.get(call.id) == key:
+            return False
+        self._seen[call.id] = key
+        return True
 
     def _written(self, task: asyncio.Task[None], calls: dict[str, Call]) -> None:
         for call_id in calls:  # done: nothing to wait for (and no task kept per call)
@@ -149,7 +156,7 @@ class Persister:
         """Another replica serves the call now: nothing more of it is written from here."""
         self._seen.pop(call_id, None)
         self._writing.pop(call_id, None)
-        self._dirty.pop(call_id, None)
+        self._touched.pop(call_id, None)
 
     async def restore(self, settings: CallSettings, call_ids: set[str] | None = None) -> list[Call]:
         """The calls that were live when the last agentd stopped (of `call_ids`: those only)."""
