@@ -210,7 +210,14 @@ def show_call(conn: sqlite3.Connection, call_id: str) -> dict[str, Any]:
             (call_id,),
         )
     ]
-    conversation, source = _conversation(_loads(history, []), transcripts)
+    # a long call's older messages left its kept history for `history` records, oldest first
+    older = [
+        m for _, what, data in events if what == Kind.HISTORY for m in data.get("messages", ())
+    ]
+    kept = _loads(history, [])
+    conversation, source = _conversation(
+        older + (kept if isinstance(kept, list) else []), transcripts
+    )
 
     def of(kind: Kind) -> list[dict[str, Any]]:
         return [

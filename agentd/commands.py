@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agentd.events import CallInfo
+from agentd.events import CallInfo, TranscriptEvent
 from agentd.names import Action, Kind, Timer
 
 Lane = Literal["call", "speaking", "transcribe", "none"]
@@ -367,6 +367,14 @@ class CallGone:
     """GET /calls/{id} answered 404/403: the call no longer exists for us."""
 
 
+@dataclass(frozen=True, slots=True)
+class TranscriptsRead:
+    """The transcripts of the call's transcribe read over REST (`FetchTranscripts`), oldest
+    first: those the stream lost are among them."""
+
+    transcripts: tuple[TranscriptEvent, ...]
+
+
 Result = (
     TranscribeStarted
     | TranscribeFailed
@@ -382,6 +390,7 @@ Result = (
     | TransferDone
     | HangupDone
     | CallGone
+    | TranscriptsRead
 )
 
 __all__ = ["CallInfo", "Command", "Message", "Result"]

@@ -554,6 +554,8 @@ def _call_settings(agent: dict[str, Any]) -> CallSettings:
         raise ConfigError("agent.chars_per_s: must not be negative (0: by the language's script)")
     if call.say_latency_s < 0:
         raise ConfigError("agent.say_latency_s: must not be negative")
+    if call.history_limit < 0:
+        raise ConfigError("agent.history_limit: must not be negative (0: the whole call)")
     return call
 
 

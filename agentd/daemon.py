@@ -15,7 +15,7 @@ from agentd import logs
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
-from agentd.commands import FetchTranscripts, Record, Result, WriteAhead
+from agentd.commands import FetchTranscripts, Record, Result, TranscriptsRead, WriteAhead
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
@@ -391,8 +391,12 @@ class Daemon:
         if self.replica is not None and not self.replica.holds(call.id):
             return  # not ours (yet): its owner saves it
         self.persister.changed(call)
-        if isinstance(event, TranscriptEvent):
-            self.persister.transcript(call.id, event.id, event.direction, event.message)
+        # a read-back's transcripts are stored too: those the stream lost are among them (the
+        # store ignores the ones it has)
+        read = event.transcripts if isinstance(event, TranscriptsRead) else (event,)
+        for t in read:
+            if isinstance(t, TranscriptEvent):
+                self.persister.transcript(call.id, t.id, t.direction, t.message)
 
     def _on_finished(self, call: Call | None, call_id: str) -> None:
         self.call_seen.pop(call_id, None)

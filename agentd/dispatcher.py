@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from agentd import logs
 from agentd.call import Call, CallSettings, Phase
-from agentd.commands import Command, Finished, Result
+from agentd.commands import Command, Finished, Result, TranscriptsRead
 from agentd.events import (
     CallEvent,
     CallInfo,
@@ -315,6 +315,8 @@ def _describe(event: Event | Result) -> dict[str, object]:
         out.update(id=event.id, direction=event.direction, text=event.message)
     elif isinstance(event, SpeechEvent):
         out.update(kind=event.kind, text=event.message or None)
+    elif isinstance(event, TranscriptsRead):
+        out["count"] = len(event.transcripts)
     else:
         for name in (
             "status",

@@ -52,6 +52,7 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    TranscriptsRead,
     Transfer,
     TransferDone,
     WriteAhead,
@@ -341,14 +342,15 @@ class Executor:
             return TransferDone(False, str(e))
         return TransferDone(True)
 
-    async def _fetch_transcripts(self, cmd: FetchTranscripts) -> None:
-        # transcripts whose events were lost; the call drops the ones it has seen
+    async def _fetch_transcripts(self, cmd: FetchTranscripts) -> Result | None:
+        # transcripts whose events were lost, among those seen: the call tells them apart
         try:
-            for raw in await self.client.transcripts_in_order(cmd.transcribe_id):
-                if isinstance(event := event_of(raw), TranscriptEvent):
-                    self.feed(cmd.call_id, event)
+            read = await self.client.transcripts_in_order(cmd.transcribe_id)
         except ApiError as e:
             log.warning("fetch_transcripts.failed", error=str(e))
+            return None
+        events = (event_of(raw) for raw in read)
+        return TranscriptsRead(tuple(ev for ev in events if isinstance(ev, TranscriptEvent)))
 
     async def _check_call(self, cmd: CheckCall) -> Event | Result | None:
         try:

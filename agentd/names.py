@@ -92,6 +92,9 @@ class Kind(enum.StrEnum):
     TRANSCRIBE_RESTARTED = "transcribe_restarted"
     SILENCE_HANGUP = "silence_hangup"
     TIME_LIMIT = "time_limit"
+    # messages that left a long call's kept history (`History`), oldest first: the store keeps
+    # them, so `agentd calls show` has the whole conversation
+    HISTORY = "history"
     # what an operator should see with `journalctl -p warning`
     SPEAKING_LOST = "speaking_lost"
     STT_QUIET = "stt_quiet"

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from agentd.call import Call, CallSettings, Phase
+from agentd.call.history import SLACK
 from agentd.commands import (
     AskBackend,
     CallGone,
@@ -36,6 +37,7 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    TranscriptsRead,
     Transfer,
     TransferDone,
     WriteAhead,
@@ -659,3 +661,83 @@ def test_a_failure_while_the_transcribe_is_awaited_stops_it() -> None:
     assert StopTranscribe(CID, "t1") in cmds
     assert call.handle(HangupDone(True), 21)[-1:] == []  # its stop is not confirmed yet
     assert isinstance(call.handle(Stopped("transcribe", "t1", True), 21.1)[-1], Finished)
+
+
+def _talk(call: Call, turns: int) -> list[Record]:
+    """`turns` caller turns, each answered with two sentences; the records they made."""
+    records: list[Record] = []
+    for n in range(turns):
+        now = 10.0 + 10 * n
+        for event in (
+            transcript(f"question {n}", f"tr{n}"),
+            ReplySentence(n + 1, f"Answer {n}."),
+            ReplySentence(n + 1, "Anything else?"),
+            ReplyDone(n + 1),
+        ):
+            records += [c for c in call.handle(event, now) if isinstance(c, Record)]
+    return records
+
+
+def test_the_messages_that_leave_a_long_calls_history_go_to_the_store_in_order() -> None:
+    call = answered(replace(SETTINGS, history_limit=6))
+    left = [r.data["messages"] for r in _talk(call, 100) if r.what is Kind.HISTORY]
+    assert len(left) == (2 + 2 * 100 - len(call.history.msgs[1:])) // SLACK  # in batches
+    kept = [[m.role, m.text] for m in call.history.msgs[1:]]
+    conversation = [m for batch in left for m in batch] + kept
+    assert conversation[0] == ["assistant", "Hi there."]
+    assert conversation[1:] == [
+        m
+        for n in range(100)
+        for m in (["user", f"question {n}"], ["assistant", f"Answer {n}. Anything else?"])
+    ]
+
+
+def test_a_long_call_keeps_a_bounded_history_and_sends_the_same_window() -> None:
+    limit = 6
+    bounded = answered(replace(SETTINGS, history_limit=limit))
+    whole = answered(replace(SETTINGS, history_limit=limit))
+    whole.history.keep = 0  # what every call kept before: every message
+    _talk(bounded, 200)
+    _talk(whole, 200)
+    assert len(whole.history) == 1 + 1 + 2 * 200  # the prompt, the greeting, 200 turns
+    # the prompt and the last few turns: the state and its save do not grow with the call
+    assert 1 + limit + SLACK <= len(bounded.history) < 1 + limit + 2 * SLACK
+    assert len(bounded.snapshot()["history"]) == len(bounded.history)
+    assert bounded.history.window(limit) == whole.history.window(limit)
+    assert bounded.history.msgs[-1].text == "Answer 199. Anything else?"
+    # the next turn's question is asked with the same messages either way
+    (ask,) = [c for c in step(bounded, transcript("and now?", "tr-x"), 3000) if kinds([c])]
+    (ask_whole,) = [c for c in step(whole, transcript("and now?", "tr-x"), 3000) if kinds([c])]
+    assert isinstance(ask, AskBackend) and isinstance(ask_whole, AskBackend)
+    assert ask.history == ask_whole.history and ask.turn == ask_whole.turn == 201
+
+
+def test_a_long_call_restored_knows_its_current_turn_was_answered() -> None:
+    settings = replace(SETTINGS, history_limit=6)
+    call = answered(settings)
+    _talk(call, 50)
+    again = Call.restore(call.snapshot(), settings)
+    assert again.turn == 50 and again.history.has_reply(50)  # numbered from the call's turn
+    assert [(m.role, m.turn) for m in again.history.msgs[-2:]] == [("user", 50), ("assistant", 50)]
+    assert again.history.window(6) == call.history.window(6)
+
+
+def test_a_read_back_after_a_long_call_restarts_answers_only_what_was_lost() -> None:
+    call = answered()
+    _talk(call, 300)  # far more transcripts than a call remembers (and saves) the ids of
+    again = Call.restore(call.snapshot(), SETTINGS)
+    again.resume(5000)
+    # GET /transcripts: the whole call, oldest first, and one the stream lost while we were down
+    old = tuple(transcript(f"question {n}", f"tr{n}") for n in range(300))
+    lost = transcript("and one more thing", "tr-lost")
+    (ask,) = [c for c in step(again, TranscriptsRead((*old, lost)), 5001) if kinds([c])]
+    assert isinstance(ask, AskBackend) and ask.turn == 301
+    assert ask.history[-1] == ("user", "and one more thing")  # not the first 236 questions
+    # read back again (the stream dropped once more): nothing new, nothing asked
+    assert step(again, TranscriptsRead((*old, lost)), 5002) == []
+
+
+def test_a_read_back_of_a_call_that_saw_none_of_it_answers_it() -> None:
+    call = answered()
+    cmds = step(call, TranscriptsRead((transcript("hello?", "tr1"),)), 10)
+    assert [c for c in cmds if isinstance(c, AskBackend)][0].history[-1] == ("user", "hello?")

@@ -73,6 +73,32 @@ async def test_a_served_call_is_listed_and_shown_with_transcript_timings_and_cle
     assert report["session_seconds"]["speaking"] > 0
 
 
+@pytest.mark.slow
+async def test_a_long_call_is_shown_whole_though_the_call_kept_only_its_last_turns(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    # history_limit 2: the call keeps 10 messages, the older ones go to the store as they leave
+    daemon = await agent(agent={"greeting": "Hello there.", "history_limit": 2})
+    said = [f"question number {n}" for n in range(12)]
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance(t) for t in said], hangup_after_s=0.05)
+    )
+    await sim.wait_call_status(call_id, "hangup", timeout=30)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert daemon.persister is not None
+    await daemon.persister.flush()
+    assert any(r.what == "history" for r in daemon.records)  # some did leave
+    cfg = config_file(tmp_path, daemon.config.store_path)
+    code, out, err = await run_cli("calls", "show", call_id, "--json", "--config", cfg)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["conversation_source"] == "history"
+    lines = [(line["who"], line["text"]) for line in doc["conversation"]]
+    assert lines == [("agent", "Hello there.")] + [
+        pair for t in said for pair in (("caller", t), ("agent", f"You said: {t}."))
+    ]
+
+
 async def test_the_store_off_or_missing_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     code, _, err = await run_cli("calls", "--config", config_file(tmp_path, ""))
     assert code == 2 and 'the store is off (store.path = "")' in err

@@ -466,3 +466,9 @@ def test_a_url_without_asyncpg_says_which_extra_to_install(
         "pip install 'agentd[postgres]'"
     )
     assert load(None, env={}, overrides=MINIMAL).store_path == "agentd.db"  # SQLite needs none
+
+
+def test_a_negative_history_limit_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace(NUMBERS, f"{NUMBERS}\nhistory_limit = -1")
+    with pytest.raises(ConfigError, match=r"agent\.history_limit: must not be negative"):
+        load(write(tmp_path, text), env={})

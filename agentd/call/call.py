@@ -58,6 +58,7 @@ from agentd.commands import (
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
+    TranscriptsRead,
     Transfer,
     TransferDone,
     WriteAhead,
@@ -79,7 +80,14 @@ class Call(Recovery, Sessions, Listening):
         # a timer that just fired needs no cancelling
         transcript_was_due = self.transcript_due and not isinstance(event, TimerFired)
         cmds = self._apply(event, now)
-        return self._reported(cmds + self._moot_timers(transcript_was_due))
+        return self._reported(cmds + self._moot_timers(transcript_was_due) + self._history_left())
+
+    def _history_left(self) -> list[Command]:
+        """The messages that left the kept history in this step, for the store."""
+        if not self.history.left:
+            return []
+        left = [[m.role, m.text] for m in self.history.take_left()]
+        return [Record(self.id, Kind.HISTORY, {"messages": left})]
 
     def _moot_timers(self, transcript_was_due: bool) -> list[Command]:
         """Timers whose reason went away in this step, cancelled rather than left to fire for
@@ -155,6 +163,20 @@ class Call(Recovery, Sessions, Listening):
         if status == "hangup":
             cmds += self._record_hangup(info.hangup_by, info.hangup_reason)
         return cmds + self._maybe_finished()
+
+    def _on_transcripts_read(self, event: TranscriptsRead, now: float) -> list[Command]:
+        """A read-back, oldest first: what came after the newest transcript already handled is
+        what the stream lost, and is handled as if it had just come. What came before it is old
+        news, even the transcripts too old to be among the ids a call remembers (`SEEN_KEEP`):
+        a long call, restarted, would otherwise answer its first hour again."""
+        read = event.transcripts
+        start = next(
+            (i + 1 for i in range(len(read) - 1, -1, -1) if self.turns.seen(read[i].id)), 0
+        )
+        cmds: list[Command] = []
+        for transcript in read[start:]:
+            cmds += self._apply(transcript, now)
+        return cmds
 
     def _on_call_gone(self, _event: CallGone, _now: float) -> list[Command]:
         self.ledger.hangup_pending = False
@@ -251,6 +273,7 @@ _HANDLERS: dict[type, Handler] = {
     CallEvent: Call._on_call,
     CallGone: Call._on_call_gone,
     TranscriptEvent: Call.on_transcript,
+    TranscriptsRead: Call._on_transcripts_read,
     SpeechEvent: Call.on_speech,
     TranscribeEvent: Call._on_transcribe_event,
     TranscribeStarted: Call._on_transcribe_started,

@@ -101,7 +101,7 @@ class CallCore:
         self.turns = TurnMachine()
         self.ledger = Ledger()
         self.playback = Playback()
-        self.history = History(settings.prompt)
+        self.history = History(settings.prompt, History.keep_for(settings.history_limit))
         self.status = ""
         self.hangup_reason = ""
         self.greeted = False

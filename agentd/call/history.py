@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from agentd.commands import Message
 
+#: messages kept beyond the `history_limit` the backend is sent: a reply still being extended, or
+#: cut to what was heard, belongs to one of the last turns, and finds its message among them.
+#: Beyond that the oldest leave in batches of this many (one record for the store per ~4 turns).
+SLACK = 8
+
 
 @dataclass(slots=True)
 class Msg:
@@ -18,12 +23,37 @@ class Msg:
 
 
 class History:
-    """The messages of a call, the system prompt first."""
+    """The messages of a call, the system prompt first.
 
-    __slots__ = ("msgs",)
+    Only the last `keep` messages besides the system prompt are kept (0: all of them): a call's
+    state, its save on every turn and its scans stay the same size however long it lasts. The
+    messages that leave wait in `left` until the call hands them to the store."""
 
-    def __init__(self, system_prompt: str = "") -> None:
+    __slots__ = ("keep", "left", "msgs")
+
+    def __init__(self, system_prompt: str = "", keep: int = 0) -> None:
+        self.keep = keep
         self.msgs: list[Msg] = [Msg("system", system_prompt)] if system_prompt else []
+        self.left: list[Msg] = []
+
+    @staticmethod
+    def keep_for(history_limit: int) -> int:
+        """How many messages a call keeps when its backend is sent `history_limit` (0: all)."""
+        return history_limit + SLACK if history_limit > 0 else 0
+
+    def _add(self, msg: Msg) -> None:
+        self.msgs.append(msg)
+        if self.keep:
+            start = 1 if self.msgs[0].role == "system" else 0
+            extra = len(self.msgs) - start - self.keep
+            if extra >= SLACK:
+                self.left += self.msgs[start : start + extra]
+                del self.msgs[start : start + extra]
+
+    def take_left(self) -> list[Msg]:
+        """The messages that left since the last call, oldest first."""
+        left, self.left = self.left, []
+        return left
 
     def user(self, text: str, turn: int) -> None:
         """The caller said `text`. An utterance that got no reply (cut off, or one sentence
@@ -32,7 +62,7 @@ class History:
             self.msgs[-1].text += " " + text
             self.msgs[-1].turn = turn
         else:
-            self.msgs.append(Msg("user", text, turn))
+            self._add(Msg("user", text, turn))
 
     def revise_user(self, old: str, new: str, turn: int) -> bool:
         """The caller's words `old`, the end of the last message, are now `new`; False when the
@@ -48,13 +78,13 @@ class History:
 
     def assistant(self, text: str, turn: int) -> None:
         """The agent said `text` (a greeting, a reprompt, a fallback, a goodbye)."""
-        self.msgs.append(Msg("assistant", text, turn))
+        self._add(Msg("assistant", text, turn))
 
     def extend_reply(self, text: str, turn: int) -> None:
         """One more sentence of the reply to `turn`."""
         idx = self._index(turn)
         if idx is None:
-            self.msgs.append(Msg("assistant", text, turn))
+            self._add(Msg("assistant", text, turn))
         else:
             self.msgs[idx].text += " " + text
 
@@ -67,7 +97,7 @@ class History:
         idx = self._index(turn)
         if idx is None:
             if text:
-                self.msgs.append(Msg("assistant", text, turn))
+                self._add(Msg("assistant", text, turn))
         elif text:
             self.msgs[idx].text = text
         else:
@@ -91,13 +121,17 @@ class History:
         return tuple((m.role, m.text) for m in self.msgs)
 
     @classmethod
-    def restore(cls, pairs: Iterable[tuple[str, str]]) -> History:
-        """Rebuild from the store; a user message opens the next turn."""
-        history = cls()
+    def restore(cls, pairs: Iterable[tuple[str, str]], turn: int = 0, keep: int = 0) -> History:
+        """Rebuild from the store; a user message opens the next turn, and the last one is
+        `turn`, the call's: the first messages of a long call are no longer kept, and a turn
+        asked for again (the caller went on) has one user message for two turn numbers."""
+        msgs = list(pairs)
+        offset = max(0, turn - sum(role == "user" for role, _ in msgs))
+        history = cls(keep=keep)
         users = 0
-        for role, text in pairs:
+        for role, text in msgs:
             users += role == "user"
-            history.msgs.append(Msg(role, text, users))
+            history._add(Msg(role, text, users + offset))
         return history
 
     def __len__(self) -> int:

@@ -99,7 +99,7 @@ class Recovery(CallCore):
             "turn": self.turns.turn,
             "history": self.history.pairs(),
             "hangup_reason": self.hangup_reason,
-            "seen_transcripts": self.turns.seen_ids(200),
+            "seen_transcripts": self.turns.seen_ids(),
         }
 
     @classmethod
@@ -114,7 +114,9 @@ class Recovery(CallCore):
         call.ledger.restore(list(data.get("pending_stops", ())))
         call.greeted = bool(data.get("greeted"))
         call.turns = TurnMachine(int(data.get("turn", 0)))
-        call.history = History.restore(data.get("history", ()))
+        call.history = History.restore(
+            data.get("history", ()), call.turns.turn, History.keep_for(settings.history_limit)
+        )
         for tid in data.get("seen_transcripts", ()):
             call.turns.mark_seen(tid)
         # a session created just before the crash may never have told us its id

@@ -55,7 +55,9 @@ TURN_TABLE: dict[tuple[TurnState, TurnInput], TurnState] = {
 }
 del L, T, S, C
 
-_SEEN_KEEP = 2000
+#: the caller transcripts a call remembers answering (and saves): a duplicate frame comes at once,
+#: and a read-back (`TranscriptsRead`) needs only the newest one answered to tell old from lost
+SEEN_KEEP = 64
 
 
 class TurnMachine:
@@ -66,8 +68,7 @@ class TurnMachine:
     def __init__(self, turn: int = 0) -> None:
         self.state = TurnState.LISTENING
         self.turn = turn
-        # REST read-backs return answered transcripts again and again
-        self._seen: deque[str] = deque(maxlen=_SEEN_KEEP)
+        self._seen: deque[str] = deque(maxlen=SEEN_KEEP)
         self._seen_set: set[str] = set()
 
     def step(self, inp: TurnInput) -> TurnState:
@@ -103,6 +104,6 @@ class TurnMachine:
         self._seen_set.add(transcript_id)
         return True
 
-    def seen_ids(self, last: int) -> tuple[str, ...]:
-        """The `last` answered transcript ids, oldest first (for the store)."""
-        return tuple(self._seen)[-last:]
+    def seen_ids(self) -> tuple[str, ...]:
+        """The answered transcript ids remembered, oldest first (for the store)."""
+        return tuple(self._seen)
