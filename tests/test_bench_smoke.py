@@ -201,3 +201,11 @@ def test_the_turn_profile_times_every_stage_in_order() -> None:
     assert stages[0] == "dispatcher steps the call" and stages[-1] == "say() called"
     times = [float(us) for us, _ in rows]
     assert times == sorted(times) and times[0] > 0
+
+
+def test_a_long_call_holds_no_more_than_a_call_of_a_hundred_turns() -> None:
+    from bench.longcall import run
+
+    (_, held_100, row_100), (_, held_400, row_400) = run(400, (100, 400))
+    # what grows is 4 bytes a turn (its first-say latency, for the call report)
+    assert held_400 < held_100 + 4.0 and row_400 <= row_100 + 0.1

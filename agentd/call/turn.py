@@ -57,7 +57,7 @@ del L, T, S, C
 
 #: the caller transcripts a call remembers answering (and saves): a duplicate frame comes at once,
 #: and a read-back (`TranscriptsRead`) needs only the newest one answered to tell old from lost
-SEEN_KEEP = 64
+SEEN_KEEP = 16
 
 
 class TurnMachine:
