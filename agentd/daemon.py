@@ -386,11 +386,15 @@ class Daemon:
             self.call_seen[call.id] = self.clock()
             if self.tracing is not None:
                 self.tracing.started(call.id)
+        # the store's outbox: taken even without a store, or the call would hold them after all
+        left = call.history.take_left() if call.history.left else None
         if self.persister is None:
             return
         if self.replica is not None and not self.replica.holds(call.id):
             return  # not ours (yet): its owner saves it
         self.persister.changed(call)
+        if left:
+            self.persister.history_left(call.id, left)
         # a read-back's transcripts are stored too: those the stream lost are among them (the
         # store ignores the ones it has)
         read = event.transcripts if isinstance(event, TranscriptsRead) else (event,)

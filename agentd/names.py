@@ -92,9 +92,6 @@ class Kind(enum.StrEnum):
     TRANSCRIBE_RESTARTED = "transcribe_restarted"
     SILENCE_HANGUP = "silence_hangup"
     TIME_LIMIT = "time_limit"
-    # messages that left a long call's kept history (`History`), oldest first: the store keeps
-    # them, so `agentd calls show` has the whole conversation
-    HISTORY = "history"
     # what an operator should see with `journalctl -p warning`
     SPEAKING_LOST = "speaking_lost"
     STT_QUIET = "stt_quiet"
@@ -104,6 +101,9 @@ class Kind(enum.StrEnum):
     ANOMALY = "anomaly"  # an internal transition the machines do not allow: a bug to report
     FAILED = "failed"  # the call's handler raised: the call was ended
     REPORT = "call_report"  # once, when the call is finished: its duration, turns, sessions
+    # no record: the store's event for the messages that left a long call's kept history
+    # (`History`), written with the row that no longer has them (`Persister.history_left`)
+    HISTORY = "history"
 
     @property
     def warns(self) -> bool:

@@ -132,8 +132,6 @@ class Tracing:
 
     def record(self, record: Record, call: CallView | None = None) -> None:
         """One of the daemon's records; `call` is the live call it is about, when known."""
-        if record.what is Kind.HISTORY:
-            return  # older lines on their way to the store: the turns carry their own
         state = self._calls.get(record.call_id) or self._open(record.call_id, call)
         if record.what is Kind.TURN:
             self._turn(state, record, call)

@@ -28,7 +28,9 @@ import asyncio
 
 from agentd import logs
 from agentd.call import Call, CallSettings
+from agentd.call.history import Msg
 from agentd.commands import Record
+from agentd.names import Kind
 from agentd.store import Batch, CallRecord, CallStore, StoreError
 
 log = logs.get_logger("agentd.persist")
@@ -77,6 +79,13 @@ class Persister:
         self._batch.events.append(
             (record.call_id, record.what, dict(record.data), self.store.now())
         )
+        self._soon()
+
+    def history_left(self, call_id: str, msgs: list[Msg]) -> None:
+        """Messages that left the call's kept history in its last step: they go in the same
+        write as the row that no longer has them, so the store loses neither."""
+        messages = [[m.role, m.text] for m in msgs]
+        self._batch.events.append((call_id, Kind.HISTORY, {"messages": messages}, self.store.now()))
         self._soon()
 
     def transcript(self, call_id: str, transcript_id: str, direction: str, text: str) -> None:

@@ -56,7 +56,7 @@ __all__ = [
 T = TypeVar("T")
 
 SEEN_LIMIT: Final = 200
-"""How many answered transcript ids a call keeps (the newest ones): enough to drop a redelivery."""
+"""At most this many of a call's answered transcript ids are saved (a call remembers 16)."""
 
 
 # ---- value conversion (runs on the worker thread) -----------------------------------------------

@@ -663,9 +663,10 @@ def test_a_failure_while_the_transcribe_is_awaited_stops_it() -> None:
     assert isinstance(call.handle(Stopped("transcribe", "t1", True), 21.1)[-1], Finished)
 
 
-def _talk(call: Call, turns: int) -> list[Record]:
-    """`turns` caller turns, each answered with two sentences; the records they made."""
-    records: list[Record] = []
+def _talk(call: Call, turns: int) -> list[list[tuple[str, str]]]:
+    """`turns` caller turns, each answered with two sentences; the messages that left the
+    call's history, taken after each step as the daemon takes them for the store."""
+    left = []
     for n in range(turns):
         now = 10.0 + 10 * n
         for event in (
@@ -674,21 +675,24 @@ def _talk(call: Call, turns: int) -> list[Record]:
             ReplySentence(n + 1, "Anything else?"),
             ReplyDone(n + 1),
         ):
-            records += [c for c in call.handle(event, now) if isinstance(c, Record)]
-    return records
+            call.handle(event, now)
+            if call.history.left:
+                left.append([(m.role, m.text) for m in call.history.take_left()])
+    return left
 
 
-def test_the_messages_that_leave_a_long_calls_history_go_to_the_store_in_order() -> None:
+def test_the_messages_that_leave_a_long_calls_history_go_out_in_order() -> None:
     call = answered(replace(SETTINGS, history_limit=6))
-    left = [r.data["messages"] for r in _talk(call, 100) if r.what is Kind.HISTORY]
+    left = _talk(call, 100)
     assert len(left) == (2 + 2 * 100 - len(call.history.msgs[1:])) // SLACK  # in batches
-    kept = [[m.role, m.text] for m in call.history.msgs[1:]]
+    assert all(len(batch) == SLACK for batch in left)
+    kept = [(m.role, m.text) for m in call.history.msgs[1:]]
     conversation = [m for batch in left for m in batch] + kept
-    assert conversation[0] == ["assistant", "Hi there."]
+    assert conversation[0] == ("assistant", "Hi there.")
     assert conversation[1:] == [
         m
         for n in range(100)
-        for m in (["user", f"question {n}"], ["assistant", f"Answer {n}. Anything else?"])
+        for m in (("user", f"question {n}"), ("assistant", f"Answer {n}. Anything else?"))
     ]
 
 
@@ -735,6 +739,19 @@ def test_a_read_back_after_a_long_call_restarts_answers_only_what_was_lost() -> 
     assert ask.history[-1] == ("user", "and one more thing")  # not the first 236 questions
     # read back again (the stream dropped once more): nothing new, nothing asked
     assert step(again, TranscriptsRead((*old, lost)), 5002) == []
+
+
+def test_a_read_back_answers_a_transcript_lost_before_one_that_was_answered() -> None:
+    # the stream lost "first" and brought "second", answered before the read-back came back
+    call = answered()
+    _talk(call, 3)
+    step(call, transcript("second", "tr-b"), 100)
+    step(call, ReplySentence(4, "Right."), 100)
+    step(call, ReplyDone(4), 100)
+    read = (*(transcript(f"question {n}", f"tr{n}") for n in range(3)), transcript("first", "tr-a"))
+    cmds = step(call, TranscriptsRead((*read, transcript("second", "tr-b"))), 101)
+    (ask,) = [c for c in cmds if isinstance(c, AskBackend)]
+    assert ask.history[-1] == ("user", "first")
 
 
 def test_a_read_back_of_a_call_that_saw_none_of_it_answers_it() -> None:

@@ -25,6 +25,7 @@ from agentd.commands import (
     StartTimer,
     StopSpeaking,
     TimerFired,
+    TranscriptsRead,
 )
 from agentd.events import SpeechEvent
 from agentd.names import EndCall, Kind, Timer, TimerKind
@@ -422,7 +423,8 @@ def test_a_turn_answered_on_interims_before_a_restart_is_not_answered_again_by_i
     restored.resume(audio + 5.0)
     restored.handle(SpeakingStarted("s1", "active"), audio + 5.1)
     # the final, read back over REST after the restart
-    assert asks(step(restored, transcript("What is my balance?"), audio + 6.0)) == []
+    read = TranscriptsRead((transcript("What is my balance?"),))
+    assert asks(step(restored, read, audio + 6.0)) == []
     # a new question is answered
     speak(restored, "and my savings?", audio + 8.0)
     assert restored.turn == 2

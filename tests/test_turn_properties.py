@@ -35,6 +35,7 @@ from agentd.commands import (
     StopSpeaking,
     TimerFired,
     TranscribeStarted,
+    TranscriptsRead,
 )
 from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import TimerKind
@@ -179,8 +180,8 @@ def test_every_caller_turn_gets_exactly_one_reply(  # noqa: PLR0917 (hypothesis 
             if not sim.call.replying and sim.now >= sim.call.playback.until:
                 break
             sim.until(sim.now + 0.5)
-        for final in sim.finals if dup else ():
-            sim.feed(final)  # a REST read-back of every final so far
+        if dup:
+            sim.feed(TranscriptsRead(tuple(sim.finals)))  # a REST read-back of every final so far
         if restart and k % 2 == 0:
             snap = sim.call.snapshot()
             sim.call = type(sim.call).restore(snap, cs)

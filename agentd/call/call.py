@@ -80,14 +80,7 @@ class Call(Recovery, Sessions, Listening):
         # a timer that just fired needs no cancelling
         transcript_was_due = self.transcript_due and not isinstance(event, TimerFired)
         cmds = self._apply(event, now)
-        return self._reported(cmds + self._moot_timers(transcript_was_due) + self._history_left())
-
-    def _history_left(self) -> list[Command]:
-        """The messages that left the kept history in this step, for the store."""
-        if not self.history.left:
-            return []
-        left = [[m.role, m.text] for m in self.history.take_left()]
-        return [Record(self.id, Kind.HISTORY, {"messages": left})]
+        return self._reported(cmds + self._moot_timers(transcript_was_due))
 
     def _moot_timers(self, transcript_was_due: bool) -> list[Command]:
         """Timers whose reason went away in this step, cancelled rather than left to fire for
@@ -165,14 +158,13 @@ class Call(Recovery, Sessions, Listening):
         return cmds + self._maybe_finished()
 
     def _on_transcripts_read(self, event: TranscriptsRead, now: float) -> list[Command]:
-        """A read-back, oldest first: what came after the newest transcript already handled is
-        what the stream lost, and is handled as if it had just come. What came before it is old
-        news, even the transcripts too old to be among the ids a call remembers (`SEEN_KEEP`):
-        a long call, restarted, would otherwise answer its first hour again."""
+        """A read-back, oldest first. From the oldest transcript the call remembers handling,
+        each is handled as if it had just come (those handled are dropped as repeats): a lost
+        one between them, or after the newest, is answered. What came before is old news: the
+        transcripts too old to be among the ids a call remembers (`SEEN_KEEP`); a long call,
+        restarted, would otherwise answer its first hour again."""
         read = event.transcripts
-        start = next(
-            (i + 1 for i in range(len(read) - 1, -1, -1) if self.turns.seen(read[i].id)), 0
-        )
+        start = next((i for i, t in enumerate(read) if self.turns.seen(t.id)), 0)
         cmds: list[Command] = []
         for transcript in read[start:]:
             cmds += self._apply(transcript, now)

@@ -25,9 +25,10 @@ class Msg:
 class History:
     """The messages of a call, the system prompt first.
 
-    Only the last `keep` messages besides the system prompt are kept (0: all of them): a call's
-    state, its save on every turn and its scans stay the same size however long it lasts. The
-    messages that leave wait in `left` until the call hands them to the store."""
+    Only the last `keep` to `keep + SLACK - 1` messages besides the system prompt are kept (0:
+    all of them): a call's state, its save on every turn and its scans stay the same size
+    however long it lasts. The messages that leave wait in `left` until the daemon takes them
+    for the store."""
 
     __slots__ = ("keep", "left", "msgs")
 
@@ -131,7 +132,9 @@ class History:
         users = 0
         for role, text in msgs:
             users += role == "user"
-            history._add(Msg(role, text, users + offset))
+            # as saved: a longer history (saved by an earlier agentd) is cut at the next turn,
+            # whose save then writes the row and the messages that left together
+            history.msgs.append(Msg(role, text, users + offset))
         return history
 
     def __len__(self) -> int:
