@@ -9,7 +9,7 @@ from agentd.commands import Message
 
 #: messages kept beyond the `history_limit` the backend is sent: a reply still being extended, or
 #: cut to what was heard, belongs to one of the last turns, and finds its message among them.
-#: Beyond that the oldest leave in batches of this many (one record for the store per ~4 turns).
+#: Beyond that the oldest leave in batches of this many (one write of them per ~4 turns).
 SLACK = 8
 
 
