@@ -210,7 +210,7 @@ def show_call(conn: sqlite3.Connection, call_id: str) -> dict[str, Any]:
             (call_id,),
         )
     ]
-    # a long call's older messages left its kept history for `history` records, oldest first
+    # a long call's older messages, stored as `history` events as they left its kept history
     older = [
         m for _, what, data in events if what == Kind.HISTORY for m in data.get("messages", ())
     ]

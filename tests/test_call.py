@@ -720,7 +720,9 @@ def test_a_long_call_restored_knows_its_current_turn_was_answered() -> None:
     settings = replace(SETTINGS, history_limit=6)
     call = answered(settings)
     _talk(call, 50)
-    again = Call.restore(call.snapshot(), settings)
+    snapshot = call.snapshot()
+    assert len(snapshot["history"]) < 1 + 6 + 2 * SLACK  # the saved row is bounded too
+    again = Call.restore(snapshot, settings)
     assert again.turn == 50 and again.history.has_reply(50)  # numbered from the call's turn
     assert [(m.role, m.turn) for m in again.history.msgs[-2:]] == [("user", 50), ("assistant", 50)]
     assert again.history.window(6) == call.history.window(6)
