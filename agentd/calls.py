@@ -2,11 +2,12 @@
 
 `agentd calls` lists the calls, newest first; `agentd calls show ID` shows one: its
 conversation, the timings of each turn, what went wrong, and the billed sessions with their
-cleanup. It opens the SQLite file with `mode=ro`: it never writes, and a running daemon keeps
-writing undisturbed (WAL lets readers and the writer work side by side).
+cleanup. It never writes: it opens the SQLite file with `mode=ro` (WAL lets a running daemon
+keep writing beside it), or PostgreSQL (`[store] url`) in a read-only session.
 
-Only the config file's `[store] path` is read (or `$AGENTD_STORE_PATH`): no secret is needed
-to look at the history, the same rule as `agentd status`.
+Only the config file's `[store]` is read (or `$AGENTD_STORE_PATH`, `$AGENTD_STORE_URL`): no
+VoIPBIN credential is needed to look at the history, the same rule as `agentd status`.
+PostgreSQL's password is found where `agentd run` finds it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import sqlite3
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 from agentd.call.report import ERROR_KINDS
+from agentd.config import ConfigError, load_store_url
 from agentd.names import TURN_TIMINGS, Kind
+from agentd.store_schema import StoreError
 
 EXIT_NOT_FOUND: Final = 1
 EXIT_NO_STORE: Final = 2
@@ -41,6 +44,54 @@ SERVICE_STORE: Final = "/var/lib/agentd/agentd.db"
 
 class HistoryError(Exception):
     """The history cannot be read: no store configured, no file, not agentd's. Exit 2."""
+
+
+class Reader(Protocol):
+    """A store opened read-only. Queries use `?` marks (PostgreSQL's reader numbers them)."""
+
+    def rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one query."""
+        ...
+
+    def close(self) -> None:
+        """Let the store go."""
+        ...
+
+
+class SqliteReader:
+    """The SQLite store file (`open_read_only`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one query."""
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._conn.close()
+
+
+def open_history(
+    config_path: str | None, store: str | None = None, env: Mapping[str, str] | None = None
+) -> Reader:
+    """The store to read: the file `store` if given, else the config's PostgreSQL (`[store]
+    url`) or SQLite file (`store_path`). HistoryError if it cannot be read."""
+    if store is not None:
+        return SqliteReader(open_read_only(store))
+    try:
+        url = load_store_url(config_path, env)
+    except ConfigError as exc:
+        raise HistoryError(str(exc)) from None
+    if url is None:
+        return SqliteReader(open_read_only(store_path(config_path, env)))
+    from agentd.store_pg import PgReader  # asyncpg only for a PostgreSQL store
+
+    try:
+        return PgReader.open(url)
+    except StoreError as exc:
+        raise HistoryError(str(exc)) from None
 
 
 # ---- where the store is, and opening it read-only -----------------------------------------------
@@ -121,28 +172,26 @@ def _loads(raw: str | None, default: Any) -> Any:
         return default
 
 
-def list_calls(
-    conn: sqlite3.Connection, since: float | None = None, limit: int = 100
-) -> list[dict[str, Any]]:
+def list_calls(db: Reader, since: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """The calls, newest first, with what the list shows of each."""
-    rows = conn.execute(
+    rows = db.rows(
         """SELECT call_id, direction, phase, hangup_reason, turn, created_at, ended_at
            FROM calls WHERE created_at >= ? ORDER BY created_at DESC, id DESC LIMIT ?""",
         (since if since is not None else float("-inf"), limit),
-    ).fetchall()
+    )
     ids = [r[0] for r in rows]
     errors: dict[str, int] = {}
     reports: dict[str, dict[str, Any]] = {}
     if ids:
         marks = ",".join("?" * len(ids))
         whats = ",".join("?" * len(_ERROR_WHATS))
-        for cid, n in conn.execute(
+        for cid, n in db.rows(
             f"""SELECT call_id, count(*) FROM events
                 WHERE call_id IN ({marks}) AND what IN ({whats}) GROUP BY call_id""",
             (*ids, *_ERROR_WHATS),
         ):
             errors[cid] = int(n)
-        for cid, data in conn.execute(
+        for cid, data in db.rows(
             f"SELECT call_id, data FROM events WHERE call_id IN ({marks}) AND what = ?",
             (*ids, Kind.REPORT.value),
         ):
@@ -172,15 +221,13 @@ def list_calls(
     return out
 
 
-def find_call(conn: sqlite3.Connection, wanted: str) -> str:
+def find_call(db: Reader, wanted: str) -> str:
     """The full id of the call `wanted` names (the id, or an unambiguous start of it)."""
-    exact = conn.execute("SELECT call_id FROM calls WHERE call_id = ?", (wanted,)).fetchone()
+    exact = db.rows("SELECT call_id FROM calls WHERE call_id = ?", (wanted,))
     if exact:
-        return str(exact[0])
+        return str(exact[0][0])
     like = wanted.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    rows = conn.execute(
-        "SELECT call_id FROM calls WHERE call_id LIKE ? ESCAPE '\\' LIMIT 3", (like,)
-    ).fetchall()
+    rows = db.rows("SELECT call_id FROM calls WHERE call_id LIKE ? ESCAPE '\\' LIMIT 3", (like,))
     if len(rows) == 1:
         return str(rows[0][0])
     if rows:
@@ -188,24 +235,24 @@ def find_call(conn: sqlite3.Connection, wanted: str) -> str:
     raise LookupError(f"no call {wanted!r} in the store")
 
 
-def show_call(conn: sqlite3.Connection, call_id: str) -> dict[str, Any]:
+def show_call(db: Reader, call_id: str) -> dict[str, Any]:
     """Everything the store has of one call, arranged for `agentd calls show`."""
-    row = conn.execute(
+    [row] = db.rows(
         """SELECT direction, phase, status, hangup_reason, turn, history, pending_stops,
                   created_at, ended_at FROM calls WHERE call_id = ?""",
         (call_id,),
-    ).fetchone()
+    )
     direction, phase, status, reason, turn, history, pending, created, ended = row
     created = float(created)
     events = [
         (float(at), str(what), _loads(data, {}))
-        for at, what, data in conn.execute(
+        for at, what, data in db.rows(
             "SELECT at, what, data FROM events WHERE call_id = ? ORDER BY id", (call_id,)
         )
     ]
     transcripts = [
         {"at_s": round(float(at) - created, 2), "direction": d, "text": t}
-        for d, t, at in conn.execute(
+        for d, t, at in db.rows(
             "SELECT direction, text, at FROM transcripts WHERE call_id = ? ORDER BY id",
             (call_id,),
         )
@@ -431,18 +478,18 @@ def main(
     """`agentd calls` (no `call_id`) or `agentd calls show ID`; `store`: this file rather
     than the one the config names."""
     try:
-        conn = open_read_only(store if store is not None else store_path(config_path))
+        db = open_history(config_path, store)
     except HistoryError as exc:
         print(f"agentd calls: {exc}", file=sys.stderr)
         return EXIT_NO_STORE
-    with contextlib.closing(conn):
+    with contextlib.closing(db):
         try:
             if call_id is None:
                 start = parse_since(since, time.time()) if since else None
-                calls = list_calls(conn, start, limit)
+                calls = list_calls(db, start, limit)
                 text = json.dumps(calls, indent=2) if as_json else render_list(calls)
             else:
-                doc = show_call(conn, find_call(conn, call_id))
+                doc = show_call(db, find_call(db, call_id))
                 text = (
                     json.dumps(doc, indent=2, ensure_ascii=False) if as_json else render_show(doc)
                 )
@@ -454,6 +501,9 @@ def main(
             return EXIT_NOT_FOUND
         except sqlite3.Error as exc:
             print(f"agentd calls: cannot read the store: {exc}", file=sys.stderr)
+            return EXIT_NO_STORE
+        except StoreError as exc:  # PostgreSQL's, its password already taken out
+            print(f"agentd calls: {exc}", file=sys.stderr)
             return EXIT_NO_STORE
     print(text)
     return 0

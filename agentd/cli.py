@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument("--since", help="only calls started since: 30m, 2h, 7d, or a date")
     calls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     calls.add_argument("--json", action="store_true", help="print JSON")
-    calls.add_argument("--config", help="read [store] path from this config")
+    calls.add_argument("--config", help="read [store] (path or url) from this config")
     calls.add_argument("--store", help="read this store file (e.g. agentd console's)")
     calls_sub = calls.add_subparsers(dest="calls_command", metavar="show")
     show = calls_sub.add_parser("show", help="one call: conversation, turn timings, sessions")

@@ -307,23 +307,37 @@ def load(
 ) -> Config:
     """Read, merge and validate the configuration; raise `ConfigError` on any mistake."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except PermissionError:
-            raise ConfigError(f"{path}: permission denied") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path) if path is not None else {}
     # overrides (the demo, tests) are checked like the file: a typo there must not pass either
     merged = _validate(_merge(_validate(data), overrides or {}))
     # AGENTD_STORE_PATH is set by the systemd unit: only a path in the config conflicts with a url
     path_in_file = "path" in merged["store"]
     _apply_env(merged, env)
     return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
+
+
+def load_store_url(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> PgUrl | None:
+    """Only the config's `[store] url` (None: SQLite), its password found as `agentd run` finds
+    it: what `agentd calls` needs, which must not require the VoIPBIN credentials."""
+    env = os.environ if env is None else env
+    merged = _validate(_read_toml(path) if path is not None else {})
+    path_in_file = "path" in merged["store"]
+    _apply_env(merged, env)
+    return _store_url(_section(merged, "store"), path_in_file, env)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def _merge(

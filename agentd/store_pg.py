@@ -48,7 +48,9 @@ asyncpg or socket error becomes a `StoreError` whose text is redacted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ __all__ = [
     "LATEST_PG_VERSION",
     "MIGRATIONS",
     "Lease",
+    "PgReader",
     "PgStore",
     "Replica",
     "StoreError",
@@ -333,6 +336,82 @@ async def pg_schema_version(url: PgUrl | str) -> int:
         raise _wrap(exc, url, "cannot read the schema version") from None
     finally:
         await conn.close()
+
+
+class PgReader:
+    """`agentd calls` on PostgreSQL: one read-only session, driven from synchronous code.
+
+    Queries are written for SQLite (`?` marks); the reader numbers the marks as PostgreSQL
+    wants them (`$1`, `$2`...). The session refuses every write, so reading beside running
+    replicas can change nothing. Errors are `StoreError`s, with no password in them."""
+
+    def __init__(
+        self, url: PgUrl, loop: asyncio.AbstractEventLoop, conn: asyncpg.Connection[Any]
+    ) -> None:
+        self._url = url
+        self._loop = loop
+        self._conn = conn
+
+    @classmethod
+    def open(cls, url: PgUrl | str) -> PgReader:
+        """Connect; StoreError if the database cannot be read or agentd never used it."""
+        url = _as_url(url)
+        loop = asyncio.new_event_loop()
+        try:
+            conn = loop.run_until_complete(_connect_read_only(url))
+        except BaseException:
+            loop.close()
+            raise
+        return cls(url, loop, conn)
+
+    def rows(self, sql: str, params: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one query."""
+        query = _numbered(sql)
+        try:
+            records = self._loop.run_until_complete(self._conn.fetch(query, *params))
+        except _DB_ERRORS as exc:
+            raise _wrap(exc, self._url, "cannot read") from None
+        return [tuple(r) for r in records]
+
+    def close(self) -> None:
+        """Close the session."""
+        try:
+            self._loop.run_until_complete(self._conn.close(timeout=5))
+        except _DB_ERRORS:
+            pass  # closing: nothing is lost
+        finally:
+            self._loop.close()
+
+
+def _numbered(sql: str) -> str:
+    """`?` marks as PostgreSQL's `$1`, `$2`... (agentd's queries have no `?` in a literal)."""
+    count = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
+
+
+async def _connect_read_only(url: PgUrl) -> asyncpg.Connection[Any]:
+    password = url.password.reveal() if url.password is not None else None
+    try:
+        conn = await asyncpg.connect(
+            url.dsn,
+            password=password,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=_COMMAND_TIMEOUT_S,
+            server_settings={"default_transaction_read_only": "on"},
+        )
+    except (*_DB_ERRORS, ValueError) as exc:
+        raise _wrap(exc, url, "cannot connect") from None
+    try:
+        version = await _read_version(conn)
+    except _DB_ERRORS as exc:
+        await conn.close()
+        raise _wrap(exc, url, "cannot read the schema version") from None
+    if version < 1:
+        await conn.close()
+        raise StoreError(
+            f"PostgreSQL {url.dsn} has no agentd store: has agentd run with this config yet?"
+        )
+    return conn
 
 
 async def _read_version(conn: Conn) -> int:
