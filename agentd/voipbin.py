@@ -424,8 +424,13 @@ class VoipbinClient:
         )
 
     async def flush(self, speaking_id: str) -> None:
-        """POST /speakings/{id}/flush."""
-        await self.request("POST", f"/speakings/{speaking_id}/flush", priority=URGENT)
+        """POST /speakings/{id}/flush, retried for `FLUSH_DEADLINE_S` at most."""
+        await self.request(
+            "POST",
+            f"/speakings/{speaking_id}/flush",
+            priority=URGENT,
+            deadline_s=FLUSH_DEADLINE_S,
+        )
 
     async def stop_speaking(self, speaking_id: str) -> None:
         """POST /speakings/{id}/stop (idempotent)."""
@@ -450,6 +455,9 @@ class VoipbinClient:
 #: DELETE, which works without the session's dead pod) and retries it later: a stop retried here
 #: for the whole request deadline would only hold up the session's other commands.
 STOP_DEADLINE_S = 4.0
+#: How long a flush retries. It is worth something only at once: the session's later `/say`s
+#: wait behind it, and a flush that got through late would cut the next reply.
+FLUSH_DEADLINE_S = 1.0
 
 
 async def _read_json(resp: aiohttp.ClientResponse) -> Any:

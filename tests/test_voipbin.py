@@ -129,6 +129,25 @@ async def test_unreachable_server_gives_up_at_the_deadline() -> None:
         await client.close()
 
 
+async def test_a_failing_flush_gives_up_soon_and_a_stop_later(sim: Simulator) -> None:
+    # a flush is worth something only at once: the session's next /say waits behind it
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        sim.faults.fail("POST", r"/flush$", 503, count=100)
+        with pytest.raises(ApiError) as info:
+            await client.flush("s1")
+        assert info.value.status == 503
+        flushes = len(sim.requests_matching("POST", r"/flush$"))
+        sim.faults.fail("POST", r"/stop$", 503, count=100)
+        with pytest.raises(ApiError):
+            await client.stop_speaking("s1")
+        stops = len(sim.requests_matching("POST", r"/stop$"))
+        # the same backoff, a quarter of the time: fewer tries
+        assert 2 <= flushes < stops
+    finally:
+        await client.close()
+
+
 # ---- aioresponses: shapes the simulator never produces ---------------------------------------
 
 
