@@ -134,9 +134,11 @@ class Sessions(CallCore):
     def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turns.turn, 0)):
             return []
-        # a 404 was never spoken, nor a 503 (the gateway found no pod for the session); a 500
-        # may have been, and must not be said twice. Text the caller cut off stays unsaid.
-        unsaid = event.status in (404, 503) and self.turns.state is not TurnState.CUT
+        # a 404 was never spoken. A 5xx may have been: a 503 is also the gateway's answer to a
+        # say that outlived its 3 s budget while the pod went on to play it (AWS synthesises
+        # before it answers), and a sentence said twice is worse than one lost. Text the
+        # caller cut off stays unsaid.
+        unsaid = event.status == 404 and self.turns.state is not TurnState.CUT
         if event.speaking_id != self.speaking.id:
             if unsaid:
                 # a later sentence sent to the same dead session: say it on the new one, in order
