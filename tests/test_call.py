@@ -9,6 +9,7 @@ import pytest
 from agentd.call import Call, CallSettings, Phase
 from agentd.call.history import SLACK
 from agentd.commands import (
+    NOT_FOUND,
     AskBackend,
     CallGone,
     CancelBackend,
@@ -259,6 +260,25 @@ def test_transcribe_conflict_looks_up_the_running_one() -> None:
     ]
     assert step(call, TranscribeStarted("t9"), 0.2) == []
     assert call.transcribe_id == "t9"
+
+
+def test_a_conflict_whose_transcribe_is_never_found_is_paced_then_given_up() -> None:
+    # 409 on every create, and the list shows no live transcribe (FAILED_PRECONDITION, or one
+    # VoIPBIN is still ending): each new create waits longer, and the call stops asking
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    retry = T("retry_transcribe")
+    for n in range(1, SETTINGS.max_attempts + 1):
+        assert step(call, TranscribeFailed(409, "FAILED_PRECONDITION"), n) == [
+            FindTranscribe(CID, "en-US", frozenset())
+        ]
+        assert step(call, TranscribeFailed(404, NOT_FOUND), n + 0.1) == [
+            StartTimer(CID, retry, SETTINGS.retry_s * n)
+        ]
+        assert kinds(step(call, TimerFired(retry), n + 0.5)) == ["StartTranscribe"]
+    cmds = step(call, TranscribeFailed(409, "FAILED_PRECONDITION"), 9)
+    [error] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ERROR]
+    assert error.data["what"] == "transcribe failed" and kinds(cmds) == []
 
 
 def test_a_failed_stop_is_retried_until_confirmed() -> None:

@@ -47,6 +47,7 @@ class Sessions(CallCore):
             self.transcribe.step(SessionInput.ABANDON)
             return self._stop("transcribe", event.transcribe_id) + self._maybe_finished()
         self.transcribe.step(SessionInput.ACTIVE, event.transcribe_id)
+        self.transcribe_409s = 0
         return []
 
     def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:
@@ -56,10 +57,20 @@ class Sessions(CallCore):
         s = self.settings
         if event.status == 409 and event.reason != ORPHAN:
             # one transcribe per call and language: the number's flow may have started it
-            # already, or one we gave up on (an orphan) still blocks it: the find deletes that
+            # already, or one we gave up on (an orphan) still blocks it: the find deletes that.
+            # Counted: a 409 whose transcribe is never found would otherwise loop unpaced
+            self.transcribe_409s += 1
+            if self.transcribe_409s > s.max_attempts:
+                self.transcribe.step(SessionInput.FAILED)
+                return [self._error("transcribe failed", event.status, event.reason)]
             return [FindTranscribe(self.id, s.language, self.ledger.known())]
         if event.status == 404 and event.reason == NOT_FOUND:
-            # looked for a running one (after a 409 or a restart): there is none, start one
+            # looked for a running one (after a 409 or a restart): there is none, start one;
+            # after a 409, a little later (VoIPBIN may be ending the one that answered it)
+            if self.transcribe_409s:
+                self.transcribe.step(SessionInput.FAILED)
+                delay = s.retry_s * self.transcribe_409s
+                return [StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)]
             return [WriteAhead(self.id), StartTranscribe(self.id, s.language, s.stt_provider)]
         self.transcribe.step(SessionInput.FAILED)
         if self.transcribe.attempts >= s.max_attempts:

@@ -84,6 +84,7 @@ class CallCore:
         "stt_replaced",
         "timing_due",
         "transcribe",
+        "transcribe_409s",
         "transcribe_lost",
         "transcript_due",
         "turn_times",
@@ -117,6 +118,7 @@ class CallCore:
         self.heard_words = False  # an interim came since the last speech boundary
         self.transcript_due = False  # an utterance ended and its transcript has not come
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
+        self.transcribe_409s = 0  # creates answered 409 since the last transcribe went active
         self.shutting_down = False  # the daemon is stopping: nothing is left to end by itself
         self.speaking_restarts = 0  # sessions replaced because /say kept failing on them
         self.say_5xx = 0  # /say 5xx in a row on the current session
