@@ -28,6 +28,7 @@ from agentd.commands import (
     ReplySentence,
     Say,
     SayFailed,
+    SpeakingFailed,
     SpeakingStarted,
     StartSpeaking,
     StartTimer,
@@ -250,6 +251,32 @@ def test_initiating_speaking_is_polled_until_active() -> None:
         replace(timer, delay_s=SETTINGS.speaking_poll_s * 2)
     ]
     assert step(call, SpeakingStarted("s1", "active"), 0.8) == [Say(CID, "s1", "Hi there.", 0)]
+
+
+@pytest.mark.parametrize("code", [429, 500, 0])
+def test_a_speaking_whose_poll_failed_is_stopped_at_hangup(code: int) -> None:
+    call = answered(speaking="initiating")
+    assert step(call, TimerFired(T("poll_speaking")), 0.2) == [PollSpeaking(CID, "s1")]
+    step(call, SpeakingFailed(code, "", "s1"), 0.3)  # not active yet, or not answered
+    assert StopSpeaking(CID, "s1") in step(call, status("hangup"), 0.4)
+
+
+def test_a_speaking_that_never_answers_its_polls_is_stopped_when_the_call_gives_up() -> None:
+    call = answered(speaking="initiating")
+    stopped: list[str] = []
+    cmds: list[object] = []
+    for n in range(1, SETTINGS.max_attempts + 1):
+        sid = f"s{n}"
+        if n > 1:
+            cmds = step(call, TimerFired(T("retry_speaking")), n)
+            stopped += [c.speaking_id for c in cmds if isinstance(c, StopSpeaking)]
+            assert any(isinstance(c, StartSpeaking) for c in cmds)
+            step(call, SpeakingStarted(sid, "initiating"), n + 0.1)
+        assert step(call, TimerFired(T("poll_speaking")), n + 0.2) == [PollSpeaking(CID, sid)]
+        cmds = step(call, SpeakingFailed(429, "", sid), n + 0.3)
+        stopped += [c.speaking_id for c in cmds if isinstance(c, StopSpeaking)]
+    assert Hangup(CID) in cmds
+    assert stopped == ["s1", "s2", "s3", "s4"]
 
 
 def test_transcribe_conflict_looks_up_the_running_one() -> None:

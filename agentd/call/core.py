@@ -260,10 +260,11 @@ class CallCore:
         self.playback.queued.clear()
         self.held.clear()
         for session in (self.speaking, self.transcribe):
-            if session.id and session.state in (
-                SessionState.INITIATING,
-                SessionState.ACTIVE,
-                SessionState.STOPPING,
+            if session.id and (
+                session.state
+                in (SessionState.INITIATING, SessionState.ACTIVE, SessionState.STOPPING)
+                # a speaking whose poll failed: it may well be live, and it bills until stopped
+                or (session.kind == "speaking" and session.state is SessionState.NONE)
             ):
                 if hangup and session.kind == "transcribe" and not self.shutting_down:
                     cmds += self._await_end(session.kind, session.id)
