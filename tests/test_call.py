@@ -588,9 +588,28 @@ def test_our_hangup_is_retried_until_voipbin_confirms_it() -> None:
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StopTranscribe"]
     step(call, Stopped("speaking", "s1", True), 30.1)
     assert step(call, Stopped("transcribe", "t1", True), 30.1) == []  # hangup not confirmed
-    assert step(call, HangupDone(False), 30.2) == [StartTimer(CID, T("retry_hangup"), 1.0)]
+    assert step(call, HangupDone(False), 30.2) == [
+        CheckCall(CID),
+        StartTimer(CID, T("retry_hangup"), 1.0),
+    ]
     assert step(call, TimerFired(T("retry_hangup")), 31.2) == [Hangup(CID)]
     assert step(call, HangupDone(True), 31.3) == [Finished(CID)]
+
+
+def test_a_hangup_refused_again_and_again_is_retried_ever_less_often() -> None:
+    call = answered()
+    call.shutdown(30)
+    step(call, Stopped("speaking", "s1", True), 30.1)
+    step(call, Stopped("transcribe", "t1", True), 30.1)
+    delays = []
+    for n in range(9):  # VoIPBIN answers 5xx for minutes
+        [check, timer] = step(call, HangupDone(False), 31 + n)
+        assert check == CheckCall(CID) and isinstance(timer, StartTimer)
+        delays.append(timer.delay_s)
+        assert step(call, TimerFired(T("retry_hangup")), 31.5 + n) == [Hangup(CID)]
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 120, 120]
+    # the check finds the call hung up (its call_hangup event was lost): nothing left to do
+    assert step(call, status("hangup", "normal"), 40) == [Finished(CID)]
 
 
 def test_interim_speech_does_not_push_answered_transcripts_out() -> None:

@@ -192,7 +192,7 @@ class Call(Recovery, Sessions, Listening):
         if event.ok:
             self.ledger.hangup_pending = False
             return self._maybe_finished()
-        return [StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), self.settings.retry_s)]
+        return self._hangup_failed()
 
     def _on_timer(self, event: TimerFired, now: float) -> list[Command]:
         timer = event.timer

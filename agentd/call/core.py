@@ -18,6 +18,7 @@ from agentd.call.turn import TurnInput, TurnMachine
 from agentd.commands import (
     CallGone,
     CancelBackend,
+    CheckCall,
     Command,
     FetchTranscripts,
     Finished,
@@ -301,6 +302,14 @@ class CallCore:
         for sid, kind in list(self.ledger.awaiting.items()):
             cmds += self._stop(kind, sid)
         return cmds
+
+    def _hangup_failed(self) -> list[Command]:
+        """Our hangup was refused: sent again ever less often, and VoIPBIN asked about the call
+        (its call_hangup may have been lost: then the hangup has nothing left to do)."""
+        self.ledger.hangup_failures += 1
+        s = self.settings
+        delay = min(s.retry_s * 2 ** (self.ledger.hangup_failures - 1), s.watch_max_s)
+        return [CheckCall(self.id), StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), delay)]
 
     def _stop(self, kind: SessionKind, sid: str, *, delete: bool = False) -> list[Command]:
         """Stop `sid` unless its stop was asked for already (`delete`: its pod is gone)."""

@@ -88,6 +88,7 @@ class Ledger:
         "_abandoned",
         "_confirmed",
         "awaiting",
+        "hangup_failures",
         "hangup_pending",
         "pending",
         "sweep_needed",
@@ -99,6 +100,7 @@ class Ledger:
         self._confirmed: OrderedDict[str, None] = OrderedDict()
         self._abandoned: dict[str, SessionKind] = {}
         self.hangup_pending = False
+        self.hangup_failures = 0  # our hangup answered with an error, times in a row
         # a session may exist whose id we never learned (a crash or a lost create answer)
         self.sweep_needed = False
 

@@ -74,9 +74,7 @@ class Recovery(CallCore):
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_HANGUP)) if self.ledger.hangup_pending:
                 cmds.append(Hangup(self.id))
             case HangupDone(ok=False) if self.ledger.hangup_pending:
-                cmds.append(
-                    StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), self.settings.retry_s)
-                )
+                cmds += self._hangup_failed()
             case HangupDone() | CallGone():
                 self.ledger.hangup_pending = False
             case CallEvent() if event.deleted or event.call.status == "hangup":
