@@ -318,6 +318,39 @@ def test_the_agents_own_words_heard_back_are_no_turn_and_no_barge_in() -> None:
         assert Kind.ECHO not in [c.what for c in cmds if isinstance(c, Record)], mode
 
 
+@pytest.mark.parametrize("mode", ["final", "interim"])
+def test_a_speech_end_delivered_after_its_transcript_changes_nothing(mode: str) -> None:
+    # VoIPBIN guarantees no order: speech_ended may come just after the final it ends. The
+    # agent's reply, heard back on the caller's side, must still be told from the caller
+    def turn(late: bool) -> list[object]:
+        call = greeted(replace(LIVE, reply_on=mode, greeting="Hello."))  # type: ignore[arg-type]
+        boundary = SpeechEvent("b", "t1", "boundary", "in", "")
+        step(call, boundary, 10.0)
+        step(call, interim("what are your hours"), 10.6)
+        if not late:
+            step(call, boundary, 11.75)
+        step(call, transcript("What are your hours?"), 11.8)
+        out: list[object] = []
+        if late:
+            out += step(call, boundary, 11.85)
+        for t in (12.0, 12.5, 13.0):
+            out += step(call, ENDPOINT, t)
+        out += step(call, ReplySentence(call.turn, "We are open from nine to five every day."), 13)
+        out += step(call, ReplyDone(call.turn), 13.0)
+        for t in (13.5, 14.0):
+            out += step(call, TimerFired(Timer(TimerKind.HOLD)), t)
+        assert says(out) == ["We are open from nine to five every day."]
+        # its own words, heard back while the reply plays
+        step(call, boundary, 16.0)
+        out = step(call, interim("we are open from nine to five"), 16.3)
+        out += step(call, transcript("We are open from nine to five.", "tr2"), 16.8)
+        assert call.turn == 1
+        return out
+
+    assert turn(late=True) == turn(late=False)
+    assert [c.what for c in turn(late=True) if isinstance(c, Record)] == [Kind.ECHO]
+
+
 def test_the_goodbye_before_an_action_is_not_barged_in_on() -> None:
     call = greeted(replace(LIVE, reply_on="final", say_latency_s=0.0))
     step(call, transcript("bye"), 5.0)

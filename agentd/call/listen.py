@@ -121,7 +121,7 @@ class Listening(Conversation):
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
         began = self._began(now)
-        self.speech_since = None
+        self._utterance_over()
         self.transcript_due = False
         if self._cutting_in(now):
             return []  # the rest of the turn the agent cut short: it is answering

@@ -95,7 +95,7 @@ class Conversation(CallCore):
         began = self.speech_since if self.speech_since is not None else now
         if now - began > _STALE_SPEECH_S:
             began = now
-        self.speech_since = None
+        self._utterance_over()
         p = self.playback
         if (
             self.settings.barge_in != "off"
@@ -124,7 +124,7 @@ class Conversation(CallCore):
     def _join_turn(self, event: TranscriptEvent, now: float) -> list[Command]:
         """More of the caller's turn (a split sentence, or an afterthought) before anything of
         the reply was said: ask again for the whole turn; nothing played, so nothing is cut."""
-        self.speech_since = None
+        self._utterance_over()
         self.transcript_due = False
         return [*self._drop_unsaid({}), *self._ask(event, now)]
 
@@ -153,7 +153,11 @@ class Conversation(CallCore):
         """Speech events: when an utterance began and ended, and barge-in by interims."""
         due: list[Command] = []
         if event.direction == "in" and self.phase.live:
-            if self.speech_since is None:
+            if event.kind == "interim" and self.speech_since is None:
+                # from the first words: VoIPBIN publishes speech_started with them, never
+                # before, and a speech_ended delivered after its transcript (no order is
+                # guaranteed) must not open an utterance that would make the agent's own
+                # words, heard back, look like the caller's
                 self.speech_since = now
             ended = event.kind == "ended" or (event.kind == "boundary" and self.heard_words)
             self.heard_words = event.kind == "interim"
@@ -166,6 +170,12 @@ class Conversation(CallCore):
                 # still talking after their final: keep the reply back for the rest
                 due = self._extend_hold(now)
         return due + self._speech_barge_in(event, now)
+
+    def _utterance_over(self) -> None:
+        """Its final transcript came: a speech boundary after it is that utterance's late end,
+        not the start of the next one (nor an end whose transcript is still due)."""
+        self.speech_since = None
+        self.heard_words = False
 
     def _greeting_kept(self, now: float) -> bool:
         """The greeting plays and `agent.barge_in_greeting` is off: it is heard to the end, and
