@@ -8,6 +8,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -450,7 +451,7 @@ class Daemon:
         for raw in calls:
             event = event_of(raw)
             if isinstance(event, CallEvent) and event.call.status == "progressing":
-                self.dispatcher.on_event(event)
+                self.dispatcher.on_event(replace(event, checked=True))  # VoIPBIN's state now
         for call in list(self.dispatcher.calls.values()):
             if call.transcribe_id and call.phase.live:
                 self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])

@@ -53,10 +53,11 @@ class CallInfo:
 
 @dataclass(frozen=True, slots=True)
 class CallEvent:
-    """A call_* event (or a Call read back over REST)."""
+    """A call_* event (or a Call read back over REST: `checked`)."""
 
     call: CallInfo
     deleted: bool = False
+    checked: bool = False  # VoIPBIN's answer to our GET, now; a stream event may be stale
 
 
 @dataclass(frozen=True, slots=True)

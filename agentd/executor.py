@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -361,7 +361,7 @@ class Executor:
             log.warning("check_call.failed", error=str(e))
             return None
         event = event_of(raw)
-        return event if isinstance(event, CallEvent) else None
+        return replace(event, checked=True) if isinstance(event, CallEvent) else None
 
     async def _start_speaking(self, cmd: StartSpeaking) -> Result:
         c = self.client

@@ -623,13 +623,25 @@ def test_interim_speech_does_not_push_answered_transcripts_out() -> None:
 def test_a_transcribe_that_ends_under_a_live_call_is_replaced() -> None:
     call = answered()
     assert step(call, TranscribeEvent("t1", "call", CID, "done"), 5) == [CheckCall(CID)]
-    cmds = step(call, status("progressing"), 5.05)  # the call is up: the agent went deaf
+    # VoIPBIN's answer to the check: the call is up, the agent went deaf
+    cmds = step(call, replace(status("progressing"), checked=True), 5.05)
     assert kinds(cmds) == ["StartTranscribe"]
     assert step(call, TranscribeStarted("t2"), 5.1) == []
     cmds = step(call, status("hangup"), 6)
     assert not any(isinstance(c, StopTranscribe) for c in cmds)  # VoIPBIN ends t2 itself
     assert StartTimer(CID, T("retry_stop:t2"), SETTINGS.transcribe_end_wait_s) in cmds
     assert T("retry_stop:t1") not in [c.timer for c in cmds if isinstance(c, StartTimer)]
+
+
+def test_a_late_call_updated_after_the_transcribe_ended_starts_nothing() -> None:
+    # call_updated (progressing) published before the hangup, delivered after the transcribe's
+    # done: the call is over, and a new transcribe would be started on a dead call
+    call = answered()
+    assert step(call, TranscribeEvent("t1", "call", CID, "done"), 5) == [CheckCall(CID)]
+    assert step(call, status("progressing"), 5.05) == []
+    cmds = step(call, status("hangup", "normal"), 5.1)
+    assert not any(isinstance(c, StartTranscribe) for c in cmds)
+    assert not any(isinstance(c, Record) and c.what is Kind.TRANSCRIBE_RESTARTED for c in cmds)
 
 
 # ---- the transcribe at hangup: VoIPBIN ends it, agentd awaits that -----------------------------

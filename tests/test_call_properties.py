@@ -136,7 +136,7 @@ class World:
                 self.feed(HangupDone(not fail))
             case CheckCall():
                 status = "hangup" if self.hung_up else "progressing"
-                self.feed(CallEvent(CallInfo(CID, status, "incoming", "+1", "+2")))
+                self.feed(CallEvent(CallInfo(CID, status, "incoming", "+1", "+2"), checked=True))
             case _:
                 pass
 

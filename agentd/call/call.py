@@ -125,8 +125,10 @@ class Call(Recovery, Sessions, Listening):
         if not self.direction:
             self.direction = info.direction
         status = "hangup" if event.deleted else info.status
-        if self.transcribe_lost and status == "progressing" and self.phase.live:
-            # our transcribe ended but the call is up: the agent went deaf, start another
+        if self.transcribe_lost and status == "progressing" and self.phase.live and event.checked:
+            # our transcribe ended but VoIPBIN says the call is up: the agent went deaf, start
+            # another. Only its answer to our GET says so: a call_updated can come late,
+            # after the hangup that ended the transcribe
             self.transcribe_lost = False
             return [Record(self.id, Kind.TRANSCRIBE_RESTARTED, {}), *self._start("transcribe")]
         inp = _STATUSES.get(status)
