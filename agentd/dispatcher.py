@@ -64,6 +64,10 @@ class Dispatcher:
         # calls another replica serves (or took from us): their events are not ours to act on
         self._foreign: OrderedDict[str, None] = OrderedDict()
         self._foreign_transcribes: OrderedDict[str, None] = OrderedDict()  # of those calls
+        # the account's calls that are not ours (other numbers, a flow's legs) and their
+        # transcribes: their speech must not fill the orphans' buffer and push ours out
+        self._others: OrderedDict[str, None] = OrderedDict()
+        self._others_transcribes: OrderedDict[str, None] = OrderedDict()
         self._orphans: deque[tuple[float, TranscriptEvent | SpeechEvent]] = deque(maxlen=256)
         self.dedupe = Deduper()
         self.counters: dict[str, int] = {
@@ -108,6 +112,8 @@ class Dispatcher:
                 if call_id is None:
                     if event.transcribe_id in self._foreign_transcribes:
                         self.counters["foreign"] += 1
+                    elif event.transcribe_id in self._others_transcribes:
+                        self.counters["ignored"] += 1
                     else:
                         self._orphans.append((self.clock(), event))
                 elif call_id in self.calls:
@@ -118,6 +124,8 @@ class Dispatcher:
                     self._step(call, event)
                 elif event.reference_id in self._foreign:
                     _keep(self._foreign_transcribes, event.id)
+                elif event.reference_id in self._others:
+                    _keep(self._others_transcribes, event.id)
 
     def feed(self, call_id: str, result: Event | Result) -> None:
         """A command's outcome (from the executor) for `call_id`."""
@@ -138,6 +146,8 @@ class Dispatcher:
             # a chained leg (the second leg of a `connect` flow, a transferee) has our number
             # as its source, but no caller of ours is on it
             self.counters["ignored"] += 1
+            if info.id not in self._ended:
+                _keep(self._others, info.id)
             return None
         if info.status == "hangup":
             # over before we saw it: a `progressing` delivered after it (order is not

@@ -26,7 +26,7 @@ from agentd.commands import (
     TranscribeStarted,
 )
 from agentd.dispatcher import Dispatcher
-from agentd.events import CallEvent, CallInfo, TranscribeEvent, TranscriptEvent
+from agentd.events import CallEvent, CallInfo, SpeechEvent, TranscribeEvent, TranscriptEvent
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, StartAgent
@@ -86,6 +86,23 @@ def test_a_transcript_before_its_transcribe_id_is_known_waits_then_reaches_its_c
     d.feed("c1", TranscribeStarted("t1"))
     asks = [c for c in shell.commands("c1") if type(c).__name__ == "AskBackend"]
     assert len(asks) == 1
+
+
+def test_other_calls_speech_does_not_push_ours_out_of_the_waiting_buffer() -> None:
+    # a busy account: calls to numbers that are not ours, with their transcribes, talking
+    shell = Shell()
+    d = dispatcher(shell)
+    for n in range(20):
+        d.on_event(call_event(f"other{n}", "progressing", dest="+15559990000"))
+        d.on_event(TranscribeEvent(f"ot{n}", "call", f"other{n}", "progressing"))
+    d.on_event(call_event("c1", "progressing"))
+    d.feed("c1", SpeakingStarted("s1", "active"))
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # before our transcribe id is known
+    for i in range(600):
+        d.on_event(SpeechEvent(f"sp{i}", f"ot{i % 20}", "interim", "in", "blah blah"))
+    d.feed("c1", TranscribeStarted("t1"))
+    assert len(asks(shell, "c1")) == 1
+    assert d.counters["ignored"] == 20 + 600
 
 
 def attached(d: Dispatcher, call_id: str, transcribe_id: str, speaking_id: str) -> Call:
