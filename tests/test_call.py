@@ -543,28 +543,44 @@ def test_an_old_transcript_read_back_again_does_not_reset_the_silence() -> None:
     assert Say(CID, "s1", SETTINGS.reprompt_text, 1) in cmds
 
 
-def test_a_stop_that_keeps_failing_escalates_to_delete_then_is_given_up_loudly() -> None:
+def test_a_stop_answered_5xx_escalates_to_delete_and_is_never_given_up() -> None:
     call = answered()
     call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
     step(call, status("hangup"), 5)
     delays = []
-    for attempt in range(SETTINGS.max_stop_attempts - 1):
+    leaks = []
+    for attempt in range(SETTINGS.max_stop_attempts + 5):  # an outage of many minutes
         cmds = step(call, Stopped("speaking", "s1", False, 503), 6 + attempt)
         timer = next(c for c in cmds if isinstance(c, StartTimer))
         delays.append(timer.delay_s)
+        leaks += [c.data for c in cmds if isinstance(c, Record) and c.what is Kind.LEAK]
         assert step(call, TimerFired(timer.timer), 7 + attempt) == [StopSpeaking(CID, "s1", True)]
         assert not any(isinstance(c, Finished) for c in cmds)
-    # a 5xx may be a dead pod: the first DELETE goes at once
-    assert delays == [0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
-    # bounded: the last failure is reported with the session id, and the call is let go
-    cmds = step(call, Stopped("speaking", "s1", False, 503), 300)
+    # a 5xx may be a dead pod: the first DELETE goes at once; then a minute apart at most
+    assert delays == [0.0, 2.0, 4.0, 8.0, 16.0, 32.0, *[60.0] * 7]
+    # reported once, with the session id, while it goes on
+    assert leaks == [{"kind": "speaking", "session_id": "s1", "status": 503}]
+    assert step(call, Stopped("speaking", "s1", True), 900) == [Finished(CID)]
+
+
+def test_a_stop_refused_again_and_again_is_given_up_loudly() -> None:
+    call = answered()
+    call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
+    step(call, status("hangup"), 5)
+    for attempt in range(SETTINGS.max_stop_attempts - 1):
+        cmds = step(call, Stopped("speaking", "s1", False, 403), 6 + attempt)
+        timer = next(c for c in cmds if isinstance(c, StartTimer))
+        assert step(call, TimerFired(timer.timer), 7 + attempt) == [StopSpeaking(CID, "s1", True)]
+    # a refusal no retry changes (a permission): bounded, reported with the session id, and
+    # the call is let go
+    cmds = step(call, Stopped("speaking", "s1", False, 403), 300)
     leak = next(c for c in cmds if isinstance(c, Record))
     assert leak.what is Kind.LEAK
     assert leak.data == {
         "kind": "speaking",
         "session_id": "s1",
         "attempts": SETTINGS.max_stop_attempts,
-        "status": 503,
+        "status": 403,
         "gave_up": True,
     }
     assert cmds[-1] == Finished(CID)

@@ -381,7 +381,7 @@ def test_a_session_given_up_on_is_kept_for_the_next_agentd_which_never_adopts_it
     call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
     step(call, status("hangup"), 5)
     for attempt in range(SETTINGS.max_stop_attempts):
-        cmds = step(call, Stopped("speaking", "s1", False, 503), 6 + attempt)
+        cmds = step(call, Stopped("speaking", "s1", False, 403), 6 + attempt)
     assert [r for r in records(cmds, Kind.LEAK) if r.data.get("gave_up")]
     snapshot = call.snapshot()
     assert ("speaking", "s1") in snapshot["pending_stops"]

@@ -324,15 +324,17 @@ class CallCore:
         """A stop was not confirmed: the session bills until it is stopped. It is retried ever
         less often (kept in the store, re-sent after a restart), escalated to a DELETE, which
         works without the pod that owns the session, and given up after `max_stop_attempts`
-        refusals with an error naming the session: retrying for ever would only burn the budget.
-        No answer at all (VoIPBIN unreachable) or a 429 is no refusal: that is retried until
-        VoIPBIN answers, however long it is away."""
+        refusals (a 4xx: a permission, a bad request, which no retry changes) with an error
+        naming the session. No answer at all, a 429 or a 5xx is no refusal but an outage: that
+        is retried, once a minute at most, until VoIPBIN answers, however long it is away (the
+        session bills all that time; a retry costs next to nothing)."""
         attempts = self.ledger.attempts(sid)
         s = self.settings
         if not attempts:
             self.ledger.step(sid, StopInput.FAILED, kind)
             return []  # a stop we never asked for, or one confirmed since
-        if attempts >= s.max_stop_attempts and status not in (0, 429):
+        outage = status in (0, 429) or status >= 500
+        if attempts >= s.max_stop_attempts and not outage:
             self.ledger.step(sid, StopInput.GIVE_UP, kind)
             data = {"kind": kind, "session_id": sid, "attempts": attempts, "status": status}
             return [Record(self.id, Kind.LEAK, {**data, "gave_up": True})]

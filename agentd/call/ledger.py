@@ -2,7 +2,9 @@
 
 A speaking session is billed until it is stopped, and VoIPBIN does not stop it at hangup
 (docs/protocol.md §8.4), so every stop is kept until VoIPBIN confirms it (200, or 404: already gone)
-and retried ever less often, never given up. Our own hangup is kept until VoIPBIN confirms it too.
+and retried ever less often (a minute apart at most) through any outage; it is given up only when
+VoIPBIN refuses it (a 4xx) `max_stop_attempts` times. Our own hangup is kept until VoIPBIN
+confirms it too.
 
 A transcribe is ended by VoIPBIN itself when its call hangs up (bin-transcribe-manager
 `subscribehandler/call_manager.go` → `transcribehandler/event.go` `EventCMCallHangup` → `Stop`,
@@ -14,7 +16,7 @@ Per session:   UNKNOWN ─stop→ PENDING ─ok→ CONFIRMED      PENDING ─fai
                UNKNOWN ─expect→ AWAITING ─ended→ CONFIRMED   AWAITING ─stop→ PENDING (too late)
                UNKNOWN / PENDING ─ended (by itself)→ CONFIRMED
                CONFIRMED ─stop / ok / ended / expect→ CONFIRMED (nothing more to do)
-               PENDING ─give up→ ABANDONED (after a bounded number of stops and deletes)
+               PENDING ─give up→ ABANDONED (after a bounded number of refusals)
 Our hangup:    NONE ─request→ PENDING ─confirmed→ NONE     PENDING ─failed→ PENDING (retry)
 A `failed` or `ok` for a session never stopped (UNKNOWN) is an answer to nothing: `Illegal`.
 """

@@ -100,8 +100,8 @@ class CallSettings:
     retry_s: float = 1.0
     max_attempts: int = 4
     # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
-    # /stop 503, docs/protocol.md §8.3); refused `max_stop_attempts` times (~2 min): give up,
-    # loudly. An unreachable VoIPBIN (no answer, 429) is waited out instead
+    # /stop 503, docs/protocol.md §8.3); refused (a 4xx) `max_stop_attempts` times: give up,
+    # loudly. An outage (no answer, 429, 5xx) is waited out instead
     stop_delete_after: int = 2
     max_stop_attempts: int = 8
     # at a hangup VoIPBIN ends the call's transcribe itself (`transcribe_done`), so no /stop is
