@@ -59,6 +59,10 @@ class PermissionDenied(ApiError):
     has to change the credentials or their permissions."""
 
 
+#: Pages of 100 a sweep (or the adoption of a session in the way) reads of GET /speakings:
+#: the sessions of the last thousand creates on the account, all calls together.
+SPEAKING_PAGES = 10
+
 @dataclass
 class Credentials:
     """One way to authenticate: an access key, a JWT, or a username and password to log in."""
@@ -405,9 +409,30 @@ class VoipbinClient:
             await self.request("POST", "/speakings", json=body, priority=SETUP, idempotent=False)
         )
 
-    async def list_speakings(self) -> list[dict[str, Any]]:
-        """GET /speakings (one page, newest first)."""
-        return _result(await self.request("GET", "/speakings", params={"page_size": "100"}))
+    async def list_speakings(self, max_pages: int = SPEAKING_PAGES) -> list[dict[str, Any]]:
+        """GET /speakings, newest first, following `next_page_token` for `max_pages` pages.
+
+        Stopped sessions stay in the list: on a busy account the first page of 100 may hold
+        none of a call's, created a minute ago. Deduplicated by id."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        token = ""
+        for _ in range(max_pages):
+            params = {"page_size": "100"}
+            if token:
+                params["page_token"] = token
+            body = await self.request("GET", "/speakings", params=params)
+            items = _result(body)
+            for spk in items:
+                sid = spk.get("id")
+                if isinstance(sid, str) and sid not in seen:
+                    seen.add(sid)
+                    out.append(spk)
+            nxt = body.get("next_page_token") if isinstance(body, dict) else None
+            if not items or not isinstance(nxt, str) or not nxt or nxt == token:
+                break
+            token = nxt
+        return out
 
     async def get_speaking(self, speaking_id: str) -> dict[str, Any]:
         """GET /speakings/{id}."""

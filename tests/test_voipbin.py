@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
@@ -22,6 +23,7 @@ from agentd.ratelimit import (
 )
 from agentd.secret import Secret
 from agentd.sim import Caller, Simulator
+from agentd.sim.model import SimSpeaking
 from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
 from tests import conftest
 from tests.support import CALLER, OUR_NUMBER, StartAgent
@@ -146,6 +148,39 @@ async def test_a_failing_flush_gives_up_soon_and_a_stop_later(sim: Simulator) ->
         assert 2 <= flushes < stops
     finally:
         await client.close()
+
+
+async def test_the_speakings_are_read_past_the_first_page(sim: Simulator) -> None:
+    # stopped sessions stay in the list, newest first: on a busy account a call's session,
+    # a minute old, is pages down
+    old = datetime.now(UTC) - timedelta(minutes=1)
+
+    def speaking(sid: str, status: str, at: datetime) -> SimSpeaking:
+        return SimSpeaking(
+            sid,
+            sim.customer_id,
+            "call",
+            f"call-{sid}",
+            "en-US",
+            "elevenlabs",
+            "",
+            "out",
+            status,
+            at,
+        )
+
+    sim.world.speakings["spk-ours"] = speaking("spk-ours", "active", old)
+    for n in range(1, 251):
+        at = old + timedelta(seconds=n / 10)
+        sim.world.speakings[f"spk-{n}"] = speaking(f"spk-{n}", "stopped", at)
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        listed = await client.list_speakings()
+    finally:
+        await client.close()
+    assert len(listed) == 251 and listed[-1]["id"] == "spk-ours"
+    # three pages, and the empty one that tells the list is over
+    assert len(sim.requests_matching("GET", r"/speakings$")) == 4
 
 
 # ---- aioresponses: shapes the simulator never produces ---------------------------------------
