@@ -33,6 +33,9 @@ from agentd.voipbin import ApiError, PermissionDenied
 
 log = logs.get_logger("agentd.stream")
 
+#: distinct reasons `StreamStats.rejections` counts apart; the rest are "other"
+REJECTION_KINDS = 32
+
 
 def topics(customer_id: str) -> list[str]:
     """Prefixes that match each event once (the event-type topic format only)."""
@@ -196,9 +199,12 @@ class EventStream:
         if isinstance(parsed, Rejected):
             if not parsed.ignorable:
                 self.stats.rejected += 1
-                self.stats.rejections[parsed.reason] = (
-                    self.stats.rejections.get(parsed.reason, 0) + 1
-                )
+                rejections = self.stats.rejections
+                # a reason may quote the frame (an unknown status): a bounded set of keys
+                reason = parsed.reason
+                if reason not in rejections and len(rejections) >= REJECTION_KINDS:
+                    reason = "other"
+                rejections[reason] = rejections.get(reason, 0) + 1
                 log.warning("frame.rejected", reason=parsed.reason, size=len(frame))
             return
         try:

@@ -20,7 +20,7 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.events import CallEvent, Parsed
 from agentd.sim import Simulator
-from agentd.stream import EventStream, topics
+from agentd.stream import REJECTION_KINDS, EventStream, topics
 from agentd.voipbin import ApiError, PermissionDenied
 
 if TYPE_CHECKING:
@@ -418,6 +418,14 @@ async def test_malformed_and_binary_frames_are_counted_and_the_connection_surviv
         "unknown call status 'exploded'": 1,
         "malformed field: TypeError": 1,
     }
+    # reasons that quote the frame are counted apart only so far: no key per bad frame
+    for n in range(100):
+        await conn.ws.send(call_frame(status=f"odd-{n}"))
+    await conn.ws.send(call_frame("call-ok-2"))
+    await c.next_parsed()
+    assert stats.rejected == 105
+    assert len(stats.rejections) == REJECTION_KINDS + 1
+    assert stats.rejections["other"] == 100 - (REJECTION_KINDS - 5)
     assert (stats.connects, stats.reconnects) == (1, 0)
     assert not conn.closed.is_set()
 
