@@ -63,6 +63,7 @@ class PermissionDenied(ApiError):
 #: the sessions of the last thousand creates on the account, all calls together.
 SPEAKING_PAGES = 10
 
+
 @dataclass
 class Credentials:
     """One way to authenticate: an access key, a JWT, or a username and password to log in."""
