@@ -362,19 +362,25 @@ class VoipbinClient:
 
     async def transcripts(self, transcribe_id: str) -> AsyncIterator[dict[str, Any]]:
         """Every transcript of a transcribe, following `next_page_token`, deduplicated by id."""
+        async for t in self._pages("/transcripts", {"transcribe_id": transcribe_id}, 100):
+            yield t
+
+    async def _pages(
+        self, path: str, params: dict[str, str], max_pages: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The items of a list, page after page (`next_page_token`, at most `max_pages`),
+        deduplicated by id; it ends on an empty page or a token seen before."""
         seen: set[str] = set()
         token = ""
-        for _ in range(100):
-            params = {"transcribe_id": transcribe_id}
-            if token:
-                params["page_token"] = token
-            body = await self.request("GET", "/transcripts", params=params)
+        for _ in range(max_pages):
+            query = {**params, "page_token": token} if token else params
+            body = await self.request("GET", path, params=query)
             items = _result(body)
-            for t in items:
-                tid = t.get("id")
-                if isinstance(tid, str) and tid not in seen:
-                    seen.add(tid)
-                    yield t
+            for item in items:
+                iid = item.get("id")
+                if isinstance(iid, str) and iid not in seen:
+                    seen.add(iid)
+                    yield item
             nxt = body.get("next_page_token") if isinstance(body, dict) else None
             if not items or not isinstance(nxt, str) or not nxt or nxt == token:
                 return
@@ -411,29 +417,11 @@ class VoipbinClient:
         )
 
     async def list_speakings(self, max_pages: int = SPEAKING_PAGES) -> list[dict[str, Any]]:
-        """GET /speakings, newest first, following `next_page_token` for `max_pages` pages.
+        """GET /speakings, newest first, `max_pages` pages of 100 at most, deduplicated by id.
 
-        Stopped sessions stay in the list: on a busy account the first page of 100 may hold
-        none of a call's, created a minute ago. Deduplicated by id."""
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        token = ""
-        for _ in range(max_pages):
-            params = {"page_size": "100"}
-            if token:
-                params["page_token"] = token
-            body = await self.request("GET", "/speakings", params=params)
-            items = _result(body)
-            for spk in items:
-                sid = spk.get("id")
-                if isinstance(sid, str) and sid not in seen:
-                    seen.add(sid)
-                    out.append(spk)
-            nxt = body.get("next_page_token") if isinstance(body, dict) else None
-            if not items or not isinstance(nxt, str) or not nxt or nxt == token:
-                break
-            token = nxt
-        return out
+        Stopped sessions stay in the list: on a busy account the first page may hold none of a
+        call's, created a minute ago."""
+        return [s async for s in self._pages("/speakings", {"page_size": "100"}, max_pages)]
 
     async def get_speaking(self, speaking_id: str) -> dict[str, Any]:
         """GET /speakings/{id}."""
