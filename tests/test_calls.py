@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agentd.calls import HistoryError, open_read_only, parse_since, store_path
-from agentd.daemon import prune_expired
+from agentd.daemon import Daemon, prune_expired
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.store import CallRecord, Store
 from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
@@ -24,16 +24,22 @@ def config_file(tmp_path: Path, store: str) -> str:
 
 
 @pytest.mark.slow
-async def test_a_served_call_is_listed_and_shown_with_transcript_timings_and_cleanup(
-    sim: Simulator, agent: StartAgent, tmp_path: Path
-) -> None:
-    daemon = await agent(agent={"greeting": "Hello there."})
+async def served_call(sim: Simulator, daemon: Daemon) -> str:
+    """One call: the caller asks one thing and hangs up; its id once the store has it all."""
     caller = Caller([Utterance("what are your hours")], hangup_after_s=0.05)
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
     await sim.wait_call_status(call_id, "hangup", timeout=15)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
     assert daemon.persister is not None
     await daemon.persister.flush()
+    return call_id
+
+
+async def test_a_served_call_is_listed_and_shown_with_transcript_timings_and_cleanup(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    daemon = await agent(agent={"greeting": "Hello there."})
+    call_id = await served_call(sim, daemon)
     # the report went out once, as a record (logged, stored, counted)
     reports = [r for r in daemon.records if r.what == "call_report"]
     assert len(reports) == 1 and reports[0].call_id == call_id

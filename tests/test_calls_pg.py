@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agentd.names import Kind
-from agentd.sim import Caller, Simulator, Utterance
+from agentd.sim import Simulator
 from agentd.store import Batch, Store, StoreError
 from agentd.store_pg import PgReader, PgStore
-from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
+from tests.support import StartAgent, run_cli
+from tests.test_calls import served_call
 from tests.test_store import record
 
 if TYPE_CHECKING:
@@ -176,12 +177,7 @@ async def test_a_call_served_on_postgresql_is_listed_and_shown(
     daemon = await agent(
         agent={"greeting": "Hello there."}, store={"path": "agentd.db", "url": pg_url}
     )
-    caller = Caller([Utterance("what are your hours")], hangup_after_s=0.05)
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
-    await sim.wait_call_status(call_id, "hangup", timeout=15)
-    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
-    assert daemon.persister is not None
-    await daemon.persister.flush()
+    call_id = await served_call(sim, daemon)
     cfg = pg_config(tmp_path, pg_url)
 
     code, out, err = await run_cli("calls", "--config", cfg)
