@@ -300,7 +300,7 @@ def _check(config_arg: str | None) -> int:
 
 async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:
     """Ask the backend one tiny question and read only the first chunk of the answer."""
-    from agentd.secret import redact
+    from agentd.secret import display_url, redact
 
     b = config.backend
     kind = b.kind
@@ -308,7 +308,8 @@ async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:
         return True, "echo, nothing to check"
     if kind == "python":
         return True, f"python {b.callable}, imported"
-    what = f"openai {b.model} at {b.base_url}" if kind == "openai" else f"http {b.url}"
+    url = display_url(b.base_url if kind == "openai" else b.url)
+    what = f"openai {b.model} at {url}" if kind == "openai" else f"http {url}"
     timeout_s = b.timeout_s
     started = time.monotonic()
     stream = backend.reply("agentd-check-config", [("user", "ping")])

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from agentd.call import CallSettings
 from agentd.ratelimit import DEFAULT_BURST, DEFAULT_RATE_PER_S
-from agentd.secret import Secret
+from agentd.secret import Secret, learn_url
 
 
 class ConfigError(Exception):
@@ -679,6 +679,8 @@ def _backend(b: dict[str, Any], env: Mapping[str, str]) -> BackendConfig:
     url_key = {"openai": "base_url", "http": "url"}.get(kind)
     if url_key and urlsplit(getattr(backend, url_key)).scheme not in ("http", "https"):
         raise ConfigError(f"backend.{url_key}: not an http(s) URL")
+    if url_key:
+        learn_url(getattr(backend, url_key))  # a key in the URL is a secret like api_key
     return backend
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Final
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 _MASK: Final = "***"
 _known: set[str] = set()
@@ -13,9 +14,12 @@ _known_re: re.Pattern[str] | None = None  # every known secret in one pattern, r
 # backslash or a control character in a password must not slip through as `\"`)
 _known_bytes: tuple[bytes, ...] = ()
 _known_bytes_re: re.Pattern[bytes] | None = None
-# credential-looking query parameters, in case a URL reaches a message some other way
-_QUERY_RE = re.compile(r"(?i)\b(accesskey|token|api_key|password)=[^&\s'\"]+")
-_QUERY_BYTES_RE = re.compile(rb"(?i)\b(accesskey|token|api_key|password)=[^&\s'\"\\]+")
+# credential-looking query parameters, in case a URL reaches a message some other way: the
+# names services put keys in (`access_token`, `api-key`, Azure's `code`, `sig`...), with any
+# prefix. A harmless `status_code=500` in a message is masked too: better than a key shown.
+_NAMES: Final = r"[\w-]*?(?:accesskey|token|key|password|passwd|secret|code|sig|signature|auth)"
+_QUERY_RE = re.compile(rf"(?i)(?<![\w-])({_NAMES})=[^&\s'\"]+")
+_QUERY_BYTES_RE = re.compile(rb"(?i)(?<![\w-])(" + _NAMES.encode() + rb")=[^&\s'\"\\]+")
 
 
 class Secret:
@@ -75,3 +79,24 @@ def redact(text: str) -> str:
     if _known_re is not None:
         text = _known_re.sub(_MASK, text)
     return _QUERY_RE.sub(lambda m: f"{m.group(1)}={_MASK}", text)
+
+
+def learn_url(url: str) -> None:
+    """Register the password and every query value of a configured URL as secrets: a service
+    may take its key in the URL (`?code=` for Azure Functions), and an error that quotes the
+    URL (a redirect loop, a bad redirect) must not show it."""
+    parts = urlsplit(url)
+    if parts.password:
+        Secret(parts.password)
+    for _, value in parse_qsl(parts.query, keep_blank_values=False):
+        Secret(value)
+
+
+def display_url(url: str) -> str:
+    """`url` fit to print: its password and query values masked."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", f":{_MASK}@", 1)
+    query = "&".join(f"{k}={_MASK}" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -111,3 +111,48 @@ def test_exception_tracebacks_carry_no_locals(captured_logs: io.StringIO) -> Non
     assert "boom" in text
     assert "vb_local_variable_key" not in text
     assert '"locals"' not in text
+
+
+async def test_a_key_in_the_backend_url_never_shows(captured_logs: io.StringIO) -> None:
+    # Azure Functions take their key in the URL: `?code=`. A redirect loop makes aiohttp's
+    # error quote the URL, which reaches the call's backend_failed record and the log
+    from aiohttp import web
+
+    from agentd.backends.http import HttpBackend
+    from agentd.backends.wire import BackendError
+    from agentd.secret import display_url
+
+    key = "AZFUNC-SECRET-123"
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(request.rel_url))
+
+    app = web.Application()
+    app.router.add_post("/api/reply", loop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}/api/reply?code={key}"
+    try:
+        config = load(
+            None,
+            env={},
+            overrides={
+                "voipbin": {"accesskey": "vb_unit_test_key"},
+                "agent": {"numbers": ["*"]},
+                "backend": {"kind": "http", "url": url},
+            },
+        )
+        backend = HttpBackend(url=config.backend.url, api_key=None, timeout_s=5)
+        with pytest.raises(BackendError) as info:
+            async for _ in backend.reply("c1", [("user", "hi")]):
+                pass
+        await backend.aclose()
+    finally:
+        await runner.cleanup()
+    structlog.get_logger().error("backend_failed", error=redact(str(info.value)))
+    assert logs.flush()
+    shown = f"{captured_logs.getvalue()} {redact(str(info.value))} {backend!r} {display_url(url)}"
+    assert "code=***" in shown and key not in shown

@@ -34,7 +34,7 @@ from agentd.backends.wire import (
     post_stream,
 )
 from agentd.commands import Message
-from agentd.secret import Secret
+from agentd.secret import Secret, display_url
 
 _KIND = "http"
 _NDJSON = frozenset(
@@ -52,7 +52,7 @@ class HttpBackend:
         self._http: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"HttpBackend(url={self.url!r})"
+        return f"HttpBackend(url={display_url(self.url)!r})"
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:

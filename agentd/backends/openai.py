@@ -28,7 +28,7 @@ from agentd.backends.wire import (
     post_stream,
 )
 from agentd.commands import Message
-from agentd.secret import Secret, redact
+from agentd.secret import Secret, display_url, redact
 
 log = logs.get_logger("agentd.backends.openai")
 
@@ -144,7 +144,7 @@ class OpenAIBackend:
         self._http: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
+        return f"OpenAIBackend(url={display_url(self.url)!r}, model={self.model!r})"
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
