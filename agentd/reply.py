@@ -68,6 +68,11 @@ async def stream_reply(
                 said = _said(feed, cmd.turn, buf.feed(text)) or said
         if _said(feed, cmd.turn, buf.flush()) or said:
             await _let_it_go()
+        elif action is None:
+            # no text to say, no action: a proxy's HTML page, a JSON without "text", a model
+            # that stopped at once. The caller would hear nothing until the silence reprompt
+            feed(ReplyFailed(cmd.turn, "empty reply: the backend answered nothing to say"))
+            return
         feed(ReplyDone(cmd.turn, action, first, tokens))
     except asyncio.CancelledError:
         raise

@@ -18,6 +18,7 @@ from agentd.commands import (
     Message,
     Record,
     ReplyDone,
+    ReplyFailed,
     ReplyIncomplete,
     ReplySentence,
     Say,
@@ -382,6 +383,19 @@ async def replies(backend: Scripted, *, marker: bool) -> list[object]:
     cmd = AskBackend(CID, 3, (("user", "hi"),), marker=marker)
     await stream_reply(backend, cmd, out.append, clock=lambda: 0.0, timeout_s=5)  # type: ignore[arg-type]
     return out
+
+
+async def test_an_empty_reply_is_a_failure_the_caller_hears_the_fallback_for() -> None:
+    empty = ReplyFailed(3, "empty reply: the backend answered nothing to say")
+    assert await replies(Scripted(), marker=False) == [empty]
+    assert await replies(Scripted(" ", "\U0001f642", "\n"), marker=False) == [empty]  # an emoji
+    assert await replies(Scripted("\u2713"), marker=True) == [empty]  # a marker alone
+    call = answered()
+    [ask] = asks(step(call, transcript("hello"), 10))
+    cmds = step(call, replace(empty, turn=ask.turn), 10.5)
+    cmds += step(call, TimerFired(Timer(TimerKind.HOLD)), 11)
+    assert says(cmds) == [SETTINGS.fallback_text]
+    assert Kind.BACKEND_FAILED in [c.what for c in cmds if isinstance(c, Record)]
 
 
 async def test_a_reply_marked_unfinished_is_not_spoken() -> None:
