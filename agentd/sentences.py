@@ -32,8 +32,15 @@ _ABBREVIATIONS = frozenset(
         "fig",
     ]
 )
-# sentence ends: Latin punctuation before a space, or the CJK full stop / marks
-_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|[\u3002\uff01\uff1f]+")
+# sentence ends: Latin punctuation before a space, the CJK full stop / marks, or a line break
+# (a model's list items and paragraphs: read one by one, not held to the end of the list)
+_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|[\u3002\uff01\uff1f]+|\n")
+# how far back from the end of the text a sentence end can still be undecided (a run of marks
+# and closing quotes waiting for the space after it): each chunk is scanned from there, not
+# from the start, so a long reply without a sentence end costs linear time, not quadratic
+_LOOKBACK = 16
+# the last characters `ends_a_sentence` looks at (a word and its marks)
+_TAIL = 64
 
 
 def _is_boundary(text: str, end: int) -> bool:
@@ -56,13 +63,14 @@ class SentenceBuffer:
     def __init__(self, min_chars: int = 1) -> None:
         self._buf = ""
         self._min = min_chars
+        self._scan = 0  # where the next scan for a sentence end starts
 
     def feed(self, chunk: str) -> list[str]:
         """Add a chunk; return the sentences it completed."""
         self._buf += chunk
         out: list[str] = []
         pos = 0
-        for m in _END.finditer(self._buf):
+        for m in _END.finditer(self._buf, self._scan):
             end = m.end()
             if not _is_boundary(self._buf, end):
                 continue
@@ -71,14 +79,16 @@ class SentenceBuffer:
                 out.append(sentence)
                 pos = end
         self._buf = self._buf[pos:]
+        self._scan = max(0, len(self._buf) - _LOOKBACK)
         return out
 
     def ends_a_sentence(self) -> bool:
         """Whether the text so far ends like a complete sentence (a period after a word, not
         after a number or an abbreviation; or ! or ?), so that only the next chunk could say
         otherwise."""
-        text = self._buf.rstrip()
-        if text != self._buf or not text:
+        tail = self._buf[-_TAIL:]
+        text = tail.rstrip()
+        if text != tail or not text:
             return False  # a trailing space: feed() has already released what it could
         stripped = text.rstrip("\"')]")
         if not stripped or stripped[-1] not in ".!?\u2026":
@@ -90,10 +100,12 @@ class SentenceBuffer:
     def end_tail(self) -> None:
         """The stream paused after a sentence end: treat it as followed by a space."""
         self._buf += " "
+        self._scan = max(0, len(self._buf) - _LOOKBACK)
 
     def flush(self) -> list[str]:
         """The rest of the text, at the end of the stream."""
         rest, self._buf = self._buf.strip(), ""
+        self._scan = 0
         return [rest] if rest else []
 
 

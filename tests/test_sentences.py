@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 import pytest
 
+from agentd import sentences
 from agentd.sentences import SentenceBuffer, speakable, split_for_say
 
 
@@ -97,3 +101,40 @@ def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
 )
 def test_speakable_strips_what_a_voice_reads_badly(model: str, voice: str) -> None:
     assert speakable(model) == voice
+
+
+def test_a_line_break_ends_a_sentence() -> None:
+    # a model's list: each item is read as it comes, not held to the end of the list
+    buf = SentenceBuffer()
+    out = buf.feed("Here are the options\n- Pizza margherita\n")
+    assert [speakable(s) for s in out] == ["Here are the options", "Pizza margherita"]
+    assert buf.feed("- Pasta") == []
+    assert [speakable(s) for s in buf.flush()] == ["Pasta"]
+
+
+class _Counting:
+    """The sentence-end pattern, counting the characters each scan covers."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.scanned = 0
+
+    def finditer(self, text: str, pos: int = 0) -> Iterator[re.Match[str]]:
+        self.scanned += len(text) - pos
+        return self.pattern.finditer(text, pos)
+
+
+def test_a_long_reply_without_a_sentence_end_is_scanned_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 20,000 chunks of a model that never ends a sentence: scanning the whole text again for
+    # each chunk blocked the event loop (every call of the daemon) for seconds
+    counting = _Counting(sentences._END)
+    monkeypatch.setattr(sentences, "_END", counting)
+    buf = SentenceBuffer()
+    for _ in range(20_000):
+        assert buf.feed(" word") == []
+        buf.ends_a_sentence()
+    text = " word" * 20_000
+    assert counting.scanned < 20 * len(text)  # linear: about one scan of each chunk
+    assert buf.feed(". Done. ") == [text.strip() + ".", "Done."]
