@@ -28,6 +28,10 @@ from agentd.sentences import SentenceBuffer, speakable
 log = logs.get_logger("agentd.reply")
 
 TAIL_WAIT_S = 0.005
+#: what is read of one reply at most (about four minutes of speech): past it the stream is
+#: closed and what came is said; a runaway model or a service's megabyte of text must not
+#: queue hours of speech
+MAX_REPLY_CHARS = 4000
 
 
 async def stream_reply(
@@ -49,7 +53,7 @@ async def stream_reply(
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
         async with asyncio.timeout(timeout_s):
-            async for chunk in _tail_flushing(stream, buf):
+            async for chunk in _tail_flushing(_capped(stream, cmd.turn), buf):
                 if isinstance(chunk, ToolCall):
                     action = _action(chunk) or action
                     continue
@@ -85,6 +89,19 @@ async def stream_reply(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+async def _capped(stream: Any, turn: int) -> AsyncIterator[Any]:
+    """The chunks of `stream` up to `MAX_REPLY_CHARS` of text, then no more."""
+    length = 0
+    async for chunk in stream:
+        if isinstance(chunk, str):
+            length += len(chunk)
+            if length > MAX_REPLY_CHARS:
+                log.warning("reply.too_long", turn=turn, kept_chars=MAX_REPLY_CHARS)
+                yield chunk[: len(chunk) - (length - MAX_REPLY_CHARS)]
+                return
+        yield chunk
 
 
 async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]:

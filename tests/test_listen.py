@@ -30,7 +30,7 @@ from agentd.commands import (
 )
 from agentd.events import SpeechEvent
 from agentd.names import EndCall, Kind, Timer, TimerKind
-from agentd.reply import stream_reply
+from agentd.reply import MAX_REPLY_CHARS, stream_reply
 from tests.test_call import SETTINGS, answered, step, transcript
 
 CID = "c1"
@@ -396,6 +396,13 @@ async def test_an_empty_reply_is_a_failure_the_caller_hears_the_fallback_for() -
     cmds += step(call, TimerFired(Timer(TimerKind.HOLD)), 11)
     assert says(cmds) == [SETTINGS.fallback_text]
     assert Kind.BACKEND_FAILED in [c.what for c in cmds if isinstance(c, Record)]
+
+
+async def test_a_runaway_reply_is_cut_at_max_reply_chars() -> None:
+    out = await replies(Scripted(*["It is a word. "] * 1000), marker=False)
+    said = "".join(o.text + " " for o in out if isinstance(o, ReplySentence))
+    assert MAX_REPLY_CHARS - 20 <= len(said) <= MAX_REPLY_CHARS + 1
+    assert isinstance(out[-1], ReplyDone)
 
 
 async def test_a_reply_marked_unfinished_is_not_spoken() -> None:
