@@ -13,6 +13,7 @@ The `py_*` functions at the bottom are targets for the `python` kind (`tests.stu
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -358,8 +359,30 @@ async def py_bad_chunk(call_id: str, history: list[Message]) -> AsyncIterator[An
 
 
 def py_sync(call_id: str, history: list[Message]) -> str:
-    """Not async: refused at the first reply."""
+    """Not async: refused when agentd starts."""
     return "sync"
+
+
+# not a plain function, so let through at start; what it returns is refused at the first reply
+py_sync_partial = functools.partial(py_sync)
+
+
+class PyAsyncCallable:
+    """An object whose __call__ is async: accepted."""
+
+    async def __call__(self, call_id: str, history: list[Message]) -> str:
+        return "from an object"
+
+
+class PySyncCallable:
+    """An object whose __call__ is a plain method: refused when agentd starts."""
+
+    def __call__(self, call_id: str, history: list[Message]) -> str:
+        return "sync"
+
+
+py_async_object = PyAsyncCallable()
+py_sync_object = PySyncCallable()
 
 
 async def py_raises(call_id: str, history: list[Message]) -> str:

@@ -440,6 +440,7 @@ async def test_http_cancelling_an_sse_reply_closes_the_stream(service: HttpStub)
 
 
 async def test_python_async_function_gets_call_id_and_a_list_history() -> None:
+    assert await collect(PythonBackend(target="tests.stubs:py_async_object")) == ["from an object"]
     chunks = await collect(PythonBackend(target="tests.stubs:py_whole"))
     assert chunks == ["Python heard: What are your opening hours?. It has 3 messages."]
     assert await collect(PythonBackend(target="tests.stubs:py_nothing")) == []
@@ -465,6 +466,9 @@ async def test_python_generator_is_closed_when_the_reply_is_cancelled() -> None:
         ("tests.stubs:not_callable", "is not callable (it is a int)"),
         ("tests.stubs", "expected 'module:function'"),
         ("tests.stubs:", "expected 'module:function'"),
+        # a plain def would hold every call while it runs, on the event loop
+        ("tests.stubs:py_sync", "is a plain function: make it an async def"),
+        ("tests.stubs:py_sync_object", "is a plain function: make it an async def"),
     ],
 )
 def test_python_bad_target_is_refused_at_construction(target: str, message: str) -> None:
@@ -476,7 +480,11 @@ def test_python_bad_target_is_refused_at_construction(target: str, message: str)
 @pytest.mark.parametrize(
     ("target", "error", "message"),
     [
-        ("tests.stubs:py_sync", BackendError, "must be an async function or an async generator"),
+        (
+            "tests.stubs:py_sync_partial",
+            BackendError,
+            "must be an async function or an async generator",
+        ),
         ("tests.stubs:py_bad_chunk", BackendError, "yielded a int; expected str or ToolCall"),
         ("tests.stubs:py_raises", RuntimeError, "the knowledge base is down"),
     ],

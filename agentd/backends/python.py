@@ -46,7 +46,26 @@ def load_callable(target: str) -> Callable[..., Any]:
             raise BackendConfigError(f"{target!r}: no attribute {attr!r}") from None
     if not callable(obj):
         raise BackendConfigError(f"{target!r} is not callable (it is a {type(obj).__name__})")
+    if _plainly_sync(obj):
+        # called on the event loop, a plain def would hold every call while it runs, and only
+        # the first caller would find out
+        raise BackendConfigError(
+            f"{target!r} is a plain function: make it an async def (or an async generator)"
+        )
     return obj  # type: ignore[no-any-return]
+
+
+def _plainly_sync(obj: Any) -> bool:
+    """A function (or an object whose `__call__` is one) that is neither a coroutine function
+    nor an async generator function. Anything else (a partial, a C callable) is let through:
+    what it returns is checked at each call."""
+    fn = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else None
+    if fn is None and not inspect.isroutine(obj) and not isinstance(obj, type):
+        fn = getattr(type(obj), "__call__", None)  # noqa: B004 (the method, not callability)
+        fn = fn if inspect.isfunction(fn) else None
+    if fn is None:
+        return False
+    return not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
 
 
 class PythonBackend:
