@@ -50,10 +50,14 @@ async def stream_reply(
     tokens: tuple[int, int] | None = None
     unread = True  # the first character may be a turn-completion marker: never spoken
     said = False
+    loop = asyncio.get_running_loop()
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
-        async with asyncio.timeout(timeout_s):
+        # `timeout_s` bounds each silence, before the first chunk and between two, not the
+        # whole reply: a healthy model streaming a long answer slowly is not cut off
+        async with asyncio.timeout(timeout_s) as silence:
             async for chunk in _tail_flushing(_capped(stream, cmd.turn), buf):
+                silence.reschedule(loop.time() + timeout_s)
                 if isinstance(chunk, ToolCall):
                     action = _action(chunk) or action
                     continue

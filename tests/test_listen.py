@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -403,6 +404,35 @@ async def test_a_runaway_reply_is_cut_at_max_reply_chars() -> None:
     said = "".join(o.text + " " for o in out if isinstance(o, ReplySentence))
     assert MAX_REPLY_CHARS - 20 <= len(said) <= MAX_REPLY_CHARS + 1
     assert isinstance(out[-1], ReplyDone)
+
+
+class Paced(Scripted):
+    """A backend that streams its chunks `every_s` apart, then maybe stalls."""
+
+    def __init__(self, *chunks: str, every_s: float, stall_s: float = 0.0) -> None:
+        super().__init__(*chunks)
+        self.every_s = every_s
+        self.stall_s = stall_s
+
+    async def reply(self, call_id: str, history: tuple[Message, ...]) -> AsyncIterator[str]:
+        for chunk in self.chunks:
+            await asyncio.sleep(self.every_s)
+            yield chunk
+        await asyncio.sleep(self.stall_s)
+
+
+async def test_the_backend_timeout_bounds_a_silence_not_a_long_reply() -> None:
+    cmd = AskBackend(CID, 3, (("user", "hi"),))
+    out: list[object] = []
+    # ten pieces 0.05 s apart: half a second in all, with a 0.2 s timeout
+    slow = Paced(*[f"Part {n}. " for n in range(10)], every_s=0.05)
+    await stream_reply(slow, cmd, out.append, clock=lambda: 0.0, timeout_s=0.2)  # type: ignore[arg-type]
+    assert len([o for o in out if isinstance(o, ReplySentence)]) == 10
+    assert isinstance(out[-1], ReplyDone)
+    out.clear()
+    stalled = Paced("It is noon. ", "And", every_s=0.0, stall_s=5.0)
+    await stream_reply(stalled, cmd, out.append, clock=lambda: 0.0, timeout_s=0.2)  # type: ignore[arg-type]
+    assert out == [ReplySentence(3, "It is noon."), ReplyFailed(3, "backend timed out")]
 
 
 async def test_a_reply_marked_unfinished_is_not_spoken() -> None:
