@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from agentd.backends import Backend
 
 DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
+#: where the unit loads its credentials from (systemd/agentd.service, LoadCredential=)
+SERVICE_CREDENTIALS = "/etc/agentd/credentials"
 # a mistake in the config or in what the credentials may do: starting again cannot fix it
 EXIT_CONFIG = 2
 
@@ -30,6 +32,18 @@ def _config_path(arg: str | None) -> str | None:
     if env:
         return env
     return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def service_credentials(config_path: str | None, env: MutableMapping[str, str]) -> None:
+    """Run from a shell with the service's config, read its secrets where the unit loads them
+    from: systemd sets $CREDENTIALS_DIRECTORY for the service only, and `agentd check-config`
+    (or `call`, `calls`) as root would otherwise find no access key."""
+    if "CREDENTIALS_DIRECTORY" in env or config_path is None:
+        return
+    if os.path.abspath(config_path) != DEFAULT_CONFIG:
+        return
+    if os.access(SERVICE_CREDENTIALS, os.R_OK | os.X_OK):
+        env["CREDENTIALS_DIRECTORY"] = SERVICE_CREDENTIALS
 
 
 def _load(arg: str | None) -> Config:
@@ -112,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command in ("check-config", "call", "calls"):
+        service_credentials(_config_path(getattr(args, "config", None)), os.environ)
     try:
         if args.command == "run":
             return _run(args.config)

@@ -7,9 +7,11 @@ import asyncio
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+import pytest
 
 from tests.support import run_cli
 
@@ -88,3 +90,30 @@ def test_agentd_run_collects_garbage_cycles_less_often_and_never_walks_its_impor
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split(") (") == ["(700, 10, 10", "7000, 3, 10) True\n"]
+
+
+def test_the_service_config_reads_the_service_credentials_from_a_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentd import cli
+    from agentd.config import load
+
+    config = tmp_path / "agentd.toml"
+    config.write_text('[agent]\nnumbers = ["*"]\n', encoding="utf-8")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "voipbin-accesskey").write_text("vb_from_the_credential\n", encoding="utf-8")
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(config))
+    monkeypatch.setattr(cli, "SERVICE_CREDENTIALS", str(creds))
+    env: dict[str, str] = {}
+    cli.service_credentials(str(config), env)
+    assert env == {"CREDENTIALS_DIRECTORY": str(creds)}
+    key = load(str(config), env=env).voipbin.accesskey
+    assert key is not None and key.reveal() == "vb_from_the_credential"
+    # another config, or the service's own directory already set: left alone
+    other: dict[str, str] = {}
+    cli.service_credentials(str(tmp_path / "mine.toml"), other)
+    assert other == {}
+    under_systemd = {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
+    cli.service_credentials(str(config), under_systemd)
+    assert under_systemd == {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
