@@ -49,6 +49,7 @@ bench: $(STAMP)
 INSTALL_DIR ?= /opt/agentd
 CONF_DIR    ?= /etc/agentd
 UNIT_DIR    ?= /etc/systemd/system
+BIN_DIR     ?= /usr/local/bin
 
 install:
 	$(PYTHON) -m venv $(INSTALL_DIR)/venv
@@ -61,6 +62,7 @@ install:
 	for c in voipbin-accesskey backend-api-key; do \
 	  [ -e $(CONF_DIR)/credentials/$$c ] || install -m 0600 /dev/null $(CONF_DIR)/credentials/$$c; done
 	install -m 0644 systemd/agentd.service $(UNIT_DIR)/agentd.service
+	ln -sfn $(INSTALL_DIR)/venv/bin/agentd $(BIN_DIR)/agentd
 	-systemctl daemon-reload
 	@echo
 	@echo "agentd is installed. Left to do:"
@@ -71,6 +73,7 @@ install:
 uninstall:
 	-systemctl disable --now agentd
 	rm -f $(UNIT_DIR)/agentd.service
+	[ "$$(readlink $(BIN_DIR)/agentd)" != "$(INSTALL_DIR)/venv/bin/agentd" ] || rm -f $(BIN_DIR)/agentd
 	-systemctl daemon-reload
 	rm -rf $(INSTALL_DIR)
 	@echo "removed agentd; $(CONF_DIR) (config and credentials) is kept"

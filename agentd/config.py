@@ -21,6 +21,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import sys
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -481,9 +482,11 @@ def _section(m: dict[str, dict[str, Any]], section: str) -> dict[str, Any]:
     return out
 
 
+# the command names agentd's own interpreter: a bare `pip install 'agentd[...]'` elsewhere would
+# fetch an unrelated PyPI package called agentd
 POSTGRES_MISSING = (
     "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
-    "pip install 'agentd[postgres]'"
+    f"{sys.executable} -m pip install 'asyncpg>=0.29'"
 )
 
 
@@ -757,7 +760,7 @@ def _metrics_listen(value: str) -> str:
 
 OTEL_MISSING = (
     "otel.enabled: traces need the OpenTelemetry packages, which are not installed: "
-    "pip install 'agentd[otel]'"
+    f"{sys.executable} -m pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
 )
 
 
