@@ -145,13 +145,16 @@ class Sessions(CallCore):
     def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turns.turn, 0)):
             return []
-        # a 404 was never spoken, nor a 503 where the say only queues text (the gateway found
-        # no live pod for the session). With aws the pod synthesises, and waits for room in
-        # its audio buffer, before it answers: a 503 there is as likely a say that outlived
-        # the gateway's 3 s budget and plays all the same, and a sentence said twice is worse
-        # than one lost. A 500 may have been spoken. Text the caller cut off stays unsaid.
+        # a 404 was never spoken (the tts-manager answers every say error so), nor a 500 (the
+        # gateway's own failure, or its circuit breaker failing fast: it never reached a pod),
+        # nor a 503 where the say only queues text (no live pod for the session). With aws the
+        # pod synthesises, and waits for room in its audio buffer, before it answers: a 503
+        # there is as likely a say that outlived the gateway's 3 s budget and plays all the
+        # same, and a sentence said twice is worse than one lost. Text the caller cut off
+        # stays unsaid.
         unsaid = (
-            event.status == 404 or (event.status == 503 and self.settings.tts_provider != "aws")
+            event.status in (404, 500)
+            or (event.status == 503 and self.settings.tts_provider != "aws")
         ) and self.turns.state is not TurnState.CUT
         if event.speaking_id != self.speaking.id:
             if unsaid:
