@@ -461,9 +461,11 @@ def test_a_url_without_asyncpg_says_which_extra_to_install(
     monkeypatch.setattr(agentd.config, "postgres_installed", lambda: False)
     with pytest.raises(ConfigError) as err:
         load(None, env={}, overrides=with_store(url="postgresql://db/x"))
+    # agentd's own interpreter: a bare `pip install 'agentd[postgres]'` elsewhere fetches an
+    # unrelated PyPI package of that name
     assert str(err.value) == (
         "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
-        "pip install 'agentd[postgres]'"
+        f"{sys.executable} -m pip install 'asyncpg>=0.29'"
     )
     assert load(None, env={}, overrides=MINIMAL).store_path == "agentd.db"  # SQLite needs none
 
