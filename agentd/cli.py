@@ -129,46 +129,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("check-config", "call", "calls"):
         service_credentials(_config_path(getattr(args, "config", None)), os.environ)
     try:
-        if args.command == "run":
-            return _run(args.config)
-        if args.command == "call":
-            return _call(args)
-        if args.command == "check-config":
-            return _check(args.config)
-        if args.command == "status":
-            from agentd.status import main as status_main
-
-            return status_main(args.socket, args.json, _config_path(args.config))
-        if args.command == "calls":
-            from agentd.calls import main as calls_main
-
-            return calls_main(
-                _config_path(args.config),
-                call_id=args.id if args.calls_command == "show" else None,
-                since=args.since,
-                as_json=args.json,
-                limit=args.limit,
-                store=args.store,
-            )
-        if args.command == "demo":
-            from agentd.demo import main as demo_main
-
-            return demo_main(quiet=args.quiet)
-        if args.command == "console":
-            from agentd.console import main as console_main
-
-            return console_main(
-                _config_path(args.config), fast=args.fast, log_path=args.log, store=args.store
-            )
-        if args.command == "sim":
-            from agentd.sim.standalone import main as sim_main
-
-            return sim_main(list(args.sim_args))
+        return _command(args)
     except ConfigError as exc:
         print(f"agentd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`agentd console | head`): no traceback. Python would fail
+        # again flushing stdout at exit, so it is pointed at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit status."""
+    if args.command == "run":
+        return _run(args.config)
+    if args.command == "call":
+        return _call(args)
+    if args.command == "check-config":
+        return _check(args.config)
+    if args.command == "status":
+        from agentd.status import main as status_main
+
+        return status_main(args.socket, args.json, _config_path(args.config))
+    if args.command == "calls":
+        from agentd.calls import main as calls_main
+
+        return calls_main(
+            _config_path(args.config),
+            call_id=args.id if args.calls_command == "show" else None,
+            since=args.since,
+            as_json=args.json,
+            limit=args.limit,
+            store=args.store,
+        )
+    if args.command == "demo":
+        from agentd.demo import main as demo_main
+
+        return demo_main(quiet=args.quiet)
+    if args.command == "console":
+        from agentd.console import main as console_main
+
+        return console_main(
+            _config_path(args.config), fast=args.fast, log_path=args.log, store=args.store
+        )
+    if args.command == "sim":
+        from agentd.sim.standalone import main as sim_main
+
+        return sim_main(list(args.sim_args))
     _parser().print_help()
     return EXIT_CONFIG
 

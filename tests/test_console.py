@@ -383,3 +383,24 @@ async def test_typed_in_a_terminal_a_line_said_over_the_agent_cuts_it_off(
             proc.kill()
             await proc.wait()
         term.close()
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
+    # `agentd console < script | head -1`: head closes the pipe after one line
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentd", "console", "--fast", "--store", ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(b"hello there\nwhat time is it\n/hangup\n")
+    proc.stdin.close()
+    assert proc.stdout.readline().startswith(b"agentd console:")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
