@@ -59,12 +59,10 @@ def _plainly_sync(obj: Any) -> bool:
     """A function (or an object whose `__call__` is one) that is neither a coroutine function
     nor an async generator function. Anything else (a partial, a C callable) is let through:
     what it returns is checked at each call."""
-    fn = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else None
-    if fn is None and not inspect.isroutine(obj) and not isinstance(obj, type):
-        fn = getattr(type(obj), "__call__", None)  # noqa: B004 (the method, not callability)
-        fn = fn if inspect.isfunction(fn) else None
-    if fn is None:
-        return False
+    plain = inspect.isfunction(obj) or inspect.ismethod(obj)
+    fn = obj if plain else getattr(type(obj), "__call__", None)  # noqa: B004 (the method)
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        return False  # a class, a builtin's slot wrapper, a partial
     return not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
 
 
