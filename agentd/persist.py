@@ -18,6 +18,10 @@ daemon waits on `saving(call_id)`, which writes that call at once. What a SIGKIL
 - within `COALESCE_S` of a turn: that turn is not on disk; the next agentd reads the caller's
   words back from VoIPBIN and may answer them once more. No session leaks.
 
+The coalesced writes are committed without an fsync (`Batch.durable`): agentd's own crash loses
+none of them, a power loss may lose the last ones (a turn answered again, as above); the
+write-ahead, the writes `saving` forces and the flush at shutdown wait for the disk.
+
 A store that stays stuck past SQLite's busy_timeout (5 s) fails the write-ahead: the call is then
 served without it rather than left in silence, and the failure is logged.
 """
@@ -112,15 +116,22 @@ class Persister:
 
     def _soon(self) -> None:
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.coalesce_s, self.write_now)
+            self._timer = asyncio.get_running_loop().call_later(self.coalesce_s, self._coalesced)
 
-    def write_now(self) -> None:
+    def _coalesced(self) -> None:
+        # the window's write: a process crash cannot lose it, a power loss may (see Batch);
+        # an fsync per turn is what it saves
+        self._timer = None
+        self.write_now(durable=False)
+
+    def write_now(self, *, durable: bool = True) -> None:
         """Send everything waiting to the store as one job (without waiting for it)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         now = self.store.now()
         batch, self._batch = self._batch, Batch()
+        batch.durable = durable
         touched, self._touched = self._touched, {}
         dirty = {call_id: c for call_id, c in touched.items() if self._changed(c)}
         # the states come first: an end gathered meanwhile must not be undone by an older save

@@ -18,7 +18,9 @@ future is resolved only after its COMMIT returned: `await save_call(...)` means 
 anything in a batch fails, the batch is rolled back and its writes are retried one transaction
 each, so one bad write cannot take its neighbours down with it.
 
-Durability: WAL with `synchronous=FULL` (see `_PRAGMAS`). Schema: versioned with
+Durability: WAL with `synchronous=FULL` (see `_PRAGMAS`); a batch marked not durable (the
+coalesced per-turn saves) commits with `synchronous=NORMAL`, safe against agentd's own crash,
+not against a power loss. Schema: versioned with
 `PRAGMA user_version`, migrated forward by the ordered steps in `MIGRATIONS`.
 
 Where it lives: this module is the API (`Store`) and the conversion of values to columns;
@@ -207,12 +209,17 @@ def _transcript(conn: sqlite3.Connection, line: tuple[str, str, str, str], now: 
 @dataclass
 class Batch:
     """Writes gathered on the event loop, done by `Store.write` in one job. Each carries the
-    unix time it happened; event data is serialised on the store's thread, not the loop."""
+    unix time it happened; event data is serialised on the store's thread, not the loop.
+
+    `durable=False` (the coalesced per-turn saves) lets the commit skip waiting for the disk:
+    the batch survives agentd's own crash (SIGKILL, OOM) as any other, but a power loss or OS
+    crash in the next moment may lose it. The write-ahead before a billed session stays durable."""
 
     calls: list[tuple[CallRecord, float]] = field(default_factory=list)
     events: list[tuple[str, str, dict[str, object], float]] = field(default_factory=list)
     transcripts: list[tuple[tuple[str, str, str, str], float]] = field(default_factory=list)
     ends: list[tuple[str, str, float]] = field(default_factory=list)
+    durable: bool = True
 
     def __len__(self) -> int:
         return len(self.calls) + len(self.events) + len(self.transcripts) + len(self.ends)
@@ -388,7 +395,9 @@ class Store:
                     failed += 1  # this value cannot be stored; the rest of the batch can
             return failed
 
-        return await self._run(write, write=True)
+        if self._closed:
+            raise StoreError("the store is closed")
+        return await submit(self._worker, write, write=True, durable=batch.durable)
 
     async def transcript(self, call_id: str) -> list[tuple[str, str]]:
         """The call's transcript as (direction, text), in the order it was added."""

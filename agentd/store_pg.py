@@ -222,12 +222,18 @@ def _line_args(line: tuple[str, str, str, str], now: float) -> tuple[object, ...
     return _transcript_args(*line, now)
 
 
-async def _write_rows(conn: Conn, steps: list[tuple[str, list[tuple[object, ...]]]]) -> int:
+async def _write_rows(
+    conn: Conn, steps: list[tuple[str, list[tuple[object, ...]]]], *, durable: bool = True
+) -> int:
     """Every (statement, rows) of `steps` in one transaction; how many rows failed for their
     own values. The usual case is one `executemany` per statement; if one fails, its rows go
-    again one by one, each under a savepoint, so a bad row loses only itself."""
+    again one by one, each under a savepoint, so a bad row loses only itself. Not `durable`:
+    the commit does not wait for the server's WAL flush (visible to every session at once; a
+    crash of the server, not of agentd, may lose it)."""
     failed = 0
     async with conn.transaction():
+        if not durable:
+            await conn.execute("SET LOCAL synchronous_commit = off")
         for sql, rows in steps:
             if not rows:
                 continue
@@ -751,7 +757,7 @@ class PgStore:
         keys = tuple(_pg_text(c) for c in calls)
 
         async def write(conn: Conn) -> int:
-            return await _write_rows(conn, steps)
+            return await _write_rows(conn, steps, durable=batch.durable)
 
         return failed + await self._write(keys, write, "cannot write")
 

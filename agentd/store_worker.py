@@ -33,6 +33,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     stop: bool = False  # the last job: the worker thread ends after it
     needs_conn: bool = True  # False only for the jobs that open and close the connection
+    durable: bool = True  # False: committed without waiting for the disk (see `Batch`)
 
 
 _Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -64,6 +65,7 @@ class Worker:
     def __init__(self, path: str) -> None:
         self.path = path
         self.conn: sqlite3.Connection | None = None
+        self._synced = True  # the connection's synchronous is FULL (as opened), not NORMAL
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         # daemon: a process that exits without close() must not hang on this thread; SQLite's
         # atomic commit means an interrupted transaction is simply not there after restart
@@ -117,6 +119,12 @@ class Worker:
             return [(j, None, StoreError("the store is not open")) for j in writes]
         failed: int | None = None  # which write raised, if one did
         try:
+            durable = any(j.durable for j in writes)
+            if durable != self._synced:
+                # in WAL mode NORMAL skips the fsync at commit: the WAL is still written, so a
+                # crash of this process loses nothing; a power loss may lose the last commits
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synced = durable
             conn.execute("BEGIN IMMEDIATE")
             results = []
             for i, job in enumerate(writes):
@@ -159,9 +167,10 @@ async def submit(
     write: bool,
     stop: bool = False,
     needs_conn: bool = True,
+    durable: bool = True,
 ) -> T:
     """Queue `fn` for the worker thread and wait for its outcome without blocking the loop."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
-    worker.jobs.put(_Job(fn, write, fut, loop, stop=stop, needs_conn=needs_conn))
+    worker.jobs.put(_Job(fn, write, fut, loop, stop=stop, needs_conn=needs_conn, durable=durable))
     return await fut

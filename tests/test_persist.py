@@ -6,6 +6,7 @@ step the way the dispatcher does; the store is a real file in tmp_path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -51,6 +52,8 @@ class SpyStore(Store):
         super().__init__(*args, **kwargs)
         self.saved: list[CallRecord] = []
         self.batches = 0
+        self.durable: list[bool] = []  # each batch's `durable`
+        self.written = asyncio.Event()  # set after each batch
 
     async def save_call(self, rec: CallRecord) -> None:
         self.saved.append(rec)
@@ -59,7 +62,11 @@ class SpyStore(Store):
     async def write(self, batch: Batch) -> int:
         self.saved += [rec for rec, _ in batch.calls]
         self.batches += 1
-        return await super().write(batch)
+        self.durable.append(batch.durable)
+        try:
+            return await super().write(batch)
+        finally:
+            self.written.set()
 
 
 def status(call_id: str, s: str, *, by: str = "", reason: str = "") -> CallEvent:
@@ -99,9 +106,13 @@ class Shell:
         cid = self.call.id
         self.step(status(cid, "ringing"))
         self.step(status(cid, "progressing"))
-        self.step(TranscribeStarted(f"tr-{cid}"))
-        self.step(SpeakingStarted(f"sp-{cid}", "active"))
+        self.answer_rest()
         assert self.call.phase is Phase.ACTIVE
+
+    def answer_rest(self) -> None:
+        """Both sessions up after the answer, greeting sent."""
+        self.step(TranscribeStarted(f"tr-{self.call.id}"))
+        self.step(SpeakingStarted(f"sp-{self.call.id}", "active"))
 
     def turn(self, tid: str, said: str, reply: str) -> None:
         """The caller says something and the backend answers it."""
@@ -212,6 +223,25 @@ async def test_the_write_ahead_does_not_wait_for_the_window(store: SpyStore) -> 
     assert persister.saving("c1") is not None
     await persister.flush()
     assert [r.phase for r in store.saved] == ["ringing", "answered"]
+
+
+async def test_only_the_windows_writes_skip_the_fsync(store: SpyStore) -> None:
+    """The coalesced per-turn write is the one the disk is not waited for; the write-ahead a
+    billed session waits on, and the flush at shutdown, are durable."""
+    persister = Persister(store, coalesce_s=0.001)
+    shell = Shell(persister, Call("c1", SETTINGS))
+    shell.step(status("c1", "ringing"))
+    await persister.flush()  # the shutdown's flush
+    shell.step(status("c1", "progressing"))
+    task = persister.saving("c1")  # the write-ahead
+    assert task is not None
+    await task
+    store.written.clear()
+    shell.answer_rest()
+    await asyncio.wait_for(store.written.wait(), 5)  # the window's timer wrote the session ids
+    assert store.durable == [True, True, False]
+    (rec,) = await store.live_calls()
+    assert (rec.transcribe_id, rec.speaking_id) == ("tr-c1", "sp-c1")
 
 
 async def test_changes_after_the_window_are_written_again(

@@ -346,13 +346,17 @@ async def test_closed_store_refuses_work_and_close_is_idempotent(db: str) -> Non
 KILL_SELF = textwrap.dedent(
     """
     import asyncio, os, signal, sys
-    from agentd.store import CallRecord, Store
+    from agentd.store import Batch, CallRecord, Store
 
     async def main() -> None:
         store = await Store.open(sys.argv[1])
         rec = CallRecord("killed-call", "incoming", "active", "progressing", "t-9", "s-9",
                          (("speaking", "s-8"),), True, 4, (("user", "ça va ?"),))
         await store.save_call(rec)
+        # a per-turn save is committed without an fsync: a crash of the process keeps it too
+        turn = CallRecord("turn-call", "incoming", "active", "progressing", "t-7", "s-7",
+                          (), True, 2, (("user", "hello"), ("assistant", "hi")))
+        await store.write(Batch(calls=[(turn, 1.0)], durable=False))
         print("SAVED", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -379,7 +383,12 @@ async def test_a_committed_save_survives_kill_9(db: str) -> None:
     assert read_bytes(db + "-wal")  # never closed: the call is only in the WAL
 
     s = await Store.open(db)
-    (rec,) = await s.live_calls()
+    rec, turn = await s.live_calls()
+    assert (turn.call_id, turn.turn, turn.history) == (
+        "turn-call",
+        2,
+        (("user", "hello"), ("assistant", "hi")),
+    )
     assert rec.call_id == "killed-call"
     assert (rec.transcribe_id, rec.speaking_id, rec.pending_stops) == (
         "t-9",
@@ -388,6 +397,30 @@ async def test_a_committed_save_survives_kill_9(db: str) -> None:
     )
     assert rec.history == (("user", "ça va ?"),)
     await s.close()
+
+
+async def test_only_a_batch_marked_not_durable_commits_without_the_fsync(db: str) -> None:
+    """SQLite's `synchronous` is what decides the fsync at commit: FULL (2) for the
+    write-ahead and every other write, NORMAL (1) for the coalesced per-turn saves."""
+    seen: list[int] = []
+    s = await Store.open(db)
+    try:
+
+        async def mode() -> int:
+            # a read changes nothing: it sees the setting the last commit ran with
+            def read(conn: sqlite3.Connection) -> int:
+                return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+            return await s._run(read, write=False)
+
+        for durable in (False, True, False):
+            await s.write(Batch(calls=[(record(), 1.0)], durable=durable))
+            seen.append(await mode())
+            await s.save_call(record())
+            seen.append(await mode())
+    finally:
+        await s.close()
+    assert seen == [1, 2, 2, 2, 1, 2]
 
 
 async def test_concurrent_saves_from_many_tasks_all_land(store: Store) -> None:

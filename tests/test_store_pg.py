@@ -160,8 +160,9 @@ async def test_unserialisable_data_fails_the_caller_only(store: AnyStore) -> Non
     assert [r.call_id for r in await store.live_calls()] == ["a", "c"]
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "coalesced"])
 async def test_a_batch_is_one_job_and_a_bad_value_in_it_loses_only_itself(
-    store: AnyStore,
+    store: AnyStore, durable: bool
 ) -> None:
     bad = record("bad", history=(("user", object()),))  # json cannot encode it
     batch = Batch(
@@ -169,6 +170,7 @@ async def test_a_batch_is_one_job_and_a_bad_value_in_it_loses_only_itself(
         events=[("a", "turn", {"n": 1}, 2.0), ("a", "odd", {"x": object()}, 2.0)],
         transcripts=[(("a", "tr-1", "in", "hello"), 3.0), (("a", "tr-1", "in", "again"), 3.0)],
         ends=[("c", "normal", 4.0)],
+        durable=durable,  # a per-turn save commits without waiting for the disk, same rows
     )
     assert await store.write(batch) == 2  # the unstorable call and event
     assert [r.call_id for r in await store.live_calls()] == ["a"]  # c ended in the same job
