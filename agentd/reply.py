@@ -50,14 +50,14 @@ async def stream_reply(
     tokens: tuple[int, int] | None = None
     unread = True  # the first character may be a turn-completion marker: never spoken
     said = False
-    loop = asyncio.get_running_loop()
     try:
         stream = backend.reply(cmd.call_id, cmd.history)
         # `timeout_s` bounds each silence, before the first chunk and between two, not the
         # whole reply: a healthy model streaming a long answer slowly is not cut off
-        async with asyncio.timeout(timeout_s) as silence:
+        async with asyncio.timeout(timeout_s) as timeout:
+            silence = _Silence(timeout, timeout_s)
             async for chunk in _tail_flushing(_capped(stream, cmd.turn), buf):
-                silence.reschedule(loop.time() + timeout_s)
+                silence.broken()
                 if isinstance(chunk, ToolCall):
                     action = _action(chunk) or action
                     continue
@@ -93,6 +93,29 @@ async def stream_reply(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+class _Silence:
+    """A timeout that bounds each silence of a stream: `broken()` when a chunk comes.
+
+    The deadline moves at most every 1/32 of the timeout, not per token (a timer handle each):
+    a silence is cut after 31/32 of the timeout at the earliest, never after more."""
+
+    __slots__ = ("_deadline", "_loop", "_step", "_timeout", "_timeout_s")
+
+    def __init__(self, timeout: asyncio.Timeout, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._timeout_s = timeout_s
+        self._step = timeout_s / 32
+        self._deadline = self._loop.time() + timeout_s
+
+    def broken(self) -> None:
+        """A chunk came: the next silence counts from now."""
+        deadline = self._loop.time() + self._timeout_s
+        if deadline - self._deadline >= self._step:
+            self._deadline = deadline
+            self._timeout.reschedule(deadline)
 
 
 async def _capped(stream: Any, turn: int) -> AsyncIterator[Any]:

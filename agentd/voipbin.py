@@ -15,6 +15,7 @@ sends it so). A URL ends up in proxy logs, load balancer logs and tracebacks; a 
 from __future__ import annotations
 
 import asyncio
+import json as json_module
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 
 from agentd import fence, logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
@@ -202,11 +204,12 @@ class VoipbinClient:
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
         waits = delays()
         relogged = False
+        body = None if json is None else orjson.dumps(json)  # once, whatever the retries
         while True:
             await self.limiter.acquire(priority)
             fence.check()  # the lease may have run out while we queued for the token
             stale = self.credentials.token
-            attempt = await self._attempt(method, path, json, params)
+            attempt = await self._attempt(method, path, body, params)
             if not attempt.failed:
                 return attempt.body
             self.errors += 1
@@ -230,13 +233,16 @@ class VoipbinClient:
             await asyncio.sleep(step.wait_s)
 
     async def _attempt(
-        self, method: str, path: str, json: Any, params: dict[str, str] | None
+        self, method: str, path: str, body: bytes | None, params: dict[str, str] | None
     ) -> _Attempt:
         """Send the request once: what VoIPBIN answered, or that it did not."""
         sent = False
+        headers = self.auth()
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
             async with self.session.request(
-                method, self.api_url + path, json=json, params=params, headers=self.auth()
+                method, self.api_url + path, data=body, params=params, headers=headers
             ) as resp:
                 sent = True
                 body = await _read_json(resp)
@@ -475,9 +481,17 @@ FLUSH_DEADLINE_S = 1.0
 
 
 async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    """The body as JSON (orjson: a fifth of the stdlib's time here), None if it is not."""
+    raw = (await resp.read()).strip()
+    if not raw:
+        return None
     try:
-        return await resp.json(content_type=None)
-    except ValueError:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses and the stdlib reads (NaN, a charset other than UTF-8, ...)
+        return json_module.loads(raw.decode(resp.get_encoding(), "replace"))
+    except (ValueError, RecursionError, LookupError):
         return None
 
 

@@ -31,7 +31,7 @@ from agentd.commands import (
 )
 from agentd.events import SpeechEvent
 from agentd.names import EndCall, Kind, Timer, TimerKind
-from agentd.reply import MAX_REPLY_CHARS, stream_reply
+from agentd.reply import MAX_REPLY_CHARS, _Silence, stream_reply
 from tests.test_call import SETTINGS, answered, step, transcript
 
 CID = "c1"
@@ -433,6 +433,18 @@ async def test_the_backend_timeout_bounds_a_silence_not_a_long_reply() -> None:
     stalled = Paced("It is noon. ", "And", every_s=0.0, stall_s=5.0)
     await stream_reply(stalled, cmd, out.append, clock=lambda: 0.0, timeout_s=0.2)  # type: ignore[arg-type]
     assert out == [ReplySentence(3, "It is noon."), ReplyFailed(3, "backend timed out")]
+
+
+async def test_a_burst_of_chunks_does_not_move_the_silence_deadline_per_chunk() -> None:
+    """A token each: the deadline moves once per 1/32 of the timeout, not once per chunk
+    (each move is a timer handle); the slow reply above shows it still moves."""
+    async with asyncio.timeout(60.0) as timeout:
+        first = timeout.when()
+        silence = _Silence(timeout, 60.0)
+        for _ in range(500):
+            silence.broken()
+            await asyncio.sleep(0)  # a chunk a loop step, as a fast stream gives them
+        assert timeout.when() == first
 
 
 async def test_a_reply_marked_unfinished_is_not_spoken() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -254,6 +255,58 @@ async def test_placed_call_found_in_groupcalls_as_the_docs_show() -> None:
             assert not sent.kwargs.get("params")  # nothing in the URL
     finally:
         await client.close()
+
+
+# ---- bodies both ways ------------------------------------------------------------------------
+
+
+async def test_json_bodies_both_ways_including_what_orjson_refuses() -> None:
+    """Requests carry UTF-8 JSON with its content type; answers are read as the stdlib would:
+    an empty or non-JSON body is None, NaN and a declared latin-1 charset still decode."""
+    got: list[tuple[str, bytes]] = []
+    answers = iter(
+        [
+            web.Response(body=b"", content_type="application/json"),
+            web.Response(text="<html>gateway</html>", content_type="text/html"),
+            web.Response(body=b'{"id": "s1", "level": NaN}', content_type="application/json"),
+            web.Response(
+                body='{"id": "caf\xe9"}'.encode("latin-1"),
+                headers={"Content-Type": "application/json; charset=latin-1"},
+            ),
+            web.Response(body=' {"id": "ünï"} '.encode(), content_type="application/json"),
+        ]
+    )
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append((request.headers.get("Content-Type", ""), await request.read()))
+        return next(answers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0"
+    client = VoipbinClient(url, Credentials(accesskey=Secret("vb_body_test_key")))
+    try:
+        bodies = [
+            await client.request("POST", "/speakings/s1/say", json={"text": "ça va ? 残高"}),
+            await client.request("GET", "/calls/c1"),
+            await client.request("GET", "/calls/c1"),
+            await client.request("GET", "/calls/c1"),
+            await client.request("GET", "/calls/c1"),
+        ]
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert bodies[:2] == [None, None]
+    assert bodies[2]["id"] == "s1" and bodies[2]["level"] != bodies[2]["level"]  # NaN
+    assert bodies[3:] == [{"id": "café"}, {"id": "ünï"}]
+    content_type, sent = got[0]
+    assert content_type == "application/json"
+    assert json.loads(sent.decode("utf-8")) == {"text": "ça va ? 残高"}
+    assert [c for c, _ in got[1:]] == [""] * 4  # no body, no content type
 
 
 # ---- credentials travel in headers, never in a URL ---------------------------------------------
