@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentd import sentences
 from agentd.sentences import SentenceBuffer, speakable, split_for_say
@@ -101,6 +103,35 @@ def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
 )
 def test_speakable_strips_what_a_voice_reads_badly(model: str, voice: str) -> None:
     assert speakable(model) == voice
+
+
+def _speakable_every_pattern(sentence: str) -> str:
+    """speakable as it was before its patterns were skipped where their marks are absent."""
+    text = sentences._LINK.sub(r"\1", sentence)
+    text = sentences._URL.sub("", text)
+    text = sentences._LINE_MARK.sub("", text)
+    for _ in range(2):
+        text = sentences._EMPHASIS.sub(r"\2", text)
+    text = sentences._EMOJI.sub("", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+_MARKDOWNISH = st.lists(
+    st.sampled_from(
+        [
+            *"ab1 \t\n\r\x1c\u00a0\u3000.#-*+_~`>[]()/:w\u2022é😊\u200d\u2603",
+            *("https://", "www.", "**", "1. ", "- ", "> ", "`code`", "[x](y)"),
+            *("\n- ", "\n1. ", "\n## ", "\n> ", " \t* "),
+        ]
+    ),
+    max_size=30,
+).map("".join)
+
+
+@given(_MARKDOWNISH)
+@settings(max_examples=400, deadline=None)
+def test_speakable_skips_a_pattern_only_where_it_could_not_match(text: str) -> None:
+    assert speakable(text) == _speakable_every_pattern(text)
 
 
 def test_a_line_break_ends_a_sentence() -> None:
