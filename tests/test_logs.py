@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -44,6 +45,19 @@ def test_lines_are_written_by_the_writer_thread_in_order_with_the_bound_call_id(
     assert "call_id" not in lines[101] and "turn" not in lines[101]
     assert all(str(line["timestamp"]).endswith("Z") for line in lines)
     assert logs.dropped() == 0
+
+
+def test_timestamps_are_utc_to_the_microsecond_and_follow_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = datetime.fromisoformat(logs._Clock()().replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - real).total_seconds()) < 60
+    now = [1_765_000_799_999_999_500]  # 2025-12-06T05:59:59.999999500Z, then a second later
+    monkeypatch.setattr(logs.time, "time_ns", lambda: now[0])
+    clock = logs._Clock()
+    first = clock()
+    now[0] += 1_000_000_600
+    assert (first, clock()) == ("2025-12-06T05:59:59.999999Z", "2025-12-06T06:00:01.000000Z")
 
 
 def test_debug_lines_are_filtered_at_info() -> None:
