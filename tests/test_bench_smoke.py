@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +203,20 @@ def test_the_turn_profile_times_every_stage_in_order() -> None:
     assert stages[0] == "dispatcher steps the call" and stages[-1] == "say() called"
     times = [float(us) for us, _ in rows]
     assert times == sorted(times) and times[0] > 0
+
+
+def test_the_whole_turn_answers_every_call_each_round() -> None:
+    # it waits for every call's /say each round: a turn lost would time it out
+    out = _bench("wholeturn", "--calls", "5", "--rounds", "2", timeout_s=50)
+    assert re.fullmatch(r"\d+ µs of CPU per turn \(10 turns, every thread\)\n", out), out
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_the_whole_turns_instructions_are_counted() -> None:
+    out = _bench("wholeturn", "--instructions", "--calls", "5", timeout_s=240)
+    found = re.fullmatch(r"(\d+)k instructions per turn \(callgrind, every thread\)\n", out)
+    assert found is not None, out
+    assert 100 < int(found.group(1)) < 100_000  # a turn is some hundreds of thousands
 
 
 def test_a_long_call_holds_no_more_than_a_call_of_a_hundred_turns() -> None:
