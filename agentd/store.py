@@ -307,10 +307,12 @@ class Store:
         self._closed = True
         await submit(self._worker, close_fn(self._worker), write=False, stop=True, needs_conn=False)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool, durable: bool = True
+    ) -> T:
         if self._closed:
             raise StoreError("the store is closed")
-        return await submit(self._worker, fn, write=write)
+        return await submit(self._worker, fn, write=write, durable=durable)
 
     # ---- calls ----
 
@@ -395,9 +397,7 @@ class Store:
                     failed += 1  # this value cannot be stored; the rest of the batch can
             return failed
 
-        if self._closed:
-            raise StoreError("the store is closed")
-        return await submit(self._worker, write, write=True, durable=batch.durable)
+        return await self._run(write, write=True, durable=batch.durable)
 
     async def transcript(self, call_id: str) -> list[tuple[str, str]]:
         """The call's transcript as (direction, text), in the order it was added."""
