@@ -60,6 +60,16 @@ def test_timestamps_are_utc_to_the_microsecond_and_follow_the_clock(
     assert (first, clock()) == ("2025-12-06T05:59:59.999999Z", "2025-12-06T06:00:01.000000Z")
 
 
+def test_a_field_with_keys_other_than_strings_still_renders() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    log = structlog.get_logger("agentd.test")
+    log.info("tallies", by_status={404: 2, 500: 1}, plain={"a": 1})
+    (line,) = _lines(out)
+    assert line["by_status"] == {"404": 2, "500": 1} and line["plain"] == {"a": 1}
+    assert out.getvalue().endswith("}\n") and out.getvalue().count("\n") == 1
+
+
 def test_debug_lines_are_filtered_at_info() -> None:
     out = io.StringIO()
     logs.configure("info", "json", stream=out)
