@@ -12,8 +12,9 @@ Two measures:
   the machine (±30 % on a shared VM): compare runs taken alternately.
 - `python -m bench.wholeturn --instructions`: instructions per turn, counted by valgrind's
   callgrind (`apt install valgrind`). Two runs of `--rounds` 2 and 6 under it; the difference,
-  over the turns between them, leaves start-up out. Repeatable to about 1 %, so a change of a
-  few microseconds a turn shows (a run takes about a minute).
+  over the turns between them, leaves start-up out. Runs back to back agree within about
+  0.5 %, runs taken apart within 3 % (timers fire at other points of the slowed-down run):
+  a change of a few percent of a turn shows where CPU time would not (a run takes a minute).
 
 See bench/PROFILE.md.
 """
