@@ -207,19 +207,11 @@ class _JsonLine:
         event_dict["timestamp"] = self._clock()
         if "exc_info" in event_dict or "exception" in event_dict:
             event_dict = self._exception(logger, method, event_dict)
-        line = redact_bytes(_dumps_line(event_dict))
+        line = orjson.dumps(event_dict, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
+        line = redact_bytes(line)
         if self._journal:
-            return b"<%d>%s" % (_PRIORITY.get(level, 6), line)
-        return line
-
-
-def _dumps_line(event_dict: Any) -> bytes:
-    """The line with its newline; keys other than strings (rare) take orjson's slower path."""
-    try:
-        return orjson.dumps(event_dict, default=_fallback, option=orjson.OPT_APPEND_NEWLINE)
-    except orjson.JSONEncodeError:
-        options = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
-        return orjson.dumps(event_dict, default=_fallback, option=options)
+            return b"<%d>%s\n" % (_PRIORITY.get(level, 6), line)
+        return line + b"\n"
 
 
 def _redact_line(_: Any, __: str, line: Any) -> Any:
