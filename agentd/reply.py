@@ -101,20 +101,19 @@ class _Silence:
     The deadline moves at most every 1/32 of the timeout, not per token (a timer handle each):
     a silence is cut after 31/32 of the timeout at the earliest, never after more."""
 
-    __slots__ = ("_deadline", "_loop", "_step", "_timeout", "_timeout_s")
+    __slots__ = ("_loop", "_step", "_timeout", "_timeout_s")
 
     def __init__(self, timeout: asyncio.Timeout, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._timeout = timeout
         self._timeout_s = timeout_s
         self._step = timeout_s / 32
-        self._deadline = self._loop.time() + timeout_s
 
     def broken(self) -> None:
         """A chunk came: the next silence counts from now."""
         deadline = self._loop.time() + self._timeout_s
-        if deadline - self._deadline >= self._step:
-            self._deadline = deadline
+        when = self._timeout.when()
+        if when is None or deadline - when >= self._step:
             self._timeout.reschedule(deadline)
 
 
