@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -201,7 +201,17 @@ async def start_bare(sim: Sim) -> Agent:
     return Agent(proc)
 
 
-def agent_config(sim: Sim, path: Path, **sections: dict[str, Any]) -> Path:
+class Endpoint(Protocol):
+    """Where agentd's config points it: a simulator (`Sim`), or nowhere (bench/wholeturn.py)."""
+
+    @property
+    def api_url(self) -> str: ...
+
+    @property
+    def accesskey(self) -> str: ...
+
+
+def agent_config(sim: Endpoint, path: Path, **sections: dict[str, Any]) -> Path:
     """Write an agentd TOML config for `sim` (extra keys per section) and return its path."""
     base: dict[str, dict[str, Any]] = {
         "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},

@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +47,18 @@ from agentd.daemon import Daemon
 from agentd.events import CallEvent, CallInfo
 from agentd.persist import Persister
 from agentd.stores import open_store
+from bench.procs import AGENT_TIMING, agent_config
+from bench.run import FAST_PLAYBACK, UTTERANCE
 
 CUSTOMER = str(uuid.uuid4())
-UTTERANCE = "what is my balance"
-#: the bench's load settings (bench/procs.py, fast playback): the reply goes at once
-CONFIG = """\
-[voipbin]
-api_url = "http://127.0.0.1:9/v1.0"
-accesskey = "vb_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
-[agent]
-numbers = ["*"]
-reply_on = "final"
-final_hold_s = 0.0
-say_latency_s = 0.05
-chars_per_s = 1000.0
-[backend]
-kind = "echo"
-[store]
-path = "{db}"
-"""
+
+
+@dataclass(frozen=True)
+class _Nowhere:
+    """What the config points agentd at: nothing listens there (the REST client is replaced)."""
+
+    api_url: str = "http://127.0.0.1:9/v1.0"
+    accesskey: str = "vb_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
 
 class _Client:
@@ -128,9 +122,10 @@ async def run(
 ) -> float:
     """CPU seconds per turn over `rounds` rounds of one turn per call (logs configured)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "agentd.toml"
-        path.write_text(CONFIG.format(db=Path(tmp) / "agentd.db"))
-        config = load(path)
+        # the section-1 load's agent settings (bench/run.py): echo backend, replies on finals,
+        # fast playback, the SQLite store beside the config
+        agent = {"chars_per_s": FAST_PLAYBACK, **AGENT_TIMING}
+        config = load(agent_config(_Nowhere(), Path(tmp) / "agentd.toml", agent=agent))
         daemon = Daemon(config)
         client = _Client()
         daemon.client = client  # type: ignore[assignment]
