@@ -204,12 +204,12 @@ class VoipbinClient:
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
         waits = delays()
         relogged = False
-        body = None if json is None else orjson.dumps(json)  # once, whatever the retries
+        payload = None if json is None else orjson.dumps(json)  # once, whatever the retries
         while True:
             await self.limiter.acquire(priority)
             fence.check()  # the lease may have run out while we queued for the token
             stale = self.credentials.token
-            attempt = await self._attempt(method, path, body, params)
+            attempt = await self._attempt(method, path, payload, params)
             if not attempt.failed:
                 return attempt.body
             self.errors += 1
@@ -233,16 +233,16 @@ class VoipbinClient:
             await asyncio.sleep(step.wait_s)
 
     async def _attempt(
-        self, method: str, path: str, body: bytes | None, params: dict[str, str] | None
+        self, method: str, path: str, payload: bytes | None, params: dict[str, str] | None
     ) -> _Attempt:
         """Send the request once: what VoIPBIN answered, or that it did not."""
         sent = False
         headers = self.auth()
-        if body is not None:
+        if payload is not None:
             headers["Content-Type"] = "application/json"
         try:
             async with self.session.request(
-                method, self.api_url + path, data=body, params=params, headers=headers
+                method, self.api_url + path, data=payload, params=params, headers=headers
             ) as resp:
                 sent = True
                 body = await _read_json(resp)
