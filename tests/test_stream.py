@@ -430,6 +430,37 @@ async def test_malformed_and_binary_frames_are_counted_and_the_connection_surviv
     assert not conn.closed.is_set()
 
 
+async def test_fragmented_messages_and_bad_utf8_keep_their_order_and_the_connection(
+    server: WsServer, client: StartClient
+) -> None:
+    # frames are handled as they are parsed, not queued for a reader task: a message sent in
+    # fragments (with a ping between them) is whole and in its place, and a text frame that is
+    # not UTF-8 is a rejected frame, not a broken connection
+    c = await client()
+    conn = await server.next_conn()
+    await conn.subscription()
+    await conn.ws.send(call_frame("call-1"))
+    whole = call_frame("call-2")
+    await conn.ws.send(iter([whole[:10], whole[10:40], whole[40:]]))
+    await conn.ws.send(b"\xff\xfe not utf-8", text=True)
+    await conn.ws.send(iter([b"\x00binary", b" in parts"]))
+    pong = await conn.ws.ping()
+    await conn.ws.send(call_frame("call-3"))
+
+    ids = []
+    for _ in range(3):
+        parsed = await c.next_parsed()
+        assert isinstance(parsed.event, CallEvent)
+        ids.append(parsed.event.call.id)
+    assert ids == ["call-1", "call-2", "call-3"]
+    await asyncio.wait_for(pong, LIMIT_S)  # control frames are still websockets' to answer
+    stats = c.stream.stats
+    assert (stats.frames, stats.rejected) == (5, 2)
+    assert stats.rejections == {"not UTF-8": 1, "binary frame": 1}
+    assert (stats.connects, stats.reconnects) == (1, 0)
+    assert not conn.closed.is_set()
+
+
 async def test_an_exception_in_the_dispatcher_does_not_drop_the_connection(
     server: WsServer, client: StartClient
 ) -> None:
