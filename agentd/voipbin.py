@@ -168,7 +168,7 @@ class VoipbinClient:
             async with self.session.post(f"{self.root_url}/auth/login", json=body) as resp:
                 if resp.status != 200:
                     raise ApiError(resp.status, "LOGIN_FAILED", "login refused")
-                data = await resp.json(content_type=None)
+                data = await _read_json(resp)  # a proxy's HTML page is no token either
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(0, type(exc).__name__, "login failed: no answer") from None
         token = data.get("token") if isinstance(data, dict) else None

@@ -210,6 +210,23 @@ async def test_error_without_envelope_and_garbage_retry_after() -> None:
     assert not conftest.AIORESPONSES_SHIM or conftest._ShimResponse.shim_calls >= 3
 
 
+async def test_a_login_answered_200_without_a_json_token_is_a_clear_error() -> None:
+    # a captive portal or a proxy's HTML page answers 200 too: no token, not a JSON error
+    login = "http://voipbin.test/auth/login"
+    client = VoipbinClient(API, Credentials(username="ops", password=Secret("pw-unit-test-1")))
+    try:
+        with aioresponses() as mock:
+            mock.post(login, status=200, body="<html>Sign in to the Wi-Fi</html>")
+            mock.post(login, status=200, payload={"token": ""})
+            for _ in range(2):
+                with pytest.raises(ApiError) as info:
+                    await client.login()
+                assert str(info.value) == "HTTP 502 LOGIN_FAILED login answer has no token"
+        assert client.credentials.token is None
+    finally:
+        await client.close()
+
+
 # ---- the budget ---------------------------------------------------------------------------
 
 
