@@ -57,7 +57,7 @@ def classify(exc: BaseException) -> ConnectVerdict:
     return classify_connect(status)
 
 
-class _Direct(ClientConnection):
+class DirectConnection(ClientConnection):
     """A connection that hands each message to `on_message` as its last frame is parsed.
 
     websockets' own path queues a message and wakes the task that awaits `recv()`: a loop hop
@@ -205,10 +205,10 @@ class EventStream:
             max_queue=None,  # never stall the read loop; the dispatcher keeps up
             compression=None,
             proxy=None,
-            create_connection=_Direct,
+            create_connection=DirectConnection,
         ) as ws:
             self._ws = ws
-            if isinstance(ws, _Direct):
+            if isinstance(ws, DirectConnection):
                 ws.on_message = self._message
             self.stats.connects += 1
             await ws.send(json.dumps({"type": "subscribe", "topics": topics(self._cid)}))
@@ -232,7 +232,7 @@ class EventStream:
             self._on_ready(first)
 
     def _message(self, data: BytesLike, text: bool) -> None:
-        """A whole message from `_Direct`: a text frame's UTF-8, or a binary frame."""
+        """A whole message from `DirectConnection`: a text frame's UTF-8, or a binary frame."""
         if not text:
             self._frame(bytes(data))
             return
@@ -284,4 +284,4 @@ def _reason(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["EventStream", "StreamStats", "classify", "topics", "websockets"]
+__all__ = ["DirectConnection", "EventStream", "StreamStats", "classify", "topics", "websockets"]

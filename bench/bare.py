@@ -5,10 +5,11 @@ to the customer's events, one `aiohttp` session, and for each caller's final tra
 `/say` of "You said: <text>." (agentd's `echo` reply). A call is answered as agentd answers it
 (a transcribe, a speaking session, the greeting) and both sessions are stopped at hangup.
 Nothing else: no log line, no store, no state machine, no dedupe, no timer, no retry, no
-barge-in; the garbage collector tuned as `agentd run` tunes it (the comparison is of the
-work, not of GC settings). The bench runs it beside agentd on the section-1 loads so the
-report can tell the stack's share of agentd's CPU from agentd's own. Not an agent anyone
-should run.
+barge-in. The garbage collector is tuned as `agentd run` tunes it, and each WebSocket message
+is handled where websockets parses it, as agentd does (`agentd.stream.DirectConnection`): the
+comparison is of the work, not of GC settings or of how frames are read. The bench runs it
+beside agentd on the section-1 loads so the report can tell the stack's share of agentd's CPU
+from agentd's own. Not an agent anyone should run.
 
     python -m bench.bare API_URL WS_URL ACCESSKEY
 
@@ -26,8 +27,10 @@ from typing import Any
 import aiohttp
 import orjson
 import websockets
+from websockets.typing import BytesLike
 
 from agentd.cli import tune_gc
+from agentd.stream import DirectConnection
 from bench.baseline.agent import GREETING
 
 _STATUS_EVENTS = {"progressing": "answered", "hangup": "hangup"}
@@ -95,24 +98,33 @@ async def run(api: str, ws_url: str, accesskey: str) -> None:
                 await rest("POST", f"/transcribes/{transcribe_id}/stop")
 
         customer = (await rest("GET", "/customer"))["id"]
+
+        def on_message(raw: BytesLike, _text: bool) -> None:
+            kind, obj = kind_of(orjson.loads(raw))
+            if kind == "transcript" and obj.get("direction") == "in":
+                call_id = by_transcribe.get(str(obj.get("transcribe_id")))
+                if call_id in sessions:
+                    text = str(obj.get("message", "")).rstrip(".!? ")
+                    spawn(reply(sessions[call_id][1], text))
+            elif kind == "answered" and obj["id"] not in answered:
+                answered.add(obj["id"])
+                spawn(answer(obj["id"]))
+            elif kind == "hangup":
+                spawn(hang_up(obj["id"]))
+
         async with websockets.connect(
-            ws_url, additional_headers=auth, max_queue=None, compression=None
+            ws_url,
+            additional_headers=auth,
+            max_queue=None,
+            compression=None,
+            create_connection=DirectConnection,
         ) as ws:
+            assert isinstance(ws, DirectConnection)
+            ws.on_message = on_message
             subscribe = {"type": "subscribe", "topics": topics(customer)}
             await ws.send(orjson.dumps(subscribe).decode())
             print("ready", flush=True)
-            async for raw in ws:
-                kind, obj = kind_of(orjson.loads(raw))
-                if kind == "transcript" and obj.get("direction") == "in":
-                    call_id = by_transcribe.get(str(obj.get("transcribe_id")))
-                    if call_id in sessions:
-                        text = str(obj.get("message", "")).rstrip(".!? ")
-                        spawn(reply(sessions[call_id][1], text))
-                elif kind == "answered" and obj["id"] not in answered:
-                    answered.add(obj["id"])
-                    spawn(answer(obj["id"]))
-                elif kind == "hangup":
-                    spawn(hang_up(obj["id"]))
+            await ws.wait_closed()
 
 
 def main() -> None:

@@ -192,7 +192,8 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_the_stack_alone_subscribes_as_agentd_does() -> None:
-    """bench/bare.py keeps its own copy (it imports nothing of agentd's hot path)."""
+    """bench/bare.py keeps its own copy (of agentd it takes only the GC tuning and the way
+    frames are read, not its parsing, dispatch or machines)."""
     assert bare_topics("c-1") == topics("c-1")
 
 
