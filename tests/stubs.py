@@ -158,6 +158,7 @@ class Script:
     crlf: bool = False  # end lines with \r\n, as some proxies do
     raw: Sequence[str] | None = None  # send these lines verbatim instead (malformed streams)
     whole: bool = False  # answer one JSON completion, as a server that ignores `stream` does
+    finish: str = ""  # the finish_reason sent ("length", "content_filter"); "" for the usual one
 
 
 class OpenAIStub(StubServer):
@@ -199,7 +200,7 @@ class OpenAIStub(StubServer):
                     }
                     for i, (name, args) in enumerate(script.tool_calls)
                 ]
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            choice = {"index": 0, "message": message, "finish_reason": script.finish or "stop"}
             whole = {
                 "object": "chat.completion",
                 "choices": [choice],
@@ -259,7 +260,7 @@ def completion_chunks(model: str, script: Script) -> list[dict[str, Any]]:
         for i in range(0, len(text), 4):
             piece = {"index": index, "function": {"arguments": text[i : i + 4]}}
             out.append(chunk({"tool_calls": [piece]}))
-    out.append(chunk({}, "tool_calls" if script.tool_calls else "stop"))
+    out.append(chunk({}, script.finish or ("tool_calls" if script.tool_calls else "stop")))
     return out
 
 

@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.backends import Backend, Chunk, ToolCall, Usage, tools_for
 from agentd.backends.http import HttpBackend
@@ -217,6 +218,29 @@ async def test_openai_reports_the_tokens_a_reply_cost_when_asked(llm: OpenAIStub
     chunks = await collect(openai(llm))
     assert "stream_options" not in llm.requests[2].body
     assert not any(isinstance(c, Usage) for c in chunks)
+
+
+async def test_openai_a_reply_cut_by_max_tokens_or_a_filter_is_logged_with_a_hint(
+    llm: OpenAIStub,
+) -> None:
+    # the operator hears a sentence cut off mid-word: the log says why and what to change
+    llm.script(
+        Script("We open at nine and close", finish="length"),
+        Script("Partial", finish="length", whole=True),
+        Script("", finish="content_filter"),
+        Script("All is well."),
+    )
+    with capture_logs() as logs:
+        replies = [text_of(await collect(openai(llm))) for _ in range(4)]
+    assert replies == ["We open at nine and close", "Partial", "", "All is well."]
+    warnings = [(e["event"], e["call_id"]) for e in logs if e["log_level"] == "warning"]
+    assert warnings == [
+        ("backend.truncated", "call-1"),
+        ("backend.truncated", "call-1"),
+        ("backend.filtered", "call-1"),
+    ]
+    truncated = next(e for e in logs if e["event"] == "backend.truncated")
+    assert truncated["max_tokens"] == 123 and "backend.max_tokens" in truncated["hint"]
 
 
 async def test_openai_answer_that_is_not_streamed_is_accepted(llm: OpenAIStub) -> None:

@@ -177,12 +177,15 @@ class OpenAIBackend:
             kind=_KIND,
         ) as resp:
             calls = _ToolCalls()
+            finish: object = None
             if resp.content_type == "application/json":
                 # a server that ignores `stream: true` answers with one whole completion
                 raw = await resp.read()
                 obj = decode_json(raw.decode("utf-8", errors="replace"), _KIND, "response")
                 spent = _usage(obj) if self.usage else None
-                message = _first_choice(obj).get("message")
+                choice = _first_choice(obj)
+                finish = choice.get("finish_reason")
+                message = choice.get("message")
                 if isinstance(message, dict):
                     if isinstance(message.get("content"), str) and message["content"]:
                         yield message["content"]
@@ -198,15 +201,35 @@ class OpenAIBackend:
                         spent = _usage(obj) if self.usage else None
                         if spent is not None:
                             yield spent  # the final chunk (`include_usage`), with no choices
-                        delta = _first_choice(obj).get("delta")
+                        choice = _first_choice(obj)
+                        finish = choice.get("finish_reason") or finish
+                        delta = choice.get("delta")
                         if not isinstance(delta, dict):
                             continue
                         content = delta.get("content")
                         if isinstance(content, str) and content:
                             yield content
                         calls.add(delta.get("tool_calls"))
+            self._unfinished(call_id, finish)
             for call in calls.finish():
                 yield call
+
+    def _unfinished(self, call_id: str, finish: object) -> None:
+        """Say why a reply ended early: its last sentence is cut off, or it is empty."""
+        if finish == "length":
+            log.warning(
+                "backend.truncated",
+                call_id=call_id,
+                max_tokens=self.max_tokens,
+                hint="the reply reached backend.max_tokens and was cut: raise it, or ask the "
+                "model for shorter replies in the system prompt",
+            )
+        elif finish == "content_filter":
+            log.warning(
+                "backend.filtered",
+                call_id=call_id,
+                hint="the model's content filter stopped the reply",
+            )
 
     async def aclose(self) -> None:
         """Close the session and its pooled connections."""
