@@ -239,35 +239,30 @@ class EventStream:
         try:
             frame = str(data, "utf-8")
         except UnicodeDecodeError:
-            self.stats.frames += 1
-            self.stats.last_frame_at = time.monotonic()
-            self._rejected(Rejected("not UTF-8"), len(data))
+            self._frame(bytes(data), Rejected("not UTF-8"))
             return
         self._frame(frame)
 
-    def _frame(self, frame: str | bytes) -> None:
+    def _frame(self, frame: str | bytes, rejected: Rejected | None = None) -> None:
+        """One message: counted, parsed (unless already `rejected`) and dispatched."""
         self.stats.frames += 1
         self.stats.last_frame_at = time.monotonic()
-        parsed = parse_frame(frame)
+        parsed = rejected or parse_frame(frame)
         if isinstance(parsed, Rejected):
-            self._rejected(parsed, len(frame))
+            if not parsed.ignorable:
+                self.stats.rejected += 1
+                rejections = self.stats.rejections
+                # a reason may quote the frame (an unknown status): a bounded set of keys
+                reason = parsed.reason
+                if reason not in rejections and len(rejections) >= REJECTION_KINDS:
+                    reason = "other"
+                rejections[reason] = rejections.get(reason, 0) + 1
+                log.warning("frame.rejected", reason=parsed.reason, size=len(frame))
             return
         try:
             self._on_parsed(parsed)
         except Exception:  # a bug downstream must not drop the connection
             log.exception("frame.dispatch_failed")
-
-    def _rejected(self, rejected: Rejected, size: int) -> None:
-        if rejected.ignorable:
-            return
-        self.stats.rejected += 1
-        rejections = self.stats.rejections
-        # a reason may quote the frame (an unknown status): a bounded set of keys
-        reason = rejected.reason
-        if reason not in rejections and len(rejections) >= REJECTION_KINDS:
-            reason = "other"
-        rejections[reason] = rejections.get(reason, 0) + 1
-        log.warning("frame.rejected", reason=rejected.reason, size=size)
 
     async def close(self) -> None:
         """Close the connection politely (the run task is cancelled separately)."""
