@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -314,3 +315,59 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0, output
     assert output == "", f"systemd-analyze verify is not clean:\n{output}"
+
+
+# ---- make install's interpreter -------------------------------------------------------------
+
+
+def _make(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "MAKE"))}
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_install_refuses_an_interpreter_the_unit_hides(
+    service: Directives, tmp_path: Path
+) -> None:
+    # a pyenv build in /root/.pyenv gives a venv whose python and stdlib stay there: under
+    # ProtectHome=yes the service could not even start (status 203/EXEC)
+    assert only(service, "ProtectHome") == "yes"
+    hidden = Path(os.path.realpath(sys.base_prefix)).parent
+    target = tmp_path / "opt"
+    result = _make(
+        "install",
+        f"PYTHON={sys.executable}",
+        f"HIDDEN_DIRS=/nowhere {hidden}",
+        f"INSTALL_DIR={target}",
+        f"CONF_DIR={tmp_path / 'etc'}",
+        f"UNIT_DIR={tmp_path / 'units'}",
+        f"BIN_DIR={tmp_path / 'bin'}",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "ProtectHome=yes" in result.stdout
+    assert "PYTHON=/usr/bin/python3" in result.stdout
+    assert not target.exists()  # nothing was installed
+    assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_venvs_use_the_system_interpreter_when_it_can_make_one(tmp_path: Path) -> None:
+    show = "--eval=show-python: ; @echo $(PYTHON)"
+    # this interpreter is 3.11+ and has ensurepip: taken as the system's
+    chosen = _make(show, "show-python", f"SYSTEM_PYTHON={sys.executable}", tmp_path=tmp_path)
+    assert chosen.stdout.strip() == sys.executable, chosen.stderr
+    # none there (or too old, or no venv module): python3 on PATH
+    fallback = _make(show, "show-python", "SYSTEM_PYTHON=/nonexistent/python3", tmp_path=tmp_path)
+    assert fallback.stdout.strip() == "python3", fallback.stderr
+    # a choice on the command line wins
+    mine = _make(show, "show-python", "PYTHON=python3.12", tmp_path=tmp_path)
+    assert mine.stdout.strip() == "python3.12", mine.stderr
