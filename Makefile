@@ -1,8 +1,8 @@
 # Everything a new machine needs is installed from here: `make demo` and `make test` work on a fresh clone.
 # The interpreter of the venvs: the distribution's python3 when it is 3.11 or newer and can make
 # a venv, else python3 on PATH (`make test PYTHON=python3.12` chooses). The distribution's is
-# what the systemd service should run: built with profile-guided optimisation (agentd's turn
-# takes ~20 % less CPU than on a plain source build such as pyenv's default, bench/PROFILE.md),
+# what the systemd service should run: built with profile-guided optimisation (a whole turn
+# takes 15-30 % less CPU than on a plain source build such as pyenv's default, bench/PROFILE.md),
 # kept up to date by the package manager, and outside the home directories the unit hides.
 SYSTEM_PYTHON ?= /usr/bin/python3
 ifeq ($(origin PYTHON),undefined)
