@@ -126,7 +126,9 @@ class Executor:
             lanes = self._calls[call_id] = _Lanes()
         for cmd in commands:
             if isinstance(cmd, Record) and cmd.what.warns:
-                log.warning("command", call_id=call_id, **_describe(cmd))
+                # a session agentd gave up stopping bills until someone stops it by hand
+                loud = log.error if cmd.data.get("gave_up") else log.warning
+                loud("command", call_id=call_id, **_describe(cmd))
             else:
                 log.info("command", call_id=call_id, **_describe(cmd))
             match cmd:

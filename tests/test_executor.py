@@ -258,3 +258,15 @@ async def test_an_error_records_own_what_is_logged_as_detail(client: VoipbinClie
     [line] = [e for e in logs if e.get("command") == "Record"]
     assert (line["what"], line["detail"], line["status"]) == ("error", "say failed", 503)
     await ex.close()
+
+
+async def test_a_leak_given_up_is_logged_as_an_error(client: VoipbinClient) -> None:
+    # `journalctl -p err` must show a session that bills until someone stops it by hand
+    ex = Executor(client, EchoBackend(), Results().feed)
+    leak = {"kind": "speaking", "session_id": "s1", "status": 403}
+    with structlog.testing.capture_logs() as logs:
+        ex.execute("c1", [Record("c1", Kind.LEAK, leak)])
+        ex.execute("c1", [Record("c1", Kind.LEAK, {**leak, "gave_up": True})])
+    levels = [(e["log_level"], e.get("gave_up")) for e in logs if e.get("command") == "Record"]
+    assert levels == [("warning", None), ("error", True)]
+    await ex.close()
