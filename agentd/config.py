@@ -388,7 +388,7 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
             raw = env[name]
             value: Any = raw
             try:
-                if typ is list:
+                if typ is list or (isinstance(typ, tuple) and list in typ):
                     value = [v.strip() for v in raw.split(",") if v.strip()]
                 elif typ is bool:
                     if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):

@@ -139,6 +139,17 @@ def test_environment_overrides_every_key(tmp_path: Path) -> None:
     assert config.voipbin.accesskey.reveal() == "vb_fromenv"
 
 
+def test_every_list_key_takes_a_comma_separated_environment_value(tmp_path: Path) -> None:
+    # the README's rule for lists; the keys typed "list or tuple" used to refuse the string
+    env = {
+        "AGENTD_AGENT_TRANSFER_NUMBERS": "+15550000009, +15550000010",
+        "AGENTD_AGENT_BACKCHANNELS": "Uh-huh,mm-hmm",
+    }
+    config = load(write(tmp_path, GOOD), env=env)
+    assert config.call.transfer_numbers == ("+15550000009", "+15550000010")
+    assert config.call.backchannels == ("uh-huh", "mm-hmm")
+
+
 def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("vb_fromfile\n")
