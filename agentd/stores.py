@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from agentd.calls import SERVICE_STORE
 from agentd.config import Config
 from agentd.store import LATEST_VERSION, Store, StoreError
 
@@ -68,6 +69,9 @@ def _check_sqlite(what: str, store_path: str) -> tuple[bool, str]:
     path = Path(os.path.abspath(store_path))
     if not path.exists():
         if not path.parent.is_dir():
+            if str(path) == SERVICE_STORE:
+                # checked after `make install`, before the first start: systemd makes it then
+                return True, f"{what}, created at the first start (the unit's StateDirectory=)"
             return False, f"{what}: the directory {path.parent} does not exist"
         return True, f"{what}, created at the first start"
     try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from agentd import stores
 from agentd.sim import Simulator
 from tests.stubs import HttpStub, OpenAIStub, Script
 from tests.support import run_cli
@@ -194,6 +195,20 @@ async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> Non
 
 
 # ---- the store ----------------------------------------------------------------------------------
+
+
+def test_the_services_store_is_no_failure_before_the_first_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # after `make install` the unit's StateDirectory (/var/lib/agentd) does not exist until
+    # systemd starts the service; check-config must not fail on it (it did: exit 1)
+    service_store = tmp_path / "state" / "agentd.db"
+    monkeypatch.setattr(stores, "SERVICE_STORE", str(service_store))
+    ok, line = stores._check_sqlite("sqlite s", str(service_store))
+    assert (ok, line) == (True, "sqlite s, created at the first start (the unit's StateDirectory=)")
+    other = tmp_path / "elsewhere" / "agentd.db"
+    ok, line = stores._check_sqlite("sqlite o", str(other))
+    assert (ok, line) == (False, f"sqlite o: the directory {other.parent} does not exist")
 
 
 async def test_the_sqlite_store_is_named_with_its_schema(sim: Simulator, tmp_path: Path) -> None:
