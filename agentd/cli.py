@@ -37,7 +37,8 @@ def _config_path(arg: str | None) -> str | None:
 def service_credentials(config_path: str | None, env: MutableMapping[str, str]) -> None:
     """Run from a shell with the service's config, read its secrets where the unit loads them
     from: systemd sets $CREDENTIALS_DIRECTORY for the service only, and `agentd check-config`
-    (or `call`, `calls`) as root would otherwise find no access key."""
+    (or `call`, `calls`, `console`) as root would otherwise find no access key (or backend
+    key)."""
     if "CREDENTIALS_DIRECTORY" in env or config_path is None:
         return
     if os.path.abspath(config_path) != DEFAULT_CONFIG:
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command in ("check-config", "call", "calls"):
+    if args.command in ("check-config", "call", "calls", "console"):
         service_credentials(_config_path(getattr(args, "config", None)), os.environ)
     try:
         return _command(args)

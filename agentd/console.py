@@ -95,7 +95,7 @@ def console_config(
             | {key: "" for key in blank},
             "agent": {"numbers": [CONSOLE_NUMBER]},
             # never the daemon's store: a restarted daemon would try to resume these calls
-            "store": {"path": store},
+            "store": {"path": store, "url": "", "password": "", "password_file": ""},
             "status": {"socket": ""},
             "metrics": {"listen": ""},
         },

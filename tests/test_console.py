@@ -142,6 +142,21 @@ listen = "127.0.0.1:9464"
     assert fast.call.greeting == config.call.greeting
 
 
+def test_a_service_config_on_postgresql_is_no_config_error(tmp_path: Path) -> None:
+    # the console keeps its own SQLite file (or none): the service's database, its password
+    # file (root's, unreadable) and a url beside the console's path are none of its business
+    path = tmp_path / "agentd.toml"
+    path.write_text(
+        f"""
+[store]
+url = "postgresql://agentd@db.example:5432/agentd"
+password_file = "{tmp_path}/no-such-password"
+"""
+    )
+    config = console.console_config(str(path), API_URL, ACCESSKEY, store="c.db", env={})
+    assert (config.store_url, config.store_path) == (None, "c.db")
+
+
 def test_which_agent_line_answers_a_caller_line_and_which_were_interrupted() -> None:
     lines = [
         Line("agent", "Hello.", "Hello.", 0.0, 1.0),
