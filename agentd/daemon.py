@@ -444,7 +444,7 @@ class Daemon:
         back transcripts that arrived while we were not listening."""
         self.dispatcher.reconcile()
         try:
-            calls = await self.client.list_calls()
+            calls = await self.client.recent_calls()
         except ApiError as exc:
             log.warning("reconcile.failed", error=str(exc))
             return

@@ -209,6 +209,37 @@ async def test_websocket_drop_mid_call_reconnects_and_the_call_goes_on(
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 
 
+async def test_a_call_answered_while_disconnected_is_found_past_the_first_page_of_calls(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # nothing is delivered while the socket is down; GET /calls answers 100 calls a page,
+    # newest first, ended ones and other numbers' included: on a busy account the call we
+    # missed is on the second page
+    daemon = await agent()
+    sim.faults.refuse_ws(count=1000)
+    connects = daemon.stream.stats.connects
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.state != "ready", 5)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing", timeout=5)
+    others = [sim.inbound_call(f"+1555700{i:04d}", "+15559990000") for i in range(120)]
+    for other in others:
+        await sim.wait_call_status(other, "progressing", timeout=5)
+    sim.faults.accept_ws()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 40)
+    await sim.wait_for(lambda: call_id in daemon.dispatcher.calls, 10)
+    await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)  # greeted
+    assert len(sim.requests_matching("GET", r"/calls$")) >= 2  # it read on past page one
+    await sim.caller_says(call_id, "found you")
+    await sim.wait_for(
+        lambda: "You said: found you." in [li.text for li in sim.get_call(call_id).conversation],
+        10,
+    )
+    assert not set(others) & set(daemon.dispatcher.calls)  # not ours: left alone
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
 async def test_outbound_call_is_served_when_answered(sim: Simulator, agent: StartAgent) -> None:
     daemon = await agent()
     sim.on_outbound(Outcome("answer"), Caller([Utterance("who is this")]))

@@ -184,6 +184,22 @@ async def test_the_speakings_are_read_past_the_first_page(sim: Simulator) -> Non
     assert len(sim.requests_matching("GET", r"/speakings$")) == 4
 
 
+async def test_recent_calls_go_back_an_hour_and_no_further(sim: Simulator) -> None:
+    # VoIPBIN hangs every call up after an hour: older pages of the account's history (ended
+    # calls are listed too) cannot hold a live call and are not read
+    ids = [sim.inbound_call(f"+1555800{i:04d}", "+15559990000") for i in range(130)]
+    long_ago = datetime.now(UTC) - timedelta(hours=1, minutes=30)
+    for n, call_id in enumerate(ids[:120]):
+        sim.world.calls[call_id].tm_create = long_ago + timedelta(seconds=n)
+    client = client_for(sim)
+    try:
+        recent = await client.recent_calls()
+    finally:
+        await client.close()
+    assert {c["id"] for c in recent} == set(ids[120:])
+    assert len(sim.requests_matching("GET", r"/calls$")) == 1  # page one ends in old calls
+
+
 # ---- aioresponses: shapes the simulator never produces ---------------------------------------
 
 

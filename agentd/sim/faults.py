@@ -108,6 +108,10 @@ class Faults:
         """Refuse the next ``count`` WebSocket upgrades with ``status``."""
         self._refuse.append((status, count))
 
+    def accept_ws(self) -> None:
+        """Forget the refusals still pending: the next WebSocket upgrade is accepted."""
+        self._refuse.clear()
+
     async def send_raw(self, frame: str | bytes) -> None:
         """Send ``frame`` verbatim (``str`` as text, ``bytes`` as binary) to every WS client."""
         await self._send_raw(frame)
