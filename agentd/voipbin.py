@@ -305,12 +305,18 @@ class VoipbinClient:
         horizon = datetime.now(UTC) - timedelta(seconds=within_s)
         found: list[dict[str, Any]] = []
         pages = self._pages("/calls", {"page_size": "100"}, max_pages)
-        async with contextlib.aclosing(pages):
-            async for call in pages:
-                created = _time(call.get("tm_create"))
-                if created is not None and created < horizon:
-                    break  # newest first: the rest are older still
-                found.append(call)
+        try:
+            async with contextlib.aclosing(pages):
+                async for call in pages:
+                    created = _time(call.get("tm_create"))
+                    if created is not None and created < horizon:
+                        break  # newest first: the rest are older still
+                    found.append(call)
+        except ApiError as exc:
+            if not found:
+                raise
+            # the newest calls are the likeliest to be live: use them rather than none
+            log.warning("voipbin.calls_partial", read=len(found), error=str(exc))
         return found
 
     async def place_call(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog.testing
 from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
@@ -224,6 +226,27 @@ async def test_error_without_envelope_and_garbage_retry_after() -> None:
     finally:
         await client.close()
     assert not conftest.AIORESPONSES_SHIM or conftest._ShimResponse.shim_calls >= 3
+
+
+async def test_recent_calls_keep_the_pages_read_when_a_later_one_fails() -> None:
+    # the newest calls are the likeliest to be live: a refused second page must not lose them
+    client = VoipbinClient(API, Credentials(accesskey=Secret("vb_unit_test_key")), deadline_s=0.5)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    page = {"result": [{"id": "c-new", "tm_create": now}], "next_page_token": now}
+    calls = re.compile(rf"^{re.escape(API)}/calls\?")
+    try:
+        with aioresponses() as mock:
+            mock.get(calls, status=200, payload=page)
+            mock.get(calls, status=403, payload={"error": {"reason": "PERMISSION_DENIED"}})
+            mock.get(calls, status=403, payload={"error": {"reason": "PERMISSION_DENIED"}})
+            with structlog.testing.capture_logs() as logs:
+                recent = await client.recent_calls()
+            assert [c["id"] for c in recent] == ["c-new"]
+            assert [e["read"] for e in logs if e["event"] == "voipbin.calls_partial"] == [1]
+            with pytest.raises(ApiError):  # nothing read: the caller hears of the failure
+                await client.recent_calls()
+    finally:
+        await client.close()
 
 
 async def test_a_login_answered_200_without_a_json_token_is_a_clear_error() -> None:
