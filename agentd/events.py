@@ -13,6 +13,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -93,6 +94,7 @@ class SpeechEvent:
     kind: SpeechKind
     direction: str = "in"
     message: str = ""
+    at: str = ""  # `tm_event`: when VoIPBIN published it, by its clock ("" when absent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,17 @@ def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Reject
     return Parsed(result, _dedupe_key(result, raw))
 
 
+def timestamp(value: object) -> datetime | None:
+    """A VoIPBIN timestamp (`2006-01-02T15:04:05.000000Z`, UTC), or None if it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def event_of(obj: object) -> Event | None:
     """The event in a resource read over REST, or None if it is not one we can use."""
     if not isinstance(obj, dict):
@@ -201,6 +214,7 @@ def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
         kind=kind,
         direction=_str(obj, "direction", required=False) or "in",
         message=message or "",
+        at=_str(obj, "tm_event", required=False),
     )
 
 

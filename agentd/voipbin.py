@@ -29,6 +29,7 @@ import orjson
 
 from agentd import fence, logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
+from agentd.events import timestamp
 from agentd.ratelimit import (
     BACKGROUND,
     DEFAULT_BURST,
@@ -109,17 +110,6 @@ class _Attempt:
 CALL_CAP_S = 3600.0
 #: how far this machine's clock may be behind VoIPBIN's without a live call looking too old
 CLOCK_MARGIN_S = 600.0
-
-
-def _time(value: object) -> datetime | None:
-    """A VoIPBIN timestamp (`2006-01-02T15:04:05.000000Z`), or None if it is not one."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 class VoipbinClient:
@@ -308,7 +298,7 @@ class VoipbinClient:
         try:
             async with contextlib.aclosing(pages):
                 async for call in pages:
-                    created = _time(call.get("tm_create"))
+                    created = timestamp(call.get("tm_create"))
                     if created is not None and created < horizon:
                         break  # newest first: the rest are older still
                     found.append(call)

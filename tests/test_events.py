@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,7 @@ from agentd.events import (
     TranscribeEvent,
     TranscriptEvent,
     parse_frame,
+    timestamp,
 )
 
 NIL = "00000000-0000-0000-0000-000000000000"
@@ -77,12 +79,17 @@ def test_speech_events() -> None:
         "direction": "in",
         "tm_event": "2026-08-20T10:00:12.000123456Z",
     }
-    assert parsed(base).event == SpeechEvent("a1", "t", "boundary", "in", "")
+    at = "2026-08-20T10:00:12.000123456Z"  # Go's RFC3339Nano: kept as sent
+    assert parsed(base).event == SpeechEvent("a1", "t", "boundary", "in", "", at)
     assert parsed(base | {"message": "Hi I"}).event == SpeechEvent(
-        "a1", "t", "interim", "in", "Hi I"
+        "a1", "t", "interim", "in", "Hi I", at
     )
     wrapped = {"type": "transcribe_speech_started", "data": base}
-    assert parsed(wrapped).event == SpeechEvent("a1", "t", "started", "in", "")
+    assert parsed(wrapped).event == SpeechEvent("a1", "t", "started", "in", "", at)
+    assert parsed(base | {"tm_event": None}).event == SpeechEvent("a1", "t", "boundary")
+    assert timestamp(at) == datetime(2026, 8, 20, 10, 0, 12, 123, tzinfo=UTC)
+    assert timestamp("2026-08-20T10:00:07.5Z") == datetime(2026, 8, 20, 10, 0, 7, 500000, UTC)
+    assert timestamp("soon") is None and timestamp(None) is None
 
 
 def test_transcribe_lifecycle() -> None:

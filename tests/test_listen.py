@@ -285,6 +285,29 @@ def test_timers_whose_reason_went_away_are_cancelled_not_left_to_fire() -> None:
     assert not [c for c in cmds if isinstance(c, CancelTimer)]
 
 
+@pytest.mark.parametrize("reply_on", ["interim", "final"])
+def test_a_speech_started_delivered_after_its_first_words_is_not_taken_for_their_end(
+    reply_on: str,
+) -> None:
+    # VoIPBIN publishes speech_started with the first interim and speech_ended with the final;
+    # unwrapped, both are a boundary, and their order is not guaranteed. Taken for an end, a
+    # late start armed the transcript's timer, and a long utterance ran past it: a needless
+    # read-back of the transcripts
+    call = greeted(replace(LIVE, reply_on=reply_on, final_hold_s=0.0))
+    due = Timer(TimerKind.TRANSCRIPT_DUE)
+
+    def speech(kind: str, text: str, at: str) -> SpeechEvent:
+        return SpeechEvent(kind[0], "t1", "interim" if text else "boundary", "in", text, at)
+
+    def arms(cmds: list[object]) -> bool:
+        return any(isinstance(c, StartTimer) and c.timer == due for c in cmds)
+
+    step(call, speech("i1", "what", "2026-12-06T10:00:00.000200Z"), 10.0)
+    assert not arms(step(call, speech("s", "", "2026-12-06T10:00:00.000100Z"), 10.05))
+    step(call, speech("i2", "what is my balance", "2026-12-06T10:00:01.200000Z"), 11.2)
+    assert arms(step(call, speech("e", "", "2026-12-06T10:00:02.300000Z"), 12.3))
+
+
 def test_a_turn_past_the_limit_is_cut_short_politely_and_answered() -> None:
     call = greeted(replace(LIVE, max_turn_s=3.0))
     words = "so the thing is that my card was charged twice last week and then again"

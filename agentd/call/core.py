@@ -91,6 +91,7 @@ class CallCore:
         "turn_times",
         "turns",
         "watch_delay",
+        "words_at",
     )
 
     def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
@@ -117,6 +118,7 @@ class CallCore:
         self.last_caller = 0.0  # last sign of caller speech
         self.reprompts = 0
         self.heard_words = False  # an interim came since the last speech boundary
+        self.words_at = ""  # the newest interim's `tm_event` (VoIPBIN's clock)
         self.transcript_due = False  # an utterance ended and its transcript has not come
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
         self.transcribe_409s = 0  # creates answered 409 since the last transcribe went active
@@ -179,6 +181,8 @@ class CallCore:
             self.last_caller = now
             self.reprompts = 0
             self.stt_replaced = False
+            if isinstance(event, SpeechEvent) and event.kind == "interim" and event.at:
+                self.words_at = event.at
 
     def _report_input(self, event: Input, now: float) -> None:
         """Feed the report what the inputs tell, whatever the handlers make of them: when the

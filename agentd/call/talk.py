@@ -36,7 +36,7 @@ from agentd.commands import (
     ReplySentence,
     StartTimer,
 )
-from agentd.events import SpeechEvent, TranscriptEvent
+from agentd.events import SpeechEvent, TranscriptEvent, timestamp
 from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
@@ -159,7 +159,9 @@ class Conversation(CallCore):
                 # guaranteed) must not open an utterance that would make the agent's own
                 # words, heard back, look like the caller's
                 self.speech_since = now
-            ended = event.kind == "ended" or (event.kind == "boundary" and self.heard_words)
+            ended = event.kind == "ended" or (
+                event.kind == "boundary" and self.heard_words and not self._before_words(event)
+            )
             self.heard_words = event.kind == "interim"
             if ended:
                 # the utterance is over: its transcript should follow within a moment
@@ -170,6 +172,16 @@ class Conversation(CallCore):
                 # still talking after their final: keep the reply back for the rest
                 due = self._extend_hold(now)
         return due + self._speech_barge_in(event, now)
+
+    def _before_words(self, event: SpeechEvent) -> bool:
+        """A boundary VoIPBIN published no later than the newest interim: the utterance's
+        `speech_started`, published with its first words and delivered after them (order is
+        not guaranteed), not its end, which is published with the final. Without both times
+        it cannot be told, and counts as the end."""
+        if not event.at or not self.words_at:
+            return False
+        at, words = timestamp(event.at), timestamp(self.words_at)
+        return at is not None and words is not None and at <= words
 
     def _utterance_over(self) -> None:
         """Its final transcript came: a speech boundary after it is that utterance's late end,
