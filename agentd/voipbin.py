@@ -106,6 +106,8 @@ class _Attempt:
         return _api_error(self.status, self.body)
 
 
+#: the items of a full page of a list (VoIPBIN's default `page_size`, and its largest)
+FULL_PAGE = 100
 #: VoIPBIN hangs every call up after an hour (docs/protocol.md): an older call is not live
 CALL_CAP_S = 3600.0
 #: how far this machine's clock may be behind VoIPBIN's without a live call looking too old
@@ -294,7 +296,7 @@ class VoipbinClient:
         live call can be on the second."""
         horizon = datetime.now(UTC) - timedelta(seconds=within_s)
         found: list[dict[str, Any]] = []
-        pages = self._pages("/calls", {"page_size": "100"}, max_pages)
+        pages = self._pages("/calls", {"page_size": str(FULL_PAGE)}, max_pages)
         try:
             async with contextlib.aclosing(pages):
                 async for call in pages:
@@ -403,9 +405,11 @@ class VoipbinClient:
         self, path: str, params: dict[str, str], max_pages: int
     ) -> AsyncGenerator[dict[str, Any], None]:
         """The items of a list, page after page (`next_page_token`, at most `max_pages`),
-        deduplicated by id; it ends on an empty page or a token seen before."""
+        deduplicated by id; it ends on a page shorter than a full one (VoIPBIN's default and
+        largest, 100, unless `page_size` asks fewer), an empty one or a token seen before."""
         seen: set[str] = set()
         token = ""
+        full = int(params.get("page_size", FULL_PAGE))
         for _ in range(max_pages):
             query = {**params, "page_token": token} if token else params
             body = await self.request("GET", path, params=query)
@@ -416,8 +420,8 @@ class VoipbinClient:
                     seen.add(iid)
                     yield item
             nxt = body.get("next_page_token") if isinstance(body, dict) else None
-            if not items or not isinstance(nxt, str) or not nxt or nxt == token:
-                return
+            if len(items) < full or not isinstance(nxt, str) or not nxt or nxt == token:
+                return  # a short page is the last: asking for the next costs a request
             token = nxt
 
     async def transcripts_in_order(self, transcribe_id: str) -> list[dict[str, Any]]:
