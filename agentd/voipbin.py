@@ -110,7 +110,7 @@ class _Attempt:
 FULL_PAGE = 100
 #: VoIPBIN hangs every call up after an hour (docs/protocol.md): an older call is not live
 CALL_CAP_S = 3600.0
-#: how far this machine's clock may be behind VoIPBIN's without a live call looking too old
+#: how far this machine's clock may be ahead of VoIPBIN's without a live call looking too old
 CLOCK_MARGIN_S = 600.0
 
 
