@@ -178,8 +178,6 @@ class Conversation(CallCore):
         `speech_started`, published with its first words and delivered after them (order is
         not guaranteed), not its end, which is published with the final. Without both times
         it cannot be told, and counts as the end."""
-        if not event.at or not self.words_at:
-            return False
         at, words = timestamp(event.at), timestamp(self.words_at)
         return at is not None and words is not None and at <= words
 
