@@ -304,6 +304,8 @@ class Stopped:
     session_id: str
     ok: bool
     status: int = 0  # the failed stop's HTTP status (0: no answer)
+    # deleted, but VoIPBIN answered that its stream still ran: nothing a client can do ends it
+    unstopped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -300,10 +300,12 @@ class Executor:
             await self.client.flush(cmd.speaking_id)  # 404: nothing was playing any more
 
     async def _stop_speaking(self, cmd: StopSpeaking) -> Result:
-        c = self.client
-        stop = c.delete_speaking if cmd.delete else c.stop_speaking
-        status = await _stop(stop(cmd.speaking_id))
-        return Stopped("speaking", cmd.speaking_id, status is None, status or 0)
+        sid = cmd.speaking_id
+        if not cmd.delete:
+            status = await _stop(self.client.stop_speaking(sid))
+            return Stopped("speaking", sid, status is None, status or 0)
+        status, running = await _stop_left(self.client.delete_speaking(sid))
+        return Stopped("speaking", sid, status is None, status or 0, running)
 
     async def _hangup(self, cmd: Hangup) -> Result:
         try:
@@ -327,7 +329,9 @@ class Executor:
                 log.warning("sweep.stopping", speaking_id=sid)
                 if await _stop(self.client.stop_speaking(sid)) is not None:
                     # its pod may be gone: only a delete ends it then
-                    await _stop(self.client.delete_speaking(sid))
+                    _, running = await _stop_left(self.client.delete_speaking(sid))
+                    if running:  # VoIPBIN bills it on: only its support can end it now
+                        log.error("sweep.unstopped", speaking_id=sid)
 
     async def _transfer(self, cmd: Transfer) -> Result:
         # VoIPBIN transfers only a call in a confbridge, and a blind transfer hangs up the
@@ -461,18 +465,24 @@ _RUNNERS: dict[type, Runner] = {
 }
 
 
-async def _stop(coro: Any) -> int | None:
+async def _stop(coro: Awaitable[Any]) -> int | None:
     """Run a stop: None when done, else the failure's HTTP status (0: no answer).
 
     A 404 means already gone, which is as good as stopped."""
+    return (await _stop_left(coro))[0]
+
+
+async def _stop_left(coro: Awaitable[str | None]) -> tuple[int | None, bool]:
+    """Run a stop or delete: as `_stop`, and whether VoIPBIN said it left the session running
+    (a deleted speaking still `active`: the stop before the delete failed on its side)."""
     try:
-        await coro
+        left = await coro
     except ApiError as e:
         if e.status == 404:
-            return None
+            return None, False
         log.warning("stop.failed", error=str(e))
-        return e.status
-    return None
+        return e.status, False
+    return None, left in ("active", "initiating")
 
 
 def _failure(cmd: Command) -> Result | None:

@@ -490,11 +490,18 @@ class VoipbinClient:
             "POST", f"/speakings/{speaking_id}/stop", priority=URGENT, deadline_s=STOP_DEADLINE_S
         )
 
-    async def delete_speaking(self, speaking_id: str) -> None:
-        """DELETE /speakings/{id}: removes the session even when its tts pod is gone."""
-        await self.request(
+    async def delete_speaking(self, speaking_id: str) -> str:
+        """DELETE /speakings/{id}: removes the session even when its tts pod is gone.
+
+        Returns the status the deleted row was left in. VoIPBIN stops the stream on its pod
+        first, but only logs a stop that failed (bin-api-manager `servicehandler/speaking.go`
+        `SpeakingDelete`) and answers 200 all the same: `"active"` then means a row deleted
+        over a stream nobody stopped (its `speaking_stopped`, which ends the billing, never
+        comes)."""
+        body = await self.request(
             "DELETE", f"/speakings/{speaking_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
         )
+        return str(body.get("status", "")) if isinstance(body, dict) else ""
 
     async def delete_transcribe(self, transcribe_id: str) -> None:
         """DELETE /transcribes/{id}: for a transcribe a /stop cannot end (an orphan)."""

@@ -587,6 +587,28 @@ def test_a_stop_refused_again_and_again_is_given_up_loudly() -> None:
     assert not any(isinstance(c, StartTimer) for c in cmds)
 
 
+def test_a_delete_that_leaves_the_stream_running_is_reported_and_the_call_let_go() -> None:
+    call = answered()
+    call.handle(TranscribeEvent("t1", "call", CID, "done"), 5)
+    step(call, status("hangup"), 5)
+    cmds = step(call, Stopped("speaking", "s1", False, 503), 6)
+    assert step(call, TimerFired(T("retry_stop:s1")), 6) == [StopSpeaking(CID, "s1", True)]
+    # VoIPBIN deleted the row (200) but its pod could not stop the stream: no request of ours
+    # can end it any more; an error names it, and nothing is retried
+    cmds = step(call, Stopped("speaking", "s1", True, unstopped=True), 7)
+    [leak] = [c for c in cmds if isinstance(c, Record)]
+    assert leak.what is Kind.LEAK
+    assert leak.data == {
+        "kind": "speaking",
+        "session_id": "s1",
+        "status": 200,
+        "gave_up": True,
+        "unstopped": True,
+    }
+    assert cmds[-1] == Finished(CID)
+    assert not any(isinstance(c, StartTimer) for c in cmds)
+
+
 def test_barge_in_restart_waits_for_a_confirmed_stop() -> None:
     call = answered()
     step(call, transcript("tell me a story"), 10)

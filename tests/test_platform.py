@@ -23,6 +23,15 @@ def agent_said(sim: Simulator, call_id: str) -> list[str]:
     return [li.planned for li in sim.get_call(call_id).conversation if li.who == "agent"]
 
 
+def unstopped(daemon: Daemon) -> list[str]:
+    """The sessions agentd reported deleted over a stream VoIPBIN could not stop."""
+    return [
+        str(r.data["session_id"])
+        for r in daemon.records
+        if r.what is Kind.LEAK and r.data.get("unstopped")
+    ]
+
+
 def kinds(daemon: Daemon) -> list[str]:
     return [str(r.what) for r in daemon.records]
 
@@ -67,8 +76,10 @@ async def test_a_dead_tts_pod_is_deleted_and_replaced_and_the_reply_is_still_hea
     ]
     assert dead not in heard.path
     await ends_clean(sim, daemon, call_id)
-    # the dead pod's row was deleted, the one thing a client can do; VoIPBIN still bills it
+    # the dead pod's row was deleted, the one thing a client can do; VoIPBIN still bills it,
+    # and said so (the row came back `active`): the operator is told, by the session's id
     assert sim.stranded() == [dead]
+    assert unstopped(daemon) == [dead]
 
 
 async def test_a_voice_the_provider_refuses_ends_the_call_after_a_bounded_number_of_sessions(
@@ -112,6 +123,7 @@ async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_he
     assert sim.requests_matching("DELETE", rf"/speakings/{dead}$")
     await ends_clean(sim, daemon, call_id)
     assert sim.stranded() == [dead]
+    assert unstopped(daemon) == [dead]
 
 
 # -- STT ------------------------------------------------------------------------------------------

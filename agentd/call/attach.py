@@ -207,6 +207,12 @@ class Sessions(CallCore):
             return self._stop_failed(event.kind, sid, event.status) + self._maybe_finished()
         self.ledger.step(sid, StopInput.OK, event.kind)
         cmds: list[Command] = []
+        if event.unstopped:
+            # the row is deleted but its stream ran on a pod that could not stop it: its
+            # `speaking_stopped`, which ends the billing, never comes, and no request of ours
+            # can end it any more (the row is gone): the operator must hear of it
+            data = {"kind": event.kind, "session_id": sid, "status": 200, "gave_up": True}
+            cmds.append(Record(self.id, Kind.LEAK, {**data, "unstopped": True}))
         if (
             event.kind == "speaking"
             and self.speaking.state is SessionState.STOPPING
