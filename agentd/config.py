@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from agentd.call import CallSettings
+from agentd.language import canonical as canonical_language
 from agentd.ratelimit import DEFAULT_BURST, DEFAULT_RATE_PER_S
 from agentd.secret import Secret, learn_url
 
@@ -566,6 +567,14 @@ def _call_settings(agent: dict[str, Any]) -> CallSettings:
         values["cut_method"] = None
     values["transfer_numbers"] = _transfer_numbers(list(values["transfer_numbers"]))
     values["backchannels"] = tuple(str(w).lower().strip() for w in values["backchannels"])
+    language = canonical_language(str(values["language"]))
+    if language is None:
+        # VoIPBIN would not refuse it: it would transcribe in en-US, whatever the caller speaks
+        raise ConfigError(
+            f"agent.language: {values['language']!r} is not a BCP 47 language tag "
+            '(e.g. "en-US", "ko-KR", "ja-JP")'
+        )
+    values["language"] = language
     call = CallSettings(**values)
     if call.chars_per_s < 0:
         raise ConfigError("agent.chars_per_s: must not be negative (0: by the language's script)")

@@ -30,6 +30,7 @@ import orjson
 from agentd import fence, logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
 from agentd.events import timestamp
+from agentd.language import same as same_language
 from agentd.ratelimit import (
     BACKGROUND,
     DEFAULT_BURST,
@@ -382,7 +383,7 @@ class VoipbinClient:
             if (
                 t.get("status") == "progressing"
                 and t.get("reference_id", call_id) == call_id
-                and str(t.get("language", language)).lower() == language.lower()
+                and same_language(str(t.get("language", language)), language)
             ):
                 return _id(t)
         return None

@@ -314,6 +314,19 @@ def test_no_voice_for_a_language_the_default_voice_cannot_speak_is_a_warning(
     assert load(write(tmp_path, multilingual), env={}).warnings == ()
 
 
+def test_the_language_is_a_bcp47_tag_in_its_canonical_case(tmp_path: Path) -> None:
+    # VoIPBIN keeps a transcribe's language so; a tag compared as written, after a 409, would
+    # not find the transcribe VoIPBIN says is running
+    for written, kept in (("en_us", "en-US"), ("KO-kr", "ko-KR"), ("zh-hant-tw", "zh-Hant-TW")):
+        text = GOOD.replace(NUMBERS, f'{NUMBERS}\nlanguage = "{written}"')
+        assert load(write(tmp_path, text), env={}).call.language == kept
+    # VoIPBIN would not refuse these: it would transcribe them as en-US
+    for bad in ("english", "", "en US"):
+        text = GOOD.replace(NUMBERS, f'{NUMBERS}\nlanguage = "{bad}"')
+        with pytest.raises(ConfigError, match=r"agent\.language: .* is not a BCP 47 language tag"):
+            load(write(tmp_path, text), env={})
+
+
 def test_overrides_are_checked_like_the_file() -> None:
     with pytest.raises(ConfigError, match=r"agent\.tts_provider: 'polly' is not one of"):
         load(

@@ -446,6 +446,23 @@ async def test_no_request_of_a_whole_call_carries_the_key_in_its_url(
 # ---- hangup, permissions, the budget ------------------------------------------------------------
 
 
+async def test_the_transcribe_a_409_speaks_of_is_found_whatever_case_the_language_was_in(
+    sim: Simulator,
+) -> None:
+    client = client_for(sim)
+    try:
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_call_status(call_id, "progressing")
+        tid = await client.start_transcribe(call_id, "en_us", "")  # kept as en-US
+        with pytest.raises(ApiError) as info:
+            await client.start_transcribe(call_id, "EN-US", "")
+        assert info.value.status == 409
+        assert await client.find_transcribe(call_id, "en_us") == tid
+        assert await client.find_transcribe(call_id, "de-DE") is None
+    finally:
+        await client.close()
+
+
 async def test_a_hangup_answered_409_means_the_call_already_ended(sim: Simulator) -> None:
     client = client_for(sim)
     try:

@@ -12,6 +12,7 @@ import contextlib
 from agentd.sim.errors import ApiError
 from agentd.sim.model import SimSpeaking, SimTranscribe
 from agentd.sim.rest_core import Req, RestCore, Result, paginate, path_id, uuid_or
+from agentd.sim.stt import bcp47
 from agentd.sim.tts import Tts
 
 #: Go's ``len(text)`` limit on ``/say`` (bytes, not characters).
@@ -51,6 +52,8 @@ class SpeechRoutes(RestCore):
         call = self._call(ref_id)
         if call.status not in ("dialing", "ringing", "progressing"):
             raise ApiError(500, "INTERNAL")
+        # start.go keeps, and compares for the 409, the language as BCP 47 prints it
+        language = bcp47(language)
         for trn in self.world.transcribes_of(call.id):
             if trn.status == "progressing" and trn.language == language:
                 raise ApiError(409, "TRANSCRIBE_ALREADY_PROGRESSING", status="ALREADY_EXISTS")

@@ -39,6 +39,28 @@ PROVIDER_ORDER = ("gcp", "aws")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
+_SUBTAGS = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
+
+
+def _subtag(sub: str) -> str:
+    if len(sub) == 4 and sub.isalpha():
+        return sub[0].upper() + sub[1:].lower()  # a script
+    if (len(sub) == 2 and sub.isalpha()) or (len(sub) == 3 and sub.isdigit()):
+        return sub.upper()  # a region
+    return sub.lower()
+
+
+def bcp47(language: str) -> str:
+    """A transcribe's language as the server keeps it: ``getBCP47LanguageCode``
+    (``transcribehandler/main.go``) prints golang.org/x/text's ``language.BCP47.Make``, and
+    what does not parse (``und``) becomes ``en-US``. Case and separator only: the tags the
+    tests use need no deprecated-subtag table."""
+    if not _SUBTAGS.fullmatch(language):
+        return "en-US"
+    head, *tail = re.split(r"[-_]", language)
+    return "-".join([head.lower(), *map(_subtag, tail)])
+
+
 def split_finals(text: str) -> list[str]:
     """The final transcripts ``text`` arrives as: one per sentence, at most :data:`MAX_FINALS`.
 

@@ -53,6 +53,24 @@ async def test_create_get_list_stop(sim: Simulator, http: aiohttp.ClientSession)
     assert len(sim.events) == n_events  # idempotent, no second transcribe_done
 
 
+async def test_the_language_is_kept_as_bcp47_prints_it(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    # start.go keeps getBCP47LanguageCode(language): canonical case, "-", en-US for nonsense;
+    # the 409 compares that
+    call_id = await answered_call(sim, http)
+    status, trn, _ = await post(
+        http, sim.api_url + "/transcribes", _body(call_id, language="ko_kr")
+    )
+    assert (status, trn["language"]) == (200, "ko-KR")
+    status, _, _ = await post(http, sim.api_url + "/transcribes", _body(call_id, language="KO-kr"))
+    assert status == 409
+    status, trn, _ = await post(
+        http, sim.api_url + "/transcribes", _body(call_id, language="korean")
+    )
+    assert (status, trn["language"]) == (200, "en-US")
+
+
 async def test_invalid_direction_defaults_to_both(
     sim: Simulator, http: aiohttp.ClientSession
 ) -> None:
