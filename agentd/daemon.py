@@ -40,7 +40,7 @@ from agentd.status import (
 from agentd.store import CallStore, StoreError
 from agentd.stores import open_store
 from agentd.stream import EventStream
-from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient
+from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient, say_max_chars
 
 if TYPE_CHECKING:
     from agentd.metrics import Metrics
@@ -177,6 +177,7 @@ class Daemon:
             clock=clock,
             on_record=self._record,
             on_finished=self.dispatcher.finished,
+            say_chars=say_max_chars(config.call.tts_provider),
         )
         self.stream = EventStream(
             config.voipbin.ws_url,
@@ -741,6 +742,7 @@ class Daemon:
             return
         old_backend, self.backend = self.backend, backend
         self.executor.backend = backend
+        self.executor.say_chars = say_max_chars(fresh.call.tts_provider)
         self.config = fresh
         self.dispatcher.numbers = {normalise_number(n) for n in fresh.numbers}
         task = asyncio.get_running_loop().create_task(old_backend.aclose())

@@ -103,8 +103,10 @@ class Executor:
         on_finished: Callable[[str], None] | None = None,
         may_act: Callable[[str], bool] | None = None,
         on_fenced: Callable[[str], None] | None = None,
+        say_chars: int = SAY_LIMIT_BYTES,
     ) -> None:
         self.client = client
+        self.say_chars = say_chars  # the most characters a /say carries (`say_max_chars`)
         self.backend = backend
         self.feed = feed
         self.backend_timeout_s = backend_timeout_s
@@ -227,7 +229,7 @@ class Executor:
             while queue:
                 cmd = queue.popleft()
                 if isinstance(cmd, Say):
-                    cmd = _merge_says(cmd, queue)
+                    cmd = _merge_says(cmd, queue, self.say_chars)
                 try:
                     result = await self._run(cmd)
                 except asyncio.CancelledError:
@@ -288,7 +290,7 @@ class Executor:
         return SpeakingStarted(cmd.speaking_id, str(spk.get("status", "")))
 
     async def _say(self, cmd: Say) -> Result | None:
-        for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES):
+        for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES, self.say_chars):
             try:
                 await self.client.say(cmd.speaking_id, piece)
             except ApiError as e:
@@ -505,8 +507,9 @@ def _failure(cmd: Command) -> Result | None:
     return None
 
 
-def _merge_says(first: Say, queue: deque[Command]) -> Say:
-    """Sentences queued behind a say on the same session go out as one request (saves budget)."""
+def _merge_says(first: Say, queue: deque[Command], max_chars: int = SAY_LIMIT_BYTES) -> Say:
+    """Sentences queued behind a say on the same session go out as one request (saves budget),
+    within the gateway's bytes and the provider's characters."""
     text = first.text
     while queue:
         nxt = queue[0]
@@ -515,7 +518,7 @@ def _merge_says(first: Say, queue: deque[Command]) -> Say:
         ):
             break
         merged = f"{text} {nxt.text}"
-        if len(merged.encode()) > SAY_LIMIT_BYTES:
+        if len(merged.encode()) > SAY_LIMIT_BYTES or len(merged) > max_chars:
             break
         text = merged
         queue.popleft()

@@ -146,12 +146,14 @@ def _marks_a_line(first: str) -> bool:
     return bool(first) and (first in "#-*+\u2022>" or first.isdigit())
 
 
-def split_for_say(text: str, limit: int = 5000) -> list[str]:
-    """Split text into pieces of at most `limit` UTF-8 bytes, at word boundaries where possible."""
+def split_for_say(text: str, limit: int = 5000, max_chars: int | None = None) -> list[str]:
+    """Split text into pieces of at most `limit` UTF-8 bytes (and `max_chars` characters), at
+    word boundaries where possible."""
     pieces: list[str] = []
-    while len(text.encode()) > limit:
+    chars = limit if max_chars is None else max_chars
+    while len(text.encode()) > limit or len(text) > chars:
         # the longest prefix that fits, never cutting a character in two
-        cut = len(text.encode()[:limit].decode(errors="ignore"))
+        cut = min(len(text.encode()[:limit].decode(errors="ignore")), chars)
         space = text.rfind(" ", 0, cut)
         if space > cut // 2:
             cut = space

@@ -44,6 +44,17 @@ from agentd.secret import Secret, redact
 log = logs.get_logger("agentd.voipbin")
 
 SAY_LIMIT_BYTES = 5000
+#: Polly's plain-text limit (3,000 billed characters per `SynthesizeSpeech`): with aws the pod
+#: hands it the say's whole text (bin-tts-manager `streaminghandler/aws.go`), and a longer one
+#: fails, which VoIPBIN answers 404 like a dead session
+POLLY_MAX_CHARS = 3000
+
+
+def say_max_chars(tts_provider: str) -> int:
+    """The most characters one `/say` may carry with `tts_provider`."""
+    return POLLY_MAX_CHARS if tts_provider == "aws" else SAY_LIMIT_BYTES
+
+
 KEEP_CALL_UP = [{"type": "sleep", "option": {"duration": 3_600_000}}]
 # GET /customer needs one of these agent permissions (an access key counts as CustomerAdmin):
 # bin-api-manager/pkg/servicehandler/customer.go, CustomerSelfGet

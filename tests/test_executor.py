@@ -19,6 +19,7 @@ from agentd.commands import (
     ReplySentence,
     Result,
     Say,
+    SayFailed,
     SpeakingStarted,
     StartSpeaking,
     StartTimer,
@@ -30,7 +31,7 @@ from agentd.events import Event
 from agentd.executor import Executor
 from agentd.names import Kind, Timer, TimerKind
 from agentd.sim import Caller, Simulator
-from agentd.voipbin import Credentials, Secret, VoipbinClient
+from agentd.voipbin import Credentials, Secret, VoipbinClient, say_max_chars
 from tests.support import CALLER, OUR_NUMBER
 
 
@@ -62,10 +63,12 @@ async def client(sim: Simulator) -> AsyncIterator[VoipbinClient]:
     await c.close()
 
 
-async def speaking(sim: Simulator, ex: Executor, results: Results) -> tuple[str, str]:
+async def speaking(
+    sim: Simulator, ex: Executor, results: Results, provider: str = "gcp", voice: str = "v"
+) -> tuple[str, str]:
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_call_status(call_id, "progressing")
-    ex.execute(call_id, [WriteAhead(call_id), StartSpeaking(call_id, "en-US", "gcp", "v")])
+    ex.execute(call_id, [WriteAhead(call_id), StartSpeaking(call_id, "en-US", provider, voice)])
     await results.until(lambda: bool(results.of(SpeakingStarted)))
     [started] = results.of(SpeakingStarted)
     assert isinstance(started, SpeakingStarted) and started.status == "active"
@@ -86,6 +89,29 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     stop = sim.requests_matching("POST", r"/stop$")[0]
     assert stop.t >= sim.requests_matching("POST", r"/say$")[0].t  # the stop comes after
     assert results.of(Stopped) == [Stopped("speaking", sid, True)]
+    await ex.close()
+
+
+async def test_with_aws_no_say_carries_more_than_polly_takes(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # Polly refuses more than 3,000 characters, and VoIPBIN answers that 404 like a dead
+    # session; the gateway alone would allow 5,000 bytes
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed, say_chars=say_max_chars("aws"))
+    call_id, sid = await speaking(sim, ex, results, "aws", "Joanna")
+    # audio within what the aws pod buffers before it holds a say's answer (see sim.tts)
+    sentences = [("word " * 320).strip() + ".", ("more " * 320).strip() + "."]  # 1,600 each
+    long_one = ("long " * 620).strip() + "."  # 3,100 characters in one sentence
+    ex.execute(call_id, [Say(call_id, sid, t, 1) for t in (*sentences, long_one)])
+    ex.execute(call_id, [StopSpeaking(call_id, sid)])
+    await results.until(lambda: bool(results.of(Stopped)))
+    says = sim.requests_matching("POST", r"/say$")
+    assert [r.status for r in says] == [200, 200, 200, 200]  # not merged past the limit
+    texts = [r.body["text"] for r in says]  # type: ignore[index]
+    assert all(len(t) <= 3000 for t in texts)
+    assert " ".join(texts).split() == " ".join((*sentences, long_one)).split()
+    assert results.of(SayFailed) == []
     await ex.close()
 
 

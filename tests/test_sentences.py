@@ -169,3 +169,10 @@ def test_a_long_reply_without_a_sentence_end_is_scanned_once(
     text = " word" * 20_000
     assert counting.scanned < 20 * len(text)  # linear: about one scan of each chunk
     assert buf.feed(". Done. ") == [text.strip() + ".", "Done."]
+
+
+def test_split_for_say_keeps_to_a_character_limit_too() -> None:
+    text = "é" * 1000 + " " + "a" * 4000  # 1,000 two-byte characters, then 4,000 one-byte ones
+    pieces = split_for_say(text, 5000, 3000)
+    assert all(len(p) <= 3000 and len(p.encode()) <= 5000 for p in pieces)
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
