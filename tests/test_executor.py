@@ -256,6 +256,7 @@ async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_cre
     (500 on a new create) until it is deleted."""
     results = Results()
     ex = Executor(client, EchoBackend(), results.feed)
+    ex.setup_grace_s = 0.5  # as long as such a row is waited for (a slow create is, at first)
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_call_status(call_id, "progressing")
     killed: list[str] = []

@@ -82,6 +82,24 @@ async def test_a_dead_tts_pod_is_deleted_and_replaced_and_the_reply_is_still_hea
     assert unstopped(daemon) == [dead]
 
 
+async def test_a_create_slower_than_the_gateway_is_waited_for_not_deleted_under_its_pod(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # the gateway answers 503 after its budget; the pod goes on and sets the row active,
+    # whatever became of it: a row deleted in between would stream on, deleted, billed for good
+    sim.world.settings.speaking_create_s = 3 * sim.world.settings.pod_rpc_timeout_s
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    creates = sim.requests_matching("POST", r"/speakings$")
+    assert [r.status for r in creates] == [503]
+    [row] = sim.world.speakings_of(call_id)
+    assert sim.requests_matching("POST", rf"/speakings/{row.id}/say$")  # the greeting, on it
+    assert sim.requests_matching("DELETE", r"/speakings/") == []
+    await ends_clean(sim, daemon, call_id)
+    assert sim.stranded() == []
+
+
 async def test_a_voice_the_provider_refuses_ends_the_call_after_a_bounded_number_of_sessions(
     sim: Simulator, agent: StartAgent
 ) -> None:

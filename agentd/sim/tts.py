@@ -239,6 +239,17 @@ class Tts:
         if settings.speaking_initiating:
             self.world.spawn(self._activate(spk), name=f"sim-speaking-activate-{spk.id}")
             return
+        if settings.speaking_create_s > settings.pod_rpc_timeout_s and spk.pod_id not in (
+            self.dead_pods
+        ):
+            # A setup slower than the gateway's budget (``TTSV1SpeakingCreate``, 3 s): the
+            # gateway answers 503 while the pod, whose request has no deadline
+            # (``listenhandler/main.go`` ``context.Background()``), goes on and sets the row
+            # ``active`` whatever became of it meanwhile (``speaking.go`` Create updates the
+            # status without reading it): a row stopped or deleted in between streams again.
+            self.world.spawn(self._finish_late(spk), name=f"sim-speaking-late-{spk.id}")
+            await asyncio.sleep(settings.pod_rpc_timeout_s)
+            raise ApiError(503, "REQUEST_TIMEOUT", "The request timed out.")
         await asyncio.sleep(settings.speaking_create_s)
         if spk.pod_id in self.dead_pods:
             # The pod died inside Create: nobody updates the row, which stays `initiating` (and
@@ -250,6 +261,14 @@ class Tts:
             raise ApiError(500, "INTERNAL")
         if spk.status == "initiating":
             self._set_status(spk, "active")
+
+    async def _finish_late(self, spk: SimSpeaking) -> None:
+        await asyncio.sleep(self.world.settings.speaking_create_s)
+        if spk.pod_id in self.dead_pods:
+            return
+        call = self.world.calls.get(spk.reference_id)
+        ended = call is None or call.status in ("terminating", "canceling", "hangup")
+        self._set_status(spk, "stopped" if ended else "active")
 
     async def _activate(self, spk: SimSpeaking) -> None:
         await asyncio.sleep(self.world.settings.speaking_activate_s)

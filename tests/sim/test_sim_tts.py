@@ -55,7 +55,7 @@ async def test_create_takes_the_setup_time_and_its_row_blocks_a_second_session()
     """``POST /speakings`` ~0.6 s (measured); the row is inserted ``initiating`` before the setup
     (``bin-tts-manager/pkg/speakinghandler/speaking.go`` Create), so a concurrent create for the
     same call answers 500 and a concurrent GET sees ``initiating``."""
-    async with _sim(speaking_create_s=0.3) as (sim, http):
+    async with _sim(speaking_create_s=0.3, pod_rpc_timeout_s=1.0) as (sim, http):
         call_id = await answered_call(sim, http)
         t0 = time.monotonic()
         first = asyncio.create_task(_speaking(sim, http, call_id))
@@ -71,9 +71,27 @@ async def test_create_takes_the_setup_time_and_its_row_blocks_a_second_session()
         assert spk["status"] == "active"
 
 
+async def test_a_create_slower_than_the_gateway_answers_503_and_the_row_turns_active_anyway() -> (
+    None
+):
+    """The gateway gives ``TTSV1SpeakingCreate`` 3 s; the pod's request has no deadline and
+    Create sets the row ``active`` without reading it: deleted in between, it streams on."""
+    async with _sim(speaking_create_s=0.3, pod_rpc_timeout_s=0.1) as (sim, http):
+        call_id = await answered_call(sim, http)
+        body = {"reference_type": "call", "reference_id": call_id, "direction": "out"}
+        status, data, _ = await post(http, sim.api_url + "/speakings", body)
+        assert (status, envelope(data)[1]) == (503, "REQUEST_TIMEOUT")
+        (row,) = sim.speakings.values()
+        assert row.status == "initiating"
+        async with http.delete(f"{sim.api_url}/speakings/{row.id}") as resp:
+            assert resp.status == 200
+        await sim.wait_for(lambda: row.status == "active")
+        assert sim.stranded() == [row.id]
+
+
 async def test_a_call_that_ends_during_the_setup_fails_the_create() -> None:
     """``speaking.go`` Create: a failed media setup marks the row ``stopped`` and answers 500."""
-    async with _sim(speaking_create_s=0.3) as (sim, http):
+    async with _sim(speaking_create_s=0.3, pod_rpc_timeout_s=1.0) as (sim, http):
         call_id = await answered_call(sim, http)
         body = {"reference_type": "call", "reference_id": call_id, "direction": "out"}
         task = asyncio.create_task(post(http, sim.api_url + "/speakings", body))
