@@ -331,8 +331,17 @@ class Tts:
     # -- say / flush / stop -----------------------------------------------------------------------
 
     def say_refused(self, spk: SimSpeaking, text: str) -> bool:
-        """Whether the pod fails this say (→ 404): not active, or the provider refuses it."""
+        """Whether the pod fails this say (→ 404): not active, the call's audio gone, or the
+        provider refuses it.
+
+        When the call's Asterisk socket closes, each provider's ``Run`` ends its session and
+        ``runStreamer`` clears the vendor (``streaminghandler/run.go``): a later ``SayAdd``
+        finds no vendor or no socket (``say.go``, ``elevenlabs.go``) while the row still says
+        ``active``. With ElevenLabs a say racing the teardown may still pass; never here."""
         if spk.status != "active" or voice_refused(spk.provider, spk.voice_id):
+            return True
+        call = self.world.calls.get(spk.reference_id)
+        if call is None or call.status in ("terminating", "canceling", "hangup"):
             return True
         return vendor_of(spk.provider) == "aws" and len(text) > POLLY_MAX_CHARS
 

@@ -122,9 +122,10 @@ async def test_speaking_survives_hangup_as_a_leak(
     assert sim.leaks() == [
         {"kind": "speaking", "id": spk["id"], "call_id": call_id, "status": "active"}
     ]
-    # Still "works" (200) although nobody hears it.
+    # The pod tore its provider session down with the call's audio: a say fails (404), though
+    # the row still says active and bills
     status, _, _ = await post(http, f"{sim.api_url}/speakings/{spk['id']}/say", {"text": "Hello?"})
-    assert status == 200
+    assert status == 404
     assert all(line.who != "agent" for line in sim.get_call(call_id).conversation)
     await post(http, f"{sim.api_url}/speakings/{spk['id']}/stop")
     assert sim.leaks() == []

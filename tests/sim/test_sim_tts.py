@@ -311,6 +311,19 @@ async def test_polly_refuses_a_say_over_3000_characters(
     assert await _say(sim, http, spk["id"], "a" * POLLY_MAX_CHARS) == 200
 
 
+async def test_a_say_after_the_call_ended_is_404_though_the_row_is_still_active(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """The call's audio socket closed: the pod tore the provider session down (``run.go``),
+    and the say fails (``say.go``), which the API answers 404; nobody stopped the row."""
+    call_id = await answered_call(sim, http)
+    spk = await _speaking(sim, http, call_id)
+    assert await _say(sim, http, spk["id"], "Hello.") == 200
+    await sim.hangup(call_id)
+    assert await _say(sim, http, spk["id"], "Still there?") == 404
+    assert sim.speakings[spk["id"]].status == "active"
+
+
 async def test_a_gcp_voice_google_does_not_stream_is_accepted_and_silent(
     sim: Simulator, http: aiohttp.ClientSession
 ) -> None:
