@@ -44,6 +44,9 @@ from agentd.secret import Secret, redact
 log = logs.get_logger("agentd.voipbin")
 
 SAY_LIMIT_BYTES = 5000
+#: How long a `POST /transcribes` is waited for: its media start may take 10 s on VoIPBIN's
+#: side (the gateway itself waits 60 s, `servicehandler/transcribe.go`)
+TRANSCRIBE_START_TIMEOUT_S = 30.0
 #: Polly's plain-text limit (3,000 billed characters per `SynthesizeSpeech`): with aws the pod
 #: hands it the say's whole text (bin-tts-manager `streaminghandler/aws.go`), and a longer one
 #: fails, which VoIPBIN answers 404 like a dead session
@@ -222,8 +225,10 @@ class VoipbinClient:
         priority: int = BACKGROUND,
         idempotent: bool = True,
         deadline_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
-        """Send one API request with retries; return the decoded JSON body (or None)."""
+        """Send one API request with retries; return the decoded JSON body (or None).
+        `timeout_s`: each attempt's own, instead of the client's."""
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
         waits = delays()
         relogged = False
@@ -232,7 +237,7 @@ class VoipbinClient:
             await self.limiter.acquire(priority)
             fence.check()  # the lease may have run out while we queued for the token
             stale = self.credentials.token
-            attempt = await self._attempt(method, path, payload, params)
+            attempt = await self._attempt(method, path, payload, params, timeout_s)
             if not attempt.failed:
                 return attempt.body
             self.errors += 1
@@ -256,16 +261,29 @@ class VoipbinClient:
             await asyncio.sleep(step.wait_s)
 
     async def _attempt(
-        self, method: str, path: str, payload: bytes | None, params: dict[str, str] | None
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        params: dict[str, str] | None,
+        timeout_s: float | None = None,
     ) -> _Attempt:
         """Send the request once: what VoIPBIN answered, or that it did not."""
         sent = False
         headers = self.auth()
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        timeout = self._timeout  # not None: for aiohttp that is no timeout at all
+        if timeout_s is not None:
+            timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout.sock_connect)
         try:
             async with self.session.request(
-                method, self.api_url + path, data=payload, params=params, headers=headers
+                method,
+                self.api_url + path,
+                data=payload,
+                params=params,
+                headers=headers,
+                timeout=timeout,
             ) as resp:
                 sent = True
                 body = await _read_json(resp)
@@ -382,8 +400,21 @@ class VoipbinClient:
         }
         if provider:
             body["provider"] = provider
-        # a duplicate start answers 409, so a retry cannot create a second session
-        return _id(await self.request("POST", "/transcribes", json=body, priority=SETUP))
+        # Not retried, and waited for as long as VoIPBIN may take: its duplicate check comes
+        # before the media start and the row after it (bin-transcribe-manager `start.go`
+        # `startLive`), so a start sent again while the first is still starting makes a second
+        # transcribe, billed beside the first. A start that failed is the call's to try again,
+        # seconds later, when a 409 answers it and the find adopts the first.
+        raw = await self.request(
+            "POST",
+            "/transcribes",
+            json=body,
+            priority=SETUP,
+            idempotent=False,
+            timeout_s=TRANSCRIBE_START_TIMEOUT_S,
+            deadline_s=TRANSCRIBE_START_TIMEOUT_S,
+        )
+        return _id(raw)
 
     async def find_transcribe(self, call_id: str, language: str) -> str | None:
         """The live transcribe on a call (after a 409), or None."""

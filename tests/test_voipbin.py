@@ -463,6 +463,38 @@ async def test_the_transcribe_a_409_speaks_of_is_found_whatever_case_the_languag
         await client.close()
 
 
+async def test_a_slow_transcribe_start_is_waited_for_not_sent_again(sim: Simulator) -> None:
+    # VoIPBIN checks for a duplicate before its media start and inserts the row after: a start
+    # sent again meanwhile would make a second transcribe, billed beside the first
+    sim.world.settings.transcribe_start_s = 0.6
+    client = client_for(sim, timeout_s=0.3)  # shorter than the start: other requests give up
+    try:
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_call_status(call_id, "progressing")
+        tid = await client.start_transcribe(call_id, "en-US", "")
+        assert [t.id for t in sim.world.transcribes_of(call_id)] == [tid]
+        assert len(sim.requests_matching("POST", r"/transcribes$")) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_transcribe_start_refused_by_a_server_error_is_not_sent_again(
+    sim: Simulator,
+) -> None:
+    # a call hung up meanwhile answers 500: sending it again would only spend the budget
+    client = client_for(sim)
+    try:
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_call_status(call_id, "progressing")
+        await sim.hangup(call_id)
+        with pytest.raises(ApiError) as info:
+            await client.start_transcribe(call_id, "en-US", "")
+        assert info.value.status == 500
+        assert len(sim.requests_matching("POST", r"/transcribes$")) == 1
+    finally:
+        await client.close()
+
+
 async def test_a_hangup_answered_409_means_the_call_already_ended(sim: Simulator) -> None:
     client = client_for(sim)
     try:

@@ -57,6 +57,8 @@ class SpeechRoutes(RestCore):
         for trn in self.world.transcribes_of(call.id):
             if trn.status == "progressing" and trn.language == language:
                 raise ApiError(409, "TRANSCRIBE_ALREADY_PROGRESSING", status="ALREADY_EXISTS")
+        if self.world.settings.transcribe_start_s > 0:
+            await asyncio.sleep(self.world.settings.transcribe_start_s)
         trn = self.speech.start_transcribe(call, language, str(direction), str(provider))
         return 200, trn.to_json()
 

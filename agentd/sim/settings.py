@@ -54,6 +54,11 @@ class SimSettings:
     #: tts-manager replicas new speakings are spread over (round robin).
     tts_pods: int = 2
     # -- STT (stt.py)
+    #: ``POST /transcribes``: the streaming start between the duplicate check and the row's
+    #: insert (``start.go`` ``startLive``: its media start alone may take up to 10 s). Not
+    #: measured: 0, but a request meanwhile passes the check (the server's own comment: "a true
+    #: concurrent race can still slip through").
+    transcribe_start_s: float = 0.0
     #: End of a caller's speech -> its final transcript (and ``speech_ended``, which the server
     #: publishes with the final: ``streaminghandler/result.go``): the median of Pipecat's STT
     #: benchmark for AWS (1.14 s), used for every provider but ``gcp``...
