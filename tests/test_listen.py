@@ -160,6 +160,26 @@ def test_words_that_go_on_are_not_asked_about_until_their_final() -> None:
     assert says(step(call, ENDPOINT, last + 1.0 + LIVE.final_hold_s)) == ["Go on."]
 
 
+def test_an_interim_delivered_after_its_final_does_not_double_the_words() -> None:
+    # speech events and transcripts come on two topics, in no guaranteed order: the last
+    # interim of an utterance may come after the utterance's final
+    call = greeted()
+    last = speak(call, "book a table for", 10.0)
+    cmds = step(call, transcript("book a table for two"), last + 0.5)
+    cmds += step(call, interim("book a table for two"), last + 0.66)
+    cmds += step(call, ENDPOINT, last + 2.0)
+    assert [a.history[-1] for a in asks(cmds)][-1:] == [("user", "book a table for two")]
+    assert call.history.window(9)[-1] == ("user", "book a table for two")
+    # the same words said again right after are the caller going on: their interims grow
+    # from one word, and count
+    again = greeted()
+    last = speak(again, "what is my balance?", 10.0)
+    step(again, transcript("what is my balance?"), last + 0.3)
+    step(again, interim("what"), last + 0.5)
+    assert again.hearing is not None
+    assert again.hearing.text() == "what is my balance? what"
+
+
 def test_going_on_drops_the_speculative_reply_and_asks_again_with_every_word() -> None:
     call = greeted()
     last = speak(call, "I lost my card.", 10.0)

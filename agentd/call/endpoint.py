@@ -19,6 +19,9 @@ _PAUSE_MIN_S = 0.3  # a gap shorter than this is between two words, not a pause
 _PAUSE_MAX_S = 3.0  # longer: the caller started over, not a pause mid-thought
 MAX_END_S = 1.5  # however long this caller's pauses, the wait never exceeds this
 _MARGIN_S = 0.2
+#: how long after a final an interim repeating its words is that utterance's, delivered late
+#: (the two come on separate topics; measured apart by up to ~0.2 s)
+LATE_INTERIM_S = 1.0
 
 
 class Cue(enum.Enum):
@@ -212,6 +215,8 @@ class Hearing:
         """An interim; True when it brought words the turn did not have."""
         before = self.text()
         old, new = words(self.interim), words(text)
+        if not old and not self.provisional and self.finals and self._late(new, now):
+            return False
         # partials grow word by word and revise a word or so: one that lost more, or starts
         # with another word and is shorter, is the next utterance
         if old and (len(new) < len(old) - 1 or (new[:1] != old[:1] and len(new) < len(old))):
@@ -233,6 +238,20 @@ class Hearing:
             if words(self.interim)[:1] == words(text)[:1]:
                 self.interim = ""  # else: an interim of the next utterance came first
         return self._grew(before, now)
+
+    def _late(self, new: tuple[str, ...], now: float) -> bool:
+        """Whether `new`, the first interim since the last final, is that final's utterance
+        delivered after it (speech events and transcripts come on two topics, in no order):
+        it came right after and has the final's words, give or take the last one. A next
+        utterance, even of the same words, begins with fewer (its interims grow word by word)."""
+        if now - self.final_at > LATE_INTERIM_S or not new:
+            return False
+        final = words(self.finals[-1])
+        if not len(final) - 1 <= len(new) <= len(final):
+            return False
+        # one word (and a whole utterance of a language written without spaces is one) must
+        # match: the tolerance is for an interim's last word, which its final revises
+        return new[0] == final[0] if len(new) == 1 else final[: len(new) - 1] == new[:-1]
 
     def _grew(self, before: str, now: float) -> bool:
         if goes_on(self.text(), before):
