@@ -136,12 +136,24 @@ def parse_frame(frame: str | bytes) -> Parsed | Rejected:
     except orjson.JSONDecodeError:
         # what orjson refuses and the stdlib reads (NaN, huge integers, a lone surrogate escape)
         try:
-            obj = json.loads(frame)
+            obj = _without_lone_surrogates(json.loads(frame))
         except (ValueError, RecursionError):
             return Rejected("not JSON")
     if not isinstance(obj, dict):
         return Rejected("not a JSON object")
     return parse_object(obj, frame)
+
+
+def _without_lone_surrogates(obj: Any) -> Any:
+    """`obj` with each lone surrogate (a `\\ud83d` escape without its pair) made U+FFFD: no
+    UTF-8 encoder takes one, so a log line, a store row or a `/say` body of it would fail."""
+    if isinstance(obj, str):
+        return obj.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(obj, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_lone_surrogates(v) for v in obj]
+    return obj
 
 
 def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Rejected:

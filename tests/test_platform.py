@@ -144,6 +144,19 @@ async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_he
     assert unstopped(daemon) == [dead]
 
 
+async def test_a_transcript_with_a_lone_surrogate_escape_is_answered(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # valid JSON that no UTF-8 encoder can write back: it once failed the event's log line,
+    # and the caller was never answered
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    await sim.caller_says(call_id, "hello \ud83d there")
+    await sim.wait_for(lambda: f"{ECHO}hello \ufffd there." in agent_said(sim, call_id), 10)
+    await ends_clean(sim, daemon, call_id)
+
+
 # -- STT ------------------------------------------------------------------------------------------
 
 
