@@ -343,6 +343,13 @@ class ReplyIncomplete:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamState:
+    """The event stream went down (`up` false), or is subscribed again after it did."""
+
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     """A `StartTimer` ran out."""
 
@@ -389,6 +396,7 @@ Result = (
     | ReplyFailed
     | ReplyIncomplete
     | TimerFired
+    | StreamState
     | TransferDone
     | HangupDone
     | CallGone

@@ -16,7 +16,14 @@ from agentd import logs
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.call import Call
-from agentd.commands import FetchTranscripts, Record, Result, TranscriptsRead, WriteAhead
+from agentd.commands import (
+    FetchTranscripts,
+    Record,
+    Result,
+    StreamState,
+    TranscriptsRead,
+    WriteAhead,
+)
 from agentd.config import Config, ConfigError, load
 from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
@@ -185,6 +192,7 @@ class Daemon:
             customer_id=self.client.customer_id,
             on_parsed=self.dispatcher.on_parsed,
             on_ready=self._on_ready,
+            on_lost=self._on_lost,
             reauth=lambda: self.client.reauthenticate(self.client.credentials.token),
         )
         self.started_at = clock()
@@ -433,7 +441,18 @@ class Daemon:
     def _on_ready(self, first: bool) -> None:
         log.info("stream.ready", first=first, live_calls=len(self.dispatcher.calls))
         self.notifier.ready(self.status_line())
+        self._stream_state(up=True)  # before the read-back: its words count from now
         self._spawn(self.reconcile())
+
+    def _on_lost(self) -> None:
+        self._stream_state(up=False)
+
+    def _stream_state(self, *, up: bool) -> None:
+        """Tell every live call whether the caller's words can reach us (a call not told it
+        was down takes `up` for nothing new)."""
+        for call in list(self.dispatcher.calls.values()):
+            if call.phase.live:
+                self.dispatcher.feed(call.id, StreamState(up))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

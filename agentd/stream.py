@@ -116,6 +116,7 @@ class EventStream:
         on_parsed: Callable[[Parsed], None],
         on_ready: Callable[[bool], None],
         reauth: Callable[[], Awaitable[bool]],
+        on_lost: Callable[[], None] | None = None,
         settle_s: float = 0.3,
         ping_interval_s: float = 10.0,
         ping_timeout_s: float = 20.0,
@@ -127,6 +128,7 @@ class EventStream:
         self._customer_id = customer_id
         self._on_parsed = on_parsed
         self._on_ready = on_ready
+        self._on_lost = on_lost  # a subscription that was ready is gone: events are not arriving
         self._reauth = reauth
         self.settle_s = settle_s
         self.ping_interval_s = ping_interval_s
@@ -167,6 +169,8 @@ class EventStream:
                 verdict = "slow"
             else:
                 verdict = "retry"
+            if self.ready.is_set() and self._on_lost is not None:
+                self._on_lost()
             self.ready.clear()
             self._ws = None
             self.stats.state = "reconnecting"

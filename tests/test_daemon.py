@@ -240,6 +240,35 @@ async def test_a_call_answered_while_disconnected_is_found_past_the_first_page_o
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 
 
+async def test_a_stream_outage_mid_utterance_is_no_end_of_turn(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # the caller's words stop arriving because the socket is down, not because they paused:
+    # answering the half heard, then the whole read back, would be two answers to one turn
+    daemon = await agent()
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)  # greeted
+    sim.world.settings.speech_words_per_s = 8.0  # slow enough to cut the socket mid-way
+    text = "I would like to book a table for two people tomorrow evening at seven"
+    saying = asyncio.create_task(sim.caller_says(call_id, text))
+    call = daemon.dispatcher.calls[call_id]
+    # cut after "book": words that could end a turn (after "to" the turn would go on anyway)
+    await sim.wait_for(lambda: call.hearing is not None and "book" in call.hearing.text(), 5)
+    sim.faults.refuse_ws(400, count=1000)  # a refusal retried at the base backoff
+    sim.faults.drop_websockets()
+    await saying
+    await sim.wait_for(
+        lambda: any(e == "transcript_created" and d["message"] == text for e, d in sim.events), 5
+    )
+    sim.faults.accept_ws()
+    said = f"You said: {text}."
+    await sim.wait_for(lambda: said in [li.text for li in sim.get_call(call_id).conversation], 20)
+    replies = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")][1:]
+    assert replies == [said]
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
 async def test_outbound_call_is_served_when_answered(sim: Simulator, agent: StartAgent) -> None:
     daemon = await agent()
     sim.on_outbound(Outcome("answer"), Caller([Utterance("who is this")]))

@@ -26,6 +26,7 @@ from agentd.commands import (
     SpeakingStarted,
     StartTimer,
     StopSpeaking,
+    StreamState,
     TimerFired,
     TranscriptsRead,
 )
@@ -178,6 +179,22 @@ def test_an_interim_delivered_after_its_final_does_not_double_the_words() -> Non
     step(again, interim("what"), last + 0.5)
     assert again.hearing is not None
     assert again.hearing.text() == "what is my balance? what"
+
+
+def test_no_words_while_the_stream_is_down_is_no_pause_of_the_callers() -> None:
+    call = greeted()
+    last = speak(call, "I would like to book", 10.0)
+    assert step(call, StreamState(False), last + 0.1) == []
+    # the caller goes on, unheard: no end of turn is taken from the silence of the stream
+    assert asks(step(call, ENDPOINT, last + 1.5)) == []
+    assert asks(step(call, TimerFired(Timer(TimerKind.SILENCE)), last + 30)) == []
+    back = last + 5.0
+    cmds = step(call, StreamState(True), back)
+    assert asks(cmds) == []  # the pause counts from the stream's return
+    read_back = "I would like to book a table for two tomorrow evening."
+    cmds = step(call, transcript(read_back), back + 0.2)
+    cmds += step(call, ENDPOINT, back + 2.0)
+    assert [a.history[-1] for a in asks(cmds)] == [("user", read_back)]
 
 
 def test_going_on_drops_the_speculative_reply_and_asks_again_with_every_word() -> None:

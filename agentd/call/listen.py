@@ -25,7 +25,7 @@ from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, wor
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation
 from agentd.call.turn import TurnInput
-from agentd.commands import CancelBackend, Command, Record, StartTimer
+from agentd.commands import CancelBackend, Command, Record, StartTimer, StreamState
 from agentd.events import SpeechEvent, TranscriptEvent
 from agentd.names import Kind, Timer, TimerKind
 
@@ -40,6 +40,7 @@ class Listening(Conversation):
         "answered",
         "answered_until",
         "cutting_in",
+        "deaf",
         "hearing",
         "pauses",
         "restored",
@@ -51,6 +52,7 @@ class Listening(Conversation):
     def __init__(self, call_id: str, settings: CallSettings, *, direction: str = "") -> None:
         super().__init__(call_id, settings, direction=direction)
         self.hearing: Hearing | None = None  # the caller's open turn
+        self.deaf = False  # the event stream is down: the caller's words do not reach us
         self.pauses = Pauses()
         # the words of the answered turn whose final has not come: it must not open a turn
         self.answered = ""
@@ -175,9 +177,28 @@ class Listening(Conversation):
     def on_endpoint(self, now: float) -> list[Command]:
         """The timer of the open turn: ask the backend, or end the turn, when due."""
         h = self.hearing
-        if h is None or self._heard_reply(h, now):
-            return []
+        if self.deaf or h is None or self._heard_reply(h, now):
+            return []  # deaf: no words is no pause; the stream's return decides
         return self._due(h, now)
+
+    def on_stream(self, event: StreamState, now: float) -> list[Command]:
+        """While the event stream is down no words arrive, which is no pause of the caller's:
+        nothing is taken for the end of their turn. Once it is back, the open turn's pause
+        counts from then, while what they said meanwhile is read back."""
+        was_deaf, self.deaf = self.deaf, not event.up
+        h = self.hearing
+        if self.deaf or not was_deaf or h is None or self._heard_reply(h, now):
+            return []
+        h.changed_at = max(h.changed_at, now)
+        return self._due(h, now)
+
+    def on_silence(self, now: float) -> list[Command]:
+        """The silence timer; while the stream is down the caller may be talking unheard: the
+        reprompt waits a whole silence more."""
+        if self.deaf:
+            self.silence_due = NEVER  # it has fired
+            return self.silence_timer(now, self.settings.silence_s)
+        return super().on_silence(now)
 
     # -- the open turn ---------------------------------------------------------------------------
 
