@@ -47,6 +47,8 @@ SAY_LIMIT_BYTES = 5000
 #: How long a `POST /transcribes` is waited for: its media start may take 10 s on VoIPBIN's
 #: side (the gateway itself waits 60 s, `servicehandler/transcribe.go`)
 TRANSCRIBE_START_TIMEOUT_S = 30.0
+#: How long a `POST /transcribes` answered with a 5xx is sent again
+TRANSCRIBE_START_RETRY_S = 4.0
 #: Polly's plain-text limit (3,000 billed characters per `SynthesizeSpeech`): with aws the pod
 #: hands it the say's whole text (bin-tts-manager `streaminghandler/aws.go`), and a longer one
 #: fails, which VoIPBIN answers 404 like a dead session
@@ -400,19 +402,19 @@ class VoipbinClient:
         }
         if provider:
             body["provider"] = provider
-        # Not retried, and waited for as long as VoIPBIN may take: its duplicate check comes
-        # before the media start and the row after it (bin-transcribe-manager `start.go`
-        # `startLive`), so a start sent again while the first is still starting makes a second
-        # transcribe, billed beside the first. A start that failed is the call's to try again,
-        # seconds later, when a 409 answers it and the find adopts the first.
+        # Waited for as long as VoIPBIN may take: its duplicate check comes before the media
+        # start and the row after it (bin-transcribe-manager `start.go` `startLive`), so a
+        # start sent again while the first is still starting makes a second transcribe, billed
+        # beside the first. After this long the first has its row: a 409 answers a retry. An
+        # error answered at once is retried for a few seconds only (a call that hung up answers
+        # 500 to every one); the call tries again later.
         raw = await self.request(
             "POST",
             "/transcribes",
             json=body,
             priority=SETUP,
-            idempotent=False,
             timeout_s=TRANSCRIBE_START_TIMEOUT_S,
-            deadline_s=TRANSCRIBE_START_TIMEOUT_S,
+            deadline_s=TRANSCRIBE_START_RETRY_S,
         )
         return _id(raw)
 
