@@ -441,15 +441,15 @@ class Daemon:
     def _on_ready(self, first: bool) -> None:
         log.info("stream.ready", first=first, live_calls=len(self.dispatcher.calls))
         self.notifier.ready(self.status_line())
-        self._stream_state(up=True)  # before the read-back: its words count from now
+        if not first:  # only a subscription lost since can have left a call deaf
+            self._stream_state(up=True)  # before the read-back: its words count from now
         self._spawn(self.reconcile())
 
     def _on_lost(self) -> None:
         self._stream_state(up=False)
 
     def _stream_state(self, *, up: bool) -> None:
-        """Tell every live call whether the caller's words can reach us (a call not told it
-        was down takes `up` for nothing new)."""
+        """Tell every live call whether the caller's words can reach us."""
         for call in list(self.dispatcher.calls.values()):
             if call.phase.live:
                 self.dispatcher.feed(call.id, StreamState(up))
