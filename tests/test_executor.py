@@ -248,15 +248,14 @@ async def test_reply_timings_use_the_injected_clock() -> None:
     await ex.close()
 
 
-async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_created_again(
+async def test_a_create_that_failed_adopts_its_row_still_initiating_for_the_call_to_poll(
     sim: Simulator, client: VoipbinClient
 ) -> None:
-    """bin-tts-manager speaking.go: a pod that dies inside the create leaves the row
-    `initiating` (it never becomes active) and the gateway answers 503; the row blocks the call
-    (500 on a new create) until it is deleted."""
+    """bin-tts-manager speaking.go: the gateway answers 503 after its budget while the pod goes
+    on with the create; the row it left `initiating` is the call's to poll (it becomes active,
+    or its pod died inside the create and the call gives up on it), never deleted here."""
     results = Results()
     ex = Executor(client, EchoBackend(), results.feed)
-    ex.setup_grace_s = 0.5  # as long as such a row is waited for (a slow create is, at first)
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_call_status(call_id, "progressing")
     killed: list[str] = []
@@ -271,10 +270,31 @@ async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_cre
     ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
     await sim.wait_for(kill_the_first_create, 5)
     await results.until(lambda: bool(results.of(SpeakingStarted)))
-    [started] = results.of(SpeakingStarted)
-    assert isinstance(started, SpeakingStarted)
-    assert started.status == "active" and started.speaking_id != killed[0]
-    assert sim.requests_matching("DELETE", rf"/speakings/{killed[0]}$")
+    assert results.of(SpeakingStarted) == [SpeakingStarted(killed[0], "initiating")]
+    assert sim.requests_matching("DELETE", r"/speakings/") == []
+    await ex.close()
+
+
+async def test_a_row_the_call_gave_up_on_is_deleted_and_created_again(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    """A dead pod's row blocks the call (500 on a new create) until it is deleted."""
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
+    await results.until(lambda: bool(results.of(SpeakingStarted)))
+    [first] = results.of(SpeakingStarted)
+    assert isinstance(first, SpeakingStarted) and first.status == "active"
+    sim.faults.kill_tts_pod(first.speaking_id)
+    again = StartSpeaking(call_id, "en-US", "gcp", "", frozenset({first.speaking_id}))
+    ex.execute(call_id, [again])
+    await results.until(lambda: len(results.of(SpeakingStarted)) == 2)
+    second = results.of(SpeakingStarted)[1]
+    assert isinstance(second, SpeakingStarted)
+    assert second.status == "active" and second.speaking_id != first.speaking_id
+    assert sim.requests_matching("DELETE", rf"/speakings/{first.speaking_id}$")
     await ex.close()
 
 

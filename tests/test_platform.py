@@ -100,6 +100,36 @@ async def test_a_create_slower_than_the_gateway_is_waited_for_not_deleted_under_
     assert sim.stranded() == []
 
 
+async def test_a_pod_that_dies_inside_the_create_is_given_up_and_the_greeting_heard_on_another(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # its row stays `initiating` for good (docs/protocol.md §8.3) and blocks a new create until
+    # it is deleted: polled like any initiating session, it is given up after the activate
+    # timeout, and the call is greeted on a new one
+    daemon = await agent()
+    # not a config key: VoIPBIN's pace (15 s), shrunk like the simulator's
+    daemon.config = replace(
+        daemon.config, call=replace(daemon.config.call, speaking_activate_timeout_s=1.0)
+    )
+    killed: list[str] = []
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+
+    def kill_the_first_create() -> bool:
+        rows = sim.world.speakings_of(call_id)
+        if rows and not killed:
+            killed.append(rows[0].id)
+            sim.faults.kill_tts_pod(rows[0].id)
+        return bool(killed)
+
+    await sim.wait_for(kill_the_first_create, 5)
+    await greeted(sim, call_id)
+    [greeting] = sim.requests_matching("POST", r"/say$")
+    assert killed[0] not in greeting.path
+    assert sim.requests_matching("DELETE", rf"/speakings/{killed[0]}$")
+    assert len(sim.requests_matching("POST", r"/speakings$")) >= 2
+    await ends_clean(sim, daemon, call_id)
+
+
 async def test_a_voice_the_provider_refuses_ends_the_call_after_a_bounded_number_of_sessions(
     sim: Simulator, agent: StartAgent
 ) -> None:
