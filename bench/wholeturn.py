@@ -98,14 +98,18 @@ def _templates(transcribe_id: str) -> list[str]:
         text = json.dumps({**base, "direction": "in", **fields}, separators=(",", ":"))
         return text.replace("{", "{{").replace("}", "}}").replace('"ID"', '"{id}"')
 
-    at = "2026-12-06T05:00:00.000000Z"
-    speech = {"streaming_id": "s" + transcribe_id[1:], "tm_event": at, "tm_create": at}
+    def speech(second: int, **fields: Any) -> str:
+        # VoIPBIN's times: the end boundary is published after the last interim, so it is
+        # taken for the end of the utterance (a transcript due, as in the daemon under load)
+        at = f"2026-12-06T05:00:0{second}.000000Z"
+        return frame(streaming_id="s" + transcribe_id[1:], tm_event=at, tm_create=at, **fields)
+
     words = UTTERANCE.split()
     return [
-        frame(**speech),
-        *(frame(message=" ".join(words[: n + 1]), **speech) for n in range(4)),
-        frame(**speech),
-        frame(message=UTTERANCE, offset_ms=1234, tm_create=at),
+        speech(0),
+        *(speech(n, message=" ".join(words[: n + 1])) for n in range(4)),
+        speech(5),
+        frame(message=UTTERANCE, offset_ms=1234, tm_create="2026-12-06T05:00:05.000000Z"),
     ]
 
 
