@@ -227,6 +227,8 @@ class Daemon:
         after POST /speakings must find the call in the store on restart, or nobody would ever
         stop that session. Later batches of the same call queue behind it to keep their order."""
         gate = self._gates.get(call_id)
+        if not commands and gate is None and self.replica is None:
+            return  # most speech events: nothing to run, nothing to order behind a gate
         if gate is not None and gate.done():
             del self._gates[call_id]
             gate = None
@@ -407,10 +409,12 @@ class Daemon:
             self.persister.history_left(call.id, left)
         # a read-back's transcripts are stored too: those the stream lost are among them (the
         # store ignores the ones it has)
-        read = event.transcripts if isinstance(event, TranscriptsRead) else (event,)
-        for t in read:
-            if isinstance(t, TranscriptEvent):
-                self.persister.transcript(call.id, t.id, t.direction, t.message)
+        if isinstance(event, TranscriptEvent):
+            self.persister.transcript(call.id, event.id, event.direction, event.message)
+        elif isinstance(event, TranscriptsRead):
+            for t in event.transcripts:
+                if isinstance(t, TranscriptEvent):
+                    self.persister.transcript(call.id, t.id, t.direction, t.message)
 
     def _on_finished(self, call: Call | None, call_id: str) -> None:
         self.call_seen.pop(call_id, None)

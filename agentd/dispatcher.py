@@ -179,7 +179,8 @@ class Dispatcher:
             commands = self._handle(call, event)
         if self.on_step is not None:
             self.on_step(call, event)
-        self._check_waiters()
+        if self._waiters:
+            self._check_waiters()
         known = call.transcribe_id
         if known is not None and self._by_transcribe.get(known) != call.id:
             self._by_transcribe[known] = call.id
@@ -318,6 +319,8 @@ def _keep(ids: OrderedDict[str, None], key: str, limit: int = 10_000) -> None:
 
 
 def _describe(event: Event | Result) -> dict[str, object]:
+    if type(event) is SpeechEvent:  # four to six a turn: one dict, made at once
+        return {"type": "SpeechEvent", "kind": event.kind, "text": event.message or None}
     out: dict[str, object] = {"type": type(event).__name__}
     if isinstance(event, CallEvent):
         out.update(status=event.call.status, reason=event.call.hangup_reason or None)

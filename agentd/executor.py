@@ -531,19 +531,31 @@ def _merge_says(first: Say, queue: deque[Command], max_chars: int = SAY_LIMIT_BY
     return Say(first.call_id, first.speaking_id, text, first.turn)
 
 
+_IDS: dict[type, tuple[str, ...]] = {}
+
+
+def _ids_of(kind: type) -> tuple[str, ...]:
+    """The ids a command of this class carries, of those its log line shows (found once)."""
+    ids = _IDS.get(kind)
+    if ids is None:
+        fields = getattr(kind, "__dataclass_fields__", {})
+        names = ("speaking_id", "transcribe_id", "turn")
+        ids = _IDS[kind] = tuple(n for n in names if n in fields or hasattr(kind, n))
+    return ids
+
+
 def _describe(cmd: Command) -> dict[str, Any]:
     out: dict[str, Any] = {"command": type(cmd).__name__}
-    for name in ("speaking_id", "transcribe_id", "turn"):
+    for name in _ids_of(type(cmd)):
         value = getattr(cmd, name, None)
         if value is not None:
             out[name] = value
     if isinstance(cmd, StartTimer | CancelTimer):
         out["timer"] = str(cmd.timer)
-    if isinstance(cmd, Record):
-        out["what"] = cmd.what.value
-    if isinstance(cmd, Say):
+    elif isinstance(cmd, Say):
         out["text"] = cmd.text
-    if isinstance(cmd, Record):
+    elif isinstance(cmd, Record):
+        out["what"] = cmd.what.value
         # an error record says what failed in data["what"]: shown as `detail`, not dropped
         data = {("detail" if k == "what" else k): v for k, v in cmd.data.items()}
         out.update({k: v for k, v in data.items() if k not in out})

@@ -70,15 +70,18 @@ def test_transcripts_of_old_and_new_servers(stamp: dict[str, object]) -> None:
     assert parsed(frame).event == TranscriptEvent("9d59", "550e", "in", "Hi, I need help.")
 
 
+SPEECH = {
+    "id": "a1",
+    "customer_id": "c",
+    "streaming_id": "s",
+    "transcribe_id": "t",
+    "direction": "in",
+    "tm_event": "2026-08-20T10:00:12.000123456Z",
+}
+
+
 def test_speech_events() -> None:
-    base = {
-        "id": "a1",
-        "customer_id": "c",
-        "streaming_id": "s",
-        "transcribe_id": "t",
-        "direction": "in",
-        "tm_event": "2026-08-20T10:00:12.000123456Z",
-    }
+    base = SPEECH
     at = "2026-08-20T10:00:12.000123456Z"  # Go's RFC3339Nano: kept as sent
     assert parsed(base).event == SpeechEvent("a1", "t", "boundary", "in", "", at)
     assert parsed(base | {"message": "Hi I"}).event == SpeechEvent(
@@ -87,6 +90,8 @@ def test_speech_events() -> None:
     wrapped = {"type": "transcribe_speech_started", "data": base}
     assert parsed(wrapped).event == SpeechEvent("a1", "t", "started", "in", "", at)
     assert parsed(base | {"tm_event": None}).event == SpeechEvent("a1", "t", "boundary")
+    assert parsed(base | {"direction": None}).event == SpeechEvent("a1", "t", "boundary", at=at)
+    assert parsed(base | {"message": ""}).event == SpeechEvent("a1", "t", "boundary", at=at)
     assert timestamp(at) == datetime(2026, 8, 20, 10, 0, 12, 123, tzinfo=UTC)
     assert timestamp("2026-08-20T10:00:07.5Z") == datetime(2026, 8, 20, 10, 0, 7, 500000, UTC)
     assert timestamp("soon") is None and timestamp(None) is None
@@ -125,6 +130,13 @@ def test_wrapped_frames_are_understood() -> None:
         (json.dumps(TRANSCRIPT | {"message": 7}), "malformed field: TypeError"),
         (json.dumps(TRANSCRIPT | {"message": "x" * 30_000}), "transcript too long"),
         (json.dumps({k: v for k, v in CALL.items() if k != "id"}), "malformed field: ValueError"),
+        # speech events: the most frequent frames, read on a path of their own
+        (json.dumps(SPEECH | {"message": 7}), "malformed field: TypeError"),
+        (json.dumps(SPEECH | {"direction": ["in"]}), "malformed field: TypeError"),
+        (json.dumps(SPEECH | {"tm_event": 12}), "malformed field: TypeError"),
+        (json.dumps(SPEECH | {"transcribe_id": None}), "malformed field: ValueError"),
+        (json.dumps({k: v for k, v in SPEECH.items() if k != "id"}), "malformed field: ValueError"),
+        (json.dumps(SPEECH | {"message": "x" * 30_000}), "speech text too long"),
         ("[" * 100_000, "not JSON"),
     ],
 )

@@ -68,6 +68,7 @@ from agentd.events import CallEvent, SpeechEvent, TranscribeEvent, TranscriptEve
 from agentd.names import Kind, Timer, TimerKind, TransferTo
 
 _STATUSES = {inp.value: inp for inp in REMOTE}
+_NONE: list[Command] = []  # an empty result, never appended to
 
 
 class Call(Recovery, Sessions, Listening):
@@ -81,12 +82,17 @@ class Call(Recovery, Sessions, Listening):
         # a timer that just fired needs no cancelling
         transcript_was_due = self.transcript_due and not isinstance(event, TimerFired)
         cmds = self._apply(event, now)
-        return self._reported(cmds + self._moot_timers(transcript_was_due))
+        moot = self._moot_timers(transcript_was_due)
+        if moot:
+            cmds = cmds + moot
+        return self._reported(cmds) if cmds else cmds
 
     def _moot_timers(self, transcript_was_due: bool) -> list[Command]:
         """Timers whose reason went away in this step, cancelled rather than left to fire for
         nothing (an event, a step and a log line each, on nearly every turn): the transcript
         that was due came; something was said for the turn a filler was armed for."""
+        if not (transcript_was_due or self.filler_due_at != NEVER):
+            return _NONE  # most steps: no timer of these is armed
         out: list[Command] = []
         if transcript_was_due and not self.transcript_due:
             out.append(CancelTimer(self.id, Timer(TimerKind.TRANSCRIPT_DUE)))

@@ -191,6 +191,8 @@ class CallCore:
         r = self.report
         r.tick(now)
         match event:
+            case SpeechEvent() | TranscriptEvent():
+                pass  # most inputs: nothing more for the report (each case is an isinstance)
             case CallEvent() if event.deleted or event.call.status == "hangup":
                 r.hung_up(now)
             case CallEvent() if event.call.status == "progressing":
