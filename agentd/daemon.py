@@ -186,6 +186,7 @@ class Daemon:
             on_finished=self.dispatcher.finished,
             say_chars=say_max_chars(config.call.tts_provider),
         )
+        self.dispatcher.set_timers = self.executor.set_timers
         self.stream = EventStream(
             config.voipbin.ws_url,
             auth=self.client.auth,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from agentd import logs
 from agentd.call import Call, CallSettings, Phase
-from agentd.commands import Command, Finished, Result, TranscriptsRead
+from agentd.commands import CancelTimer, Command, Finished, Result, StartTimer, TranscriptsRead
 from agentd.events import (
     CallEvent,
     CallInfo,
@@ -34,6 +34,7 @@ log = logs.get_logger("agentd.dispatcher")
 _PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
 
 Execute = Callable[[str, list[Command]], None]
+SetTimers = Callable[[str, list[StartTimer | CancelTimer]], None]
 OnStep = Callable[[Call, "Event | Result"], None]
 
 
@@ -49,8 +50,13 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         on_step: OnStep | None = None,
         on_finished: Callable[[Call | None, str], None] | None = None,
+        set_timers: SetTimers | None = None,
     ) -> None:
         self.on_step = on_step
+        #: where a step's timer changes go, shown on its event line rather than a line each
+        #: (four a turn: the transcript due and the filler, armed and cancelled); None: they
+        #: are executed and logged with the other commands
+        self.set_timers = set_timers
         self.on_finished = on_finished
         self.settings = settings
         self.execute = execute
@@ -175,7 +181,6 @@ class Dispatcher:
 
     def _step(self, call: Call, event: Event | Result) -> None:
         with logs.bound(call_id=call.id):
-            log.info("event", **_describe(event))
             commands = self._handle(call, event)
         if self.on_step is not None:
             self.on_step(call, event)
@@ -194,14 +199,25 @@ class Dispatcher:
         """Step the call. A bug in one call must not stop the others: a call whose handler
         raises is ended cleanly (its sessions stopped) and takes no more events."""
         try:
-            return call.handle(event, self.clock())
+            commands = call.handle(event, self.clock())
         except Exception as exc:
+            log.info("event", **_describe(event))
             log.exception("call.crashed", input=type(event).__name__)
             if call.failed:  # its cleanup failed too: nothing more can be done for it here
                 log.error("call.abandoned", sessions=call.speaking_id or call.transcribe_id)
                 return [Finished(call.id)]
             self.counters["failed"] += 1
             return call.fail(type(exc).__name__)
+        if self.set_timers is None or not commands:
+            log.info("event", **_describe(event))
+            return commands
+        timers = [c for c in commands if isinstance(c, StartTimer | CancelTimer)]
+        if not timers:
+            log.info("event", **_describe(event))
+            return commands
+        log.info("event", **_describe(event), **_timer_fields(timers))
+        self.set_timers(call.id, timers)
+        return [c for c in commands if not isinstance(c, StartTimer | CancelTimer)]
 
     def _replay_orphans(self) -> None:
         horizon = self.clock() - 30.0
@@ -316,6 +332,18 @@ def _keep(ids: OrderedDict[str, None], key: str, limit: int = 10_000) -> None:
     ids[key] = None
     while len(ids) > limit:
         ids.popitem(last=False)
+
+
+def _timer_fields(timers: list[StartTimer | CancelTimer]) -> dict[str, object]:
+    """A step's timer changes as its event line shows them: armed (in seconds), cancelled."""
+    out: dict[str, object] = {}
+    armed = {str(c.timer): round(c.delay_s, 3) for c in timers if isinstance(c, StartTimer)}
+    if armed:
+        out["armed"] = armed
+    cancelled = [str(c.timer) for c in timers if isinstance(c, CancelTimer)]
+    if cancelled:
+        out["cancelled"] = cancelled
+    return out
 
 
 def _describe(event: Event | Result) -> dict[str, object]:

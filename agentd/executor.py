@@ -154,6 +154,17 @@ class Executor:
                 case _:
                     self._enqueue(call_id, lanes, cmd)
 
+    def set_timers(self, call_id: str, timers: list[StartTimer | CancelTimer]) -> None:
+        """Arm and cancel a call's timers (the dispatcher logged them on the step's line)."""
+        lanes = self._calls.get(call_id)
+        if lanes is None:
+            lanes = self._calls[call_id] = _Lanes()
+        for cmd in timers:
+            if isinstance(cmd, StartTimer):
+                self._start_timer(call_id, lanes, cmd)
+            else:
+                _cancel_timer(lanes, cmd.timer)
+
     def _start_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer) -> None:
         _cancel_timer(lanes, cmd.timer)
         # a handle, not a task: timers are re-armed on nearly every event

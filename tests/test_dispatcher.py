@@ -7,10 +7,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import structlog
 
 from agentd.call import Call, CallSettings, Phase
 from agentd.call import call as call_module
 from agentd.commands import (
+    CancelTimer,
     Command,
     Finished,
     Hangup,
@@ -192,6 +194,43 @@ def test_a_call_that_turns_out_to_be_a_flows_leg_is_released_before_its_answer()
     d.on_event(CallEvent(replace(chained, status="progressing")))
     assert d.calls == {}
     assert not any(isinstance(c, StartSpeaking) for c in shell.commands("leg"))
+
+
+def test_a_steps_timers_go_apart_and_are_shown_on_its_event_line() -> None:
+    # four timer changes a turn (the transcript due, the filler): a log line each cost ~3 % of
+    # a turn's CPU; the step's line says what it armed and cancelled
+    shell = Shell()
+    timers: list[tuple[str, list[Command]]] = []
+    d = Dispatcher(
+        settings,
+        shell.execute,
+        numbers=(OUR_NUMBER,),
+        clock=lambda: shell.now,
+        set_timers=lambda call_id, cmds: timers.append((call_id, list(cmds))),
+    )
+    d.on_event(call_event("c1", "progressing"))
+    d.feed("c1", TranscribeStarted("t1"))
+    d.feed("c1", SpeakingStarted("s1", "active"))
+    shell.now = 100.0  # the greeting has played
+    shell.batches.clear()
+    timers.clear()
+    with structlog.testing.capture_logs() as lines:
+        d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))
+        shell.now += settings().final_hold_s  # the caller is done: the reply is not held
+        d.feed("c1", ReplySentence(1, "Hi."))
+    assert [(cid, [(type(c).__name__, str(c.timer)) for c in cmds]) for cid, cmds in timers] == [
+        ("c1", [("StartTimer", "filler")]),
+        ("c1", [("CancelTimer", "filler")]),
+    ]
+    assert not [c for c in shell.commands("c1") if isinstance(c, StartTimer | CancelTimer)]
+    assert [type(c).__name__ for c in shell.commands("c1")] == ["AskBackend", "Say"]
+    events = [
+        (e["type"], e.get("armed"), e.get("cancelled")) for e in lines if e["event"] == "event"
+    ]
+    assert events == [
+        ("TranscriptEvent", {"filler": settings().final_hold_s + settings().filler_after_s}, None),
+        ("ReplySentence", None, ["filler"]),
+    ]
 
 
 def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
