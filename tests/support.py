@@ -7,6 +7,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from agentd.daemon import Daemon
+from agentd.sim import Simulator
 
 OUR_NUMBER = "+15551234567"
 CALLER = "+15550001111"
@@ -37,3 +38,18 @@ async def run_cli(*args: str, limit_s: float = 60.0) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def pod_killer(sim: Simulator, call_id: str) -> tuple[Callable[[], bool], list[str]]:
+    """A `sim.wait_for` predicate that kills the tts pod of the call's first speaking as soon
+    as its row exists (inside the create), and the list it puts that speaking's id in."""
+    killed: list[str] = []
+
+    def kill_the_first_create() -> bool:
+        rows = sim.world.speakings_of(call_id)
+        if rows and not killed:
+            killed.append(rows[0].id)
+            sim.faults.kill_tts_pod(rows[0].id)
+        return bool(killed)
+
+    return kill_the_first_create, killed

@@ -32,7 +32,7 @@ from agentd.executor import Executor
 from agentd.names import Kind, Timer, TimerKind
 from agentd.sim import Caller, Simulator
 from agentd.voipbin import Credentials, Secret, VoipbinClient, say_max_chars
-from tests.support import CALLER, OUR_NUMBER
+from tests.support import CALLER, OUR_NUMBER, pod_killer
 
 
 class Results:
@@ -258,15 +258,7 @@ async def test_a_create_that_failed_adopts_its_row_still_initiating_for_the_call
     ex = Executor(client, EchoBackend(), results.feed)
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_call_status(call_id, "progressing")
-    killed: list[str] = []
-
-    def kill_the_first_create() -> bool:
-        rows = sim.world.speakings_of(call_id)
-        if rows and not killed:
-            killed.append(rows[0].id)
-            sim.faults.kill_tts_pod(rows[0].id)
-        return bool(killed)
-
+    kill_the_first_create, killed = pod_killer(sim, call_id)
     ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
     await sim.wait_for(kill_the_first_create, 5)
     await results.until(lambda: bool(results.of(SpeakingStarted)))

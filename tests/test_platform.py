@@ -13,7 +13,7 @@ from dataclasses import replace
 from agentd.daemon import Daemon
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
-from tests.support import CALLER, OUR_NUMBER, StartAgent
+from tests.support import CALLER, OUR_NUMBER, StartAgent, pod_killer
 
 ECHO = "You said: "
 
@@ -45,6 +45,12 @@ async def ends_clean(sim: Simulator, daemon: Daemon, call_id: str) -> None:
         await sim.hangup(call_id)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
     assert sim.leaks() == []
+
+
+def paced(daemon: Daemon, **waits: float) -> None:
+    """Waits that are VoIPBIN's pace, not config keys, shrunk like the simulator's (for the
+    calls that come next)."""
+    daemon.config = replace(daemon.config, call=replace(daemon.config.call, **waits))
 
 
 def open_line(*utterances: Utterance) -> Caller:
@@ -107,20 +113,9 @@ async def test_a_pod_that_dies_inside_the_create_is_given_up_and_the_greeting_he
     # it is deleted: polled like any initiating session, it is given up after the activate
     # timeout, and the call is greeted on a new one
     daemon = await agent()
-    # not a config key: VoIPBIN's pace (15 s), shrunk like the simulator's
-    daemon.config = replace(
-        daemon.config, call=replace(daemon.config.call, speaking_activate_timeout_s=1.0)
-    )
-    killed: list[str] = []
+    paced(daemon, speaking_activate_timeout_s=1.0)  # VoIPBIN's 15 s
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
-
-    def kill_the_first_create() -> bool:
-        rows = sim.world.speakings_of(call_id)
-        if rows and not killed:
-            killed.append(rows[0].id)
-            sim.faults.kill_tts_pod(rows[0].id)
-        return bool(killed)
-
+    kill_the_first_create, killed = pod_killer(sim, call_id)
     await sim.wait_for(kill_the_first_create, 5)
     await greeted(sim, call_id)
     [greeting] = sim.requests_matching("POST", r"/say$")
@@ -209,10 +204,7 @@ async def test_a_transcribe_voipbin_fails_to_end_at_hangup_is_stopped_late(
     sim: Simulator, agent: StartAgent
 ) -> None:
     daemon = await agent()
-    # not a config key: VoIPBIN's pace, shrunk like the simulator's
-    daemon.config = replace(
-        daemon.config, call=replace(daemon.config.call, transcribe_end_wait_s=0.3)
-    )
+    paced(daemon, transcribe_end_wait_s=0.3)
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
     await greeted(sim, call_id)
     [trn] = [t.id for t in sim.world.transcribes_of(call_id)]
