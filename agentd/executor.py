@@ -66,6 +66,11 @@ from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
 log = logs.get_logger("agentd.executor")
 
+#: How long a speaking row left `initiating` by a create that failed is waited for before it is
+#: taken for a dead pod's: the pod's external-media request alone may take 3 s
+#: (bin-common-handler `requestTimeoutDefault`), queued behind its other work
+SETUP_GRACE_S = 10.0
+
 NO_BRIDGE = (
     "the caller is in no confbridge: a transfer needs the number's flow to `connect` the caller "
     "to a second leg (README: Transfers)"
@@ -107,6 +112,7 @@ class Executor:
     ) -> None:
         self.client = client
         self.say_chars = say_chars  # the most characters a /say carries (`say_max_chars`)
+        self.setup_grace_s = SETUP_GRACE_S
         self.backend = backend
         self.feed = feed
         self.backend_timeout_s = backend_timeout_s
@@ -385,6 +391,7 @@ class Executor:
     async def _start_speaking(self, cmd: StartSpeaking) -> Result:
         c = self.client
         for _ in range(2):  # a second try only after deleting a dead session in the way
+            sent = asyncio.get_running_loop().time()
             try:
                 spk = await c.start_speaking(cmd.call_id, cmd.language, cmd.provider, cmd.voice_id)
                 return SpeakingStarted(str(spk.get("id", "")), str(spk.get("status", "")))
@@ -393,14 +400,9 @@ class Executor:
             if not (failure.status in (0, 409) or failure.status >= 500):
                 return failure
             # one live session per call: it may exist already (a 409/500 says so), or the
-            # create may have happened despite the error. A live row is adopted, `initiating`
-            # too: a create slower than the gateway's 3 s budget answers 503 while its pod goes
-            # on and sets the row active whatever became of it (bin-tts-manager
-            # `speakinghandler/speaking.go` Create), so the call polls it as it polls any
-            # initiating session, and stops it if it never becomes active (a pod that died
-            # inside the create, docs/protocol.md §8.3). Deleted here, it would stream on from
-            # a deleted row, billed and out of every client's reach. Only a row the call gave
-            # up on is deleted: a dead pod's stays active and blocks every create until then.
+            # create may have happened despite the error. Adopt an active one, unless the call
+            # gave up on it: a dead pod's row stays active and blocks every create until it is
+            # deleted.
             try:
                 dead = []
                 for row in await c.list_speakings():
@@ -410,8 +412,13 @@ class Executor:
                     if sid in cmd.avoid:
                         dead.append(sid)
                         continue
-                    log.info("speaking.adopted", speaking_id=sid, status=status)
-                    return SpeakingStarted(sid, status)
+                    if status == "initiating":
+                        status = await self._settled(sid, sent + self.setup_grace_s)
+                    if status == "active":
+                        log.info("speaking.adopted", speaking_id=sid)
+                        return SpeakingStarted(sid, status)
+                    if status == "initiating":
+                        dead.append(sid)
                 for sid in dead:
                     log.warning("speaking.dead_deleted", speaking_id=sid)
                     await c.delete_speaking(sid)
@@ -420,6 +427,30 @@ class Executor:
             if not dead:
                 return failure
         return failure
+
+    async def _settled(self, speaking_id: str, until: float) -> str:
+        """The status a row still `initiating` after our create failed settles on by `until`.
+
+        A create slower than the gateway's 3 s budget answers 503 while the pod goes on (its
+        request has no deadline) and then sets the row `active` whatever became of it meanwhile
+        (bin-tts-manager `speakinghandler/speaking.go` Create): deleted now, it would stream on
+        from a deleted row, billed and out of every client's reach. So it is waited for; one
+        still `initiating` after `setup_grace_s` is the row of a pod that died inside the create
+        (docs/protocol.md §8.3), which never becomes active."""
+        loop = asyncio.get_running_loop()
+        pause = 0.25
+        while (left := until - loop.time()) > 0:
+            await asyncio.sleep(min(pause, left))
+            pause = min(2 * pause, 2.0)
+            try:
+                status = str((await self.client.get_speaking(speaking_id)).get("status", ""))
+            except ApiError as e:
+                if e.status == 404:
+                    return "stopped"  # gone: nothing to adopt or delete
+                continue
+            if status != "initiating":
+                return status
+        return "initiating"
 
     # ---- backend replies -----------------------------------------------------------------
 

@@ -110,10 +110,10 @@ async def test_a_pod_that_dies_inside_the_create_is_given_up_and_the_greeting_he
     sim: Simulator, agent: StartAgent
 ) -> None:
     # its row stays `initiating` for good (docs/protocol.md §8.3) and blocks a new create until
-    # it is deleted: polled like any initiating session, it is given up after the activate
-    # timeout, and the call is greeted on a new one
+    # it is deleted: waited for as a slow create's would be, then deleted, and the call is
+    # greeted on a new one (a restart in between waits again from its own create)
     daemon = await agent()
-    paced(daemon, speaking_activate_timeout_s=1.0)  # VoIPBIN's 15 s
+    daemon.executor.setup_grace_s = 0.5  # VoIPBIN's pace (10 s), shrunk like the simulator's
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
     kill_the_first_create, killed = pod_killer(sim, call_id)
     await sim.wait_for(kill_the_first_create, 5)
