@@ -213,6 +213,7 @@ def test_the_whole_turn_answers_every_call_each_round() -> None:
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.timeout(300)  # two interpreters under callgrind: ~45 s alone, more on shared cores
 def test_the_whole_turns_instructions_are_counted() -> None:
     out = _bench("wholeturn", "--instructions", "--calls", "5", timeout_s=240)
     found = re.fullmatch(r"(\d+)k instructions per turn \(callgrind, every thread\)\n", out)
