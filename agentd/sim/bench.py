@@ -149,11 +149,7 @@ class BenchApi:
 
     def hangup_all(self) -> int:
         """Remote hangup of every call that is not over."""
-        live = [
-            c
-            for c in self.sim.calls.values()
-            if c.status not in ("hangup", "terminating", "canceling")
-        ]
+        live = [c for c in self.sim.calls.values() if not c.ending]
         for call in live:
             self.sim._calls.hangup_remote(call)
         return len(live)

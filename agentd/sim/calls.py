@@ -54,7 +54,6 @@ _ADDRESS_KEYS = ("type", "target", "target_name", "name", "detail")
 DIALABLE = ("tel", "sip", "agent", "extension")
 #: The confbridge flag a blind transfer sets so that hanging the transferer up does not end it.
 NO_AUTO_LEAVE = "no_auto_leave"
-_ENDING = ("terminating", "canceling", "hangup")
 
 
 def clean_address(addr: Any) -> JSON:
@@ -157,7 +156,7 @@ class Calls:
             call.groupcall_id_internal = groupcall.id
             call.flow_id = groupcall.flow_id
         self.world.emit("call_created", call.to_json())
-        if master is not None and master.status not in _ENDING:
+        if master is not None and not master.ending:
             # Chained after creation, both announced (call-manager chained_call.go).
             master.chained_call_ids.append(call.id)
             call.master_call_id = master.id
@@ -252,7 +251,7 @@ class Calls:
 
     def hangup_local(self, call: SimCall, reason: str = "normal") -> None:
         """Our side hangs up: ``terminating`` (or ``canceling`` before an outgoing answer)."""
-        if call.status in _ENDING:
+        if call.ending:
             return
         if call.direction == "outgoing" and call.status in ("dialing", "ringing"):
             self._set_status(call, "canceling")
@@ -268,7 +267,7 @@ class Calls:
 
     def hangup_remote(self, call: SimCall, reason: str = "normal") -> None:
         """The far end hangs up (ignored once we are already hanging up)."""
-        if call.status in _ENDING:
+        if call.ending:
             return
         self._finish(call, "remote", reason)
 

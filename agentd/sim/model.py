@@ -178,6 +178,11 @@ class SimCall:
         """True once the call reached the final ``hangup`` status."""
         return self.status == "hangup"
 
+    @property
+    def ending(self) -> bool:
+        """True from our hangup on (``terminating``, ``canceling``) and once it is over."""
+        return self.status in ("terminating", "canceling", "hangup")
+
     def to_json(self) -> JSON:
         """The ``WebhookMessage`` shape (REST and WebSocket)."""
         out: JSON = {

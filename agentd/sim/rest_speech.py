@@ -141,7 +141,7 @@ class SpeechRoutes(RestCore):
             strings[key] = value
         # tts-manager answers a bare 500 for everything below (the gateway maps it to INTERNAL).
         call = self.world.calls.get(ref_id) if ref_type == "call" else None
-        if call is None or call.status in ("hangup", "terminating", "canceling"):
+        if call is None or call.ending:
             raise ApiError(500, "INTERNAL")
         if any(
             s.status in ("initiating", "active") and s.tm_delete is None

@@ -256,7 +256,7 @@ class Tts:
             # blocks the call) while the gateway waits out its budget.
             await asyncio.sleep(max(0.0, settings.pod_rpc_timeout_s - settings.speaking_create_s))
             raise ApiError(503, "REQUEST_TIMEOUT", "The request timed out.")
-        if call.status in ("terminating", "canceling", "hangup"):
+        if call.ending:
             self._set_status(spk, "stopped")
             raise ApiError(500, "INTERNAL")
         if spk.status == "initiating":
@@ -267,7 +267,7 @@ class Tts:
         if spk.pod_id in self.dead_pods:
             return
         call = self.world.calls.get(spk.reference_id)
-        ended = call is None or call.status in ("terminating", "canceling", "hangup")
+        ended = call is None or call.ending
         self._set_status(spk, "stopped" if ended else "active")
 
     async def _activate(self, spk: SimSpeaking) -> None:
@@ -341,7 +341,7 @@ class Tts:
         if spk.status != "active" or voice_refused(spk.provider, spk.voice_id):
             return True
         call = self.world.calls.get(spk.reference_id)
-        if call is None or call.status in ("terminating", "canceling", "hangup"):
+        if call is None or call.ending:
             return True
         return vendor_of(spk.provider) == "aws" and len(text) > POLLY_MAX_CHARS
 
