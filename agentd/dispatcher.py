@@ -208,15 +208,15 @@ class Dispatcher:
                 return [Finished(call.id)]
             self.counters["failed"] += 1
             return call.fail(type(exc).__name__)
-        if self.set_timers is None or not commands:
-            log.info("event", **_describe(event))
-            return commands
-        timers = [c for c in commands if isinstance(c, StartTimer | CancelTimer)]
-        if not timers:
+        set_timers = self.set_timers
+        timers = (
+            [c for c in commands if isinstance(c, StartTimer | CancelTimer)] if set_timers else []
+        )
+        if set_timers is None or not timers:
             log.info("event", **_describe(event))
             return commands
         log.info("event", **_describe(event), **_timer_fields(timers))
-        self.set_timers(call.id, timers)
+        set_timers(call.id, timers)
         return [c for c in commands if not isinstance(c, StartTimer | CancelTimer)]
 
     def _replay_orphans(self) -> None:

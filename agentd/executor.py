@@ -129,9 +129,7 @@ class Executor:
         """Schedule `commands`; never blocks."""
         if not commands:
             return  # most speech events: nothing to do, no lanes to make
-        lanes = self._calls.get(call_id)
-        if lanes is None:
-            lanes = self._calls[call_id] = _Lanes()
+        lanes = self._lanes(call_id)
         for cmd in commands:
             if isinstance(cmd, Record) and cmd.what.warns:
                 # a session agentd gave up stopping bills until someone stops it by hand
@@ -146,10 +144,8 @@ class Executor:
                     task = lanes.replies.pop(cmd.turn, None)
                     if task is not None:
                         task.cancel()
-                case StartTimer():
-                    self._start_timer(call_id, lanes, cmd)
-                case CancelTimer():
-                    _cancel_timer(lanes, cmd.timer)
+                case StartTimer() | CancelTimer():
+                    self._set_timer(call_id, lanes, cmd)
                 case Record():
                     if self.on_record is not None:
                         self.on_record(cmd)
@@ -162,21 +158,23 @@ class Executor:
 
     def set_timers(self, call_id: str, timers: list[StartTimer | CancelTimer]) -> None:
         """Arm and cancel a call's timers (the dispatcher logged them on the step's line)."""
+        lanes = self._lanes(call_id)
+        for cmd in timers:
+            self._set_timer(call_id, lanes, cmd)
+
+    def _lanes(self, call_id: str) -> _Lanes:
         lanes = self._calls.get(call_id)
         if lanes is None:
             lanes = self._calls[call_id] = _Lanes()
-        for cmd in timers:
-            if isinstance(cmd, StartTimer):
-                self._start_timer(call_id, lanes, cmd)
-            else:
-                _cancel_timer(lanes, cmd.timer)
+        return lanes
 
-    def _start_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer) -> None:
+    def _set_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer | CancelTimer) -> None:
         _cancel_timer(lanes, cmd.timer)
-        # a handle, not a task: timers are re-armed on nearly every event
-        lanes.timers[cmd.timer] = asyncio.get_running_loop().call_later(
-            cmd.delay_s, self._fire, call_id, cmd.timer
-        )
+        if isinstance(cmd, StartTimer):
+            # a handle, not a task: timers are re-armed on nearly every event
+            lanes.timers[cmd.timer] = asyncio.get_running_loop().call_later(
+                cmd.delay_s, self._fire, call_id, cmd.timer
+            )
 
     def _enqueue(self, call_id: str, lanes: _Lanes, cmd: Command) -> None:
         """A REST command waits its turn on its lane; the lane's worker runs them in order."""
