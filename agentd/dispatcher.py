@@ -180,8 +180,11 @@ class Dispatcher:
     # ---- stepping a call -----------------------------------------------------------------
 
     def _step(self, call: Call, event: Event | Result) -> None:
-        with logs.bound(call_id=call.id):
+        token = logs.bind_call(call.id)
+        try:
             commands = self._handle(call, event)
+        finally:
+            logs.unbind(token)
         if self.on_step is not None:
             self.on_step(call, event)
         if self._waiters:
