@@ -56,7 +56,7 @@ async def stream_reply(
         # whole reply: a healthy model streaming a long answer slowly is not cut off
         async with asyncio.timeout(timeout_s) as timeout:
             silence = _Silence(timeout, timeout_s)
-            async for chunk in _tail_flushing(_capped(stream, cmd.turn), buf):
+            async for chunk in _read(stream, buf, cmd.turn):
                 silence.broken()
                 if isinstance(chunk, ToolCall):
                     action = _action(chunk) or action
@@ -117,44 +117,39 @@ class _Silence:
             self._timeout.reschedule(deadline)
 
 
-async def _capped(stream: Any, turn: int) -> AsyncIterator[Any]:
-    """The chunks of `stream` up to `MAX_REPLY_CHARS` of text, then no more."""
+async def _read(stream: Any, buf: SentenceBuffer, turn: int) -> AsyncIterator[Any]:
+    """The chunks of `stream`, up to `MAX_REPLY_CHARS` of text; plus, when the text so far ends
+    like a sentence ("noon.") and the next chunk is slow to come, an empty chunk after
+    TAIL_WAIT_S that makes `buf` give up that sentence. Model streams send the space after a
+    period with the *next* token, so without this the first sentence would be spoken one token
+    interval late. One generator does both: each layer of generator costs every token."""
+    it = stream.__aiter__()
     length = 0
-    async for chunk in stream:
+    while True:
+        try:
+            if not buf.ends_a_sentence():
+                # the usual case: no task, so a backend whose chunks are ready (a local model,
+                # the echo) streams the whole reply in one step of the loop
+                chunk = await it.__anext__()
+            else:
+                nxt = asyncio.ensure_future(it.__anext__())
+                try:
+                    done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
+                    if not done:
+                        buf.end_tail()
+                        yield ""
+                    chunk = await nxt
+                except BaseException:
+                    nxt.cancel()
+                    raise
+        except StopAsyncIteration:
+            return
         if isinstance(chunk, str):
             length += len(chunk)
             if length > MAX_REPLY_CHARS:
                 log.warning("reply.too_long", turn=turn, kept_chars=MAX_REPLY_CHARS)
                 yield chunk[: len(chunk) - (length - MAX_REPLY_CHARS)]
                 return
-        yield chunk
-
-
-async def _tail_flushing(stream: Any, buf: SentenceBuffer) -> AsyncIterator[Any]:
-    """Chunks of `stream`; plus, when the text so far ends like a sentence ("noon.") and the
-    next chunk is slow to come, an empty chunk after TAIL_WAIT_S that makes `buf` give up that
-    sentence. Model streams send the space after a period with the *next* token, so without
-    this the first sentence would be spoken one token interval late."""
-    it = stream.__aiter__()
-    while True:
-        try:
-            if not buf.ends_a_sentence():
-                # the usual case: no task, so a backend whose chunks are ready (a local model,
-                # the echo) streams the whole reply in one step of the loop
-                yield await it.__anext__()
-                continue
-            nxt = asyncio.ensure_future(it.__anext__())
-            try:
-                done, _ = await asyncio.wait({nxt}, timeout=TAIL_WAIT_S)
-                if not done:
-                    buf.end_tail()
-                    yield ""
-                chunk = await nxt
-            except BaseException:
-                nxt.cancel()
-                raise
-        except StopAsyncIteration:
-            return
         yield chunk
 
 
