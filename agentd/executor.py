@@ -58,7 +58,7 @@ from agentd.commands import (
     WriteAhead,
 )
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
-from agentd.names import Timer
+from agentd.names import Kind, Timer
 from agentd.reply import stream_reply
 from agentd.secret import redact
 from agentd.sentences import split_for_say
@@ -131,12 +131,10 @@ class Executor:
             return  # most speech events: nothing to do, no lanes to make
         lanes = self._lanes(call_id)
         for cmd in commands:
-            if isinstance(cmd, Record) and cmd.what.warns:
-                # a session agentd gave up stopping bills until someone stops it by hand
-                loud = log.error if cmd.data.get("gave_up") else log.warning
-                loud("command", call_id=call_id, **_describe(cmd))
-            else:
-                log.info("command", call_id=call_id, **_describe(cmd))
+            if isinstance(cmd, Record):
+                self._record(cmd)
+                continue
+            log.info("command", call_id=call_id, **_describe(cmd))
             match cmd:
                 case AskBackend():
                     self._spawn_reply(lanes, cmd)
@@ -146,15 +144,23 @@ class Executor:
                         task.cancel()
                 case StartTimer() | CancelTimer():
                     self._set_timer(call_id, lanes, cmd)
-                case Record():
-                    if self.on_record is not None:
-                        self.on_record(cmd)
                 case WriteAhead():
                     pass  # the daemon held the commands after it until the call was saved
                 case Finished():
                     self._forget(call_id)
                 case _:
                     self._enqueue(call_id, lanes, cmd)
+
+    def _record(self, record: Record) -> None:
+        """Log a record and hand it on (`on_record`: the daemon's store, metrics and traces)."""
+        if record.what.warns:
+            # a session agentd gave up stopping bills until someone stops it by hand
+            loud = log.error if record.data.get("gave_up") else log.warning
+            loud("command", call_id=record.call_id, **_describe(record))
+        else:
+            log.info("command", call_id=record.call_id, **_describe(record))
+        if self.on_record is not None:
+            self.on_record(record)
 
     def set_timers(self, call_id: str, timers: list[StartTimer | CancelTimer]) -> None:
         """Arm and cancel a call's timers (the dispatcher logged them on the step's line)."""
@@ -348,7 +354,10 @@ class Executor:
                     # its pod may be gone: only a delete ends it then
                     _, running = await _stop_left(self.client.delete_speaking(sid))
                     if running:  # VoIPBIN bills it on: only its support can end it now
-                        log.error("sweep.unstopped", speaking_id=sid)
+                        # the record a call makes of a session it knew (README: "leak")
+                        leak = {"kind": "speaking", "session_id": sid, "status": 200}
+                        leak.update(gave_up=True, unstopped=True)
+                        self._record(Record(cmd.call_id, Kind.LEAK, leak))
 
     async def _transfer(self, cmd: Transfer) -> Result:
         # VoIPBIN transfers only a call in a confbridge, and a blind transfer hangs up the

@@ -25,6 +25,7 @@ from agentd.commands import (
     StartTimer,
     Stopped,
     StopSpeaking,
+    SweepSpeakings,
     WriteAhead,
 )
 from agentd.events import Event
@@ -311,4 +312,35 @@ async def test_a_leak_given_up_is_logged_as_an_error(client: VoipbinClient) -> N
         ex.execute("c1", [Record("c1", Kind.LEAK, {**leak, "gave_up": True})])
     levels = [(e["log_level"], e.get("gave_up")) for e in logs if e.get("command") == "Record"]
     assert levels == [("warning", None), ("error", True)]
+    await ex.close()
+
+
+async def test_a_swept_session_its_delete_could_not_stop_is_recorded_as_a_leak(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # the sweep at a hangup stops a speaking the call never learned the id of (a create whose
+    # answer was lost); on a dead tts pod only a delete removes it, and a row deleted `active`
+    # bills on: the operator must get the same leak record (its line at error, `agentd calls
+    # show`, the metric) as for a session the call knew, not a log line of its own
+    records: list[Record] = []
+    recorded = asyncio.Event()
+
+    def on_record(record: Record) -> None:
+        records.append(record)
+        recorded.set()
+
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed, on_record=on_record)
+    call_id, sid = await speaking(sim, ex, results)
+    sim.faults.kill_tts_pod(sid)
+    with structlog.testing.capture_logs() as logs:
+        ex.execute(call_id, [SweepSpeakings(call_id)])
+        await asyncio.wait_for(recorded.wait(), 30)
+    [record] = records
+    assert (record.call_id, record.what) == (call_id, Kind.LEAK)
+    assert record.data["session_id"] == sid
+    assert record.data["unstopped"] is True and record.data["gave_up"] is True
+    [line] = [e for e in logs if e.get("command") == "Record"]
+    assert (line["log_level"], line["what"], line["session_id"]) == ("error", "leak", sid)
+    assert sim.stranded() == [sid]
     await ex.close()
