@@ -253,6 +253,19 @@ def test_a_500_on_say_never_reached_a_pod_and_is_said_again() -> None:
     assert step(call, SpeakingStarted("s2", "active"), 10.8) == [Say(CID, "s2", "Hi.", 1)]
 
 
+def test_a_say_refused_429_past_its_deadline_is_said_again_on_the_same_session() -> None:
+    # the rate limiter refuses before anything runs; the client waits out Retry-After up to
+    # the say's deadline, and one past it fails the say: nothing was spoken, nothing is lost
+    call = answered()
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "Hi."), 10)
+    cmds = step(call, SayFailed("s1", "Hi.", 1, 429), 30)
+    assert Say(CID, "s1", "Hi.", 1) in cmds
+    # again: the session is fine (a limit is no dead pod), it is not replaced
+    cmds = step(call, SayFailed("s1", "Hi.", 1, 429), 50)
+    assert kinds(cmds) == ["Say"]
+
+
 # -- transcribe: orphans ------------------------------------------------------------------------
 
 

@@ -169,6 +169,24 @@ async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_he
     assert unstopped(daemon) == [dead]
 
 
+async def test_a_say_refused_429_for_longer_than_its_deadline_is_heard_once_the_wait_is_over(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # a Retry-After past what is left of the say's deadline fails it at once; VoIPBIN's
+    # limiter refused it before anything ran, so it is sent again once the wait is over
+    daemon = await agent()
+    daemon.client.deadline_s = 0.5  # a Retry-After of 1 s is past it (the default is 20 s)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    sim.faults.fail("POST", r"/say$", 429, retry_after=1.0)
+    await sim.caller_says(call_id, "are you there")
+    await sim.wait_for(lambda: f"{ECHO}are you there." in agent_said(sim, call_id), 10)
+    says = [r for r in sim.requests_matching("POST", r"/say$") if "are you" in str(r.body)]
+    assert [r.status for r in says] == [429, 200]
+    assert says[1].t - says[0].t >= 1.0  # the Retry-After was waited out
+    await ends_clean(sim, daemon, call_id)
+
+
 async def test_a_transcript_with_a_lone_surrogate_escape_is_answered(
     sim: Simulator, agent: StartAgent
 ) -> None:

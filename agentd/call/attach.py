@@ -151,9 +151,10 @@ class Sessions(CallCore):
         # pod synthesises, and waits for room in its audio buffer, before it answers: a 503
         # there is as likely a say that outlived the gateway's 3 s budget and plays all the
         # same, and a sentence said twice is worse than one lost. Text the caller cut off
-        # stays unsaid.
+        # stays unsaid. Nor a 429: VoIPBIN's rate limiter refused it before anything ran (the
+        # client waits out a Retry-After up to the say's deadline; this one ran past it).
         unsaid = (
-            event.status in (404, 500)
+            event.status in (404, 429, 500)
             or (event.status == 503 and self.settings.tts_provider != "aws")
         ) and self.turns.state is not TurnState.CUT
         if event.speaking_id != self.speaking.id:
