@@ -32,6 +32,8 @@ from agentd.names import normalise_number
 log = logs.get_logger("agentd.dispatcher")
 
 _PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
+# a tuple: `A | B` in an isinstance builds a union on every call (per command, per step)
+_TIMERS = (StartTimer, CancelTimer)
 
 Execute = Callable[[str, list[Command]], None]
 SetTimers = Callable[[str, list[StartTimer | CancelTimer]], None]
@@ -212,15 +214,13 @@ class Dispatcher:
             self.counters["failed"] += 1
             return call.fail(type(exc).__name__)
         set_timers = self.set_timers
-        timers = (
-            [c for c in commands if isinstance(c, StartTimer | CancelTimer)] if set_timers else []
-        )
+        timers = [c for c in commands if isinstance(c, _TIMERS)] if set_timers else []
         if set_timers is None or not timers:
             log.info("event", **_describe(event))
             return commands
         log.info("event", **_describe(event), **_timer_fields(timers))
         set_timers(call.id, timers)
-        return [c for c in commands if not isinstance(c, StartTimer | CancelTimer)]
+        return [c for c in commands if not isinstance(c, _TIMERS)]
 
     def _replay_orphans(self) -> None:
         horizon = self.clock() - 30.0
@@ -375,5 +375,5 @@ def _describe(event: Event | Result) -> dict[str, object]:
         ):
             value = getattr(event, name, None)
             if value is not None:
-                out[name] = value if isinstance(value, str | int | float) else str(value)
+                out[name] = value if isinstance(value, (str, int, float)) else str(value)
     return out

@@ -599,7 +599,7 @@ def _describe(cmd: Command) -> dict[str, Any]:
         value = getattr(cmd, name, None)
         if value is not None:
             out[name] = value
-    if isinstance(cmd, StartTimer | CancelTimer):
+    if isinstance(cmd, (StartTimer, CancelTimer)):  # a tuple: a union is built per call
         out["timer"] = str(cmd.timer)
     elif isinstance(cmd, Say):
         out["text"] = cmd.text

@@ -41,6 +41,10 @@ from agentd.commands import (
 from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
 from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind
 
+# a step's type checks read these (tuples): `A | B` in an isinstance builds a union each time
+_FROM_VOIPBIN = (CallEvent, TranscriptEvent, SpeechEvent, TranscribeEvent)
+_WORDS = (TranscriptEvent, SpeechEvent)
+
 Input = Event | Result  # what a call handles
 NEVER = float("inf")  # the time of something not due (a timer not running)
 
@@ -171,11 +175,11 @@ class CallCore:
 
     def _heard(self, event: object, now: float) -> None:
         """Note when VoIPBIN last said anything of the call, and the caller last spoke."""
-        if not isinstance(event, CallEvent | TranscriptEvent | SpeechEvent | TranscribeEvent):
+        if not isinstance(event, _FROM_VOIPBIN):
             return
         self.last_heard = now
         # a transcript read back over REST again is old news, not the caller speaking now
-        if isinstance(event, TranscriptEvent | SpeechEvent) and event.direction == "in":
+        if isinstance(event, _WORDS) and event.direction == "in":
             if isinstance(event, TranscriptEvent) and self.turns.seen(event.id):
                 return
             self.last_caller = now
