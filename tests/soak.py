@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -386,9 +387,11 @@ async def run(
     workdir: Path | None = None,
     replicas: int = 1,
     store_url: str | None = None,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """Run the soak; its report. `replicas` > 1 runs that many agentd on the PostgreSQL
-    database at `store_url` (empty, or agentd's own) and kills one of them at a time."""
+    database at `store_url` (empty, or agentd's own) and kills one of them at a time. Without
+    a `workdir`, a run that is not clean leaves agentd's logs and store in `keep`."""
     if replicas < 1:
         raise ValueError("replicas: at least 1")
     if replicas > 1 and not store_url:
@@ -414,12 +417,30 @@ async def run(
                 report = await soak.drive(calls, concurrency, kill_every)
             finally:
                 await soak.stop_agents()  # also when the soak failed: no agentd left behind
+            if workdir is None and keep is not None:
+                kept = keep_logs(Path(tmp), report, keep)
+                if kept is not None:
+                    report["logs_kept"] = str(kept)
             if replicas > 1:
                 assert store_url is not None
                 report |= soak.replica_report()
                 report["calls_taken_over"] = await calls_taken_over(store_url)
     report["seconds"] = round(time.monotonic() - started, 1)
     return report
+
+
+def clean(report: dict[str, Any]) -> bool:
+    """Every call served, no session leaked, no reply said twice."""
+    return not (report["not_served"] or report["leaked_sessions"] or report["double_replies"])
+
+
+def keep_logs(workdir: Path, report: dict[str, Any], dest: Path) -> Path | None:
+    """A run that is not clean: its logs and store copied to `dest` (the work directory is
+    a temporary one), so what went wrong can be read; None for a clean run."""
+    if clean(report):
+        return None
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("*.sock"), dirs_exist_ok=True)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-every", type=float, default=20.0, help="seconds between SIGKILLs")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("soak-report.json"))
-    p.add_argument("--workdir", type=Path, help="keep agentd's config, store and log here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep agentd's config, store and log here (without it, a run that is not clean "
+        "keeps them in soak-logs/ beside the report)",
+    )
     p.add_argument("--replicas", type=int, default=1, help="agentd processes on one PostgreSQL (2)")
     p.add_argument(
         "--store-url", help="the replicas' PostgreSQL database (postgresql://...), empty"
@@ -448,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=args.workdir,
             replicas=args.replicas,
             store_url=args.store_url,
+            keep=args.out.with_name("soak-logs"),
         )
     )
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -41,3 +41,19 @@ async def test_short_soak_with_two_replicas(tmp_path: Path, pg_url: str) -> None
     assert report["double_replies"] == 0, report["double_reply_examples"]
     assert report["daemon_restarts_survived"] == report["daemon_restarts"] >= 1
     assert report["calls_taken_over"] >= 1, report["replica_events"]
+
+
+def test_a_run_that_is_not_clean_keeps_agentds_logs_a_clean_one_does_not(tmp_path: Path) -> None:
+    # a soak's work directory is a temporary one: without this, the log of the one run in
+    # several that lost a call is gone with it
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.log").write_text('{"event": "call.new"}\n')
+    (work / "a.sock").write_text("")
+    kept = tmp_path / "soak-logs"
+    report = {"not_served": 0, "leaked_sessions": 0, "double_replies": 0}
+    assert soak.keep_logs(work, report, kept) is None
+    assert not kept.exists()
+    assert soak.keep_logs(work, {**report, "not_served": 4}, kept) == kept
+    assert (kept / "a.log").read_text() == '{"event": "call.new"}\n'
+    assert not (kept / "a.sock").exists()
