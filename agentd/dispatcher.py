@@ -182,7 +182,7 @@ class Dispatcher:
     # ---- stepping a call -----------------------------------------------------------------
 
     def _step(self, call: Call, event: Event | Result) -> None:
-        token = logs.bind_call(call.id)
+        token = logs.bind(call_id=call.id)
         try:
             commands = self._handle(call, event)
         finally:

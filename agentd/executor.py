@@ -355,8 +355,13 @@ class Executor:
                     _, running = await _stop_left(self.client.delete_speaking(sid))
                     if running:  # VoIPBIN bills it on: only its support can end it now
                         # the record a call makes of a session it knew (README: "leak")
-                        leak = {"kind": "speaking", "session_id": sid, "status": 200}
-                        leak.update(gave_up=True, unstopped=True)
+                        leak = {
+                            "kind": "speaking",
+                            "session_id": sid,
+                            "status": 200,
+                            "gave_up": True,
+                            "unstopped": True,
+                        }
                         self._record(Record(cmd.call_id, Kind.LEAK, leak))
 
     async def _transfer(self, cmd: Transfer) -> Result:

@@ -60,8 +60,7 @@ class bound:  # lower case: used like a function, `with logs.bound(call_id=...):
         self._token: contextvars.Token[Mapping[str, Any]] | None = None
 
     def __enter__(self) -> None:
-        outer = _fields.get()
-        self._token = _fields.set({**outer, **self._fields} if outer else self._fields)
+        self._token = bind(**self._fields)
 
     def __exit__(
         self,
@@ -73,15 +72,15 @@ class bound:  # lower case: used like a function, `with logs.bound(call_id=...):
             _fields.reset(self._token)
 
 
-def bind_call(call_id: str) -> contextvars.Token[Mapping[str, Any]]:
-    """`bound(call_id=...)` without the object: for the dispatcher's step, nine a turn. Undo
-    with `unbind(token)`."""
+def bind(**fields: Any) -> contextvars.Token[Mapping[str, Any]]:
+    """Bind `fields` to every line logged in this context until `unbind(token)`: what `bound`
+    does, without its object (the dispatcher's step, nine a turn)."""
     outer = _fields.get()
-    return _fields.set({**outer, "call_id": call_id} if outer else {"call_id": call_id})
+    return _fields.set({**outer, **fields} if outer else fields)
 
 
 def unbind(token: contextvars.Token[Mapping[str, Any]]) -> None:
-    """Undo `bind_call`."""
+    """Undo `bind`."""
     _fields.reset(token)
 
 
