@@ -156,11 +156,19 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     if big:
         cpu = big["cpu_pct"]["median"]
         bare = (r.get("overhead_bare") or {}).get("1000")
-        note = (
-            f"the stack alone, `bench/bare.py`, {_m(bare['cpu_pct'])} % on the same load"
-            if bare
-            else ""
-        )
+        notes = []
+        if bare:
+            notes.append(
+                f"the stack alone, `bench/bare.py`, {_m(bare['cpu_pct'])} % on the same load"
+            )
+        if "sim_cpu_pct" in big:
+            # the machine's speed in those windows: the simulator's work per turn is fixed
+            notes.append(
+                f"the simulator took {_m(big['sim_cpu_pct'])} % in the same windows "
+                f"(agentd / simulator {_m(big['cpu_per_sim'], 2)}): a slow spell of the VM "
+                "raises both"
+            )
+        note = "; ".join(notes)
         out.append(_target("cpu_1000_calls", label, f"{_f(cpu)} %", bool(cpu <= 30), note))
     else:
         out.append(_target("cpu_1000_calls", label, "no 1,000-call load in this run", None))

@@ -81,6 +81,12 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
             # one call for 1.5 s may use less CPU than /proc's 10 ms tick: 0 is a true reading
             assert row["cpu_pct"]["median"] >= 0 and row["rss_mb"]["median"] > 5, (who, calls)
             assert len(row["samples_ms"]) == sum(r["n"] for r in row["runs"])
+            # the simulator's CPU in the same window, the machine's speed gauge
+            for run in row["runs"]:
+                cpu, sim = run["cpu_pct"], run["sim_cpu_pct"]
+                if sim > 0.05:  # both are rounded to 0.1: the ratio of the unrounded values
+                    low, high = max(0.0, cpu - 0.05) / (sim + 0.05), (cpu + 0.05) / (sim - 0.05)
+                    assert low - 0.001 <= run["cpu_per_sim"] <= high + 0.001, (who, calls)
 
     # the burst: every caller spoke in every round, every turn is counted once
     burst = results["burst"]
@@ -170,6 +176,12 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     assert "same pace" not in old["label"] and old["met"] is (one / floor <= 3)
     assert old["value"] == f"{one / floor:.2f}×"
     assert got["p99_1000_calls"]["met"] is None and got["cpu_1000_calls"]["met"] is None
+    # the CPU target tells how fast the machine ran in its windows (the 1-call row stands in)
+    row = results["overhead"]["1"]
+    judged = targets({**results, "overhead": {"1000": row}})
+    cpu = {t["id"]: t for t in judged}["cpu_1000_calls"]
+    assert cpu["met"] is (row["cpu_pct"]["median"] <= 30)
+    assert f"the simulator took {row['sim_cpu_pct']['median']:.1f} %" in cpu["note"]
     assert got["burst"]["met"] in (True, False)
     assert got["ratelimited_conversations"]["met"] is None  # the smoke ladder stops below 60
     assert got["failover"]["met"] in (True, False)  # measured; its timing is not checked here
