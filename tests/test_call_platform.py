@@ -104,6 +104,40 @@ def test_a_final_after_the_reply_was_said_is_a_barge_in_not_a_join() -> None:
     )
 
 
+def test_a_silence_that_falls_due_while_the_reply_is_held_is_counted_after_it() -> None:
+    """The soak's stalled callers: the silence timer fired while the reply was held, was not
+    armed again, and a reply the dead tts pod swallowed was never followed by a reprompt."""
+    settings = replace(HOLD, silence_s=1.5)
+    call = answered(settings)  # the greeting (0.9 s) armed the silence: due at 2.4
+    call.handle(transcript("what time is it", "tr1"), 2.0)
+    call.handle(ReplySentence(1, "Noon."), 2.1)  # held until 2.5
+    # the reply's end would count the silence from later: the timer due at 2.4 stays
+    call.handle(ReplyDone(1), 2.1)
+    due: list[float] = []  # the silence timer's due time, as the executor would keep it
+
+    def handle(event: object, now: float) -> list[object]:
+        cmds = call.handle(event, now)  # type: ignore[arg-type]
+        for c in cmds:
+            if isinstance(c, StartTimer) and c.timer.kind == "silence":
+                due[:] = [now + c.delay_s]
+        return cmds
+
+    cmds = handle(TimerFired(T("silence")), 2.4)
+    assert not any(isinstance(c, Say) for c in cmds)  # a reply is held: no reprompt
+    assert Say(CID, "s1", "Noon.", 1) in handle(TimerFired(T("hold")), 2.5)
+    audio_end = call.playback.until
+    # whatever became of that /say, the caller's silence after it is counted: the timer runs
+    # until the reprompt, a silence after the reply's audio
+    for _ in range(3):
+        assert due, "no silence timer runs"
+        now = due.pop()
+        if Say(CID, "s1", settings.reprompt_text, 1) in handle(TimerFired(T("silence")), now):
+            break
+    else:
+        pytest.fail("no reprompt")
+    assert now == pytest.approx(audio_end + settings.silence_s, abs=0.06)
+
+
 def test_an_end_call_waits_for_its_held_goodbye() -> None:
     call = answered(HOLD)
     step(call, transcript("bye", "tr1"), 10)

@@ -276,7 +276,9 @@ class Conversation(CallCore):
         for turn, text in held:
             if turn == self.turns.turn:
                 cmds += self._speak(text, now)
-        return cmds
+        # the reply's end may have come while it was held, and the silence timer fired then:
+        # the caller's silence counts from the end of what is said now
+        return cmds + self.arm_silence(now) if cmds else cmds
 
     def _speech_barge_in(self, event: SpeechEvent, now: float) -> list[Command]:
         s = self.settings
@@ -447,8 +449,12 @@ class Conversation(CallCore):
         """The silence timer: reprompt a quiet caller, and end the call after a few."""
         self.silence_due = NEVER  # it has fired: none runs now
         s = self.settings
-        if not self.phase.live or self.turns.replying or self.held or self.after_reply is not None:
-            return []  # a reply is coming: its end arms the timer again
+        if not self.phase.live:
+            return []
+        if self.turns.replying or self.held or self.after_reply is not None:
+            # a reply is coming, and its end arms the timer again; counted once more all the
+            # same, so that no path that forgets it leaves a live call without a reprompt
+            return self.arm_silence(now)
         if self.playback.talking(now):
             return self.arm_silence(now)
         quiet_since = max(self.last_caller, self.playback.until)
