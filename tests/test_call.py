@@ -415,6 +415,20 @@ def test_snapshot_and_restore_resume_without_a_second_greeting() -> None:
     assert kinds(step(again, transcript("more", "tr2"), 101)) == ["AskBackend"]
 
 
+def test_a_restored_calls_silence_counts_from_the_restart() -> None:
+    settings = replace(SETTINGS, silence_s=10.0)
+    call = answered(settings)
+    call.handle(transcript("hello", "tr1"), 10)
+    # the next process's clock is another one: here, the host's uptime
+    again = Call.restore(call.snapshot(), settings)
+    resumed = again.resume(20_000)
+    [timer] = [c for c in resumed if isinstance(c, StartTimer) and c.timer.kind == "silence"]
+    assert timer.delay_s == pytest.approx(10.0)
+    cmds = again.handle(TimerFired(T("silence")), 20_010)
+    [quiet] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.STT_QUIET]
+    assert quiet.data["quiet_s"] == 10.0
+
+
 def test_restored_call_that_ended_while_we_were_down_is_cleaned_up() -> None:
     call = answered()
     again = Call.restore(call.snapshot(), SETTINGS)

@@ -125,6 +125,9 @@ class Recovery(CallCore):
     def resume(self, now: float) -> list[Command]:
         """After a restart: re-check the call, re-send unconfirmed stops, re-attach sessions."""
         self.last_heard = now
+        # the caller's last words were timed on the dead process's clock: their silence counts
+        # from here (else the first reprompt would report them quiet for the host's uptime)
+        self.last_caller = now
         self._restored(now)
         cmds: list[Command] = [
             CheckCall(self.id),
