@@ -12,7 +12,7 @@ connection stayed up, how long is left before a deadline), and the random source
   or the caller would hear it twice. Everything else is final.
 - `classify_connect()` / `Reconnects`: what a failed WebSocket connection means, and the delay
   before the next attempt; the stream never gives up, and starts its backoff over after a
-  connection that stayed up for a healthy while.
+  subscription that was ready for a healthy while.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ REST_CAP_S = 5.0
 RETRY_AFTER_MAX_S = 60.0  # a longer Retry-After is capped: the deadline decides anyway
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0  # websockets' own cap is 90 s: too long for calls
-HEALTHY_AFTER_S = 60.0
+# A subscription that was ready this long proved the server up: a drop after it is a new
+# incident, retried from the base. Measured over a minute, a few drops close together (a
+# rolling restart of VoIPBIN's pods, a flaky NAT) would grow the delay to half a minute, and
+# every caller goes unanswered while the stream is down.
+HEALTHY_AFTER_S = 5.0
 SLOW_FLOOR_S = 5.0  # refused (403, 429, 5xx, login failed): wait at least this long
 
 Verdict = Literal["retry", "reauth", "rate_limited", "fatal"]
@@ -126,8 +130,8 @@ def classify_connect(status: int | None) -> ConnectVerdict:
 
 @dataclass
 class Reconnects:
-    """The delay before each reconnect: `delays(base, cap)`, started over after a connection
-    that stayed up longer than `healthy_after_s`, and at least `slow_floor_s` (within the cap)
+    """The delay before each reconnect: `delays(base, cap)`, started over after a subscription
+    that was ready longer than `healthy_after_s`, and at least `slow_floor_s` (within the cap)
     after a refusal."""
 
     base: float = RECONNECT_BASE_S
@@ -141,7 +145,8 @@ class Reconnects:
         self._delays = delays(self.base, self.cap, self.uniform)
 
     def next_delay(self, up_for_s: float, verdict: ConnectVerdict = "retry") -> float:
-        """The wait before the next attempt, after one that lasted `up_for_s` and ended so."""
+        """The wait before the next attempt, after one that was ready `up_for_s` (0 if it never
+        was) and ended so."""
         if up_for_s > self.healthy_after_s:
             self._delays = delays(self.base, self.cap, self.uniform)
         delay = next(self._delays)

@@ -1,7 +1,8 @@
 """The event stream: one outbound WebSocket to VoIPBIN, kept open for as long as the daemon runs.
 
 Connect, subscribe with the exactly-once topic prefixes, read frames, and on any failure reconnect
-with capped exponential backoff and jitter, reset after a healthy minute (agentd/backoff.py).
+with capped exponential backoff and jitter, started over after a subscription that was ready
+for a few seconds (agentd/backoff.py).
 Subscriptions are forgotten by the server on disconnect, and events sent before a subscription
 takes effect are lost, so after every subscribe — the first included — the daemon reconciles its
 calls over REST. VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s`
@@ -29,7 +30,7 @@ from websockets.protocol import Event
 from websockets.typing import BytesLike
 
 from agentd import logs
-from agentd.backoff import ConnectVerdict, Reconnects, classify_connect
+from agentd.backoff import HEALTHY_AFTER_S, ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
 from agentd.voipbin import ApiError, PermissionDenied
@@ -120,7 +121,7 @@ class EventStream:
         settle_s: float = 0.3,
         ping_interval_s: float = 10.0,
         ping_timeout_s: float = 20.0,
-        healthy_after_s: float = 60.0,
+        healthy_after_s: float = HEALTHY_AFTER_S,
         max_delay_s: float = 30.0,
     ) -> None:
         self.ws_url = ws_url
@@ -138,6 +139,7 @@ class EventStream:
         self.stats = StreamStats()
         self._ws: ClientConnection | None = None
         self._ever_ready = False  # a subscribe has become ready in this process
+        self._ready_at = 0.0  # when the current subscription became ready
         self._cid: str | None = None
         self.ready = asyncio.Event()
 
@@ -148,7 +150,6 @@ class EventStream:
         retrying for ever would only hide the problem, so the daemon stops and says why."""
         delays = Reconnects(cap=self.max_delay_s, healthy_after_s=self.healthy_after_s)
         while True:
-            started = time.monotonic()
             verdict: ConnectVerdict
             try:
                 # "first" is the first subscribe that became ready, not the first attempt
@@ -169,13 +170,16 @@ class EventStream:
                 verdict = "slow"
             else:
                 verdict = "retry"
+            # how long the subscription was ready, not how long the attempt took: a
+            # connection that never became ready proves nothing about the server
+            ready_for_s = time.monotonic() - self._ready_at if self.ready.is_set() else 0.0
             if self.ready.is_set() and self._on_lost is not None:
                 self._on_lost()
             self.ready.clear()
             self._ws = None
             self.stats.state = "reconnecting"
             self.stats.connected_since = None
-            delay = delays.next_delay(time.monotonic() - started, verdict)
+            delay = delays.next_delay(ready_for_s, verdict)
             self.stats.reconnects += 1
             log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
@@ -231,6 +235,7 @@ class EventStream:
     def _mark_ready(self, ws: ClientConnection, first: bool) -> None:
         if self._ws is ws:
             self.stats.state = "ready"
+            self._ready_at = time.monotonic()
             self.ready.set()
             self._ever_ready = True
             self._on_ready(first)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentd.backoff import (
+    HEALTHY_AFTER_S,
     Decision,
     Reconnects,
     classify,
@@ -105,8 +106,8 @@ def test_reconnect_delays_stay_within_the_cap(
 def test_a_healthy_connection_starts_the_backoff_over() -> None:
     policy = Reconnects(uniform=top)
     assert [policy.next_delay(1.0) for _ in range(4)] == [0.5, 1, 2, 4]
-    assert policy.next_delay(60.0) == 8  # exactly the healthy period: not yet
-    assert policy.next_delay(60.5) == 0.5  # up for longer than a minute: from the start
+    assert policy.next_delay(HEALTHY_AFTER_S) == 8  # exactly the healthy period: not yet
+    assert policy.next_delay(HEALTHY_AFTER_S + 0.5) == 0.5  # ready for longer: from the start
     assert policy.next_delay(0.0) == 1
 
 

@@ -345,6 +345,30 @@ async def test_a_failing_customer_lookup_or_a_bug_does_not_kill_the_reconnect_lo
     assert c.stream.stats.connects == 1
 
 
+async def test_the_backoff_starts_over_after_a_ready_subscription_not_after_a_long_attempt(
+    server: WsServer, client: StartClient
+) -> None:
+    """Drops close together after the subscription was ready (a rolling restart of VoIPBIN's
+    pods) are each retried at once; attempts that never became ready back off."""
+    with capture_logs() as logs:
+        c = await client(healthy_after_s=0.0, max_delay_s=1.0)
+        for _ in range(3):
+            conn = await server.next_conn()
+            await conn.subscription()
+            await c.next_ready()
+            await conn.ws.close(1001, "going away")
+        c.stream.settle_s = 3600.0  # from now on no subscription becomes ready
+        for _ in range(3):
+            conn = await server.next_conn()
+            await conn.subscription()
+            await conn.ws.close(1001, "going away")
+        await server.next_conn()
+    delays = [e["retry_in_s"] for e in logs if e["event"] == "stream.disconnected"]
+    assert len(delays) == 6
+    assert all(d <= 0.5 for d in delays[:3])  # the base step, each time
+    assert max(delays[4:]) > 0.5  # the step doubled: these proved nothing about the server
+
+
 async def test_a_missing_permission_ends_the_loop_with_a_clear_error(
     server: WsServer, client: StartClient
 ) -> None:
