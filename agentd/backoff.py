@@ -31,10 +31,11 @@ RETRY_AFTER_MAX_S = 60.0  # a longer Retry-After is capped: the deadline decides
 RECONNECT_BASE_S = 0.5
 RECONNECT_CAP_S = 30.0  # websockets' own cap is 90 s: too long for calls
 # A subscription that was ready this long proved the server up: a drop after it is a new
-# incident, retried from the base. Measured over a minute, a few drops close together (a
-# rolling restart of VoIPBIN's pods, a flaky NAT) would grow the delay to half a minute, and
-# every caller goes unanswered while the stream is down.
-HEALTHY_AFTER_S = 5.0
+# incident, retried from the base. Measured over a minute (or even 5 s), a few drops close
+# together (a rolling restart of VoIPBIN's pods, a flaky NAT; the soak's faults) grow the delay
+# to 7 s and more while every connection is accepted at once, and callers go unanswered while
+# the stream is down. A server that closes each subscription within a second still backs off.
+HEALTHY_AFTER_S = 1.0
 SLOW_FLOOR_S = 5.0  # refused (403, 429, 5xx, login failed): wait at least this long
 
 Verdict = Literal["retry", "reauth", "rate_limited", "fatal"]

@@ -2,7 +2,7 @@
 
 Connect, subscribe with the exactly-once topic prefixes, read frames, and on any failure reconnect
 with capped exponential backoff and jitter, started over after a subscription that was ready
-for a few seconds (agentd/backoff.py).
+for a second (agentd/backoff.py).
 Subscriptions are forgotten by the server on disconnect, and events sent before a subscription
 takes effect are lost, so after every subscribe — the first included — the daemon reconciles its
 calls over REST. VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s`
