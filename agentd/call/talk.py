@@ -451,11 +451,14 @@ class Conversation(CallCore):
         s = self.settings
         if not self.phase.live:
             return []
-        if self.turns.replying or self.held or self.after_reply is not None:
-            # a reply is coming, and its end arms the timer again; counted once more all the
-            # same, so that no path that forgets it leaves a live call without a reprompt
-            return self.arm_silence(now)
-        if self.playback.talking(now):
+        if (
+            self.turns.replying
+            or self.held
+            or self.after_reply is not None
+            or self.playback.talking(now)
+        ):
+            # a reply is coming (its end arms the timer again) or playing: counted once more
+            # all the same, so that no path that forgets it leaves a live call without a reprompt
             return self.arm_silence(now)
         quiet_since = max(self.last_caller, self.playback.until)
         if now - quiet_since < s.silence_s - 0.05:  # timers fire a hair early or late
