@@ -276,9 +276,7 @@ class Conversation(CallCore):
         for turn, text in held:
             if turn == self.turns.turn:
                 cmds += self._speak(text, now)
-        # the reply's end may have come while it was held, and the silence timer fired then:
-        # the caller's silence counts from the end of what is said now
-        return cmds + self.arm_silence(now) if cmds else cmds
+        return cmds
 
     def _speech_barge_in(self, event: SpeechEvent, now: float) -> list[Command]:
         s = self.settings
