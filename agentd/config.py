@@ -338,8 +338,14 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _merge(
@@ -400,16 +406,27 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
                 elif typ == NUMBER:
                     value = float(raw)
             except ValueError:
-                raise ConfigError(f"{name}: expected a number") from None
+                wanted = (
+                    "true or false"
+                    if typ is bool
+                    else "a whole number"
+                    if typ is int
+                    else "a number"
+                )
+                raise ConfigError(f"{name}: expected {wanted}, got {raw!r}") from None
             merged[section][key] = _check(section, key, value)
 
 
-def _read_secret(label: str, path: str) -> Secret:
+def _read_secret(label: str, path: str, *, empty_is_unset: bool = False) -> Secret | None:
     try:
         value = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}: {path} is not UTF-8 text") from None
     if not value:
+        if empty_is_unset:
+            return None
         raise ConfigError(f"{label}: {path} is empty")
     return Secret(value)
 
@@ -424,9 +441,10 @@ def _secret(section: str, v: dict[str, Any], key: str, env: Mapping[str, str]) -
     if creds:
         for name, target in _CREDENTIALS.items():
             path = Path(creds) / name
-            # the unit loads every credential it knows; an empty file means "not used"
-            if target == (section, key) and path.exists() and path.stat().st_size > 0:
-                return _read_secret(f"credential {name}", str(path))
+            # the unit loads every credential it knows; an empty file (or one holding only a
+            # newline, as `echo > file` leaves it) means "not used"
+            if target == (section, key) and path.exists():
+                return _read_secret(f"credential {name}", str(path), empty_is_unset=True)
     return None
 
 
@@ -535,11 +553,17 @@ def _voipbin(v: dict[str, Any], env: Mapping[str, str]) -> VoipbinConfig:
 def _voipbin_urls(api_url: str, ws_url: str) -> tuple[str, str]:
     api_url = api_url.rstrip("/")
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
-        raise ConfigError(f"voipbin.api_url: not an http(s) URL: {api_url!r}")
+        # the URL itself is not echoed: a mistyped one may hold a password or a key
+        raise ConfigError(f"voipbin.api_url: not an http(s) URL ({_scheme_of(api_url)})")
     ws_url = ws_url or default_ws_url(api_url)
     if urlsplit(ws_url).scheme not in ("ws", "wss"):
-        raise ConfigError(f"voipbin.ws_url: not a ws(s) URL: {ws_url!r}")
+        raise ConfigError(f"voipbin.ws_url: not a ws(s) URL ({_scheme_of(ws_url)})")
     return api_url, ws_url
+
+
+def _scheme_of(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    return f"scheme {scheme!r}" if scheme and "://" in url else "no scheme://"
 
 
 def _voipbin_credentials(

@@ -160,7 +160,7 @@ def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "voipbin-accesskey").write_text("vb_fromcred")
-    (creds / "voipbin-password").write_text("")  # the unit loads it empty when unused
+    (creds / "voipbin-password").write_text("\n")  # empty when unused; `echo >` leaves "\n"
     text = GOOD.replace('accesskey = "vb_testkey123"', "")
     config = load(write(tmp_path, text), env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert config.voipbin.accesskey is not None
@@ -336,9 +336,46 @@ def test_overrides_are_checked_like_the_file() -> None:
         )
 
 
-def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="AGENTD_VOIPBIN_BURST: expected a number"):
-        load(write(tmp_path, GOOD), env={"AGENTD_VOIPBIN_BURST": "lots"})
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("AGENTD_VOIPBIN_RATE_PER_S", "lots", "expected a number, got 'lots'"),
+        ("AGENTD_AGENT_HISTORY_LIMIT", "1.5", "expected a whole number, got '1.5'"),
+        ("AGENTD_AGENT_TURN_MARKER", "maybe", "expected true or false, got 'maybe'"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(
+    tmp_path: Path, name: str, raw: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD), env={name: raw})
+    assert str(info.value) == f"{name}: {message}"
+
+
+def test_a_config_path_that_cannot_be_read_as_text_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a directory, not a config file"):
+        load(tmp_path, env={})
+    binary = tmp_path / "utf16.toml"
+    binary.write_bytes(b"\xff\xfe[\x00a\x00]\x00")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load(binary, env={})
+
+
+@pytest.mark.parametrize(
+    ("key", "url"),
+    [
+        ("api_url", "htps://me:SECRETPW@api.voipbin.net/v1.0"),
+        ("ws_url", "https://api.voipbin.net/v1.0/ws?accesskey=vb_INURL"),
+        ("api_url", "me:SECRETPW@api.voipbin.net"),
+    ],
+)
+def test_a_mistyped_url_is_not_echoed(tmp_path: Path, key: str, url: str) -> None:
+    """A URL that fails to parse may hold a password or a key: the error names its scheme."""
+    text = GOOD.replace('api_url = "https://api.voipbin.net/v1.0"', f'{key} = "{url}"')
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env={})
+    assert f"voipbin.{key}: not a" in str(info.value)
+    assert "SECRETPW" not in str(info.value) and "vb_INURL" not in str(info.value)
 
 
 def test_cli_reports_a_bad_config_in_one_line_with_exit_2(tmp_path: Path) -> None:
