@@ -129,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("check-config", "call", "calls", "console"):
         service_credentials(_config_path(getattr(args, "config", None)), os.environ)
+    if args.command in ("check-config", "call", "calls", "status"):
+        # a tool's own output is stdout (`ID=$(agentd call ...)`); what its REST client or
+        # store warns of (a retry, a slow server) goes to stderr, redacted as the daemon's is
+        from agentd import logs
+
+        logs.configure("warning", "console", stream=sys.stderr, background=False)
     try:
         return _command(args)
     except ConfigError as exc:
@@ -301,10 +307,10 @@ def _check(config_arg: str | None) -> int:
     from agentd.voipbin import ApiError
 
     config = _load(config_arg)
+    backend = make_backend(config)  # a python callable that cannot be imported: config error
     print(f"config: ok ({config.source or 'environment only'})", flush=True)
     for warning in config.warnings:
         print(f"config: warning: {warning}", flush=True)
-    backend = make_backend(config)  # a python callable that cannot be imported: config error
 
     async def probe() -> int:
         ok, line = await check_store(config)  # reads the schema version, changes nothing

@@ -179,7 +179,27 @@ async def test_a_python_backend_is_imported_not_called(sim: Simulator, tmp_path:
     backend = 'kind = "python"\ncallable = "nope_pkg.mod:fn"'
     code, lines = await check(write(tmp_path, sim, sim.accesskey, backend))
     assert code == 2
-    assert lines[-1].startswith("agentd: config error: backend.callable: cannot import 'nope_pkg")
+    # one line, the error: no "config: ok" before it
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("agentd: config error: backend.callable: cannot import 'nope_pkg")
+
+
+async def test_retries_are_warned_of_on_stderr_not_mixed_into_the_checks(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    sim.faults.fail("GET", r"/customer$", 503)  # retried once, then answered
+    code, out, err = await run_cli(
+        "check-config", "--config", str(write(tmp_path, sim, sim.accesskey))
+    )
+    assert code == 0, out + err
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "config",
+        "store",
+        "voipbin",
+        "backend",
+    ]
+    assert "voipbin.retry" in err
+    assert sim.accesskey not in err
 
 
 async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> None:
