@@ -219,6 +219,15 @@ class Transcript:
             self.flush()
 
 
+def talked_through(lines: list[Line], i: int) -> bool:
+    """Whether caller line `i` came while an agent line played on to its end, uncut."""
+    t = lines[i].t_start
+    return any(
+        line.who == "agent" and not line.cut and line.t_start <= t <= (line.t_end or t)
+        for line in lines[:i]
+    )
+
+
 def summary(sim: Simulator, call: SimCall) -> tuple[list[str], bool]:
     """The closing lines, and whether a session was left open."""
     lines = call.conversation
@@ -227,9 +236,11 @@ def summary(sim: Simulator, call: SimCall) -> tuple[list[str], bool]:
     for i in turns:
         k = reply_index(lines, i)
         end = lines[i].t_end
-        waits.append(
-            "no answer" if k is None or end is None else f"{(lines[k].t_start - end) * 1000:.0f} ms"
-        )
+        if k is not None and end is not None:
+            waits.append(f"{(lines[k].t_start - end) * 1000:.0f} ms")
+        else:
+            # an "ok" the agent talked on through was a backchannel, not a question left hanging
+            waits.append("said over the agent" if talked_through(lines, i) else "no answer")
     cuts = sum(1 for k, line in enumerate(lines) if line.who == "agent" and interrupted(lines, k))
     leaks = sim.leaks()
     out = [

@@ -171,6 +171,16 @@ def test_which_agent_line_answers_a_caller_line_and_which_were_interrupted() -> 
     assert [k for k in range(len(lines)) if console.interrupted(lines, k)] == [2]
 
 
+def test_a_backchannel_the_agent_talked_through_is_no_unanswered_turn() -> None:
+    lines = [
+        Line("agent", "Your balance is ten.", "Your balance is ten.", 0.0, 2.0),
+        Line("caller", "ok", "ok", 1.0, 1.2),  # over the agent, which went on uncut
+        Line("caller", "and", "and", 2.5, 2.7),  # after it: a turn of its own, unanswered
+    ]
+    assert console.reply_index(lines, 1) is None
+    assert [console.talked_through(lines, i) for i in (1, 2)] == [True, False]
+
+
 # ---- whole calls ---------------------------------------------------------------------------------
 
 
