@@ -14,25 +14,33 @@ HIDDEN_DIRS ?= /home /root /run/user
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
 
 .PHONY: all venv demo test lint unit sim soak clean install uninstall bench
 
 all: test
 
-# the bench extra (matplotlib) too: `make test` runs a smoke version of the benchmarks
-# pip's output goes to $(VENV)/install.log, and is shown only when the install fails
-$(STAMP): pyproject.toml constraints.txt
-	@echo "installing agentd and its tools into $(VENV) (log: $(VENV)/install.log)"
+# pip's output goes to $(VENV)/install.log, and is shown only when the install fails.
+# The demo needs agentd alone (~45 MB); the tests add the tools and the bench extra (matplotlib:
+# `make test` runs a smoke version of the benchmarks), ~400 MB a demo should not wait for.
+$(RUNTIME): pyproject.toml constraints.txt
+	@echo "installing agentd into $(VENV) (log: $(VENV)/install.log)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip \
 	  > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+	  -e . >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	@echo "installing the tests' and benchmarks' tools into $(VENV) (log: $(VENV)/install.log)"
 	@$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt \
 	  -e '.[dev,bench]' >> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/agentd demo
 
 lint: $(STAMP)
@@ -45,7 +53,7 @@ unit: $(STAMP)
 
 test: lint unit
 
-sim: $(STAMP)
+sim: $(RUNTIME)
 	$(BIN)/agentd sim
 
 # 2,000 calls through a real agentd with every fault on and SIGKILL restarts (a few minutes)
