@@ -27,6 +27,7 @@ class TimerKind(enum.StrEnum):
     ENDPOINT = "endpoint"  # the caller's words stopped growing: ask, or end their turn
     FILLER = "filler"  # the turn is over and the reply is slow: say a filler
     INCOMPLETE = "incomplete"  # the backend judged the caller unfinished: ask again, later
+    GREET = "greet"  # the voice is up, the transcribe not yet: greet all the same
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,10 +148,36 @@ def test_our_own_speech_heard_back_is_never_answered() -> None:
 def test_transcript_before_speaking_is_active_is_said_after_the_greeting() -> None:
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)
+    assert step(call, TranscribeStarted("t1"), 0.05) == []
     assert kinds(step(call, transcript("hello"), 0.1)) == ["AskBackend"]
     assert step(call, ReplySentence(1, "Hello to you."), 0.2) == []  # no session yet: queued
     cmds = step(call, SpeakingStarted("s1", "active"), 0.3)
     assert cmds == [Say(CID, "s1", "Hi there.", 0), Say(CID, "s1", "Hello to you.", 1)]
+
+
+def test_the_greeting_waits_for_the_transcribe_when_the_voice_is_up_first() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    # nobody would hear the caller answer the greeting: it waits, a while at most
+    assert step(call, SpeakingStarted("s1", "active"), 0.3) == [
+        StartTimer(CID, T("greet"), SETTINGS.greet_wait_s)
+    ]
+    assert call.phase is Phase.ANSWERED
+    assert step(call, TranscribeStarted("t1"), 1.2) == [
+        CancelTimer(CID, T("greet")),
+        Say(CID, "s1", SETTINGS.greeting, 0),
+    ]
+    assert call.phase is Phase.ACTIVE
+    assert step(call, TimerFired(T("greet")), 3.3) == []  # cancelled, fired all the same
+
+
+def test_a_transcribe_that_does_not_come_in_time_does_not_keep_the_caller_waiting() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, SpeakingStarted("s1", "active"), 0.3)
+    assert step(call, TimerFired(T("greet")), 3.3) == [Say(CID, "s1", SETTINGS.greeting, 0)]
+    assert call.phase is Phase.ACTIVE
+    assert step(call, TranscribeStarted("t1"), 5.0) == []  # greeted once
 
 
 def test_hangup_during_session_setup_stops_sessions_when_they_arrive() -> None:

@@ -68,6 +68,27 @@ async def test_bursts_of_5xx_and_429(sim: Simulator, agent: StartAgent) -> None:
     assert sim.leaks() == []
 
 
+async def test_the_greeting_waits_for_a_transcribe_that_is_slow_to_start(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    """The voice is up before the transcribe (its create refused 429 twice): a greeting said
+    at once would be answered to nobody. It waits for the transcribe, and the answer is heard."""
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})
+    sim.faults.fail("POST", r"/transcribes$", 429, count=2, retry_after=0.5)
+    call_id = sim.inbound_call(
+        "+15550001111", OUR_NUMBER, Caller([Utterance("hello there")], hangup_after_s=0.5)
+    )
+    await sim.wait_for(lambda: sim.get_call(call_id).status == "hangup", 20)
+    said = [li.planned for li in sim.get_call(call_id).conversation if li.who == "agent"]
+    assert said[1:] == ["You said: hello there."], said
+    (created,) = [r for r in sim.requests_matching("POST", r"/transcribes$") if r.status == 200]
+    first_say = sim.requests_matching("POST", r"/say$")[0]
+    assert created.t < first_say.t  # someone was listening before the caller was greeted
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    assert sim.leaks() == []
+
+
 async def test_twice_the_load_the_budget_allows(sim: Simulator, agent: StartAgent) -> None:
     # the real limits: 17 requests/s, burst 33. Twelve calls answered at once need about 34
     # requests in the first second, then a stream of says, and stops at the end.

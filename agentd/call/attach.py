@@ -42,12 +42,14 @@ class Sessions(CallCore):
 
     __slots__ = ()
 
-    def _on_transcribe_started(self, event: TranscribeStarted, _now: float) -> list[Command]:
+    def _on_transcribe_started(self, event: TranscribeStarted, now: float) -> list[Command]:
         if self.phase.over:
             self.transcribe.step(SessionInput.ABANDON)
             return self._stop("transcribe", event.transcribe_id) + self._maybe_finished()
         self.transcribe.step(SessionInput.ACTIVE, event.transcribe_id)
         self.transcribe_409s = 0
+        if self.greet_waiting:  # the voice was up first: now the caller's answer is heard
+            return self._greet_when_heard(now) + self._say_queued(now)
         return []
 
     def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:
@@ -113,12 +115,18 @@ class Sessions(CallCore):
             self.speaking.step(SessionInput.INITIATING, event.speaking_id)
             return [StartTimer(self.id, Timer(TimerKind.POLL_SPEAKING), delay)]
         self.speaking.step(SessionInput.ACTIVE, event.speaking_id)
-        cmds: list[Command] = []
-        if not self.greeted:
-            self.greeted = True
-            self.phases.step(PhaseInput.GREETED)
-            cmds += self._greet(now)
-        return cmds + self._say_queued(now)
+        return self._greet_when_heard(now) + self._say_queued(now)
+
+    def _greet_timer(self, now: float) -> list[Command]:
+        """The transcribe is still not up: greet all the same, the caller waited long enough."""
+        if not self.greet_waiting or not self.phase.live:
+            return []
+        self.greet_waiting = False
+        if self.greeted or not self.speaking.active:
+            return []  # the voice was lost meanwhile: its return greets
+        self.greeted = True
+        self.phases.step(PhaseInput.GREETED)
+        return self._greet(now) + self._say_queued(now)
 
     def _on_speaking_failed(self, event: SpeakingFailed, _now: float) -> list[Command]:
         unclear = event.status == 0 or event.status >= 500

@@ -307,4 +307,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.ENDPOINT: Call.on_endpoint,
     TimerKind.FILLER: Call.on_filler,
     TimerKind.INCOMPLETE: Call.on_incomplete,
+    TimerKind.GREET: Call._greet_timer,
 }

@@ -18,6 +18,7 @@ from agentd.call.turn import TurnInput, TurnMachine
 from agentd.commands import (
     CallGone,
     CancelBackend,
+    CancelTimer,
     CheckCall,
     Command,
     FetchTranscripts,
@@ -61,6 +62,7 @@ class CallCore:
         "failed",
         "filler_due_at",
         "filler_turn",
+        "greet_waiting",
         "greeted",
         "hangup_reason",
         "heard_words",
@@ -112,6 +114,7 @@ class CallCore:
         self.status = ""
         self.hangup_reason = ""
         self.greeted = False
+        self.greet_waiting = False  # the voice is up; the greeting waits for the transcribe
         self.failed = False  # a handler raised: only the cleanup's results are taken
         self.anomalies = 0
         self.after_reply: Action | None = None  # to run once the reply has played
@@ -452,6 +455,24 @@ class CallCore:
             if turn == self.turns.turn:
                 cmds += self._say(text, turn, now)
         return cmds
+
+    def _greet_when_heard(self, now: float) -> list[Command]:
+        """The voice is up: greet now if someone is listening, else once the transcribe is up
+        or `greet_wait_s` has passed, whichever comes first."""
+        if self.greeted or not self.speaking.active:
+            return []
+        if self.transcribe.active or self.settings.greet_wait_s <= 0:
+            self.greeted = True
+            self.phases.step(PhaseInput.GREETED)
+            cancel: list[Command] = []
+            if self.greet_waiting:
+                self.greet_waiting = False
+                cancel.append(CancelTimer(self.id, Timer(TimerKind.GREET)))
+            return cancel + self._greet(now)
+        if self.greet_waiting:
+            return []
+        self.greet_waiting = True
+        return [StartTimer(self.id, Timer(TimerKind.GREET), self.settings.greet_wait_s)]
 
     def _greet(self, now: float) -> list[Command]:
         self.last_caller = max(self.last_caller, now)  # silence counts from the answer

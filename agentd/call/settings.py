@@ -97,6 +97,10 @@ class CallSettings:
     speaking_poll_s: float = 0.2
     speaking_poll_max_s: float = 2.0
     speaking_activate_timeout_s: float = 15.0
+    # the greeting waits this long for the transcribe to be up (a slow or rate-limited create):
+    # what the caller answers to it before then is heard by nobody. Usually the transcribe is
+    # up first (the speaking is polled until active) and the greeting does not wait at all
+    greet_wait_s: float = 3.0
     retry_s: float = 1.0
     max_attempts: int = 4
     # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
