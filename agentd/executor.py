@@ -85,6 +85,8 @@ class _Lanes:
     workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     timers: dict[Timer, asyncio.TimerHandle] = field(default_factory=dict)
     replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    saying: Say | None = None  # the /say the speaking lane is running now
+    cut: Say | None = None  # ... which a stop of its session cut short
 
 
 def _cancel_timer(lanes: _Lanes, timer: Timer) -> None:
@@ -187,10 +189,12 @@ class Executor:
         queue = lanes.queues.get(cmd.lane)
         if queue is None:
             queue = lanes.queues[cmd.lane] = deque()
+        if isinstance(cmd, StopSpeaking) and cmd.call_over:
+            _abandon_says(call_id, lanes, queue, cmd.speaking_id)
         queue.append(cmd)
         worker = lanes.workers.get(cmd.lane)
         if worker is None or worker.done():
-            lanes.workers[cmd.lane] = worker = self._spawn(self._drain(call_id, queue))
+            lanes.workers[cmd.lane] = worker = self._spawn(self._drain(call_id, queue, lanes))
             # a finished task keeps its coroutine and context: at a thousand calls, holding
             # on to the last one of each lane costs memory and GC time for nothing
             worker.add_done_callback(partial(_drop_task, lanes.workers, cmd.lane))
@@ -243,18 +247,25 @@ class Executor:
 
     # ---- lanes ---------------------------------------------------------------------------
 
-    async def _drain(self, call_id: str, queue: deque[Command]) -> None:
+    async def _drain(self, call_id: str, queue: deque[Command], lanes: _Lanes) -> None:
         may_act = self.may_act
         guard = fence.guarded(partial(may_act, call_id)) if may_act else contextlib.nullcontext()
         with logs.bound(call_id=call_id), guard:
             while queue:
                 cmd = queue.popleft()
                 if isinstance(cmd, Say):
-                    cmd = _merge_says(cmd, queue, self.say_chars)
+                    cmd = lanes.saying = _merge_says(cmd, queue, self.say_chars)
                 try:
                     result = await self._run(cmd)
                 except asyncio.CancelledError:
-                    raise
+                    if lanes.cut is not cmd:
+                        raise
+                    # the /say was cut short by the stop queued behind it; the lane goes on
+                    lanes.cut = None
+                    task = asyncio.current_task()
+                    if task is not None and task.uncancel() > 0:
+                        raise  # cancelled for good as well (the call dropped, agentd closing)
+                    continue
                 except fence.Fenced:
                     log.warning("command.fenced", command=type(cmd).__name__)
                     if self.on_fenced is not None:
@@ -265,6 +276,8 @@ class Executor:
                         "command.crashed", command=type(cmd).__name__, error=redact(str(exc))
                     )
                     result = _failure(cmd)  # so the call never waits for ever
+                finally:
+                    lanes.saying = None
                 if result is not None:
                     try:
                         self.feed(call_id, result)
@@ -563,6 +576,29 @@ def _failure(cmd: Command) -> Result | None:
         case Transfer():
             return TransferDone(False, "crashed")
     return None
+
+
+def _abandon_says(call_id: str, lanes: _Lanes, queue: deque[Command], speaking_id: str) -> None:
+    """The call is over and a stop of `speaking_id` is queued: what would still be said or
+    flushed on that session is dropped, and a /say of it in flight (slow, or waiting out a
+    429) is cut short, so the stop goes out now. Nobody hears them any more: each would spend
+    the account's budget, and keep a billed session open, for no one."""
+    dropped = [c for c in queue if isinstance(c, _ON_SESSION) and c.speaking_id == speaking_id]
+    if dropped:
+        kept = [c for c in queue if not any(c is d for d in dropped)]
+        queue.clear()
+        queue.extend(kept)
+    saying = lanes.saying
+    cut = saying is not None and saying.speaking_id == speaking_id
+    worker = lanes.workers.get("speaking")
+    if cut and worker is not None and not worker.done():
+        lanes.cut = saying
+        worker.cancel()
+    if dropped or cut:
+        log.info("says.abandoned", call_id=call_id, queued=len(dropped), in_flight=cut)
+
+
+_ON_SESSION = (Say, Flush)
 
 
 def _merge_says(first: Say, queue: deque[Command], max_chars: int = SAY_LIMIT_BYTES) -> Say:

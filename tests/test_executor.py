@@ -13,6 +13,7 @@ from agentd.commands import (
     AskBackend,
     CancelBackend,
     Finished,
+    Flush,
     Message,
     Record,
     ReplyDone,
@@ -83,13 +84,32 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     ex = Executor(client, EchoBackend(), results.feed)
     call_id, sid = await speaking(sim, ex, results)
     ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.", "Three.")])
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/say$")), 5)
     ex.execute(call_id, [StopSpeaking(call_id, sid)])
     await results.until(lambda: bool(results.of(Stopped)))
     says = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]  # type: ignore[index]
     assert says == ["One. Two. Three."]  # merged: the budget is per request
-    stop = sim.requests_matching("POST", r"/stop$")[0]
-    assert stop.t >= sim.requests_matching("POST", r"/say$")[0].t  # the stop comes after
     assert results.of(Stopped) == [Stopped("speaking", sid, True)]
+    await ex.close()
+
+
+async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    """Says queued behind a slow one, then the session's stop (the caller hung up): the slow
+    one is cut short, the queued ones are never sent, and the stop goes out at once."""
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+    sim.faults.delay("POST", r"/say$", 5.0)
+    ex.execute(call_id, [Say(call_id, sid, "One.", 1)])
+    await sim.wait_for(lambda: sim.faults.held == 1, 5)  # it reached VoIPBIN, unanswered
+    ex.execute(call_id, [Say(call_id, sid, "Two.", 1), Flush(call_id, sid)])
+    ex.execute(call_id, [StopSpeaking(call_id, sid, call_over=True)])
+    await results.until(lambda: bool(results.of(Stopped)))
+    assert results.of(Stopped) == [Stopped("speaking", sid, True)]
+    assert sim.requests_matching("POST", r"/say$") == []  # the held one is still held
+    assert sim.requests_matching("POST", r"/flush$") == []
     await ex.close()
 
 
@@ -105,6 +125,7 @@ async def test_with_aws_no_say_carries_more_than_polly_takes(
     sentences = [("word " * 320).strip() + ".", ("more " * 320).strip() + "."]  # 1,600 each
     long_one = ("long " * 620).strip() + "."  # 3,100 characters in one sentence
     ex.execute(call_id, [Say(call_id, sid, t, 1) for t in (*sentences, long_one)])
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) >= 4, 10)
     ex.execute(call_id, [StopSpeaking(call_id, sid)])
     await results.until(lambda: bool(results.of(Stopped)))
     says = sim.requests_matching("POST", r"/say$")

@@ -89,6 +89,22 @@ async def test_the_greeting_waits_for_a_transcribe_that_is_slow_to_start(
     assert sim.leaks() == []
 
 
+async def test_a_hangup_does_not_wait_behind_a_slow_say(sim: Simulator, agent: StartAgent) -> None:
+    """The caller hangs up while the greeting's /say hangs: the speaking's stop goes out at once
+    (it does not queue behind the say, keeping a billed session open), and nothing more is said."""
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})
+    sim.faults.delay("POST", r"/say$", 5.0)
+    call_id = sim.inbound_call("+15550001111", OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: sim.faults.held == 1, 10)  # the greeting's /say is held
+    await sim.hangup(call_id)
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/speakings/[^/]+/stop$")), 10)
+    assert sim.requests_matching("POST", r"/say$") == []  # still held when the stop came
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    assert sim.leaks() == []
+    assert len(sim.requests_matching("POST", r"/say$")) <= 1  # the held one, never another
+
+
 async def test_twice_the_load_the_budget_allows(sim: Simulator, agent: StartAgent) -> None:
     # the real limits: 17 requests/s, burst 33. Twelve calls answered at once need about 34
     # requests in the first second, then a stream of says, and stops at the end.

@@ -283,7 +283,7 @@ class CallCore:
                 if hangup and session.kind == "transcribe" and not self.shutting_down:
                     cmds += self._await_end(session.kind, session.id)
                 else:
-                    cmds += self._stop(session.kind, session.id)
+                    cmds += self._stop(session.kind, session.id, call_over=True)
             session.step(SessionInput.RELEASE)
         if self.ledger.take_sweep():
             # a session created just before a crash, or by a create whose answer was lost,
@@ -324,9 +324,16 @@ class CallCore:
         delay = min(s.retry_s * 2 ** (self.ledger.hangup_failures - 1), s.watch_max_s)
         return [CheckCall(self.id), StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), delay)]
 
-    def _stop(self, kind: SessionKind, sid: str, *, delete: bool = False) -> list[Command]:
-        """Stop `sid` unless its stop was asked for already (`delete`: its pod is gone)."""
-        return [self._stop_command(kind, sid, delete)] if self.ledger.stop(sid, kind) else []
+    def _stop(
+        self, kind: SessionKind, sid: str, *, delete: bool = False, call_over: bool = False
+    ) -> list[Command]:
+        """Stop `sid` unless its stop was asked for already (`delete`: its pod is gone;
+        `call_over`: the call is ending, what is still to be said on it is dropped)."""
+        if not self.ledger.stop(sid, kind):
+            return []
+        if kind == "speaking":
+            return [StopSpeaking(self.id, sid, delete, call_over=call_over)]
+        return [StopTranscribe(self.id, sid, delete)]
 
     def _stop_command(self, kind: SessionKind, sid: str, delete: bool = False) -> Command:
         if kind == "speaking":
