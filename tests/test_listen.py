@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from agentd.call import Call, CallSettings
-from agentd.call.endpoint import Cue, Pauses, cue, goes_on, rejoin
+from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin
 from agentd.call.settings import TURN_NUDGE
 from agentd.commands import (
     AskBackend,
@@ -738,3 +738,16 @@ def test_words_after_a_goodbye_that_was_heard_are_not_answered() -> None:
         cmds += step(call, transcript("Bye bye.", "tr2"), heard_at + 0.5)
         assert asks(cmds) == [] and says(cmds) == [], mode
         assert call.turn == turn, mode
+
+
+@pytest.mark.parametrize("second_first", [False, True])
+def test_a_split_sentences_finals_in_either_order_make_it_up_once(second_first: bool) -> None:
+    """Two utterances standing on interims; their finals come in no order (two topics)."""
+    h = Hearing()
+    for t, text in enumerate(["i want", "i want to book a table", "for", "for two people"]):
+        h.on_interim(text, t * 0.1)
+    finals = ["I want to book a table.", "For two people."]
+    for k, text in enumerate(reversed(finals) if second_first else finals):
+        h.on_final(text, 1.0 + k * 0.1)
+    assert h.text() == "I want to book a table. For two people."
+    assert h.unconfirmed() == ""

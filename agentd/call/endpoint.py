@@ -196,7 +196,7 @@ class Hearing:
     next utterance, and the one before stands (provisionally) until its final comes."""
 
     finals: list[str] = field(default_factory=list)
-    provisional: int = 0  # how many of `finals`, the last ones, are interims awaiting their final
+    waiting: list[int] = field(default_factory=list)  # `finals` standing on interims: indexes
     interim: str = ""
     started_at: float = 0.0  # when its first words came
     changed_at: float = 0.0  # when the words last grew
@@ -215,13 +215,13 @@ class Hearing:
         """An interim; True when it brought words the turn did not have."""
         before = self.text()
         old, new = words(self.interim), words(text)
-        if not old and not self.provisional and self.finals and self._late(new, now):
+        if not old and not self.waiting and self.finals and self._late(new, now):
             return False
         # partials grow word by word and revise a word or so: one that lost more, or starts
         # with another word and is shorter, is the next utterance
         if old and (len(new) < len(old) - 1 or (new[:1] != old[:1] and len(new) < len(old))):
             self.finals.append(self.interim)
-            self.provisional += 1
+            self.waiting.append(len(self.finals) - 1)
         self.interim = text.strip()
         return self._grew(before, now)
 
@@ -229,13 +229,19 @@ class Hearing:
         """A final fragment; True when it brought words the turn did not have."""
         before = self.text()
         self.final_at = now
-        if self.provisional:
-            # the final of the oldest utterance still standing on its interim
-            self.finals[len(self.finals) - self.provisional] = text.strip()
-            self.provisional -= 1
+        first = words(text)[:1]
+        # the utterance it ends: the oldest standing on an interim that begins as it does; else
+        # the one in progress, when it begins so (finals come in no order: a split sentence's
+        # second final may come first); else, with no clue, the oldest standing
+        slot = next((i for i in self.waiting if words(self.finals[i])[:1] == first), None)
+        if slot is None and self.waiting and words(self.interim)[:1] != first:
+            slot = self.waiting[0]
+        if slot is not None:
+            self.finals[slot] = text.strip()
+            self.waiting.remove(slot)
         else:
             self.finals.append(text.strip())
-            if words(self.interim)[:1] == words(text)[:1]:
+            if words(self.interim)[:1] == first:
                 self.interim = ""  # else: an interim of the next utterance came first
         return self._grew(before, now)
 
@@ -261,7 +267,7 @@ class Hearing:
 
     def unconfirmed(self) -> str:
         """The words whose final has not come yet."""
-        return " ".join([*self.finals[len(self.finals) - self.provisional :], self.interim]).strip()
+        return " ".join([*(self.finals[i] for i in self.waiting), self.interim]).strip()
 
     @property
     def final(self) -> bool:
