@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from agentd.call.core import CallCore
 from agentd.call.ledger import StopInput
-from agentd.call.phase import PhaseInput
 from agentd.call.session import SessionInput, SessionState
 from agentd.call.turn import TurnState
 from agentd.commands import (
@@ -121,12 +120,10 @@ class Sessions(CallCore):
         """The transcribe is still not up: greet all the same, the caller waited long enough."""
         if not self.greet_waiting or not self.phase.live:
             return []
-        self.greet_waiting = False
+        self.greet_waiting = False  # it fired: nothing to cancel
         if self.greeted or not self.speaking.active:
             return []  # the voice was lost meanwhile: its return greets
-        self.greeted = True
-        self.phases.step(PhaseInput.GREETED)
-        return self._greet(now) + self._say_queued(now)
+        return self._greet_now(now) + self._say_queued(now)
 
     def _on_speaking_failed(self, event: SpeakingFailed, _now: float) -> list[Command]:
         unclear = event.status == 0 or event.status >= 500

@@ -469,17 +469,20 @@ class CallCore:
         if self.greeted or not self.speaking.active:
             return []
         if self.transcribe.active or self.settings.greet_wait_s <= 0:
-            self.greeted = True
-            self.phases.step(PhaseInput.GREETED)
-            cancel: list[Command] = []
-            if self.greet_waiting:
-                self.greet_waiting = False
-                cancel.append(CancelTimer(self.id, Timer(TimerKind.GREET)))
-            return cancel + self._greet(now)
+            return self._greet_now(now)
         if self.greet_waiting:
             return []
         self.greet_waiting = True
         return [StartTimer(self.id, Timer(TimerKind.GREET), self.settings.greet_wait_s)]
+
+    def _greet_now(self, now: float) -> list[Command]:
+        self.greeted = True
+        self.phases.step(PhaseInput.GREETED)
+        cancel: list[Command] = []
+        if self.greet_waiting:  # the transcribe came in time: the timer has nothing to do
+            self.greet_waiting = False
+            cancel.append(CancelTimer(self.id, Timer(TimerKind.GREET)))
+        return cancel + self._greet(now)
 
     def _greet(self, now: float) -> list[Command]:
         self.last_caller = max(self.last_caller, now)  # silence counts from the answer
