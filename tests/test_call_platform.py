@@ -187,6 +187,22 @@ def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
     assert call.turn == 1
 
 
+def test_a_backchannel_over_the_end_of_a_reply_is_none_though_its_final_comes_after() -> None:
+    call = answered()
+    step(call, transcript("tell me a story", "tr1"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    step(call, ReplyDone(1), 10)
+    end = call.playback.until
+    assert step(call, interim("mm-hmm"), end - 0.5) == []  # its words, as the agent ends
+    cmds = step(call, transcript("Mm-hmm.", "tr2"), end + 0.6)  # its final, ~1 s later
+    assert [c.what for c in cmds if isinstance(c, Record)] == [Kind.BACKCHANNEL]
+    assert kinds(cmds) == []
+    assert call.turn == 1
+    # the same word begun after the agent's audio ended answers it
+    step(call, interim("okay"), end + 2.0)
+    assert kinds(step(call, transcript("Okay.", "tr3"), end + 2.5)) == ["AskBackend"]
+
+
 def test_a_greeting_that_may_not_be_cut_is_heard_to_the_end_and_the_caller_then_answered() -> None:
     call = answered(replace(SETTINGS, barge_in_greeting=False))  # "Hi there." plays 0.9 s
     assert step(call, interim("hello hello hello"), 0.5) == []

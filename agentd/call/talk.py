@@ -84,6 +84,9 @@ class Conversation(CallCore):
             return []
         no_turn = self._not_a_turn(event.message, self._began(now), now)
         if no_turn:
+            # its utterance is over all the same: the next one begins afresh
+            self._utterance_over()
+            self.transcript_due = False
             return no_turn
         if self.unsaid:
             return self._join_turn(event, now)
@@ -142,8 +145,12 @@ class Conversation(CallCore):
 
     def _not_a_turn(self, text: str, began: float, now: float) -> list[Command]:
         """A backchannel while the agent talks, or the agent's own words heard back: recorded,
-        and no turn (empty: the words are the caller's)."""
-        if self.playback.talking(now) and is_backchannel(text, self.settings.backchannels):
+        and no turn (empty: the words are the caller's).
+
+        While the agent talks is when the words began, not when their final came: that comes
+        ~1 s after them, and a "mm-hmm" over the last second of a reply would take a turn."""
+        p = self.playback
+        if (p.talking(now) or began < p.until) and is_backchannel(text, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
         if self._echo(text, began):
             return [Record(self.id, Kind.ECHO, {"text": text.strip()})]
