@@ -201,6 +201,24 @@ def test_unanswered_outbound_call_records_its_reason(reason: str) -> None:
     assert not any(isinstance(c, (StartSpeaking, StartTranscribe)) for c in cmds)
 
 
+def test_a_call_cancelled_while_ringing_ends_with_its_reason_before_its_hangup_event() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("dialing"), 0)
+    step(call, status("ringing"), 1)
+    cmds = step(call, status("canceling", by="local"), 2)  # nothing to stop: over at once
+    [ended] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ENDED]
+    assert ended.data == {"hangup_by": "local", "reason": "cancel", "answered": False}
+    assert cmds[-1] == Finished(CID)
+
+
+def test_a_call_hung_up_before_its_sessions_came_was_answered() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    cmds = step(call, status("hangup", "normal", "remote"), 0.3)
+    [ended] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ENDED]
+    assert ended.data["answered"] is True  # as its call report says
+
+
 def test_second_progressing_and_stale_statuses_change_nothing() -> None:
     call = answered()
     assert step(call, status("progressing"), 1) == []

@@ -236,7 +236,13 @@ class CallCore:
         if self.hangup_reason:
             return []
         self.hangup_reason = reason or "normal"
-        answered = self.greeted or self.turns.turn > 0 or self.speaking.id is not None
+        # VoIPBIN said progressing (the call report's answer), or a restored call was served
+        answered = (
+            self.report.answered_at is not None
+            or self.greeted
+            or self.turns.turn > 0
+            or self.speaking.id is not None
+        )
         return [
             Record(
                 self.id,
