@@ -149,10 +149,33 @@ def test_transcript_before_speaking_is_active_is_said_after_the_greeting() -> No
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)
     assert step(call, TranscribeStarted("t1"), 0.05) == []
-    assert kinds(step(call, transcript("hello"), 0.1)) == ["AskBackend"]
-    assert step(call, ReplySentence(1, "Hello to you."), 0.2) == []  # no session yet: queued
+    assert kinds(step(call, transcript("what are your hours"), 0.1)) == ["AskBackend"]
+    assert step(call, ReplySentence(1, "Nine to five."), 0.2) == []  # no session yet: queued
     cmds = step(call, SpeakingStarted("s1", "active"), 0.3)
-    assert cmds == [Say(CID, "s1", "Hi there.", 0), Say(CID, "s1", "Hello to you.", 1)]
+    assert cmds == [Say(CID, "s1", "Hi there.", 0), Say(CID, "s1", "Nine to five.", 1)]
+
+
+@pytest.mark.parametrize("said", ["Hello?", "Hi, yes.", "Good morning.", "Hello hello?"])
+def test_a_hello_before_the_greeting_is_answered_by_the_greeting(said: str) -> None:
+    """A callee picking up says "hello?" first: the greeting answers it, no reply follows it."""
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, TranscribeStarted("t1"), 0.05)
+    assert step(call, SpeechEvent("sp1", "t1", "interim", "in", said), 0.2) == []  # no ask
+    cmds = step(call, transcript(said), 0.4)
+    assert kinds(cmds) == []
+    [heard] = [c for c in cmds if isinstance(c, Record)]
+    assert heard.what is Kind.BACKCHANNEL and heard.data["greeting"] is True
+    assert step(call, SpeakingStarted("s1", "active"), 0.5) == [Say(CID, "s1", "Hi there.", 0)]
+    # after the greeting, the same words are a turn
+    assert kinds(step(call, transcript("Hello?", "tr2"), 5.0)) == ["AskBackend"]
+
+
+def test_a_question_before_the_greeting_is_answered_after_it() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, TranscribeStarted("t1"), 0.05)
+    assert kinds(step(call, transcript("Hello, who is this?"), 0.4)) == ["AskBackend"]
 
 
 def test_the_greeting_waits_for_the_transcribe_when_the_voice_is_up_first() -> None:

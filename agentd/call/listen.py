@@ -101,6 +101,8 @@ class Listening(Conversation):
         if h is None:
             if self._closing():
                 return []  # words after the goodbye
+            if self.greeting_answers(event.message, self._began(now)):
+                return []  # "hello?" before the greeting is over: no turn (its final says so)
             if self.playback.talking(now):
                 # the agent's audio plays: only words that pass the barge-in gate take the turn
                 cmds = self._speech_barge_in(event, now)

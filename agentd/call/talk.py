@@ -60,6 +60,13 @@ BACKCHANNELS = frozenset(
 )
 
 
+#: What someone picking up says before they know who calls: the greeting answers it.
+SALUTATIONS = (
+    *("hello", "hi", "hey", "hiya", "hallo"),
+    *("good morning", "good afternoon", "good evening", "morning", "afternoon", "evening"),
+)
+
+
 def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
     """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay"); `extra`
     adds words (`agent.backchannels`)."""
@@ -152,6 +159,8 @@ class Conversation(CallCore):
         p = self.playback
         if (p.talking(now) or began < p.until) and is_backchannel(text, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
+        if self.greeting_answers(text, began):
+            return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "greeting": True})]
         if self._echo(text, began):
             return [Record(self.id, Kind.ECHO, {"text": text.strip()})]
         return []
@@ -229,6 +238,16 @@ class Conversation(CallCore):
             if run.size >= max(_ECHO_MIN_WORDS, _ECHO_SHARE * len(heard)):
                 return True
         return False
+
+    def greeting_answers(self, text: str, began: float) -> bool:
+        """Whether `text` is a "hello?" said before the greeting was over (a callee picking
+        up, a caller who talks first): the greeting answers it, a reply would follow it back
+        to back. Words that ask for something more are answered after the greeting."""
+        if self.turns.turn or not self.settings.greeting:
+            return False
+        if self.greeted and began >= self.playback.until:
+            return False
+        return is_backchannel(text, (*self.settings.backchannels, *SALUTATIONS))
 
     def _began(self, now: float) -> float:
         """When the caller's current utterance began: its first speech event, or `now`."""
