@@ -83,7 +83,7 @@ def test_a_transcript_before_its_transcribe_id_is_known_waits_then_reaches_its_c
     d = dispatcher(shell)
     d.on_event(call_event("c1", "progressing"))
     d.feed("c1", SpeakingStarted("s1", "active"))
-    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # t1 not known yet: buffered
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "what time is it"))  # t1 not known yet: buffered
     assert not any(type(c).__name__ == "AskBackend" for c in shell.commands("c1"))
     d.feed("c1", TranscribeStarted("t1"))
     asks = [c for c in shell.commands("c1") if type(c).__name__ == "AskBackend"]
@@ -99,7 +99,7 @@ def test_other_calls_speech_does_not_push_ours_out_of_the_waiting_buffer() -> No
         d.on_event(TranscribeEvent(f"ot{n}", "call", f"other{n}", "progressing"))
     d.on_event(call_event("c1", "progressing"))
     d.feed("c1", SpeakingStarted("s1", "active"))
-    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # before our transcribe id is known
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "what time is it"))  # before our transcribe id is known
     for i in range(600):
         d.on_event(SpeechEvent(f"sp{i}", f"ot{i % 20}", "interim", "in", "blah blah"))
     d.feed("c1", TranscribeStarted("t1"))
@@ -126,7 +126,7 @@ def test_a_call_another_replica_serves_is_left_alone_until_taken_back() -> None:
     d.disown("c1")  # another replica took it over
     before = len(shell.batches)
     d.on_event(call_event("c1", "progressing"))  # not adopted again as a new call
-    d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))  # its transcribe's: dropped
+    d.on_event(TranscriptEvent("tr1", "t1", "in", "what time is it"))  # its transcribe's: dropped
     d.on_event(TranscribeEvent("t2", "call", "c1", "progressing"))  # a new one of it: known
     d.on_event(TranscriptEvent("tr2", "t2", "in", "hello"))
     assert "c1" not in d.calls and len(shell.batches) == before
@@ -215,7 +215,7 @@ def test_a_steps_timers_go_apart_and_are_shown_on_its_event_line() -> None:
     shell.batches.clear()
     timers.clear()
     with structlog.testing.capture_logs() as lines:
-        d.on_event(TranscriptEvent("tr1", "t1", "in", "hello"))
+        d.on_event(TranscriptEvent("tr1", "t1", "in", "what time is it"))
         shell.now += settings().final_hold_s  # the caller is done: the reply is not held
         d.feed("c1", ReplySentence(1, "Hi."))
     assert [(cid, [(type(c).__name__, str(c.timer)) for c in cmds]) for cid, cmds in timers] == [
