@@ -154,6 +154,7 @@ def _owned_by(cls: type[Any], **types: TypeSpec) -> dict[str, tuple[TypeSpec, An
 CALL_KEYS = _owned_by(
     CallSettings,
     greeting=str,
+    outbound_greeting=str,
     language=str,
     tts_provider=str,
     voice_id=str,

@@ -171,6 +171,16 @@ def test_a_hello_before_the_greeting_is_answered_by_the_greeting(said: str) -> N
     assert kinds(step(call, transcript("Hello?", "tr2"), 5.0)) == ["AskBackend"]
 
 
+@pytest.mark.parametrize(
+    ("direction", "said"), [("outgoing", "Hi, this is Anna."), ("incoming", "Hi there.")]
+)
+def test_a_call_agentd_placed_has_its_own_greeting(direction: str, said: str) -> None:
+    call = Call(CID, replace(SETTINGS, outbound_greeting="Hi, this is Anna."), direction=direction)
+    step(call, status("progressing"), 0)
+    step(call, TranscribeStarted("t1"), 0.05)
+    assert step(call, SpeakingStarted("s1", "active"), 0.5) == [Say(CID, "s1", said, 0)]
+
+
 def test_a_question_before_the_greeting_is_answered_after_it() -> None:
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)

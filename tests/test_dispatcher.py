@@ -99,7 +99,9 @@ def test_other_calls_speech_does_not_push_ours_out_of_the_waiting_buffer() -> No
         d.on_event(TranscribeEvent(f"ot{n}", "call", f"other{n}", "progressing"))
     d.on_event(call_event("c1", "progressing"))
     d.feed("c1", SpeakingStarted("s1", "active"))
-    d.on_event(TranscriptEvent("tr1", "t1", "in", "what time is it"))  # before our transcribe id is known
+    d.on_event(
+        TranscriptEvent("tr1", "t1", "in", "what time is it")
+    )  # before our transcribe id is known
     for i in range(600):
         d.on_event(SpeechEvent(f"sp{i}", f"ot{i % 20}", "interim", "in", "blah blah"))
     d.feed("c1", TranscribeStarted("t1"))

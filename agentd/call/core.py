@@ -469,6 +469,15 @@ class CallCore:
                 cmds += self._say(text, turn, now)
         return cmds
 
+    def greeting_text(self) -> str:
+        """What the agent says first: a call it placed may have a greeting of its own."""
+        s = self.settings
+        return (
+            s.outbound_greeting
+            if self.direction == "outgoing" and s.outbound_greeting
+            else s.greeting
+        )
+
     def _greet_when_heard(self, now: float) -> list[Command]:
         """The voice is up: greet now if someone is listening, else once the transcribe is up
         or `greet_wait_s` has passed, whichever comes first."""
@@ -493,7 +502,7 @@ class CallCore:
     def _greet(self, now: float) -> list[Command]:
         self.last_caller = max(self.last_caller, now)  # silence counts from the answer
         cmds: list[Command] = []
-        greeting = self.settings.greeting
+        greeting = self.greeting_text()
         if greeting:
             self.history.assistant(greeting, 0)
             cmds += self._say(greeting, 0, now)

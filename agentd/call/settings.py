@@ -42,6 +42,7 @@ class CallSettings:
     These defaults are the only ones: agentd.config takes every per-call default from here."""
 
     greeting: str = DEFAULT_GREETING
+    outbound_greeting: str = ""  # the greeting of calls agentd placed ("": `greeting`)
     language: str = "en-US"
     tts_provider: str = "elevenlabs"
     voice_id: str = ""  # "": VoIPBIN's default voice of tts_provider for the language

@@ -243,7 +243,7 @@ class Conversation(CallCore):
         """Whether `text` is a "hello?" said before the greeting was over (a callee picking
         up, a caller who talks first): the greeting answers it, a reply would follow it back
         to back. Words that ask for something more are answered after the greeting."""
-        if self.turns.turn or not self.settings.greeting:
+        if self.turns.turn or not self.greeting_text():
             return False
         if self.greeted and began >= self.playback.until:
             return False
