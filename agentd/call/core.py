@@ -337,13 +337,13 @@ class CallCore:
         `call_over`: the call is ending, what is still to be said on it is dropped)."""
         if not self.ledger.stop(sid, kind):
             return []
-        if kind == "speaking":
-            return [StopSpeaking(self.id, sid, delete, call_over=call_over)]
-        return [StopTranscribe(self.id, sid, delete)]
+        return [self._stop_command(kind, sid, delete, call_over=call_over)]
 
-    def _stop_command(self, kind: SessionKind, sid: str, delete: bool = False) -> Command:
+    def _stop_command(
+        self, kind: SessionKind, sid: str, delete: bool = False, *, call_over: bool = False
+    ) -> Command:
         if kind == "speaking":
-            return StopSpeaking(self.id, sid, delete)
+            return StopSpeaking(self.id, sid, delete, call_over=call_over)
         return StopTranscribe(self.id, sid, delete)
 
     def _stop_failed(self, kind: SessionKind, sid: str, status: int = 0) -> list[Command]:
