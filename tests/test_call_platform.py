@@ -203,6 +203,43 @@ def test_a_backchannel_over_the_end_of_a_reply_is_none_though_its_final_comes_af
     assert kinds(step(call, transcript("Okay.", "tr3"), end + 2.5)) == ["AskBackend"]
 
 
+def test_a_yes_at_the_very_end_of_a_question_answers_it() -> None:
+    call = answered()
+    step(call, transcript("can you book it", "tr1"), 10)
+    step(call, ReplySentence(1, "Shall I book it for you?"), 10)
+    step(call, ReplyDone(1), 10)
+    end = call.playback.until
+    step(call, interim("yes"), end - 0.5)  # over the question's last word: an answer
+    assert kinds(step(call, transcript("Yes.", "tr2"), end + 0.6)) == ["AskBackend"]
+
+
+def test_a_noise_long_ago_does_not_make_a_later_yes_a_backchannel() -> None:
+    call = answered()
+    step(call, transcript("tell me a story", "tr1"), 10)
+    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    step(call, ReplyDone(1), 10)
+    step(call, interim("uh"), 11)  # a noise over the reply, its final empty
+    step(call, transcript("", "tr2"), 12)
+    end = call.playback.until
+    assert kinds(step(call, transcript("Okay.", "tr3"), end + 5)) == ["AskBackend"]
+
+
+def test_a_hello_over_a_long_greeting_neither_cuts_it_nor_is_answered_on_finals() -> None:
+    long = "Hello, thank you for calling the clinic. How can I help you today?"
+    call = answered(replace(SETTINGS, reply_on="final", greeting=long))
+    assert step(call, interim("hello"), 2.5) == []  # past the echo guard: no cut
+    cmds = step(call, transcript("Hello?", "tr1"), 3.0)
+    assert kinds(cmds) == [] and records(cmds, Kind.BACKCHANNEL)
+
+
+def test_a_hello_over_a_reprompt_is_a_turn() -> None:
+    call = answered(replace(SETTINGS, silence_s=5.0))
+    step(call, TimerFired(T("silence")), 6)  # "Are you still there?" at turn 0
+    assert kinds(step(call, interim("hello"), 6.5)) == []
+    cmds = step(call, transcript("Hello?", "tr1"), 7.0)
+    assert kinds(cmds)[-1] == "AskBackend"
+
+
 def test_a_greeting_that_may_not_be_cut_is_heard_to_the_end_and_the_caller_then_answered() -> None:
     call = answered(replace(SETTINGS, barge_in_greeting=False))  # "Hi there." plays 0.9 s
     assert step(call, interim("I need my bill"), 0.5) == []

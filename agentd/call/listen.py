@@ -118,9 +118,9 @@ class Listening(Conversation):
         return cmds + self._words_grew(h, gap, now)
 
     def on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
-        if not self._speculating:
+        if not self._speculating or not event.message.strip():
             return super().on_transcript(event, now)
-        if event.direction != "in" or not event.message.strip():
+        if event.direction != "in":
             return []
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []

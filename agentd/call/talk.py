@@ -42,6 +42,10 @@ from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
 _ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
 _ECHO_MIN_WORDS = 3
+# a backchannel's words, then its final ~1.1 s after them: one begun longer ago is no backchannel
+_BACKCHANNEL_SPAN_S = 3.0
+# words begun this close to the estimated end of the agent's audio may be an answer to it
+_BACKCHANNEL_MARGIN_S = 0.3
 # how long a caller the backend judged unfinished (○ / ◐) gets before it must answer anyway:
 # Pipecat's defaults
 _INCOMPLETE_S = 5.0
@@ -85,8 +89,11 @@ class Conversation(CallCore):
 
     def on_transcript(self, event: TranscriptEvent, now: float) -> list[Command]:
         """A final caller transcript opens a turn and asks the backend."""
-        if event.direction != "in" or not event.message.strip():
+        if event.direction != "in":
             return []  # "out" is our own speech heard back: never answer it
+        if not event.message.strip():
+            self._utterance_over()  # a noise's empty final: its start is no one's any more
+            return []
         if not self.turns.mark_seen(event.id) or not self.phase.live:
             return []
         no_turn = self._not_a_turn(event.message, self._began(now), now)
@@ -156,8 +163,7 @@ class Conversation(CallCore):
 
         While the agent talks is when the words began, not when their final came: that comes
         ~1 s after them, and a "mm-hmm" over the last second of a reply would take a turn."""
-        p = self.playback
-        if (p.talking(now) or began < p.until) and is_backchannel(text, self.settings.backchannels):
+        if self._over_the_agent(began, now) and is_backchannel(text, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
         if self.greeting_answers(text, began):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "greeting": True})]
@@ -239,13 +245,29 @@ class Conversation(CallCore):
                 return True
         return False
 
+    def _over_the_agent(self, began: float, now: float) -> bool:
+        """Whether words whose final came at `now` were said while the agent talked: it still
+        does, or they began (recently: a backchannel's final follows it within a few seconds)
+        well before its audio ended. A "yes" at the very end of a question answers it."""
+        p = self.playback
+        if p.talking(now):
+            return True
+        if now - began > _BACKCHANNEL_SPAN_S or began >= p.until - _BACKCHANNEL_MARGIN_S:
+            return False
+        return not (p.pieces and p.pieces[-1].text.rstrip().endswith("?"))
+
     def greeting_answers(self, text: str, began: float) -> bool:
         """Whether `text` is a "hello?" said before the greeting was over (a callee picking
         up, a caller who talks first): the greeting answers it, a reply would follow it back
         to back. Words that ask for something more are answered after the greeting."""
-        if self.turns.turn or not self.greeting_text():
+        greeting = self.greeting_text()
+        if self.turns.turn or not greeting:
             return False
-        if self.greeted and began >= self.playback.until:
+        p = self.playback
+        to_say = any(turn == 0 for turn, _ in p.queued)  # its session was replaced
+        # said: only words begun over its own audio (a turn-0 reprompt's is no greeting)
+        over_it = began < p.until and bool(p.pieces) and p.pieces[-1].text.strip() in greeting
+        if self.greeted and not to_say and not over_it:
             return False
         return is_backchannel(text, (*self.settings.backchannels, *SALUTATIONS))
 
@@ -322,6 +344,8 @@ class Conversation(CallCore):
             return []
         if is_backchannel(event.message, s.backchannels) or self._kept(now):
             return []  # "mm-hmm" while we talk: the caller is listening
+        if self.greeting_answers(event.message, self._began(now)):
+            return []  # "hello?" over the greeting: the greeting is the answer
         if self._echo(event.message, self._began(now)):
             return []
         if now - self.playback.talk_started(now) < s.echo_guard_s:
