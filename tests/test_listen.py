@@ -751,3 +751,14 @@ def test_a_split_sentences_finals_in_either_order_make_it_up_once(second_first: 
         h.on_final(text, 1.0 + k * 0.1)
     assert h.text() == "I want to book a table. For two people."
     assert h.unconfirmed() == ""
+
+
+def test_finals_in_order_fill_their_own_utterances_when_both_begin_with_i() -> None:
+    """An interim that missed its first word, then the next utterance's: each final finds its
+    own, though "I" begins the final of one and the interim of the other."""
+    h = Hearing()
+    for t, text in enumerate(["want to book", "want to book a table", "i also", "i also need"]):
+        h.on_interim(text, t * 0.1)
+    h.on_final("I want to book a table.", 1.0)
+    h.on_final("I also need parking.", 1.1)
+    assert h.text() == "I want to book a table. I also need parking."

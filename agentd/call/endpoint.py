@@ -163,6 +163,13 @@ def _split(text: str, n: int) -> tuple[str, str]:
     return " ".join(tokens), ""
 
 
+def _begins_alike(heard: tuple[str, ...], final: tuple[str, ...]) -> bool:
+    """Whether an interim and a final begin with the same two words (one, when either has one
+    only): "I" alone begins too many sentences to tell two utterances apart."""
+    n = min(2, len(heard), len(final))
+    return n > 0 and heard[:n] == final[:n]
+
+
 def rejoin(held: str, start: int, final: str) -> tuple[str, int] | None:
     """The final `final` set into `held`, a turn whose words from the `start`-th on may stand
     on interims whose finals have not come: None when it repeats none of them (its words are
@@ -229,19 +236,19 @@ class Hearing:
         """A final fragment; True when it brought words the turn did not have."""
         before = self.text()
         self.final_at = now
-        first = words(text)[:1]
+        said = words(text)
         # the utterance it ends: the oldest standing on an interim that begins as it does; else
         # the one in progress, when it begins so (finals come in no order: a split sentence's
         # second final may come first); else, with no clue, the oldest standing
-        slot = next((i for i in self.waiting if words(self.finals[i])[:1] == first), None)
-        if slot is None and self.waiting and words(self.interim)[:1] != first:
+        slot = next((i for i in self.waiting if _begins_alike(words(self.finals[i]), said)), None)
+        if slot is None and self.waiting and not _begins_alike(words(self.interim), said):
             slot = self.waiting[0]
         if slot is not None:
             self.finals[slot] = text.strip()
             self.waiting.remove(slot)
         else:
             self.finals.append(text.strip())
-            if words(self.interim)[:1] == first:
+            if words(self.interim)[:1] == said[:1]:
                 self.interim = ""  # else: an interim of the next utterance came first
         return self._grew(before, now)
 
