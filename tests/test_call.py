@@ -244,6 +244,16 @@ def test_a_call_cancelled_while_ringing_ends_with_its_reason_before_its_hangup_e
     assert cmds[-1] == Finished(CID)
 
 
+def test_a_call_clean_before_its_hangup_event_came_records_its_end() -> None:
+    call = answered()
+    step(call, status("terminating", by="remote"), 5)
+    step(call, Stopped("speaking", "s1", True), 5.2)
+    cmds = call.handle(TranscribeEvent("t1", "call", CID, "done"), 5.3)
+    [ended] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ENDED]
+    assert ended.data == {"hangup_by": "", "reason": "normal", "answered": True}
+    assert cmds[-1] == Finished(CID)
+
+
 def test_a_call_hung_up_before_its_sessions_came_was_answered() -> None:
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)

@@ -164,13 +164,7 @@ class Call(Recovery, Sessions, Listening):
         cmds = self._begin_end(hangup=True) if effect is Effect.END else []
         if status == "hangup":
             cmds += self._record_hangup(info.hangup_by, info.hangup_reason)
-        done = self._maybe_finished()
-        if done and not self.hangup_reason:
-            # over before its hangup event (nothing to stop after a `canceling`): the end as
-            # far as it is known, or the call would leave no reason at all
-            reason = info.hangup_reason or ("cancel" if status == "canceling" else "")
-            cmds += self._record_hangup(info.hangup_by, reason)
-        return cmds + done
+        return cmds + self._maybe_finished(info.hangup_by, info.hangup_reason)
 
     def _on_transcripts_read(self, event: TranscriptsRead, now: float) -> list[Command]:
         """A read-back, oldest first. From the oldest transcript the call remembers handling,

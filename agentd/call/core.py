@@ -50,6 +50,10 @@ Input = Event | Result  # what a call handles
 NEVER = float("inf")  # the time of something not due (a timer not running)
 
 
+# a call over without its hangup event: the reason its last status tells ("": "normal")
+_ENDING = {"canceling": "cancel", "terminating": ""}
+
+
 class CallCore:
     """The state of one call and the steps its handlers share."""
 
@@ -375,7 +379,9 @@ class CallCore:
             )
         return cmds
 
-    def _maybe_finished(self) -> list[Command]:
+    def _maybe_finished(self, by: str = "", reason: str = "") -> list[Command]:
+        """`Finished` once the call is over and clean (`by`, `reason`: what VoIPBIN last said
+        of its end, for a call over before its hangup event)."""
         if (
             self.phase is Phase.ENDING
             and self.ledger.clean
@@ -383,7 +389,12 @@ class CallCore:
             and not self.transcribe.starting
         ):
             self.phases.step(PhaseInput.CLEAN)
-            return [Finished(self.id)]
+            # VoIPBIN said it was ending (terminating, canceling) and all is stopped before its
+            # hangup event came: that event will find the call gone, so its end is told now
+            ended: list[Command] = []
+            if not self.hangup_reason and self.status in _ENDING:
+                ended = self._record_hangup(by, reason or _ENDING[self.status])
+            return [*ended, Finished(self.id)]
         return []
 
     def _late_result(self, event: Input) -> list[Command]:
