@@ -93,6 +93,22 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     await ex.close()
 
 
+async def test_a_stop_that_is_no_call_end_keeps_the_lanes_order(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    """A barge-in's cut or a replaced session: the says before the stop go out before it."""
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+    ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.")])
+    ex.execute(call_id, [StopSpeaking(call_id, sid)])
+    await results.until(lambda: bool(results.of(Stopped)))
+    [say] = sim.requests_matching("POST", r"/say$")
+    assert say.body["text"] == "One. Two."  # type: ignore[index]
+    assert sim.requests_matching("POST", r"/stop$")[0].t >= say.t
+    await ex.close()
+
+
 async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
     sim: Simulator, client: VoipbinClient
 ) -> None:
