@@ -187,11 +187,18 @@ def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
     assert call.turn == 1
 
 
-def test_a_backchannel_over_the_end_of_a_reply_is_none_though_its_final_comes_after() -> None:
+def replied(text: str) -> Call:
+    """An answered call whose first reply, `text`, was sent at t=10 and plays to its end
+    (`call.playback.until`)."""
     call = answered()
-    step(call, transcript("tell me a story", "tr1"), 10)
-    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
+    step(call, transcript("tell me", "tr1"), 10)
+    step(call, ReplySentence(1, text), 10)
     step(call, ReplyDone(1), 10)
+    return call
+
+
+def test_a_backchannel_over_the_end_of_a_reply_is_none_though_its_final_comes_after() -> None:
+    call = replied("Once upon a time there was a very long story.")
     end = call.playback.until
     assert step(call, interim("mm-hmm"), end - 0.5) == []  # its words, as the agent ends
     cmds = step(call, transcript("Mm-hmm.", "tr2"), end + 0.6)  # its final, ~1 s later
@@ -204,20 +211,14 @@ def test_a_backchannel_over_the_end_of_a_reply_is_none_though_its_final_comes_af
 
 
 def test_a_yes_at_the_very_end_of_a_question_answers_it() -> None:
-    call = answered()
-    step(call, transcript("can you book it", "tr1"), 10)
-    step(call, ReplySentence(1, "Shall I book it for you?"), 10)
-    step(call, ReplyDone(1), 10)
+    call = replied("Shall I book it for you?")
     end = call.playback.until
     step(call, interim("yes"), end - 0.5)  # over the question's last word: an answer
     assert kinds(step(call, transcript("Yes.", "tr2"), end + 0.6)) == ["AskBackend"]
 
 
 def test_a_noise_long_ago_does_not_make_a_later_yes_a_backchannel() -> None:
-    call = answered()
-    step(call, transcript("tell me a story", "tr1"), 10)
-    step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
-    step(call, ReplyDone(1), 10)
+    call = replied("Once upon a time there was a very long story.")
     step(call, interim("uh"), 11)  # a noise over the reply, its final empty
     step(call, transcript("", "tr2"), 12)
     end = call.playback.until
