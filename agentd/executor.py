@@ -583,9 +583,9 @@ def _abandon_says(call_id: str, lanes: _Lanes, queue: deque[Command], speaking_i
     flushed on that session is dropped, and a /say of it in flight (slow, or waiting out a
     429) is cut short, so the stop goes out now. Nobody hears them any more: each would spend
     the account's budget, and keep a billed session open, for no one."""
-    dropped = [c for c in queue if isinstance(c, _ON_SESSION) and c.speaking_id == speaking_id]
+    kept = [c for c in queue if not (isinstance(c, _ON_SESSION) and c.speaking_id == speaking_id)]
+    dropped = len(queue) - len(kept)
     if dropped:
-        kept = [c for c in queue if not any(c is d for d in dropped)]
         queue.clear()
         queue.extend(kept)
     saying = lanes.saying
@@ -595,7 +595,7 @@ def _abandon_says(call_id: str, lanes: _Lanes, queue: deque[Command], speaking_i
         lanes.cut = saying
         worker.cancel()
     if dropped or cut:
-        log.info("says.abandoned", call_id=call_id, queued=len(dropped), in_flight=cut)
+        log.info("says.abandoned", call_id=call_id, queued=dropped, in_flight=cut)
 
 
 _ON_SESSION = (Say, Flush)
