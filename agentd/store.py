@@ -105,7 +105,7 @@ def _pairs(raw: str) -> tuple[tuple[str, str], ...]:
 
 _CALL_COLUMNS: Final = (
     "call_id, direction, phase, status, transcribe_id, speaking_id, pending_stops, greeted, "
-    "turn, history, hangup_reason, seen_transcripts"
+    "turn, history, hangup_reason, seen_transcripts, hangup_pending"
 )
 
 
@@ -123,7 +123,8 @@ def _row_to_record(row: Sequence[Any]) -> CallRecord:
         history=_pairs(row[9]),
         hangup_reason=row[10],
         seen_transcripts=tuple(str(t) for t in json.loads(row[11])),
-        created_at=float(row[12]) if len(row) > 12 else 0.0,
+        hangup_pending=bool(row[12]),
+        created_at=float(row[13]) if len(row) > 13 else 0.0,
     )
 
 
@@ -131,7 +132,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
     ended = rec.phase == "ended"
     conn.execute(
         f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT(call_id) DO UPDATE SET
                 direction = excluded.direction, phase = excluded.phase,
                 status = excluded.status, transcribe_id = excluded.transcribe_id,
@@ -140,6 +141,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
                 turn = excluded.turn, history = excluded.history,
                 hangup_reason = excluded.hangup_reason,
                 seen_transcripts = excluded.seen_transcripts,
+                hangup_pending = excluded.hangup_pending,
                 updated_at = excluded.updated_at,
                 -- the first time it ended counts for prune; a revived call has none
                 ended_at = CASE WHEN excluded.phase = 'ended'
@@ -158,6 +160,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
             _dumps([list(m) for m in rec.history]),
             _text(rec.hangup_reason),
             _dumps(list(rec.seen_transcripts[-SEEN_LIMIT:])),
+            int(rec.hangup_pending),
             now,
             now,
             now if ended else None,

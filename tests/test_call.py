@@ -527,6 +527,23 @@ def test_restored_call_that_ended_while_we_were_down_is_cleaned_up() -> None:
     assert step(again, TranscribeFailed(404, "not found"), 100.3) == [Finished(CID)]
 
 
+def test_a_restored_call_whose_hangup_was_unconfirmed_sends_it_again() -> None:
+    call = answered()
+    call.handle(TimerFired(T("max_call")), 50)
+    call.handle(TimerFired(T("after_reply")), 57)  # the goodbye played: our hangup goes
+    assert step(call, HangupDone(False), 57.1)[0] == CheckCall(CID)  # refused: retried later
+    again = Call.restore(call.snapshot(), SETTINGS)
+    cmds = again.resume(100)
+    assert Hangup(CID) in cmds and Finished(CID) not in cmds
+    # its sessions confirmed stopped: the call is still not over until the hangup is
+    for cmd in cmds:
+        if isinstance(cmd, (StopSpeaking, StopTranscribe)):
+            sid = cmd.speaking_id if isinstance(cmd, StopSpeaking) else cmd.transcribe_id
+            kind = "speaking" if isinstance(cmd, StopSpeaking) else "transcribe"
+            assert Finished(CID) not in step(again, Stopped(kind, sid, True), 100.1)
+    assert step(again, HangupDone(True), 100.3)[-1] == Finished(CID)
+
+
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
     call = Call(CID, SETTINGS)
     cmds = call.handle(status("ringing"), 0)

@@ -160,3 +160,35 @@ async def test_a_call_that_ended_while_agentd_was_down_is_cleaned_up(
             if proc is not None and proc.returncode is None:
                 proc.terminate()
                 await proc.wait()
+
+
+async def test_our_hangup_unconfirmed_at_a_kill_is_sent_again_by_the_next_start(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # the time limit's goodbye, then our hangup, which VoIPBIN keeps refusing until the kill
+    config = tmp_path / "agentd.toml"
+    store = f'path = "{tmp_path / "agentd.db"}"'
+    config.write_text(config_text(sim, store).replace("[agent]\n", "[agent]\nmax_call_s = 2\n"))
+    sim.faults.fail("POST", r"/calls/[^/]+/hangup$", 503, count=1000)
+    first = await start(config)
+    second = None
+    try:
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        hangups = rf"/calls/{call_id}/hangup$"
+        # a retry: the first refusal is on disk by then
+        await sim.wait_for(lambda: len(sim.requests_matching("POST", hangups)) >= 2, 15)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        assert sim.get_call(call_id).status == "progressing"  # the caller is still on the line
+        sim.faults.heal()
+        second = await start(config)
+        await sim.wait_call_status(call_id, "hangup", 15)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        lines = agent_lines(sim, call_id)
+        assert lines.count("We have reached the time limit for this call. Goodbye!") == 1
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                await proc.wait()

@@ -81,6 +81,7 @@ async def test_round_trip_with_unicode_survives_reopen(db: str) -> None:
         pending_stops=(("speaking", "s-0"), ("transcribe", "t-0")),
         hangup_reason="",
         seen_transcripts=("tr-1", "tr-2"),
+        hangup_pending=True,
     )
     s = await Store.open(db)
     await s.save_call(rec)

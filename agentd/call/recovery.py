@@ -98,6 +98,7 @@ class Recovery(CallCore):
             "history": self.history.pairs(),
             "hangup_reason": self.hangup_reason,
             "seen_transcripts": self.turns.seen_ids(),
+            "hangup_pending": self.ledger.hangup_pending,
         }
 
     @classmethod
@@ -110,6 +111,7 @@ class Recovery(CallCore):
         call.transcribe = SessionMachine("transcribe", data.get("transcribe_id"))
         call.speaking = SessionMachine("speaking", data.get("speaking_id"))
         call.ledger.restore(list(data.get("pending_stops", ())))
+        call.ledger.hangup_pending = bool(data.get("hangup_pending"))
         call.greeted = bool(data.get("greeted"))
         call.turns = TurnMachine(int(data.get("turn", 0)))
         call.history = History.restore(
@@ -135,6 +137,10 @@ class Recovery(CallCore):
         ]
         for sid, (kind, _) in self.ledger.pending.items():
             cmds.append(self._stop_command(kind, sid))
+        if self.ledger.hangup_pending:
+            # VoIPBIN never confirmed it: sent again (idempotent), or the caller would be left
+            # on the line with nobody; the call is not finished until it is confirmed
+            cmds.append(Hangup(self.id))
         if self.phase.over:
             self.ledger.sweep_needed = False
             return [*cmds, SweepSpeakings(self.id), *self._maybe_finished()]
@@ -168,6 +174,7 @@ class Recovery(CallCore):
             self.speaking.id,
             tuple(self.ledger.pending),
             tuple(self.ledger.awaiting),
+            self.ledger.hangup_pending,
             self.greeted,
             self.turns.turn,
             len(self.history),

@@ -100,6 +100,10 @@ class Faults:
             FailRule(method.upper(), re.compile(path_regex), count, status, retry_after, apply)
         )
 
+    def heal(self) -> None:
+        """Forget every failure still pending: the service answers normally again."""
+        self._fails.clear()
+
     def delay(self, method: str, path_regex: str, seconds: float, count: int = 1) -> None:
         """Hold the next ``count`` matching requests for ``seconds``."""
         self._delays.append(DelayRule(method.upper(), re.compile(path_regex), count, seconds))
