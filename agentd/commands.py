@@ -379,6 +379,16 @@ class HangupDone:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepDone:
+    """`SweepSpeakings` ran: `ok` when every speaking it found is stopped (or known to bill on
+    beyond our reach); not `ok` when the list or a stop failed (`status`: its HTTP status, 0
+    for no answer)."""
+
+    ok: bool
+    status: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CallGone:
     """GET /calls/{id} answered 404/403: the call no longer exists for us."""
 
@@ -406,6 +416,7 @@ Result = (
     | StreamState
     | TransferDone
     | HangupDone
+    | SweepDone
     | CallGone
     | TranscriptsRead
 )

@@ -48,6 +48,7 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepDone,
     SweepSpeakings,
     TimerFired,
     TranscribeFailed,
@@ -353,20 +354,23 @@ class Executor:
             return HangupDone(False)
         return HangupDone(True)
 
-    async def _sweep(self, cmd: SweepSpeakings) -> None:
+    async def _sweep(self, cmd: SweepSpeakings) -> Result:
         try:
             speakings = await self.client.list_speakings()
         except ApiError as e:
             log.warning("sweep.failed", error=str(e))
-            return
+            return SweepDone(False, e.status)
+        failure: int | None = None  # the first stop that failed: its status (0: no answer)
         for spk in speakings:
             if _billing(spk, cmd.call_id):
                 sid = str(spk.get("id"))
                 log.warning("sweep.stopping", speaking_id=sid)
                 if await _stop(self.client.stop_speaking(sid)) is not None:
                     # its pod may be gone: only a delete ends it then
-                    _, running = await _stop_left(self.client.delete_speaking(sid))
-                    if running:  # VoIPBIN bills it on: only its support can end it now
+                    status, running = await _stop_left(self.client.delete_speaking(sid))
+                    if status is not None:
+                        failure = status if failure is None else failure  # swept again later
+                    elif running:  # VoIPBIN bills it on: only its support can end it now
                         # the record a call makes of a session it knew (README: "leak")
                         leak = {
                             "kind": "speaking",
@@ -376,6 +380,7 @@ class Executor:
                             "unstopped": True,
                         }
                         self._record(Record(cmd.call_id, Kind.LEAK, leak))
+        return SweepDone(failure is None, failure or 0)
 
     async def _transfer(self, cmd: Transfer) -> Result:
         # VoIPBIN transfers only a call in a confbridge, and a blind transfer hangs up the

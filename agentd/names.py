@@ -21,6 +21,7 @@ class TimerKind(enum.StrEnum):
     RETRY_TRANSCRIBE = "retry_transcribe"
     RETRY_STOP = "retry_stop"  # one per unconfirmed stop (`Timer.session_id` says which)
     RETRY_HANGUP = "retry_hangup"
+    RETRY_SWEEP = "retry_sweep"  # a sweep of the call's speakings got no clear answer
     TRANSCRIPT_DUE = "transcript_due"  # speech ended, its transcript has not come
     AFTER_REPLY = "after_reply"  # the reply has played: run the action it asked for
     HOLD = "hold"  # the caller's turn seems over: say the reply held back so far

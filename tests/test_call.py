@@ -36,6 +36,8 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepDone,
+    SweepSpeakings,
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
@@ -524,7 +526,39 @@ def test_restored_call_that_ended_while_we_were_down_is_cleaned_up() -> None:
     # the speaking id is known; a session created just before the crash may not be: sweep
     assert kinds(cmds) == ["StopSpeaking", "SweepSpeakings"]
     assert step(again, Stopped("speaking", "s1", True), 100.2) == []
-    assert step(again, TranscribeFailed(404, "not found"), 100.3) == [Finished(CID)]
+    assert step(again, TranscribeFailed(404, "not found"), 100.3) == []  # the sweep is not done
+    assert step(again, SweepDone(True), 100.4) == [Finished(CID)]
+
+
+def test_a_sweep_that_fails_is_tried_again_and_the_call_waits_for_it() -> None:
+    call = answered()
+    call.ledger.sweep_needed = True  # a create answered 500: a session may exist unknown to us
+    assert "SweepSpeakings" in kinds(step(call, status("hangup", "normal", "remote"), 50))
+    step(call, Stopped("speaking", "s1", True), 50.1)
+    step(call, TranscribeEvent("t1", "call", CID, "done"), 50.2)
+    # VoIPBIN's outage: tried again ever less often, however long, and the call stays open
+    for n in range(10):
+        delay = min(SETTINGS.retry_s * 2**n, 60.0)
+        assert step(call, SweepDone(False, 503), 51 + n) == [
+            StartTimer(CID, T("retry_sweep"), delay)
+        ]
+        assert step(call, TimerFired(T("retry_sweep")), 52 + n) == [SweepSpeakings(CID)]
+    assert step(call, SweepDone(True), 70) == [Finished(CID)]
+
+
+def test_a_sweep_refused_again_and_again_is_given_up_with_a_leak_record() -> None:
+    call = answered()
+    call.ledger.sweep_needed = True
+    step(call, status("hangup", "normal", "remote"), 50)
+    step(call, Stopped("speaking", "s1", True), 50.1)
+    step(call, TranscribeEvent("t1", "call", CID, "done"), 50.2)
+    for n in range(SETTINGS.max_stop_attempts - 1):
+        step(call, SweepDone(False, 403), 51 + n)
+        step(call, TimerFired(T("retry_sweep")), 52 + n)
+    cmds = step(call, SweepDone(False, 403), 70)
+    [leak] = [c for c in cmds if isinstance(c, Record)]
+    assert leak.what is Kind.LEAK and leak.data["gave_up"] is True
+    assert cmds[-1] == Finished(CID)
 
 
 def test_a_restored_call_whose_hangup_was_unconfirmed_sends_it_again() -> None:
@@ -541,6 +575,7 @@ def test_a_restored_call_whose_hangup_was_unconfirmed_sends_it_again() -> None:
             sid = cmd.speaking_id if isinstance(cmd, StopSpeaking) else cmd.transcribe_id
             kind = "speaking" if isinstance(cmd, StopSpeaking) else "transcribe"
             assert Finished(CID) not in step(again, Stopped(kind, sid, True), 100.1)
+    assert step(again, SweepDone(True), 100.2) == []  # the hangup is still not confirmed
     assert step(again, HangupDone(True), 100.3)[-1] == Finished(CID)
 
 
@@ -886,7 +921,8 @@ def test_an_awaited_transcribe_survives_a_restart_as_a_stop_to_send() -> None:
     again = Call.restore(snap, SETTINGS)
     cmds = again.resume(100)
     assert StopTranscribe(CID, "t1") in cmds  # whether its `done` came is unknown: stop it
-    assert step(again, Stopped("transcribe", "t1", True), 100.1) == [Finished(CID)]
+    assert step(again, Stopped("transcribe", "t1", True), 100.1) == []  # swept yet?
+    assert step(again, SweepDone(True), 100.2) == [Finished(CID)]
 
 
 def test_a_failure_while_the_transcribe_is_awaited_stops_it() -> None:
@@ -894,7 +930,8 @@ def test_a_failure_while_the_transcribe_is_awaited_stops_it() -> None:
     cmds = call.fail("boom")
     assert StopTranscribe(CID, "t1") in cmds
     assert call.handle(HangupDone(True), 21)[-1:] == []  # its stop is not confirmed yet
-    assert isinstance(call.handle(Stopped("transcribe", "t1", True), 21.1)[-1], Finished)
+    assert call.handle(Stopped("transcribe", "t1", True), 21.1) == []  # nor the sweep
+    assert isinstance(call.handle(SweepDone(True), 21.2)[-1], Finished)
 
 
 def _talk(call: Call, turns: int) -> list[list[tuple[str, str]]]:

@@ -39,6 +39,8 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepDone,
+    SweepSpeakings,
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
@@ -134,6 +136,8 @@ class World:
                     self.feed(SayFailed(cmd.speaking_id, cmd.text, cmd.turn, 404))
             case Hangup():
                 self.feed(HangupDone(not fail))
+            case SweepSpeakings():
+                self.feed(SweepDone(not fail, 503 if fail else 0))
             case CheckCall():
                 status = "hangup" if self.hung_up else "progressing"
                 self.feed(CallEvent(CallInfo(CID, status, "incoming", "+1", "+2"), checked=True))
@@ -150,6 +154,8 @@ class World:
             self.stopped.add(tid)
             self.feed(TranscribeEvent(tid, "call", CID, "done"))
 
+
+RETRIES = ("retry_stop:", "retry_hangup", "retry_sweep")
 
 external = st.one_of(
     st.sampled_from(STATUSES).map(lambda s: ("status", s)),
@@ -199,9 +205,7 @@ def test_any_interleaving_keeps_the_promises(data: st.DataObject) -> None:
     for _ in range(500):
         if world.pending:
             world.answer(world.pending.pop(0), fail=False)
-        elif retry := [
-            n for n in world.timers if str(n).startswith(("retry_stop:", "retry_hangup"))
-        ]:
+        elif retry := [n for n in world.timers if str(n).startswith(RETRIES)]:
             del world.timers[retry[0]]
             world.feed(TimerFired(retry[0]))
         else:

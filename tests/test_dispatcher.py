@@ -24,6 +24,7 @@ from agentd.commands import (
     StartTimer,
     Stopped,
     StopSpeaking,
+    SweepDone,
     SweepSpeakings,
     TranscribeStarted,
 )
@@ -281,6 +282,8 @@ def test_a_handler_that_raises_ends_that_call_cleanly_and_not_the_others(
     d.feed("c1", Stopped("speaking", "s-c1", True))
     d.feed("c1", Stopped("transcribe", "t-c1", True))
     d.feed("c1", HangupDone(True))
+    assert Finished("c1") not in shell.commands("c1")  # the sweep has not answered
+    d.feed("c1", SweepDone(True))
     assert shell.commands("c1")[-1] == Finished("c1")
     assert d.calls["c1"].phase is Phase.ENDED
 

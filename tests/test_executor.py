@@ -26,6 +26,7 @@ from agentd.commands import (
     StartTimer,
     Stopped,
     StopSpeaking,
+    SweepDone,
     SweepSpeakings,
     WriteAhead,
 )
@@ -380,4 +381,24 @@ async def test_a_swept_session_its_delete_could_not_stop_is_recorded_as_a_leak(
     [line] = [e for e in logs if e.get("command") == "Record"]
     assert (line["log_level"], line["what"], line["session_id"]) == ("error", "leak", sid)
     assert sim.stranded() == [sid]
+    await ex.close()
+
+
+async def test_a_sweep_tells_the_call_whether_it_is_done(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # the call is finished only once its sweep is done: a failed list is answered as failed
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+    stops = rf"/speakings/{sid}/stop$"
+    sim.faults.fail("GET", r"/speakings$", 403)
+    ex.execute(call_id, [SweepSpeakings(call_id)])
+    await results.until(lambda: bool(results.of(SweepDone)))
+    assert results.of(SweepDone) == [SweepDone(False, 403)]
+    assert sim.requests_matching("POST", stops) == []  # nothing was stopped
+    ex.execute(call_id, [SweepSpeakings(call_id)])
+    await results.until(lambda: len(results.of(SweepDone)) == 2)
+    assert results.of(SweepDone)[1] == SweepDone(True)
+    assert len(sim.requests_matching("POST", stops)) == 1
     await ex.close()

@@ -25,7 +25,6 @@ from agentd.commands import (
     StartTimer,
     StartTranscribe,
     Stopped,
-    SweepSpeakings,
     TranscribeFailed,
     TranscribeStarted,
     WriteAhead,
@@ -129,7 +128,7 @@ class Sessions(CallCore):
         unclear = event.status == 0 or event.status >= 500
         if self.phase.over:
             self.speaking.step(SessionInput.ABANDON)
-            return ([SweepSpeakings(self.id)] if unclear else []) + self._maybe_finished()
+            return (self._sweep() if unclear else []) + self._maybe_finished()
         if unclear:
             # the create may have happened anyway, with an id we never learned
             self.ledger.sweep_needed = True

@@ -56,6 +56,7 @@ from agentd.commands import (
     StartTimer,
     Stopped,
     StreamState,
+    SweepDone,
     TimerFired,
     TranscribeFailed,
     TranscribeStarted,
@@ -203,6 +204,9 @@ class Call(Recovery, Sessions, Listening):
             return self._maybe_finished()
         return self._hangup_failed()
 
+    def _on_sweep_done(self, event: SweepDone, _now: float) -> list[Command]:
+        return self._sweep_done(event) + self._maybe_finished()
+
     def _on_timer(self, event: TimerFired, now: float) -> list[Command]:
         timer = event.timer
         kind = timer.kind
@@ -210,6 +214,8 @@ class Call(Recovery, Sessions, Listening):
             return [Hangup(self.id)] if self.ledger.hangup_pending else []
         if kind is TimerKind.RETRY_STOP:
             return self._retry_stop(timer.session_id)
+        if kind is TimerKind.RETRY_SWEEP:
+            return self._sweep() if self.ledger.sweeping else []
         if self.phase.over:
             return []
         handler = _TIMERS.get(kind)
@@ -291,9 +297,10 @@ _HANDLERS: dict[type, Handler] = {
     TimerFired: Call._on_timer,
     TransferDone: Call._on_transfer_done,
     HangupDone: Call._on_hangup_done,
+    SweepDone: Call._on_sweep_done,
 }
 
-# one row per timer that the live call handles (stop and hangup retries run in every phase)
+# one row per timer that the live call handles (stop, hangup and sweep retries: every phase)
 _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.POLL_SPEAKING: Call._poll_timer,
     TimerKind.RETRY_SPEAKING: Call._retry_speaking_timer,

@@ -35,6 +35,7 @@ from agentd.commands import (
     Stopped,
     StopSpeaking,
     StopTranscribe,
+    SweepDone,
     SweepSpeakings,
     TranscribeStarted,
     WriteAhead,
@@ -298,7 +299,7 @@ class CallCore:
         if self.ledger.take_sweep():
             # a session created just before a crash, or by a create whose answer was lost,
             # may never have told us its id
-            cmds.append(SweepSpeakings(self.id))
+            cmds += self._sweep()
         return cmds
 
     def _await_end(self, kind: SessionKind, sid: str) -> list[Command]:
@@ -325,6 +326,30 @@ class CallCore:
         for sid, kind in list(self.ledger.awaiting.items()):
             cmds += self._stop(kind, sid)
         return cmds
+
+    def _sweep(self) -> list[Command]:
+        """Stop every speaking of the call, those whose id we never learned included. The call
+        is not finished before the sweep is done: a finished call is not restored to sweep."""
+        self.ledger.sweeping = True
+        return [SweepSpeakings(self.id)]
+
+    def _sweep_done(self, event: SweepDone) -> list[Command]:
+        """A sweep that failed is tried again ever less often: through an outage however long
+        (as a stop is), given up after `max_stop_attempts` refusals (a 4xx no retry changes)."""
+        if not self.ledger.sweeping:
+            return []
+        if event.ok:
+            self.ledger.sweeping = False
+            return []
+        self.ledger.sweep_failures += 1
+        failures, s = self.ledger.sweep_failures, self.settings
+        outage = event.status in (0, 429) or event.status >= 500
+        if failures >= s.max_stop_attempts and not outage:
+            self.ledger.sweeping = False
+            data = {"kind": "speaking", "sweep": True, "status": event.status, "gave_up": True}
+            return [Record(self.id, Kind.LEAK, data)]
+        delay = min(s.retry_s * 2 ** (failures - 1), 60.0)
+        return [StartTimer(self.id, Timer(TimerKind.RETRY_SWEEP), delay)]
 
     def _hangup_failed(self) -> list[Command]:
         """Our hangup was refused: sent again ever less often, and VoIPBIN asked about the call

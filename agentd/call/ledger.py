@@ -93,7 +93,9 @@ class Ledger:
         "hangup_failures",
         "hangup_pending",
         "pending",
+        "sweep_failures",
         "sweep_needed",
+        "sweeping",
     )
 
     def __init__(self) -> None:
@@ -105,6 +107,10 @@ class Ledger:
         self.hangup_failures = 0  # our hangup answered with an error, times in a row
         # a session may exist whose id we never learned (a crash or a lost create answer)
         self.sweep_needed = False
+        # a sweep is under way or to be tried again: the call is not finished before it is done
+        # (its speakings bill on, and a finished call is not restored to sweep them)
+        self.sweeping = False
+        self.sweep_failures = 0
 
     def state(self, sid: str) -> StopState:
         """The stop state of session `sid`."""
@@ -188,5 +194,7 @@ class Ledger:
 
     @property
     def clean(self) -> bool:
-        """Nothing left to stop, confirm or await."""
-        return not self.pending and not self.awaiting and not self.hangup_pending
+        """Nothing left to stop, confirm, sweep or await."""
+        return (
+            not self.pending and not self.awaiting and not self.hangup_pending and not self.sweeping
+        )

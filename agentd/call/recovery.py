@@ -25,7 +25,7 @@ from agentd.commands import (
     SpeakingStarted,
     StartTimer,
     Stopped,
-    SweepSpeakings,
+    SweepDone,
     TimerFired,
     TranscribeStarted,
 )
@@ -52,7 +52,7 @@ class Recovery(CallCore):
             if session.id:
                 cmds += self._stop(session.kind, session.id)
         self.ledger.hangup_pending = True
-        cmds += [Hangup(self.id), SweepSpeakings(self.id)]
+        cmds += [Hangup(self.id), *self._sweep()]
         return cmds + self._finished_after_failure()
 
     def _finished_after_failure(self) -> list[Command]:
@@ -73,6 +73,10 @@ class Recovery(CallCore):
                 cmds += self._retry_stop(sid)
             case TimerFired(timer=Timer(kind=TimerKind.RETRY_HANGUP)) if self.ledger.hangup_pending:
                 cmds.append(Hangup(self.id))
+            case TimerFired(timer=Timer(kind=TimerKind.RETRY_SWEEP)) if self.ledger.sweeping:
+                cmds += self._sweep()
+            case SweepDone():
+                cmds += self._sweep_done(event)
             case HangupDone(ok=False) if self.ledger.hangup_pending:
                 cmds += self._hangup_failed()
             case HangupDone() | CallGone():
@@ -143,7 +147,7 @@ class Recovery(CallCore):
             cmds.append(Hangup(self.id))
         if self.phase.over:
             self.ledger.sweep_needed = False
-            return [*cmds, SweepSpeakings(self.id), *self._maybe_finished()]
+            return [*cmds, *self._sweep(), *self._maybe_finished()]
         if not self.phase.live:
             return cmds
         s = self.settings
