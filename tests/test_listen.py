@@ -258,6 +258,70 @@ def test_the_final_of_the_answered_turn_arriving_after_its_reply_is_absorbed() -
     assert call.turn == 1
 
 
+def test_the_late_final_that_settles_the_answered_words_differently_is_absorbed() -> None:
+    # the interims showed "what is my balance"; the final, a second later, adds a word they
+    # never showed: the caller did not go on, the STT settled the words (a reply heard and
+    # cut for it would be answered twice, merged)
+    call = greeted()
+    audio = answered_question(call, "Ten dollars.")
+    cmds = step(call, transcript("What is my balance please?", "tr1"), audio + 0.2)
+    assert asks(cmds) == [] and StopSpeaking(CID, "s1") not in cmds and Flush(CID, "s1") not in cmds
+    assert call.turn == 1
+    # new words after it are a turn of their own
+    speak(call, "and my savings?", audio + 3.0)
+    assert call.turn == 2
+
+
+@pytest.mark.parametrize(
+    ("heard", "final"),
+    [
+        ("um I want to cancel my order", "I want to cancel my order."),  # a filler dropped
+        ("yeah", "Yes."),  # one word heard again
+        ("walk tomorrow", "Work tomorrow."),  # its first word revised
+        ("予約を替えたいんですか", "予約を変えたいんですか。"),  # one token, a letter revised
+        ("예약 을 변경 하고 싶어요", "예약을 변경하고 싶어요."),  # re-spaced
+    ],
+)
+def test_a_final_that_restates_its_interim_replaces_it(heard: str, final: str) -> None:
+    h = Hearing()
+    h.on_interim(heard, 0.0)
+    h.on_final(final, 1.1)
+    assert h.text() == final
+
+
+def test_a_final_unlike_an_interim_that_began_long_before_it_replaces_it() -> None:
+    # "five five five one two three four" settled as "555-1234": no word alike, but the
+    # interims began 4 s before the final, too early to be the next utterance's
+    h = Hearing()
+    h.on_interim("five five five", 0.0)
+    h.on_interim("five five five one two three four", 2.0)
+    h.on_final("555-1234.", 4.0)
+    assert h.text() == "555-1234."
+
+
+def test_the_next_utterances_interim_before_the_last_final_is_kept() -> None:
+    h = Hearing()
+    h.on_interim("yes", 0.0)
+    h.on_interim("and the blue", 1.2)  # the next utterance: "yes" stands on its interim
+    h.on_final("Yes.", 1.3)
+    assert h.text() == "Yes. and the blue"
+    h2 = Hearing()
+    h2.on_interim("no thanks", 1.0)  # the next utterance; its final-less predecessor unseen
+    h2.on_final("Yes.", 1.3)
+    assert h2.text() == "Yes. no thanks"
+
+
+def test_words_that_go_on_and_never_get_a_final_are_answered_after_a_while() -> None:
+    call = greeted()
+    last = speak(call, "I need help with", 10.0)
+    cmds = step(call, ENDPOINT, last + 0.5)
+    assert asks(cmds) == []  # "with": more is coming
+    wait = 2 * LIVE.final_wait_s
+    cmds = step(call, ENDPOINT, last + wait)
+    (ask,) = asks(cmds)  # no word, not even a final (lost): the turn is over all the same
+    assert ask.history[-1] == ("user", "I need help with")
+
+
 def test_a_stop_cuts_an_unheard_reply_with_elevenlabs() -> None:
     call = greeted(replace(LIVE, tts_provider="elevenlabs"))
     last = speak(call, "I lost my card.", 10.0)

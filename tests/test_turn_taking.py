@@ -94,6 +94,26 @@ async def test_a_sentence_split_in_two_finals_gets_one_reply(
 LONG_QUESTION = "tell me about your opening hours today and tomorrow please"
 
 
+@pytest.mark.parametrize(
+    ("said", "settled"),
+    [
+        ("um I want to cancel my order", "I want to cancel my order."),  # a filler dropped
+        ("what is my balance", "What is my balance please?"),  # a word the interims missed
+        ("予約を替えたいんですか", "予約を変えたいんですか。"),  # one token, a letter revised
+    ],
+)
+async def test_a_final_the_stt_settles_otherwise_than_its_interims_is_one_turn(
+    sim: Simulator, agent: StartAgent, said: str, settled: str
+) -> None:
+    # the interims show `said` word by word; the final reads `settled`: the same utterance,
+    # answered once, never cut and answered again with the two versions glued together
+    daemon = await agent(agent=INTERIM)
+    call_id = await talk(sim, daemon, Utterance(said, settled_as=settled))
+    [reply] = [li.planned for li in heard(sim, call_id)]
+    assert reply in (echo(said), echo(settled), echo(settled.rstrip("。")))
+    assert sim.requests_matching("POST", r"/flush$") == []  # gcp: a cut would flush
+
+
 async def test_backchannels_while_the_agent_talks_cut_nothing_and_get_no_reply(
     sim: Simulator, agent: StartAgent
 ) -> None:

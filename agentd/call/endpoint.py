@@ -22,6 +22,10 @@ _MARGIN_S = 0.2
 #: how long after a final an interim repeating its words is that utterance's, delivered late
 #: (the two come on separate topics; measured apart by up to ~0.2 s)
 LATE_INTERIM_S = 1.0
+#: a final comes this long at most after the last words of its utterance (~1.1 s typically,
+#: docs/protocol.md §10): an interim whose utterance began earlier than that before a final
+#: cannot be of the next utterance, which begins after the final's has ended
+FINAL_LAG_MAX_S = 2.5
 
 
 class Cue(enum.Enum):
@@ -145,6 +149,22 @@ def goes_on(new: str, old: str) -> bool:
     return unmatched > 0
 
 
+def restates(final: str, heard: str) -> bool:
+    """Whether the final `final` is the utterance its interims heard as `heard`, written as
+    the STT settled it: every word heard is in it (but one of three or more) and few more (one,
+    or a third as many as were heard: a last word the interims had not shown yet), or the same
+    letters but for a few (a word revised, re-spaced Korean, Japanese, one word heard again:
+    "yeah" as "Yes.")."""
+    a, b = words(heard), words(final)
+    if not a or not b:
+        return False
+    matched = sum(m.size for m in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+    if matched >= len(a) - (len(a) >= 3) and len(b) - matched <= max(1, len(a) // 3):
+        return True
+    letters = SequenceMatcher(None, "".join(a), "".join(b), autojunk=False).ratio()
+    return letters > (0.5 if len(a) == len(b) == 1 else 0.8)
+
+
 def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """Equal runs of words, but for one of three or more the STT heard again differently."""
     differ = sum(x != y for x, y in zip(a, b, strict=True))
@@ -205,6 +225,7 @@ class Hearing:
     finals: list[str] = field(default_factory=list)
     waiting: list[int] = field(default_factory=list)  # `finals` standing on interims: indexes
     interim: str = ""
+    interim_since: float = 0.0  # when the utterance of `interim` began
     started_at: float = 0.0  # when its first words came
     changed_at: float = 0.0  # when the words last grew
     final_at: float = -1.0  # when the last final came
@@ -229,6 +250,9 @@ class Hearing:
         if old and (len(new) < len(old) - 1 or (new[:1] != old[:1] and len(new) < len(old))):
             self.finals.append(self.interim)
             self.waiting.append(len(self.finals) - 1)
+            old = ()
+        if not old:
+            self.interim_since = now
         self.interim = text.strip()
         return self._grew(before, now)
 
@@ -244,13 +268,29 @@ class Hearing:
         if slot is None and self.waiting and not _begins_alike(words(self.interim), said):
             slot = self.waiting[0]
         if slot is not None:
+            heard = self.finals[slot]
             self.finals[slot] = text.strip()
             self.waiting.remove(slot)
         else:
+            heard = self.interim
             self.finals.append(text.strip())
-            if words(self.interim)[:1] == said[:1]:
-                self.interim = ""  # else: an interim of the next utterance came first
+            if self._own_interim(said, text, now):
+                self.interim = ""
+            else:
+                heard = ""  # an interim of the next utterance came first
+        if heard and restates(text, heard):
+            return False  # the STT settled the words its interims showed: none were added
         return self._grew(before, now)
+
+    def _own_interim(self, said: tuple[str, ...], text: str, now: float) -> bool:
+        """Whether the interim in progress is of the final `text`'s utterance: it begins
+        alike, or the final restates it, or it began too long ago to be of the next one."""
+        heard = words(self.interim)
+        return (
+            heard[:1] == said[:1]
+            or restates(text, self.interim)
+            or (bool(heard) and now - self.interim_since > FINAL_LAG_MAX_S)
+        )
 
     def _late(self, new: tuple[str, ...], now: float) -> bool:
         """Whether `new`, the first interim since the last final, is that final's utterance

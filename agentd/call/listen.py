@@ -21,7 +21,7 @@ it brings that the interims had not are kept.
 from __future__ import annotations
 
 from agentd.call.core import NEVER
-from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, words
+from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, restates, words
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation
 from agentd.call.turn import TurnInput
@@ -244,7 +244,7 @@ class Listening(Conversation):
         """Whether the final `text` repeats words of the answered turn whose final had not
         come, and is not the open turn's own (a caller may ask the same thing again); it takes
         its words off, and new words end the matching."""
-        if not self.answered or now > self.answered_until or goes_on(text, self.answered):
+        if not self.answered or now > self.answered_until or not self._restated(text):
             self.answered = ""
             return False
         if h is not None and not goes_on(text, h.unconfirmed()):
@@ -252,6 +252,12 @@ class Listening(Conversation):
         rest = words(self.answered)[len(words(text)) :]
         self.answered = " ".join(rest)
         return True
+
+    def _restated(self, text: str) -> bool:
+        """Whether the final `text` is the answered words: repeats them, or restates them as
+        the STT settled them (a word revised, a filler dropped, one more word at the end: its
+        interims did not show it, the caller did not go on)."""
+        return not goes_on(text, self.answered) or restates(text, self.answered)
 
     def _heard_reply(self, h: Hearing, now: float) -> bool:
         """Whether the audio of this turn's reply (or of the fallback said for it) started."""
@@ -309,7 +315,7 @@ class Listening(Conversation):
             end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
         ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)
         if c is Cue.GOING_ON:
-            ask_at = NEVER  # words that go on: asked only once the turn is over
+            ask_at = end_at  # words that go on: asked only once the turn is over
         if h.asks >= s.max_speculative:
             ask_at = end_at  # enough was wasted on this turn: ask once it is over
         cmds: list[Command] = []

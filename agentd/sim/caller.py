@@ -92,7 +92,9 @@ async def run_caller(
             await _wait_turn(world, call, utt, baseline)
         if call.status != "progressing":
             return
-        end = await speech.stt.caller_says(call, utt.text, utt.finals, start=start)
+        end = await speech.stt.caller_says(
+            call, utt.text, utt.finals, start=start, settled_as=utt.settled_as
+        )
         if paced is not None:
             paced = end
         if utt.backchannel_after_s is None:

@@ -64,6 +64,10 @@ class Utterance:
     #: while it talks: the caller expects no answer to it, so the next utterance still waits
     #: for the reply it was said over.
     backchannel_after_s: float | None = None
+    #: The last final as the STT settles it when it differs from the interims (which show
+    #: ``text`` word by word): a filler dropped, a word heard again, numbers written as digits,
+    #: punctuation. Real STT finals often do; ``None`` keeps the interims' words.
+    settled_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.finals is not None and " ".join(self.finals).split() != self.text.split():

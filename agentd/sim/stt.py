@@ -368,7 +368,12 @@ class Stt:
         return settings.stt_final_delay_gcp_s if trn.engine == "gcp" else settings.stt_final_delay_s
 
     def _plan(
-        self, stream: _Stream, times: list[float], parts: list[list[str]], first: int
+        self,
+        stream: _Stream,
+        times: list[float],
+        parts: list[list[str]],
+        first: int,
+        settled_as: str | None = None,
     ) -> dict[int, list[SttResult]]:
         """:func:`schedule` for ``stream``, which hears the utterance from word ``first`` on."""
         heard: list[list[str]] = []
@@ -386,6 +391,9 @@ class Stt:
             self.world.settings.stt_split_gap_s,
             stream.last_final,
         )
+        if settled_as is not None and results and results[-1][1].final:
+            i, last = results[-1]
+            results[-1] = (i, SttResult(last.at, True, settled_as))
         for i, result in results:
             plan.setdefault(first + i, []).append(result)
         return plan
@@ -397,6 +405,7 @@ class Stt:
         finals: list[str] | None = None,
         *,
         start: float | None = None,
+        settled_as: str | None = None,
     ) -> float:
         """The caller speaks ``text``, one word every ``1 / speech_words_per_s`` seconds.
 
@@ -406,7 +415,8 @@ class Stt:
         A transcribe started mid-utterance hears the rest of it. The conversation records the
         utterance either way. ``start`` (``time.monotonic()``, default now) is when the caller
         started talking: callers given the same one speak in lockstep (the bench's burst),
-        whenever their tasks get to run.
+        whenever their tasks get to run. ``settled_as``: the last final's text, when the STT
+        settles the words otherwise than its interims showed them.
         """
         parts = [p.split() for p in (finals if finals is not None else split_finals(text))]
         parts = [p for p in parts if p]
@@ -427,7 +437,7 @@ class Stt:
                     stream = self._stream(trn, "in")
                     plan = plans.get(trn.id)
                     if plan is None:
-                        plan = plans[trn.id] = self._plan(stream, times, parts, i)
+                        plan = plans[trn.id] = self._plan(stream, times, parts, i, settled_as)
                     for result in plan.get(i, ()):
                         stream.push(result)
         finally:
