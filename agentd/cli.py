@@ -303,10 +303,12 @@ def _check(config_arg: str | None) -> int:
     """One line per check (config, store, voipbin, backend); 1 if a check failed, 2 for the
     config."""
     from agentd.daemon import make_backend, make_client
+    from agentd.secret import display_url
     from agentd.stores import check_store
     from agentd.voipbin import ApiError
 
     config = _load(config_arg)
+    api_url = display_url(config.voipbin.api_url)  # config refuses secrets in it; belt and braces
     backend = make_backend(config)  # a python callable that cannot be imported: config error
     print(f"config: ok ({config.source or 'environment only'})", flush=True)
     for warning in config.warnings:
@@ -319,9 +321,9 @@ def _check(config_arg: str | None) -> int:
         client = make_client(config, tool=True)
         try:
             cid = await client.customer_id()
-            print(f"voipbin: ok, customer {cid} at {config.voipbin.api_url}", flush=True)
+            print(f"voipbin: ok, customer {cid} at {api_url}", flush=True)
         except ApiError as exc:
-            print(f"voipbin: FAILED: {exc} (GET {config.voipbin.api_url}/customer)", flush=True)
+            print(f"voipbin: FAILED: {exc} (GET {api_url}/customer)", flush=True)
             failed = True
         finally:
             await client.close()

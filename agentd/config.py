@@ -556,10 +556,30 @@ def _voipbin_urls(api_url: str, ws_url: str) -> tuple[str, str]:
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
         # the URL itself is not echoed: a mistyped one may hold a password or a key
         raise ConfigError(f"voipbin.api_url: not an http(s) URL ({_scheme_of(api_url)})")
+    _no_credentials_in("voipbin.api_url", api_url)
     ws_url = ws_url or default_ws_url(api_url)
     if urlsplit(ws_url).scheme not in ("ws", "wss"):
         raise ConfigError(f"voipbin.ws_url: not a ws(s) URL ({_scheme_of(ws_url)})")
+    _no_credentials_in("voipbin.ws_url", ws_url)
     return api_url, ws_url
+
+
+def _no_credentials_in(key: str, url: str) -> None:
+    """Refuse a VoIPBIN URL with a user part or a query: agentd sends its credentials in
+    headers, so one in the URL is a mistake, and the URL is printed (`check-config`) and
+    logged (`agentd.start`), and the REST client appends paths to it (a query would swallow
+    them). The URL is not echoed: what makes it wrong is the secret."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{key}: must not carry a user or password (user@ or user:password@); put the "
+            "credentials in voipbin.accesskey, token, or username + password"
+        )
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(
+            f"{key}: must not carry a query string (?...) or fragment; put the access key in "
+            "voipbin.accesskey (or accesskey_file), never in the URL"
+        )
 
 
 def _scheme_of(url: str) -> str:

@@ -34,7 +34,7 @@ from typing import TextIO
 from agentd import logs
 from agentd.config import Config, VoipbinConfig, default_ws_url, load
 from agentd.daemon import Daemon
-from agentd.secret import Secret
+from agentd.secret import Secret, display_url
 from agentd.sim import Line, SimCall, SimSettings, Simulator
 
 #: The console's own call history (`agentd calls show ID --store agentd-console.db`).
@@ -121,9 +121,9 @@ def describe_backend(config: Config) -> str:
     """One line on where replies come from."""
     b = config.backend
     if b.kind == "openai":
-        return f"openai {b.model} at {b.base_url}"
+        return f"openai {b.model} at {display_url(b.base_url)}"
     if b.kind == "http":
-        return f"http {b.url}"
+        return f"http {display_url(b.url)}"  # a key in its query (`?code=`) stays hidden
     if b.kind == "python":
         return f"python {b.callable}"
     return "echo"

@@ -33,6 +33,7 @@ from agentd.persist import Persister
 from agentd.ratelimit import tool_budget
 from agentd.replicas import Replica, new_replica_id
 from agentd.sdnotify import Notifier, ProgressStamp, watchdog_loop
+from agentd.secret import display_url
 from agentd.status import (
     Connection,
     Counters,
@@ -488,7 +489,7 @@ class Daemon:
         the credentials a permission: `agentd run` exits non-zero with the reason."""
         log.info(
             "agentd.start",
-            api_url=self.config.voipbin.api_url,
+            api_url=display_url(self.config.voipbin.api_url),
             numbers=list(self.config.numbers) or "all",
             backend=self.config.backend.kind,
         )

@@ -214,6 +214,24 @@ async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> Non
     ]
 
 
+async def test_a_key_in_the_api_url_is_refused_not_printed(sim: Simulator, tmp_path: Path) -> None:
+    # it was sent, and printed whole in the `voipbin: FAILED ... (GET <url>/customer)` line
+    secret = "vb_inthequery0123456789"
+    config = write(tmp_path, sim, sim.accesskey)
+    config.write_text(
+        config.read_text().replace(
+            f'api_url = "{sim.api_url}"', f'api_url = "{sim.api_url}?accesskey={secret}"'
+        )
+    )
+    code, lines = await check(config)
+    assert code == 2, lines
+    assert lines == [
+        "agentd: config error: voipbin.api_url: must not carry a query string (?...) or "
+        "fragment; put the access key in voipbin.accesskey (or accesskey_file), never in the URL"
+    ]
+    assert sim.requests == []  # nothing was sent
+
+
 # ---- the store ----------------------------------------------------------------------------------
 
 

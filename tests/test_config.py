@@ -378,6 +378,37 @@ def test_a_mistyped_url_is_not_echoed(tmp_path: Path, key: str, url: str) -> Non
     assert "SECRETPW" not in str(info.value) and "vb_INURL" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "url", "what"),
+    [
+        ("api_url", "https://me:SECRETPW@api.voipbin.net/v1.0", "user or password"),
+        ("api_url", "https://SECRETPW@api.voipbin.net/v1.0", "user or password"),
+        ("api_url", "https://api.voipbin.net/v1.0?accesskey=vb_INURL", "query string"),
+        ("api_url", "https://api.voipbin.net/v1.0#vb_INURL", "query string"),
+        ("ws_url", "wss://me:SECRETPW@api.voipbin.net/v1.0/ws", "user or password"),
+        ("ws_url", "wss://api.voipbin.net/v1.0/ws?accesskey=vb_INURL", "query string"),
+    ],
+)
+def test_a_credential_in_a_voipbin_url_is_refused_unechoed(
+    tmp_path: Path, key: str, url: str, what: str
+) -> None:
+    """A well-formed URL with a key in it would be printed by check-config and logged at start:
+    it is refused, and the error does not quote it."""
+    text = GOOD.replace("[voipbin]\n", f'[voipbin]\n{key} = "{url}"\n', 1)
+    if key == "api_url":
+        text = text.replace('api_url = "https://api.voipbin.net/v1.0"\n', "", 1)
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env={})
+    message = str(info.value)
+    assert message.startswith(f"voipbin.{key}: must not carry a {what}")
+    assert "\n" not in message
+    assert "SECRETPW" not in message and "vb_INURL" not in message
+    # the environment is checked the same way
+    env_text = GOOD if key == "api_url" else text.replace(f'{key} = "{url}"\n', "")
+    with pytest.raises(ConfigError, match=f"voipbin.{key}: must not carry"):
+        load(write(tmp_path, env_text), env={f"AGENTD_VOIPBIN_{key.upper()}": url})
+
+
 def test_cli_reports_a_bad_config_in_one_line_with_exit_2(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace('greeting = "Hi!"', "greeting = 5"))
     proc = subprocess.run(

@@ -4,6 +4,7 @@ driven from a pipe, from a pseudo-terminal (typed lines, a barge-in), and from P
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import pty
@@ -133,6 +134,14 @@ listen = "127.0.0.1:9464"
     assert config.call.system_prompt == "You are the stub bank."
     assert (config.backend.kind, config.backend.model) == ("openai", "m")
     assert console.describe_backend(config) == "openai m at http://127.0.0.1:1/v1"
+    # an http backend's key in its query (Azure's ?code=) is masked in the banner
+    http = dataclasses.replace(
+        config,
+        backend=dataclasses.replace(
+            config.backend, kind="http", url="https://rag.example/reply?code=AZSECRET123"
+        ),
+    )
+    assert console.describe_backend(http) == "http https://rag.example/reply?code=***"
     # --fast: agentd's timing shrinks with the simulator's, the user's values scaled
     fast = console.console_config(str(path), API_URL, ACCESSKEY, fast=True, env=env)
     assert fast.call.end_of_turn_s == pytest.approx(0.05)
