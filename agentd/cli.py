@@ -17,12 +17,15 @@ from agentd.config import Config, ConfigError, load
 
 if TYPE_CHECKING:
     from agentd.backends import Backend
+    from agentd.voipbin import ApiError
 
 DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
 #: where the unit loads its credentials from (systemd/agentd.service, LoadCredential=)
 SERVICE_CREDENTIALS = "/etc/agentd/credentials"
 # a mistake in the config or in what the credentials may do: starting again cannot fix it
 EXIT_CONFIG = 2
+# `agentd call`: the POST failed in a way that may have created the call (a 5xx, a timeout)
+EXIT_CALL_UNKNOWN = 3
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -270,12 +273,31 @@ def _call(args: argparse.Namespace) -> int:
                 return await follow(client, call_id)
             return 0
         except ApiError as exc:
-            print(f"agentd: call failed: {exc}", file=sys.stderr)
+            if _may_have_reached(exc):
+                print(
+                    f"agentd: the call may have been placed: VoIPBIN's answer was lost ({exc}). "
+                    "Check before calling again: agentd calls --since 10m (or VoIPBIN's call "
+                    "list); calling again may ring the callee twice.",
+                    file=sys.stderr,
+                )
+                return EXIT_CALL_UNKNOWN
+            print(f"agentd: call failed, not placed: {exc}", file=sys.stderr)
             return 1
         finally:
             await client.close()
 
     return asyncio.run(place())
+
+
+def _may_have_reached(exc: ApiError) -> bool:
+    """Whether VoIPBIN may have created the call although the POST failed: a 5xx, or no answer
+    after the request went out (a timeout, a dropped connection). Placing a call is not
+    idempotent, so the client did not retry it, and the operator must not either blindly.
+    A 4xx (and a 429, which the gateway answers before anything runs) is a refusal; a
+    connection that never opened (aiohttp's ClientConnector* errors) sent nothing."""
+    if exc.status == 0:
+        return not exc.reason.startswith("ClientConnector")
+    return exc.status >= 500
 
 
 def _unserved(config: Config, source: str, config_arg: str | None) -> str | None:

@@ -22,6 +22,7 @@ CONFIG = """
 [voipbin]
 api_url = "{api}"
 accesskey = "{key}"
+{voipbin_extra}
 [agent]
 numbers = ["{number}"]
 [status]
@@ -29,11 +30,19 @@ socket = "{socket}"
 """
 
 
-def write(tmp_path: Path, sim: Simulator, socket: str, number: str = OUR_NUMBER) -> Path:
+def write(
+    tmp_path: Path, sim: Simulator, socket: str, number: str = OUR_NUMBER, voipbin_extra: str = ""
+) -> Path:
     """A config for `agentd call`; `socket`: where it looks for the running daemon."""
     config = tmp_path / "agentd.toml"
     config.write_text(
-        CONFIG.format(api=sim.api_url, key=sim.accesskey, number=number, socket=socket)
+        CONFIG.format(
+            api=sim.api_url,
+            key=sim.accesskey,
+            number=number,
+            socket=socket,
+            voipbin_extra=voipbin_extra,
+        )
     )
     return config
 
@@ -123,6 +132,49 @@ async def test_a_call_is_placed_when_the_daemon_answers_and_serves_every_call(
     assert out.strip() in sim.calls
     (post,) = sim.requests_matching("POST", r"/calls$")
     assert post.body["source"] == {"type": "tel", "target": "+15550002222"}
+
+
+async def test_a_call_whose_answer_was_a_5xx_may_have_been_placed(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # VoIPBIN created the call and then answered 500: "call failed" invited a retry that
+    # rings the callee twice
+    config = write(tmp_path, sim, str(tmp_path / "agentd.sock"))
+    sim.on_outbound(Outcome("noanswer"))
+    sim.faults.fail("POST", r"/calls$", 500, apply=True)
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--config", str(config), "--force"
+    )
+    assert code == 3 and out == ""
+    assert err.startswith("agentd: the call may have been placed: VoIPBIN's answer was lost (")
+    assert "agentd calls --since 10m" in err and "ring the callee twice" in err
+    assert len(err.strip().splitlines()) == 1
+    assert len(sim.requests_matching("POST", r"/calls$")) == 1  # never sent twice
+    assert len(sim.calls) == 1  # and indeed it was placed
+
+
+async def test_a_call_without_an_answer_in_time_may_have_been_placed(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = write(tmp_path, sim, str(tmp_path / "agentd.sock"), voipbin_extra="timeout_s = 0.3")
+    sim.on_outbound(Outcome("noanswer"))
+    sim.faults.delay("POST", r"/calls$", 3.0)
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--config", str(config), "--force"
+    )
+    assert code == 3 and out == ""
+    assert "may have been placed" in err and "TimeoutError" in err
+
+
+async def test_a_call_refused_with_a_4xx_was_not_placed(sim: Simulator, tmp_path: Path) -> None:
+    config = write(tmp_path, sim, str(tmp_path / "agentd.sock"))
+    sim.faults.fail("POST", r"/calls$", 400)
+    code, out, err = await run_cli(
+        "call", "--to", "+15559876543", "--config", str(config), "--force"
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("agentd: call failed, not placed: HTTP 400")
+    assert sim.calls == {}
 
 
 class CountingLimiter(RateLimiter):
