@@ -248,6 +248,10 @@ def _call(args: argparse.Namespace) -> int:
     source = args.source or config.caller_id
     if not source:
         raise ConfigError("agent.caller_id: set it (or agent.numbers, or pass --from)")
+    wrong = _wrong_numbers(config, args.to, args.source)
+    if wrong is not None:
+        print(f"agentd: not calling: {wrong}", file=sys.stderr)
+        return EXIT_CONFIG
     unserved = None if args.force else _unserved(config, source, args.config)
     if unserved is not None:
         # the callee would answer to silence: refuse rather than ring a phone for nothing
@@ -298,6 +302,31 @@ def _may_have_reached(exc: ApiError) -> bool:
     if exc.status == 0:
         return not exc.reason.startswith("ClientConnector")
     return exc.status >= 500
+
+
+def _wrong_numbers(config: Config, to: str, source: str | None) -> str | None:
+    """Why `--to` / `--from` cannot be called, or None. The same E.164 check as the config's
+    numbers: VoIPBIN accepts anything and fails the call later (or dials a number nobody
+    meant). A call to one of our own numbers would have the agent talk to itself, on two
+    billed legs."""
+    from agentd.config import phone_number
+    from agentd.names import normalise_number
+
+    for flag, value in (("--to", to), ("--from", source)):
+        if value is None:
+            continue
+        try:
+            phone_number(flag, value)
+        except ConfigError as exc:
+            return str(exc)
+    if normalise_number(to) in {normalise_number(n) for n in (*config.numbers, config.caller_id)}:
+        return (
+            f"--to: {to} is one of agentd's own numbers (agent.numbers or caller_id): "
+            "the agent would be calling itself"
+        )
+    if source is not None and normalise_number(to) == normalise_number(source):
+        return f"--to: {to} is the number the call is from (--from)"
+    return None
 
 
 def _unserved(config: Config, source: str, config_arg: str | None) -> str | None:

@@ -659,7 +659,7 @@ def _numbers(values: list[str]) -> tuple[str, ...]:
             raise ConfigError('agent.numbers: "*" (every call) cannot be mixed with numbers')
         return ()
     for number in values:
-        _phone_number("agent.numbers", number, ', nor "*"')
+        phone_number("agent.numbers", number, ', nor "*"')
     return tuple(values)
 
 
@@ -680,17 +680,17 @@ def _flow_id(value: str) -> str:
 def _transfer_numbers(values: list[object]) -> tuple[str, ...]:
     """The numbers the agent may transfer to: an allow-list, so a caller cannot talk the model
     into dialling a premium number. Empty: transfers off."""
-    return tuple(_phone_number("agent.transfer_numbers", n) for n in values)
+    return tuple(phone_number("agent.transfer_numbers", n) for n in values)
 
 
 def _caller_id(value: str, numbers: tuple[str, ...]) -> str:
     """The number `agentd call` calls from: `agent.caller_id`, else our first number."""
     if value:
-        _phone_number("agent.caller_id", value)
+        phone_number("agent.caller_id", value)
     return value or (numbers[0] if numbers else "")
 
 
-def _phone_number(key: str, value: object, alternative: str = "") -> str:
+def phone_number(key: str, value: object, alternative: str = "") -> str:
     """`value` if it is a phone number as VoIPBIN's tel addresses carry it, else a config error
     naming `key` (and what else the key takes)."""
     if not isinstance(value, str) or not _E164.fullmatch(value):

@@ -177,6 +177,40 @@ async def test_a_call_refused_with_a_4xx_was_not_placed(sim: Simulator, tmp_path
     assert sim.calls == {}
 
 
+E164_HINT = 'is not a phone number in E.164 form (+ and digits, e.g. "+15551234567")'
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--to", ""], f"--to: '' {E164_HINT}"),
+        (["--to", "abc"], f"--to: 'abc' {E164_HINT}"),
+        (["--to", "5559876543"], f"--to: '5559876543' {E164_HINT}"),
+        (["--to", "+1 (555) 987-6543"], f"--to: '+1 (555) 987-6543' {E164_HINT}"),
+        (["--to", "+1" + "2" * 24], f"--to: '+1{'2' * 24}' {E164_HINT}"),
+        (["--to", "+15559876543", "--from", "555-0100"], f"--from: '555-0100' {E164_HINT}"),
+        (
+            ["--to", OUR_NUMBER],
+            f"--to: {OUR_NUMBER} is one of agentd's own numbers (agent.numbers or caller_id): "
+            "the agent would be calling itself",
+        ),
+        (
+            ["--to", "+15559876543", "--from", "+15559876543"],
+            "--to: +15559876543 is the number the call is from (--from)",
+        ),
+    ],
+)
+async def test_a_number_that_cannot_be_called_is_refused_with_exit_2(
+    sim: Simulator, tmp_path: Path, args: list[str], error: str
+) -> None:
+    # every one of these used to be sent to VoIPBIN (with --force, even to ourselves)
+    config = write(tmp_path, sim, str(tmp_path / "agentd.sock"))
+    code, out, err = await run_cli("call", *args, "--config", str(config), "--force")
+    assert (code, out) == (2, "")
+    assert err == f"agentd: not calling: {error}\n"
+    assert sim.requests == []
+
+
 class CountingLimiter(RateLimiter):
     """The budget, counting what it let through and at which priority."""
 
