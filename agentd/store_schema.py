@@ -7,6 +7,8 @@ the ordered steps in `MIGRATIONS`. `open_connection` runs on the store's worker 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Final
@@ -110,6 +112,7 @@ class CallRecord:
 
 def open_connection(path: str) -> tuple[sqlite3.Connection, int]:
     """Connect, set the pragmas, migrate. Runs on the worker thread. Returns (conn, version)."""
+    _create_owner_only(path)
     try:
         # isolation_level=None: no implicit BEGINs, the worker writes BEGIN/COMMIT itself
         conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
@@ -130,6 +133,22 @@ def open_connection(path: str) -> tuple[sqlite3.Connection, int]:
         conn.close()
         raise StoreError(f"cannot open {path}: {exc}") from None
     return conn, version
+
+
+def _create_owner_only(path: str) -> None:
+    """Create the store file 0600 if it does not exist yet.
+
+    It holds what callers said. sqlite3 would create it 0666 minus the umask (0644 from a
+    shell); only the systemd unit's UMask=0077 kept it private. SQLite gives the -wal and -shm
+    files the database file's own mode, so those follow. A file that already exists keeps the
+    mode its owner gave it (0640 for a group that reads the history, say): agentd does not
+    second-guess a choice someone made on purpose. A failure here (no such directory) is left
+    for sqlite3 to report as it always has."""
+    if not path or path.startswith((":", "file:")):
+        return  # in-memory or URI names are not files agentd creates
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    with contextlib.suppress(OSError):  # FileExistsError included: then it is not ours to chmod
+        os.close(os.open(path, flags, 0o600))
 
 
 def _version(conn: sqlite3.Connection) -> int:

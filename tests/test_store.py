@@ -288,6 +288,30 @@ async def test_new_file_is_wal_and_latest(db: str) -> None:
     conn.close()
 
 
+async def test_a_new_store_and_its_wal_are_owner_only_whatever_the_umask(db: str) -> None:
+    # outside systemd (umask 022) the transcripts were world-readable (0644)
+    old = os.umask(0o022)
+    try:
+        s = await Store.open(db)
+        await s.save_call(record())  # a write: the -wal and -shm exist while the store is open
+        modes = {p: os.stat(p).st_mode & 0o777 for p in (db, db + "-wal", db + "-shm")}
+        await s.close()
+    finally:
+        os.umask(old)
+    assert modes == {db: 0o600, db + "-wal": 0o600, db + "-shm": 0o600}
+
+
+async def test_an_existing_store_keeps_the_mode_its_owner_chose(db: str) -> None:
+    os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o640))
+    os.chmod(db, 0o640)  # e.g. a group that may read the history
+    s = await Store.open(db)
+    await s.save_call(record())
+    wal = os.stat(db + "-wal").st_mode & 0o777
+    await s.close()
+    assert os.stat(db).st_mode & 0o777 == 0o640
+    assert wal == 0o640  # SQLite gives the WAL the file's own mode
+
+
 async def test_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
     path = str(tmp_path / "agentd.db")
     conn = sqlite3.connect(path)
