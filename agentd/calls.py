@@ -38,7 +38,7 @@ _UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _ERROR_WHATS: Final = tuple(sorted(k.value for k in ERROR_KINDS))
 _CUT_MARK: Final = " —"  # History marks a reply cut by a barge-in: what was heard, then " —"
-# where the systemd unit keeps the store (it sets AGENTD_STORE_PATH in the unit, not the config)
+# where the systemd service keeps the store: its StateDirectory (the installed config names it)
 SERVICE_STORE: Final = "/var/lib/agentd/agentd.db"
 
 

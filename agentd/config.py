@@ -313,10 +313,28 @@ def load(
     data = _read_toml(path) if path is not None else {}
     # overrides (the demo, tests) are checked like the file: a typo there must not pass either
     merged = _validate(_merge(_validate(data), overrides or {}))
-    # AGENTD_STORE_PATH is set by the systemd unit: only a path in the config conflicts with a url
+    # only a path in the config conflicts with a url (AGENTD_STORE_PATH may be a leftover of an
+    # older unit, which set it)
     path_in_file = "path" in merged["store"]
     _apply_env(merged, env)
+    if "path" not in merged["store"]:
+        merged["store"]["path"] = default_store_path(env)
     return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
+
+
+STORE_NAME = "agentd.db"
+
+
+def default_store_path(env: Mapping[str, str]) -> str:
+    """The SQLite file when neither `[store] path` nor `$AGENTD_STORE_PATH` names one.
+
+    Under systemd, `$STATE_DIRECTORY/agentd.db` (`StateDirectory=agentd`: /var/lib/agentd, the
+    one place the service may write). The unit used to force the path with
+    `Environment=AGENTD_STORE_PATH=...`, which overrode the config file, so `path = ""` ("keep
+    nothing") was silently ignored under systemd; a default gives way to the file. Otherwise
+    `agentd.db` in the current directory."""
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    return os.path.join(state, STORE_NAME) if state else STORE_NAME
 
 
 def load_store_url(

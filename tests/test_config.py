@@ -496,6 +496,19 @@ def test_a_postgresql_url_keeps_its_password_a_secret(tmp_path: Path) -> None:
     assert config.store_url.password == Secret("qwerty-99")
 
 
+def test_the_default_store_is_in_systemds_state_directory(tmp_path: Path) -> None:
+    assert load(None, env={}, overrides=MINIMAL).store_path == "agentd.db"
+    env = {"STATE_DIRECTORY": "/var/lib/agentd:/var/lib/other"}  # the first of several
+    assert load(None, env=env, overrides=MINIMAL).store_path == "/var/lib/agentd/agentd.db"
+    # the config file, then the environment, win over the default
+    assert load(None, env=env, overrides=with_store(path="")).store_path == ""
+    both = {**env, "AGENTD_STORE_PATH": "/srv/a.db"}
+    assert load(None, env=both, overrides=MINIMAL).store_path == "/srv/a.db"
+    # and the default beside a url is no conflict
+    url = "postgresql://agentd@db/agentd"
+    assert load(None, env=env, overrides=with_store(url=url)).store_path == ""
+
+
 def test_a_store_password_from_a_file_or_a_credential(tmp_path: Path) -> None:
     (tmp_path / "pgpass").write_text("from-a-file-77\n")
     store = {"url": "postgresql://agentd@db/agentd", "password_file": str(tmp_path / "pgpass")}

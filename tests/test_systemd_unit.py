@@ -135,7 +135,6 @@ def test_environment(service: Directives) -> None:
         "PYTHONUNBUFFERED": "1",
         "PYTHONFAULTHANDLER": "1",
         "AGENTD_LOG_FORMAT": "json",
-        "AGENTD_STORE_PATH": "/var/lib/agentd/agentd.db",
     }
     assert only(service, "SyslogIdentifier") == "agentd"
 
@@ -148,14 +147,41 @@ def test_execstart_runs_the_agentd_console_script(service: Directives) -> None:
     assert argv == ["/opt/agentd/venv/bin/agentd", "run", "--config", "/etc/agentd/agentd.toml"]
 
 
-def test_store_lives_in_the_state_directory(service: Directives) -> None:
-    # DynamicUser= can only write to StateDirectory= (ProtectSystem=strict), so the store path
-    # in the environment and in the example config must be inside /var/lib/<StateDirectory>.
+def service_env(service: Directives) -> dict[str, str]:
+    """The environment the unit gives agentd: its Environment= and what StateDirectory= and
+    LoadCredential= add (the credential directory as the test makes it)."""
     state_dir = Path("/var/lib") / only(service, "StateDirectory")
-    store = Path(environment(service)["AGENTD_STORE_PATH"])
-    assert store.parent == state_dir
-    example = tomllib.loads(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
-    assert Path(example["store"]["path"]) == store
+    return {**environment(service), "STATE_DIRECTORY": str(state_dir)}
+
+
+def test_store_lives_in_the_state_directory(service: Directives, tmp_path: Path) -> None:
+    # DynamicUser= can only write to StateDirectory= (ProtectSystem=strict), so the store path
+    # the service ends up with, from the example config or by default, is inside it
+    from agentd.config import load
+
+    env = {**service_env(service), "AGENTD_VOIPBIN_ACCESSKEY": "vb_example_key"}
+    state_dir = Path(env["STATE_DIRECTORY"])
+    assert Path(load(EXAMPLE_CONFIG, env=env).store_path).parent == state_dir
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[agent]\nnumbers = ["*"]\n')
+    assert load(bare, env=env).store_path == str(state_dir / "agentd.db")
+
+
+def test_a_config_that_keeps_nothing_keeps_nothing_under_the_unit(
+    service: Directives, tmp_path: Path
+) -> None:
+    # the unit forced AGENTD_STORE_PATH, which overrode `path = ""` (README: personal data):
+    # transcripts were kept while `check-config` run by hand said the store was off
+    from agentd.config import load
+
+    config = tmp_path / "agentd.toml"
+    config.write_text('[agent]\nnumbers = ["*"]\n[store]\npath = ""\n')
+    env = {**service_env(service), "AGENTD_VOIPBIN_ACCESSKEY": "vb_example_key"}
+    assert load(config, env=env).store_path == ""
+    assert load(config, env={"AGENTD_VOIPBIN_ACCESSKEY": "vb_example_key"}).store_path == ""
+    # and any other path the config names is the one used
+    config.write_text('[agent]\nnumbers = ["*"]\n[store]\npath = "/var/lib/agentd/other.db"\n')
+    assert load(config, env=env).store_path == "/var/lib/agentd/other.db"
 
 
 def test_example_config(service: Directives) -> None:
