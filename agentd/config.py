@@ -337,6 +337,36 @@ def default_store_path(env: Mapping[str, str]) -> str:
     return os.path.join(state, STORE_NAME) if state else STORE_NAME
 
 
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys whose change from `old` to `new` a reload (SIGHUP) does not apply.
+
+    A reload applies what is read when a call starts or a reply is asked for: `[agent]`,
+    `[backend]`, `[daemon]`. These are read once at start, by the REST client and the
+    WebSocket, the log, the store, the listeners and the tracer, and keep their running values
+    until a restart. Names only: a changed value may be a credential."""
+    changed = [
+        f"{section}.{f.name}"
+        for section, cls, a, b in (
+            ("voipbin", VoipbinConfig, old.voipbin, new.voipbin),
+            ("otel", OtelConfig, old.otel, new.otel),
+        )
+        for f in fields(cls)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
+    pairs: dict[str, tuple[object, object]] = {
+        "log.level": (old.log_level, new.log_level),
+        "log.format": (old.log_format, new.log_format),
+        "store.path": (old.store_path, new.store_path),
+        "store.url": (old.store_url, new.store_url),  # its password included
+        "store.keep_days": (old.store_keep_days, new.store_keep_days),
+        "store.lease_s": (old.lease_s, new.lease_s),
+        "store.replica": (old.replica_name, new.replica_name),
+        "status.socket": (old.status_socket, new.status_socket),
+        "metrics.listen": (old.metrics_listen, new.metrics_listen),
+    }
+    return changed + [key for key, (a, b) in pairs.items() if a != b]
+
+
 def load_store_url(
     path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> PgUrl | None:

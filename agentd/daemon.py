@@ -24,7 +24,7 @@ from agentd.commands import (
     TranscriptsRead,
     WriteAhead,
 )
-from agentd.config import Config, ConfigError, load
+from agentd.config import Config, ConfigError, load, restart_needed
 from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
@@ -765,6 +765,8 @@ class Daemon:
             log.error("reload.failed", error=str(exc), hint="keeping the running config")
             self.notifier.ready(self.status_line())
             return
+        if needs_restart := restart_needed(self.config, fresh):
+            log.warning("reload.restart_needed", keys=needs_restart, hint="kept until a restart")
         old_backend, self.backend = self.backend, backend
         self.executor.backend = backend
         self.executor.say_chars = say_max_chars(fresh.call.tts_provider)
