@@ -468,7 +468,8 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
 
 def _read_secret(label: str, path: str, *, empty_is_unset: bool = False) -> Secret | None:
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        # an editor on Windows (Notepad) starts a UTF-8 file with a BOM: not part of the key
+        value = Path(path).read_text(encoding="utf-8").removeprefix("\ufeff").strip()
     except OSError as exc:
         raise ConfigError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -480,12 +481,32 @@ def _read_secret(label: str, path: str, *, empty_is_unset: bool = False) -> Secr
     return Secret(value)
 
 
+# secrets sent in an HTTP header (a cookie, `Authorization: Bearer`), which carries ASCII only
+_HEADER_SECRETS = {("voipbin", "accesskey"), ("voipbin", "token"), ("backend", "api_key")}
+
+
 def _secret(section: str, v: dict[str, Any], key: str, env: Mapping[str, str]) -> Secret | None:
     """A secret from the key itself, its `*_file`, or its systemd credential."""
+    found, where = _find_secret(section, v, key, env)
+    if found is not None and (section, key) in _HEADER_SECRETS and not found.reveal().isascii():
+        # a stray character (a smart quote pasted with the key, a UTF-16 file) would fail every
+        # request with a confusing error; the value itself is not shown
+        raise ConfigError(
+            f"{where}: has a character that is not ASCII (a pasted quote or a stray byte?); "
+            "a key or token is plain ASCII"
+        )
+    return found
+
+
+def _find_secret(
+    section: str, v: dict[str, Any], key: str, env: Mapping[str, str]
+) -> tuple[Secret | None, str]:
+    """The secret and where it came from (for an error)."""
     if v.get(key):
-        return Secret(v[key])
+        return Secret(v[key]), f"{section}.{key}"
     if v.get(f"{key}_file"):
-        return _read_secret(f"{section}.{key}_file", v[f"{key}_file"])
+        label = f"{section}.{key}_file"
+        return _read_secret(label, v[f"{key}_file"]), label
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds:
         for name, target in _CREDENTIALS.items():
@@ -493,8 +514,9 @@ def _secret(section: str, v: dict[str, Any], key: str, env: Mapping[str, str]) -
             # the unit loads every credential it knows; an empty file (or one holding only a
             # newline, as `echo > file` leaves it) means "not used"
             if target == (section, key) and path.exists():
-                return _read_secret(f"credential {name}", str(path), empty_is_unset=True)
-    return None
+                label = f"credential {name}"
+                return _read_secret(label, str(path), empty_is_unset=True), label
+    return None, ""
 
 
 def default_ws_url(api_url: str) -> str:

@@ -168,6 +168,31 @@ def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
     assert config.voipbin.password is None
 
 
+def test_a_bom_is_stripped_and_a_non_ascii_key_refused_unechoed(tmp_path: Path) -> None:
+    # Notepad saves UTF-8 with a BOM: it was sent as part of the key (401 for ever)
+    key = tmp_path / "key"
+    key.write_bytes(b"\xef\xbb\xbfvb_fromnotepad\r\n")
+    text = GOOD.replace('accesskey = "vb_testkey123"', f'accesskey_file = "{key}"')
+    config = load(write(tmp_path, text), env={})
+    assert config.voipbin.accesskey == Secret("vb_fromnotepad")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "backend-api-key").write_bytes(b"\xef\xbb\xbfsk-fromcred\n")
+    config = load(write(tmp_path, GOOD), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert config.backend.api_key == Secret("sk-fromcred")
+    # a pasted smart quote cannot go in a header: one line, without the key
+    key.write_text("\u201cvb_quotedkey99\u201d\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env={})
+    assert str(info.value) == (
+        "voipbin.accesskey_file: has a character that is not ASCII (a pasted quote or a stray "
+        "byte?); a key or token is plain ASCII"
+    )
+    (creds / "backend-api-key").write_text("sk-caf\u00e9-key\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^credential backend-api-key: has a character"):
+        load(write(tmp_path, GOOD), env={"CREDENTIALS_DIRECTORY": str(creds)})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
