@@ -17,6 +17,7 @@ accepts, because it accepts anything and fails later, at the first `/say` (404) 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import ipaddress
 import os
@@ -466,6 +467,26 @@ def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> Non
             merged[section][key] = _check(section, key, value)
 
 
+# AGENTD_* names that are no setting: the config file's path, and the tests' OpenAPI spec
+_OTHER_ENV = ("AGENTD_CONFIG", "AGENTD_OPENAPI")
+
+
+def _env_names() -> list[str]:
+    return [f"AGENTD_{s.upper()}_{k.upper()}" for s, keys in _SCHEMA.items() for k in keys]
+
+
+def _unknown_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning for each AGENTD_* variable agentd does not read: a misspelt override
+    (AGENTD_VOIPBIN_ACESSKEY) was ignored without a word. Names only, never values."""
+    known = {*_env_names(), *_OTHER_ENV}
+    out = []
+    for name in sorted(n for n in env if n.startswith("AGENTD_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"{name}: not a setting agentd knows, ignored{hint}")
+    return tuple(out)
+
+
 def _read_secret(label: str, path: str, *, empty_is_unset: bool = False) -> Secret | None:
     try:
         # an editor on Windows (Notepad) starts a UTF-8 file with a BOM: not part of the key
@@ -555,7 +576,7 @@ def _build(
         status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
         metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
         otel=_otel(_section(m, "otel")),
-        warnings=_voice_warnings(call),
+        warnings=_voice_warnings(call) + _unknown_env(env),
         store_keep_days=store["keep_days"],
         store_url=store_url,
         lease_s=_lease_s(store["lease_s"]),

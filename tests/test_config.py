@@ -168,6 +168,27 @@ def test_secrets_from_files_and_systemd_credentials(tmp_path: Path) -> None:
     assert config.voipbin.password is None
 
 
+def test_a_misspelt_environment_variable_is_a_warning_without_its_value() -> None:
+    env = {
+        "AGENTD_VOIPBIN_ACESSKEY": "vb_misspelt_value1",  # one C: was ignored without a word
+        "AGENTD_GREETING": "Hi",  # the section left out
+        "AGENTD_NONSENSE": "vb_other_value22",  # no close name: no guess
+        "AGENTD_AGENT_GREETING": "Hello",  # known: no warning
+        "AGENTD_CONFIG": "/etc/agentd/agentd.toml",
+        "OTHER_PROGRAM_SETTING": "x",
+    }
+    config = load(None, env=env, overrides=MINIMAL)
+    assert config.warnings == (
+        "AGENTD_GREETING: not a setting agentd knows, ignored "
+        "(did you mean AGENTD_AGENT_GREETING?)",
+        "AGENTD_NONSENSE: not a setting agentd knows, ignored",
+        "AGENTD_VOIPBIN_ACESSKEY: not a setting agentd knows, ignored "
+        "(did you mean AGENTD_VOIPBIN_ACCESSKEY?)",
+    )
+    assert "vb_" not in repr(config.warnings)
+    assert config.call.greeting == "Hello"
+
+
 def test_a_bom_is_stripped_and_a_non_ascii_key_refused_unechoed(tmp_path: Path) -> None:
     # Notepad saves UTF-8 with a BOM: it was sent as part of the key (401 for ever)
     key = tmp_path / "key"
