@@ -767,14 +767,13 @@ class Daemon:
             return
         if needs_restart := restart_needed(self.config, fresh):
             log.warning("reload.restart_needed", keys=needs_restart, hint="kept until a restart")
-        old_backend, self.backend = self.backend, backend
-        self.executor.backend = backend
+        # live calls keep the backend they began with (a reply streaming from the old one is
+        # not cut); the executor closes it once the last of them is over
+        self.backend = backend
+        self.executor.replace_backend(backend)
         self.executor.say_chars = say_max_chars(fresh.call.tts_provider)
         self.config = fresh
         self.dispatcher.numbers = {normalise_number(n) for n in fresh.numbers}
-        task = asyncio.get_running_loop().create_task(old_backend.aclose())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         log.info("reload.done", source=fresh.source)
         self.notifier.ready(self.status_line())
 

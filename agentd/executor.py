@@ -88,6 +88,9 @@ class _Lanes:
     replies: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     saying: Say | None = None  # the /say the speaking lane is running now
     cut: Say | None = None  # ... which a stop of its session cut short
+    # the backend the call's replies come from: the one when the call began (a reload gives
+    # new calls the new one; a live call keeps its own, as does a reply streaming from it)
+    backend: Backend | None = None
 
 
 def _cancel_timer(lanes: _Lanes, timer: Timer) -> None:
@@ -127,6 +130,7 @@ class Executor:
         self.on_fenced = on_fenced
         self._calls: dict[str, _Lanes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: list[Backend] = []  # replaced by a reload, still used by live calls
 
     def execute(self, call_id: str, commands: list[Command]) -> None:
         """Schedule `commands`; never blocks."""
@@ -174,8 +178,24 @@ class Executor:
     def _lanes(self, call_id: str) -> _Lanes:
         lanes = self._calls.get(call_id)
         if lanes is None:
-            lanes = self._calls[call_id] = _Lanes()
+            lanes = self._calls[call_id] = _Lanes(backend=self.backend)
         return lanes
+
+    def replace_backend(self, backend: Backend) -> None:
+        """New calls get `backend`; the one it replaces is closed once no live call uses it."""
+        if backend is self.backend:
+            return
+        self._retired.append(self.backend)
+        self.backend = backend
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        if not self._retired:
+            return
+        used = {id(lanes.backend) for lanes in self._calls.values()}
+        for old in [b for b in self._retired if id(b) not in used]:
+            self._retired.remove(old)
+            self._spawn(old.aclose())
 
     def _set_timer(self, call_id: str, lanes: _Lanes, cmd: StartTimer | CancelTimer) -> None:
         _cancel_timer(lanes, cmd.timer)
@@ -215,6 +235,7 @@ class Executor:
         lanes = self._calls.pop(call_id, None)
         if lanes is None:
             return
+        self._close_retired()
         for handle in lanes.timers.values():
             handle.cancel()
         if not lanes_too:
@@ -245,6 +266,9 @@ class Executor:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        retired, self._retired = self._retired, []
+        for old in retired:  # the current one is the daemon's to close
+            await old.aclose()
 
     # ---- lanes ---------------------------------------------------------------------------
 
@@ -489,13 +513,15 @@ class Executor:
             if turn < cmd.turn:  # a newer turn makes any older reply stale
                 task.cancel()
                 del lanes.replies[turn]
-        task = lanes.replies[cmd.turn] = self._spawn(self._reply(cmd))
+        task = lanes.replies[cmd.turn] = self._spawn(
+            self._reply(cmd, lanes.backend or self.backend)
+        )
         task.add_done_callback(partial(_drop_task, lanes.replies, cmd.turn))
 
-    async def _reply(self, cmd: AskBackend) -> None:
+    async def _reply(self, cmd: AskBackend, backend: Backend) -> None:
         with logs.bound(call_id=cmd.call_id, turn=cmd.turn):
             await stream_reply(
-                self.backend,
+                backend,
                 cmd,
                 lambda result: self.feed(cmd.call_id, result),
                 clock=self.clock,

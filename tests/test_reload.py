@@ -9,7 +9,8 @@ from structlog.testing import capture_logs
 
 from agentd.config import load
 from agentd.daemon import Daemon
-from agentd.sim import Simulator
+from agentd.sim import Caller, Simulator, Utterance
+from tests.stubs import OpenAIStub, Script
 from tests.support import OUR_NUMBER
 
 CONFIG = """
@@ -89,3 +90,54 @@ async def test_a_reload_that_changes_only_what_it_applies_warns_of_nothing(
         daemon.stop()
         await asyncio.wait_for(task, 10)
     assert [line["event"] for line in logged] == ["reload.done"]
+
+
+def backend_config(path: Path, sim: Simulator, base_url: str) -> None:
+    keyfile = path.parent / "accesskey"
+    keyfile.write_text(sim.accesskey)
+    path.write_text(
+        CONFIG.format(
+            api=sim.api_url,
+            keyfile=keyfile,
+            timeout=10,
+            number=OUR_NUMBER,
+            greeting="Hello.",
+            level="info",
+            store=path.parent / "agentd.db",
+        )
+        + f'[backend]\nkind = "openai"\nbase_url = "{base_url}"\ntimeout_s = 10\n'
+    )
+
+
+async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_theirs(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    reply = "First sentence here. Second sentence now. Third one ends it."
+    config = tmp_path / "agentd.toml"
+    async with OpenAIStub(Script(reply, first_token_s=0.6)) as old, OpenAIStub() as new:
+        backend_config(config, sim, old.base_url)
+        daemon = Daemon(load(config, env={}))
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+            utterances = [Utterance("what is my balance?"), Utterance("and my savings?")]
+            live = sim.inbound_call(destination=OUR_NUMBER, caller=Caller(utterances))
+            # the reload comes while the old backend is working on the live call's reply
+            await sim.wait_for(lambda: len(old.requests) == 1, 15)
+            backend_config(config, sim, new.base_url)
+            daemon.reload()
+            await sim.wait_call_status(live, "hangup", timeout=30)
+            fresh = sim.inbound_call(
+                destination=OUR_NUMBER, caller=Caller([Utterance("hello there?")])
+            )
+            await sim.wait_call_status(fresh, "hangup", timeout=30)
+            await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
+    said = " ".join(li.planned for li in sim.get_call(live).conversation if li.who == "agent")
+    assert reply in said  # the reply under way at the reload was said whole
+    assert len(old.requests) == 2  # and the live call's next turn asked the old backend
+    assert len(new.requests) == 1  # the call that began after the reload asked the new one
+    fresh_said = [li.planned for li in sim.get_call(fresh).conversation if li.who == "agent"]
+    assert "Hello from the stub." in fresh_said
