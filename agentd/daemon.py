@@ -584,9 +584,7 @@ class Daemon:
                 self._execute(call.id, call.shutdown(now, d.shutdown_goodbye))
             waiting = self.dispatcher.wait_idle()
         else:
-            waiting = self.dispatcher.wait_until(
-                lambda: not any(c.replying for c in self.dispatcher.live_calls())
-            )
+            waiting = self._replies_out()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiting, max(0.0, deadline - time.monotonic()))
         left = self.dispatcher.live_calls()
@@ -594,6 +592,17 @@ class Daemon:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])
         elif left:
             log.info("agentd.left_for_restart", calls=[c.id for c in left])
+
+    async def _replies_out(self) -> None:
+        """Until no live call prepares a reply and every `/say` queued has gone out (one may
+        wait out a 429): the next agentd takes a turn saved as answered for said."""
+        while True:
+            await self.dispatcher.wait_until(
+                lambda: not any(c.replying for c in self.dispatcher.live_calls())
+            )
+            await self.executor.until_said()
+            if not any(c.replying for c in self.dispatcher.live_calls()):
+                return
 
     # ---- observability: the status socket and the metrics endpoint ----------------------------
 

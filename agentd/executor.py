@@ -131,6 +131,7 @@ class Executor:
         self._calls: dict[str, _Lanes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: list[Backend] = []  # replaced by a reload, still used by live calls
+        self._lane_moved: asyncio.Future[None] | None = None  # `until_said` waits on it
 
     def execute(self, call_id: str, commands: list[Command]) -> None:
         """Schedule `commands`; never blocks."""
@@ -308,6 +309,27 @@ class Executor:
                         self.feed(call_id, result)
                     except Exception:
                         log.exception("feed.crashed", result=type(result).__name__)
+                if self._lane_moved is not None and not self._lane_moved.done():
+                    self._lane_moved.set_result(None)  # `until_said` looks again
+
+    def saying(self) -> bool:
+        """Whether a `/say` of a live call is queued or in flight."""
+        for lanes in self._calls.values():
+            if lanes.saying is not None:
+                return True
+            for queue in lanes.queues.values():
+                if any(isinstance(cmd, Say) for cmd in queue):
+                    return True
+        return False
+
+    async def until_said(self) -> None:
+        """Return once no `/say` is queued or in flight (a shutdown lets the replies out)."""
+        while self.saying():
+            self._lane_moved = asyncio.get_running_loop().create_future()
+            try:
+                await self._lane_moved
+            finally:
+                self._lane_moved = None
 
     async def _run(self, cmd: Command) -> Event | Result | None:
         runner = _RUNNERS.get(type(cmd))

@@ -154,3 +154,26 @@ async def test_sigterm_during_a_reply_lets_it_finish(
     assert sim.leaks()
     await agent(store=store)
     await sim.wait_for(lambda: not sim.leaks(), 10)
+
+
+async def test_sigterm_waits_for_a_reply_whose_say_waits_out_a_429(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    # the reply is done on agentd's side, its /say is answered 429: the drain must not end
+    # before it went out (the next agentd takes the turn, saved as answered, for said)
+    store = {"path": str(tmp_path / "shared.db")}
+    daemon = await agent(store=store, daemon={"stop_sessions_on_shutdown": False, "drain_s": 5})
+    call_id = sim.inbound_call(
+        "+15550001111", OUR_NUMBER, Caller([Utterance("the weather")], hangup_after_s=None)
+    )
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) == 1, 10)
+    sim.faults.fail("POST", r"/say$", 429, retry_after=1.0)
+    refused = lambda: [r for r in sim.requests_matching("POST", r"/say$") if r.status == 429]  # noqa: E731
+    await sim.wait_for(lambda: bool(refused()), 10)
+    daemon.stop()
+    await asyncio.wait_for(daemon.stopped.wait(), 10)
+    [*_, said] = sim.requests_matching("POST", r"/say$")
+    assert (said.status, said.body) == (200, {"text": "You said: the weather."})
+    await sim.hangup(call_id)
+    await agent(store=store)
+    await sim.wait_for(lambda: not sim.leaks(), 10)
