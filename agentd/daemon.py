@@ -383,10 +383,15 @@ class Daemon:
     def _adopt_restored(self, calls: list[Call], takeover: bool) -> None:
         """Serve calls restored from the store: check each, re-attach or clean up."""
         now = self.clock()
+        deaf = not self.stream.ready.is_set()
         for call in calls:
             self.dispatcher.adopt(call)
             log.info("call.restored", call_id=call.id, phase=call.phase.value)
             self._execute(call.id, call.resume(now))
+            if deaf and call.phase.live:
+                # no subscription yet (a start, the stream down): the caller's silence is not
+                # theirs, no reprompt nor "deaf transcribe" replaced until the stream is up
+                self.dispatcher.feed(call.id, StreamState(False))
             if takeover and call.transcribe_id and call.phase.live:
                 # the stream is up: what the caller said while nobody served the call reached
                 # no replica (or one that left it alone); read it back. (After a restart the
@@ -447,8 +452,9 @@ class Daemon:
     def _on_ready(self, first: bool) -> None:
         log.info("stream.ready", first=first, live_calls=len(self.dispatcher.calls))
         self.notifier.ready(self.status_line())
-        if not first:  # only a subscription lost since can have left a call deaf
-            self._stream_state(up=True)  # before the read-back: its words count from now
+        # calls restored before it, or left by a lost subscription, were deaf until now (before
+        # the read-back: its words count from now)
+        self._stream_state(up=True)
         self._spawn(self.reconcile())
 
     def _on_lost(self) -> None:

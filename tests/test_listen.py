@@ -322,6 +322,22 @@ def test_words_that_go_on_and_never_get_a_final_are_answered_after_a_while() -> 
     assert ask.history[-1] == ("user", "I need help with")
 
 
+def test_words_read_back_while_the_stream_is_down_are_answered_once_it_is_back() -> None:
+    call = greeted(replace(LIVE, silence_s=1.0))
+    step(call, StreamState(False), 10)
+    # the REST watch reads back what the caller said meanwhile: a final, its turn open
+    step(call, TranscriptsRead((transcript("can you hear me", "tr5"),)), 11)
+    assert asks(step(call, ENDPOINT, 12)) == []  # deaf: no pause is the caller's
+    silence = step(call, TimerFired(Timer(TimerKind.SILENCE)), 13)
+    assert says(silence) == []  # the caller's turn is open: no reprompt
+    cmds = step(call, StreamState(True), 14)
+    # the STT had ended those words: the usual wait after a final, not the trailing "me"'s
+    assert endpoint_delay(cmds) < 2 * LIVE.final_wait_s
+    assert says(step(call, TimerFired(Timer(TimerKind.SILENCE)), 14.5)) == []
+    (ask,) = asks(step(call, ENDPOINT, 14 + endpoint_delay(cmds)))
+    assert ask.history[-1] == ("user", "can you hear me")
+
+
 def test_a_stop_cuts_an_unheard_reply_with_elevenlabs() -> None:
     call = greeted(replace(LIVE, tts_provider="elevenlabs"))
     last = speak(call, "I lost my card.", 10.0)

@@ -192,3 +192,44 @@ async def test_our_hangup_unconfirmed_at_a_kill_is_sent_again_by_the_next_start(
             if proc is not None and proc.returncode is None:
                 proc.terminate()
                 await proc.wait()
+
+
+async def test_a_restart_while_the_stream_is_down_hears_the_caller_once_it_is_back(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # killed mid-call; VoIPBIN refuses the WebSocket meanwhile, and the caller speaks. The next
+    # agentd restores the call before any event can reach it: the quiet that follows is the
+    # stream's, not the caller's (no reprompt, no transcribe replaced for "deaf"); once the
+    # stream is back, what the caller said is read back and answered
+    config = tmp_path / "agentd.toml"
+    store = f'path = "{tmp_path / "agentd.db"}"'
+    quick = "[agent]\nsilence_s = 1.0\nwatch_s = 3.0\n"
+    config.write_text(config_text(sim, store).replace("[agent]\n", quick))
+    first = await start(config)
+    second = None
+    try:
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        greeting = "Hello, thank you for calling. How can I help you today?"
+        await sim.wait_for(lambda: greeting in agent_lines(sim, call_id), 10)  # saved by then
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        sim.faults.refuse_ws(503, count=1000)
+        await sim.caller_says(call_id, "can you hear me")
+        checks = rf"/calls/{call_id}$"
+        before = len(sim.requests_matching("GET", checks))
+        second = await start(config, tmp_path / "second.log")
+        # the restored call is checked at once, then again after watch_s of quiet: by then
+        # its silence timer (1 s) has run out more than once
+        await sim.wait_for(lambda: len(sim.requests_matching("GET", checks)) >= before + 2, 15)
+        sim.faults.accept_ws()
+        await sim.wait_for(lambda: "You said: can you hear me." in agent_lines(sim, call_id), 20)
+        assert "Are you still there?" not in agent_lines(sim, call_id)
+        assert len(sim.requests_matching("POST", r"/transcribes$")) == 1  # none replaced
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 10)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                await proc.wait()

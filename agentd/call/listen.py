@@ -191,13 +191,18 @@ class Listening(Conversation):
         h = self.hearing
         if self.deaf or not was_deaf or h is None or self._heard_reply(h, now):
             return []
+        ended = h.final  # its words came read back over REST: the STT had ended them
         h.changed_at = max(h.changed_at, now)
+        if ended:
+            h.final_at = h.changed_at
         return self._due(h, now)
 
     def on_silence(self, now: float) -> list[Command]:
-        """The silence timer; while the stream is down the caller may be talking unheard: the
-        reprompt waits a whole silence more."""
-        if self.deaf:
+        """The silence timer; while the stream is down the caller may be talking unheard, and
+        while their turn is open they are talking: the reprompt waits a whole silence more."""
+        if self.deaf or (self.hearing is not None and not self.hearing.asked):
+            # deaf, or the caller's turn is open (its end not come yet, or not heard while the
+            # stream was down): they are not the quiet one
             self.silence_due = NEVER  # it has fired
             return self.silence_timer(now, self.settings.silence_s)
         return super().on_silence(now)
