@@ -151,6 +151,7 @@ class EventStream:
         delays = Reconnects(cap=self.max_delay_s, healthy_after_s=self.healthy_after_s)
         while True:
             verdict: ConnectVerdict
+            hint: dict[str, str] = {}
             try:
                 # "first" is the first subscribe that became ready, not the first attempt
                 await self._session(not self._ever_ready)
@@ -163,6 +164,7 @@ class EventStream:
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ApiError) as exc:
                 reason = _reason(exc)
+                hint = _hint(exc)
                 verdict = await self._after_failure(classify(exc))
             except Exception as exc:  # last resort: the reconnect loop must never die
                 reason = redact(f"{type(exc).__name__}: {exc}")
@@ -181,7 +183,7 @@ class EventStream:
             self.stats.connected_since = None
             delay = delays.next_delay(ready_for_s, verdict)
             self.stats.reconnects += 1
-            log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2))
+            log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2), **hint)
             await asyncio.sleep(delay)
 
     async def _after_failure(self, verdict: ConnectVerdict) -> ConnectVerdict:
@@ -277,6 +279,14 @@ class EventStream:
         """Close the connection politely (the run task is cancelled separately)."""
         if self._ws is not None:
             await self._ws.close()
+
+
+def _hint(exc: BaseException) -> dict[str, str]:
+    """What an operator should check, for a failure no retry is likely to fix by itself."""
+    if isinstance(exc, ApiError) and exc.status == 404:
+        # GET /customer is on every VoIPBIN: a 404 is a base URL without its version path
+        return {"hint": "GET /customer answered 404: check voipbin.api_url (it ends in /v1.0)"}
+    return {}
 
 
 def _reason(exc: BaseException) -> str:

@@ -345,6 +345,18 @@ async def test_a_failing_customer_lookup_or_a_bug_does_not_kill_the_reconnect_lo
     assert c.stream.stats.connects == 1
 
 
+async def test_a_customer_lookup_answered_404_says_which_setting_to_check(
+    server: WsServer, client: StartClient
+) -> None:
+    # an api_url without /v1.0: every retry gets the same 404, the log line says why
+    with capture_logs() as logs:
+        c = await client(customer_failures=[ApiError(404, "NOT_FOUND", "")])
+        await server.next_conn()
+        await c.next_ready()
+    [line] = [e for e in logs if e["event"] == "stream.disconnected"]
+    assert "voipbin.api_url" in line["hint"] and "/v1.0" in line["hint"]
+
+
 async def test_the_backoff_starts_over_after_a_ready_subscription_not_after_a_long_attempt(
     server: WsServer, client: StartClient
 ) -> None:
