@@ -105,7 +105,7 @@ def _pairs(raw: str) -> tuple[tuple[str, str], ...]:
 
 _CALL_COLUMNS: Final = (
     "call_id, direction, phase, status, transcribe_id, speaking_id, pending_stops, greeted, "
-    "turn, history, hangup_reason, seen_transcripts, hangup_pending"
+    "turn, history, hangup_reason, seen_transcripts, hangup_pending, after_reply"
 )
 
 
@@ -124,7 +124,8 @@ def _row_to_record(row: Sequence[Any]) -> CallRecord:
         hangup_reason=row[10],
         seen_transcripts=tuple(str(t) for t in json.loads(row[11])),
         hangup_pending=bool(row[12]),
-        created_at=float(row[13]) if len(row) > 13 else 0.0,
+        after_reply=str(row[13]),
+        created_at=float(row[14]) if len(row) > 14 else 0.0,
     )
 
 
@@ -132,7 +133,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
     ended = rec.phase == "ended"
     conn.execute(
         f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT(call_id) DO UPDATE SET
                 direction = excluded.direction, phase = excluded.phase,
                 status = excluded.status, transcribe_id = excluded.transcribe_id,
@@ -142,6 +143,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
                 hangup_reason = excluded.hangup_reason,
                 seen_transcripts = excluded.seen_transcripts,
                 hangup_pending = excluded.hangup_pending,
+                after_reply = excluded.after_reply,
                 updated_at = excluded.updated_at,
                 -- the first time it ended counts for prune; a revived call has none
                 ended_at = CASE WHEN excluded.phase = 'ended'
@@ -161,6 +163,7 @@ def _save(conn: sqlite3.Connection, rec: CallRecord, now: float) -> None:
             _text(rec.hangup_reason),
             _dumps(list(rec.seen_transcripts[-SEEN_LIMIT:])),
             int(rec.hangup_pending),
+            _text(rec.after_reply),
             now,
             now,
             now if ended else None,

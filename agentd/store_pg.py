@@ -143,15 +143,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX leases_owner ON leases (owner)",
         "CREATE INDEX leases_expires ON leases (expires_at)",
     ),
-    # version 3: our hangup not yet confirmed (SQLite's version 3)
-    ("ALTER TABLE calls ADD COLUMN hangup_pending boolean NOT NULL DEFAULT false",),
+    # version 3: our hangup not yet confirmed, the action after the goodbye (SQLite's 3)
+    (
+        "ALTER TABLE calls ADD COLUMN hangup_pending boolean NOT NULL DEFAULT false",
+        "ALTER TABLE calls ADD COLUMN after_reply text NOT NULL DEFAULT ''",
+    ),
 )
 LATEST_PG_VERSION: Final = len(MIGRATIONS)
 
 # "now" of every lease statement: the database's clock, plus the store's test-only skew ($1)
 _NOW: Final = "(now() + $1::float8 * interval '1 second')"
 _SAVE_SQL: Final = f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_at, ended_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16)
     ON CONFLICT (call_id) DO UPDATE SET
         direction = excluded.direction, phase = excluded.phase,
         status = excluded.status, transcribe_id = excluded.transcribe_id,
@@ -161,6 +164,7 @@ _SAVE_SQL: Final = f"""INSERT INTO calls ({_CALL_COLUMNS}, created_at, updated_a
         hangup_reason = excluded.hangup_reason,
         seen_transcripts = excluded.seen_transcripts,
         hangup_pending = excluded.hangup_pending,
+        after_reply = excluded.after_reply,
         updated_at = excluded.updated_at,
         -- the first time it ended counts for prune; a revived call has none
         ended_at = CASE WHEN excluded.phase = 'ended'
@@ -197,6 +201,7 @@ def _save_args(rec: CallRecord, now: float) -> tuple[object, ...]:
         _pg_text(rec.hangup_reason),
         _dumps(list(rec.seen_transcripts[-SEEN_LIMIT:])),
         bool(rec.hangup_pending),
+        _pg_text(rec.after_reply),
         now,
         now if rec.phase == "ended" else None,
     )

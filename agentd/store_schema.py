@@ -74,9 +74,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX events_call ON events(call_id, id)",
         "CREATE INDEX transcripts_call ON transcripts(call_id, id)",
     ),
-    # version 3: our hangup not yet confirmed by VoIPBIN (a restart sends it again: else the
-    # caller is left on a call with no agent, the goodbye said)
-    ("ALTER TABLE calls ADD COLUMN hangup_pending INTEGER NOT NULL DEFAULT 0",),
+    # version 3: our hangup not yet confirmed by VoIPBIN, and the action waiting for the
+    # goodbye to play (a restart runs them: else the caller is left on a call with no agent,
+    # the goodbye said)
+    (
+        "ALTER TABLE calls ADD COLUMN hangup_pending INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE calls ADD COLUMN after_reply TEXT NOT NULL DEFAULT ''",
+    ),
 )
 LATEST_VERSION: Final = len(MIGRATIONS)
 
@@ -102,6 +106,7 @@ class CallRecord:
     hangup_reason: str = ""
     seen_transcripts: tuple[str, ...] = ()  # transcript ids already answered, newest last
     hangup_pending: bool = False  # our hangup sent, not yet confirmed
+    after_reply: str = ""  # what to do once the goodbye has played: "end_call", "transfer:+1…"
     # when the call was first saved (the store's clock): read back only, never written over,
     # and not part of the call's state (two saves of one state compare equal)
     created_at: float = field(default=0.0, compare=False)

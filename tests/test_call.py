@@ -579,6 +579,20 @@ def test_a_restored_call_whose_hangup_was_unconfirmed_sends_it_again() -> None:
     assert step(again, HangupDone(True), 100.3)[-1] == Finished(CID)
 
 
+def test_a_restored_call_runs_the_action_its_goodbye_was_said_for() -> None:
+    call = answered()
+    call.handle(TimerFired(T("max_call")), 50)  # the time limit: a goodbye, then the hangup
+    again = Call.restore(call.snapshot(), SETTINGS)
+    cmds = again.resume(100)
+    [timer] = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("after_reply")]
+    assert kinds(step(again, TimerFired(timer.timer), 100 + timer.delay_s))[0] == "Hangup"
+    # a transfer waits the same way
+    call = answered()
+    call.after_reply = TransferTo("+15550002222")
+    again = Call.restore(call.snapshot(), SETTINGS)
+    assert again.after_reply == TransferTo("+15550002222")
+
+
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
     call = Call(CID, SETTINGS)
     cmds = call.handle(status("ringing"), 0)

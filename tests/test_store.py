@@ -82,6 +82,7 @@ async def test_round_trip_with_unicode_survives_reopen(db: str) -> None:
         hangup_reason="",
         seen_transcripts=("tr-1", "tr-2"),
         hangup_pending=True,
+        after_reply="transfer:+15550002222",
     )
     s = await Store.open(db)
     await s.save_call(rec)

@@ -72,6 +72,7 @@ async def test_round_trip_with_unicode_survives_reopen(opener: object) -> None:
         pending_stops=(("speaking", "s-0"), ("transcribe", "t-0")),
         seen_transcripts=("tr-1", "tr-2"),
         hangup_pending=True,
+        after_reply="transfer:+15550002222",
     )
     s = await opener()  # type: ignore[operator]
     await s.save_call(rec)

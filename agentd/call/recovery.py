@@ -30,7 +30,19 @@ from agentd.commands import (
     TranscribeStarted,
 )
 from agentd.events import CallEvent
-from agentd.names import Kind, Timer, TimerKind
+from agentd.names import Action, EndCall, Kind, Timer, TimerKind, TransferTo
+
+#: how long a goodbye said just before a restart may still play: its action waits that long
+GOODBYE_S = 3.0
+
+
+def _action(saved: str) -> Action | None:
+    """The action after the reply, as `str(action)` saved it ("" for none)."""
+    if saved == str(EndCall()):
+        return EndCall()
+    if saved.startswith("transfer:"):
+        return TransferTo(saved.removeprefix("transfer:"))
+    return None
 
 
 class Recovery(CallCore):
@@ -103,6 +115,7 @@ class Recovery(CallCore):
             "hangup_reason": self.hangup_reason,
             "seen_transcripts": self.turns.seen_ids(),
             "hangup_pending": self.ledger.hangup_pending,
+            "after_reply": str(self.after_reply) if self.after_reply is not None else "",
         }
 
     @classmethod
@@ -116,6 +129,7 @@ class Recovery(CallCore):
         call.speaking = SessionMachine("speaking", data.get("speaking_id"))
         call.ledger.restore(list(data.get("pending_stops", ())))
         call.ledger.hangup_pending = bool(data.get("hangup_pending"))
+        call.after_reply = _action(str(data.get("after_reply") or ""))
         call.greeted = bool(data.get("greeted"))
         call.turns = TurnMachine(int(data.get("turn", 0)))
         call.history = History.restore(
@@ -167,6 +181,9 @@ class Recovery(CallCore):
         # the time limit counts from the call's start, not from this restart
         left = max(0.0, s.max_call_s - self.age_s)
         timer = StartTimer(self.id, Timer(TimerKind.MAX_CALL), left)
+        if self.after_reply is not None:
+            # a goodbye was said for it before the restart, and may still be playing
+            cmds.append(StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), GOODBYE_S))
         return [*cmds, timer, *self.arm_silence(now)]
 
     def fingerprint(self) -> tuple[object, ...]:
@@ -179,6 +196,7 @@ class Recovery(CallCore):
             tuple(self.ledger.pending),
             tuple(self.ledger.awaiting),
             self.ledger.hangup_pending,
+            self.after_reply,
             self.greeted,
             self.turns.turn,
             len(self.history),
