@@ -51,6 +51,17 @@ class FindTranscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepTranscribes:
+    """GET /transcribes of the call: the live ones in `language` other than `keep` (one a
+    start cut short by a restart created after all) come back as `TranscribesFound`."""
+
+    call_id: str
+    language: str
+    keep: str
+    lane: Lane = "transcribe"
+
+
+@dataclass(frozen=True, slots=True)
 class StopTranscribe:
     """POST /transcribes/{id}/stop (idempotent); DELETE /transcribes/{id} when `delete`."""
 
@@ -237,6 +248,7 @@ class Finished:
 Command = (
     StartTranscribe
     | FindTranscribe
+    | SweepTranscribes
     | StopTranscribe
     | StartSpeaking
     | PollSpeaking
@@ -379,6 +391,13 @@ class HangupDone:
 
 
 @dataclass(frozen=True, slots=True)
+class TranscribesFound:
+    """`SweepTranscribes` found these live transcribes of the call besides the one it keeps."""
+
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SweepDone:
     """`SweepSpeakings` ran: `ok` when every speaking it found is stopped (or known to bill on
     beyond our reach); not `ok` when the list or a stop failed (`status`: its HTTP status, 0
@@ -417,6 +436,7 @@ Result = (
     | TransferDone
     | HangupDone
     | SweepDone
+    | TranscribesFound
     | CallGone
     | TranscriptsRead
 )

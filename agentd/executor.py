@@ -50,8 +50,10 @@ from agentd.commands import (
     StopTranscribe,
     SweepDone,
     SweepSpeakings,
+    SweepTranscribes,
     TimerFired,
     TranscribeFailed,
+    TranscribesFound,
     TranscribeStarted,
     TranscriptsRead,
     Transfer,
@@ -357,6 +359,15 @@ class Executor:
             return TranscribeFailed(e.status, e.reason)
         return TranscribeStarted(found) if found else TranscribeFailed(404, NOT_FOUND)
 
+    async def _sweep_transcribes(self, cmd: SweepTranscribes) -> Result | None:
+        try:
+            live = await self.client.live_transcribes(cmd.call_id, cmd.language)
+        except ApiError as e:
+            log.warning("sweep.failed", error=str(e))
+            return None  # the call keeps the one it knows; a stray one ends at the hangup
+        extra = tuple(t for t in live if t != cmd.keep)
+        return TranscribesFound(extra) if extra else None
+
     async def _stop_transcribe(self, cmd: StopTranscribe) -> Result:
         c = self.client
         stop = c.delete_transcribe if cmd.delete else c.stop_transcribe
@@ -578,6 +589,7 @@ _RUNNERS: dict[type, Runner] = {
     StartTranscribe: Executor._start_transcribe,
     FindTranscribe: Executor._find_transcribe,
     StopTranscribe: Executor._stop_transcribe,
+    SweepTranscribes: Executor._sweep_transcribes,
     StartSpeaking: Executor._start_speaking,
     PollSpeaking: Executor._poll_speaking,
     Say: Executor._say,

@@ -29,6 +29,7 @@ class TimerKind(enum.StrEnum):
     FILLER = "filler"  # the turn is over and the reply is slow: say a filler
     INCOMPLETE = "incomplete"  # the backend judged the caller unfinished: ask again, later
     GREET = "greet"  # the voice is up, the transcribe not yet: greet all the same
+    SWEEP_TRANSCRIBES = "sweep_transcribes"  # a start cut short by a restart may have made one
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class Kind(enum.StrEnum):
     BACKEND_FAILED = "backend_failed"
     ERROR = "error"
     LEAK = "leak"
+    STRAY = "stray"  # a session of the call agentd did not know of (a start cut by a restart)
     ANOMALY = "anomaly"  # an internal transition the machines do not allow: a bug to report
     FAILED = "failed"  # the call's handler raised: the call was ended
     REPORT = "call_report"  # once, when the call is finished: its duration, turns, sessions
@@ -120,6 +122,7 @@ _WARN = frozenset(
         Kind.BACKEND_FAILED,
         Kind.ERROR,
         Kind.LEAK,
+        Kind.STRAY,
         Kind.ANOMALY,
         Kind.FAILED,
     }

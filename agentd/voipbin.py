@@ -420,17 +420,21 @@ class VoipbinClient:
 
     async def find_transcribe(self, call_id: str, language: str) -> str | None:
         """The live transcribe on a call (after a 409), or None."""
+        live = await self.live_transcribes(call_id, language)
+        return live[0] if live else None
+
+    async def live_transcribes(self, call_id: str, language: str) -> list[str]:
+        """The ids of the call's transcribes in `language` that are `progressing`."""
         body = await self.request(
             "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
         )
-        for t in _result(body):
-            if (
-                t.get("status") == "progressing"
-                and t.get("reference_id", call_id) == call_id
-                and same_language(str(t.get("language", language)), language)
-            ):
-                return _id(t)
-        return None
+        return [
+            _id(t)
+            for t in _result(body)
+            if t.get("status") == "progressing"
+            and t.get("reference_id", call_id) == call_id
+            and same_language(str(t.get("language", language)), language)
+        ]
 
     async def stop_transcribe(self, transcribe_id: str) -> None:
         """POST /transcribes/{id}/stop (idempotent)."""

@@ -38,8 +38,10 @@ from agentd.commands import (
     StopTranscribe,
     SweepDone,
     SweepSpeakings,
+    SweepTranscribes,
     TimerFired,
     TranscribeFailed,
+    TranscribesFound,
     TranscribeStarted,
     TranscriptsRead,
     Transfer,
@@ -591,6 +593,31 @@ def test_a_restored_call_runs_the_action_its_goodbye_was_said_for() -> None:
     call.after_reply = TransferTo("+15550002222")
     again = Call.restore(call.snapshot(), SETTINGS)
     assert again.after_reply == TransferTo("+15550002222")
+
+
+def test_a_transcribe_start_cut_short_by_a_restart_is_looked_for_and_stopped() -> None:
+    # killed while POST /transcribes was under way: VoIPBIN may create that one after the
+    # next agentd started its own (its duplicate check runs before its slow media start)
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, SpeakingStarted("s1", "active"), 0)
+    again = Call.restore(call.snapshot(), SETTINGS)
+    assert "FindTranscribe" in kinds(again.resume(100))
+    assert kinds(step(again, TranscribeFailed(404, NOT_FOUND), 100.1))[-1] == "StartTranscribe"
+    cmds = step(again, TranscribeStarted("t2"), 100.2)
+    [sweep] = [c for c in cmds if isinstance(c, StartTimer)]
+    assert sweep.timer == T("sweep_transcribes") and sweep.delay_s >= 10
+    cmds = step(again, TimerFired(sweep.timer), 130)
+    assert cmds == [SweepTranscribes(CID, SETTINGS.language, "t2")]
+    cmds = step(again, TranscribesFound(("t1",)), 130.1)
+    assert StopTranscribe(CID, "t1") in cmds
+    [stray] = [c for c in cmds if isinstance(c, Record)]
+    assert stray.what is Kind.STRAY and stray.data["session_id"] == "t1"
+    # a call whose transcribe was known before the restart has nothing to look for
+    plain = Call.restore(answered().snapshot(), SETTINGS)
+    plain.resume(100)
+    cmds = step(plain, TranscribeStarted("t1"), 100.1)
+    assert not [c for c in cmds if isinstance(c, StartTimer)]
 
 
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:

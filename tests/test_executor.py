@@ -28,6 +28,8 @@ from agentd.commands import (
     StopSpeaking,
     SweepDone,
     SweepSpeakings,
+    SweepTranscribes,
+    TranscribesFound,
     WriteAhead,
 )
 from agentd.events import Event
@@ -401,4 +403,21 @@ async def test_a_sweep_tells_the_call_whether_it_is_done(
     await results.until(lambda: len(results.of(SweepDone)) == 2)
     assert results.of(SweepDone)[1] == SweepDone(True)
     assert len(sim.requests_matching("POST", stops)) == 1
+    await ex.close()
+
+
+async def test_a_sweep_of_transcribes_finds_the_live_ones_but_the_one_kept(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # two live transcribes on one call (a start the last agentd sent, created after the next
+    # one started its own): the one the call does not use is found for it to stop
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    ours = await client.start_transcribe(call_id, "en-US", "")
+    stray = sim.speech.stt.start_transcribe(sim.get_call(call_id), "en-US", "in", "").id
+    ex.execute(call_id, [SweepTranscribes(call_id, "en-US", ours)])
+    await results.until(lambda: bool(results.of(TranscribesFound)))
+    assert results.of(TranscribesFound) == [TranscribesFound((stray,))]
     await ex.close()

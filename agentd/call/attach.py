@@ -25,12 +25,18 @@ from agentd.commands import (
     StartTimer,
     StartTranscribe,
     Stopped,
+    SweepTranscribes,
     TranscribeFailed,
+    TranscribesFound,
     TranscribeStarted,
     WriteAhead,
 )
 from agentd.events import TranscribeEvent
 from agentd.names import Kind, Timer, TimerKind
+
+#: how long after a restart a transcribe start the last agentd sent may still make one:
+#: VoIPBIN's media start takes up to ~10 s, our client waits 30 s for a start at most
+TRANSCRIBE_SWEEP_S = 30.0
 
 _SAY_5XX_WINDOW_S = 10.0  # /say 5xx further apart than this are not "in a row"
 
@@ -46,9 +52,32 @@ class Sessions(CallCore):
             return self._stop("transcribe", event.transcribe_id) + self._maybe_finished()
         self.transcribe.step(SessionInput.ACTIVE, event.transcribe_id)
         self.transcribe_409s = 0
+        if self.ledger.transcribes_unsure:
+            # the start the last agentd sent may still make one: looked for once it must have
+            self.ledger.transcribes_unsure = False
+            sweep = StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), TRANSCRIBE_SWEEP_S)
+            return [sweep, *self._on_transcribe_up(now)]
+        return self._on_transcribe_up(now)
+
+    def _on_transcribe_up(self, now: float) -> list[Command]:
         if self.greet_waiting:  # the voice was up first: now the caller's answer is heard
             return self._greet_when_heard(now) + self._say_queued(now)
         return []
+
+    def _sweep_transcribes_timer(self, _now: float) -> list[Command]:
+        t = self.transcribe
+        if not t.active or t.id is None:
+            return []
+        return [SweepTranscribes(self.id, self.settings.language, t.id)]
+
+    def _on_transcribes_found(self, event: TranscribesFound, _now: float) -> list[Command]:
+        """Live transcribes of the call that are not ours: billed for nothing, stopped."""
+        cmds: list[Command] = []
+        for tid in event.ids:
+            if tid != self.transcribe.id and tid not in self.ledger.known():
+                cmds += [Record(self.id, Kind.STRAY, {"kind": "transcribe", "session_id": tid})]
+                cmds += self._stop("transcribe", tid)
+        return cmds
 
     def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:
         if self.phase.over:

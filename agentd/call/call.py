@@ -59,6 +59,7 @@ from agentd.commands import (
     SweepDone,
     TimerFired,
     TranscribeFailed,
+    TranscribesFound,
     TranscribeStarted,
     TranscriptsRead,
     Transfer,
@@ -298,6 +299,7 @@ _HANDLERS: dict[type, Handler] = {
     TransferDone: Call._on_transfer_done,
     HangupDone: Call._on_hangup_done,
     SweepDone: Call._on_sweep_done,
+    TranscribesFound: Call._on_transcribes_found,
 }
 
 # one row per timer that the live call handles (stop, hangup and sweep retries: every phase)
@@ -315,4 +317,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.FILLER: Call.on_filler,
     TimerKind.INCOMPLETE: Call.on_incomplete,
     TimerKind.GREET: Call._greet_timer,
+    TimerKind.SWEEP_TRANSCRIBES: Call._sweep_transcribes_timer,
 }

@@ -96,6 +96,7 @@ class Ledger:
         "sweep_failures",
         "sweep_needed",
         "sweeping",
+        "transcribes_unsure",
     )
 
     def __init__(self) -> None:
@@ -111,6 +112,9 @@ class Ledger:
         # (its speakings bill on, and a finished call is not restored to sweep them)
         self.sweeping = False
         self.sweep_failures = 0
+        # a transcribe start was under way when the last agentd died: VoIPBIN may create it
+        # after the next agentd started its own (its duplicate check comes first)
+        self.transcribes_unsure = False
 
     def state(self, sid: str) -> StopState:
         """The stop state of session `sid`."""

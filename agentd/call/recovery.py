@@ -175,6 +175,7 @@ class Recovery(CallCore):
             self.speaking.step(SessionInput.START)
             cmds.append(self._start_speaking())
         tid = self.transcribe.id
+        self.ledger.transcribes_unsure = not tid
         self.transcribe.step(SessionInput.START)
         self.transcribe.id = tid  # kept until the find answers: transcripts still route by it
         cmds.append(FindTranscribe(self.id, s.language, self.ledger.known()))
