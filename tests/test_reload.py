@@ -30,7 +30,17 @@ socket = ""
 """
 
 
-def write(path: Path, sim: Simulator, key: str, *, greeting: str, timeout: int, level: str) -> None:
+def write(
+    path: Path,
+    sim: Simulator,
+    key: str,
+    *,
+    greeting: str = "Hello.",
+    timeout: int = 10,
+    level: str = "info",
+    backend: str = "",
+) -> None:
+    """The test's config at `path` (`backend`: a `[backend]` table's body, if any)."""
     keyfile = path.parent / "accesskey"
     keyfile.write_text(key)
     path.write_text(
@@ -43,6 +53,7 @@ def write(path: Path, sim: Simulator, key: str, *, greeting: str, timeout: int, 
             level=level,
             store=path.parent / "agentd.db",
         )
+        + (f"[backend]\n{backend}\n" if backend else "")
     )
 
 
@@ -93,20 +104,7 @@ async def test_a_reload_that_changes_only_what_it_applies_warns_of_nothing(
 
 
 def backend_config(path: Path, sim: Simulator, base_url: str) -> None:
-    keyfile = path.parent / "accesskey"
-    keyfile.write_text(sim.accesskey)
-    path.write_text(
-        CONFIG.format(
-            api=sim.api_url,
-            keyfile=keyfile,
-            timeout=10,
-            number=OUR_NUMBER,
-            greeting="Hello.",
-            level="info",
-            store=path.parent / "agentd.db",
-        )
-        + f'[backend]\nkind = "openai"\nbase_url = "{base_url}"\ntimeout_s = 10\n'
-    )
+    write(path, sim, sim.accesskey, backend=f'kind = "openai"\nbase_url = "{base_url}"')
 
 
 async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_theirs(

@@ -50,6 +50,14 @@ async def start(config: Path, stdout: Path | None = None) -> asyncio.subprocess.
     )
 
 
+async def terminate(*procs: asyncio.subprocess.Process | None) -> None:
+    """Stop the agentd processes still running (a test's end, whatever it left)."""
+    for proc in procs:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
 def config_text(sim: Simulator, store: str) -> str:
     """The tests' agentd config against `sim`, with `store` as its `[store]` table's body."""
     return CONFIG.format(
@@ -117,10 +125,7 @@ async def crash_and_restart(
         # the session from before the restart was still good: no second one was created
         assert len(sim.requests_matching("POST", r"/speakings$")) == 1
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(first, second)
 
 
 async def test_sigkill_mid_call_then_restart_resumes_the_conversation(
@@ -156,10 +161,7 @@ async def test_a_call_that_ended_while_agentd_was_down_is_cleaned_up(
         second = await start(config)
         await sim.wait_for(lambda: not sim.leaks(), 15)
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(first, second)
 
 
 async def test_our_hangup_unconfirmed_at_a_kill_is_sent_again_by_the_next_start(
@@ -188,10 +190,7 @@ async def test_our_hangup_unconfirmed_at_a_kill_is_sent_again_by_the_next_start(
         lines = agent_lines(sim, call_id)
         assert lines.count("We have reached the time limit for this call. Goodbye!") == 1
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(first, second)
 
 
 async def test_a_restart_while_the_stream_is_down_hears_the_caller_once_it_is_back(
@@ -229,7 +228,4 @@ async def test_a_restart_while_the_stream_is_down_hears_the_caller_once_it_is_ba
         await sim.hangup(call_id)
         await sim.wait_for(lambda: not sim.leaks(), 10)
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await terminate(first, second)
