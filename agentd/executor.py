@@ -133,7 +133,7 @@ class Executor:
         self._calls: dict[str, _Lanes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: list[Backend] = []  # replaced by a reload, still used by live calls
-        self._lane_moved: asyncio.Future[None] | None = None  # `until_said` waits on it
+        self._lane_moved: list[asyncio.Future[None]] = []  # `until_said` waits on them
 
     def execute(self, call_id: str, commands: list[Command]) -> None:
         """Schedule `commands`; never blocks."""
@@ -239,6 +239,8 @@ class Executor:
         if lanes is None:
             return
         self._close_retired()
+        if self._lane_moved:
+            self._moved()
         for handle in lanes.timers.values():
             handle.cancel()
         if not lanes_too:
@@ -311,8 +313,8 @@ class Executor:
                         self.feed(call_id, result)
                     except Exception:
                         log.exception("feed.crashed", result=type(result).__name__)
-                if self._lane_moved is not None and not self._lane_moved.done():
-                    self._lane_moved.set_result(None)  # `until_said` looks again
+                if self._lane_moved:
+                    self._moved()
 
     def saying(self) -> bool:
         """Whether a `/say` of a live call is queued or in flight."""
@@ -327,11 +329,20 @@ class Executor:
     async def until_said(self) -> None:
         """Return once no `/say` is queued or in flight (a shutdown lets the replies out)."""
         while self.saying():
-            self._lane_moved = asyncio.get_running_loop().create_future()
+            moved = asyncio.get_running_loop().create_future()
+            self._lane_moved.append(moved)
             try:
-                await self._lane_moved
+                await moved
             finally:
-                self._lane_moved = None
+                if moved in self._lane_moved:
+                    self._lane_moved.remove(moved)
+
+    def _moved(self) -> None:
+        """A lane ran a command, or a call's lanes were dropped: `until_said` looks again."""
+        moved, self._lane_moved = self._lane_moved, []
+        for fut in moved:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _run(self, cmd: Command) -> Event | Result | None:
         runner = _RUNNERS.get(type(cmd))
@@ -638,6 +649,8 @@ def _failure(cmd: Command) -> Result | None:
             return Stopped("transcribe", cmd.transcribe_id, False)
         case Hangup():
             return HangupDone(False)
+        case SweepSpeakings():
+            return SweepDone(False)  # tried again: the call waits for its sweep
         case Transfer():
             return TransferDone(False, "crashed")
     return None

@@ -14,6 +14,8 @@ from agentd.commands import (
     CancelBackend,
     Finished,
     Flush,
+    Hangup,
+    HangupDone,
     Message,
     Record,
     ReplyDone,
@@ -33,7 +35,7 @@ from agentd.commands import (
     WriteAhead,
 )
 from agentd.events import Event
-from agentd.executor import Executor
+from agentd.executor import Executor, _failure
 from agentd.names import Kind, Timer, TimerKind
 from agentd.sim import Caller, Simulator
 from agentd.voipbin import Credentials, Secret, VoipbinClient, say_max_chars
@@ -420,4 +422,30 @@ async def test_a_sweep_of_transcribes_finds_the_live_ones_but_the_one_kept(
     ex.execute(call_id, [SweepTranscribes(call_id, "en-US", ours)])
     await results.until(lambda: bool(results.of(TranscribesFound)))
     assert results.of(TranscribesFound) == [TranscribesFound((stray,))]
+    await ex.close()
+
+
+def test_a_command_the_call_waits_on_answers_a_failure_when_it_crashes() -> None:
+    # a bug inside a runner (say, a row VoIPBIN never sends) must not leave the call waiting
+    # for ever: a sweep, a stop or a hangup the call waits on answers as failed, and is retried
+    assert _failure(SweepSpeakings("c1")) == SweepDone(False)
+    assert _failure(Hangup("c1")) == HangupDone(False)
+    assert _failure(StopSpeaking("c1", "s1")) == Stopped("speaking", "s1", False)
+
+
+async def test_until_said_returns_when_the_call_whose_say_it_waits_for_is_dropped(
+    sim: Simulator, client: VoipbinClient
+) -> None:
+    # another replica took the call over with its /say in flight: nothing is left to wait for
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    call_id, sid = await speaking(sim, ex, results)
+    sim.faults.delay("POST", r"/say$", 30.0)
+    ex.execute(call_id, [Say(call_id, sid, "Hello there.", 1)])
+    await sim.wait_for(lambda: sim.faults.held == 1, 5)  # the /say reached VoIPBIN
+    assert ex.saying()
+    waiting = asyncio.ensure_future(ex.until_said())
+    ex.drop(call_id)
+    await asyncio.wait_for(waiting, 5)
+    assert not ex.saying()
     await ex.close()

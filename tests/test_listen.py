@@ -272,6 +272,21 @@ def test_the_late_final_that_settles_the_answered_words_differently_is_absorbed(
     assert call.turn == 2
 
 
+def test_a_late_final_that_changes_the_answered_words_is_answered_again_in_their_place() -> None:
+    # the reply to "what is my balance?" plays; the final says more than the interims had
+    # shown: the agent stops and answers the final's words, which take the place of the
+    # interims' in the history (not a second question glued after the first)
+    call = greeted()
+    audio = answered_question(call, "Ten dollars.")
+    cmds = step(call, transcript("What is my balance in dollars?", "tr1"), audio + 0.2)
+    assert Flush(CID, "s1") in cmds
+    (ask,) = asks(cmds + step(call, ENDPOINT, audio + 2.0))
+    assert ask.history[-1] == ("user", "What is my balance in dollars?")
+    assert [m for m in ask.history if m[0] == "user"] == [
+        ("user", "What is my balance in dollars?")
+    ]
+
+
 @pytest.mark.parametrize(
     ("heard", "final"),
     [
@@ -311,6 +326,51 @@ def test_the_next_utterances_interim_before_the_last_final_is_kept() -> None:
     assert h2.text() == "Yes. no thanks"
 
 
+@pytest.mark.parametrize(
+    ("said", "final"),
+    [
+        ("please cancel my order", "Please don't cancel my order."),
+        ("transfer fifty dollars", "Transfer fifteen dollars."),
+        ("my pin is 1 2 3", "My pin is 1 2 3 4."),
+        ("fifty", "Fifteen."),
+        ("no", "Now."),
+    ],
+)
+def test_a_final_that_changes_the_words_asked_on_has_the_reply_asked_again(
+    said: str, final: str
+) -> None:
+    call = greeted()
+    last = speak(call, said, 10.0)
+    assert asks(step(call, ENDPOINT, last + 0.5))  # asked on the interims
+    cmds = step(call, transcript(final, "tr1"), last + 1.1)
+    for t in (2.0, 3.0, 5.0):
+        cmds += step(call, ENDPOINT, last + t)
+    # for the final's words alone: not glued to the interims', not left answering those
+    assert [a.history[-1] for a in asks(cmds)] == [("user", final)]
+
+
+def test_a_final_that_only_drops_a_filler_keeps_the_reply_asked_on_the_interims() -> None:
+    call = greeted()
+    last = speak(call, "um what is my balance?", 10.0)
+    assert call.turn == 1  # a question: asked at once, on the interims
+    cmds = step(call, transcript("What is my balance, please?", "tr1"), last + 1.1)
+    assert asks(cmds) == [] and call.turn == 1
+
+
+def test_a_turn_restored_open_while_the_stream_is_up_is_answered() -> None:
+    # a takeover: the turn was asked for, unanswered, and its final was handled before the
+    # restart (its read-back is dropped as a repeat): nothing else would ever ask it again
+    call = greeted(replace(LIVE, silence_s=5.0))
+    t = speak(call, "I lost my card.", 10.0) + 0.4
+    step(call, transcript("I lost my card.", "tr1"), t)
+    restored = Call.restore(call.snapshot(), call.settings)
+    cmds = restored.resume(t + 5.0) + restored.handle(SpeakingStarted("s1", "active"), t + 5.1)
+    cmds += restored.handle(TranscriptsRead((transcript("I lost my card.", "tr1"),)), t + 6)
+    delay = endpoint_delay(cmds)
+    (ask,) = asks(step(restored, ENDPOINT, t + 5.0 + delay))
+    assert ask.history[-1] == ("user", "I lost my card.")
+
+
 def test_words_that_go_on_and_never_get_a_final_are_answered_after_a_while() -> None:
     call = greeted()
     last = speak(call, "I need help with", 10.0)
@@ -333,9 +393,9 @@ def test_words_read_back_while_the_stream_is_down_are_answered_once_it_is_back()
     cmds = step(call, StreamState(True), 14)
     # the STT had ended those words: the usual wait after a final, not the trailing "me"'s
     assert endpoint_delay(cmds) < 2 * LIVE.final_wait_s
-    assert says(step(call, TimerFired(Timer(TimerKind.SILENCE)), 14.5)) == []
     (ask,) = asks(step(call, ENDPOINT, 14 + endpoint_delay(cmds)))
     assert ask.history[-1] == ("user", "can you hear me")
+    assert says(step(call, TimerFired(Timer(TimerKind.SILENCE)), 15)) == []  # it is answering
 
 
 def test_a_stop_cuts_an_unheard_reply_with_elevenlabs() -> None:

@@ -223,8 +223,8 @@ class Call(Recovery, Sessions, Listening):
         return handler(self, now) if handler is not None else []
 
     def _max_call_timer(self, now: float) -> list[Command]:
-        if not self.phase.live:
-            return []
+        if not self.phase.live or self.after_reply is not None:
+            return []  # a goodbye was said already (a restart can arm this one again)
         s = self.settings
         return [Record(self.id, Kind.TIME_LIMIT, {}), *self._goodbye(s.time_limit_goodbye, now)]
 

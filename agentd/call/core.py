@@ -561,6 +561,10 @@ class CallCore:
     def _restored(self, now: float) -> None:
         """A restart rebuilt the call from the store at `now` (the conversation adds to it)."""
 
+    def _resume_turn(self, now: float) -> list[Command]:
+        """After a restart, what the open turn the store left needs (the conversation's)."""
+        return []
+
     def arm_silence(self, now: float) -> list[Command]:
         """Start counting the caller's silence from when our audio ends."""
         if self.settings.silence_s <= 0:

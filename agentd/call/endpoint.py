@@ -149,20 +149,38 @@ def goes_on(new: str, old: str) -> bool:
     return unmatched > 0
 
 
-def restates(final: str, heard: str) -> bool:
-    """Whether the final `final` is the utterance its interims heard as `heard`, written as
-    the STT settled it: every word heard is in it (but one of three or more) and few more (one,
-    or a third as many as were heard: a last word the interims had not shown yet), or the same
-    letters but for a few (a word revised, re-spaced Korean, Japanese, one word heard again:
-    "yeah" as "Yes.")."""
+def covers(final: str, heard: str) -> bool:
+    """Whether the final `final` is the utterance its interims heard as `heard`, as the STT
+    settled it: every word heard is in it, in order (but one of three or more), whatever it
+    adds (words the interims had not shown yet); or the same letters but for a few (a word
+    revised, re-spaced Korean, Japanese, one word heard again: "yeah" as "Yes.")."""
     a, b = words(heard), words(final)
     if not a or not b:
         return False
     matched = sum(m.size for m in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
-    if matched >= len(a) - (len(a) >= 3) and len(b) - matched <= max(1, len(a) // 3):
+    if matched >= len(a) - (len(a) >= 3):
         return True
     letters = SequenceMatcher(None, "".join(a), "".join(b), autojunk=False).ratio()
     return letters > (0.5 if len(a) == len(b) == 1 else 0.8)
+
+
+# what an STT drops or writes otherwise when it settles an utterance, without a change of sense
+_FILLERS = frozenset({"um", "uh", "uhm", "er", "erm", "hmm", "mm", "ah", "eh", "please"})
+_SAME_WORD = {"yeah": "yes", "yep": "yes", "yup": "yes", "ok": "okay"}
+
+
+def _gist(text: str) -> str:
+    """`text`'s words as compared for a change of sense: no fillers (nor a "please"), case,
+    punctuation or spacing (Korean is re-spaced by the STT), "yeah" and "yes" alike."""
+    return "".join(_SAME_WORD.get(w, w) for w in words(text) if w not in _FILLERS)
+
+
+def settles(final: str, heard: str) -> bool:
+    """Whether the final `final` says what its interims `heard` said, only written otherwise:
+    a filler or a "please" dropped or added, punctuation, case, spacing. A word revised, added
+    or taken away is a change (a "don't", a last digit, "fifteen" for "fifty"): the reply
+    must be for the final's words."""
+    return _gist(final) == _gist(heard)
 
 
 def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -278,17 +296,20 @@ class Hearing:
                 self.interim = ""
             else:
                 heard = ""  # an interim of the next utterance came first
-        if heard and restates(text, heard):
-            return False  # the STT settled the words its interims showed: none were added
+        if heard:
+            if settles(text, heard):
+                return False  # the STT wrote the words its interims showed otherwise
+            self.changed_at = now  # it changed them (a word revised, added, taken away)
+            return True
         return self._grew(before, now)
 
     def _own_interim(self, said: tuple[str, ...], text: str, now: float) -> bool:
         """Whether the interim in progress is of the final `text`'s utterance: it begins
-        alike, or the final restates it, or it began too long ago to be of the next one."""
+        alike, or the final covers it, or it began too long ago to be of the next one."""
         heard = words(self.interim)
         return (
             heard[:1] == said[:1]
-            or restates(text, self.interim)
+            or covers(text, self.interim)
             or (bool(heard) and now - self.interim_since > FINAL_LAG_MAX_S)
         )
 
@@ -322,8 +343,12 @@ class Hearing:
         return self.final_at >= self.changed_at
 
     def stale(self) -> bool:
-        """The reply under way was asked with fewer words than the turn now has."""
-        return bool(self.asked) and goes_on(self.text(), self.asked)
+        """The reply under way was asked with fewer words than the turn now has, or with
+        words its final changed (an interim's revised word is not yet a change)."""
+        if not self.asked:
+            return False
+        text = self.text()
+        return goes_on(text, self.asked) or (self.final and not settles(text, self.asked))
 
 
 class Pauses:

@@ -21,7 +21,17 @@ it brings that the interims had not are kept.
 from __future__ import annotations
 
 from agentd.call.core import NEVER
-from agentd.call.endpoint import Cue, Hearing, Pauses, cue, goes_on, rejoin, restates, words
+from agentd.call.endpoint import (
+    Cue,
+    Hearing,
+    Pauses,
+    covers,
+    cue,
+    goes_on,
+    rejoin,
+    settles,
+    words,
+)
 from agentd.call.settings import CallSettings
 from agentd.call.talk import Conversation
 from agentd.call.turn import TurnInput
@@ -39,6 +49,7 @@ class Listening(Conversation):
     __slots__ = (
         "answered",
         "answered_until",
+        "correcting",
         "cutting_in",
         "deaf",
         "hearing",
@@ -59,6 +70,9 @@ class Listening(Conversation):
         self.answered_until = 0.0
         self.wasted = 0  # backend calls dropped because the caller went on
         self.cutting_in = -1  # the turn the agent cut in on: its reply is not barged in on
+        # the answered words a late final said otherwise (a digit more, a "don't"): the turn
+        # it opens takes their place in the history instead of following them
+        self.correcting = ""
         # the open turn a restart found unanswered, and the first of its words that may stand
         # on interims whose final is still to come (-1: none may)
         self.restored: Hearing | None = None
@@ -81,6 +95,15 @@ class Listening(Conversation):
             self.hearing = self.restored = h
             self.restored_from = 0
             self.restored_until = now + _RESTORED_S
+
+    def _resume_turn(self, now: float) -> list[Command]:
+        """The turn the store shows asked for and unanswered is asked again: by its final's
+        read-back, or once that had time to come (a final handled before the restart is never
+        read back to do it)."""
+        h = self.restored
+        if h is None or h is not self.hearing:
+            return []
+        return [StartTimer(self.id, Timer(TimerKind.ENDPOINT), self.settings.final_wait_s)]
 
     @property
     def _speculating(self) -> bool:
@@ -132,6 +155,7 @@ class Listening(Conversation):
         h = self._open_turn(now)
         if self._answered(event.message, now, h):
             return []  # the late final of words already answered
+        correcting, self.correcting = self.correcting, ""
         cmds: list[Command] = []
         if h is None:
             if self._closing():
@@ -142,7 +166,7 @@ class Listening(Conversation):
             s = self.settings
             if self.playback.talking(now) and s.barge_in != "off" and not self._kept(now):
                 cmds = self._cut(now, "transcript")
-            h = self.hearing = Hearing(started_at=now)
+            h = self.hearing = Hearing(started_at=now, in_history=correcting)
         gap = now - h.changed_at
         grew = self._rejoin(h, event.message, now)
         if grew is not None:
@@ -200,11 +224,13 @@ class Listening(Conversation):
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer; while the stream is down the caller may be talking unheard, and
         while their turn is open they are talking: the reprompt waits a whole silence more."""
-        if self.deaf or (self.hearing is not None and not self.hearing.asked):
-            # deaf, or the caller's turn is open (its end not come yet, or not heard while the
-            # stream was down): they are not the quiet one
+        h = self.hearing
+        if self.deaf or (h is not None and not h.asked):
+            # deaf, or the caller's turn is open: they are not the quiet one. An open turn
+            # long over is asked now (whatever left its timer unarmed)
             self.silence_due = NEVER  # it has fired
-            return self.silence_timer(now, self.settings.silence_s)
+            cmds = [] if self.deaf or h is None else self._due(h, now)
+            return [*cmds, *self.silence_timer(now, self.settings.silence_s)]
         return super().on_silence(now)
 
     # -- the open turn ---------------------------------------------------------------------------
@@ -249,7 +275,9 @@ class Listening(Conversation):
         """Whether the final `text` repeats words of the answered turn whose final had not
         come, and is not the open turn's own (a caller may ask the same thing again); it takes
         its words off, and new words end the matching."""
-        if not self.answered or now > self.answered_until or not self._restated(text):
+        if not self.answered or now > self.answered_until or not self._settled(text):
+            if self.answered and now <= self.answered_until and covers(text, self.answered):
+                self.correcting = self.answered  # its words, changed: answered again, for them
             self.answered = ""
             return False
         if h is not None and not goes_on(text, h.unconfirmed()):
@@ -258,11 +286,10 @@ class Listening(Conversation):
         self.answered = " ".join(rest)
         return True
 
-    def _restated(self, text: str) -> bool:
-        """Whether the final `text` is the answered words: repeats them, or restates them as
-        the STT settled them (a word revised, a filler dropped, one more word at the end: its
-        interims did not show it, the caller did not go on)."""
-        return not goes_on(text, self.answered) or restates(text, self.answered)
+    def _settled(self, text: str) -> bool:
+        """Whether the final `text` is the answered words: repeats them, or only writes them
+        otherwise (a filler dropped, a "please", punctuation, spacing)."""
+        return not goes_on(text, self.answered) or settles(text, self.answered)
 
     def _heard_reply(self, h: Hearing, now: float) -> bool:
         """Whether the audio of this turn's reply (or of the fallback said for it) started."""

@@ -185,7 +185,7 @@ class Recovery(CallCore):
         if self.after_reply is not None:
             # a goodbye was said for it before the restart, and may still be playing
             cmds.append(StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), GOODBYE_S))
-        return [*cmds, timer, *self.arm_silence(now)]
+        return [*cmds, timer, *self.arm_silence(now), *self._resume_turn(now)]
 
     def fingerprint(self) -> tuple[object, ...]:
         """Cheap to compare: when it changes, the call's snapshot is worth saving again."""
