@@ -588,11 +588,12 @@ def test_a_restored_call_runs_the_action_its_goodbye_was_said_for() -> None:
     cmds = again.resume(100)
     [timer] = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("after_reply")]
     assert kinds(step(again, TimerFired(timer.timer), 100 + timer.delay_s))[0] == "Hangup"
-    # a transfer waits the same way
-    call = answered()
+    # a transfer waits the same way, to a number still allowed
+    allowed = replace(SETTINGS, transfer_numbers=("+15550002222",))
+    call = answered(allowed)
     call.after_reply = TransferTo("+15550002222")
-    again = Call.restore(call.snapshot(), SETTINGS)
-    assert again.after_reply == TransferTo("+15550002222")
+    assert Call.restore(call.snapshot(), allowed).after_reply == TransferTo("+15550002222")
+    assert Call.restore(call.snapshot(), SETTINGS).after_reply is None  # no longer allowed
 
 
 def test_a_transcribe_start_cut_short_by_a_restart_is_looked_for_and_stopped() -> None:
@@ -1072,3 +1073,12 @@ def test_a_read_back_of_a_call_that_saw_none_of_it_answers_it() -> None:
     call = answered()
     cmds = step(call, TranscriptsRead((transcript("hello?", "tr1"),)), 10)
     assert [c for c in cmds if isinstance(c, AskBackend)][0].history[-1] == ("user", "hello?")
+
+
+def test_a_retry_after_a_day_long_outage_still_has_a_delay() -> None:
+    # some thousand failed stops (one a minute at most): the doubling must not overflow
+    from agentd.call.core import backoff
+
+    assert backoff(1.0, 1, 60.0) == 1.0
+    assert backoff(1.0, 3, 60.0) == 4.0
+    assert backoff(1.0, 2000, 60.0) == 60.0

@@ -41,7 +41,7 @@ from agentd.commands import (
     WriteAhead,
 )
 from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
-from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind
+from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind, normalise_number
 
 # a step's type checks read these (tuples): `A | B` in an isinstance builds a union each time
 _FROM_VOIPBIN = (CallEvent, TranscriptEvent, SpeechEvent, TranscribeEvent)
@@ -53,6 +53,13 @@ NEVER = float("inf")  # the time of something not due (a timer not running)
 
 # a call over without its hangup event: the reason its last status tells ("": "normal")
 _ENDING = {"canceling": "cancel", "terminating": ""}
+
+
+def backoff(base: float, tries: int, cap: float) -> float:
+    """`base` doubled for each try after the first, at most `cap` (an outage of a day is some
+    thousand tries: the exponent is bounded before it overflows a float)."""
+    doublings: int = min(max(tries - 1, 0), 32)
+    return min(base * float(2**doublings), cap)
 
 
 class CallCore:
@@ -348,7 +355,7 @@ class CallCore:
             self.ledger.sweeping = False
             data = {"kind": "speaking", "sweep": True, "status": event.status, "gave_up": True}
             return [Record(self.id, Kind.LEAK, data)]
-        delay = min(s.retry_s * 2 ** (failures - 1), 60.0)
+        delay = backoff(s.retry_s, failures, 60.0)
         return [StartTimer(self.id, Timer(TimerKind.RETRY_SWEEP), delay)]
 
     def _hangup_failed(self) -> list[Command]:
@@ -356,7 +363,7 @@ class CallCore:
         (its call_hangup may have been lost: then the hangup has nothing left to do)."""
         self.ledger.hangup_failures += 1
         s = self.settings
-        delay = min(s.retry_s * 2 ** (self.ledger.hangup_failures - 1), s.watch_max_s)
+        delay = backoff(s.retry_s, self.ledger.hangup_failures, s.watch_max_s)
         return [CheckCall(self.id), StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), delay)]
 
     def _stop(
@@ -394,7 +401,7 @@ class CallCore:
             data = {"kind": kind, "session_id": sid, "attempts": attempts, "status": status}
             return [Record(self.id, Kind.LEAK, {**data, "gave_up": True})]
         self.ledger.step(sid, StopInput.FAILED, kind)
-        delay = min(s.retry_s * 2 ** (attempts - 1), 60.0)
+        delay = backoff(s.retry_s, attempts, 60.0)
         if status >= 500 and attempts < s.stop_delete_after:
             delay = 0.0  # the pod that owns the session may be gone: the DELETE cannot wait
         cmds: list[Command] = [StartTimer(self.id, Timer(TimerKind.RETRY_STOP, sid), delay)]
@@ -557,6 +564,13 @@ class CallCore:
             cmds += self._say(text, self.turns.turn, now)
         wait = self.playback.remaining(now) + self.settings.playback_pad_s
         return [*cmds, StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
+
+    def allowed_number(self, number: str) -> str | None:
+        """The allow-listed number `number` names (as configured: that is what is dialled)."""
+        wanted = normalise_number(number)
+        return next(
+            (n for n in self.settings.transfer_numbers if normalise_number(n) == wanted), None
+        )
 
     def _restored(self, now: float) -> None:
         """A restart rebuilt the call from the store at `now` (the conversation adds to it)."""

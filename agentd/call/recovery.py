@@ -129,7 +129,12 @@ class Recovery(CallCore):
         call.speaking = SessionMachine("speaking", data.get("speaking_id"))
         call.ledger.restore(list(data.get("pending_stops", ())))
         call.ledger.hangup_pending = bool(data.get("hangup_pending"))
-        call.after_reply = _action(str(data.get("after_reply") or ""))
+        action = _action(str(data.get("after_reply") or ""))
+        if isinstance(action, TransferTo):
+            # checked again: the allow-list may have changed since (a config reload)
+            allowed = call.allowed_number(action.number)
+            action = None if allowed is None else TransferTo(allowed)
+        call.after_reply = action
         call.greeted = bool(data.get("greeted"))
         call.turns = TurnMachine(int(data.get("turn", 0)))
         call.history = History.restore(

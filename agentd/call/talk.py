@@ -37,7 +37,7 @@ from agentd.commands import (
     StartTimer,
 )
 from agentd.events import SpeechEvent, TranscriptEvent, timestamp
-from agentd.names import Kind, Timer, TimerKind, TransferTo, normalise_number
+from agentd.names import Kind, Timer, TimerKind, TransferTo
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
 _ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
@@ -426,13 +426,6 @@ class Conversation(CallCore):
             wait = self.playback.remaining(now) + self.settings.playback_pad_s
             cmds.append(StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait))
         return cmds
-
-    def allowed_number(self, number: str) -> str | None:
-        """The allow-listed number `number` names (as configured: that is what is dialled)."""
-        wanted = normalise_number(number)
-        return next(
-            (n for n in self.settings.transfer_numbers if normalise_number(n) == wanted), None
-        )
 
     def _transfer_failed(self, now: float, why: str, number: str = "") -> list[Command]:
         """The caller stays with the agent, and is told so."""
