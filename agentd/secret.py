@@ -93,10 +93,14 @@ def learn_url(url: str) -> None:
 
 
 def display_url(url: str) -> str:
-    """`url` fit to print: its password and query values masked."""
+    """An http(s) `url` fit to print: its user part (`user:password@`, or a token as the user
+    alone), its query values (a bare `?key` whole) and its fragment masked."""
     parts = urlsplit(url)
     netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", f":{_MASK}@", 1)
-    query = "&".join(f"{k}={_MASK}" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "@" in netloc:
+        netloc = f"{_MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        f"{k}={_MASK}" if v else _MASK for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    fragment = _MASK if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))

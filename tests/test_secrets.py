@@ -156,3 +156,20 @@ async def test_a_key_in_the_backend_url_never_shows(captured_logs: io.StringIO) 
     assert logs.flush()
     shown = f"{captured_logs.getvalue()} {redact(str(info.value))} {backend!r} {display_url(url)}"
     assert "code=***" in shown and key not in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:TOPSECRET1@host.example/v1",
+        "https://TOPSECRET1@host.example/v1",  # a token as the user alone
+        "https://host.example/api?code=TOPSECRET1",
+        "https://host.example/api?TOPSECRET1",  # a bare key
+        "https://host.example/api#TOPSECRET1",
+    ],
+)
+def test_a_url_shown_keeps_no_secret_of_its_own(url: str) -> None:
+    from agentd.secret import display_url
+
+    shown = display_url(url)
+    assert "TOPSECRET1" not in shown and "host.example" in shown
