@@ -272,6 +272,21 @@ def test_the_late_final_that_settles_the_answered_words_differently_is_absorbed(
     assert call.turn == 2
 
 
+def test_a_late_final_that_revises_an_answered_word_corrects_the_history_only() -> None:
+    # "card" settled as "credit card" after the reply began to play: the reply heard stands
+    # (no cut, no second answer), the model sees the caller's words as the final has them
+    call = greeted()
+    last = speak(call, "I lost my card.", 10.0)
+    step(call, ReplySentence(1, "I am sorry."), last + 0.2)
+    step(call, ENDPOINT, last + 0.7)
+    step(call, ReplyDone(1), last + 0.8)
+    audio = last + 0.7 + LIVE.say_latency_s
+    cmds = step(call, transcript("I lost my credit card.", "tr1"), audio + 0.2)
+    assert asks(cmds) == [] and Flush(CID, "s1") not in cmds
+    assert ("user", "I lost my credit card.") in call.history.window(9)
+    assert call.turn == 1
+
+
 def test_a_late_final_that_changes_the_answered_words_is_answered_again_in_their_place() -> None:
     # the reply to "what is my balance?" plays; the final says more than the interims had
     # shown: the agent stops and answers the final's words, which take the place of the
@@ -369,6 +384,22 @@ def test_a_turn_restored_open_while_the_stream_is_up_is_answered() -> None:
     delay = endpoint_delay(cmds)
     (ask,) = asks(step(restored, ENDPOINT, t + 5.0 + delay))
     assert ask.history[-1] == ("user", "I lost my card.")
+
+
+def test_a_number_the_final_writes_in_digits_is_the_same_words() -> None:
+    call = greeted()
+    last = speak(call, "my number is five five five one two three four", 10.0)
+    assert asks(step(call, ENDPOINT, last + 0.5))
+    cmds = step(call, transcript("My number is 555-1234.", "tr1"), last + 1.9)
+    assert asks(cmds) == [] and Flush(CID, "s1") not in cmds and call.turn == 1
+
+
+def test_an_interim_of_no_words_opens_no_turn_and_the_silence_is_reprompted() -> None:
+    call = greeted(replace(LIVE, silence_s=5.0))
+    assert step(call, interim("?"), 10.0) == []
+    assert step(call, interim("-"), 10.5) == []
+    assert call.hearing is None
+    assert says(step(call, TimerFired(Timer(TimerKind.SILENCE)), 16.0)) == ["Are you still there?"]
 
 
 def test_words_that_go_on_and_never_get_a_final_are_answered_after_a_while() -> None:

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-_PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\uff0c\"'()")
+_PUNCT = str.maketrans("", "", ".,!?;:…。、\uff01\uff1f\uff0c\"'()-\u2013\u2014")
 _PAUSE_MIN_S = 0.3  # a gap shorter than this is between two words, not a pause
 _PAUSE_MAX_S = 3.0  # longer: the caller started over, not a pause mid-thought
 MAX_END_S = 1.5  # however long this caller's pauses, the wait never exceeds this
@@ -166,12 +166,18 @@ def covers(final: str, heard: str) -> bool:
 
 # what an STT drops or writes otherwise when it settles an utterance, without a change of sense
 _FILLERS = frozenset({"um", "uh", "uhm", "er", "erm", "hmm", "mm", "ah", "eh", "please"})
-_SAME_WORD = {"yeah": "yes", "yep": "yes", "yup": "yes", "ok": "okay"}
+_SAME_WORD = {
+    **{"yeah": "yes", "yep": "yes", "yup": "yes", "ok": "okay"},
+    # a number said word by word, written in digits by the final ("555-1234")
+    **{"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4"},
+    **{"five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9"},
+}
 
 
 def _gist(text: str) -> str:
     """`text`'s words as compared for a change of sense: no fillers (nor a "please"), case,
-    punctuation or spacing (Korean is re-spaced by the STT), "yeah" and "yes" alike."""
+    punctuation or spacing (Korean is re-spaced by the STT), "yeah" and "yes" alike, digits
+    and their names alike."""
     return "".join(_SAME_WORD.get(w, w) for w in words(text) if w not in _FILLERS)
 
 
@@ -181,6 +187,16 @@ def settles(final: str, heard: str) -> bool:
     or taken away is a change (a "don't", a last digit, "fifteen" for "fifty"): the reply
     must be for the final's words."""
     return _gist(final) == _gist(heard)
+
+
+def extends(final: str, heard: str) -> bool:
+    """Whether the final `final` goes on past the last of the words `heard` (not a filler nor
+    a "please"): words the interims had not shown, said at the end ("what time do you" +
+    "close"), rather than a word of theirs revised or inserted ("card" as "credit card")."""
+    a, b = words(heard), words(final)
+    blocks = SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()[:-1]
+    end = max((m.b + m.size for m in blocks), default=0)
+    return any(w not in _FILLERS for w in b[end:])
 
 
 def _same(a: tuple[str, ...], b: tuple[str, ...]) -> bool:

@@ -77,6 +77,17 @@ class History:
         m.turn = turn
         return True
 
+    def correct_user(self, old: str, new: str, turn: int) -> bool:
+        """The caller's words `old`, the end of their message of `turn` (answered already), are
+        now `new`: the final transcript wrote them otherwise. False when that message is gone."""
+        for m in reversed(self.msgs):
+            if m.role == "user" and m.turn == turn:
+                if not old or not m.text.endswith(old):
+                    return False
+                m.text = (m.text[: len(m.text) - len(old)] + new).strip()
+                return True
+        return False
+
     def assistant(self, text: str, turn: int) -> None:
         """The agent said `text` (a greeting, a reprompt, a fallback, a goodbye)."""
         self._add(Msg("assistant", text, turn))

@@ -27,6 +27,7 @@ from agentd.call.endpoint import (
     Pauses,
     covers,
     cue,
+    extends,
     goes_on,
     rejoin,
     settles,
@@ -114,8 +115,8 @@ class Listening(Conversation):
     def on_speech(self, event: SpeechEvent, now: float) -> list[Command]:
         if not self._speculating or event.kind != "interim" or event.direction != "in":
             return super().on_speech(event, now)
-        if not self.phase.live or not event.message.strip() or self._cutting_in(now):
-            return []
+        if not self.phase.live or not words(event.message) or self._cutting_in(now):
+            return []  # an interim of no words ("?", "..."): nothing to hear, nor to answer
         if self.speech_since is None:
             self.speech_since = now
         self.heard_words = True
@@ -225,6 +226,8 @@ class Listening(Conversation):
         """The silence timer; while the stream is down the caller may be talking unheard, and
         while their turn is open they are talking: the reprompt waits a whole silence more."""
         h = self.hearing
+        if h is not None and not h.asked and not words(h.text()):
+            self.hearing = h = None  # nothing to answer: no open turn either
         if self.deaf or (h is not None and not h.asked):
             # deaf, or the caller's turn is open: they are not the quiet one. An open turn
             # long over is asked now (whatever left its timer unarmed)
@@ -274,10 +277,22 @@ class Listening(Conversation):
     def _answered(self, text: str, now: float, h: Hearing | None) -> bool:
         """Whether the final `text` repeats words of the answered turn whose final had not
         come, and is not the open turn's own (a caller may ask the same thing again); it takes
-        its words off, and new words end the matching."""
-        if not self.answered or now > self.answered_until or not self._settled(text):
-            if self.answered and now <= self.answered_until and covers(text, self.answered):
-                self.correcting = self.answered  # its words, changed: answered again, for them
+        its words off, and new words end the matching.
+
+        A final that is the answered words written otherwise is theirs too: with a word
+        revised or inserted ("credit card" for "card") it corrects them in the history, the
+        reply heard stands; with words said after them, which the interims had not shown yet
+        ("what time do you" + "close"), the turn is answered again, for them."""
+        live = bool(self.answered) and now <= self.answered_until
+        if live and not self._settled(text) and covers(text, self.answered):
+            if extends(text, self.answered):
+                self.correcting = self.answered  # answered again, in their place
+            elif h is None and self.history.correct_user(
+                self.answered, text.strip(), self.turns.turn
+            ):
+                self.answered = ""
+                return True
+        if not live or not self._settled(text):
             self.answered = ""
             return False
         if h is not None and not goes_on(text, h.unconfirmed()):
