@@ -150,7 +150,8 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         row = cost[store]
         assert row["n"]["median"] >= 1, store
         assert 0 < row["p50"]["median"] <= row["p99"]["median"] < 1000, store
-        assert row["cpu_pct"]["median"] > 0 and row["leaked_sessions"] == 0, store
+        # the smoke's few turns may take less than one 10 ms tick of /proc's CPU clock
+        assert row["cpu_pct"]["median"] >= 0 and row["leaked_sessions"] == 0, store
     assert cost["diff"]["p50"] == pytest.approx(
         cost["postgresql"]["p50"]["median"] - cost["sqlite"]["p50"]["median"], abs=1e-3
     )
