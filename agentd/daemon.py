@@ -602,12 +602,14 @@ class Daemon:
     async def _replies_out(self) -> None:
         """Until no live call prepares a reply and every `/say` queued has gone out (one may
         wait out a 429): the next agentd takes a turn saved as answered for said."""
+
+        def none_replying() -> bool:
+            return not any(c.replying for c in self.dispatcher.live_calls())
+
         while True:
-            await self.dispatcher.wait_until(
-                lambda: not any(c.replying for c in self.dispatcher.live_calls())
-            )
+            await self.dispatcher.wait_until(none_replying)
             await self.executor.until_said()
-            if not any(c.replying for c in self.dispatcher.live_calls()):
+            if none_replying():
                 return
 
     # ---- observability: the status socket and the metrics endpoint ----------------------------
