@@ -66,7 +66,10 @@ class Utterance:
     backchannel_after_s: float | None = None
     #: The last final as the STT settles it when it differs from the interims (which show
     #: ``text`` word by word): a filler dropped, a word heard again, numbers written as digits,
-    #: punctuation. Real STT finals often do; ``None`` keeps the interims' words.
+    #: punctuation. VoIPBIN publishes the provider's final result's text as the transcript's
+    #: ``message`` and each interim's as the speech event's (``bin-transcribe-manager``
+    #: ``pkg/streaminghandler/result.go``); Google's and AWS's streaming recognisers revise
+    #: their partials in the final. ``None`` keeps the interims' words.
     settled_as: str | None = None
 
     def __post_init__(self) -> None:
