@@ -70,11 +70,26 @@ async def client(sim: Simulator) -> AsyncIterator[VoipbinClient]:
     await c.close()
 
 
+@pytest.fixture
+async def rig(client: VoipbinClient) -> AsyncIterator[tuple[Executor, Results]]:
+    """An executor on the simulator with the echo backend, and what it feeds back."""
+    results = Results()
+    ex = Executor(client, EchoBackend(), results.feed)
+    yield ex, results
+    await ex.close()
+
+
+async def live_call(sim: Simulator) -> str:
+    """An answered inbound call whose caller says nothing and stays on the line."""
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    return call_id
+
+
 async def speaking(
     sim: Simulator, ex: Executor, results: Results, provider: str = "gcp", voice: str = "v"
 ) -> tuple[str, str]:
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
-    await sim.wait_call_status(call_id, "progressing")
+    call_id = await live_call(sim)
     ex.execute(call_id, [WriteAhead(call_id), StartSpeaking(call_id, "en-US", provider, voice)])
     await results.until(lambda: bool(results.of(SpeakingStarted)))
     [started] = results.of(SpeakingStarted)
@@ -83,10 +98,9 @@ async def speaking(
 
 
 async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.", "Three.")])
     await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/say$")), 5)
@@ -95,15 +109,13 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
     says = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]  # type: ignore[index]
     assert says == ["One. Two. Three."]  # merged: the budget is per request
     assert results.of(Stopped) == [Stopped("speaking", sid, True)]
-    await ex.close()
 
 
 async def test_a_stop_that_is_no_call_end_keeps_the_lanes_order(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     """A barge-in's cut or a replaced session: the says before the stop go out before it."""
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.")])
     ex.execute(call_id, [StopSpeaking(call_id, sid)])
@@ -111,16 +123,14 @@ async def test_a_stop_that_is_no_call_end_keeps_the_lanes_order(
     [say] = sim.requests_matching("POST", r"/say$")
     assert say.body["text"] == "One. Two."  # type: ignore[index]
     assert sim.requests_matching("POST", r"/stop$")[0].t >= say.t
-    await ex.close()
 
 
 async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     """Says queued behind a slow one, then the session's stop (the caller hung up): the slow
     one is cut short, the queued ones are never sent, and the stop goes out at once."""
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     sim.faults.delay("POST", r"/say$", 5.0)
     ex.execute(call_id, [Say(call_id, sid, "One.", 1)])
@@ -131,7 +141,6 @@ async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
     assert results.of(Stopped) == [Stopped("speaking", sid, True)]
     assert sim.requests_matching("POST", r"/say$") == []  # the held one is still held
     assert sim.requests_matching("POST", r"/flush$") == []
-    await ex.close()
 
 
 async def test_with_aws_no_say_carries_more_than_polly_takes(
@@ -221,10 +230,12 @@ async def test_a_request_waiting_for_the_budget_is_not_sent_once_the_lease_ran_o
 
 
 async def test_a_command_that_crashes_reports_a_failure_the_call_understands(
-    sim: Simulator, client: VoipbinClient, monkeypatch: pytest.MonkeyPatch
+    sim: Simulator,
+    client: VoipbinClient,
+    rig: tuple[Executor, Results],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
 
     async def broken(speaking_id: str) -> None:
@@ -234,7 +245,6 @@ async def test_a_command_that_crashes_reports_a_failure_the_call_understands(
     ex.execute(call_id, [StopSpeaking(call_id, sid)])
     await results.until(lambda: bool(results.of(Stopped)))
     assert results.of(Stopped) == [Stopped("speaking", sid, False)]  # retried by the call
-    await ex.close()
 
 
 async def test_timers_fire_typed_and_a_finished_call_fires_none() -> None:
@@ -292,16 +302,14 @@ async def test_reply_timings_use_the_injected_clock() -> None:
 
 
 async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_created_again(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     """bin-tts-manager speaking.go: a pod that dies inside the create leaves the row
     `initiating` (it never becomes active) and the gateway answers 503; the row blocks the call
     (500 on a new create) until it is deleted."""
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     ex.setup_grace_s = 0.5  # as long as such a row is waited for (a slow create is, at first)
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
-    await sim.wait_call_status(call_id, "progressing")
+    call_id = await live_call(sim)
     kill_the_first_create, killed = pod_killer(sim, call_id)
     ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
     await sim.wait_for(kill_the_first_create, 5)
@@ -310,17 +318,14 @@ async def test_a_create_whose_pod_died_is_not_adopted_its_row_is_deleted_and_cre
     assert isinstance(started, SpeakingStarted)
     assert started.status == "active" and started.speaking_id != killed[0]
     assert sim.requests_matching("DELETE", rf"/speakings/{killed[0]}$")
-    await ex.close()
 
 
 async def test_a_row_the_call_gave_up_on_is_deleted_and_created_again(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     """A dead pod's row blocks the call (500 on a new create) until it is deleted."""
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
-    await sim.wait_call_status(call_id, "progressing")
+    ex, results = rig
+    call_id = await live_call(sim)
     ex.execute(call_id, [StartSpeaking(call_id, "en-US", "gcp", "")])
     await results.until(lambda: bool(results.of(SpeakingStarted)))
     [first] = results.of(SpeakingStarted)
@@ -333,7 +338,6 @@ async def test_a_row_the_call_gave_up_on_is_deleted_and_created_again(
     assert isinstance(second, SpeakingStarted)
     assert second.status == "active" and second.speaking_id != first.speaking_id
     assert sim.requests_matching("DELETE", rf"/speakings/{first.speaking_id}$")
-    await ex.close()
 
 
 async def test_an_error_records_own_what_is_logged_as_detail(client: VoipbinClient) -> None:
@@ -389,11 +393,10 @@ async def test_a_swept_session_its_delete_could_not_stop_is_recorded_as_a_leak(
 
 
 async def test_a_sweep_tells_the_call_whether_it_is_done(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     # the call is finished only once its sweep is done: a failed list is answered as failed
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     stops = rf"/speakings/{sid}/stop$"
     sim.faults.fail("GET", r"/speakings$", 403)
@@ -405,24 +408,20 @@ async def test_a_sweep_tells_the_call_whether_it_is_done(
     await results.until(lambda: len(results.of(SweepDone)) == 2)
     assert results.of(SweepDone)[1] == SweepDone(True)
     assert len(sim.requests_matching("POST", stops)) == 1
-    await ex.close()
 
 
 async def test_a_sweep_of_transcribes_finds_the_live_ones_but_the_one_kept(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, client: VoipbinClient, rig: tuple[Executor, Results]
 ) -> None:
     # two live transcribes on one call (a start the last agentd sent, created after the next
     # one started its own): the one the call does not use is found for it to stop
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
-    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
-    await sim.wait_call_status(call_id, "progressing")
+    ex, results = rig
+    call_id = await live_call(sim)
     ours = await client.start_transcribe(call_id, "en-US", "")
     stray = sim.speech.stt.start_transcribe(sim.get_call(call_id), "en-US", "in", "").id
     ex.execute(call_id, [SweepTranscribes(call_id, "en-US", ours)])
     await results.until(lambda: bool(results.of(TranscribesFound)))
     assert results.of(TranscribesFound) == [TranscribesFound((stray,))]
-    await ex.close()
 
 
 def test_a_command_the_call_waits_on_answers_a_failure_when_it_crashes() -> None:
@@ -434,11 +433,10 @@ def test_a_command_the_call_waits_on_answers_a_failure_when_it_crashes() -> None
 
 
 async def test_until_said_returns_when_the_call_whose_say_it_waits_for_is_dropped(
-    sim: Simulator, client: VoipbinClient
+    sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
     # another replica took the call over with its /say in flight: nothing is left to wait for
-    results = Results()
-    ex = Executor(client, EchoBackend(), results.feed)
+    ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     sim.faults.delay("POST", r"/say$", 30.0)
     ex.execute(call_id, [Say(call_id, sid, "Hello there.", 1)])
@@ -448,4 +446,3 @@ async def test_until_said_returns_when_the_call_whose_say_it_waits_for_is_droppe
     ex.drop(call_id)
     await asyncio.wait_for(waiting, 5)
     assert not ex.saying()
-    await ex.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -57,15 +59,25 @@ def write(
     )
 
 
+@asynccontextmanager
+async def running(config: Path) -> AsyncIterator[Daemon]:
+    """A daemon started on `config`, subscribed; stopped at the end."""
+    daemon = Daemon(load(config, env={}))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_reload_names_the_changes_it_leaves_for_a_restart(
     sim: Simulator, tmp_path: Path
 ) -> None:
     config = tmp_path / "agentd.toml"
     write(config, sim, sim.accesskey, greeting="Hello.", timeout=10, level="info")
-    daemon = Daemon(load(config, env={}))
-    task = asyncio.create_task(daemon.run())
-    try:
-        await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+    async with running(config) as daemon:
         # a new greeting (applied), and three changes that need a restart: the key rotated
         # in its file, the REST timeout and the log level; the reload used to log only
         # reload.done
@@ -73,9 +85,6 @@ async def test_a_reload_names_the_changes_it_leaves_for_a_restart(
         write(config, sim, rotated, greeting="Hi again.", timeout=5, level="debug")
         with capture_logs() as logged:
             daemon.reload()
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
     events = [line["event"] for line in logged]
     assert events[-2:] == ["reload.restart_needed", "reload.done"]
     warning = logged[-2]
@@ -90,16 +99,10 @@ async def test_a_reload_that_changes_only_what_it_applies_warns_of_nothing(
 ) -> None:
     config = tmp_path / "agentd.toml"
     write(config, sim, sim.accesskey, greeting="Hello.", timeout=10, level="info")
-    daemon = Daemon(load(config, env={}))
-    task = asyncio.create_task(daemon.run())
-    try:
-        await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+    async with running(config) as daemon:
         write(config, sim, sim.accesskey, greeting="Hi again.", timeout=10, level="info")
         with capture_logs() as logged:
             daemon.reload()
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
     assert [line["event"] for line in logged] == ["reload.done"]
 
 
@@ -114,10 +117,7 @@ async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_thei
     config = tmp_path / "agentd.toml"
     async with OpenAIStub(Script(reply, first_token_s=0.6)) as old, OpenAIStub() as new:
         backend_config(config, sim, old.base_url)
-        daemon = Daemon(load(config, env={}))
-        task = asyncio.create_task(daemon.run())
-        try:
-            await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+        async with running(config) as daemon:
             utterances = [Utterance("what is my balance?"), Utterance("and my savings?")]
             live = sim.inbound_call(destination=OUR_NUMBER, caller=Caller(utterances))
             # the reload comes while the old backend is working on the live call's reply
@@ -130,9 +130,6 @@ async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_thei
             )
             await sim.wait_call_status(fresh, "hangup", timeout=30)
             await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
-        finally:
-            daemon.stop()
-            await asyncio.wait_for(task, 10)
     said = " ".join(li.planned for li in sim.get_call(live).conversation if li.who == "agent")
     assert reply in said  # the reply under way at the reload was said whole
     assert len(old.requests) == 2  # and the live call's next turn asked the old backend
