@@ -217,6 +217,7 @@ def _run(config_arg: str | None) -> int:
     from agentd import logs
     from agentd.daemon import Daemon
     from agentd.sdnotify import Notifier
+    from agentd.store_schema import StoreError
     from agentd.voipbin import PermissionDenied
 
     config = _load(config_arg)
@@ -234,6 +235,10 @@ def _run(config_arg: str | None) -> int:
         asyncio.run(serve())
     except PermissionDenied as exc:
         print(f"agentd: VoIPBIN refused: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        # before any call was taken: a wrong path, a file that is no store, another agentd
+        print(f"agentd: store: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
         logs.flush()  # the writer thread's last lines, before anything else is printed

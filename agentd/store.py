@@ -30,6 +30,7 @@ is the file itself (`_PRAGMAS`, `MIGRATIONS`, opening and migrating) and `CallRe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -262,6 +263,29 @@ class CallStore(Protocol):
         ...
 
 
+def lock_exclusive(path: str) -> int:
+    """Lock `<path>.lock` for as long as the returned descriptor is open.
+
+    Two daemons on one store would both answer every call (each greeting and reply said twice)
+    and overwrite each other's rows: the second one is refused. A `flock` on a file of its own,
+    as SQLite's locks on the database are POSIX ones it takes and drops per transaction; the
+    kernel releases it when the process dies, so a SIGKILL leaves nothing stale."""
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror} (its lock {lock_path})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"another agentd is running with the store {os.path.abspath(path)} "
+            "(one daemon per SQLite store; replicas share a PostgreSQL store)"
+        ) from None
+    return fd
+
+
 class Store:
     """agentd's SQLite store. Open with `await Store.open(path)`; every method is a coroutine.
 
@@ -272,12 +296,17 @@ class Store:
     schema_version: int
 
     def __init__(
-        self, worker: Worker, schema_version: int, clock: Callable[[], float] = time.time
+        self,
+        worker: Worker,
+        schema_version: int,
+        clock: Callable[[], float] = time.time,
+        lock_fd: int | None = None,
     ) -> None:
         """Use `Store.open`; this only wires an already opened worker."""
         self._worker = worker
         self._closed = False
         self._clock = clock
+        self._lock_fd = lock_fd
         self.schema_version = schema_version
 
     def now(self) -> float:
@@ -285,14 +314,20 @@ class Store:
         return self._clock()
 
     @classmethod
-    async def open(cls, path: str, *, clock: Callable[[], float] = time.time) -> Store:
+    async def open(
+        cls, path: str, *, clock: Callable[[], float] = time.time, exclusive: bool = False
+    ) -> Store:
         """Open (creating the file if missing, not its directory), use WAL, migrate to the latest.
 
         `clock` gives the unix time stamped on events and used by `prune` (tests inject one).
-        Raises StoreError for a missing directory, a file that is not SQLite or is corrupt, or a
-        schema newer than this code knows.
+        `exclusive`: the daemon's open, held until `close` (see `lock_exclusive`); the operator's
+        tools read beside it. Raises StoreError for a missing directory, a file that is not
+        SQLite or is corrupt, a schema newer than this code knows, or (`exclusive`) another
+        agentd holding it.
         """
-        worker = Worker(os.fspath(path))
+        path = os.fspath(path)
+        lock_fd = lock_exclusive(path) if exclusive else None
+        worker = Worker(path)
 
         def connect(_: sqlite3.Connection) -> int:
             worker.conn, version = open_connection(worker.path)
@@ -303,15 +338,23 @@ class Store:
             version = await submit(worker, connect, write=False, needs_conn=False)
         except BaseException:
             await submit(worker, close_fn(worker), write=False, stop=True, needs_conn=False)
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise
-        return cls(worker, version, clock)
+        return cls(worker, version, clock, lock_fd)
 
     async def close(self) -> None:
         """Commit what is queued, close the connection and stop the thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        await submit(self._worker, close_fn(self._worker), write=False, stop=True, needs_conn=False)
+        try:
+            await submit(
+                self._worker, close_fn(self._worker), write=False, stop=True, needs_conn=False
+            )
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # the next agentd may open it now
 
     async def _run(
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool, durable: bool = True

@@ -27,7 +27,8 @@ __all__ = ["check_store", "describe_store", "open_store"]
 
 
 async def open_store(config: Config) -> Store | PgStore | None:
-    """Open (and migrate) the configured store; None when the config keeps none.
+    """Open (and migrate) the daemon's store; None when the config keeps none. A SQLite store
+    is held for the daemon alone (`Store.open`'s `exclusive`).
 
     Raises StoreError (with no password in it) if it cannot be opened."""
     if config.store_url is not None:
@@ -35,7 +36,7 @@ async def open_store(config: Config) -> Store | PgStore | None:
 
         return await PgStore.open(config.store_url)
     if config.store_path:
-        return await Store.open(config.store_path)
+        return await Store.open(config.store_path, exclusive=True)
     return None
 
 

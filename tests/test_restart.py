@@ -87,6 +87,36 @@ def agent_lines(sim: Simulator, call_id: str) -> list[str]:
     return [li.text for li in sim.get_call(call_id).conversation if li.who == "agent"]
 
 
+async def test_a_second_agentd_on_the_same_store_exits_and_every_call_is_answered_once(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # both would take every call: each greeting and reply said twice, rows overwritten
+    config = write_config(sim, tmp_path)
+    first = await start(config)
+    try:
+        await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentd",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "NOTIFY_SOCKET": ""},
+        )
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 2  # RestartPreventExitStatus: systemd does not loop on it
+        assert b"another agentd is running with the store" in err
+        assert subscribed(sim) == 1
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("just once")]))
+        await sim.wait_call_status(call_id, "hangup", timeout=15)
+        assert agent_lines(sim, call_id)[1:] == ["You said: just once."]
+    finally:
+        await terminate(first)
+
+
 async def crash_and_restart(
     sim: Simulator, tmp_path: Path, kill: signal.Signals, store_url: str | None = None
 ) -> None:

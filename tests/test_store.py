@@ -67,6 +67,30 @@ async def store(db: str) -> AsyncIterator[Store]:
     await s.close()
 
 
+# ---- one daemon per store ------------------------------------------------------------------------
+
+
+async def test_a_store_held_by_a_daemon_is_refused_to_a_second_until_it_is_closed(db: str) -> None:
+    first = await Store.open(db, exclusive=True)
+    with pytest.raises(StoreError, match="another agentd is running with the store"):
+        await Store.open(db, exclusive=True)
+    reader = await Store.open(db)  # `agentd calls` reads beside the daemon
+    assert await reader.live_calls() == []
+    await reader.close()
+    await first.close()
+    second = await Store.open(db, exclusive=True)  # released with the close
+    await second.close()
+
+
+async def test_a_store_that_cannot_be_opened_releases_its_lock(tmp_path: Path) -> None:
+    db = tmp_path / "agentd.db"
+    db.write_bytes(b"not a database, " * 512)
+    for _ in range(2):  # the second try is refused for the file, not for a lock left behind
+        with pytest.raises(StoreError) as refused:
+            await Store.open(str(db), exclusive=True)
+        assert "another agentd" not in str(refused.value)
+
+
 # ---- calls -------------------------------------------------------------------------------------
 
 
