@@ -241,6 +241,29 @@ def test_a_hello_over_a_reprompt_is_a_turn() -> None:
     assert kinds(cmds)[-1] == "AskBackend"
 
 
+# the greeting's audio starts 1 s after its /say at t=0 and plays until 4.6
+LATE_AUDIO = replace(SETTINGS, say_latency_s=1.0, greeting="Hello, this is Anna from the clinic.")
+CUTS = ("StopSpeaking", "Flush", "CancelBackend")
+
+
+@pytest.mark.parametrize("reply_on", ["final", "interim"])
+def test_words_begun_before_the_greetings_audio_do_not_cut_it(reply_on: str) -> None:
+    """A callee's "hello, who is this?" on picking up: the greeting started over them, they
+    did not cut into it; cut before its audio, it was never heard (an outbound disclosure)."""
+    call = answered(replace(LATE_AUDIO, reply_on=reply_on))  # type: ignore[arg-type]
+    cmds = step(call, interim("hello who is"), 0.3)
+    cmds += step(call, interim("hello who is this"), 0.6)
+    cmds += step(call, transcript("Hello, who is this?"), 0.9)
+    assert not records(cmds, Kind.BARGE_IN) and not set(kinds(cmds)) & set(CUTS)
+    assert call.playback.until == pytest.approx(4.6)  # the greeting still plays whole
+
+
+def test_words_begun_over_the_greetings_audio_still_cut_it() -> None:
+    call = answered(LATE_AUDIO)
+    cmds = step(call, interim("I need my bill"), 2.5)  # 1.5 s into its audio
+    assert records(cmds, Kind.BARGE_IN) and "StopSpeaking" in kinds(cmds)
+
+
 def test_a_greeting_that_may_not_be_cut_is_heard_to_the_end_and_the_caller_then_answered() -> None:
     call = answered(replace(SETTINGS, barge_in_greeting=False))  # "Hi there." plays 0.9 s
     assert step(call, interim("I need my bill"), 0.5) == []

@@ -204,3 +204,21 @@ async def test_a_slow_backend_gets_a_filler_first(
     assert any(r.what == "filler" for r in daemon.records)
     await sim.hangup(call_id)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+
+
+@pytest.mark.parametrize("provider", ["gcp", "elevenlabs"])
+async def test_words_said_on_picking_up_are_answered_after_the_whole_greeting(
+    sim: Simulator, agent: StartAgent, provider: str
+) -> None:
+    # the caller talks first (as a callee picking up does); the greeting was cut before its
+    # audio started and never heard
+    daemon = await agent(agent={**INTERIM, "tts_provider": provider})
+    first = Utterance("Hello, who is this?", wait_for_agent=False, pause_s=0.0)
+    call_id = await talk(sim, daemon, first)
+    said = [li for li in sim.get_call(call_id).conversation if li.who == "agent"]
+    greeting = daemon.config.call.greeting
+    assert [(li.text, li.cut) for li in said] == [
+        (greeting, False),
+        (echo("Hello, who is this?"), False),
+    ]
+    assert caller_lines(sim, call_id)[0].t_start < said[0].t_start  # it did talk first

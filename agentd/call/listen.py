@@ -165,7 +165,12 @@ class Listening(Conversation):
             if no_turn:
                 return no_turn
             s = self.settings
-            if self.playback.talking(now) and s.barge_in != "off" and not self._kept(now):
+            if (
+                self.playback.talking(now)
+                and s.barge_in != "off"
+                and not self._kept(now)
+                and not self._talked_first(began, now)
+            ):
                 cmds = self._cut(now, "transcript")
             h = self.hearing = Hearing(started_at=now, in_history=correcting)
         gap = now - h.changed_at

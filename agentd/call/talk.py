@@ -117,6 +117,7 @@ class Conversation(CallCore):
         if (
             self.settings.barge_in != "off"
             and not self._kept(now)
+            and not self._talked_first(began, now)
             and (self.turns.replying or (p.talking(now) and began < p.until))
         ):
             cmds += self._cut(now, "transcript")
@@ -217,6 +218,16 @@ class Conversation(CallCore):
             and self.turns.turn == 0
             and self.playback.talking(now)
         )
+
+    def _talked_first(self, began: float, now: float) -> bool:
+        """The caller began before the greeting's audio did (a callee's "hello, who is this?"
+        on picking up): the greeting started over them, they did not cut into it. It plays (a
+        cut before its audio would leave it unsaid) and their words are answered after it."""
+        p = self.playback
+        if self.turns.turn != 0 or not p.talking(now):
+            return False
+        first = min((piece.start for piece in p.pieces if piece.turn == 0), default=None)
+        return first is None or began < first
 
     def _kept(self, now: float) -> bool:
         """What plays is heard to its end whatever the caller says: the greeting (unless
@@ -344,9 +355,10 @@ class Conversation(CallCore):
             return []
         if is_backchannel(event.message, s.backchannels) or self._kept(now):
             return []  # "mm-hmm" while we talk: the caller is listening
-        if self.greeting_answers(event.message, self._began(now)):
+        began = self._began(now)
+        if self.greeting_answers(event.message, began):
             return []  # "hello?" over the greeting: the greeting is the answer
-        if self._echo(event.message, self._began(now)):
+        if self._talked_first(began, now) or self._echo(event.message, began):
             return []
         if now - self.playback.talk_started(now) < s.echo_guard_s:
             return []  # line echo or a breath right after we started talking
