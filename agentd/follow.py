@@ -44,7 +44,7 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             for t in lines:
                 if t.get("id") not in printed:
                     printed.add(str(t.get("id")))
-                    who = "caller" if t.get("direction") == "in" else "agent"
+                    who = "callee" if t.get("direction") == "in" else "agent"  # we called
                     print(f"{who}: {t.get('message', '')}", flush=True)
         if status == "hangup":
             return 0 if answered else 1

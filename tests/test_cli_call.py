@@ -65,7 +65,7 @@ async def test_call_wait_prints_the_conversation(
     post = sim.requests_matching("POST", r"/calls$")[0]
     assert post.body["source"] == {"type": "tel", "target": OUR_NUMBER}  # from agent.numbers
     assert "[hangup] (normal)" in lines
-    assert "caller: hello agent" in lines
+    assert "callee: hello agent" in lines
     assert sim.accesskey not in out + err
 
 
