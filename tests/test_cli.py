@@ -57,6 +57,14 @@ async def test_agentd_sim_accepts_its_options_and_serves() -> None:
             await proc.wait()
 
 
+async def test_agentd_sim_on_a_port_in_use_says_so_in_one_line(sim: Simulator) -> None:
+    port = sim.base_url.rsplit(":", 1)[1]
+    code, out, err = await run_cli("sim", "--port", port)
+    assert code == 1 and out == ""
+    assert err.startswith(f"agentd sim: cannot listen on 127.0.0.1:{port}") and "--port" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 async def test_run_exits_2_naming_the_permission_the_login_lacks(
     sim: Simulator, tmp_path: Path
 ) -> None:

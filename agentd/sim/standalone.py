@@ -53,7 +53,14 @@ async def _run(args: argparse.Namespace) -> None:
         speech_words_per_s=args.speech_words_per_s,
     ).scaled(args.latency_scale)
     sim = Simulator(settings)
-    await sim.start(host=args.host, port=args.port)
+    try:
+        await sim.start(host=args.host, port=args.port)
+    except OSError as exc:
+        await sim.stop()
+        raise ListenError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+            "(another one runs there? pick a port with --port, 0 for any free one)"
+        ) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,7 +73,12 @@ async def _run(args: argparse.Namespace) -> None:
         print(f"jwt:          {sim.make_token()}")
         print(
             f"control api:  {sim.base_url}/_sim/ (POST /_sim/calls to ring the agent, "
+            "POST /_sim/outbound for how the next call it places is answered, "
             "GET /_sim/calls/<id> for the conversation)",
+        )
+        print(
+            f'agentd:       [voipbin] api_url = "{sim.api_url}", '
+            f'accesskey = "{sim.accesskey}"; [agent] numbers = ["+15551234567"]',
             flush=True,
         )
         await stop.wait()
@@ -76,12 +88,21 @@ async def _run(args: argparse.Namespace) -> None:
         await sim.stop()
 
 
+class ListenError(Exception):
+    """The simulator cannot listen where it was told (the message is the line to print)."""
+
+
 def main(argv: list[str]) -> int:
-    """Parse ``argv`` (without the program name), serve until a signal; exit status 0."""
+    """Parse ``argv`` (without the program name), serve until a signal; exit status 0, or 1
+    when it cannot listen."""
     args = _parser().parse_args(argv)
     # stdout is the banner a program reads (the URLs, the key): log lines go to stderr
     logs.configure(stream=sys.stderr)
-    asyncio.run(_run(args))
+    try:
+        asyncio.run(_run(args))
+    except ListenError as exc:
+        print(f"agentd sim: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
