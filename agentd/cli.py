@@ -361,7 +361,7 @@ def _check(config_arg: str | None) -> int:
     from agentd.daemon import make_backend, make_client
     from agentd.secret import display_url
     from agentd.stores import check_store
-    from agentd.voipbin import ApiError
+    from agentd.voipbin import ApiError, customer_hint
 
     config = _load(config_arg)
     api_url = display_url(config.voipbin.api_url)  # config refuses secrets in it; belt and braces
@@ -379,7 +379,10 @@ def _check(config_arg: str | None) -> int:
             cid = await client.customer_id()
             print(f"voipbin: ok, customer {cid} at {api_url}", flush=True)
         except ApiError as exc:
+            hint = customer_hint(exc)
             print(f"voipbin: FAILED: {exc} (GET {api_url}/customer)", flush=True)
+            if hint:
+                print(f"voipbin: {hint}", flush=True)
             failed = True
         finally:
             await client.close()

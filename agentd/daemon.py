@@ -109,6 +109,9 @@ def make_backend(config: Config) -> Backend:
     raise ConfigError(f"backend.kind: unknown kind {kind!r}")
 
 
+TOOL_DEADLINE_S = 5.0  # a command line tool's retries of one request, at most
+
+
 def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     """A REST client with the configured credentials and budget; `tool`: a command line tool's
     small share of it (`agentd call`, `check-config`), spent beside a running daemon's."""
@@ -116,8 +119,20 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     creds = Credentials(
         accesskey=v.accesskey, token=v.token, username=v.username, password=v.password
     )
-    rate, burst = tool_budget(v.rate_per_s, v.burst) if tool else (v.rate_per_s, v.burst)
-    return VoipbinClient(v.api_url, creds, rate_per_s=rate, burst=burst, timeout_s=v.timeout_s)
+    if not tool:
+        return VoipbinClient(
+            v.api_url, creds, rate_per_s=v.rate_per_s, burst=v.burst, timeout_s=v.timeout_s
+        )
+    rate, burst = tool_budget(v.rate_per_s, v.burst)
+    # someone waits at a terminal: a VoIPBIN that does not answer is said within seconds
+    return VoipbinClient(
+        v.api_url,
+        creds,
+        rate_per_s=rate,
+        burst=burst,
+        timeout_s=v.timeout_s,
+        deadline_s=TOOL_DEADLINE_S,
+    )
 
 
 RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted

@@ -33,7 +33,7 @@ from agentd import logs
 from agentd.backoff import HEALTHY_AFTER_S, ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError, PermissionDenied
+from agentd.voipbin import ApiError, PermissionDenied, customer_hint
 
 log = logs.get_logger("agentd.stream")
 
@@ -283,10 +283,8 @@ class EventStream:
 
 def _hint(exc: BaseException) -> dict[str, str]:
     """What an operator should check, for a failure no retry is likely to fix by itself."""
-    if isinstance(exc, ApiError) and exc.status == 404:
-        # GET /customer is on every VoIPBIN: a 404 is a base URL without its version path
-        return {"hint": "GET /customer answered 404: check voipbin.api_url (it ends in /v1.0)"}
-    return {}
+    hint = customer_hint(exc)
+    return {"hint": hint} if hint else {}
 
 
 def _reason(exc: BaseException) -> str:

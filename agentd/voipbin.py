@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as json_module
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.request_id = request_id
-        super().__init__(redact(f"HTTP {status} {reason} {message}".strip()))
+        head = f"HTTP {status} {reason}" if status else f"{reason}:"  # 0: no answer at all
+        super().__init__(redact(f"{head} {message}".strip()))
 
 
 class PermissionDenied(ApiError):
@@ -110,6 +112,7 @@ class _Attempt:
     retry_after: float | None = None
     reached: bool = True  # whether the request may have reached the server
     error: str = ""  # without an answer: what went wrong (an exception's type name)
+    detail: str = ""  # and in words: "cannot connect to host:port: Connection refused"
 
     @property
     def failed(self) -> bool:
@@ -119,7 +122,7 @@ class _Attempt:
     def api_error(self) -> ApiError:
         """The error to raise when giving up."""
         if self.status == 0:
-            return ApiError(0, self.error, "no answer from VoIPBIN")
+            return ApiError(0, self.error, self.detail or "no answer from VoIPBIN")
         return _api_error(self.status, self.body)
 
 
@@ -294,7 +297,7 @@ class VoipbinClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # a request that never connected cannot have reached the server
             reached = sent or not isinstance(exc, aiohttp.ClientConnectorError)
-            return _Attempt(0, reached=reached, error=type(exc).__name__)
+            return _Attempt(0, reached=reached, error=type(exc).__name__, detail=_no_answer(exc))
 
     # ---- the API ---------------------------------------------------------------------------
 
@@ -581,6 +584,27 @@ async def _read_json(resp: aiohttp.ClientResponse) -> Any:
         return json_module.loads(raw.decode(resp.get_encoding(), "replace"))
     except (ValueError, RecursionError, LookupError):
         return None
+
+
+def customer_hint(exc: BaseException) -> str | None:
+    """What to check when GET /customer failed in a way no retry fixes by itself."""
+    if isinstance(exc, ApiError) and exc.status == 404:
+        # GET /customer is on every VoIPBIN: a 404 is a base URL without its version path
+        return "GET /customer answered 404: check voipbin.api_url (it ends in /v1.0)"
+    return None
+
+
+def _no_answer(exc: BaseException) -> str:
+    """Why VoIPBIN gave no answer, for an operator: where a connection was refused (host and
+    port only: a URL's path and query stay out of it), or that it timed out."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error
+        # asyncio's own text ("Connect call failed (...)") does not say refused or unreachable
+        why = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (voipbin.timeout_s)"
+    return "no answer from VoIPBIN"
 
 
 def _log_retry(method: str, path: str, attempt: _Attempt, step: Decision) -> None:
