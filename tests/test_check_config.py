@@ -99,6 +99,27 @@ async def test_a_login_without_customer_rights_names_the_permission(
     assert len(sim.requests_matching("GET", r"/customer$")) == 1  # a 403 is not retried
 
 
+async def test_an_unreachable_voipbin_says_where_it_could_not_connect(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    port = closed_port()
+    config = write(tmp_path, sim, sim.accesskey)
+    config.write_text(config.read_text().replace(sim.api_url, f"http://127.0.0.1:{port}/v1.0"))
+    code, lines = await check(config)
+    assert code == 1, lines
+    (failed,) = [line for line in lines if line.startswith("voipbin: FAILED")]
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in failed
+    assert "HTTP 0" not in failed
+
+
+async def test_an_api_url_without_its_version_is_named(sim: Simulator, tmp_path: Path) -> None:
+    config = write(tmp_path, sim, sim.accesskey)
+    config.write_text(config.read_text().replace(sim.api_url, sim.base_url))  # no /v1.0
+    code, lines = await check(config)
+    assert code == 1, lines
+    assert "voipbin: GET /customer answered 404: check voipbin.api_url (it ends in /v1.0)" in lines
+
+
 async def test_a_voice_of_another_provider_is_a_warning(sim: Simulator, tmp_path: Path) -> None:
     config = write(tmp_path, sim, sim.accesskey)
     text = config.read_text().replace(
