@@ -108,7 +108,10 @@ class Say:
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """POST /speakings/{id}/flush: drop queued speech (cuts audio only with some providers)."""
+    """POST /speakings/{id}/flush: drop queued speech (cuts audio only with some providers).
+
+    A barge-in's: the says queued before it are dropped and one in flight is cut short, as
+    for a `StopSpeaking` with `abandon`."""
 
     call_id: str
     speaking_id: str
@@ -122,17 +125,17 @@ class StopSpeaking:
     With `delete`, DELETE /speakings/{id}: it removes the session without the tts pod that
     owns it, when that pod is gone and every /stop answers 503 (docs/protocol.md §8.3).
 
-    `call_over`: the call is ending, nothing more is to be heard on the session: the says
-    queued before the stop are dropped and one in flight is cut short, so the stop (and the
-    end of the billing) does not wait behind them. Other stops (a barge-in's cut, a session
-    replaced) keep the lane's order: what failed on the old session is said on the new one."""
+    `abandon`: nothing more is to be heard on the session (the call is ending, or the caller
+    cut in): the says queued before the stop are dropped and one in flight is cut short, so the
+    stop (and the end of the audio, and of the billing) does not wait behind them. A session
+    replaced keeps the lane's order: what failed on the old session is said on the new one."""
 
     call_id: str
     speaking_id: str
     delete: bool = False
     lane: Lane = "speaking"
     # how the executor runs it, not which stop it is: equal to the same stop without it
-    call_over: bool = field(default=False, compare=False)
+    abandon: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,8 @@ async def test_says_queued_on_a_lane_go_out_in_order_as_one_request(
 async def test_a_stop_that_is_no_call_end_keeps_the_lanes_order(
     sim: Simulator, rig: tuple[Executor, Results]
 ) -> None:
-    """A barge-in's cut or a replaced session: the says before the stop go out before it."""
+    """A replaced session: the says before the stop go out before it (what fails on the old
+    session is said on the new one)."""
     ex, results = rig
     call_id, sid = await speaking(sim, ex, results)
     ex.execute(call_id, [Say(call_id, sid, t, 1) for t in ("One.", "Two.")])
@@ -123,6 +124,26 @@ async def test_a_stop_that_is_no_call_end_keeps_the_lanes_order(
     [say] = sim.requests_matching("POST", r"/say$")
     assert say.body["text"] == "One. Two."  # type: ignore[index]
     assert sim.requests_matching("POST", r"/stop$")[0].t >= say.t
+
+
+async def test_a_barge_ins_flush_does_not_wait_behind_a_slow_say(
+    sim: Simulator, rig: tuple[Executor, Results]
+) -> None:
+    """gcp/aws cut with a flush: a /say held by the server (aws holds one until its audio fits
+    the buffer) is cut short and what was queued behind it dropped, so the flush goes out at
+    once and the caller is not talked over; the next reply's says go out after it."""
+    ex, results = rig
+    call_id, sid = await speaking(sim, ex, results)
+    sim.faults.delay("POST", r"/say$", 5.0)  # the first one only
+    ex.execute(call_id, [Say(call_id, sid, "One.", 1)])
+    await sim.wait_for(lambda: sim.faults.held == 1, 5)
+    ex.execute(call_id, [Say(call_id, sid, "Two.", 1), Flush(call_id, sid)])
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", r"/flush$")), 2)
+    ex.execute(call_id, [Say(call_id, sid, "Three.", 2)])
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) == 2, 5)
+    says = {r.body["text"] for r in sim.requests_matching("POST", r"/say$")}  # type: ignore[index]
+    assert says == {"One.", "Three."}  # "Two." never sent
+    assert results.of(SayFailed) == []  # the cut say is no failure for the call to redo
 
 
 async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
@@ -136,7 +157,7 @@ async def test_a_stop_drops_what_was_still_to_be_said_on_its_session(
     ex.execute(call_id, [Say(call_id, sid, "One.", 1)])
     await sim.wait_for(lambda: sim.faults.held == 1, 5)  # it reached VoIPBIN, unanswered
     ex.execute(call_id, [Say(call_id, sid, "Two.", 1), Flush(call_id, sid)])
-    ex.execute(call_id, [StopSpeaking(call_id, sid, call_over=True)])
+    ex.execute(call_id, [StopSpeaking(call_id, sid, abandon=True)])
     await results.until(lambda: bool(results.of(Stopped)))
     assert results.of(Stopped) == [Stopped("speaking", sid, True)]
     assert sim.requests_matching("POST", r"/say$") == []  # the held one is still held

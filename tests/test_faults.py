@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,42 @@ async def test_a_hangup_does_not_wait_behind_a_slow_say(sim: Simulator, agent: S
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
     assert sim.leaks() == []
     assert len(sim.requests_matching("POST", r"/say$")) <= 1  # the held one, never another
+
+
+class LongReply:
+    """A reply of sixty sentences: seconds of audio the caller can cut into."""
+
+    async def reply(self, call_id: str, history: object) -> AsyncIterator[str]:
+        yield " ".join(f"This is sentence number {i} of a long answer." for i in range(60))
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("provider", "cut"), [("elevenlabs", r"/speakings/[^/]+/stop$"), ("gcp", r"/flush$")]
+)
+async def test_a_barge_in_does_not_wait_behind_a_slow_say(
+    sim: Simulator, agent: StartAgent, provider: str, cut: str
+) -> None:
+    """The reply's /say hangs (a slow tts pod; aws holds one until its audio fits its buffer)
+    and the caller talks over the reply: its cut goes out at once, not seconds later behind
+    the say, which would have the agent talk over the caller all that time."""
+    sim.settings.rate_limit = False
+    daemon = await agent(
+        impl=LongReply(), voipbin={"rate_per_s": 0}, agent={"tts_provider": provider}
+    )
+    caller = Caller([Utterance("tell me everything")], hangup_after_s=None)
+    call_id = sim.inbound_call("+15550001111", OUR_NUMBER, caller)
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/say$")) == 1, 10)
+    sim.faults.delay("POST", r"/say$", 5.0)  # the reply's first /say
+    await sim.wait_for(lambda: sim.faults.held == 1, 10)
+    await sim.caller_says(call_id, "wait wait stop please")
+    await sim.wait_for(lambda: bool(sim.requests_matching("POST", cut)), 10)
+    assert len(sim.requests_matching("POST", r"/say$")) == 1  # the reply's still held
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    assert sim.leaks() == []
 
 
 async def test_twice_the_load_the_budget_allows(sim: Simulator, agent: StartAgent) -> None:

@@ -301,7 +301,7 @@ class CallCore:
                 if hangup and session.kind == "transcribe" and not self.shutting_down:
                     cmds += self._await_end(session.kind, session.id)
                 else:
-                    cmds += self._stop(session.kind, session.id, call_over=True)
+                    cmds += self._stop(session.kind, session.id, abandon=True)
             session.step(SessionInput.RELEASE)
         if self.ledger.take_sweep():
             # a session created just before a crash, or by a create whose answer was lost,
@@ -367,19 +367,20 @@ class CallCore:
         return [CheckCall(self.id), StartTimer(self.id, Timer(TimerKind.RETRY_HANGUP), delay)]
 
     def _stop(
-        self, kind: SessionKind, sid: str, *, delete: bool = False, call_over: bool = False
+        self, kind: SessionKind, sid: str, *, delete: bool = False, abandon: bool = False
     ) -> list[Command]:
         """Stop `sid` unless its stop was asked for already (`delete`: its pod is gone;
-        `call_over`: the call is ending, what is still to be said on it is dropped)."""
+        `abandon`: the call is ending or the caller cut in, what is still to be said on it is
+        dropped)."""
         if not self.ledger.stop(sid, kind):
             return []
-        return [self._stop_command(kind, sid, delete, call_over=call_over)]
+        return [self._stop_command(kind, sid, delete, abandon=abandon)]
 
     def _stop_command(
-        self, kind: SessionKind, sid: str, delete: bool = False, *, call_over: bool = False
+        self, kind: SessionKind, sid: str, delete: bool = False, *, abandon: bool = False
     ) -> Command:
         if kind == "speaking":
-            return StopSpeaking(self.id, sid, delete, call_over=call_over)
+            return StopSpeaking(self.id, sid, delete, abandon=abandon)
         return StopTranscribe(self.id, sid, delete)
 
     def _stop_failed(self, kind: SessionKind, sid: str, status: int = 0) -> list[Command]:

@@ -377,7 +377,7 @@ class Conversation(CallCore):
                 cmds.append(Flush(self.id, self.speaking.id))
             else:
                 self.speaking.step(SessionInput.CUT)
-                cmds += self._stop("speaking", self.speaking.id)
+                cmds += self._stop("speaking", self.speaking.id, abandon=True)
         for cut_turn, heard in self.playback.cut(now, self.settings.rate).items():
             self.history.set_reply(cut_turn, heard)
         return cmds
