@@ -53,7 +53,8 @@ class FindTranscribe:
 @dataclass(frozen=True, slots=True)
 class SweepTranscribes:
     """GET /transcribes of the call: the live ones in `language` other than `keep` (one a
-    start cut short by a restart created after all) come back as `TranscribesFound`."""
+    start cut short by a restart created after all; `keep` "": every one, the call is over)
+    come back as `TranscribesFound`."""
 
     call_id: str
     language: str
@@ -395,9 +396,11 @@ class HangupDone:
 
 @dataclass(frozen=True, slots=True)
 class TranscribesFound:
-    """`SweepTranscribes` found these live transcribes of the call besides the one it keeps."""
+    """`SweepTranscribes` ran: the live transcribes of the call besides the one it keeps;
+    not `ok` when VoIPBIN could not list them."""
 
     ids: tuple[str, ...]
+    ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -370,14 +370,13 @@ class Executor:
             return TranscribeFailed(e.status, e.reason)
         return TranscribeStarted(found) if found else TranscribeFailed(404, NOT_FOUND)
 
-    async def _sweep_transcribes(self, cmd: SweepTranscribes) -> Result | None:
+    async def _sweep_transcribes(self, cmd: SweepTranscribes) -> Result:
         try:
             live = await self.client.live_transcribes(cmd.call_id, cmd.language)
         except ApiError as e:
             log.warning("sweep.failed", error=str(e))
-            return None  # the call keeps the one it knows; a stray one ends at the hangup
-        extra = tuple(t for t in live if t != cmd.keep)
-        return TranscribesFound(extra) if extra else None
+            return TranscribesFound((), ok=False)
+        return TranscribesFound(tuple(t for t in live if t != cmd.keep))
 
     async def _stop_transcribe(self, cmd: StopTranscribe) -> Result:
         c = self.client

@@ -621,6 +621,33 @@ def test_a_transcribe_start_cut_short_by_a_restart_is_looked_for_and_stopped() -
     assert not [c for c in cmds if isinstance(c, StartTimer)]
 
 
+def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_finished() -> None:
+    # the caller hung up in the restart's gap: the last agentd's transcribe start, still under
+    # way at VoIPBIN, may make one after the hangup, and no hangup would ever end that one
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, SpeakingStarted("s1", "active"), 0)
+    again = Call.restore(call.snapshot(), SETTINGS)
+    again.resume(100)
+    cmds = step(again, status("hangup"), 100.05)
+    cmds += step(again, TranscribeFailed(404, NOT_FOUND), 100.1)
+    cmds += step(again, Stopped("speaking", "s1", True), 100.2)
+    cmds += step(again, SweepDone(True), 100.3)  # its speakings' sweep
+    assert "Finished" not in kinds(cmds)
+    [sweep] = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("sweep_transcribes")]
+    assert sweep.delay_s >= 10
+    assert step(again, TimerFired(sweep.timer), 130) == [
+        SweepTranscribes(CID, SETTINGS.language, "")
+    ]
+    # VoIPBIN failing to list them: looked for again
+    cmds = step(again, TranscribesFound((), ok=False), 130.1)
+    assert kinds(cmds) == ["StartTimer"]
+    step(again, TimerFired(sweep.timer), 131)
+    cmds = step(again, TranscribesFound(("t9",)), 131.1)
+    assert StopTranscribe(CID, "t9") in cmds and "Finished" not in kinds(cmds)
+    assert kinds(step(again, Stopped("transcribe", "t9", True), 131.2))[-1] == "Finished"
+
+
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
     call = Call(CID, SETTINGS)
     cmds = call.handle(status("ringing"), 0)

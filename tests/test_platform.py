@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
+
+from agentd.call import core
 from agentd.daemon import Daemon
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
@@ -311,3 +315,30 @@ async def test_a_backchannel_over_the_reply_neither_cuts_it_nor_gets_an_answer(
     answers = [li.planned for li in lines if li.who == "agent" and "mm-hmm" in li.planned]
     assert answers == []
     assert sim.leaks() == []
+
+
+async def test_a_transcribe_the_last_agentd_started_is_stopped_though_the_call_ended_meanwhile(
+    sim: Simulator, agent: StartAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VoIPBIN makes a transcribe seconds after its start was asked (media first, the row
+    last): agentd restarts in between, the caller hangs up in the gap, and the row comes after
+    the next agentd found none and ended the call. No hangup ends a transcribe made after it:
+    the call is kept until its transcribes were looked for, and that one is stopped."""
+    monkeypatch.setattr(core, "TRANSCRIBE_SWEEP_S", 2.0)  # as long as such a start may take
+    sim.settings.rate_limit = False
+    sim.settings.transcribe_start_s = 1.0
+    common: dict[str, dict[str, object]] = {
+        "voipbin": {"rate_per_s": 0},
+        "store": {"path": str(tmp_path / "shared.db")},
+    }
+    first = await agent(daemon={"stop_sessions_on_shutdown": False, "drain_s": 0.5}, **common)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await sim.wait_for(lambda: len(sim.world.speakings_of(call_id)) == 1, 5)
+    first.stop()  # its POST /transcribes is still under way at VoIPBIN
+    await asyncio.wait_for(first.stopped.wait(), 10)
+    await sim.hangup(call_id)
+    second = await agent(**common)
+    await sim.wait_for(lambda: bool(sim.world.transcribes_of(call_id)), 5)  # made after all
+    await asyncio.wait_for(second.dispatcher.wait_idle(), 15)
+    assert sim.leaks() == []
+    assert "stray" in kinds(second)

@@ -6,7 +6,7 @@ is gone is replaced, and the audio cut of a barge-in is a stop followed by a new
 
 from __future__ import annotations
 
-from agentd.call.core import CallCore
+from agentd.call.core import TRANSCRIBE_SWEEP_S, CallCore, backoff
 from agentd.call.ledger import StopInput
 from agentd.call.session import SessionInput, SessionState
 from agentd.call.turn import TurnState
@@ -33,10 +33,6 @@ from agentd.commands import (
 )
 from agentd.events import TranscribeEvent
 from agentd.names import Kind, Timer, TimerKind
-
-#: how long after a restart a transcribe start the last agentd sent may still make one:
-#: VoIPBIN's media start takes up to ~10 s, our client waits 30 s for a start at most
-TRANSCRIBE_SWEEP_S = 30.0
 
 _SAY_5XX_WINDOW_S = 10.0  # /say 5xx further apart than this are not "in a row"
 
@@ -65,6 +61,8 @@ class Sessions(CallCore):
         return []
 
     def _sweep_transcribes_timer(self, _now: float) -> list[Command]:
+        if self.ledger.transcribes_to_sweep:
+            return [SweepTranscribes(self.id, self.settings.language, "")]  # the call is over
         t = self.transcribe
         if not t.active or t.id is None:
             return []
@@ -77,6 +75,17 @@ class Sessions(CallCore):
             if tid != self.transcribe.id and tid not in self.ledger.known():
                 cmds += [Record(self.id, Kind.STRAY, {"kind": "transcribe", "session_id": tid})]
                 cmds += self._stop("transcribe", tid)
+        if self.ledger.transcribes_to_sweep:
+            s = self.settings
+            if not event.ok:
+                # over, and VoIPBIN did not list them: looked for again, as a stop is retried
+                self.ledger.sweep_failures += 1
+                if self.ledger.sweep_failures < s.max_stop_attempts:
+                    delay = backoff(s.retry_s, self.ledger.sweep_failures, s.watch_max_s)
+                    return [StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), delay)]
+                cmds.append(self._error("transcribe sweep failed", 0))
+            self.ledger.transcribes_to_sweep = False
+            cmds += self._maybe_finished()
         return cmds
 
     def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:

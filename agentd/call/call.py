@@ -217,6 +217,8 @@ class Call(Recovery, Sessions, Listening):
             return self._retry_stop(timer.session_id)
         if kind is TimerKind.RETRY_SWEEP:
             return self._sweep() if self.ledger.sweeping else []
+        if kind is TimerKind.SWEEP_TRANSCRIBES and self.ledger.transcribes_to_sweep:
+            return self._sweep_transcribes_timer(now)  # the call's end waits for it
         if self.phase.over:
             return []
         handler = _TIMERS.get(kind)

@@ -49,6 +49,9 @@ _WORDS = (TranscriptEvent, SpeechEvent)
 
 Input = Event | Result  # what a call handles
 NEVER = float("inf")  # the time of something not due (a timer not running)
+#: how long after a restart a transcribe start the last agentd sent may still make one:
+#: VoIPBIN's media start takes up to ~10 s, our client waits 30 s for a start at most
+TRANSCRIBE_SWEEP_S = 30.0
 
 
 # a call over without its hangup event: the reason its last status tells ("": "normal")
@@ -415,6 +418,12 @@ class CallCore:
     def _maybe_finished(self, by: str = "", reason: str = "") -> list[Command]:
         """`Finished` once the call is over and clean (`by`, `reason`: what VoIPBIN last said
         of its end, for a call over before its hangup event)."""
+        if self.phase is Phase.ENDING and self.ledger.transcribes_unsure:
+            # restored while the last agentd's transcribe start was under way, and over before
+            # it was looked for: VoIPBIN may still make it, and no hangup would end that one
+            self.ledger.transcribes_unsure = False
+            self.ledger.transcribes_to_sweep = True
+            return [StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), TRANSCRIBE_SWEEP_S)]
         if (
             self.phase is Phase.ENDING
             and self.ledger.clean

@@ -96,6 +96,7 @@ class Ledger:
         "sweep_failures",
         "sweep_needed",
         "sweeping",
+        "transcribes_to_sweep",
         "transcribes_unsure",
     )
 
@@ -115,6 +116,9 @@ class Ledger:
         # a transcribe start was under way when the last agentd died: VoIPBIN may create it
         # after the next agentd started its own (its duplicate check comes first)
         self.transcribes_unsure = False
+        # the call ended while that was so: its transcribes are looked for once such a start
+        # must have made its one (no hangup ends a transcribe made after it); then it is done
+        self.transcribes_to_sweep = False
 
     def state(self, sid: str) -> StopState:
         """The stop state of session `sid`."""
@@ -200,5 +204,9 @@ class Ledger:
     def clean(self) -> bool:
         """Nothing left to stop, confirm, sweep or await."""
         return (
-            not self.pending and not self.awaiting and not self.hangup_pending and not self.sweeping
+            not self.pending
+            and not self.awaiting
+            and not self.hangup_pending
+            and not self.sweeping
+            and not self.transcribes_to_sweep
         )
