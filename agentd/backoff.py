@@ -4,7 +4,8 @@ Pure: no asyncio, no clock, no I/O. Callers measure time themselves and pass it 
 connection stayed up, how long is left before a deadline), and the random source is injectable.
 
 - `delays()`: capped exponential backoff with jitter, each delay drawn between half and all of
-  the current step (the REST client from 0.2 s up to 5 s, the stream from 0.5 s up to 30 s).
+  the current step (the REST client from 0.2 s up to 5 s, the stream from 0.5 s up to 30 s, the
+  daemon's reconcile after a subscribe from 1 s up to 10 s).
 - `classify()` / `decide()`: what a failed REST request means (docs/protocol.md §6.3).
   A 429 was refused at the gate, so it is retried after `Retry-After` (even a `/say`: nothing
   happened); a 401 logs in again once; 5xx and no answer are retried within the deadline, but
@@ -37,6 +38,12 @@ RECONNECT_CAP_S = 30.0  # websockets' own cap is 90 s: too long for calls
 # the stream is down. A server that closes each subscription within a second still backs off.
 HEALTHY_AFTER_S = 1.0
 SLOW_FLOOR_S = 5.0  # refused (403, 429, 5xx, login failed): wait at least this long
+# A reconcile whose GET /calls failed is tried again while the stream stays up: a call answered
+# while the stream was down is found by nothing else, and its caller hears silence meanwhile.
+# Each attempt already retries for the request's deadline, so the pause between them stays
+# short; one GET a try costs little of the budget.
+RECONCILE_BASE_S = 1.0
+RECONCILE_CAP_S = 10.0
 
 Verdict = Literal["retry", "reauth", "rate_limited", "fatal"]
 ConnectVerdict = Literal["retry", "reauth", "slow"]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 from agentd import logs
 from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
+from agentd.backoff import RECONCILE_BASE_S, RECONCILE_CAP_S, delays
 from agentd.call import Call
 from agentd.commands import (
     FetchTranscripts,
@@ -217,6 +218,7 @@ class Daemon:
         self.stopped = asyncio.Event()  # set once run() has cleaned up and returned
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gates: dict[str, asyncio.Task[None]] = {}  # per call: commands waiting for a save
+        self._reconciling: asyncio.Task[None] | None = None  # running, or waiting to retry
         # several replicas on PostgreSQL: the leases this one holds (None: the only agentd)
         self.replica: Replica | None = None
         self._claims: dict[str, asyncio.Task[bool]] = {}  # first claims of new calls
@@ -341,7 +343,7 @@ class Daemon:
     def _store_back(self) -> None:
         if self.dispatcher.accepting:
             # the calls refused while nobody could claim them are still up: find them
-            self._spawn(self.reconcile())
+            self._reconcile_soon()
 
     def _on_fenced(self, call_id: str) -> None:
         self._lose(call_id, "its lease ran out before a request could go")
@@ -470,7 +472,7 @@ class Daemon:
         # calls restored before it, or left by a lost subscription, were deaf until now (before
         # the read-back: its words count from now)
         self._stream_state(up=True)
-        self._spawn(self.reconcile())
+        self._reconcile_soon()
 
     def _on_lost(self) -> None:
         self._stream_state(up=False)
@@ -486,14 +488,35 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _reconcile_soon(self) -> None:
+        """Reconcile in place of the one still running or waiting to retry: what that one reads
+        may predate this subscribe, and two at once would read every page of calls twice."""
+        previous = self._reconciling
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.get_running_loop().create_task(self._reconcile_after(previous))
+        self._reconciling = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile_after(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # cancelled: let it unwind before this one reads
+        await self.reconcile()
+
+    async def _stop_taking_calls(self) -> None:
+        """At a stop, before the drain: no new call, nor a reconcile still looking for them."""
+        self.dispatcher.accepting = False
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            await asyncio.wait([self._reconciling])
+
     async def reconcile(self) -> None:
         """After every subscribe: check known calls, pick up answered calls we missed, and read
         back transcripts that arrived while we were not listening."""
         self.dispatcher.reconcile()
-        try:
-            calls = await self.client.recent_calls()
-        except ApiError as exc:
-            log.warning("reconcile.failed", error=str(exc))
+        calls = await self._recent_calls()
+        if calls is None:
             return
         for raw in calls:
             event = event_of(raw)
@@ -502,6 +525,28 @@ class Daemon:
         for call in list(self.dispatcher.calls.values()):
             if call.transcribe_id and call.phase.live:
                 self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
+
+    async def _recent_calls(self) -> list[dict[str, Any]] | None:
+        """The account's recent calls, asked for again after each failure while the stream is up
+        and new calls are taken; None once it is not (the next subscribe reconciles anew).
+
+        A call answered while the stream was down is found by this read only: given up after
+        one failure (VoIPBIN answering 503 past the request's deadline), its caller would hear
+        silence until VoIPBIN's one-hour cap."""
+        waits = delays(RECONCILE_BASE_S, RECONCILE_CAP_S)
+        while True:
+            try:
+                return await self.client.recent_calls()
+            except ApiError as exc:
+                error = str(exc)
+            if not self.stream.ready.is_set() or not self.dispatcher.accepting:
+                log.warning("reconcile.failed", error=error, retry="at the next subscribe")
+                return None
+            wait = next(waits)
+            log.warning("reconcile.failed", error=error, retry_in_s=round(wait, 2))
+            await asyncio.sleep(wait)
+            if not self.stream.ready.is_set() or not self.dispatcher.accepting:
+                return None  # lost meanwhile (its next subscribe reconciles), or stopping
 
     async def run(self) -> None:
         """Serve until `stop()`; then end live calls and clean up every session.
@@ -543,7 +588,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             self.notifier.stopping()
-            self.dispatcher.accepting = False
+            await self._stop_taking_calls()
             for task in helpers:
                 task.cancel()
             await self._drain()  # the leases are still renewed meanwhile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Outcome, SimSettings, Simulator, Utterance
@@ -236,6 +237,35 @@ async def test_a_call_answered_while_disconnected_is_found_past_the_first_page_o
         10,
     )
     assert not set(others) & set(daemon.dispatcher.calls)  # not ours: left alone
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_a_call_answered_while_disconnected_is_found_when_the_list_fails_at_first(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    """The reconcile after the resubscribe cannot read GET /calls (503s past the request's
+    deadline, shrunk from 20 s to 1 s): it tries again while the stream stays up, and finds the
+    call once VoIPBIN answers. Nothing else would look before the next resubscribe, and the
+    caller would wait in silence until VoIPBIN's one-hour cap."""
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})
+    daemon.client.deadline_s = 1.0
+    listed = lambda: [r.status for r in sim.requests_matching("GET", r"/calls$")]  # noqa: E731
+    await sim.wait_for(lambda: 200 in listed(), 5)  # the first subscribe's reconcile is over
+    sim.faults.fail("GET", r"/calls$", 503, count=1000)
+    connects = daemon.stream.stats.connects
+    with capture_logs() as lines:
+        sim.faults.drop_websockets()
+        call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 10)
+        failed = lambda: [li for li in lines if li["event"] == "reconcile.failed"]  # noqa: E731
+        await sim.wait_for(lambda: bool(failed()), 10)
+    assert call_id not in daemon.dispatcher.calls  # its progressing was lost with the stream
+    sim.faults.heal()
+    await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)  # greeted
+    assert listed()[-1] == 200
+    assert failed()[0]["retry_in_s"] > 0  # the log line says when it reads again
     await sim.hangup(call_id)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 
