@@ -51,7 +51,17 @@ def service_credentials(config_path: str | None, env: MutableMapping[str, str]) 
 
 
 def _load(arg: str | None) -> Config:
-    return load(_config_path(arg))
+    path = _config_path(arg)
+    try:
+        return load(path)
+    except ConfigError as exc:
+        if path is not None:
+            raise
+        # configured by the environment alone, or not at all: say where a file was looked for
+        raise ConfigError(
+            f"{exc} (no config file: {DEFAULT_CONFIG} does not exist; "
+            "pass --config FILE or set AGENTD_CONFIG)"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:

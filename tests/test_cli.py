@@ -65,6 +65,14 @@ async def test_agentd_sim_on_a_port_in_use_says_so_in_one_line(sim: Simulator) -
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(Path("/etc/agentd/agentd.toml").exists(), reason="this machine has one")
+async def test_run_without_a_config_file_says_where_it_looked() -> None:
+    code, _, err = await run_cli("run")
+    assert code == 2
+    assert "no config file: /etc/agentd/agentd.toml does not exist" in err
+    assert "--config" in err and "AGENTD_CONFIG" in err
+
+
 async def test_run_exits_2_naming_the_permission_the_login_lacks(
     sim: Simulator, tmp_path: Path
 ) -> None:
