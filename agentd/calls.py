@@ -399,11 +399,14 @@ def render_show(doc: Mapping[str, Any]) -> str:
             if isinstance(latency, dict)
             else ""
         )
-        out.append(
-            f"  {_secs(report.get('duration_s'))} answered, {report.get('turns', 0)} turns, "
-            f"{report.get('barge_ins', 0)} barge-ins, {report.get('backchannels', 0)} "
-            f"backchannels{lat}"
-        )
+        if report.get("answered") is False:
+            out.append("  not answered")  # busy, no answer, failed: no time, turn or say
+        else:
+            out.append(
+                f"  {_secs(report.get('duration_s'))} answered, {report.get('turns', 0)} turns, "
+                f"{report.get('barge_ins', 0)} barge-ins, {report.get('backchannels', 0)} "
+                f"backchannels{lat}"
+            )
     out += ["", f"Conversation ({_SOURCES[doc['conversation_source']]}):"]
     for line in doc["conversation"]:
         cut = "  [cut off by the caller]" if line["cut_off"] else ""

@@ -17,6 +17,7 @@ from agentd.backends import Backend
 from agentd.backends.echo import EchoBackend
 from agentd.backoff import RECONCILE_BASE_S, RECONCILE_CAP_S, delays
 from agentd.call import Call
+from agentd.call.report import talked_over
 from agentd.commands import (
     FetchTranscripts,
     Record,
@@ -455,7 +456,8 @@ class Daemon:
             self.persister.finished(call, call_id)
 
     def _record(self, record: Record) -> None:
-        self.tallies[record.what] += 1
+        if record.what is not Kind.BARGE_IN or talked_over(record):
+            self.tallies[record.what] += 1
         if self.metrics is not None:
             self.metrics.record(record)
         if self.tracing is not None:

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from agentd import logs
+from agentd.call.report import talked_over
 from agentd.commands import Record
 from agentd.config import parse_listen
 from agentd.names import Kind
@@ -177,7 +178,8 @@ class Metrics:
             case Kind.ENDED:
                 self.calls_ended.labels(reason=self._reason(data.get("reason"))).inc()
             case Kind.BARGE_IN:
-                self.barge_ins.inc()
+                if talked_over(record):
+                    self.barge_ins.inc()
             case Kind.LEAK:
                 self.leaks.inc()
             case Kind.TURN:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.calls import HistoryError, open_read_only, parse_since, store_path
+from agentd.calls import HistoryError, open_read_only, parse_since, render_show, store_path
 from agentd.daemon import Daemon, prune_expired
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.store import CallRecord, Store
@@ -174,3 +174,25 @@ async def test_retention_prunes_calls_ended_longer_ago_than_keep_days(tmp_path: 
         assert await store.transcript("old") == []
     finally:
         await store.close()
+
+
+def test_a_call_that_was_never_answered_says_so() -> None:
+    doc = {
+        "call_id": "c1",
+        "direction": "outgoing",
+        "started_at": 1_700_000_000.0,
+        "ended_at": 1_700_000_030.0,
+        "phase": "ended",
+        "hangup_reason": "busy",
+        "hangup_by": "remote",
+        "report": {"answered": False, "duration_s": 0.0, "turns": 0},
+        "conversation_source": "none",
+        "conversation": [],
+        "not_answered": [],
+        "turn_timings": [],
+        "barge_ins": [],
+        "errors": [],
+        "unconfirmed_stops": [],
+    }
+    shown = render_show(doc).splitlines()
+    assert "  not answered" in shown and not any(" answered, " in line for line in shown)

@@ -165,6 +165,18 @@ async def test_two_daemons_keep_their_own_registries(agent: StartAgent) -> None:
     assert one.metrics.port != two.metrics.port or one.metrics.host != two.metrics.host
 
 
+async def test_a_reply_retracted_because_the_caller_went_on_is_no_barge_in_anywhere(
+    agent: StartAgent,
+) -> None:
+    # the call report leaves it out (tests/test_call_report.py): status and metrics agree
+    daemon = await agent(metrics={"listen": "127.0.0.1:0"})
+    assert daemon.metrics is not None
+    daemon._record(Record("c1", Kind.BARGE_IN, {"turn": 1, "by": "caller went on"}))
+    daemon._record(Record("c1", Kind.BARGE_IN, {"turn": 2, "by": "speech"}))
+    assert daemon.status_snapshot().counters.barge_ins == 1
+    assert value(await scrape(daemon.metrics.port), "agentd_barge_ins_total") == 1
+
+
 def _has_ipv6() -> bool:
     import socket
 

@@ -76,6 +76,13 @@ class SessionSpan:
         return max(0.0, end - self.opened)
 
 
+def talked_over(record: Record) -> bool:
+    """Whether a barge-in record is the caller talking over the agent: a reply retracted
+    before its audio, because the caller went on, interrupted nobody (the report, `agentd
+    status` and the metrics count the same ones)."""
+    return record.what is Kind.BARGE_IN and record.data.get("by") != "caller went on"
+
+
 class Report:
     """The pure accumulator of one call's report. Every method takes the machine's `now`."""
 
@@ -156,9 +163,7 @@ class Report:
                 ms = cmd.data.get("first_say_ms")
                 if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
                     self.first_say_ms.append(float(ms))
-            elif what is Kind.BARGE_IN and cmd.data.get("by") != "caller went on":
-                # (a reply retracted before its audio, because the caller went on, was not
-                # talked over: no interruption)
+            elif what is Kind.BARGE_IN and talked_over(cmd):
                 self.barge_ins += 1
             elif what is Kind.BACKCHANNEL:
                 self.backchannels += 1
