@@ -787,9 +787,20 @@ def phone_number(key: str, value: object, alternative: str = "") -> str:
     if not isinstance(value, str) or not _E164.fullmatch(value):
         raise ConfigError(
             f"{key}: {value!r} is not a phone number in E.164 form "
-            f'(+ and digits, e.g. "+15551234567"){alternative}'
+            f'(+, a country code, up to 15 digits in all, e.g. "+15551234567"){_why(value)}'
+            f"{alternative}"
         )
     return value
+
+
+def _why(value: object) -> str:
+    """What is wrong with a number that looks like one (+ and digits), or nothing."""
+    if not isinstance(value, str) or not value.startswith("+") or not value[1:].isdigit():
+        return ""
+    if value[1:2] == "0":
+        return ": no country code starts with 0"
+    digits = len(value) - 1
+    return f": {digits} digits" if digits > 15 else ": too short"
 
 
 def _voice_warnings(call: CallSettings) -> tuple[str, ...]:

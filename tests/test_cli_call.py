@@ -177,7 +177,10 @@ async def test_a_call_refused_with_a_4xx_was_not_placed(sim: Simulator, tmp_path
     assert sim.calls == {}
 
 
-E164_HINT = 'is not a phone number in E.164 form (+ and digits, e.g. "+15551234567")'
+E164_HINT = (
+    "is not a phone number in E.164 form "
+    '(+, a country code, up to 15 digits in all, e.g. "+15551234567")'
+)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +190,8 @@ E164_HINT = 'is not a phone number in E.164 form (+ and digits, e.g. "+155512345
         (["--to", "abc"], f"--to: 'abc' {E164_HINT}"),
         (["--to", "5559876543"], f"--to: '5559876543' {E164_HINT}"),
         (["--to", "+1 (555) 987-6543"], f"--to: '+1 (555) 987-6543' {E164_HINT}"),
-        (["--to", "+1" + "2" * 24], f"--to: '+1{'2' * 24}' {E164_HINT}"),
+        (["--to", "+1" + "2" * 24], f"--to: '+1{'2' * 24}' {E164_HINT}: 25 digits"),
+        (["--to", "+0123456"], f"--to: '+0123456' {E164_HINT}: no country code starts with 0"),
         (["--to", "+15559876543", "--from", "555-0100"], f"--from: '555-0100' {E164_HINT}"),
         (
             ["--to", OUR_NUMBER],
