@@ -353,21 +353,72 @@ def test_a_speaking_whose_poll_failed_is_stopped_at_hangup(code: int) -> None:
 
 
 def test_a_speaking_that_never_answers_its_polls_is_stopped_when_the_call_gives_up() -> None:
+    # its polls answered 429 (an outage, not a refusal): tried for `speaking_outage_s`
     call = answered(speaking="initiating")
     stopped: list[str] = []
     cmds: list[object] = []
-    for n in range(1, SETTINGS.max_attempts + 1):
-        sid = f"s{n}"
+    n = 0
+    while Hangup(CID) not in cmds:
+        n += 1
+        sid, t = f"s{n}", 5.0 * n
         if n > 1:
-            cmds = step(call, TimerFired(T("retry_speaking")), n)
+            cmds = step(call, TimerFired(T("retry_speaking")), t)
             stopped += [c.speaking_id for c in cmds if isinstance(c, StopSpeaking)]
             assert any(isinstance(c, StartSpeaking) for c in cmds)
-            step(call, SpeakingStarted(sid, "initiating"), n + 0.1)
-        assert step(call, TimerFired(T("poll_speaking")), n + 0.2) == [PollSpeaking(CID, sid)]
-        cmds = step(call, SpeakingFailed(429, "", sid), n + 0.3)
+            step(call, SpeakingStarted(sid, "initiating"), t + 0.1)
+        assert step(call, TimerFired(T("poll_speaking")), t + 0.2) == [PollSpeaking(CID, sid)]
+        cmds = step(call, SpeakingFailed(429, "", sid), t + 0.3)
         stopped += [c.speaking_id for c in cmds if isinstance(c, StopSpeaking)]
-    assert Hangup(CID) in cmds
-    assert stopped == ["s1", "s2", "s3", "s4"]
+    assert stopped == [f"s{i}" for i in range(1, n + 1)] and n == 5  # the last at t=25.3
+
+
+def _speaking_refused(code: int, times: list[float]) -> tuple[Call, list[object]]:
+    """A call answered whose speaking creates fail with `code` at `times`, each retried when
+    its timer says; the transcribe is up. Returns the call and the last failure's commands."""
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, TranscribeStarted("t1"), 0)
+    cmds: list[object] = []
+    for n, t in enumerate(times):
+        if n:
+            assert kinds(step(call, TimerFired(T("retry_speaking")), t - 0.01)) == ["StartSpeaking"]
+        cmds = step(call, SpeakingFailed(code, ""), t)
+    return call, cmds
+
+
+def test_a_speaking_create_is_retried_ever_less_often_through_a_short_outage() -> None:
+    # POST /speakings answers 503 (a gateway blip) for ~13 s: the call waits it out, and the
+    # caller is greeted once VoIPBIN answers
+    delays = [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # retry_s doubling, up to speaking_retry_max_s
+    times = [0.5]
+    for d in delays[:-1]:
+        times.append(times[-1] + d)
+    call, cmds = _speaking_refused(503, times)
+    assert cmds == [StartTimer(CID, T("retry_speaking"), delays[len(times) - 1])]
+    assert call.phase is Phase.ANSWERED and not call.ledger.hangup_pending
+    t = times[-1] + delays[len(times) - 1]
+    assert kinds(step(call, TimerFired(T("retry_speaking")), t)) == ["StartSpeaking"]
+    assert step(call, SpeakingStarted("s1", "active"), t + 0.5) == [Say(CID, "s1", "Hi there.", 0)]
+    assert call.speaking.attempts == 0  # the next outage gets the whole window again
+
+
+@pytest.mark.parametrize("code", [503, 0, 429])
+def test_a_speaking_create_that_fails_past_the_outage_window_hangs_up(code: int) -> None:
+    window = SETTINGS.speaking_outage_s
+    _, cmds = _speaking_refused(code, [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0])
+    assert Hangup(CID) not in cmds
+    _, cmds = _speaking_refused(code, [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 1.0 + window])
+    [error] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ERROR]
+    assert error.data["what"] == "speaking failed" and Hangup(CID) in cmds
+
+
+def test_a_refused_speaking_create_is_given_up_after_max_attempts() -> None:
+    # a 4xx no retry changes (a bad voice, a permission): retried every retry_s, four in all
+    times = [1.0 + SETTINGS.retry_s * n for n in range(SETTINGS.max_attempts)]
+    call, cmds = _speaking_refused(400, times[:-1])
+    assert cmds == [StartTimer(CID, T("retry_speaking"), SETTINGS.retry_s)]
+    call, cmds = _speaking_refused(400, times)
+    assert Hangup(CID) in cmds and call.phase is Phase.ENDING
 
 
 def test_transcribe_conflict_looks_up_the_running_one() -> None:

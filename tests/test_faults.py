@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from agentd.call import DEFAULT_GREETING
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import OUR_NUMBER, StartAgent
 
@@ -86,6 +88,30 @@ async def test_the_greeting_waits_for_a_transcribe_that_is_slow_to_start(
     (created,) = [r for r in sim.requests_matching("POST", r"/transcribes$") if r.status == 200]
     first_say = sim.requests_matching("POST", r"/say$")[0]
     assert created.t < first_say.t  # someone was listening before the caller was greeted
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    assert sim.leaks() == []
+
+
+async def test_an_outage_of_the_speaking_create_is_waited_out_and_the_caller_greeted(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    """POST /speakings answers 503 at the answer for a while (a gateway blip): the call retries,
+    ever less often, and greets the caller once VoIPBIN answers again; the caller is answered."""
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})
+    # VoIPBIN's pace, shrunk: retried from 0.2 s doubling to 0.4 s, for 3 s at most
+    waits = {"retry_s": 0.2, "speaking_retry_max_s": 0.4, "speaking_outage_s": 3.0}
+    daemon.config = replace(daemon.config, call=replace(daemon.config.call, **waits))
+    sim.faults.fail("POST", r"/speakings$", 503, count=6)
+    call_id = sim.inbound_call(
+        "+15550001111", OUR_NUMBER, Caller([Utterance("hello there")], hangup_after_s=0.5)
+    )
+    await sim.wait_for(lambda: sim.get_call(call_id).status == "hangup", 20)
+    said = [li.planned for li in sim.get_call(call_id).conversation if li.who == "agent"]
+    assert said == [DEFAULT_GREETING, "You said: hello there."], said
+    creates = [r.status for r in sim.requests_matching("POST", r"/speakings$")]
+    assert creates == [503] * 6 + [201], creates
+    assert sim.get_call(call_id).hangup_by != "local"  # the caller hung up, not agentd
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
     assert sim.leaks() == []
 

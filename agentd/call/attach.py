@@ -1,12 +1,13 @@
 """The call's session handlers: creates, polls, /say failures and stops (docs/protocol.md §8).
 
-One live speaking session per call; a create that fails is retried a few times, a session that
-is gone is replaced, and the audio cut of a barge-in is a stop followed by a new session.
+One live speaking session per call; a create that fails is retried (through a short outage,
+a few times when refused), a session that is gone is replaced, and the audio cut of a barge-in is
+a stop followed by a new session.
 """
 
 from __future__ import annotations
 
-from agentd.call.core import TRANSCRIBE_SWEEP_S, CallCore, backoff
+from agentd.call.core import TRANSCRIBE_SWEEP_S, CallCore, backoff, outage
 from agentd.call.ledger import StopInput
 from agentd.call.session import SessionInput, SessionState
 from agentd.call.turn import TurnState
@@ -145,7 +146,7 @@ class Sessions(CallCore):
         if event.status != "active":
             was_polling = self.speaking.state is SessionState.INITIATING
             if was_polling and now - self.speaking.poll_started > s.speaking_activate_timeout_s:
-                self.speaking.step(SessionInput.FAILED)
+                self.speaking.failed(now)
                 return self._stop("speaking", event.speaking_id) + self._start("speaking")
             delay = self.speaking.next_poll(now, s.speaking_poll_s, s.speaking_poll_max_s)
             self.speaking.step(SessionInput.INITIATING, event.speaking_id)
@@ -162,7 +163,7 @@ class Sessions(CallCore):
             return []  # the voice was lost meanwhile: its return greets
         return self._greet_now(now) + self._say_queued(now)
 
-    def _on_speaking_failed(self, event: SpeakingFailed, _now: float) -> list[Command]:
+    def _on_speaking_failed(self, event: SpeakingFailed, now: float) -> list[Command]:
         unclear = event.status == 0 or event.status >= 500
         if self.phase.over:
             self.speaking.step(SessionInput.ABANDON)
@@ -175,14 +176,22 @@ class Sessions(CallCore):
             self.speaking.step(SessionInput.LOST)
             self.speaking.id = None
             return self._start("speaking")
-        self.speaking.step(SessionInput.FAILED)
-        if self.speaking.attempts >= self.settings.max_attempts:
+        speaking, s = self.speaking, self.settings
+        speaking.failed(now)
+        if outage(event.status):
+            # VoIPBIN may be back in a moment (a gateway blip, a rolling restart): a few
+            # seconds of it must not cost the caller the call
+            over = now - speaking.failing_since >= s.speaking_outage_s
+            delay = backoff(s.retry_s, speaking.attempts, s.speaking_retry_max_s)
+        else:
+            over, delay = speaking.attempts >= s.max_attempts, s.retry_s
+        if over:
             # the caller could never hear the agent: end the call rather than keep it mute
             return [
                 self._error("speaking failed", event.status, event.reason),
                 *self._hang_up_now(),
             ]
-        return [StartTimer(self.id, Timer(TimerKind.RETRY_SPEAKING), self.settings.retry_s)]
+        return [StartTimer(self.id, Timer(TimerKind.RETRY_SPEAKING), delay)]
 
     def _on_say_failed(self, event: SayFailed, now: float) -> list[Command]:
         if self.phase.over or (event.turn not in (self.turns.turn, 0)):

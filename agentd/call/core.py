@@ -65,6 +65,12 @@ def backoff(base: float, tries: int, cap: float) -> float:
     return min(base * float(2**doublings), cap)
 
 
+def outage(status: int) -> bool:
+    """A failure no refusal: no answer at all (0), a 429 or a 5xx. VoIPBIN may answer
+    otherwise a moment later; a 4xx is its considered answer, which no retry changes."""
+    return status in (0, 429) or status >= 500
+
+
 class CallCore:
     """The state of one call and the steps its handlers share."""
 
@@ -353,8 +359,7 @@ class CallCore:
             return []
         self.ledger.sweep_failures += 1
         failures, s = self.ledger.sweep_failures, self.settings
-        outage = event.status in (0, 429) or event.status >= 500
-        if failures >= s.max_stop_attempts and not outage:
+        if failures >= s.max_stop_attempts and not outage(event.status):
             self.ledger.sweeping = False
             data = {"kind": "speaking", "sweep": True, "status": event.status, "gave_up": True}
             return [Record(self.id, Kind.LEAK, data)]
@@ -399,8 +404,7 @@ class CallCore:
         if not attempts:
             self.ledger.step(sid, StopInput.FAILED, kind)
             return []  # a stop we never asked for, or one confirmed since
-        outage = status in (0, 429) or status >= 500
-        if attempts >= s.max_stop_attempts and not outage:
+        if attempts >= s.max_stop_attempts and not outage(status):
             self.ledger.step(sid, StopInput.GIVE_UP, kind)
             data = {"kind": kind, "session_id": sid, "attempts": attempts, "status": status}
             return [Record(self.id, Kind.LEAK, {**data, "gave_up": True})]

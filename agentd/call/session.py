@@ -81,13 +81,14 @@ del S, In
 class SessionMachine:
     """One session slot of a call: its state, its id, and how its creation is going."""
 
-    __slots__ = ("attempts", "id", "kind", "poll_delay", "poll_started", "state")
+    __slots__ = ("attempts", "failing_since", "id", "kind", "poll_delay", "poll_started", "state")
 
     def __init__(self, kind: SessionKind, session_id: str | None = None) -> None:
         self.kind: SessionKind = kind
         self.state = SessionState.NONE
         self.id = session_id
         self.attempts = 0  # failed creates in a row
+        self.failing_since = 0.0  # when the first of them failed
         self.poll_delay = 0.0
         self.poll_started = 0.0
 
@@ -106,6 +107,12 @@ class SessionMachine:
             self.attempts += 1
         self.state = nxt
         return nxt
+
+    def failed(self, now: float) -> None:
+        """A create (or its poll) failed at `now`; the first of a run starts the outage's clock."""
+        if not self.attempts:
+            self.failing_since = now
+        self.step(SessionInput.FAILED)
 
     @property
     def active(self) -> bool:

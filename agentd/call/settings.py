@@ -104,6 +104,13 @@ class CallSettings:
     greet_wait_s: float = 3.0
     retry_s: float = 1.0
     max_attempts: int = 4
+    # a speaking create that fails for want of an answer (none, a 429, a 5xx: a gateway blip, a
+    # rolling restart) is no refusal: it is retried ever less often, `retry_s` doubling up to
+    # `speaking_retry_max_s`, for `speaking_outage_s` before the call is ended (a caller who
+    # never hears the agent is better hung up on than left in silence). A refusal (another
+    # 4xx, a voice the provider refuses) is given up after `max_attempts` failures in a row
+    speaking_outage_s: float = 20.0
+    speaking_retry_max_s: float = 2.0
     # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
     # /stop 503, docs/protocol.md §8.3); refused (a 4xx) `max_stop_attempts` times: give up,
     # loudly. An outage (no answer, 429, 5xx) is waited out instead
