@@ -98,6 +98,9 @@ class Kind(enum.StrEnum):
     # what an operator should see with `journalctl -p warning`
     SPEAKING_LOST = "speaking_lost"
     STT_QUIET = "stt_quiet"
+    # no transcribe on the call after `max_attempts` failed creates (an outage): nobody hears
+    # the caller while agentd keeps trying
+    TRANSCRIBE_DOWN = "transcribe_down"
     BACKEND_FAILED = "backend_failed"
     ERROR = "error"
     LEAK = "leak"
@@ -119,6 +122,7 @@ _WARN = frozenset(
     {
         Kind.SPEAKING_LOST,
         Kind.STT_QUIET,
+        Kind.TRANSCRIBE_DOWN,
         Kind.BACKEND_FAILED,
         Kind.ERROR,
         Kind.LEAK,

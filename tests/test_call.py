@@ -566,6 +566,7 @@ def test_a_restored_calls_silence_counts_from_the_restart() -> None:
     resumed = again.resume(20_000)
     [timer] = [c for c in resumed if isinstance(c, StartTimer) and c.timer.kind == "silence"]
     assert timer.delay_s == pytest.approx(10.0)
+    again.handle(TranscribeStarted("t1"), 20_000.5)  # the find: its transcribe is still there
     cmds = again.handle(TimerFired(T("silence")), 20_010)
     [quiet] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.STT_QUIET]
     assert quiet.data["quiet_s"] == 10.0

@@ -15,6 +15,7 @@ from agentd.commands import (
     AskBackend,
     CancelBackend,
     FindTranscribe,
+    Finished,
     Flush,
     Hangup,
     Record,
@@ -28,8 +29,10 @@ from agentd.commands import (
     StartTimer,
     Stopped,
     StopSpeaking,
+    StopTranscribe,
     TimerFired,
     TranscribeFailed,
+    TranscribeStarted,
 )
 from agentd.events import SpeechEvent, TranscribeEvent
 from agentd.names import EndCall, Kind, TimerKind, TransferTo
@@ -391,6 +394,109 @@ def test_an_orphaned_transcribe_is_never_adopted_and_its_deletion_is_retried_bou
     cmds = step(call, TranscribeFailed(409, ORPHAN), 11.1)
     assert cmds == [StartTimer(CID, T("retry_transcribe"), SETTINGS.retry_s)]
     assert kinds(step(call, TimerFired(T("retry_transcribe")), 12.1)) == ["StartTranscribe"]
+
+
+# -- transcribe: an outage longer than the first retries ------------------------------------------
+
+QUIET = replace(SETTINGS, silence_s=10.0)
+
+
+def unheard(settings: CallSettings = QUIET) -> tuple[Call, float]:
+    """A call answered while POST /transcribes answers 503: greeted all the same after
+    `greet_wait_s`, its first create failed and retried. Returns it and the time it is at."""
+    call = Call(CID, settings)
+    step(call, status("progressing"), 0)
+    assert step(call, SpeakingStarted("s1", "active"), 0.5) == [
+        StartTimer(CID, T("greet"), settings.greet_wait_s)
+    ]
+    retry = StartTimer(CID, T("retry_transcribe"), settings.retry_s)
+    assert step(call, TranscribeFailed(503, "SERVICE_UNAVAILABLE"), 1) == [retry]
+    assert step(call, TimerFired(T("greet")), 3.5) == [Say(CID, "s1", settings.greeting, 0)]
+    return call, 3.5
+
+
+def fail_again(call: Call, t: float, code: int = 503) -> list[object]:
+    """The retry timer fires at `t` and its create fails with `code` 0.5 s later."""
+    assert kinds(step(call, TimerFired(T("retry_transcribe")), t)) == ["StartTranscribe"]
+    return step(call, TranscribeFailed(code, ""), t + 0.5)
+
+
+def test_a_transcribe_outage_is_retried_as_long_as_the_call_lives_and_warned_of_once() -> None:
+    call, t = unheard()
+    delays: list[float] = []
+    down: list[Record] = []
+    for _ in range(11):  # some four minutes of outage
+        cmds = fail_again(call, t)
+        down += records(cmds, Kind.TRANSCRIBE_DOWN)
+        assert not records(cmds, Kind.ERROR) and Hangup(CID) not in cmds
+        [timer] = [c for c in cmds if isinstance(c, StartTimer)]
+        delays.append(timer.delay_s)
+        t += 0.5 + timer.delay_s
+    # retry_s doubling, up to every transcribe_retry_max_s
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0]
+    [warning] = down  # at the fourth failure in a row: one warning an outage, not one a retry
+    assert warning.what.warns
+    assert warning.data == {"status": 503, "attempts": 4, "retry_in_s": 8.0}
+    # VoIPBIN is back: the caller is heard again, and the operator told for how long they were not
+    assert kinds(step(call, TimerFired(T("retry_transcribe")), t)) == ["StartTranscribe"]
+    cmds = step(call, TranscribeStarted("t1"), t + 0.5)
+    [back] = records(cmds, Kind.TRANSCRIBE_RESTARTED)
+    assert back.data == {"why": "outage over", "down_s": round(t + 0.5 - 1, 1), "attempts": 12}
+    assert call.transcribe.active and call.transcribe_id == "t1"
+
+
+def test_the_silence_of_a_caller_nobody_hears_neither_reprompts_nor_hangs_up() -> None:
+    # a reprompt would ask them to talk to nobody, and the silence goodbye would hang up on a
+    # caller who may have talked all along
+    call, t = unheard()
+    for n in range(1, 5):
+        now = t + QUIET.silence_s * n
+        fail_again(call, now - 1)  # the outage goes on
+        cmds = call.handle(TimerFired(T("silence")), now)
+        assert cmds == [StartTimer(CID, T("silence"), QUIET.silence_s)]
+    assert call.reprompts == 0
+    # heard again: the silence counts as before, from the caller's last words (none since the
+    # greeting): the next check reprompts at once, then says goodbye
+    step(call, TimerFired(T("retry_transcribe")), 60)
+    step(call, TranscribeStarted("t1"), 60.5)
+    cmds = step(call, TimerFired(T("silence")), 64)
+    assert Say(CID, "s1", QUIET.reprompt_text, 0) in cmds and records(cmds, Kind.STT_QUIET)
+    assert StopTranscribe(CID, "t1") not in cmds  # brand new: not replaced in case it is deaf
+
+
+def test_a_transcribe_refused_is_given_up_and_the_silence_ends_the_call_as_before() -> None:
+    # a 4xx (a bad language, a permission) no retry changes: the caller still hears the agent
+    call, t = unheard()
+    for _ in range(QUIET.max_attempts - 2):
+        fail_again(call, t, 400)
+        t += 5
+    cmds = fail_again(call, t, 400)
+    [error] = records(cmds, Kind.ERROR)
+    assert error.data["what"] == "transcribe failed" and kinds(cmds) == []
+    cmds = step(call, TimerFired(T("silence")), 40)
+    assert Say(CID, "s1", QUIET.reprompt_text, 0) in cmds
+
+
+def test_a_transcribe_retried_through_an_outage_and_in_flight_at_hangup_is_stopped() -> None:
+    # no billed session left: the create answered after the hangup is stopped, and the call is
+    # not finished before
+    call, t = unheard()
+    for _ in range(5):
+        cmds = fail_again(call, t)
+        [timer] = [c for c in cmds if isinstance(c, StartTimer)]
+        t += 0.5 + timer.delay_s
+    assert kinds(step(call, TimerFired(T("retry_transcribe")), t)) == ["StartTranscribe"]
+    assert kinds(step(call, status("hangup"), t + 0.1)) == ["StopSpeaking"]
+    assert step(call, Stopped("speaking", "s1", True), t + 0.2) == []  # a create in flight
+    assert step(call, TranscribeStarted("t9"), t + 3) == [StopTranscribe(CID, "t9")]
+    assert step(call, Stopped("transcribe", "t9", True), t + 3.1) == [Finished(CID)]
+
+
+def test_a_transcribe_retry_due_after_the_hangup_starts_nothing() -> None:
+    call, t = unheard()
+    fail_again(call, t)
+    step(call, status("hangup"), t + 1)
+    assert step(call, TimerFired(T("retry_transcribe")), t + 2.5) == []
 
 
 def test_a_stale_reply_is_cancelled_when_the_turn_is_joined() -> None:

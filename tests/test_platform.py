@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.call import core
+from agentd.call import DEFAULT_GREETING, core
 from agentd.daemon import Daemon
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
@@ -269,6 +269,41 @@ async def test_an_orphaned_transcribe_is_replaced_and_never_adopted(
     sim: Simulator, agent: StartAgent
 ) -> None:
     await _replaced_when_quiet(sim, agent, "orphan")
+
+
+async def test_a_transcribe_outage_longer_than_the_retries_is_waited_out_and_the_caller_heard(
+    sim: Simulator, agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /transcribes answers 503 for longer than the first retries and than the silence
+    goodbye takes: the caller is greeted, and neither reprompted nor hung up on while nobody
+    can hear them; once VoIPBIN answers again a transcribe is started and they are answered."""
+    import agentd.voipbin
+
+    monkeypatch.setattr(agentd.voipbin, "TRANSCRIBE_START_RETRY_S", 0.3)
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0}, agent={"silence_s": 1.0})
+    paced(daemon, retry_s=0.1, transcribe_retry_max_s=0.4, greet_wait_s=0.5)
+    sim.faults.fail("POST", r"/transcribes$", 503, count=1000)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    await sim.wait_for(lambda: Kind.TRANSCRIBE_DOWN in kinds(daemon), 10)
+
+    def outage_s() -> float:
+        creates = sim.requests_matching("POST", r"/transcribes$")
+        return creates[-1].t - creates[0].t
+
+    # longer than the silence goodbye takes (three silences of 1 s after the greeting)
+    await sim.wait_for(lambda: outage_s() > 5.0, 15)
+    assert sim.get_call(call_id).status == "progressing"
+    assert agent_said(sim, call_id) == [DEFAULT_GREETING]
+    sim.faults.heal()
+    await sim.wait_for(lambda: bool(sim.world.transcribes_of(call_id)), 5)
+    await sim.wait_for(lambda: Kind.TRANSCRIBE_RESTARTED in kinds(daemon), 5)
+    await sim.wait_for(lambda: not sim.world.agent_busy(call_id), 5)
+    await sim.caller_says(call_id, "can anybody hear me")
+    await sim.wait_for(lambda: f"{ECHO}can anybody hear me." in agent_said(sim, call_id), 10)
+    assert Kind.SILENCE_HANGUP not in kinds(daemon)
+    await ends_clean(sim, daemon, call_id)
 
 
 async def test_one_sentence_in_two_finals_gets_one_answer_and_no_self_interruption(

@@ -2,7 +2,8 @@
 
 One live speaking session per call; a create that fails is retried (through a short outage,
 a few times when refused), a session that is gone is replaced, and the audio cut of a barge-in is
-a stop followed by a new session.
+a stop followed by a new session. A transcribe is retried through an outage however long: the
+call lives on without it, and the caller is heard again once it is back.
 """
 
 from __future__ import annotations
@@ -47,14 +48,23 @@ class Sessions(CallCore):
         if self.phase.over:
             self.transcribe.step(SessionInput.ABANDON)
             return self._stop("transcribe", event.transcribe_id) + self._maybe_finished()
-        self.transcribe.step(SessionInput.ACTIVE, event.transcribe_id)
+        t = self.transcribe
+        cmds: list[Command] = []
+        if t.attempts >= self.settings.max_attempts:
+            # the end of a `transcribe_down`: the operator sees how long the caller was unheard
+            down_s = round(now - t.failing_since, 1)
+            data = {"why": "outage over", "down_s": down_s, "attempts": t.attempts}
+            cmds.append(Record(self.id, Kind.TRANSCRIBE_RESTARTED, data))
+            # brand new: the silence reprompt that follows need not replace it in case it is deaf
+            self.stt_replaced = True
+        t.step(SessionInput.ACTIVE, event.transcribe_id)
         self.transcribe_409s = 0
+        self.transcribe_refused = False
         if self.ledger.transcribes_unsure:
             # the start the last agentd sent may still make one: looked for once it must have
             self.ledger.transcribes_unsure = False
-            sweep = StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), TRANSCRIBE_SWEEP_S)
-            return [sweep, *self._on_transcribe_up(now)]
-        return self._on_transcribe_up(now)
+            cmds.append(StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), TRANSCRIBE_SWEEP_S))
+        return cmds + self._on_transcribe_up(now)
 
     def _on_transcribe_up(self, now: float) -> list[Command]:
         if self.greet_waiting:  # the voice was up first: now the caller's answer is heard
@@ -89,35 +99,48 @@ class Sessions(CallCore):
             cmds += self._maybe_finished()
         return cmds
 
-    def _on_transcribe_failed(self, event: TranscribeFailed, _now: float) -> list[Command]:
+    def _on_transcribe_failed(self, event: TranscribeFailed, now: float) -> list[Command]:
         if self.phase.over:
             self.transcribe.step(SessionInput.ABANDON)
             return self._maybe_finished()
-        s = self.settings
+        s, t = self.settings, self.transcribe
         if event.status == 409 and event.reason != ORPHAN:
             # one transcribe per call and language: the number's flow may have started it
             # already, or one we gave up on (an orphan) still blocks it: the find deletes that.
             # Counted: a 409 whose transcribe is never found would otherwise loop unpaced
             self.transcribe_409s += 1
             if self.transcribe_409s > s.max_attempts:
-                self.transcribe.step(SessionInput.FAILED)
-                return [self._error("transcribe failed", event.status, event.reason)]
+                t.failed(now)
+                return self._transcribe_refused(event)
             return [FindTranscribe(self.id, s.language, self.ledger.known())]
         if event.status == 404 and event.reason == NOT_FOUND:
             # looked for a running one (after a 409 or a restart): there is none, start one;
             # after a 409, a little later (VoIPBIN may be ending the one that answered it)
             if self.transcribe_409s:
-                self.transcribe.step(SessionInput.FAILED)
+                t.failed(now)
                 delay = s.retry_s * self.transcribe_409s
                 return [StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)]
             return [WriteAhead(self.id), StartTranscribe(self.id, s.language, s.stt_provider)]
-        self.transcribe.step(SessionInput.FAILED)
-        if self.transcribe.attempts >= s.max_attempts:
-            # no hangup: the caller still hears the agent, the silence reprompts end the call
-            # politely, and the watch retries nothing it cannot fix
-            return [self._error("transcribe failed", event.status, event.reason)]
-        delay = s.retry_s * self.transcribe.attempts
-        return [StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)]
+        t.failed(now)
+        if not outage(event.status) and t.attempts >= s.max_attempts:
+            return self._transcribe_refused(event)
+        delay = backoff(s.retry_s, t.attempts, s.transcribe_retry_max_s)
+        retry = StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)
+        if t.attempts != s.max_attempts:
+            return [retry]
+        # an outage that outlasts the first retries: the caller talks to nobody until it ends,
+        # which may be any moment (once per outage: it is retried up to `transcribe_retry_max_s`)
+        data: dict[str, object] = {"status": event.status, "attempts": t.attempts}
+        data["retry_in_s"] = delay
+        if event.reason:
+            data["reason"] = event.reason
+        return [Record(self.id, Kind.TRANSCRIBE_DOWN, data), retry]
+
+    def _transcribe_refused(self, event: TranscribeFailed) -> list[Command]:
+        """VoIPBIN refused every create (a 4xx): no retry changes that. No hangup either: the
+        caller still hears the agent, and the silence reprompts end the call politely."""
+        self.transcribe_refused = True
+        return [self._error("transcribe failed", event.status, event.reason)]
 
     def _on_transcribe_event(self, event: TranscribeEvent, _now: float) -> list[Command]:
         if event.status != "done" or event.id != self.transcribe.id:

@@ -114,6 +114,7 @@ class CallCore:
         "transcribe",
         "transcribe_409s",
         "transcribe_lost",
+        "transcribe_refused",
         "transcript_due",
         "turn_times",
         "turns",
@@ -150,6 +151,7 @@ class CallCore:
         self.transcript_due = False  # an utterance ended and its transcript has not come
         self.transcribe_lost = False  # our transcribe ended: is the call still up?
         self.transcribe_409s = 0  # creates answered 409 since the last transcribe went active
+        self.transcribe_refused = False  # its creates were refused: no more are sent
         self.shutting_down = False  # the daemon is stopping: nothing is left to end by itself
         self.speaking_restarts = 0  # sessions replaced because /say kept failing on them
         self.say_5xx = 0  # /say 5xx in a row on the current session
@@ -192,6 +194,12 @@ class CallCore:
         """A reply is being prepared, or sentences wait (for the end of the caller's turn, or
         for a speaking session)."""
         return self.turns.replying or self.unsent
+
+    @property
+    def unheard(self) -> bool:
+        """No transcribe hears the caller, and one is on its way (being created, or retried
+        through an outage): what they say now is lost, through no fault of theirs."""
+        return not self.transcribe.active and not self.transcribe_refused
 
     def is_talking(self, now: float) -> bool:
         """Whether the agent's audio is (estimated to be) still playing or queued."""

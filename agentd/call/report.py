@@ -40,7 +40,15 @@ GONE: Final = "gone"  # VoIPBIN answered 404 for the session: it was not there a
 
 # records that say something went wrong on the call (counted as "errors")
 ERROR_KINDS: Final = frozenset(
-    {Kind.ERROR, Kind.BACKEND_FAILED, Kind.SPEAKING_LOST, Kind.LEAK, Kind.ANOMALY, Kind.FAILED}
+    {
+        Kind.ERROR,
+        Kind.BACKEND_FAILED,
+        Kind.SPEAKING_LOST,
+        Kind.TRANSCRIBE_DOWN,
+        Kind.LEAK,
+        Kind.ANOMALY,
+        Kind.FAILED,
+    }
 )
 
 

@@ -111,6 +111,9 @@ class CallSettings:
     # 4xx, a voice the provider refuses) is given up after `max_attempts` failures in a row
     speaking_outage_s: float = 20.0
     speaking_retry_max_s: float = 2.0
+    # a transcribe create that fails so is retried as long as the call lives, `retry_s` doubling
+    # up to this: the agent still talks, and the caller is heard again once VoIPBIN answers
+    transcribe_retry_max_s: float = 30.0
     # a stop that keeps failing: DELETE after this many tries (a dead tts pod answers every
     # /stop 503, docs/protocol.md §8.3); refused (a 4xx) `max_stop_attempts` times: give up,
     # loudly. An outage (no answer, 429, 5xx) is waited out instead

@@ -504,6 +504,11 @@ class Conversation(CallCore):
         s = self.settings
         if not self.phase.live:
             return []
+        if self.unheard:
+            # our transcribe is down and being started again: the caller may have talked all
+            # along. A reprompt would ask them to talk to nobody, and the silence goodbye would
+            # hang up on someone we could not hear. Their silence counts again once it is back
+            return self.arm_silence(now)
         if (
             self.turns.replying
             or self.held
