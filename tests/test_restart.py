@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentd.sim import Caller, Simulator, Utterance
-from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, run_cli
 
 pytest_plugins = ["tests.pg"]  # the fixture pg_url: a fresh database of a real PostgreSQL
 
@@ -95,20 +95,9 @@ async def test_a_second_agentd_on_the_same_store_exits_and_every_call_is_answere
     first = await start(config)
     try:
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
-        second = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentd",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "NOTIFY_SOCKET": ""},
-        )
-        _, err = await asyncio.wait_for(second.communicate(), 30)
-        assert second.returncode == 2  # RestartPreventExitStatus: systemd does not loop on it
-        assert b"another agentd is running with the store" in err
+        code, _, err = await run_cli("run", "--config", str(config))
+        assert code == 2  # RestartPreventExitStatus: systemd does not loop on it
+        assert "another agentd is running with the store" in err
         assert subscribed(sim) == 1
         call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("just once")]))
         await sim.wait_call_status(call_id, "hangup", timeout=15)
