@@ -95,7 +95,7 @@ async def test_a_second_agentd_on_the_same_store_exits_and_every_call_is_answere
     first = await start(config)
     try:
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
-        code, _, err = await run_cli("run", "--config", str(config))
+        code, _, err = await run_cli("run", "--config", str(config), limit_s=30)
         assert code == 2  # RestartPreventExitStatus: systemd does not loop on it
         assert "another agentd is running with the store" in err
         assert subscribed(sim) == 1
