@@ -111,8 +111,8 @@ class Say:
 class Flush:
     """POST /speakings/{id}/flush: drop queued speech (cuts audio only with some providers).
 
-    A barge-in's: the says queued before it are dropped and one in flight is cut short, as
-    for a `StopSpeaking` with `abandon`."""
+    A barge-in's: the says queued before it are dropped. One in flight goes on (it may have
+    reached VoIPBIN, and would play after the flush): only a stop makes a late say harmless."""
 
     call_id: str
     speaking_id: str

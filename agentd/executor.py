@@ -213,8 +213,12 @@ class Executor:
         queue = lanes.queues.get(cmd.lane)
         if queue is None:
             queue = lanes.queues[cmd.lane] = deque()
-        if isinstance(cmd, Flush) or (isinstance(cmd, StopSpeaking) and cmd.abandon):
+        if isinstance(cmd, StopSpeaking) and cmd.abandon:
             _abandon_says(call_id, lanes, queue, cmd.speaking_id)
+        elif isinstance(cmd, Flush):
+            # a say in flight is not cut: it may be on the server already and play after the
+            # flush (a stopped session refuses it; a flushed one does not)
+            _abandon_says(call_id, lanes, queue, cmd.speaking_id, in_flight=False)
         queue.append(cmd)
         worker = lanes.workers.get(cmd.lane)
         if worker is None or worker.done():
@@ -655,12 +659,19 @@ def _failure(cmd: Command) -> Result | None:
     return None
 
 
-def _abandon_says(call_id: str, lanes: _Lanes, queue: deque[Command], speaking_id: str) -> None:
+def _abandon_says(
+    call_id: str,
+    lanes: _Lanes,
+    queue: deque[Command],
+    speaking_id: str,
+    *,
+    in_flight: bool = True,
+) -> None:
     """The call is over, or the caller cut in, and a stop or flush of `speaking_id` is queued:
-    what would still be said or flushed on that session is dropped, and a /say of it in
-    flight (slow, or waiting out a 429) is cut short, so the cut goes out now. Nobody is to
-    hear them any more: each would talk over the caller, spend the account's budget, or keep
-    a billed session open, for no one."""
+    what would still be said or flushed on that session is dropped, and (`in_flight`) a /say of
+    it in flight (slow, or waiting out a 429) is cut short, so the cut goes out now. Nobody is
+    to hear them any more: each would talk over the caller, spend the account's budget, or
+    keep a billed session open, for no one."""
     kept = [c for c in queue if not (isinstance(c, _ON_SESSION) and c.speaking_id == speaking_id)]
     dropped = len(queue) - len(kept)
     if dropped:
@@ -668,7 +679,12 @@ def _abandon_says(call_id: str, lanes: _Lanes, queue: deque[Command], speaking_i
         queue.extend(kept)
     saying = lanes.saying
     # a flush then a stop: the say is being cut already (a second cancel would end the lane)
-    cut = saying is not None and saying.speaking_id == speaking_id and lanes.cut is not saying
+    cut = (
+        in_flight
+        and saying is not None
+        and saying.speaking_id == speaking_id
+        and lanes.cut is not saying
+    )
     worker = lanes.workers.get("speaking")
     if cut and worker is not None and not worker.done():
         lanes.cut = saying
