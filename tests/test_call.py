@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from agentd.call import Call, CallSettings, Phase
+from agentd.call import Call, CallSettings, Phase, core
 from agentd.call.history import SLACK
 from agentd.commands import (
     NOT_FOUND,
@@ -691,6 +691,11 @@ def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_
     assert step(again, TimerFired(sweep.timer), 130) == [
         SweepTranscribes(CID, SETTINGS.language, "")
     ]
+    # killed again before the sweep (it is not in the store): the next agentd sweeps too
+    third = Call.restore(again.snapshot(), SETTINGS)
+    cmds = third.resume(120)
+    assert "Finished" not in kinds(cmds)
+    assert StartTimer(CID, T("sweep_transcribes"), core.TRANSCRIBE_SWEEP_S) in cmds
     # VoIPBIN failing to list them: looked for again
     cmds = step(again, TranscribesFound((), ok=False), 130.1)
     assert kinds(cmds) == ["StartTimer"]

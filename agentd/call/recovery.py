@@ -166,6 +166,11 @@ class Recovery(CallCore):
             cmds.append(Hangup(self.id))
         if self.phase.over:
             self.ledger.sweep_needed = False
+            # answered (a voice was up) with no transcribe known: the start sent with it may
+            # still make one, after the hangup (a restart in the gap of the last restart: the
+            # sweep that waited for it is not in the store)
+            answered = self.speaking.id is not None or self.greeted
+            self.ledger.transcribes_unsure = answered and not self.transcribe.id
             return [*cmds, *self._sweep(), *self._maybe_finished()]
         if not self.phase.live:
             return cmds
