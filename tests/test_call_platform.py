@@ -455,11 +455,13 @@ def test_the_silence_of_a_caller_nobody_hears_neither_reprompts_nor_hangs_up() -
         cmds = call.handle(TimerFired(T("silence")), now)
         assert cmds == [StartTimer(CID, T("silence"), QUIET.silence_s)]
     assert call.reprompts == 0
-    # heard again: the silence counts as before, from the caller's last words (none since the
-    # greeting): the next check reprompts at once, then says goodbye
+    # heard again: their silence counts from now, not from before the outage (nobody could
+    # hear them until now): the check due meanwhile waits the rest, then reprompts
     step(call, TimerFired(T("retry_transcribe")), 60)
     step(call, TranscribeStarted("t1"), 60.5)
-    cmds = step(call, TimerFired(T("silence")), 64)
+    cmds = call.handle(TimerFired(T("silence")), 64)
+    assert cmds == [StartTimer(CID, T("silence"), pytest.approx(60.5 + QUIET.silence_s - 64))]
+    cmds = step(call, TimerFired(T("silence")), 60.5 + QUIET.silence_s)
     assert Say(CID, "s1", QUIET.reprompt_text, 0) in cmds and records(cmds, Kind.STT_QUIET)
     assert StopTranscribe(CID, "t1") not in cmds  # brand new: not replaced in case it is deaf
 

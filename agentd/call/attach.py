@@ -57,6 +57,9 @@ class Sessions(CallCore):
             cmds.append(Record(self.id, Kind.TRANSCRIBE_RESTARTED, data))
             # brand new: the silence reprompt that follows need not replace it in case it is deaf
             self.stt_replaced = True
+            # and the caller's silence counts from now: nobody could hear them until now
+            self.last_caller = now
+            self.reprompts = 0
         t.step(SessionInput.ACTIVE, event.transcribe_id)
         self.transcribe_409s = 0
         self.transcribe_refused = False
