@@ -163,7 +163,10 @@ def test_an_end_call_waits_for_its_held_goodbye() -> None:
 # -- backchannels ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "네", "I see."])
+@pytest.mark.parametrize(
+    "text",
+    ["mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "uh-huh", "Uh-huh.", "mm-hm", "네", "I see."],
+)
 def test_backchannels_are_recognised(text: str) -> None:
     assert is_backchannel(text)
 
@@ -177,14 +180,16 @@ def test_more_backchannels_can_be_configured() -> None:
     assert not is_backchannel("gotcha")
     assert is_backchannel("Gotcha.", ("gotcha",))
     assert is_backchannel("okay gotcha", ("gotcha",))
+    assert is_backchannel("Uh-oh.", ("uh-oh",))  # compared as the caller's words are
 
 
-def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks() -> None:
+@pytest.mark.parametrize(("heard", "final"), [("mm-hmm", "Mm-hmm."), ("uh-huh", "Uh-huh.")])
+def test_a_backchannel_while_the_agent_talks_neither_cuts_nor_asks(heard: str, final: str) -> None:
     call = answered()
     step(call, transcript("tell me a story", "tr1"), 10)
     step(call, ReplySentence(1, "Once upon a time there was a very long story."), 10)
-    assert step(call, interim("mm-hmm"), 12) == []  # 6 characters, but no barge-in
-    cmds = step(call, transcript("Mm-hmm.", "tr2"), 12.5)
+    assert step(call, interim(heard), 12) == []  # 6 characters, but no barge-in
+    cmds = step(call, transcript(final, "tr2"), 12.5)
     assert [c.what for c in cmds if isinstance(c, Record)] == [Kind.BACKCHANNEL]
     assert kinds(cmds) == []
     assert call.turn == 1

@@ -52,9 +52,9 @@ _INCOMPLETE_S = 5.0
 _INCOMPLETE_LONG_S = 10.0
 
 #: What a listener says to show they follow, not to take the turn (lower case, no punctuation).
-BACKCHANNELS = frozenset(
+_BACKCHANNEL_WORDS = frozenset(
     {
-        *("mm", "mhm", "mmhmm", "mm-hmm", "mm hmm", "uh-huh", "uh huh", "hmm", "uh", "um"),
+        *("mm", "mhm", "mhmm", "mm-hmm", "mm-hm", "mm hmm", "uh-huh", "uh huh", "hmm", "uh", "um"),
         *("yeah", "yes", "yep", "yup", "ok", "okay", "right", "sure", "i see", "got it"),
         *("alright", "all right", "oh", "ah", "wow", "cool", "great", "nice", "true"),
         *("네", "예", "응", "음", "아", "어", "그렇군요", "그래요", "맞아요"),
@@ -62,6 +62,8 @@ BACKCHANNELS = frozenset(
         *("嗯", "对", "好"),
     }
 )
+#: as `words` makes them: the STT's "uh-huh" is compared as "uhhuh" (no punctuation, dashes)
+BACKCHANNELS = frozenset(" ".join(words(b)) for b in _BACKCHANNEL_WORDS)
 
 
 #: What someone picking up says before they know who calls: the greeting answers it.
@@ -77,6 +79,8 @@ def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
     said = words(text)
     if not said or len(said) > 4:
         return False
+    if extra:
+        extra = tuple(" ".join(words(e)) for e in extra)  # compared as `words` makes them
     if " ".join(said) in BACKCHANNELS or " ".join(said) in extra:
         return True
     return all(w in BACKCHANNELS or w in extra for w in said)
