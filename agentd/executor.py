@@ -678,7 +678,8 @@ def _abandon_says(
         queue.clear()
         queue.extend(kept)
     saying = lanes.saying
-    # a flush then a stop: the say is being cut already (a second cancel would end the lane)
+    # a second stop of the session: the say is being cut already (another cancel would end
+    # the lane)
     cut = (
         in_flight
         and saying is not None
