@@ -93,9 +93,11 @@ class Sessions(CallCore):
             s = self.settings
             if not event.ok:
                 # over, and VoIPBIN did not list them: looked for again, as a stop is retried
-                self.ledger.sweep_failures += 1
-                if self.ledger.sweep_failures < s.max_stop_attempts:
-                    delay = backoff(s.retry_s, self.ledger.sweep_failures, s.watch_max_s)
+                # (counted apart from the speakings' sweep, which may be failing at the same end)
+                self.ledger.transcribe_sweep_failures += 1
+                failures = self.ledger.transcribe_sweep_failures
+                if failures < s.max_stop_attempts:
+                    delay = backoff(s.retry_s, failures, s.watch_max_s)
                     return [StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), delay)]
                 cmds.append(self._error("transcribe sweep failed", 0))
             self.ledger.transcribes_to_sweep = False

@@ -96,6 +96,7 @@ class Ledger:
         "sweep_failures",
         "sweep_needed",
         "sweeping",
+        "transcribe_sweep_failures",
         "transcribes_to_sweep",
         "transcribes_unsure",
     )
@@ -119,6 +120,7 @@ class Ledger:
         # the call ended while that was so: its transcribes are looked for once such a start
         # must have made its one (no hangup ends a transcribe made after it); then it is done
         self.transcribes_to_sweep = False
+        self.transcribe_sweep_failures = 0  # its lists failed, in a row (the speakings' apart)
 
     def state(self, sid: str) -> StopState:
         """The stop state of session `sid`."""
