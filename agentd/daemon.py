@@ -121,20 +121,12 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     creds = Credentials(
         accesskey=v.accesskey, token=v.token, username=v.username, password=v.password
     )
-    if not tool:
-        return VoipbinClient(
-            v.api_url, creds, rate_per_s=v.rate_per_s, burst=v.burst, timeout_s=v.timeout_s
-        )
-    rate, burst = tool_budget(v.rate_per_s, v.burst)
-    # someone waits at a terminal: a VoIPBIN that does not answer is said within seconds
-    return VoipbinClient(
-        v.api_url,
-        creds,
-        rate_per_s=rate,
-        burst=burst,
-        timeout_s=v.timeout_s,
-        deadline_s=TOOL_DEADLINE_S,
-    )
+    rate, burst = tool_budget(v.rate_per_s, v.burst) if tool else (v.rate_per_s, v.burst)
+    client = VoipbinClient(v.api_url, creds, rate_per_s=rate, burst=burst, timeout_s=v.timeout_s)
+    if tool:
+        # someone waits at a terminal: a VoIPBIN that does not answer is said within seconds
+        client.deadline_s = TOOL_DEADLINE_S
+    return client
 
 
 RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted

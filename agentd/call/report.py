@@ -171,7 +171,7 @@ class Report:
                 ms = cmd.data.get("first_say_ms")
                 if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:
                     self.first_say_ms.append(float(ms))
-            elif what is Kind.BARGE_IN and talked_over(cmd):
+            elif talked_over(cmd):
                 self.barge_ins += 1
             elif what is Kind.BACKCHANNEL:
                 self.backchannels += 1
