@@ -30,6 +30,7 @@ class TimerKind(enum.StrEnum):
     INCOMPLETE = "incomplete"  # the backend judged the caller unfinished: ask again, later
     GREET = "greet"  # the voice is up, the transcribe not yet: greet all the same
     SWEEP_TRANSCRIBES = "sweep_transcribes"  # a start cut short by a restart may have made one
+    PACE = "pace"  # the audio ahead has played down: send the next piece (aws)
 
 
 @dataclass(frozen=True, slots=True)

@@ -627,3 +627,80 @@ def test_a_session_given_up_on_is_kept_for_the_next_agentd_which_never_adopts_it
     again = Call.restore(snapshot, SETTINGS)
     assert "s1" in again.ledger.known()  # never adopted; its stop is sent once more
     assert StopSpeaking(CID, "s1") in again.resume(100.0)
+
+
+# -- aws: the pod's audio buffer ------------------------------------------------------------------
+
+AWS = replace(SETTINGS, tts_provider="aws", aws_ahead_s=2.0)  # 20 characters at 10/s
+
+
+def test_aws_says_go_out_as_the_audio_ahead_plays() -> None:
+    # aws.go: a /say whose audio does not fit the pod's buffer waits inside the request and
+    # answers 503 past the gateway's 3 s (test_platform shows the 503 against the simulator)
+    call = answered(AWS)
+    step(call, transcript("hello", "tr1"), 10)
+    assert step(call, ReplySentence(1, "One two three."), 10) == [
+        Say(CID, "s1", "One two three.", 1)
+    ]
+    # 1.4 s ahead: 1.4 s more does not fit until 0.8 s of it has played
+    assert step(call, ReplySentence(1, "Four five six."), 10) == [
+        StartTimer(CID, T("pace"), pytest.approx(0.8))
+    ]
+    assert step(call, ReplySentence(1, "Seven."), 10.1) == []  # behind it, in order
+    assert step(call, TimerFired(T("pace")), 10.8) == [
+        Say(CID, "s1", "Four five six.", 1),
+        StartTimer(CID, T("pace"), pytest.approx(0.6)),
+    ]
+    assert step(call, TimerFired(T("pace")), 11.4) == [Say(CID, "s1", "Seven.", 1)]
+
+
+def test_an_aws_sentence_longer_than_the_buffer_is_said_in_parts() -> None:
+    call = answered(AWS)
+    step(call, transcript("hello", "tr1"), 10)
+    cmds = step(call, ReplySentence(1, "a b c d e f g h i j k l m n o p q r s t u v w x y z"), 10)
+    assert cmds == [
+        Say(CID, "s1", "a b c d e f g h i j", 1),
+        StartTimer(CID, T("pace"), pytest.approx(1.8)),  # 1.9 s ahead, 1.9 s to come
+    ]
+    assert step(call, TimerFired(T("pace")), 11.8) == [
+        Say(CID, "s1", "k l m n o p q r s t", 1),
+        StartTimer(CID, T("pace"), pytest.approx(1.1)),
+    ]
+    assert step(call, TimerFired(T("pace")), 12.9) == [Say(CID, "s1", "u v w x y z", 1)]
+
+
+def test_a_barge_in_drops_the_aws_pieces_not_sent_yet() -> None:
+    call = answered(AWS)
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "One two three."), 10)
+    step(call, ReplySentence(1, "Four five six."), 10)
+    step(call, ReplySentence(1, "Seven."), 10)
+    assert kinds(step(call, TimerFired(T("pace")), 10.8)) == ["Say", "StartTimer"]
+    cmds = step(call, interim("no wait stop"), 11.2)
+    assert records(cmds, Kind.BARGE_IN) and Flush(CID, "s1") in cmds
+    assert step(call, TimerFired(T("pace")), 11.4) == []  # "Seven." is dropped
+    assert call.history.pairs()[-1] == ("assistant", "One two —")
+
+
+def test_aws_pieces_not_sent_yet_wait_for_the_next_session_in_order() -> None:
+    call = answered(AWS)
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "One two three."), 10)
+    step(call, ReplySentence(1, "Four five six."), 10)
+    cmds = step(call, SayFailed("s1", "One two three.", 1, 404), 10.1)
+    assert kinds(cmds) == ["StopSpeaking", "StartSpeaking"]
+    assert step(call, TimerFired(T("pace")), 10.8) == []  # no session to say it on
+    assert step(call, SpeakingStarted("s2", "active"), 11) == [
+        Say(CID, "s2", "One two three.", 1),
+        StartTimer(CID, T("pace"), pytest.approx(0.8)),
+    ]
+    assert step(call, TimerFired(T("pace")), 11.8) == [Say(CID, "s2", "Four five six.", 1)]
+
+
+def test_other_providers_get_every_sentence_at_once() -> None:
+    call = answered(replace(AWS, tts_provider="gcp"))
+    step(call, transcript("hello", "tr1"), 10)
+    step(call, ReplySentence(1, "One two three."), 10)
+    assert step(call, ReplySentence(1, "Four five six."), 10) == [
+        Say(CID, "s1", "Four five six.", 1)
+    ]

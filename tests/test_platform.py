@@ -155,6 +155,36 @@ async def test_tts_provider_aws_alone_works(sim: Simulator, agent: StartAgent) -
     await ends_clean(sim, daemon, call_id)
 
 
+# a reply of ~1.3 s of audio at the tests' playback speed, one of its sentences alone longer
+# than the aws buffer below (0.3 s, 120 characters)
+LONG_REPLY = (
+    "Sure. "
+    + "This sentence is only here to make the reply longer than the buffer. " * 4
+    + "And this one goes on and on, word after word and clause after clause, far longer than"
+    " the audio a tts pod holds ahead of its playback at one time, so it is said in parts. "
+)
+
+
+async def test_an_aws_reply_longer_than_the_pods_buffer_is_said_whole_without_a_503(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # aws.go: a say whose audio does not fit the pod's buffer waits inside its /say request,
+    # and one that waits past the gateway's budget answers 503 (while it plays all the same)
+    sim.settings.aws_buffer_s = 0.3
+    daemon = await agent(agent={"tts_provider": "aws"}, backend={"prefix": LONG_REPLY})
+    paced(daemon, aws_ahead_s=0.2)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line(Utterance("hello")))
+    await sim.wait_for(lambda: "hello." in agent_said(sim, call_id), 10)
+    statuses = [r.status for r in sim.requests_matching("POST", r"/say$")]
+    assert set(statuses) == {200}, statuses
+    assert len(statuses) > 4  # the reply went out in parts as the audio played
+    heard = " ".join(agent_said(sim, call_id)[1:])
+    assert heard == f"{LONG_REPLY}hello."  # the echo backend's prefix, then the words
+    assert Kind.SPEAKING_LOST not in kinds(daemon)
+    assert len(sim.requests_matching("POST", r"/speakings$")) == 1
+    await ends_clean(sim, daemon, call_id)
+
+
 async def test_a_barge_in_on_a_dead_pod_deletes_the_session_and_the_answer_is_heard(
     sim: Simulator, agent: StartAgent
 ) -> None:

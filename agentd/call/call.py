@@ -233,8 +233,8 @@ class Call(Recovery, Sessions, Listening):
     def _after_reply_timer(self, now: float) -> list[Command]:
         if self.after_reply is None:
             return []
-        if self.held or (self.playback.queued and not self.speaking.active):
-            # the goodbye has not gone out yet (held, or waiting for a new session)
+        if self.held or self.playback.paced or (self.playback.queued and not self.speaking.active):
+            # the goodbye has not gone out yet (held, waiting for room, or for a new session)
             wait = max(self.hold_until - now, self.settings.retry_s)
             return [StartTimer(self.id, Timer(TimerKind.AFTER_REPLY), wait)]
         if self.playback.talking(now) and self.playback.until > now:
@@ -320,4 +320,5 @@ _TIMERS: dict[TimerKind, Callable[[Call, float], list[Command]]] = {
     TimerKind.INCOMPLETE: Call.on_incomplete,
     TimerKind.GREET: Call._greet_timer,
     TimerKind.SWEEP_TRANSCRIBES: Call._sweep_transcribes_timer,
+    TimerKind.PACE: Call.say_paced,
 }

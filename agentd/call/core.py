@@ -42,6 +42,7 @@ from agentd.commands import (
 )
 from agentd.events import CallEvent, Event, SpeechEvent, TranscribeEvent, TranscriptEvent
 from agentd.names import TURN_TIMINGS, Action, EndCall, Kind, Timer, TimerKind, normalise_number
+from agentd.sentences import split_for_say
 
 # a step's type checks read these (tuples): `A | B` in an isinstance builds a union each time
 _FROM_VOIPBIN = (CallEvent, TranscriptEvent, SpeechEvent, TranscribeEvent)
@@ -307,6 +308,7 @@ class CallCore:
         transcribe on VoIPBIN's side: that one is awaited instead of stopped (`_await_end`)."""
         cmds = self._end_reply()
         self.playback.queued.clear()
+        self.playback.paced.clear()
         self.held.clear()
         for session in (self.speaking, self.transcribe):
             if session.id and (
@@ -498,6 +500,37 @@ class CallCore:
         if not self.speaking.active:
             self.playback.queued.append((turn, text))
             return []
+        s = self.settings
+        if s.tts_provider != "aws":
+            return self._say_now(text, turn, now)
+        # Polly's pod buffers s.aws_ahead_s and more of audio, no more: a /say that does not
+        # fit waits inside its request, and one that waits past the gateway's 3 s answers 503
+        # (plays all the same, but two count as a dead pod). So the text goes out in pieces
+        # that fit, each as the audio ahead of it plays (aws.go SayAdd)
+        most = max(1, int(s.aws_ahead_s * s.rate))
+        waiting = bool(self.playback.paced)  # then the pace timer runs already
+        self.playback.paced += [(turn, piece) for piece in split_for_say(text, max_chars=most)]
+        return [] if waiting else self.say_paced(now)
+
+    def say_paced(self, now: float) -> list[Command]:
+        """Send what waits for room in the aws buffer, as much as fits now (the `pace` timer)."""
+        p, s = self.playback, self.settings
+        cmds: list[Command] = []
+        while p.paced and self.speaking.active and self.phase.live:
+            turn, text = p.paced[0]
+            if turn not in (self.turns.turn, 0):
+                p.paced.pop(0)  # a reply the caller has moved on from
+                continue
+            ahead = p.remaining(now)
+            over = ahead + len(text) / s.rate - s.aws_ahead_s
+            if ahead > 0 and over > 0.01:  # timers fire a hair early
+                cmds.append(StartTimer(self.id, Timer(TimerKind.PACE), over))
+                break
+            p.paced.pop(0)
+            cmds += self._say_now(text, turn, now)
+        return cmds
+
+    def _say_now(self, text: str, turn: int, now: float) -> list[Command]:
         assert self.speaking.id is not None
         self.playback.play(turn, text, now, self.settings.rate, self.settings.say_latency_s)
         cmds: list[Command] = [Say(self.id, self.speaking.id, text, turn)]
@@ -513,7 +546,7 @@ class CallCore:
     def unsent(self) -> bool:
         """Sentences of the reply wait: held for the end of the caller's turn, or queued for a
         speaking session."""
-        return bool(self.held) or bool(self.playback.queued)
+        return bool(self.held) or bool(self.playback.queued) or bool(self.playback.paced)
 
     def _turn_record(self, now: float) -> Record:
         """The turn's timings, from the end of the caller's turn: their last words (answering

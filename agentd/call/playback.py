@@ -25,18 +25,20 @@ class Piece:
 class Playback:
     """The agent's estimated audio, and the says waiting for an active speaking session."""
 
-    __slots__ = ("pieces", "queued", "until")
+    __slots__ = ("paced", "pieces", "queued", "until")
 
     def __init__(self) -> None:
         self.pieces: list[Piece] = []
         self.until = 0.0  # when the last piece ends
         self.queued: list[tuple[int, str]] = []  # (turn, text) waiting for a session
+        # (turn, text) waiting for room in the session's audio buffer (aws): sent as it plays
+        self.paced: list[tuple[int, str]] = []
 
     def talking(self, now: float) -> bool:
-        """Audio is (estimated to be) playing, or says wait for a session.
+        """Audio is (estimated to be) playing, or says wait for a session or for room.
 
         No pad here: cutting audio that already ended costs a stop and a new session."""
-        return bool(self.queued) or now < self.until
+        return bool(self.queued) or bool(self.paced) or now < self.until
 
     def remaining(self, now: float) -> float:
         """Seconds until the audio sent so far has played."""
@@ -72,9 +74,12 @@ class Playback:
         return any(p.end > now for p in self.pieces)
 
     def lost(self, now: float) -> None:
-        """The speaking session is gone: nothing sent to it plays any more."""
+        """The speaking session is gone: nothing sent to it plays any more, and what waited
+        for room on it waits for the next one."""
         self.pieces = [p for p in self.pieces if p.end <= now]
         self.until = now
+        self.queued += self.paced
+        self.paced.clear()
 
     def cut(self, now: float, chars_per_s: float) -> dict[int, str]:
         """Stop everything at `now`; for each turn whose audio was cut, the text heard of it."""
@@ -91,6 +96,7 @@ class Playback:
                 if partial:
                     heard.setdefault(p.turn, []).append(partial + " —")
         self.queued.clear()
+        self.paced.clear()
         self.pieces = []
         self.until = now
         return {turn: " ".join(heard.get(turn, [])) for turn in cut_turns}

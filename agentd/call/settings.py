@@ -92,6 +92,10 @@ class CallSettings:
     cut_method: CutMethod | None = None  # None: flush for gcp and aws, else stop + new session
     chars_per_s: float = 0.0  # playback estimate; 0: by the language's script (`rate`)
     say_latency_s: float = 1.1  # /say → first audio, measured 0.9-1.3 s (docs/protocol.md §11)
+    # aws: the most audio sent ahead of playback. Its pod buffers 16.4 s (aws.go: 64 chunks
+    # of 0.256 s) and a /say that does not fit waits inside the request, answered 503 after
+    # the gateway's 3 s; the margin covers a voice slower than `rate` and a late /say
+    aws_ahead_s: float = 12.0
     playback_pad_s: float = 1.0
     history_limit: int = 40
     fallback_text: str = DEFAULT_FALLBACK

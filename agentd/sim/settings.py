@@ -51,6 +51,9 @@ class SimSettings:
     pod_rpc_timeout_s: float = 3.0
     #: How long the gateway's circuit breaker fails a pod's requests fast once it opened.
     pod_breaker_open_s: float = 30.0
+    #: ``aws.go``: the audio Polly's stream buffers ahead of playback (64 chunks of 0.256 s);
+    #: a say whose audio does not fit waits for room inside its ``/say`` request.
+    aws_buffer_s: float = 64 * 4096 / 16000
     #: tts-manager replicas new speakings are spread over (round robin).
     tts_pods: int = 2
     # -- STT (stt.py)

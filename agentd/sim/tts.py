@@ -71,9 +71,6 @@ _GCP_STREAMING_VOICE = re.compile(r"[a-z]{2,3}-[A-Z]{2}-(?:Chirp3-HD|Journey)-[A
 #: ``aws.go``: Polly audio is read in 4,096-byte chunks of 8 kHz 16-bit PCM, 0.256 s each; the
 #: chunk being written when a flush drains the rest still plays out.
 AWS_CHUNK_S = 4096 / 16000
-#: ``aws.go``: the audio channel holds 64 chunks; a say whose audio does not fit waits inside
-#: ``SayAdd`` (so inside the ``/say`` request) until the channel drains.
-AWS_BUFFER_S = 64 * AWS_CHUNK_S
 
 #: ``bin-common-handler/pkg/circuitbreakerhandler/option.go``: consecutive failures per target
 #: queue (one per pod) before the gateway fails that pod's requests fast for ``openDuration``.
@@ -354,7 +351,7 @@ class Tts:
         item = spk.current
         if item is not None and item.line is not None:
             ahead += max(0.0, item.line.t_start + self.duration(item.text) - now)
-        return max(0.0, ahead + self.duration(text) - AWS_BUFFER_S)
+        return max(0.0, ahead + self.duration(text) - self.world.settings.aws_buffer_s)
 
     def _audible(self, spk: SimSpeaking) -> bool:
         call = self.world.calls.get(spk.reference_id)
