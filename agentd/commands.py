@@ -397,10 +397,11 @@ class HangupDone:
 @dataclass(frozen=True, slots=True)
 class TranscribesFound:
     """`SweepTranscribes` ran: the live transcribes of the call besides the one it keeps;
-    not `ok` when VoIPBIN could not list them."""
+    not `ok` when VoIPBIN could not list them (`status`: its HTTP status, 0 for no answer)."""
 
     ids: tuple[str, ...]
     ok: bool = True
+    status: int = 0
 
 
 @dataclass(frozen=True, slots=True)

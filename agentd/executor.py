@@ -379,7 +379,7 @@ class Executor:
             live = await self.client.live_transcribes(cmd.call_id, cmd.language)
         except ApiError as e:
             log.warning("sweep.failed", error=str(e))
-            return TranscribesFound((), ok=False)
+            return TranscribesFound((), ok=False, status=e.status)
         return TranscribesFound(tuple(t for t in live if t != cmd.keep))
 
     async def _stop_transcribe(self, cmd: StopTranscribe) -> Result:

@@ -706,6 +706,29 @@ def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_
     assert kinds(step(again, Stopped("transcribe", "t9", True), 131.2))[-1] == "Finished"
 
 
+def test_a_transcribe_sweep_waits_out_an_outage_and_gives_up_on_refusals() -> None:
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    step(call, SpeakingStarted("s1", "active"), 0)
+    again = Call.restore(call.snapshot(), SETTINGS)
+    again.resume(100)
+    step(again, status("hangup"), 100.05)
+    step(again, TranscribeFailed(404, NOT_FOUND), 100.1)
+    step(again, Stopped("speaking", "s1", True), 100.2)
+    step(again, SweepDone(True), 100.3)
+    limit = SETTINGS.max_stop_attempts
+    # VoIPBIN unreachable or failing (no answer, 503) far past the refusals' limit: the
+    # transcribe a cut-short start may have made is still looked for
+    for i in range(limit + 3):
+        cmds = step(again, TranscribesFound((), ok=False, status=(0, 503)[i % 2]), 130 + i)
+        assert kinds(cmds) == ["StartTimer"], i
+    # a refusal, though: no retry changes it, given up loudly
+    cmds = step(again, TranscribesFound((), ok=False, status=403), 140)
+    [error] = [c for c in cmds if isinstance(c, Record) and c.what is Kind.ERROR]
+    assert error.data["what"] == "transcribe sweep failed" and error.data["status"] == 403
+    assert kinds(cmds)[-1] == "Finished"
+
+
 def test_a_quiet_call_is_checked_over_rest_with_backoff() -> None:
     call = Call(CID, SETTINGS)
     cmds = call.handle(status("ringing"), 0)

@@ -92,14 +92,15 @@ class Sessions(CallCore):
         if self.ledger.transcribes_to_sweep:
             s = self.settings
             if not event.ok:
-                # over, and VoIPBIN did not list them: looked for again, as a stop is retried
+                # over, and VoIPBIN did not list them: looked for again as a stop is retried,
+                # through an outage however long, given up after `max_stop_attempts` refusals
                 # (counted apart from the speakings' sweep, which may be failing at the same end)
                 self.ledger.transcribe_sweep_failures += 1
                 failures = self.ledger.transcribe_sweep_failures
-                if failures < s.max_stop_attempts:
+                if failures < s.max_stop_attempts or outage(event.status):
                     delay = backoff(s.retry_s, failures, s.watch_max_s)
                     return [StartTimer(self.id, Timer(TimerKind.SWEEP_TRANSCRIBES), delay)]
-                cmds.append(self._error("transcribe sweep failed", 0))
+                cmds.append(self._error("transcribe sweep failed", event.status))
             self.ledger.transcribes_to_sweep = False
             cmds += self._maybe_finished()
         return cmds
