@@ -450,6 +450,30 @@ def test_a_conflict_whose_transcribe_is_never_found_is_paced_then_given_up() -> 
     assert error.data["what"] == "transcribe failed" and kinds(cmds) == []
 
 
+def test_conflicts_whose_finds_get_no_answer_are_retried_through_the_outage() -> None:
+    # a create that took effect but answered 503, then 409 on every create while listing the
+    # transcribes fails (an outage of GET /transcribes): no sign the transcribe is missing
+    call = Call(CID, SETTINGS)
+    step(call, status("progressing"), 0)
+    retry = T("retry_transcribe")
+    for n in range(1, 3 * SETTINGS.max_attempts):
+        assert kinds(step(call, TranscribeFailed(409, "TRANSCRIBE_ALREADY_PROGRESSING"), n)) == [
+            "FindTranscribe"
+        ]
+        assert kinds(step(call, TranscribeFailed((0, 503)[n % 2], "down"), n + 0.1)) in (
+            ["StartTimer"],
+            ["Record", "StartTimer"],  # transcribe_down, once
+        )
+        assert kinds(step(call, TimerFired(retry), n + 0.5)) == ["StartTranscribe"]
+    assert not call.transcribe_refused
+    assert step(call, TranscribeFailed(409, "TRANSCRIBE_ALREADY_PROGRESSING"), 50) == [
+        FindTranscribe(CID, "en-US", frozenset())
+    ]
+    [back] = step(call, TranscribeStarted("t9"), 50.1)  # listed at last: adopted
+    assert isinstance(back, Record) and back.what is Kind.TRANSCRIBE_RESTARTED
+    assert call.transcribe_id == "t9"
+
+
 def test_a_failed_stop_is_retried_until_confirmed() -> None:
     call = answered()
     step(call, TranscribeEvent("t1", "call", CID, "done"), 5)  # ended by itself

@@ -127,6 +127,10 @@ class Sessions(CallCore):
                 delay = s.retry_s * self.transcribe_409s
                 return [StartTimer(self.id, Timer(TimerKind.RETRY_TRANSCRIBE), delay)]
             return [WriteAhead(self.id), StartTranscribe(self.id, s.language, s.stt_provider)]
+        if outage(event.status) and self.transcribe_409s:
+            # the find after a 409 got no answer: that 409 says nothing of a transcribe never
+            # found, and an outage is paced (below) however long it lasts
+            self.transcribe_409s -= 1
         t.failed(now)
         if not outage(event.status) and t.attempts >= s.max_attempts:
             return self._transcribe_refused(event)
