@@ -697,9 +697,9 @@ def test_a_transcribe_start_cut_short_by_a_restart_is_looked_for_and_stopped() -
     assert not [c for c in cmds if isinstance(c, StartTimer)]
 
 
-def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_finished() -> None:
-    # the caller hung up in the restart's gap: the last agentd's transcribe start, still under
-    # way at VoIPBIN, may make one after the hangup, and no hangup would ever end that one
+def _over_before_its_transcribe_sweep() -> tuple[Call, list[object]]:
+    """A call restored while its transcribe was being started, whose caller hung up in the
+    restart's gap: its speaking is stopped and swept, its transcribe sweep still to come."""
     call = Call(CID, SETTINGS)
     step(call, status("progressing"), 0)
     step(call, SpeakingStarted("s1", "active"), 0)
@@ -709,6 +709,13 @@ def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_
     cmds += step(again, TranscribeFailed(404, NOT_FOUND), 100.1)
     cmds += step(again, Stopped("speaking", "s1", True), 100.2)
     cmds += step(again, SweepDone(True), 100.3)  # its speakings' sweep
+    return again, cmds
+
+
+def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_finished() -> None:
+    # the caller hung up in the restart's gap: the last agentd's transcribe start, still under
+    # way at VoIPBIN, may make one after the hangup, and no hangup would ever end that one
+    again, cmds = _over_before_its_transcribe_sweep()
     assert "Finished" not in kinds(cmds)
     [sweep] = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("sweep_transcribes")]
     assert sweep.delay_s >= 10
@@ -731,15 +738,7 @@ def test_a_restored_call_over_before_its_transcribe_sweep_is_swept_before_it_is_
 
 
 def test_a_transcribe_sweep_waits_out_an_outage_and_gives_up_on_refusals() -> None:
-    call = Call(CID, SETTINGS)
-    step(call, status("progressing"), 0)
-    step(call, SpeakingStarted("s1", "active"), 0)
-    again = Call.restore(call.snapshot(), SETTINGS)
-    again.resume(100)
-    step(again, status("hangup"), 100.05)
-    step(again, TranscribeFailed(404, NOT_FOUND), 100.1)
-    step(again, Stopped("speaking", "s1", True), 100.2)
-    step(again, SweepDone(True), 100.3)
+    again, _ = _over_before_its_transcribe_sweep()
     limit = SETTINGS.max_stop_attempts
     # VoIPBIN unreachable or failing (no answer, 503) far past the refusals' limit: the
     # transcribe a cut-short start may have made is still looked for
