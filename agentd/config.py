@@ -54,6 +54,10 @@ class VoipbinConfig:
     rate_per_s: float
     burst: int
     timeout_s: float
+    # with the stream up, how often the newest page of calls is read for an answered call of
+    # ours whose every event was lost (a subscription still taking effect, a client 2,000
+    # messages behind): nothing else would find it. 0: only after each subscribe
+    find_calls_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,7 @@ _SCHEMA: dict[str, dict[str, tuple[TypeSpec, Any]]] = {
         "rate_per_s": (NUMBER, DEFAULT_RATE_PER_S),
         "burst": (int, DEFAULT_BURST),
         "timeout_s": (NUMBER, 10.0),
+        "find_calls_s": (NUMBER, 10.0),
     },
     "agent": {
         "numbers": (list, []),
@@ -639,6 +644,7 @@ def _voipbin(v: dict[str, Any], env: Mapping[str, str]) -> VoipbinConfig:
         rate_per_s=v["rate_per_s"],
         burst=int(v["burst"]),
         timeout_s=v["timeout_s"],
+        find_calls_s=v["find_calls_s"],
     )
 
 

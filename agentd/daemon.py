@@ -520,6 +520,51 @@ class Daemon:
             if call.transcribe_id and call.phase.live:
                 self._execute(call.id, [FetchTranscripts(call.id, call.transcribe_id)])
 
+    async def _find_calls_loop(self, every_s: float) -> None:
+        """With the stream up, read the newest page of calls every `every_s`: an answered call
+        of ours whose every event was lost (a subscription still taking effect, a client 2,000
+        messages behind) is found by nothing else, and its caller would hear silence until
+        VoIPBIN's one-hour cap. One request each time, the budget's lowest priority."""
+        while self.dispatcher.accepting:
+            await asyncio.sleep(every_s)
+            reconciling = self._reconciling is not None and not self._reconciling.done()
+            if not self.stream.ready.is_set() or reconciling:
+                continue  # the next subscribe reconciles, or the one running finds them
+            try:
+                found = await self.client.recent_calls(max_pages=1)
+            except ApiError as exc:
+                log.warning("find_calls.failed", error=str(exc), retry_in_s=every_s)
+                continue
+            except Exception:  # a bug here must not end the look for the rest of the run
+                log.exception("find_calls.crashed")
+                continue
+            self._found_calls(found)
+
+    def _found_calls(self, found: list[dict[str, Any]]) -> None:
+        """Calls read from VoIPBIN outside a reconcile: take up those answered we never saw,
+        end those of ours hung up (their call_hangup may have been lost as well: the watch
+        would find out only after `agent.watch_s` of quiet)."""
+        calls = self.dispatcher.calls
+        for raw in found:
+            event = event_of(raw)
+            if not isinstance(event, CallEvent):
+                continue
+            status, call_id = event.call.status, event.call.id
+            if status == "hangup" and call_id in calls:
+                self.dispatcher.on_event(replace(event, checked=True))  # final: never stale
+                continue
+            if status != "progressing" or not self.dispatcher.unheard_of(call_id):
+                continue  # (not counted again as ignored every time it is listed)
+            if not self.dispatcher.accepting:
+                return
+            self.dispatcher.on_event(replace(event, checked=True))
+            if call_id in calls:
+                log.warning(
+                    "call.missed",
+                    call_id=call_id,
+                    why="answered, and none of its events came: found by the look for calls",
+                )
+
     async def _recent_calls(self) -> list[dict[str, Any]] | None:
         """The account's recent calls, asked for again after each failure while the stream is up
         and new calls are taken; None once it is not (the next subscribe reconciles anew).
@@ -571,13 +616,7 @@ class Daemon:
         stream_task = loop.create_task(self.stream.run())
         # the stream only ends by itself on a fatal refusal: stop rather than serve nothing
         stream_task.add_done_callback(lambda _: self._stop.set())
-        helpers += [
-            loop.create_task(self._heartbeat(stream_task)),
-            loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
-        ]
-        if self.persister is not None and self.config.store_keep_days > 0:
-            keep = self.config.store_keep_days
-            helpers.append(loop.create_task(retention_loop(self.persister.store, keep)))
+        helpers += self._background(stream_task)
         try:
             await self._stop.wait()
         finally:
@@ -608,6 +647,21 @@ class Daemon:
         fatal = None if stream_task.cancelled() else stream_task.exception()
         if isinstance(fatal, PermissionDenied):
             raise fatal
+
+    def _background(self, stream_task: asyncio.Task[None]) -> list[asyncio.Task[None]]:
+        """The loops that run beside the stream until the stop: cancelled at its start."""
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._heartbeat(stream_task)),
+            loop.create_task(watchdog_loop(self.notifier, self.progress.fresh_within(5.0))),
+        ]
+        every_s = self.config.voipbin.find_calls_s
+        if every_s > 0:
+            tasks.append(loop.create_task(self._find_calls_loop(every_s)))
+        if self.persister is not None and self.config.store_keep_days > 0:
+            keep = self.config.store_keep_days
+            tasks.append(loop.create_task(retention_loop(self.persister.store, keep)))
+        return tasks
 
     def _replica(self, store: PgStore) -> Replica:
         """This process as one of the replicas sharing `store`."""

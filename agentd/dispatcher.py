@@ -141,6 +141,15 @@ class Dispatcher:
         if call is not None:
             self._step(call, result)
 
+    def unheard_of(self, call_id: str) -> bool:
+        """A call never seen here: not served, ended, another's, or left to another replica."""
+        return not (
+            call_id in self.calls
+            or call_id in self._ended
+            or call_id in self._others
+            or call_id in self._foreign
+        )
+
     def is_ours(self, info: CallInfo) -> bool:
         """Calls to or from one of our numbers (every call when no numbers are configured)."""
         if not self.numbers:

@@ -234,6 +234,53 @@ async def test_a_transcript_with_a_lone_surrogate_escape_is_answered(
     await ends_clean(sim, daemon, call_id)
 
 
+# -- lost events ----------------------------------------------------------------------------------
+
+
+def calls_listed(sim: Simulator) -> int:
+    return len(sim.requests_matching("GET", r"/calls$"))
+
+
+async def test_a_new_call_whose_events_were_all_lost_with_the_stream_up_is_found(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # "a client more than 2,000 messages behind loses events silently" (docs/protocol.md):
+    # every event of the call is lost, the stream stays up, no reconcile runs
+    daemon = await agent(voipbin={"find_calls_s": 0.3})
+    await sim.wait_for(lambda: calls_listed(sim) >= 1, 5)  # the subscribe's reconcile is done
+    sim.faults.lose_rate = 1.0
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await sim.wait_for(lambda: sim.get_call(call_id).action.get("type") == "sleep", 5)
+    sim.faults.lose_rate = 0.0  # answered, and all of it lost
+    connects = daemon.stream.stats.connects
+    await greeted(sim, call_id)
+    assert daemon.stream.stats.connects == connects  # found without a new subscribe
+    await sim.caller_says(call_id, "anyone there")
+    await sim.wait_for(lambda: f"{ECHO}anyone there." in agent_said(sim, call_id), 10)
+    assert agent_said(sim, call_id).count(DEFAULT_GREETING) == 1
+    await ends_clean(sim, daemon, call_id)
+
+
+async def test_a_call_answered_and_hung_up_before_the_subscription_took_effect_is_served(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # "subscriptions take effect asynchronously": here later than the reconcile that follows
+    # the subscribe, and the call is answered in between
+    daemon = await agent(voipbin={"find_calls_s": 0.3})
+    sim.settings.subscribe_bind_s = 1.0
+    connects = daemon.stream.stats.connects
+    listed = calls_listed(sim)
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 10)
+    await sim.wait_for(lambda: calls_listed(sim) > listed, 5)  # the reconcile, before the bind
+    assert not all(c.subscriptions for c in sim.ws_connections if not c.closed)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    # hung up before the subscription took effect either: its call_hangup is lost too
+    assert not all(c.subscriptions for c in sim.ws_connections if not c.closed)
+    await ends_clean(sim, daemon, call_id)
+
+
 # -- STT ------------------------------------------------------------------------------------------
 
 
