@@ -541,17 +541,20 @@ class Daemon:
             self._found_calls(found)
 
     def _found_calls(self, found: list[dict[str, Any]]) -> None:
-        """Calls read from VoIPBIN outside a reconcile: take up those answered we never saw,
-        end those of ours hung up (their call_hangup may have been lost as well: the watch
-        would find out only after `agent.watch_s` of quiet)."""
+        """Calls read from VoIPBIN outside a reconcile: take up those answered we never saw;
+        answer or end those of ours whose `progressing` or `call_hangup` was lost as well (the
+        watch would find out only after `agent.watch_s` of quiet)."""
         calls = self.dispatcher.calls
         for raw in found:
             event = event_of(raw)
             if not isinstance(event, CallEvent):
                 continue
             status, call_id = event.call.status, event.call.id
-            if status == "hangup" and call_id in calls:
-                self.dispatcher.on_event(replace(event, checked=True))  # final: never stale
+            known = calls.get(call_id)
+            if known is not None:
+                # a hangup is final, an answer news to a call still ringing: neither is stale
+                if status == "hangup" or (status == "progressing" and known.phase.ringing):
+                    self.dispatcher.on_event(replace(event, checked=True))
                 continue
             if status != "progressing" or not self.dispatcher.unheard_of(call_id):
                 continue  # (not counted again as ignored every time it is listed)

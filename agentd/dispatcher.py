@@ -31,7 +31,6 @@ from agentd.names import normalise_number
 
 log = logs.get_logger("agentd.dispatcher")
 
-_PRE_ANSWER = (Phase.NEW, Phase.DIALING, Phase.RINGING)
 # a tuple: `A | B` in an isinstance builds a union on every call (per command, per step)
 _TIMERS = (StartTimer, CancelTimer)
 
@@ -109,7 +108,7 @@ class Dispatcher:
                     self.counters["foreign"] += 1
                     return
                 call = self.calls.get(info.id)
-                if call is not None and info.master_call_id and call.phase in _PRE_ANSWER:
+                if call is not None and info.master_call_id and call.phase.ringing:
                     self._release(call)
                     return
                 call = call or self._adopt(info)

@@ -261,6 +261,19 @@ async def test_a_new_call_whose_events_were_all_lost_with_the_stream_up_is_found
     await ends_clean(sim, daemon, call_id)
 
 
+async def test_a_ringing_call_whose_answer_was_lost_is_greeted_before_its_watch(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await agent(voipbin={"find_calls_s": 0.3})  # agent.watch_s stays 20 s
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line(), answer_after_s=1.0)
+    await sim.wait_for(lambda: call_id in daemon.dispatcher.calls, 5)  # ringing, heard
+    sim.faults.lose_rate = 1.0
+    await sim.wait_for(lambda: sim.get_call(call_id).action.get("type") == "sleep", 5)
+    sim.faults.lose_rate = 0.0  # answered, and its call_updated lost
+    await greeted(sim, call_id)
+    await ends_clean(sim, daemon, call_id)
+
+
 async def test_a_call_answered_and_hung_up_before_the_subscription_took_effect_is_served(
     sim: Simulator, agent: StartAgent
 ) -> None:

@@ -34,6 +34,11 @@ class Phase(enum.Enum):
         return self in (Phase.ANSWERED, Phase.ACTIVE)
 
     @property
+    def ringing(self) -> bool:
+        """Not answered yet."""
+        return self in (Phase.NEW, Phase.DIALING, Phase.RINGING)
+
+    @property
     def over(self) -> bool:
         """Ending or ended."""
         return self in (Phase.ENDING, Phase.ENDED)
