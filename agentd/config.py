@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -436,9 +437,21 @@ def _check(section: str, key: str, value: Any) -> Any:
     if choices and value not in choices:
         names = ", ".join(c or '"" (VoIPBIN\'s default)' for c in choices)
         raise ConfigError(f"{section}.{key}: {value!r} is not one of {names}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"{section}.{key}: must not be negative")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # TOML and float() read nan and inf: a nan compares false to every deadline, so a
+        # timer armed with it never fires and one compared with it is never due
+        if not math.isfinite(value):
+            raise ConfigError(f"{section}.{key}: must be a finite number, got {value}")
+        if value < 0:
+            raise ConfigError(f"{section}.{key}: must not be negative")
+        if value == 0 and (section, key) in _POSITIVE:
+            raise ConfigError(f"{section}.{key}: must be more than 0 (0 would mean no limit)")
     return value
+
+
+# keys where 0 means nothing sensible: a timeout of 0 is none at all to aiohttp (a request
+# that never answers hangs for ever), and every backend reply would fail at once
+_POSITIVE = frozenset({("voipbin", "timeout_s"), ("backend", "timeout_s")})
 
 
 def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:

@@ -234,6 +234,10 @@ def test_a_bom_is_stripped_and_a_non_ascii_key_refused_unechoed(tmp_path: Path) 
         (("[voipbin]", "[voipbin]\nburst = -1"), "voipbin.burst: must not be negative"),
         (("[agent]", "[agent"), "not valid TOML"),
         (("[agent]", "[agent]\nchars_per_s = -1"), "agent.chars_per_s: must not be negative"),
+        (("[agent]", "[agent]\nsilence_s = nan"), "agent.silence_s: must be a finite number"),
+        (("[agent]", "[agent]\nmax_call_s = inf"), "agent.max_call_s: must be a finite number"),
+        (("[voipbin]", "[voipbin]\ntimeout_s = 0"), "voipbin.timeout_s: must be more than 0"),
+        (('kind = "echo"', 'kind = "echo"\ntimeout_s = 0'), "backend.timeout_s: must be more"),
         (('kind = "echo"', 'kind = "http"'), "backend.url: the http backend needs the URL"),
         (('kind = "echo"', 'kind = "python"'), "backend.callable: expected 'module:function'"),
         (
@@ -256,6 +260,12 @@ def test_mistakes_name_the_key(tmp_path: Path, change: tuple[str, str], message:
     with pytest.raises(ConfigError, match=None) as info:
         load(write(tmp_path, GOOD.replace(*change)), env={})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+def test_a_number_from_the_environment_must_be_finite(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.end_of_turn_s: must be a finite number"):
+        load(write(tmp_path, GOOD), env={"AGENTD_AGENT_END_OF_TURN_S": raw})
 
 
 NUMBERS = 'numbers = ["+15551234567"]'
