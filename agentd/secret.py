@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Final
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 _MASK: Final = "***"
 _known: set[str] = set()
@@ -84,10 +85,24 @@ def redact(text: str) -> str:
 def learn_url(url: str) -> None:
     """Register the password and every query value of a configured URL as secrets: a service
     may take its key in the URL (`?code=` for Azure Functions), and an error that quotes the
-    URL (a redirect loop, a bad redirect) must not show it."""
+    URL (a redirect loop, a bad redirect) must not show it. Its user part is sent as
+    `Authorization: Basic base64(user:password)`, which a server may echo in an error body:
+    that form is a secret too, and a user alone is a token."""
     parts = urlsplit(url)
     if parts.password:
         Secret(parts.password)
+        Secret(unquote(parts.password))
+    elif parts.username:
+        Secret(parts.username)
+        Secret(unquote(parts.username))
+    if parts.username is not None:
+        # as aiohttp sends it (BasicAuth.from_url: the decoded parts, latin-1 by default)
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        for encoding in ("latin-1", "utf-8"):
+            try:
+                Secret(base64.b64encode(pair.encode(encoding)).decode("ascii"))
+            except UnicodeEncodeError:
+                continue
     for _, value in parse_qsl(parts.query, keep_blank_values=False):
         Secret(value)
 

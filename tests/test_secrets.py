@@ -158,6 +158,57 @@ async def test_a_key_in_the_backend_url_never_shows(captured_logs: io.StringIO) 
     assert "code=***" in shown and key not in shown
 
 
+@pytest.mark.parametrize("userinfo", ["bob:SECRETPW99", "SECRETPW99"])
+async def test_the_basic_auth_of_a_backend_url_never_shows(
+    captured_logs: io.StringIO, userinfo: str
+) -> None:
+    # a user part in the URL goes out as `Authorization: Basic base64(user:password)`; a
+    # server that echoes its request headers in an error body must not make it show
+    import base64
+
+    from aiohttp import web
+
+    from agentd.backends.http import HttpBackend
+    from agentd.backends.wire import BackendError
+
+    async def echo_headers(request: web.Request) -> web.Response:
+        return web.Response(status=500, text=f"boom {request.headers.get('Authorization')}")
+
+    app = web.Application()
+    app.router.add_post("/err", echo_headers)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://{userinfo}@127.0.0.1:{port}/err"
+    try:
+        config = load(
+            None,
+            env={},
+            overrides={
+                "voipbin": {"accesskey": "vb_unit_test_key"},
+                "agent": {"numbers": ["*"]},
+                "backend": {"kind": "http", "url": url},
+            },
+        )
+        backend = HttpBackend(url=config.backend.url, api_key=None, timeout_s=5)
+        with pytest.raises(BackendError) as info:
+            async for _ in backend.reply("c1", [("user", "hi")]):
+                pass
+        await backend.aclose()
+    finally:
+        await runner.cleanup()
+    raw = str(info.value)
+    pair = userinfo if ":" in userinfo else f"{userinfo}:"
+    encoded = base64.b64encode(pair.encode()).decode()
+    assert "boom Basic ***" in raw  # the server did echo it, masked already in the error
+    structlog.get_logger().error("backend_failed", error=raw)
+    assert logs.flush()
+    shown = f"{captured_logs.getvalue()} {redact(raw)}"
+    assert "boom" in shown and encoded not in shown and "SECRETPW99" not in shown
+
+
 @pytest.mark.parametrize(
     "url",
     [
