@@ -131,3 +131,24 @@ def test_a_reply_retracted_because_the_caller_went_on_is_no_interruption() -> No
         ]
     )
     assert report.data(turns=2)["barge_ins"] == 1
+
+
+def test_a_restored_call_s_duration_counts_from_its_answer_before_the_restart() -> None:
+    from agentd.call import Call
+    from tests.test_call import SETTINGS
+
+    call = answered()
+    data = call.snapshot()
+    data["age_s"] = 30.0  # what the store says: answered 30 s before the restart
+    again = Call.restore(data, SETTINGS)
+    again.resume(100)
+    again.handle(status("hangup"), 104)
+    assert again.report.data(turns=0, restored=True)["duration_s"] == 34.0
+    # a call still ringing at the restart was not answered before it
+    ringing = Call(CID, SETTINGS)
+    step(ringing, status("ringing"), 0)
+    data = ringing.snapshot()
+    data["age_s"] = 30.0
+    later = Call.restore(data, SETTINGS)
+    later.resume(100)
+    assert later.report.answered_at is None

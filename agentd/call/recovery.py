@@ -153,6 +153,10 @@ class Recovery(CallCore):
         # the caller's last words were timed on the dead process's clock: their silence counts
         # from here (else the first reprompt would report them quiet for the host's uptime)
         self.last_caller = now
+        if self.age_s > 0 and (self.phase.live or self.greeted or self.speaking.id is not None):
+            # answered before the restart: its duration counts from then (the store's age of
+            # the call), not from this process's first sight of it
+            self.report.answered(now - self.age_s)
         self._restored(now)
         cmds: list[Command] = [
             CheckCall(self.id),
