@@ -317,16 +317,24 @@ def load(
 ) -> Config:
     """Read, merge and validate the configuration; raise `ConfigError` on any mistake."""
     env = os.environ if env is None else env
-    data = _read_toml(path) if path is not None else {}
-    # overrides (the demo, tests) are checked like the file: a typo there must not pass either
-    merged = _validate(_merge(_validate(data), overrides or {}))
-    # only a path in the config conflicts with a url (AGENTD_STORE_PATH may be a leftover of an
-    # older unit, which set it)
-    path_in_file = "path" in merged["store"]
-    _apply_env(merged, env)
-    if "path" not in merged["store"]:
-        merged["store"]["path"] = default_store_path(env)
-    return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
+    try:
+        data = _read_toml(path) if path is not None else {}
+        # overrides (the demo, tests) are checked like the file: a typo there must not pass
+        merged = _validate(_merge(_validate(data), overrides or {}))
+        # only a path in the config conflicts with a url (AGENTD_STORE_PATH may be a leftover
+        # of an older unit, which set it)
+        path_in_file = "path" in merged["store"]
+        _apply_env(merged, env)
+        if "path" not in merged["store"]:
+            merged["store"]["path"] = default_store_path(env)
+        return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
+    except ConfigError as exc:
+        # a misspelt variable is most often why a setting is missing: say so with the error
+        # (a config that loads shows it among its warnings instead)
+        unknown = _unknown_env(env)
+        if not unknown:
+            raise
+        raise ConfigError(f"{exc}; {'; '.join(unknown)}") from None
 
 
 STORE_NAME = "agentd.db"

@@ -268,6 +268,16 @@ def test_a_number_from_the_environment_must_be_finite(tmp_path: Path, raw: str) 
         load(write(tmp_path, GOOD), env={"AGENTD_AGENT_END_OF_TURN_S": raw})
 
 
+def test_a_misspelt_variable_is_named_in_the_error_it_causes(tmp_path: Path) -> None:
+    without_key = GOOD.replace('accesskey = "vb_testkey123"', "")
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, without_key), env={"AGENTD_VOIPBIN_ACESSKEY": "vb_misspelt_key"})
+    message = str(info.value)
+    assert message.startswith("voipbin: no credentials")
+    assert "did you mean AGENTD_VOIPBIN_ACCESSKEY?" in message
+    assert "vb_misspelt_key" not in message
+
+
 NUMBERS = 'numbers = ["+15551234567"]'
 
 
