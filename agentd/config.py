@@ -566,6 +566,34 @@ def _find_secret(
     return None, ""
 
 
+def _shadowed_secrets(m: dict[str, dict[str, Any]], env: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning for each secret given more than one way, naming the one used: the others
+    were ignored without a word (a stale key in the file beating a rotated credential)."""
+    out = []
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    given: dict[str, list[str]] = {}
+    for name, (section, key) in _CREDENTIALS.items():
+        v = m.get(section, {})
+        ways = given[f"{section}.{key}"] = [
+            f"{section}.{k}" for k in (key, f"{key}_file") if v.get(k)
+        ]
+        if creds and _holds_something(Path(creds) / name):
+            ways.append(f"the systemd credential {name}")
+        if len(ways) > 1:
+            out.append(f"{ways[0]} is used, {' and '.join(ways[1:])} ignored: keep one")
+    if given["voipbin.token"] and given["voipbin.accesskey"]:
+        out.append("voipbin: a token and an access key are both set: the token is used")
+    return tuple(out)
+
+
+def _holds_something(path: Path) -> bool:
+    """A credential file that is there and not blank (the unit loads every one it knows)."""
+    try:
+        return bool(path.read_bytes().strip())
+    except OSError:
+        return False
+
+
 def default_ws_url(api_url: str) -> str:
     """wss://host/v1.0/ws for https://host/v1.0 (ws:// for http://)."""
     parts = urlsplit(api_url.rstrip("/"))
@@ -602,7 +630,7 @@ def _build(
         status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
         metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
         otel=_otel(_section(m, "otel")),
-        warnings=_voice_warnings(call) + _unknown_env(env),
+        warnings=_voice_warnings(call) + _unknown_env(env) + _shadowed_secrets(m, env),
         store_keep_days=store["keep_days"],
         store_url=store_url,
         lease_s=_lease_s(store["lease_s"]),

@@ -189,6 +189,27 @@ def test_a_misspelt_environment_variable_is_a_warning_without_its_value() -> Non
     assert config.call.greeting == "Hello"
 
 
+def test_a_secret_given_two_ways_is_a_warning_naming_the_one_used(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "voipbin-accesskey").write_text("vb_rotated_key\n")  # the file's key is stale
+    (creds / "voipbin-token").write_text("\n")  # loaded by the unit, unused: no warning
+    key = tmp_path / "key"
+    key.write_text("vb_other_key\n")
+    text = GOOD.replace(
+        'accesskey = "vb_testkey123"', f'accesskey = "vb_testkey123"\naccesskey_file = "{key}"'
+    )
+    config = load(write(tmp_path, text), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert config.warnings == (
+        "voipbin.accesskey is used, voipbin.accesskey_file and the systemd credential "
+        "voipbin-accesskey ignored: keep one",
+    )
+    (creds / "voipbin-token").write_text("a.b.c\n")
+    config = load(write(tmp_path, GOOD), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert "voipbin: a token and an access key are both set: the token is used" in config.warnings
+    assert "vb_" not in repr(config.warnings)
+
+
 def test_a_bom_is_stripped_and_a_non_ascii_key_refused_unechoed(tmp_path: Path) -> None:
     # Notepad saves UTF-8 with a BOM: it was sent as part of the key (401 for ever)
     key = tmp_path / "key"
