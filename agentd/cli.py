@@ -353,10 +353,10 @@ def _unserved(config: Config, source: str, config_arg: str | None) -> str | None
     ours = {normalise_number(n) for n in config.numbers}  # empty: every call (numbers = ["*"])
     if ours and normalise_number(source) not in ours:
         return f"{source} is not one of agent.numbers ({', '.join(config.numbers)})"
-    path = client_socket(None, _config_path(config_arg))
-    if not path:
-        return "the status socket is off (status.socket = ''), so no daemon can be seen"
     try:
+        path = client_socket(None, _config_path(config_arg))
+        if not path:
+            return "the status socket is off (status.socket = ''), so no daemon can be seen"
         doc = fetch(path, timeout_s=2.0)
     except NotRunning as exc:
         return str(exc)

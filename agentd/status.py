@@ -62,6 +62,7 @@ class Connection:
     connects: int
     reconnects: int
     last_frame_age_s: float | None
+    last_error: str = ""  # why it is not up, while it is not
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class Snapshot:
                 "connects": conn.connects,
                 "reconnects": conn.reconnects,
                 "last_frame_age_s": _seconds(conn.last_frame_age_s),
+                "last_error": conn.last_error or None,
             },
             "last_event_age_s": _seconds(self.last_event_age_s),
             "calls": [{**asdict(call), "age_s": _seconds(call.age_s)} for call in self.calls],
@@ -326,8 +328,16 @@ def client_socket(
         return os.path.abspath(value) if value else ""
     raw: dict[str, Any] = {}
     if config_path:
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+        try:
             raw = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        except PermissionError:
+            # guessing the socket without it would report a running service as not running
+            raise NotRunning(
+                f"agentd status: cannot read {config_path}: permission denied "
+                "(run with sudo, or name the socket: --socket)"
+            ) from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass  # the defaults, as without a config file
     section = raw.get("status")
     configured = section.get("socket") if isinstance(section, dict) else None
     if isinstance(configured, str):
@@ -338,6 +348,11 @@ def client_socket(
     primary = default_status_socket(env, "agentd.db" if store_path is None else store_path)
     for candidate in (primary, RUNTIME_SOCKET, os.path.abspath(SOCKET_NAME)):
         if os.path.exists(candidate):
+            return candidate
+        parent = os.path.dirname(candidate)
+        if os.path.isdir(parent) and not os.access(parent, os.X_OK):
+            # a directory we may not look into (the service's /run/agentd, 0700): the socket
+            # may well be there, and connecting to it says "permission denied", not "not running"
             return candidate
     return primary
 
@@ -382,6 +397,8 @@ def render(doc: Mapping[str, Any]) -> str:
     link += (
         f" ({_n(conn.get('connects', 0), 'connect')}, {_n(conn.get('reconnects', 0), 'reconnect')})"
     )
+    if conn.get("last_error"):
+        link += f"; last error: {conn['last_error']}"
     lines = [
         f"agentd {doc.get('version', '?')} (pid {doc.get('pid', '?')}), "
         f"up {duration(doc.get('uptime_s'))}"
@@ -476,11 +493,11 @@ def _ago(age: float | None) -> str:
 
 def main(socket_arg: str | None, as_json: bool, config_path: str | None) -> int:
     """`agentd status`: print the report (or the JSON); 1 when no agentd answers."""
-    path = client_socket(socket_arg, config_path)
-    if not path:
-        print("agentd status: the status socket is off (status.socket = '')", file=sys.stderr)
-        return 1
     try:
+        path = client_socket(socket_arg, config_path)
+        if not path:
+            print("agentd status: the status socket is off (status.socket = '')", file=sys.stderr)
+            return 1
         doc = fetch(path)
     except NotRunning as exc:
         print(str(exc), file=sys.stderr)

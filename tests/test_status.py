@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,6 +243,63 @@ def test_the_client_finds_the_socket_without_reading_secrets(tmp_path: Path) -> 
     )
 
 
+def test_a_config_the_user_may_not_read_is_said_so_not_taken_for_no_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /etc/agentd/agentd.toml is 0640 root:agentd: as another user (root reads everything,
+    # as the tests run, so the refusal is played) its socket cannot be known from it
+    config = tmp_path / "agentd.toml"
+    config.write_text('[status]\nsocket = "/run/agentd/agentd.sock"\n')
+    real = Path.read_text
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert status.main(None, False, str(config)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {config}: permission denied (run with sudo" in err
+    assert "not running" not in err
+
+
+def test_a_socket_in_a_directory_the_user_may_not_search_is_asked_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the service's /run/agentd is 0700: its socket cannot be seen to exist, but connecting
+    # says "permission denied" rather than "not running"
+    hidden = tmp_path / "run"
+    hidden.mkdir()
+    monkeypatch.setattr("agentd.status.RUNTIME_SOCKET", str(hidden / "agentd.sock"))
+    real_access = os.access
+    monkeypatch.setattr(
+        "agentd.status.os.access",
+        lambda path, mode: False if str(path) == str(hidden) else real_access(path, mode),
+    )
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'[store]\npath = "{tmp_path}/agentd.db"\n')
+    assert client_socket(None, str(config), env={}) == str(hidden / "agentd.sock")
+
+
+async def test_status_says_why_voipbin_is_not_connected(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"
+    daemon = await agent(status={"socket": str(path)})
+    sim.faults.refuse_ws(503, count=1000)
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.reconnects >= 2, 10)
+    doc = json.loads(await ask_raw(path, b""))
+    assert doc["connection"]["state"] != "ready"
+    assert "503" in doc["connection"]["last_error"]
+    assert "last error: " in render(doc).splitlines()[1]
+    sim.faults.accept_ws()
+    await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+    doc = json.loads(await ask_raw(path, b""))
+    assert doc["connection"]["state"] == "ready" and doc["connection"]["last_error"] is None
+
+
 def test_durations() -> None:
     assert duration(None) == "-"
     assert duration(4.25) == "4.2 s"
@@ -254,7 +312,7 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
     snap = Snapshot(
         uptime_s=3725.12345,
         accepting_calls=False,
-        connection=Connection("reconnecting", None, 3, 2, -0.01),
+        connection=Connection("reconnecting", None, 3, 2, -0.01, "HTTP 401 INVALID_CREDENTIALS"),
         last_event_age_s=None,
         calls=(LiveCall("c1", "", "active", 4, 61.0004),),
         counters=Counters(1, 2, 30, 1, 0, 0, 2, 0, 0, 1, 0, 0, 0),
@@ -280,6 +338,7 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
         "connects": 3,
         "reconnects": 2,
         "last_frame_age_s": 0.0,  # clocks a hair apart never show a negative age
+        "last_error": "HTTP 401 INVALID_CREDENTIALS",
     }
     assert doc["calls"] == [
         {"id": "c1", "direction": "", "phase": "active", "turn": 4, "age_s": 61.0}
@@ -288,7 +347,10 @@ def test_the_document_is_built_from_a_plain_snapshot() -> None:
     assert json.loads(json.dumps(doc)) == doc
     lines = render(doc).splitlines()
     assert lines[0].endswith(", up 1h 02m, shutting down")
-    assert lines[1] == "VoIPBIN:    reconnecting (3 connects, 2 reconnects)"
+    assert lines[1] == (
+        "VoIPBIN:    reconnecting (3 connects, 2 reconnects); "
+        "last error: HTTP 401 INVALID_CREDENTIALS"
+    )
     assert lines[2] == "last event: none yet"
     assert "  c1    -          active  4     1m 01s" in lines
     assert not any(line.startswith("replica") for line in lines)
