@@ -768,6 +768,7 @@ class Daemon:
                 connects=stats.connects,
                 reconnects=stats.reconnects,
                 last_frame_age_s=since(stats.last_frame_at),
+                last_error=stats.last_error,
             ),
             last_event_age_s=since(d.last_event_at),
             calls=tuple(

@@ -103,6 +103,8 @@ class StreamStats:
     last_frame_at: float | None = None
     connected_since: float | None = None
     rejections: dict[str, int] = field(default_factory=dict)
+    # why the last attempt failed or the connection dropped; "" once a subscription is ready
+    last_error: str = ""
 
 
 class EventStream:
@@ -183,6 +185,7 @@ class EventStream:
             self.stats.connected_since = None
             delay = delays.next_delay(ready_for_s, verdict)
             self.stats.reconnects += 1
+            self.stats.last_error = reason
             log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2), **hint)
             await asyncio.sleep(delay)
 
@@ -237,6 +240,7 @@ class EventStream:
     def _mark_ready(self, ws: ClientConnection, first: bool) -> None:
         if self._ws is ws:
             self.stats.state = "ready"
+            self.stats.last_error = ""
             self._ready_at = time.monotonic()
             self.ready.set()
             self._ever_ready = True
