@@ -922,7 +922,15 @@ def default_status_socket(env: Mapping[str, str], store_path: str) -> str:
 def resolve_status_socket(value: str | None, env: Mapping[str, str], store_path: str) -> str:
     """The status socket path: `value` made absolute, the default when unset, "" when off."""
     if value is None:
-        return default_status_socket(env, store_path)
+        path = default_status_socket(env, store_path)
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            # found out at start otherwise, as a log line, with `agentd status` unable to ask
+            raise ConfigError(
+                f"status.socket: the default beside the store, {path!r}, is too long for a "
+                'Unix socket (max 107 bytes): set [status] socket to a shorter path, or "" '
+                "to turn it off"
+            )
+        return path
     if not value:
         return ""
     path = os.path.abspath(value)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agentd import status
-from agentd.config import load, resolve_status_socket
+from agentd.config import ConfigError, load, resolve_status_socket
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.status import (
@@ -215,6 +215,11 @@ def test_default_socket_paths(tmp_path: Path) -> None:
     )
     assert resolve_status_socket(None, {}, "") == os.path.abspath("agentd.sock")
     assert resolve_status_socket("", {}, "agentd.db") == ""
+    # a store deep in the tree: its socket would not bind, and `agentd status` could not ask
+    deep = "/srv/" + "voice-agents/" * 8 + "agentd.db"
+    with pytest.raises(ConfigError, match=r"the default beside the store, .* is too long"):
+        resolve_status_socket(None, {}, deep)
+    assert resolve_status_socket("", {}, deep) == ""  # turned off: no socket to bind
     config = load(
         None,
         env={
