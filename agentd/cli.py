@@ -371,7 +371,7 @@ def _check(config_arg: str | None) -> int:
     from agentd.daemon import make_backend, make_client
     from agentd.secret import display_url
     from agentd.stores import check_store
-    from agentd.voipbin import ApiError, customer_hint
+    from agentd.voipbin import ApiError, LoginError, customer_hint
 
     config = _load(config_arg)
     api_url = display_url(config.voipbin.api_url)  # config refuses secrets in it; belt and braces
@@ -390,7 +390,13 @@ def _check(config_arg: str | None) -> int:
             print(f"voipbin: ok, customer {cid} at {api_url}", flush=True)
         except ApiError as exc:
             hint = customer_hint(exc)
-            print(f"voipbin: FAILED: {exc} (GET {api_url}/customer)", flush=True)
+            # GET /customer logs in first when it has only a username and password
+            failed_request = (
+                f"POST {display_url(client.root_url)}/auth/login"
+                if isinstance(exc, LoginError)
+                else f"GET {api_url}/customer"
+            )
+            print(f"voipbin: FAILED: {exc} ({failed_request})", flush=True)
             if hint:
                 print(f"voipbin: {hint}", flush=True)
             failed = True

@@ -33,7 +33,7 @@ from agentd import logs
 from agentd.backoff import HEALTHY_AFTER_S, ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError, PermissionDenied, customer_hint
+from agentd.voipbin import ApiError, LoginRefused, PermissionDenied, customer_hint
 
 log = logs.get_logger("agentd.stream")
 
@@ -52,6 +52,8 @@ def topics(customer_id: str) -> list[str]:
 
 def classify(exc: BaseException) -> ConnectVerdict:
     """What a failed connection means: log in again, back off longer, or just retry."""
+    if isinstance(exc, LoginRefused):
+        return "slow"  # a wrong password: VoIPBIN unreachable it is not
     status = exc.response.status_code if isinstance(exc, InvalidStatus) else None
     if isinstance(exc, ApiError):
         status = exc.status or 503  # the REST lookup of our customer id got no answer
@@ -167,6 +169,10 @@ class EventStream:
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, ApiError) as exc:
                 reason = _reason(exc)
                 hint = _hint(exc)
+                if isinstance(exc, LoginRefused):
+                    # the first lookup of our customer logs in: this is where a wrong
+                    # password shows at start, not on the upgrade's 401
+                    _login_refused(exc)
                 verdict = await self._after_failure(classify(exc))
             except Exception as exc:  # last resort: the reconnect loop must never die
                 reason = redact(f"{type(exc).__name__}: {exc}")
@@ -199,6 +205,8 @@ class EventStream:
             log.error(
                 "stream.unauthorised", hint="credentials refused; check the access key or token"
             )
+        except LoginRefused as err:
+            _login_refused(err)
         except Exception as err:
             log.error("stream.login_failed", error=redact(str(err)))
         return "slow"
@@ -283,6 +291,12 @@ class EventStream:
         """Close the connection politely (the run task is cancelled separately)."""
         if self._ws is not None:
             await self._ws.close()
+
+
+def _login_refused(exc: LoginRefused) -> None:
+    # an error, not the warning of an outage: only someone changing the credentials (on
+    # VoIPBIN's side, or in the config and a restart) ends it; the stream keeps trying meanwhile
+    log.error("stream.login_refused", error=str(exc))
 
 
 def _hint(exc: BaseException) -> dict[str, str]:

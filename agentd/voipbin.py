@@ -83,6 +83,19 @@ class PermissionDenied(ApiError):
     has to change the credentials or their permissions."""
 
 
+class LoginError(ApiError):
+    """`POST /auth/login` failed: the error is the login's, not the request's that needed it."""
+
+
+class LoginRefused(LoginError):
+    """VoIPBIN refused the username and password. Retrying may help only once someone fixes
+    the account on VoIPBIN's side or the config (a restart applies a new password)."""
+
+
+#: what a refused login says; VoIPBIN's bare 400 tells nothing more
+LOGIN_REFUSED = "login refused: check voipbin.username and voipbin.password"
+
+
 #: Pages of 100 a sweep (or the adoption of a session in the way) reads of GET /speakings:
 #: the sessions of the last thousand creates on the account, all calls together.
 SPEAKING_PAGES = 10
@@ -197,14 +210,17 @@ class VoipbinClient:
         body = {"username": c.username, "password": c.password.reveal()}
         try:
             async with self.session.post(f"{self.root_url}/auth/login", json=body) as resp:
+                if resp.status == 400:
+                    # VoIPBIN's answer to any refused login (a wrong name or password)
+                    raise LoginRefused(400, "LOGIN_FAILED", LOGIN_REFUSED)
                 if resp.status != 200:
-                    raise ApiError(resp.status, "LOGIN_FAILED", "login refused")
+                    raise LoginError(resp.status, "LOGIN_FAILED", "login failed")
                 data = await _read_json(resp)  # a proxy's HTML page is no token either
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ApiError(0, type(exc).__name__, "login failed: no answer") from None
+            raise LoginError(0, type(exc).__name__, "login failed: no answer") from None
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
-            raise ApiError(502, "LOGIN_FAILED", "login answer has no token")
+            raise LoginError(502, "LOGIN_FAILED", "login answer has no token")
         c.token = Secret(token)
         log.info("voipbin.login", username=c.username)
 

@@ -87,6 +87,29 @@ async def test_a_wrong_access_key_fails_without_printing_it(sim: Simulator, tmp_
     assert sim.accesskey not in text
 
 
+async def test_a_refused_login_names_the_login_request_and_what_to_check(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = write(tmp_path, sim, sim.accesskey)
+    password = tmp_path / "password"
+    password.write_text("Wrong-Password-42\n")
+    config.write_text(
+        config.read_text().replace(
+            f'accesskey_file = "{tmp_path / "accesskey"}"',
+            f'username = "{sim.settings.username}"\npassword_file = "{password}"',
+        )
+    )
+    code, lines = await check(config)
+    assert code == 1, lines
+    (failed,) = [line for line in lines if line.startswith("voipbin: FAILED")]
+    # VoIPBIN's bare 400 for a login, not a GET /customer that was never answered 400
+    assert failed == (
+        "voipbin: FAILED: HTTP 400 LOGIN_FAILED login refused: check voipbin.username and "
+        f"voipbin.password (POST {sim.base_url}/auth/login)"
+    )
+    assert "Wrong-Password" not in "\n".join(lines)
+
+
 async def test_a_login_without_customer_rights_names_the_permission(
     sim: Simulator, tmp_path: Path
 ) -> None:

@@ -20,8 +20,8 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.events import CallEvent, Parsed
 from agentd.sim import Simulator
-from agentd.stream import REJECTION_KINDS, EventStream, topics
-from agentd.voipbin import ApiError, PermissionDenied
+from agentd.stream import REJECTION_KINDS, EventStream, classify, topics
+from agentd.voipbin import LOGIN_REFUSED, ApiError, LoginRefused, PermissionDenied
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -556,6 +556,26 @@ async def test_refused_credentials_keep_retrying_without_dying(
     assert c.reauths == ["token-1", "token-1"]
     assert conn.request.headers["Authorization"] == "Bearer token-1"
     assert c.stream.stats.reconnects == 2
+
+
+async def test_a_refused_login_is_an_error_that_names_the_credentials_and_backs_off(
+    server: WsServer, client: StartClient
+) -> None:
+    # at start the customer lookup logs in; later a 401 on the upgrade does: both say so
+    refused = LoginRefused(400, "LOGIN_FAILED", LOGIN_REFUSED)
+    server.refuse.append(401)
+    with capture_logs() as logs:
+        c = await client(customer_failures=[refused], reauth_result=refused)
+        await asyncio.wait_for(server.refused.get(), LIMIT_S)
+        await server.next_conn()
+        await c.next_ready()
+    errors = [e for e in logs if e["event"] == "stream.login_refused"]
+    assert [e["log_level"] for e in errors] == ["error", "error"]
+    assert all("check voipbin.username and voipbin.password" in e["error"] for e in errors)
+    assert c.reauths == ["token-1"]  # the lookup's refusal was the login's: none more
+    assert c.stream.stats.reconnects == 2
+    # not an unreachable VoIPBIN: the longer backoff of a refusal
+    assert classify(refused) == "slow"
 
 
 async def test_other_refusals_do_not_log_in_again(server: WsServer, client: StartClient) -> None:

@@ -31,6 +31,7 @@ from agentd.voipbin import (
     TRANSCRIBE_START_RETRY_S,
     ApiError,
     Credentials,
+    LoginRefused,
     PermissionDenied,
     VoipbinClient,
 )
@@ -120,6 +121,20 @@ async def test_expired_jwt_logs_in_again_once(sim: Simulator) -> None:
         assert creds.token is not None and creds.token != first
         statuses = [r.status for r in sim.requests_matching("GET", r"/customer$")]
         assert statuses == [401, 200]
+    finally:
+        await client.close()
+
+
+async def test_a_wrong_password_is_a_refused_login_not_an_outage(sim: Simulator) -> None:
+    creds = Credentials(username=sim.settings.username, password=Secret("Wrong-Password-42"))
+    client = VoipbinClient(sim.api_url, creds)
+    try:
+        with pytest.raises(LoginRefused) as info:
+            await client.customer_id()  # no token yet: a 401, then the login
+        assert str(info.value) == (
+            "HTTP 400 LOGIN_FAILED login refused: check voipbin.username and voipbin.password"
+        )
+        assert [r.status for r in sim.requests_matching("POST", r"/auth/login$")] == [400]
     finally:
         await client.close()
 
