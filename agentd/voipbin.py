@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as json_module
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from agentd import fence, logs
 from agentd.backoff import Decision, classify, decide, delays, parse_retry_after
 from agentd.events import timestamp
 from agentd.language import same as same_language
+from agentd.neterrors import cannot_connect
 from agentd.ratelimit import (
     BACKGROUND,
     DEFAULT_BURST,
@@ -217,7 +217,7 @@ class VoipbinClient:
                     raise LoginError(resp.status, "LOGIN_FAILED", "login failed")
                 data = await _read_json(resp)  # a proxy's HTML page is no token either
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoginError(0, type(exc).__name__, "login failed: no answer") from None
+            raise LoginError(0, type(exc).__name__, f"login failed: {_no_answer(exc)}") from None
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
             raise LoginError(502, "LOGIN_FAILED", "login answer has no token")
@@ -611,13 +611,10 @@ def customer_hint(exc: BaseException) -> str | None:
 
 
 def _no_answer(exc: BaseException) -> str:
-    """Why VoIPBIN gave no answer, for an operator: where a connection was refused (host and
-    port only: a URL's path and query stay out of it), or that it timed out."""
+    """Why VoIPBIN gave no answer, for an operator: where a connection failed, or that it timed
+    out."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        err = exc.os_error
-        # asyncio's own text ("Connect call failed (...)") does not say refused or unreachable
-        why = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
-        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+        return cannot_connect(exc)
     if isinstance(exc, TimeoutError):
         return "no answer in time (voipbin.timeout_s)"
     return "no answer from VoIPBIN"

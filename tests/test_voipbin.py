@@ -471,6 +471,42 @@ async def test_no_request_of_a_whole_call_carries_the_key_in_its_url(
         assert request.status != 401, request.path
 
 
+# ---- no answer, in words -----------------------------------------------------------------------
+
+
+async def test_a_name_that_does_not_resolve_says_so() -> None:
+    # getaddrinfo's error codes are no errnos: os.strerror(-2) read "Unknown error -2"
+    client = VoipbinClient(
+        "http://api.voipbin.invalid/v1.0", Credentials(accesskey=Secret("vb_dns_test_key"))
+    )
+    client.deadline_s = 0.01  # one try is enough
+    try:
+        with pytest.raises(ApiError) as info:
+            await client.customer_id()
+    finally:
+        await client.close()
+    message = str(info.value)
+    assert message.startswith("ClientConnectorDNSError: cannot resolve api.voipbin.invalid: ")
+    assert "Unknown error" not in message
+
+
+async def test_a_tls_failure_is_not_an_os_error(recorder: Recorder) -> None:
+    # https to a plain HTTP server: OpenSSL's code 1 is no errno ("Operation not permitted")
+    url = recorder.url.replace("http://", "https://")
+    client = VoipbinClient(url, Credentials(accesskey=Secret("vb_tls_test_key")))
+    client.deadline_s = 0.01
+    try:
+        with pytest.raises(ApiError) as info:
+            await client.customer_id()
+    finally:
+        await client.close()
+    host_port = url.split("/")[2]
+    assert str(info.value).startswith(
+        f"ClientConnectorSSLError: cannot connect to {host_port}: TLS: [SSL: "
+    )
+    assert "Operation not permitted" not in str(info.value)
+
+
 # ---- hangup, permissions, the budget ------------------------------------------------------------
 
 
