@@ -301,9 +301,12 @@ async def test_openai_error_object_in_the_stream_raises(llm: OpenAIStub) -> None
 
 
 async def test_openai_connection_refused_raises_a_backend_error_without_the_key() -> None:
+    url = refused_url()
     with pytest.raises(BackendError) as info:
-        await collect(openai(refused_url() + "/v1", key=KEY))
-    assert "ClientConnectorError" in str(info.value)
+        await collect(openai(url + "/v1", key=KEY))
+    # said as VoIPBIN's are, not aiohttp's "Cannot connect to host ... [Connect call failed ...]"
+    host_port = url.removeprefix("http://")
+    assert str(info.value) == f"openai backend: cannot connect to {host_port}: Connection refused"
     assert KEY not in str(info.value) and KEY not in repr(info.value)
 
 
@@ -445,9 +448,12 @@ async def test_http_key_never_reaches_the_exception(service: HttpStub) -> None:
     with pytest.raises(BackendError) as info:
         await collect(http(service, key=KEY))
     assert str(info.value) == "http backend: HTTP 401: bad token ***"
+    url = refused_url()
     with pytest.raises(BackendError) as refused:
-        await collect(http(refused_url() + "/reply", key=KEY))
-    assert KEY not in str(refused.value)
+        await collect(http(url + "/reply", key=KEY))
+    assert str(refused.value) == (
+        f"http backend: cannot connect to {url.removeprefix('http://')}: Connection refused"
+    )
 
 
 async def test_http_cancelling_an_sse_reply_closes_the_stream(service: HttpStub) -> None:

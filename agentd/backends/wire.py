@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from agentd import __version__
+from agentd.neterrors import cannot_connect
 from agentd.secret import Secret, redact
 
 # an error page can be large (an HTML 502 from a proxy): read only this much of it
@@ -74,6 +75,8 @@ async def post_stream(
                 raise
     except (TimeoutError, BackendError):
         raise
+    except aiohttp.ClientConnectorError as exc:
+        raise BackendError(redact(f"{kind} backend: {cannot_connect(exc)}")) from exc
     except aiohttp.ClientError as exc:
         # aiohttp's texts name the host and the OS error, never the request headers
         raise BackendError(redact(f"{kind} backend: {type(exc).__name__}: {exc}")) from exc
