@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 
@@ -16,30 +17,67 @@ from agentd.sim.settings import SimSettings
 from agentd.sim.simulator import Simulator
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 to 65535: the socket's own check comes after start, as a traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535; 0 = any free one)")
+    return port
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _speed(text: str) -> float:
+    """A rate above 0: a rate of 0 would divide by zero in the middle of a call."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _scale(text: str) -> float:
+    """A factor of 0 or more (0: no latency at all); a negative delay makes no sense."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentd sim", description="Run a local VoIPBIN simulator (REST + WebSocket)."
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8099, help="port; 0 = any free port")
+    parser.add_argument("--port", type=_port, default=8099, help="port; 0 = any free port")
     parser.add_argument(
         "--no-rate-limit", action="store_true", help="disable the per-customer rate limit"
     )
     parser.add_argument(
         "--playback-chars-per-s",
-        type=float,
+        type=_speed,
         default=SimSettings.playback_chars_per_s,
         help="TTS playback speed in characters per second",
     )
     parser.add_argument(
         "--speech-words-per-s",
-        type=float,
+        type=_speed,
         default=SimSettings.speech_words_per_s,
         help="how fast simulated callers speak, in words per second",
     )
     parser.add_argument(
         "--latency-scale",
-        type=float,
+        type=_scale,
         default=1.0,
         help="multiply the service's TTS/STT latencies (1: as measured; 0.05 for benchmarks)",
     )

@@ -8,9 +8,10 @@ import signal
 import sys
 
 import aiohttp
+import pytest
 from simhelpers import answered_call, get, post
 
-from agentd.sim import Simulator
+from agentd.sim import Simulator, standalone
 
 
 async def test_control_calls_and_views(sim: Simulator) -> None:
@@ -132,3 +133,26 @@ async def test_standalone_main_starts_answers_and_exits_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         rc = await asyncio.wait_for(proc.wait(), 10.0)
     assert rc == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--port", "99999"], "argument --port: 99999 is not a port (0 to 65535"),
+        (["--port", "-5"], "argument --port: -5 is not a port (0 to 65535"),
+        (["--playback-chars-per-s", "0"], "argument --playback-chars-per-s: 0 is not above 0"),
+        (["--speech-words-per-s", "0"], "argument --speech-words-per-s: 0 is not above 0"),
+        (["--latency-scale", "-1"], "argument --latency-scale: -1 is negative"),
+        (["--latency-scale", "inf"], "argument --latency-scale: not a finite number: 'inf'"),
+    ],
+)
+def test_standalone_refuses_values_it_cannot_run_with(
+    args: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # before anything starts: a port out of range was a traceback from bind(), a speed of 0
+    # a division by zero in the middle of a call. The parser alone: a value it lets through
+    # must not start a simulator that serves until a signal
+    with pytest.raises(SystemExit) as info:
+        standalone._parser().parse_args(args)
+    assert info.value.code == 2
+    assert f"agentd sim: error: {error}" in capsys.readouterr().err
