@@ -64,6 +64,17 @@ def _load(arg: str | None) -> Config:
         ) from None
 
 
+def _at_least_one(text: str) -> int:
+    """A count of 1 or more: SQLite's LIMIT reads 0 as none at all and -1 as no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentd", description="Run an AI voice agent on VoIPBIN.")
     p.add_argument("--version", action="version", version=f"agentd {__version__}")
@@ -95,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 
     calls = sub.add_parser("calls", help="the call history in the store (read-only)")
     calls.add_argument("--since", help="only calls started since: 30m, 2h, 7d, or a date")
-    calls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    calls.add_argument(
+        "--limit", type=_at_least_one, default=100, help="at most this many (default 100)"
+    )
     calls.add_argument("--json", action="store_true", help="print JSON")
     calls.add_argument("--config", help="read [store] (path or url) from this config")
     calls.add_argument("--store", help="read this store file (e.g. agentd console's)")

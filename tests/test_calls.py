@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agentd import cli
 from agentd.calls import HistoryError, open_read_only, parse_since, render_show, store_path
 from agentd.daemon import Daemon, prune_expired
 from agentd.sim import Caller, Simulator, Utterance
@@ -115,6 +116,15 @@ async def test_the_store_off_or_missing_exits_2_with_a_clear_message(tmp_path: P
     missing = str(tmp_path / "nothing.db")
     code, _, err = await run_cli("calls", "show", "x", "--config", config_file(tmp_path, missing))
     assert code == 2 and f"no store at {missing}" in err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_1_is_a_usage_error(limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # SQLite read LIMIT 0 as no calls ("no calls in the store") and -1 as every call
+    with pytest.raises(SystemExit) as info:
+        cli._parser().parse_args(["calls", "--limit", limit])
+    assert info.value.code == 2
+    assert f"argument --limit: must be 1 or more, not {limit}" in capsys.readouterr().err
 
 
 async def test_an_unknown_call_exits_1_and_a_bad_since_exits_2(tmp_path: Path) -> None:
