@@ -79,6 +79,9 @@ def open_history(
     """The store to read: the file `store` if given, else the config's PostgreSQL (`[store]
     url`) or SQLite file (`store_path`). HistoryError if it cannot be read."""
     if store is not None:
+        if not store:
+            # `store.path = ""` turns the store off; an empty --store is a mistake
+            raise HistoryError("--store: empty path (name the store file to read)")
         return SqliteReader(open_read_only(store))
     try:
         url = load_store_url(config_path, env)

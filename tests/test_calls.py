@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd import cli
+from agentd import calls, cli
 from agentd.calls import HistoryError, open_read_only, parse_since, render_show, store_path
 from agentd.daemon import Daemon, prune_expired
 from agentd.sim import Caller, Simulator, Utterance
@@ -125,6 +125,15 @@ def test_a_limit_below_1_is_a_usage_error(limit: str, capsys: pytest.CaptureFixt
         cli._parser().parse_args(["calls", "--limit", limit])
     assert info.value.code == 2
     assert f"argument --limit: must be 1 or more, not {limit}" in capsys.readouterr().err
+
+
+def test_an_empty_store_argument_is_named_not_taken_for_the_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the config was not read: "store.path" would send the user to the wrong place
+    assert calls.main(None, store="") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agentd calls: --store: empty path") and "store.path" not in err
 
 
 async def test_an_unknown_call_exits_1_and_a_bad_since_exits_2(tmp_path: Path) -> None:
