@@ -275,7 +275,11 @@ def _call(args: argparse.Namespace) -> int:
     config = _load(args.config)
     source = args.source or config.caller_id
     if not source:
-        raise ConfigError("agent.caller_id: set it (or agent.numbers, or pass --from)")
+        # agent.numbers is required: without a caller id it is ["*"], which names no number
+        raise ConfigError(
+            'agent.caller_id: set it, or pass --from: agent.numbers = ["*"] gives no number '
+            "to call from"
+        )
     wrong = _wrong_numbers(config, args.to, args.source)
     if wrong is not None:
         print(f"agentd: not calling: {wrong}", file=sys.stderr)

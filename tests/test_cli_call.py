@@ -177,6 +177,20 @@ async def test_a_call_refused_with_a_4xx_was_not_placed(sim: Simulator, tmp_path
     assert sim.calls == {}
 
 
+async def test_a_call_serving_every_number_without_a_caller_id_says_what_to_set(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # it used to send the user to agent.numbers, which was set
+    config = write(tmp_path, sim, str(tmp_path / "agentd.sock"), number="*")
+    code, out, err = await run_cli("call", "--to", "+15559876543", "--config", str(config))
+    assert (code, out) == (2, "")
+    assert err == (
+        "agentd: config error: agent.caller_id: set it, or pass --from: "
+        'agent.numbers = ["*"] gives no number to call from\n'
+    )
+    assert sim.requests == []
+
+
 E164_HINT = (
     "is not a phone number in E.164 form "
     '(+, a country code, up to 15 digits in all, e.g. "+15551234567")'
