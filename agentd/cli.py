@@ -330,7 +330,12 @@ def _may_have_reached(exc: ApiError) -> bool:
     after the request went out (a timeout, a dropped connection). Placing a call is not
     idempotent, so the client did not retry it, and the operator must not either blindly.
     A 4xx (and a 429, which the gateway answers before anything runs) is a refusal; a
-    connection that never opened (aiohttp's ClientConnector* errors) sent nothing."""
+    connection that never opened (aiohttp's ClientConnector* errors) sent nothing, and neither
+    did a request whose login failed (a `LoginError`: the call was never sent)."""
+    from agentd.voipbin import LoginError
+
+    if isinstance(exc, LoginError):
+        return False
     if exc.status == 0:
         return not exc.reason.startswith("ClientConnector")
     return exc.status >= 500

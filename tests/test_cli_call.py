@@ -7,6 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
+from aiohttp import web
 
 from agentd.follow import follow
 from agentd.ratelimit import BACKGROUND, RateLimiter
@@ -175,6 +176,39 @@ async def test_a_call_refused_with_a_4xx_was_not_placed(sim: Simulator, tmp_path
     assert code == 1 and out == ""
     assert err.startswith("agentd: call failed, not placed: HTTP 400")
     assert sim.calls == {}
+
+
+async def test_a_call_whose_login_failed_was_not_placed(tmp_path: Path) -> None:
+    # the POST /calls was refused 401 and the login it needed answered 503: the 503 was the
+    # login's, and the call was never created ("may have been placed" invited a wary wait)
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        return web.Response(status=503 if request.path == "/auth/login" else 401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    password = tmp_path / "password"
+    password.write_text("pw-call-test-1\n")
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        f'[voipbin]\napi_url = "http://127.0.0.1:{runner.addresses[0][1]}/v1.0"\n'
+        f'username = "ops"\npassword_file = "{password}"\n[agent]\nnumbers = ["{OUR_NUMBER}"]\n'
+    )
+    try:
+        code, out, err = await run_cli(
+            "call", "--to", "+15559876543", "--config", str(config), "--force"
+        )
+    finally:
+        await runner.cleanup()
+    assert (code, out) == (1, "")
+    assert err.startswith("agentd: call failed, not placed: HTTP 503 LOGIN_FAILED login failed")
+    assert seen == ["POST /v1.0/calls", "POST /auth/login"]
 
 
 async def test_a_call_serving_every_number_without_a_caller_id_says_what_to_set(
