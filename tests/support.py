@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
 
 from agentd.daemon import Daemon
 from agentd.sim import Simulator
@@ -58,3 +61,15 @@ def pod_killer(sim: Simulator, call_id: str) -> tuple[Callable[[], bool], list[s
         return bool(killed)
 
     return kill_the_first_create, killed
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """`app` served on a free loopback port for the block: yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

@@ -14,7 +14,7 @@ from agentd.ratelimit import BACKGROUND, RateLimiter
 from agentd.secret import Secret
 from agentd.sim import Caller, Outcome, Simulator, Utterance
 from agentd.voipbin import Credentials, VoipbinClient
-from tests.support import OUR_NUMBER, StartAgent, run_cli
+from tests.support import OUR_NUMBER, StartAgent, run_cli, serving
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -189,23 +189,17 @@ async def test_a_call_whose_login_failed_was_not_placed(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     password = tmp_path / "password"
     password.write_text("pw-call-test-1\n")
     config = tmp_path / "agentd.toml"
-    config.write_text(
-        f'[voipbin]\napi_url = "http://127.0.0.1:{runner.addresses[0][1]}/v1.0"\n'
-        f'username = "ops"\npassword_file = "{password}"\n[agent]\nnumbers = ["{OUR_NUMBER}"]\n'
-    )
-    try:
+    async with serving(app) as port:
+        config.write_text(
+            f'[voipbin]\napi_url = "http://127.0.0.1:{port}/v1.0"\nusername = "ops"\n'
+            f'password_file = "{password}"\n[agent]\nnumbers = ["{OUR_NUMBER}"]\n'
+        )
         code, out, err = await run_cli(
             "call", "--to", "+15559876543", "--config", str(config), "--force"
         )
-    finally:
-        await runner.cleanup()
     assert (code, out) == (1, "")
     assert err.startswith("agentd: call failed, not placed: HTTP 503 LOGIN_FAILED login failed")
     assert seen == ["POST /v1.0/calls", "POST /auth/login"]

@@ -17,7 +17,7 @@ from agentd.daemon import Daemon
 from agentd.secret import Secret, redact
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
-from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY
+from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, serving
 
 PASSWORD = "s3cret-Pa55word"
 ACCESSKEY_HINT = "vb_"
@@ -118,8 +118,6 @@ async def test_a_key_in_the_backend_url_never_shows(captured_logs: io.StringIO) 
     # error quote the URL, which reaches the call's backend_failed record and the log
     from aiohttp import web
 
-    from agentd.backends.http import HttpBackend
-    from agentd.backends.wire import BackendError
     from agentd.secret import display_url
 
     key = "AZFUNC-SECRET-123"
@@ -129,33 +127,38 @@ async def test_a_key_in_the_backend_url_never_shows(captured_logs: io.StringIO) 
 
     app = web.Application()
     app.router.add_post("/api/reply", loop)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://127.0.0.1:{port}/api/reply?code={key}"
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/api/reply?code={key}"
+        error, backend = await _http_backend_error(url)
+    structlog.get_logger().error("backend_failed", error=redact(error))
+    assert logs.flush()
+    shown = f"{captured_logs.getvalue()} {redact(error)} {backend} {display_url(url)}"
+    assert "code=***" in shown and key not in shown
+
+
+async def _http_backend_error(url: str) -> tuple[str, str]:
+    """The error of the http backend at `url` (configured, so its secrets are known), and its
+    repr."""
+    from agentd.backends.http import HttpBackend
+    from agentd.backends.wire import BackendError
+
+    config = load(
+        None,
+        env={},
+        overrides={
+            "voipbin": {"accesskey": "vb_unit_test_key"},
+            "agent": {"numbers": ["*"]},
+            "backend": {"kind": "http", "url": url},
+        },
+    )
+    backend = HttpBackend(url=config.backend.url, api_key=None, timeout_s=5)
     try:
-        config = load(
-            None,
-            env={},
-            overrides={
-                "voipbin": {"accesskey": "vb_unit_test_key"},
-                "agent": {"numbers": ["*"]},
-                "backend": {"kind": "http", "url": url},
-            },
-        )
-        backend = HttpBackend(url=config.backend.url, api_key=None, timeout_s=5)
         with pytest.raises(BackendError) as info:
             async for _ in backend.reply("c1", [("user", "hi")]):
                 pass
-        await backend.aclose()
     finally:
-        await runner.cleanup()
-    structlog.get_logger().error("backend_failed", error=redact(str(info.value)))
-    assert logs.flush()
-    shown = f"{captured_logs.getvalue()} {redact(str(info.value))} {backend!r} {display_url(url)}"
-    assert "code=***" in shown and key not in shown
+        await backend.aclose()
+    return str(info.value), repr(backend)
 
 
 @pytest.mark.parametrize("userinfo", ["bob:SECRETPW99", "SECRETPW99"])
@@ -168,38 +171,13 @@ async def test_the_basic_auth_of_a_backend_url_never_shows(
 
     from aiohttp import web
 
-    from agentd.backends.http import HttpBackend
-    from agentd.backends.wire import BackendError
-
     async def echo_headers(request: web.Request) -> web.Response:
         return web.Response(status=500, text=f"boom {request.headers.get('Authorization')}")
 
     app = web.Application()
     app.router.add_post("/err", echo_headers)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://{userinfo}@127.0.0.1:{port}/err"
-    try:
-        config = load(
-            None,
-            env={},
-            overrides={
-                "voipbin": {"accesskey": "vb_unit_test_key"},
-                "agent": {"numbers": ["*"]},
-                "backend": {"kind": "http", "url": url},
-            },
-        )
-        backend = HttpBackend(url=config.backend.url, api_key=None, timeout_s=5)
-        with pytest.raises(BackendError) as info:
-            async for _ in backend.reply("c1", [("user", "hi")]):
-                pass
-        await backend.aclose()
-    finally:
-        await runner.cleanup()
-    raw = str(info.value)
+    async with serving(app) as port:
+        raw, _ = await _http_backend_error(f"http://{userinfo}@127.0.0.1:{port}/err")
     pair = userinfo if ":" in userinfo else f"{userinfo}:"
     encoded = base64.b64encode(pair.encode()).decode()
     assert "boom Basic ***" in raw  # the server did echo it, masked already in the error

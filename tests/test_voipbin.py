@@ -36,7 +36,7 @@ from agentd.voipbin import (
     VoipbinClient,
 )
 from tests import conftest
-from tests.support import CALLER, OUR_NUMBER, StartAgent
+from tests.support import CALLER, OUR_NUMBER, StartAgent, serving
 
 API = "http://voipbin.test/v1.0"
 
@@ -368,23 +368,19 @@ async def test_json_bodies_both_ways_including_what_orjson_refuses() -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0"
-    client = VoipbinClient(url, Credentials(accesskey=Secret("vb_body_test_key")))
-    try:
-        bodies = [
-            await client.request("POST", "/speakings/s1/say", json={"text": "ça va ? 残高"}),
-            await client.request("GET", "/calls/c1"),
-            await client.request("GET", "/calls/c1"),
-            await client.request("GET", "/calls/c1"),
-            await client.request("GET", "/calls/c1"),
-        ]
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/v1.0"
+        client = VoipbinClient(url, Credentials(accesskey=Secret("vb_body_test_key")))
+        try:
+            bodies = [
+                await client.request("POST", "/speakings/s1/say", json={"text": "ça va ? 残高"}),
+                await client.request("GET", "/calls/c1"),
+                await client.request("GET", "/calls/c1"),
+                await client.request("GET", "/calls/c1"),
+                await client.request("GET", "/calls/c1"),
+            ]
+        finally:
+            await client.close()
     assert bodies[:2] == [None, None]
     assert bodies[2]["id"] == "s1" and bodies[2]["level"] != bodies[2]["level"]  # NaN
     assert bodies[3:] == [{"id": "café"}, {"id": "ünï"}]
