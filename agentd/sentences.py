@@ -32,15 +32,20 @@ _ABBREVIATIONS = frozenset(
         "fig",
     ]
 )
-# sentence ends: Latin punctuation before a space, the CJK full stop / marks, or a line break
-# (a model's list items and paragraphs: read one by one, not held to the end of the list)
-_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|[\u3002\uff01\uff1f]+|\n")
+# sentence ends: Latin punctuation (and the Devanagari danda, the Arabic question mark and full
+# stop) before a space, the CJK full stop / marks, or a line break (a model's list items and
+# paragraphs: read one by one, not held to the end of the list)
+_STOPS = ".!?…\u0964\u0965\u061f\u06d4"
+_END = re.compile(rf"[{_STOPS}]+[\"')\]]*(?=\s)|[\u3002\uff01\uff1f]+|\n")
 # how far back from the end of the text a sentence end can still be undecided (a run of marks
 # and closing quotes waiting for the space after it): each chunk is scanned from there, not
 # from the start, so a long reply without a sentence end costs linear time, not quadratic
 _LOOKBACK = 16
 # the last characters `ends_a_sentence` looks at (a word and its marks)
 _TAIL = 64
+#: a sentence this long without an end is said in parts (about 20 s of speech): a model that
+#: never writes a stop would otherwise be silent until its reply's end, then said in one piece
+MAX_SENTENCE_CHARS = 300
 
 
 def _is_boundary(text: str, end: int) -> bool:
@@ -79,8 +84,22 @@ class SentenceBuffer:
                 out.append(sentence)
                 pos = end
         self._buf = self._buf[pos:]
+        if len(self._buf) > MAX_SENTENCE_CHARS:
+            out.append(self._run_on())
         self._scan = max(0, len(self._buf) - _LOOKBACK)
         return out
+
+    def _run_on(self) -> str:
+        """A sentence that does not end (a run-on, a list without stops): its first part, up
+        to a comma (or a word) near the limit, said while the model goes on. The rest of the
+        sentence waits in the buffer."""
+        head = self._buf[:MAX_SENTENCE_CHARS]
+        cut = max(head.rfind(", "), head.rfind("; "), head.rfind(": "))
+        cut = cut + 1 if cut > MAX_SENTENCE_CHARS // 2 else head.rfind(" ")
+        if cut <= 0:
+            cut = MAX_SENTENCE_CHARS  # one long word: cut it all the same
+        piece, self._buf = self._buf[:cut].strip(), self._buf[cut:].lstrip()
+        return piece
 
     def ends_a_sentence(self) -> bool:
         """Whether the text so far ends like a complete sentence (a period after a word, not
@@ -91,7 +110,7 @@ class SentenceBuffer:
         if text != tail or not text:
             return False  # a trailing space: feed() has already released what it could
         stripped = text.rstrip("\"')]")
-        if not stripped or stripped[-1] not in ".!?\u2026":
+        if not stripped or stripped[-1] not in _STOPS:
             return False
         if stripped.endswith(".") and (len(stripped) < 2 or not stripped[-2].isalpha()):
             return False  # "3." may become "3.14", ".." may become "..."
@@ -111,6 +130,8 @@ class SentenceBuffer:
 
 _LINK = re.compile(r"\[([^\]\n]+)\]\([^)\s]*\)")  # [text](url): the text is what is meant
 _URL = re.compile(r"(?:https?://|www\.)\S+")
+# a code fence's own line (```python, ~~~): markup, not words; the code between is read
+_FENCE = re.compile(r"^[ \t]*(?:`{3,}|~{3,})[\w+#.-]*[ \t]*$", re.M)
 _EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*|~~|`+)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 _LINE_MARK = re.compile(
     r"^[ \t]*(?:#{1,6}[ \t]+|[-*+\u2022][ \t]+|\d{1,3}[.)][ \t]+(?=\S)|>[ \t]*)", re.M
@@ -134,6 +155,8 @@ def speakable(sentence: str) -> str:
     if "\n" in text or _marks_a_line(text.lstrip(" \t")[:1]):
         text = _LINE_MARK.sub("", text)
     if "*" in text or "_" in text or "~" in text or "`" in text:
+        if "```" in text or "~~~" in text:
+            text = _FENCE.sub("", text)
         for _ in range(2):  # **_nested_** marks
             text = _EMPHASIS.sub(r"\2", text)
     if not text.isascii():

@@ -99,6 +99,9 @@ def test_a_tail_that_ends_a_sentence(text: str, ends: bool) -> None:
         ("🙂", ""),
         ("42.", "42."),  # an answer, not a list number
         ("2*3*4 is 24.", "2*3*4 is 24."),
+        # a code fence's lines (each is a sentence: a line break ends one)
+        *(("```python", ""), ("```", ""), ("~~~", ""), ("  ```bash ", "")),
+        ("```python\nprint('hi')\n```", "print('hi')"),
     ],
 )
 def test_speakable_strips_what_a_voice_reads_badly(model: str, voice: str) -> None:
@@ -110,6 +113,7 @@ def _speakable_every_pattern(sentence: str) -> str:
     text = sentences._LINK.sub(r"\1", sentence)
     text = sentences._URL.sub("", text)
     text = sentences._LINE_MARK.sub("", text)
+    text = sentences._FENCE.sub("", text)
     for _ in range(2):
         text = sentences._EMPHASIS.sub(r"\2", text)
     text = sentences._EMOJI.sub("", text)
@@ -120,7 +124,7 @@ _MARKDOWNISH = st.lists(
     st.sampled_from(
         [
             *"ab1 \t\n\r\x1c\u00a0\u3000.#-*+_~`>[]()/:w\u2022é😊\u200d\u2603",
-            *("https://", "www.", "**", "1. ", "- ", "> ", "`code`", "[x](y)"),
+            *("https://", "www.", "**", "1. ", "- ", "> ", "`code`", "[x](y)", "```", "~~~"),
             *("\n- ", "\n1. ", "\n## ", "\n> ", " \t* "),
         ]
     ),
@@ -163,12 +167,14 @@ def test_a_long_reply_without_a_sentence_end_is_scanned_once(
     counting = _Counting(sentences._END)
     monkeypatch.setattr(sentences, "_END", counting)
     buf = SentenceBuffer()
+    parts: list[str] = []
     for _ in range(20_000):
-        assert buf.feed(" word") == []
+        parts += buf.feed(" word")  # said in parts as it grows (MAX_SENTENCE_CHARS)
         buf.ends_a_sentence()
     text = " word" * 20_000
     assert counting.scanned < 20 * len(text)  # linear: about one scan of each chunk
-    assert buf.feed(". Done. ") == [text.strip() + ".", "Done."]
+    parts += buf.feed(". Done. ")
+    assert parts[-1] == "Done." and " ".join(parts[:-1]) == text.strip() + "."
 
 
 def test_split_for_say_keeps_to_a_character_limit_too() -> None:
@@ -176,3 +182,33 @@ def test_split_for_say_keeps_to_a_character_limit_too() -> None:
     pieces = split_for_say(text, 5000, 3000)
     assert all(len(p) <= 3000 and len(p.encode()) <= 5000 for p in pieces)
     assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    ("stream", "first"),
+    [
+        ("आपका बैलेंस दस डॉलर है। क्या और कुछ", "आपका बैलेंस दस डॉलर है।"),  # the danda
+        ("هل تريد المساعدة؟ يمكنني", "هل تريد المساعدة؟"),  # the Arabic question mark
+        ("انتهى الأمر۔ شكرا", "انتهى الأمر۔"),  # the Arabic full stop (Urdu)
+    ],
+)
+def test_hindi_and_arabic_sentence_ends_release_the_first_sentence(stream: str, first: str) -> None:
+    # it was held to the end of the reply, then said in one piece
+    assert SentenceBuffer().feed(stream) == [first]
+    buf = SentenceBuffer()
+    assert buf.feed(first) == [] and buf.ends_a_sentence()  # the pause after it releases it
+
+
+def test_a_sentence_that_never_ends_is_released_in_parts_at_a_comma_or_a_word() -> None:
+    # a run-on reply was silent until it ended (or reached the reply's 4,000 characters)
+    limit = sentences.MAX_SENTENCE_CHARS
+    buf = SentenceBuffer()
+    clause = "and then we add one more item to the list, "
+    out: list[str] = []
+    for _ in range(20):
+        out += buf.feed(clause)
+    assert out and all(len(s) <= limit and s.endswith(",") for s in out)
+    words = SentenceBuffer().feed("word " * 100)  # no comma: at a word
+    assert words == [("word " * (limit // 5)).strip()]
+    assert SentenceBuffer().feed("x" * (limit + 10)) == ["x" * limit]
+    assert " ".join([*out, *buf.flush()]) == (clause * 20).strip()
