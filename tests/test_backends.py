@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agentd.backends import Backend, Chunk, ToolCall, Usage, tools_for
+from agentd.backends import Backend, Chunk, NoReply, ToolCall, Usage, tools_for
 from agentd.backends.http import HttpBackend
 from agentd.backends.openai import OpenAIBackend
 from agentd.backends.python import BackendConfigError, PythonBackend
@@ -473,7 +473,8 @@ async def test_python_async_function_gets_call_id_and_a_list_history() -> None:
     assert await collect(PythonBackend(target="tests.stubs:py_async_object")) == ["from an object"]
     chunks = await collect(PythonBackend(target="tests.stubs:py_whole"))
     assert chunks == ["Python heard: What are your opening hours?. It has 3 messages."]
-    assert await collect(PythonBackend(target="tests.stubs:py_nothing")) == []
+    # None: nothing to say, by choice (not an empty reply by mistake)
+    assert await collect(PythonBackend(target="tests.stubs:py_nothing")) == [NoReply()]
 
 
 async def test_python_async_generator_streams_text_and_tool_calls() -> None:
@@ -552,3 +553,47 @@ def test_make_backend_reports_an_unimportable_callable_as_a_config_error() -> No
         ConfigError, match=r"^backend\.callable: cannot import 'nope_pkg\.mod': ModuleNotFoundError"
     ):
         make_backend(config_for(kind="python", callable="nope_pkg.mod:fn"))
+
+
+async def test_replies_beyond_a_hundred_at_once_are_not_queued_behind_a_connection_pool() -> None:
+    # one backend session serves every call; aiohttp's default pool holds 100 connections,
+    # and the 101st reply waited (its timeout running) for one of them to finish
+    from aiohttp import web
+
+    from tests.support import serving
+
+    wanted = 101
+    arrived = 0
+    everyone = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal arrived
+        arrived += 1
+        if arrived == wanted:
+            everyone.set()
+        await everyone.wait()  # none answers before all are in: a pool of 100 never gets there
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        delta = {"choices": [{"index": 0, "delta": {"content": "Hi."}}]}
+        await resp.write(f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as port:
+        backend = openai(f"http://127.0.0.1:{port}/v1", timeout_s=30)
+        try:
+            replies = await asyncio.wait_for(
+                asyncio.gather(
+                    *(_text(backend.reply(f"call-{i}", HISTORY)) for i in range(wanted))
+                ),
+                10,
+            )
+        finally:
+            everyone.set()  # else the server's cleanup waits for its handlers
+            await backend.aclose()
+    assert replies == ["Hi."] * wanted
+
+
+async def _text(chunks: Any) -> str:
+    return "".join([c async for c in chunks if isinstance(c, str)])

@@ -17,6 +17,7 @@ is accepted too. Streamed text chunks are joined as they are, so they carry thei
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from agentd.backends.wire import (
     iter_sse,
     new_session,
     post_stream,
+    read_body,
 )
 from agentd.commands import Message
 from agentd.secret import Secret, display_url
@@ -95,11 +97,16 @@ class HttpBackend:
                             for chunk in _from_object(decode_json(line, _KIND, "NDJSON line")):
                                 yield chunk
             elif ctype == "text/plain":
-                text = await resp.text(errors="replace")
-                if text:
-                    yield text
+                # as it comes: its first sentence is said while the rest is read, and a reply
+                # that runs on is closed at the reply's limit, not read to its end
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                async for piece in resp.content.iter_any():
+                    if said := decoder.decode(piece):
+                        yield said
+                if said := decoder.decode(b"", final=True):
+                    yield said
             else:
-                raw = await resp.read()
+                raw = await read_body(resp, _KIND)
                 obj = decode_json(raw.decode("utf-8", errors="replace"), _KIND, "JSON reply")
                 for chunk in _from_object(obj):
                     yield chunk

@@ -26,6 +26,7 @@ from agentd.backends.wire import (
     iter_sse,
     new_session,
     post_stream,
+    read_body,
 )
 from agentd.commands import Message
 from agentd.secret import Secret, display_url, redact
@@ -180,7 +181,7 @@ class OpenAIBackend:
             finish: object = None
             if resp.content_type == "application/json":
                 # a server that ignores `stream: true` answers with one whole completion
-                raw = await resp.read()
+                raw = await read_body(resp, _KIND)
                 obj = decode_json(raw.decode("utf-8", errors="replace"), _KIND, "response")
                 spent = _usage(obj) if self.usage else None
                 choice = _first_choice(obj)

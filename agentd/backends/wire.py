@@ -37,7 +37,29 @@ def new_session(timeout_s: float) -> aiohttp.ClientSession:
     running loop (the session binds to it), hence created lazily on the first reply.
     """
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
-    return aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"agentd/{__version__}"})
+    # no cap on connections (aiohttp's default is 100): each live reply holds one for as long
+    # as it streams, and a reply queued behind the hundredth waits out its timeout unasked
+    connector = aiohttp.TCPConnector(limit=0)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, headers={"User-Agent": f"agentd/{__version__}"}
+    )
+
+
+#: the most of a whole (not streamed) JSON reply read: its text is at most 4,000 characters
+#: (`reply.MAX_REPLY_CHARS`); a service answering megabytes is not read to the end first
+MAX_BODY_BYTES = 4 << 20
+
+
+async def read_body(resp: aiohttp.ClientResponse, kind: str) -> bytes:
+    """A whole reply's body, up to `MAX_BODY_BYTES`: past it a `BackendError`."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in resp.content.iter_any():
+        size += len(data)
+        if size > MAX_BODY_BYTES:
+            raise BackendError(f"{kind} backend: reply larger than {MAX_BODY_BYTES >> 20} MiB")
+        parts.append(data)
+    return b"".join(parts)
 
 
 def bearer(api_key: Secret | None) -> dict[str, str]:
