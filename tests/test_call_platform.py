@@ -294,7 +294,10 @@ def test_playback_is_estimated_after_the_tts_latency_and_per_script() -> None:
     assert CallSettings(language="ja-JP", chars_per_s=8.0).rate == 8.0
     settings = replace(SETTINGS, chars_per_s=0.0, language="ko-KR", say_latency_s=1.0)
     call = answered(settings)  # greeting "Hi there." (9 chars) at t=0
-    assert call.playback.until == pytest.approx(1.0 + 9 / 6.0)
+    # by the script read, not the language: English words play at the Latin pace
+    assert call.playback.until == pytest.approx(1.0 + 9 / 15.0)
+    korean = answered(replace(settings, greeting="안녕하세요 반갑습니다"))  # 11 characters
+    assert korean.playback.until == pytest.approx(1.0 + 11 / 6.0)
     # the audio begins after the latency: the echo guard counts from then, not from the /say
     assert call.playback.talk_started(0.5) == -1e9
     assert call.playback.talk_started(1.2) == pytest.approx(1.0)

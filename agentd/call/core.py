@@ -507,7 +507,7 @@ class CallCore:
         # fit waits inside its request, and one that waits past the gateway's 3 s answers 503
         # (plays all the same, but two count as a dead pod). So the text goes out in pieces
         # that fit, each as the audio ahead of it plays (aws.go SayAdd)
-        most = max(1, int(s.aws_ahead_s * s.rate))
+        most = max(1, int(s.aws_ahead_s * s.rate_for(text)))
         waiting = bool(self.playback.paced)  # then the pace timer runs already
         self.playback.paced += [(turn, piece) for piece in split_for_say(text, max_chars=most)]
         return [] if waiting else self.say_paced(now)
@@ -522,7 +522,7 @@ class CallCore:
                 p.paced.pop(0)  # a reply the caller has moved on from
                 continue
             ahead = p.remaining(now)
-            over = ahead + len(text) / s.rate - s.aws_ahead_s
+            over = ahead + len(text) / s.rate_for(text) - s.aws_ahead_s
             if ahead > 0 and over > 0.01:  # timers fire a hair early
                 cmds.append(StartTimer(self.id, Timer(TimerKind.PACE), over))
                 break
@@ -532,7 +532,8 @@ class CallCore:
 
     def _say_now(self, text: str, turn: int, now: float) -> list[Command]:
         assert self.speaking.id is not None
-        self.playback.play(turn, text, now, self.settings.rate, self.settings.say_latency_s)
+        s = self.settings
+        self.playback.play(turn, text, now, s.rate_for(text), s.say_latency_s)
         cmds: list[Command] = [Say(self.id, self.speaking.id, text, turn)]
         if turn:
             self.turn_times.setdefault("first_say", now)

@@ -81,7 +81,7 @@ class Playback:
         self.queued += self.paced
         self.paced.clear()
 
-    def cut(self, now: float, chars_per_s: float) -> dict[int, str]:
+    def cut(self, now: float) -> dict[int, str]:
         """Stop everything at `now`; for each turn whose audio was cut, the text heard of it."""
         heard: dict[int, list[str]] = {}
         cut_turns: set[int] = set()
@@ -91,7 +91,8 @@ class Playback:
                 continue
             cut_turns.add(p.turn)
             if p.start < now:
-                n = int((now - p.start) * chars_per_s)
+                # as far as it played (each piece at its own script's pace)
+                n = int(len(p.text) * (now - p.start) / max(p.end - p.start, 1e-9))
                 partial = p.text[:n].rsplit(" ", 1)[0] if " " in p.text[:n] else ""
                 if partial:
                     heard.setdefault(p.turn, []).append(partial + " —")

@@ -8,8 +8,29 @@ from typing import Literal
 DEFAULT_GREETING = "Hello, thank you for calling. How can I help you today?"
 DEFAULT_FALLBACK = "Sorry, I didn't catch that. Could you say it again?"
 _CJK = frozenset({"ko", "ja", "zh"})
+_CJK_RATIO = 6.0 / 15.0  # CJK characters a second to Latin ones (VoIPBIN's client, measured)
+# Hangul Jamo, CJK punctuation and kana, compatibility Jamo, the ideographs, Hangul syllables,
+# compatibility ideographs, full-width forms
+_CJK_BLOCKS = (
+    *((0x1100, 0x11FF), (0x3000, 0x30FF), (0x3130, 0x318F), (0x3400, 0x4DBF)),
+    *((0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF)),
+)
+
+
+def mostly_cjk(text: str) -> bool:
+    """Whether at least half the letters of `text` are Korean, Japanese or Chinese: it is
+    read at their pace (a brand name in a Korean sentence does not change it)."""
+    if text.isascii():
+        return False  # the usual case, at once
+    letters = [ord(ch) for ch in text if ch.isalnum()]
+    cjk = sum(1 for c in letters if any(lo <= c <= hi for lo, hi in _CJK_BLOCKS))
+    return bool(letters) and 2 * cjk >= len(letters)
+
+
 # what is said, by language, when the reply is slow to come, and before cutting a long turn short
 FILLERS = {"en": "One moment.", "ko": "잠시만요.", "ja": "少々お待ちください。", "zh": "请稍等。"}
+# said when the backend ends the call without a word of its own (a model's end_call alone)
+GOODBYES = {"en": "Goodbye!", "ko": "안녕히 계세요.", "ja": "失礼いたします。", "zh": "再见。"}
 CUT_INS = {
     "en": "Sorry to cut in.",
     "ko": "말씀 중에 죄송합니다.",
@@ -153,6 +174,15 @@ class CallSettings:
             return self.chars_per_s
         return 6.0 if self.language.lower()[:2] in _CJK else 15.0
 
+    def rate_for(self, text: str) -> float:
+        """Playback speed for `text`: its script's, not the language's (a Korean goodbye from
+        an English agent plays at the Korean pace). `rate` is the language's script's; the
+        other script's follows the measured ratio, 6 to 15."""
+        language_cjk = self.language.lower()[:2] in _CJK
+        if mostly_cjk(text) == language_cjk:
+            return self.rate
+        return self.rate * _CJK_RATIO if not language_cjk else self.rate / _CJK_RATIO
+
     def scaled(self, factor: float) -> CallSettings:
         """These settings for a platform `factor` times as slow (a simulator shrunk for tests,
         benchmarks or `agentd console --fast`): the machine-paced waits scaled, the voice
@@ -172,6 +202,11 @@ class CallSettings:
     def filler(self) -> str:
         """The filler line for the language."""
         return self.filler_text or FILLERS.get(self.language.lower()[:2], FILLERS["en"])
+
+    @property
+    def goodbye(self) -> str:
+        """The goodbye for the language, when the backend gave none."""
+        return GOODBYES.get(self.language.lower()[:2], GOODBYES["en"])
 
     @property
     def cut_in(self) -> str:
