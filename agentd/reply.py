@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from agentd import logs
-from agentd.backends import Backend, ToolCall, Usage
+from agentd.backends import Backend, NoReply, ToolCall, Usage
 from agentd.commands import (
     AskBackend,
     ReplyDone,
@@ -45,9 +45,8 @@ async def stream_reply(
     """Run the backend on `cmd`'s history; every outcome goes to `feed`. Cancel it to drop it."""
     buf = SentenceBuffer()
     stream: Any = None
-    action: Action | None = None
+    extra = _Besides()
     first: float | None = None
-    tokens: tuple[int, int] | None = None
     unread = True  # the first character may be a turn-completion marker: never spoken
     said = False
     try:
@@ -58,11 +57,7 @@ async def stream_reply(
             silence = _Silence(timeout, timeout_s)
             async for chunk in _read(stream, buf, cmd.turn):
                 silence.broken()
-                if isinstance(chunk, ToolCall):
-                    action = _action(chunk) or action
-                    continue
-                if isinstance(chunk, Usage):
-                    tokens = (chunk.input_tokens, chunk.output_tokens)
+                if extra.took(chunk):
                     continue
                 if first is None and chunk:
                     first = clock()
@@ -76,23 +71,49 @@ async def stream_reply(
                 said = _said(feed, cmd.turn, buf.feed(text)) or said
         if _said(feed, cmd.turn, buf.flush()) or said:
             await _let_it_go()
-        elif action is None:
+        elif extra.action is None and not extra.silent:
             # no text to say, no action: a proxy's HTML page, a JSON without "text", a model
             # that stopped at once. The caller would hear nothing until the silence reprompt
             feed(ReplyFailed(cmd.turn, "empty reply: the backend answered nothing to say"))
             return
-        feed(ReplyDone(cmd.turn, action, first, tokens))
+        feed(ReplyDone(cmd.turn, extra.action, first, extra.tokens))
     except asyncio.CancelledError:
         raise
     except TimeoutError:
+        _said_whole(feed, cmd.turn, buf)
         feed(ReplyFailed(cmd.turn, "backend timed out"))
     except Exception as exc:  # any backend failure becomes the fallback line
+        _said_whole(feed, cmd.turn, buf)
         feed(ReplyFailed(cmd.turn, redact(f"{type(exc).__name__}: {exc}")))
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+class _Besides:
+    """What a reply brings besides its text: an action, its token counts, or the backend's
+    choice to say nothing."""
+
+    __slots__ = ("action", "silent", "tokens")
+
+    def __init__(self) -> None:
+        self.action: Action | None = None
+        self.tokens: tuple[int, int] | None = None
+        self.silent = False
+
+    def took(self, chunk: object) -> bool:
+        """Whether `chunk` was one of these (text is not)."""
+        if isinstance(chunk, str):
+            return False
+        if isinstance(chunk, ToolCall):
+            self.action = _action(chunk) or self.action
+        elif isinstance(chunk, Usage):
+            self.tokens = (chunk.input_tokens, chunk.output_tokens)
+        elif isinstance(chunk, NoReply):
+            self.silent = True
+        return True
 
 
 class _Silence:
@@ -170,9 +191,9 @@ def _action(call: ToolCall) -> Action | None:
     if call.name == "end_call":
         return EndCall()
     if call.name == "transfer":
-        number = str(call.arguments.get("number", "")).strip()
-        if number:
-            return TransferTo(number)
+        # without a number (arguments missing, or not JSON) it is still a transfer asked for:
+        # the call tells the caller it failed, rather than leave them waiting for it
+        return TransferTo(str(call.arguments.get("number", "")).strip())
     log.warning("backend.unknown_tool", tool=call.name)
     return None
 
@@ -187,6 +208,14 @@ def _said(feed: Callable[[Result], None], turn: int, sentences: list[str]) -> bo
             feed(ReplySentence(turn, text))
             fed = True
     return fed
+
+
+def _said_whole(feed: Callable[[Result], None], turn: int, buf: SentenceBuffer) -> None:
+    """A reply that fails after a whole sentence came (its end waiting only for the space the
+    next chunk would bring): that sentence is the answer, said rather than the fallback line
+    (a reply that said something gets none). A sentence cut short stays unsaid."""
+    if buf.ends_a_sentence():
+        _said(feed, turn, buf.flush())
 
 
 async def _let_it_go() -> None:

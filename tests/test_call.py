@@ -515,6 +515,35 @@ def test_end_call_hangs_up_after_the_goodbye_has_played() -> None:
     assert kinds(cmds) == ["Hangup", "StopSpeaking", "StartTimer"]
 
 
+def test_a_goodbye_in_a_slower_script_is_waited_for_at_its_own_pace() -> None:
+    # an English agent's model answering in Korean: its audio plays at the Korean pace (6 to
+    # 15 characters a second), and the hangup waited only for the English estimate
+    call = answered()  # en-US, 10 characters a second
+    step(call, transcript("bye"), 10)
+    step(call, ReplySentence(1, "감사합니다 좋은 하루"), 10)  # 11 characters: 2.75 s, not 1.1 s
+    cmds = step(call, ReplyDone(1, action=EndCall()), 10)
+    timer = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("after_reply")][0]
+    assert timer.delay_s == pytest.approx(2.75 + SETTINGS.playback_pad_s)
+    # and the other way round: Latin text from a Korean agent plays faster than Korean
+    korean = replace(SETTINGS, language="ko-KR")
+    assert korean.rate_for("Thank you") == pytest.approx(25.0)
+    assert korean.rate_for("감사합니다") == SETTINGS.rate_for("Thank you") == 10.0
+
+
+def test_end_call_with_nothing_said_says_a_goodbye_before_the_hangup() -> None:
+    # a model often sends the end_call tool alone: the caller was hung up on without a word
+    call = answered()
+    step(call, transcript("that is all thanks"), 10)
+    cmds = step(call, ReplyDone(1, action=EndCall()), 10)
+    assert Say(CID, "s1", "Goodbye!", 1) in cmds
+    timer = [c for c in cmds if isinstance(c, StartTimer) and c.timer == T("after_reply")][0]
+    assert timer.delay_s == pytest.approx(0.8 + SETTINGS.playback_pad_s)  # after it played
+    assert kinds(step(call, TimerFired(T("after_reply")), 12))[0] == "Hangup"
+    korean = answered(replace(SETTINGS, language="ko-KR"))
+    step(korean, transcript("됐어요"), 10)
+    assert Say(CID, "s1", "안녕히 계세요.", 1) in step(korean, ReplyDone(1, action=EndCall()), 10)
+
+
 def test_transfer_after_the_reply_then_our_sessions_end() -> None:
     call = answered(replace(SETTINGS, transfer_numbers=("+15550009999",)))
     step(call, transcript("a human please"), 10)

@@ -8,6 +8,7 @@ tests wait on the simulator's state, the stub's events, or the daemon going idle
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -314,6 +315,116 @@ async def test_backend_error_gets_the_fallback_and_the_next_turn_works(
     assert "BackendError" in error and "sk-conv-test-1234" not in error
     if failure.status != 200:
         assert f"HTTP {failure.status}" in error
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> str:
+    """One raw chunk of a streamed chat completion."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return f"data: {json.dumps({'choices': [choice]})}\n\n"
+
+
+async def test_a_whole_sentence_before_a_stream_error_is_said_not_the_fallback(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent
+) -> None:
+    # its end waited only for the space the next chunk would have brought
+    answer = "Your balance is ten dollars."
+    llm.script(
+        Script(raw=[_delta({"content": answer}), 'data: {"error": {"message": "busy"}}\n\n'])
+    )
+    daemon = await start(agent, openai_config(llm))
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("what is my balance")]))
+    await finish(sim, daemon, call_id)
+    assert agent_lines(sim, call_id) == [answer]
+    assert [r.what for r in daemon.records].count("backend_failed") == 1
+
+
+@pytest.mark.parametrize("arguments", ['{"number": "+1555', "{}"], ids=["not JSON", "no number"])
+async def test_a_transfer_without_a_number_is_refused_and_the_caller_told(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent, arguments: str
+) -> None:
+    call = {"index": 0, "id": "c0", "type": "function"}
+    call["function"] = {"name": "transfer", "arguments": arguments}
+    llm.script(
+        Script(
+            raw=[
+                _delta({"role": "assistant", "content": "Let me connect you."}),
+                _delta({"tool_calls": [call]}),
+                _delta({}, "tool_calls"),
+                "data: [DONE]\n\n",
+            ]
+        )
+    )
+    daemon = await start(agent, openai_config(llm), transfer_numbers=[NUMBER])
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("a human please")], hangup_after_s=None)
+    )
+    failed = "Sorry, I can't transfer you right now."
+    await sim.wait_for(lambda: failed in " ".join(heard(sim, call_id)), 10)
+    # (the two may go out merged in one /say)
+    assert " ".join(agent_lines(sim, call_id)) == f"Let me connect you. {failed}"
+    [error] = [r for r in daemon.records if r.what == "error"]
+    assert error.data == {"what": "transfer failed", "error": "no number given"}
+    assert sim.requests_matching("POST", r"/transfers$") == []
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_an_http_text_reply_is_said_as_it_streams_and_never_read_past_its_limit(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # a service that streams text/plain and keeps the body open (or sends megabytes): the
+    # whole body was read before a word was said
+    from aiohttp import web
+
+    from tests.support import serving
+
+    done = asyncio.Event()
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(("Here is the first part. " + "Then more words. " * 300).encode())
+        await done.wait()  # the body is never finished while the test runs
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/reply", reply)
+    async with serving(app) as port:
+        try:
+            await _said_while_streaming(sim, agent, port)
+        finally:
+            done.set()  # else the server's cleanup waits for the handler
+
+
+async def _said_while_streaming(sim: Simulator, agent: StartAgent, port: int) -> None:
+    """The reply's first sentence reaches VoIPBIN while its body is still open."""
+    daemon = await start(agent, {"kind": "http", "url": f"http://127.0.0.1:{port}/reply"})
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("tell me everything")], hangup_after_s=None)
+    )
+    lines = sim.get_call(call_id).conversation
+
+    def sent() -> str:
+        return " ".join(li.planned for li in lines if li.who == "agent")
+
+    await sim.wait_for(lambda: "Here is the first part." in sent(), 10)
+    assert FALLBACK not in sent()
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+
+
+async def test_a_python_callable_returning_none_says_nothing_and_fails_nothing(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    daemon = await start(agent, {"kind": "python", "callable": "tests.stubs:py_nothing"})
+    caller = Caller([Utterance("mm let me think")], hangup_after_s=None)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_for(lambda: any(r.what == "turn" for r in daemon.records), 10)
+    assert agent_lines(sim, call_id) == []  # no fallback line: the callable chose silence
+    assert "backend_failed" not in [r.what for r in daemon.records]
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 
 
 async def test_python_backend_answers_from_the_callable(sim: Simulator, agent: StartAgent) -> None:

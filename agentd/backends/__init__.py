@@ -30,7 +30,13 @@ class Usage:
     output_tokens: int
 
 
-Chunk = str | ToolCall | Usage
+@dataclass(frozen=True, slots=True)
+class NoReply:
+    """The backend chose to say nothing this turn (a `python` callable's `None`): the call
+    waits for the caller, with no fallback line and no failure."""
+
+
+Chunk = str | ToolCall | Usage | NoReply
 
 END_CALL_TOOL: dict[str, Any] = {
     "type": "function",

@@ -19,7 +19,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from agentd.backends import Chunk, ToolCall
+from agentd.backends import Chunk, NoReply, ToolCall
 from agentd.backends.wire import BackendError
 from agentd.commands import Message
 
@@ -98,6 +98,7 @@ class PythonBackend:
         elif inspect.isawaitable(result):
             value = await result
             if value is None:
+                yield NoReply()
                 return
             if not isinstance(value, str):
                 raise BackendError(

@@ -37,7 +37,7 @@ from agentd.commands import (
     StartTimer,
 )
 from agentd.events import SpeechEvent, TranscriptEvent, timestamp
-from agentd.names import Kind, Timer, TimerKind, TransferTo
+from agentd.names import EndCall, Kind, Timer, TimerKind, TransferTo
 
 _STALE_SPEECH_S = 15.0  # speech that long before its transcript was another utterance (a cough)
 _ECHO_SHARE = 0.6  # words that are mostly the agent's own, as it speaks them, are its echo
@@ -382,7 +382,7 @@ class Conversation(CallCore):
             else:
                 self.speaking.step(SessionInput.CUT)
                 cmds += self._stop("speaking", self.speaking.id, abandon=True)
-        for cut_turn, heard in self.playback.cut(now, self.settings.rate).items():
+        for cut_turn, heard in self.playback.cut(now).items():
             self.history.set_reply(cut_turn, heard)
         return cmds
 
@@ -430,11 +430,20 @@ class Conversation(CallCore):
         cmds += self.arm_silence(now)
         action = event.action
         if isinstance(action, TransferTo):
-            allowed = self.allowed_number(action.number)
+            allowed = self.allowed_number(action.number) if action.number else None
             if allowed is None:
                 # a caller must not talk the agent into dialling a premium number
-                cmds += self._transfer_failed(now, "not in agent.transfer_numbers", action.number)
+                why = "not in agent.transfer_numbers" if action.number else "no number given"
+                cmds += self._transfer_failed(now, why, action.number)
             action = None if allowed is None else TransferTo(allowed)
+        if (
+            isinstance(action, EndCall)
+            and self.phase.live
+            and self.said_turn != event.turn
+            and not self.unsent
+        ):
+            # a model often ends the call with the tool call alone: not hung up on without a word
+            cmds += self._speak(self.settings.goodbye, now)
         if action is not None and self.phase.live:
             # let the goodbye (or "transferring you now") finish playing first
             self.after_reply = action
