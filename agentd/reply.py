@@ -79,12 +79,14 @@ async def stream_reply(
         feed(ReplyDone(cmd.turn, extra.action, first, extra.tokens))
     except asyncio.CancelledError:
         raise
-    except TimeoutError:
+    except Exception as exc:  # any backend failure (a timeout too) becomes the fallback line
         _said_whole(feed, cmd.turn, buf)
-        feed(ReplyFailed(cmd.turn, "backend timed out"))
-    except Exception as exc:  # any backend failure becomes the fallback line
-        _said_whole(feed, cmd.turn, buf)
-        feed(ReplyFailed(cmd.turn, redact(f"{type(exc).__name__}: {exc}")))
+        why = (
+            "backend timed out"
+            if isinstance(exc, TimeoutError)
+            else redact(f"{type(exc).__name__}: {exc}")
+        )
+        feed(ReplyFailed(cmd.turn, why))
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
