@@ -672,12 +672,18 @@ def test_an_aws_sentence_longer_than_the_buffer_is_said_in_parts() -> None:
     assert step(call, TimerFired(T("pace")), 12.9) == [Say(CID, "s1", "u v w x y z", 1)]
 
 
-def test_a_barge_in_drops_the_aws_pieces_not_sent_yet() -> None:
+def aws_replying(*sentences: str) -> Call:
+    """An aws call whose turn 1 is answered with `sentences` at t=10 (1.4 s of the first goes
+    out at once, the rest waits for room)."""
     call = answered(AWS)
     step(call, transcript("hello", "tr1"), 10)
-    step(call, ReplySentence(1, "One two three."), 10)
-    step(call, ReplySentence(1, "Four five six."), 10)
-    step(call, ReplySentence(1, "Seven."), 10)
+    for sentence in sentences:
+        step(call, ReplySentence(1, sentence), 10)
+    return call
+
+
+def test_a_barge_in_drops_the_aws_pieces_not_sent_yet() -> None:
+    call = aws_replying("One two three.", "Four five six.", "Seven.")
     assert kinds(step(call, TimerFired(T("pace")), 10.8)) == ["Say", "StartTimer"]
     cmds = step(call, interim("no wait stop"), 11.2)
     assert records(cmds, Kind.BARGE_IN) and Flush(CID, "s1") in cmds
@@ -686,10 +692,7 @@ def test_a_barge_in_drops_the_aws_pieces_not_sent_yet() -> None:
 
 
 def test_aws_pieces_not_sent_yet_wait_for_the_next_session_in_order() -> None:
-    call = answered(AWS)
-    step(call, transcript("hello", "tr1"), 10)
-    step(call, ReplySentence(1, "One two three."), 10)
-    step(call, ReplySentence(1, "Four five six."), 10)
+    call = aws_replying("One two three.", "Four five six.")
     cmds = step(call, SayFailed("s1", "One two three.", 1, 404), 10.1)
     assert kinds(cmds) == ["StopSpeaking", "StartSpeaking"]
     assert step(call, TimerFired(T("pace")), 10.8) == []  # no session to say it on
