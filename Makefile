@@ -9,14 +9,15 @@ ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, sys; sys.exit(sys.version_info < (3, 11))' \
             >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
 endif
-# where ProtectHome=yes (systemd/agentd.service) leaves nothing for the service to read
-HIDDEN_DIRS ?= /home /root /run/user
+# where ProtectHome=yes and PrivateTmp=yes (systemd/agentd.service) leave nothing for the
+# service to read
+HIDDEN_DIRS ?= /home /root /run/user /tmp /var/tmp
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNTIME := $(VENV)/.installed-runtime
 
-.PHONY: all venv demo test lint unit sim soak clean install uninstall bench
+.PHONY: all venv demo test lint unit sim soak clean install install-unit uninstall bench
 
 all: test
 
@@ -70,12 +71,23 @@ CONF_DIR    ?= /etc/agentd
 UNIT_DIR    ?= /etc/systemd/system
 BIN_DIR     ?= /usr/local/bin
 
+# the unit names INSTALL_DIR and CONF_DIR: absolute, and not where the unit hides them
+CHECK_DIRS = for d in "$(INSTALL_DIR)" "$(CONF_DIR)"; do case "$$d" in /*) ;; *) \
+	  echo "make install: $$d is not an absolute path (the unit needs one)"; exit 1;; esac; done; \
+	$(PYTHON) -c 'import os, sys; at = [os.path.realpath(p) + "/" for p in sys.argv[1:3]]; \
+	  sys.exit(any(a.startswith(d.rstrip("/") + "/") for a in at for d in sys.argv[3:]))' \
+	  $(INSTALL_DIR) $(CONF_DIR) $(HIDDEN_DIRS) || { \
+	  echo "make install: $(INSTALL_DIR) or $(CONF_DIR) is under one of $(HIDDEN_DIRS), which"; \
+	  echo "the service cannot read (ProtectHome=yes, PrivateTmp=yes in systemd/agentd.service)"; \
+	  exit 1; }
+
 install:
 	@$(PYTHON) -c 'import os, sys; at = os.path.realpath(sys.base_prefix) + "/"; \
 	  sys.exit(any(at.startswith(d.rstrip("/") + "/") for d in sys.argv[1:]))' $(HIDDEN_DIRS) || { \
 	  echo "make install: $(PYTHON) lives under one of $(HIDDEN_DIRS), which the service cannot"; \
 	  echo "read (ProtectHome=yes in systemd/agentd.service). Use the system's interpreter, e.g."; \
 	  echo "  sudo make install PYTHON=/usr/bin/python3"; exit 1; }
+	@$(CHECK_DIRS)
 	$(PYTHON) -m venv $(INSTALL_DIR)/venv
 	$(INSTALL_DIR)/venv/bin/python -m pip install -q --upgrade pip
 	$(INSTALL_DIR)/venv/bin/python -m pip install -q -c constraints.txt .
@@ -85,7 +97,7 @@ install:
 	install -d -m 0700 $(CONF_DIR)/credentials
 	for c in voipbin-accesskey backend-api-key; do \
 	  [ -e $(CONF_DIR)/credentials/$$c ] || install -m 0600 /dev/null $(CONF_DIR)/credentials/$$c; done
-	install -m 0644 systemd/agentd.service $(UNIT_DIR)/agentd.service
+	$(MAKE) -s install-unit
 	ln -sfn $(INSTALL_DIR)/venv/bin/agentd $(BIN_DIR)/agentd
 	-systemctl daemon-reload
 	@echo
@@ -93,6 +105,16 @@ install:
 	@echo "  1. edit $(CONF_DIR)/agentd.toml and put your access key in $(CONF_DIR)/credentials/voipbin-accesskey"
 	@echo "  2. systemctl enable --now agentd"
 	@echo "  3. journalctl -u agentd -f"
+
+# the unit with this install's directories: ExecStart and LoadCredential name them, and a unit
+# left pointing at /opt/agentd would fail with status=203/EXEC (comments keep the defaults)
+install-unit:
+	@$(CHECK_DIRS)
+	install -d $(UNIT_DIR)
+	sed -e '/^#/!s|/opt/agentd|$(INSTALL_DIR)|g' -e '/^#/!s|/etc/agentd|$(CONF_DIR)|g' \
+	  systemd/agentd.service > $(UNIT_DIR)/agentd.service.tmp
+	chmod 0644 $(UNIT_DIR)/agentd.service.tmp
+	mv $(UNIT_DIR)/agentd.service.tmp $(UNIT_DIR)/agentd.service
 
 uninstall:
 	-systemctl disable --now agentd

@@ -397,3 +397,67 @@ def test_the_venvs_use_the_system_interpreter_when_it_can_make_one(tmp_path: Pat
     # a choice on the command line wins
     mine = _make(show, "show-python", "PYTHON=python3.12", tmp_path=tmp_path)
     assert mine.stdout.strip() == "python3.12", mine.stderr
+
+
+def _install_unit(
+    tmp_path: Path, install_dir: str, conf_dir: str
+) -> subprocess.CompletedProcess[str]:
+    return _make(
+        "install-unit",
+        f"PYTHON={sys.executable}",
+        "HIDDEN_DIRS=/nowhere /home /root",
+        f"INSTALL_DIR={install_dir}",
+        f"CONF_DIR={conf_dir}",
+        f"UNIT_DIR={tmp_path / 'units'}",
+        tmp_path=tmp_path,
+    )
+
+
+@needs_systemd_analyze
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_install_writes_the_unit_for_its_own_directories(tmp_path: Path) -> None:
+    # `make install INSTALL_DIR=/srv/agentd` must not leave a unit starting /opt/agentd's
+    # agentd (status=203/EXEC) or loading credentials from a /etc/agentd nobody filled
+    install_dir, conf_dir = tmp_path / "srv" / "agentd", tmp_path / "srv" / "etc"
+    stand_in = install_dir / "venv" / "bin" / "agentd"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    stand_in.chmod(0o755)
+    result = _install_unit(tmp_path, str(install_dir), str(conf_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rendered = tmp_path / "units" / "agentd.service"
+    assert oct(rendered.stat().st_mode & 0o777) == "0o644"
+    text = rendered.read_text(encoding="utf-8")
+    changed = [
+        b
+        for a, b in zip(
+            UNIT.read_text(encoding="utf-8").splitlines(), text.splitlines(), strict=True
+        )
+        if a != b
+    ]
+    assert changed == [
+        f"ExecStart={stand_in} run --config {conf_dir}/agentd.toml",
+        f"LoadCredential=voipbin-accesskey:{conf_dir}/credentials/voipbin-accesskey",
+        f"LoadCredential=backend-api-key:{conf_dir}/credentials/backend-api-key",
+    ]
+    verified = _analyze("verify", str(rendered), cwd=tmp_path)
+    output = (verified.stdout + verified.stderr).strip()
+    assert verified.returncode == 0 and output == "", output
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(
+    ("install_dir", "conf_dir", "said"),
+    [
+        ("/home/me/agentd", "/etc/agentd", "ProtectHome=yes"),
+        ("/opt/agentd", "/root/agentd-etc", "ProtectHome=yes"),
+        ("agentd", "/etc/agentd", "not an absolute path"),
+    ],
+)
+def test_make_install_refuses_directories_the_unit_cannot_use(
+    tmp_path: Path, install_dir: str, conf_dir: str, said: str
+) -> None:
+    result = _install_unit(tmp_path, install_dir, conf_dir)
+    assert result.returncode != 0
+    assert said in result.stdout
+    assert not (tmp_path / "units").exists()
