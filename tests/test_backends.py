@@ -8,14 +8,16 @@ import json
 import socket
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.base_protocol import BaseProtocol
 from structlog.testing import capture_logs
 
-from agentd.backends import Backend, Chunk, NoReply, ToolCall, Usage, tools_for
+from agentd.backends import Backend, Chunk, NoReply, ToolCall, Usage, tools_for, wire
 from agentd.backends.http import HttpBackend
 from agentd.backends.openai import OpenAIBackend
 from agentd.backends.python import BackendConfigError, PythonBackend
-from agentd.backends.wire import BackendError
+from agentd.backends.wire import BackendError, iter_lines
 from agentd.commands import Message
 from agentd.config import ConfigError, load
 from agentd.daemon import make_backend
@@ -597,3 +599,55 @@ async def test_replies_beyond_a_hundred_at_once_are_not_queued_behind_a_connecti
 
 async def _text(chunks: Any) -> str:
     return "".join([c async for c in chunks if isinstance(c, str)])
+
+
+# ---- the stream's lines -------------------------------------------------------------------------
+
+
+class _Connected(BaseProtocol):
+    """A connection that stays open: the reader below is fed by hand, not by a socket."""
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+
+async def _fed_bytewise(data: bytes) -> list[str]:
+    """The lines `iter_lines` makes of `data` arriving one byte per network read."""
+    loop = asyncio.get_running_loop()
+    reader = aiohttp.StreamReader(_Connected(loop), 2**16, loop=loop)
+
+    async def arrive() -> None:
+        for i in range(len(data)):
+            reader.feed_data(data[i : i + 1])
+            await asyncio.sleep(0)  # one read each: the consumer runs before the next byte
+        reader.feed_eof()
+
+    producer = asyncio.create_task(arrive())
+    lines = [line async for line in iter_lines(reader)]
+    await producer
+    return lines
+
+
+async def test_stream_lines_are_whole_whatever_the_network_cuts() -> None:
+    # a line, and a two-byte character, across reads; CRLF and LF ends; no end at EOF
+    data = 'data: {"content": "Café"}\r\n\r\n: ping\ndata: tail'.encode()
+    assert await _fed_bytewise(data) == ['data: {"content": "Café"}', "", ": ping", "data: tail"]
+
+
+async def test_a_stream_line_without_an_end_is_refused_past_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "MAX_LINE_BYTES", 64)
+    assert await _fed_bytewise(b"x" * 64 + b"\n") == ["x" * 64]
+    with pytest.raises(BackendError, match="more than 64 bytes"):
+        await _fed_bytewise(b"data: " + b"x" * 80)
+
+
+def test_stream_json_takes_what_the_stdlib_takes() -> None:
+    assert (
+        wire.decode_json('{"n": NaN, "big": 123456789012345678901234567890}', "x", "y")["big"]
+        == 123456789012345678901234567890
+    )
+    with pytest.raises(BackendError, match="malformed event"):
+        wire.decode_json("{nope", "x", "event")

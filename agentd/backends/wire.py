@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 
 from agentd import __version__
 from agentd.neterrors import cannot_connect
@@ -22,6 +23,9 @@ from agentd.secret import Secret, redact
 # an error page can be large (an HTML 502 from a proxy): read only this much of it
 _ERROR_BODY_LIMIT = 4096
 _ERROR_TEXT_LIMIT = 300
+#: the longest line of a stream (an SSE or NDJSON event): a server that never ends its line
+#: must not fill memory while it is waited for
+MAX_LINE_BYTES = 1 << 20
 
 
 class BackendError(Exception):
@@ -147,9 +151,20 @@ def server_message(raw: bytes) -> str:
 
 async def iter_lines(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
     """Decoded lines without their `\\n` or `\\r\\n`. Lines are split on bytes before decoding,
-    so a multi-byte character is never cut in two."""
-    async for raw in content:
-        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    so a multi-byte character is never cut in two.
+
+    Read a network chunk at a time and split here: aiohttp's `readline` (two a streamed token,
+    its `data:` line and the blank one) costs as much as the rest of the token's handling."""
+    rest = b""
+    async for chunk in content.iter_any():
+        lines = (rest + chunk if rest else chunk).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > MAX_LINE_BYTES:
+            raise BackendError(f"backend sent a line of more than {MAX_LINE_BYTES} bytes")
+        for raw in lines:
+            yield raw.decode("utf-8", errors="replace").rstrip("\r")
+    if rest:
+        yield rest.decode("utf-8", errors="replace").rstrip("\r")
 
 
 async def iter_sse(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
@@ -180,7 +195,11 @@ async def iter_sse(content: aiohttp.StreamReader) -> AsyncGenerator[str, None]:
 def decode_json(data: str, kind: str, what: str) -> Any:
     """`json.loads`, with a `BackendError` that shows the start of the bad payload."""
     try:
-        return json.loads(data)
+        return orjson.loads(data)  # a streamed token's JSON: ~1 µs less than the stdlib's
+    except ValueError:
+        pass
+    try:
+        return json.loads(data)  # what orjson refuses and the stdlib takes (NaN, huge integers)
     except ValueError:
         sample = " ".join(data.split())[:80]
         raise BackendError(redact(f"{kind} backend: malformed {what}: {sample!r}")) from None
