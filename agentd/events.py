@@ -163,7 +163,10 @@ def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Reject
     etype = obj.get("type")
     if etype is None:
         etype = obj.get("event_type")
-    if isinstance(data, dict) and isinstance(etype, str):
+    # An envelope has no `id` of its own; a resource always has one. A Call carries a `type`
+    # ("flow") and may carry a `data` object too (the server's Call struct has one): it is
+    # the event, not an envelope around it
+    if isinstance(data, dict) and isinstance(etype, str) and ("id" not in obj or "id" in data):
         hint, obj = etype, data
     try:
         result = _classify(obj, hint)

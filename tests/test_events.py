@@ -117,6 +117,14 @@ def test_wrapped_frames_are_understood() -> None:
     )
 
 
+@pytest.mark.parametrize("data", [{}, {"early_execution": True, "anonymous": "no"}])
+def test_a_call_with_a_data_field_is_a_call_not_an_envelope(data: dict[str, object]) -> None:
+    # A Call has a `type` of its own ("flow"), and the server's Call struct a `data` object
+    # (REFERENCE.md §6.1, internal, but an extra field all the same): such a frame is the call,
+    # not a `{"type", "data"}` envelope of an event type named "flow"
+    assert parsed(CALL | {"data": data}).event == parsed(CALL).event
+
+
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
