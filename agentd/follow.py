@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from agentd.voipbin import ApiError, VoipbinClient
+from agentd.voipbin import ApiError, VoipbinClient, transcript_order
 
 POLL_S = 1.0  # the pace when the budget is off (rate_per_s = 0): the limiter would not wait
 
@@ -40,7 +40,7 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             transcribe_id = await _transcribe_of(client, call_id)
         if transcribe_id is not None:
             lines = [t async for t in client.transcripts(transcribe_id)]
-            lines.sort(key=lambda t: (t.get("offset_ms") or 0, str(t.get("tm_create", ""))))
+            lines.sort(key=transcript_order)
             for t in lines:
                 if t.get("id") not in printed:
                     printed.add(str(t.get("id")))

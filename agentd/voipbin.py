@@ -496,14 +496,7 @@ class VoipbinClient:
         """Every transcript, oldest first (the API answers newest first)."""
         items = [t async for t in self.transcripts(transcribe_id)]
 
-        def when(t: dict[str, Any]) -> tuple[float, str]:
-            offset = t.get("offset_ms")
-            if isinstance(offset, (int, float)):
-                return (float(offset), "")
-            # older servers: tm_transcript is year 1 plus the offset, so it sorts as text
-            return (0.0, str(t.get("tm_transcript") or t.get("tm_create") or ""))
-
-        return sorted(items, key=when)
+        return sorted(items, key=transcript_order)
 
     async def start_speaking(
         self, call_id: str, language: str, provider: str, voice_id: str
@@ -576,6 +569,21 @@ class VoipbinClient:
         await self.request(
             "DELETE", f"/transcribes/{transcribe_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
         )
+
+
+#: The origin of an older server's `tm_transcript` (year 1 plus the offset)
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=UTC)
+
+
+def transcript_order(t: dict[str, Any]) -> tuple[float, float]:
+    """A transcript's place in its transcribe: `offset_ms`, or on older servers the time of its
+    `tm_transcript` (else `tm_create`). Compared as times, not text: Go trims a fraction's
+    trailing zeros (REFERENCE.md §6), and "…:08.5Z" sorts before "…:08Z" as text."""
+    offset = t.get("offset_ms")
+    if isinstance(offset, (int, float)):
+        return (float(offset), 0.0)
+    at = timestamp(t.get("tm_transcript")) or timestamp(t.get("tm_create"))
+    return (0.0, (at - _YEAR_ONE).total_seconds() if at is not None else 0.0)
 
 
 #: How long one stop (or delete) retries on its own. A call escalates a stop that failed (to a

@@ -278,6 +278,29 @@ async def test_recent_calls_keep_the_pages_read_when_a_later_one_fails() -> None
         await client.close()
 
 
+async def test_transcripts_of_an_older_server_are_read_back_in_the_order_they_were_said() -> None:
+    # tm_transcript is year 1 plus the offset, in Go's RFC 3339 with trailing zeros trimmed
+    # (REFERENCE.md §6): "08Z" is 8 s, "08.5Z" 8.5 s; as text, "08.5Z" < "08Z" < "08.25Z"
+    client = VoipbinClient(API, Credentials(accesskey=Secret("vb_unit_test_key")), deadline_s=0.5)
+    said = ["08", "08.25", "08.5", "09.004", "10"]  # seconds since the transcribe started
+    newest_first = [
+        {"id": f"t-{s}", "transcribe_id": "t", "direction": "in", "message": s,
+         "tm_transcript": f"0001-01-01T00:00:{s}Z", "tm_create": "2026-08-20T10:00:15Z"}
+        for s in reversed(said)
+    ]  # fmt: skip
+    try:
+        with aioresponses() as mock:
+            mock.get(
+                re.compile(rf"^{re.escape(API)}/transcripts\?"),
+                status=200,
+                payload={"result": newest_first, "next_page_token": ""},
+            )
+            read = await client.transcripts_in_order("t")
+        assert [t["message"] for t in read] == said
+    finally:
+        await client.close()
+
+
 async def test_a_login_answered_200_without_a_json_token_is_a_clear_error() -> None:
     # a captive portal or a proxy's HTML page answers 200 too: no token, not a JSON error
     login = "http://voipbin.test/auth/login"
