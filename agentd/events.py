@@ -301,7 +301,7 @@ def _call(obj: dict[str, Any], hint: str | None) -> CallEvent | Rejected:
         master_call_id=_call_id(obj.get("master_call_id")),
         chained_call_ids=_call_ids(obj.get("chained_call_ids")),
     )
-    return CallEvent(info, deleted=hint == "call_deleted" or _is_real_time(obj.get("tm_delete")))
+    return CallEvent(info, deleted=hint == "call_deleted" or is_real_time(obj.get("tm_delete")))
 
 
 def _is_speech(obj: dict[str, Any], hint: str | None) -> bool:
@@ -363,8 +363,9 @@ def _call_ids(value: object) -> tuple[str, ...]:
     return tuple(i for i in map(_call_id, value[:16]) if i)
 
 
-def _is_real_time(value: object) -> bool:
-    """A timestamp that happened: not empty, null, or a legacy `9999-01-01…` "never" sentinel."""
+def is_real_time(value: object) -> bool:
+    """A timestamp that happened: not empty, null, or a legacy `9999-01-01…` "never" sentinel
+    (VoIPBIN's docs show unset times so; its server omits them or sends null)."""
     return isinstance(value, str) and bool(value) and not value.startswith("9999")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from agentd.events import is_real_time
 from agentd.voipbin import ApiError, VoipbinClient, transcript_order
 
 POLL_S = 1.0  # the pace when the budget is off (rate_per_s = 0): the limiter would not wait
@@ -31,7 +32,8 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             return 1
         new = str(call.get("status", ""))
         # a short call can be answered and over between two polls: tm_progressing tells
-        answered = answered or new == "progressing" or bool(call.get("tm_progressing"))
+        # (absent, null or the docs' 9999-01-01 "never" if it was not)
+        answered = answered or new == "progressing" or is_real_time(call.get("tm_progressing"))
         if new != status:
             status = new
             extra = f" ({call.get('hangup_reason')})" if status == "hangup" else ""

@@ -295,3 +295,31 @@ async def test_wait_polls_through_the_clients_budget_and_is_paced_by_it(
     # the budget alone paced them: never more than the bucket allows, and not one a second
     assert len(polls) <= 2 + 10.0 * elapsed
     assert len(polls) > 1 + elapsed
+
+
+async def test_wait_takes_the_docs_never_sentinel_for_a_call_never_answered(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # VoIPBIN's docs show unset times as "9999-01-01 00:00:00.000000" (the server omits them;
+    # REFERENCE.md §6, §13 #17): a busy callee's call was not answered
+    never = "9999-01-01 00:00:00.000000"
+    call = {"id": "c1", "status": "hangup", "hangup_reason": "busy", "tm_progressing": never}
+    asked: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if request.path == "/v1.0/calls/c1":
+            return web.json_response(call)
+        return web.json_response({"result": [], "next_page_token": ""})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    async with serving(app) as port:
+        api = f"http://127.0.0.1:{port}/v1.0"
+        client = VoipbinClient(api, Credentials(accesskey=Secret("vb_unit_test_key")))
+        try:
+            assert await follow(client, "c1") == 1
+        finally:
+            await client.close()
+    assert asked == ["/v1.0/calls/c1"]  # no transcribe looked for
+    assert capsys.readouterr().out.splitlines() == ["[hangup] (busy)"]
