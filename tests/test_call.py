@@ -826,6 +826,19 @@ def test_silence_reprompts_then_says_goodbye_and_hangs_up() -> None:
     assert StartTimer(CID, T("retry_stop:t2"), settings.transcribe_end_wait_s) in cmds
 
 
+def test_a_quiet_transcribe_replaced_is_read_back_first() -> None:
+    # the caller may have spoken while the events were lost (a subscription that took effect
+    # late: "events sent before the subscription took effect are lost", docs/protocol.md): what
+    # the old transcribe heard is read back, not dropped with it
+    settings = replace(SETTINGS, silence_s=10.0)
+    call = answered(settings)
+    cmds = call.handle(TimerFired(T("silence")), 10.9)
+    assert StopTranscribe(CID, "t1") in cmds and FetchTranscripts(CID, "t1") in cmds
+    call.handle(TranscribeStarted("t2"), 11)
+    cmds = call.handle(TranscriptsRead((transcript("are you there", "tr9"),)), 11.2)
+    assert any(isinstance(c, AskBackend) for c in cmds)
+
+
 def test_caller_speech_resets_the_silence_count() -> None:
     settings = replace(SETTINGS, silence_s=10.0)
     call = answered(settings)

@@ -361,6 +361,27 @@ async def test_an_orphaned_transcribe_is_replaced_and_never_adopted(
     await _replaced_when_quiet(sim, agent, "orphan")
 
 
+async def test_words_lost_to_a_late_subscription_are_heard_when_the_quiet_transcribe_is_replaced(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # "subscriptions take effect asynchronously", here later than the reconcile that follows
+    # the subscribe: the caller speaks in between and every event of it is lost. The silence
+    # reprompt replaces the transcribe, which may be deaf: what it heard is read back first
+    daemon = await agent(agent={"silence_s": 4.0})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    sim.settings.subscribe_bind_s = 1.5
+    connects, listed = daemon.stream.stats.connects, calls_listed(sim)
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects > connects, 10)
+    await sim.wait_for(lambda: calls_listed(sim) > listed, 5)  # the reconcile, before the bind
+    await sim.caller_says(call_id, "are you there")
+    assert not all(c.subscriptions for c in sim.ws_connections if not c.closed)  # all lost
+    await sim.wait_for(lambda: Kind.TRANSCRIBE_RESTARTED in kinds(daemon), 10)
+    await sim.wait_for(lambda: f"{ECHO}are you there." in agent_said(sim, call_id), 10)
+    await ends_clean(sim, daemon, call_id)
+
+
 async def test_a_transcribe_outage_longer_than_the_retries_is_waited_out_and_the_caller_heard(
     sim: Simulator, agent: StartAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:

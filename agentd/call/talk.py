@@ -27,6 +27,7 @@ from agentd.commands import (
     CancelBackend,
     CheckCall,
     Command,
+    FetchTranscripts,
     Flush,
     Message,
     Record,
@@ -567,6 +568,9 @@ class Conversation(CallCore):
         t.step(SessionInput.LOST)
         return [
             Record(self.id, Kind.TRANSCRIBE_RESTARTED, {"why": "caller quiet", "old": old}),
+            # the quiet may be lost events, not a deaf STT (a subscription that took effect
+            # after the reconcile): what the old one heard is read back, or it is lost with it
+            FetchTranscripts(self.id, old),
             *self._stop("transcribe", old),
             *self._start("transcribe"),
         ]
