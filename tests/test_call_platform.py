@@ -165,13 +165,18 @@ def test_an_end_call_waits_for_its_held_goodbye() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "uh-huh", "Uh-huh.", "mm-hm", "네", "I see."],
+    [
+        *("mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "uh-huh", "Uh-huh.", "mm-hm", "I see."),
+        *("네", "네네", "네, 네.", "はい、はい。", "うんうん", "嗯嗯", "对，对，对。"),
+    ],
 )
 def test_backchannels_are_recognised(text: str) -> None:
     assert is_backchannel(text)
 
 
-@pytest.mark.parametrize("text", ["", "yeah but no", "okay what about Tuesday", "stop"])
+@pytest.mark.parametrize(
+    "text", ["", "yeah but no", "okay what about Tuesday", "stop", "uh-uh", "はい、いいえ"]
+)
 def test_words_that_take_the_turn_are_no_backchannel(text: str) -> None:
     assert not is_backchannel(text)
 

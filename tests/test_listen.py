@@ -250,6 +250,25 @@ def test_words_after_the_reply_is_heard_are_a_new_turn_or_a_barge_in() -> None:
     assert call.turn == 2
 
 
+@pytest.mark.parametrize(
+    ("heard", "final"),
+    [
+        *(("はい、はい", "はい、はい。"), ("うんうん", "うんうん。")),
+        *(("嗯嗯", "嗯嗯。"), ("对对对", "对，对，对。")),
+    ],
+)
+def test_a_repeated_cjk_backchannel_over_the_reply_neither_cuts_nor_is_a_turn(
+    heard: str, final: str
+) -> None:
+    # written without spaces, as Japanese and Chinese are: still a listener's "yes, yes"
+    call = greeted()
+    audio = answered_question(call, "It is ten dollars, and your card is fine.")
+    assert step(call, interim(heard), audio + 1.5) == []
+    cmds = step(call, transcript(final, "tr9"), audio + 2.5)
+    assert [c.what for c in cmds if isinstance(c, Record)] == [Kind.BACKCHANNEL]
+    assert call.turn == 1
+
+
 def test_the_final_of_the_answered_turn_arriving_after_its_reply_is_absorbed() -> None:
     call = greeted()
     after = answered_question(call, "Ten dollars.") + 2.0  # the reply has played

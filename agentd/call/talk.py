@@ -74,17 +74,34 @@ SALUTATIONS = (
 )
 
 
+# what separates words where a script writes no spaces ("はい、はい。"), and the full-width comma
+_SEPARATORS = str.maketrans({c: " " for c in ",.!?\u3001\u3002\uff0c\uff01\uff1f"})
+
+
 def is_backchannel(text: str, extra: tuple[str, ...] = ()) -> bool:
     """Whether `text` is only a listener's acknowledgement ("mm-hmm", "yeah, okay"); `extra`
-    adds words (`agent.backchannels`)."""
-    said = words(text)
+    adds words (`agent.backchannels`). One said over and over is one too, written without
+    spaces as Japanese and Chinese are ("はいはい", "嗯嗯", "对对对")."""
+    said = words(text.translate(_SEPARATORS))
     if not said or len(said) > 4:
         return False
     if extra:
         extra = tuple(" ".join(words(e)) for e in extra)  # compared as `words` makes them
     if " ".join(said) in BACKCHANNELS or " ".join(said) in extra:
         return True
-    return all(w in BACKCHANNELS or w in extra for w in said)
+    return all(_acknowledges(w, extra) for w in said)
+
+
+def _acknowledges(word: str, extra: tuple[str, ...]) -> bool:
+    """Whether `word` is a backchannel, or one said several times in a row without spaces
+    (not in English, whose STT spaces words: "uh-uh" is a no)."""
+    if word in BACKCHANNELS or word in extra:
+        return True
+    return not word.isascii() and any(
+        word == b * (len(word) // len(b))
+        for b in (*BACKCHANNELS, *extra)
+        if b and " " not in b and len(word) % len(b) == 0
+    )
 
 
 class Conversation(CallCore):
