@@ -168,6 +168,8 @@ def test_an_end_call_waits_for_its_held_goodbye() -> None:
     [
         *("mm-hmm", "Mm-hmm.", "yeah, okay", "Uh huh", "uh-huh", "Uh-huh.", "mm-hm", "I see."),
         *("네", "네네", "네, 네.", "はい、はい。", "うんうん", "嗯嗯", "对，对，对。"),
+        # the commonest ones after "yes": "I see", "right", "got it"
+        *("なるほど", "そうですね。", "알겠습니다.", "그렇죠", "好的。", "是的"),
     ],
 )
 def test_backchannels_are_recognised(text: str) -> None:

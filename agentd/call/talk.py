@@ -58,9 +58,10 @@ _BACKCHANNEL_WORDS = frozenset(
         *("mm", "mhm", "mhmm", "mm-hmm", "mm-hm", "mm hmm", "uh-huh", "uh huh", "hmm", "uh", "um"),
         *("yeah", "yes", "yep", "yup", "ok", "okay", "right", "sure", "i see", "got it"),
         *("alright", "all right", "oh", "ah", "wow", "cool", "great", "nice", "true"),
-        *("네", "예", "응", "음", "아", "어", "그렇군요", "그래요", "맞아요"),
-        *("はい", "ええ", "うん"),
-        *("嗯", "对", "好"),
+        *("네", "예", "응", "음", "아", "어", "그렇군요", "그래요", "맞아요", "그렇죠", "맞습니다"),
+        *("알겠어요", "알겠습니다"),
+        *("はい", "ええ", "うん", "そう", "なるほど", "そうですね", "そうですか", "そっか"),
+        *("嗯", "对", "好", "是", "好的", "是的", "对的", "明白"),
     }
 )
 #: as `words` makes them: the STT's "uh-huh" is compared as "uhhuh" (no punctuation, dashes)
