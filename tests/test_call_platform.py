@@ -90,6 +90,21 @@ def test_interims_after_the_final_keep_the_reply_back_for_their_own_final() -> N
     assert call.hold_until == pytest.approx(12.3)  # and the usual hold after it
 
 
+def test_no_filler_is_said_over_a_caller_still_talking_after_their_final() -> None:
+    # the reply to the first final is slow, and the caller went on: "One moment." due 1 s
+    # after that final's hold would talk over them (and be cut unheard by their next words)
+    call = answered(replace(HOLD, filler_after_s=1.0))
+    step(call, transcript("What are your opening hours today?", "tr1"), 10)
+    for n, t in enumerate((10.4, 10.8, 11.2, 11.6), 1):
+        step(call, interim(" ".join(["and", "do", "you", "open"][:n])), t)
+    cmds = step(call, TimerFired(T("filler")), 11.5)  # 10 + final_hold_s + filler_after_s
+    assert not [c for c in cmds if isinstance(c, Say)]
+    step(call, transcript("and do you open on Sunday?", "tr2"), 12.9)  # it joins the turn
+    # the filler counts from the end of the whole turn
+    cmds = step(call, TimerFired(T("filler")), 12.9 + 0.5 + 1.0)
+    assert [c.text for c in cmds if isinstance(c, Say)] == ["One moment."]
+
+
 def test_words_whose_final_never_comes_hold_the_reply_back_only_so_long() -> None:
     call = answered(HOLD)
     step(call, transcript("I want to book", "tr1"), 10)

@@ -341,11 +341,14 @@ class Conversation(CallCore):
         return self.said_turn != self.turns.turn and (self.turns.replying or bool(self.held))
 
     def _extend_hold(self, now: float) -> list[Command]:
-        # these words will have a final of their own (~1.1 s after them): it joins the turn
+        # these words will have a final of their own (~1.1 s after them): it joins the turn.
+        # Nor is a filler due before the turn's end: it would talk over the caller
         self.hold_until = max(self.hold_until, now + self.settings.final_wait_s)
+        pending = self.filler_due_at != NEVER and self.filler_turn != self.turns.turn
+        filler = self._arm_filler(self.hold_until, now) if pending else []
         if not self.held:
-            return []
-        return [StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
+            return filler
+        return [*filler, StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
 
     def on_hold(self, now: float) -> list[Command]:
         """The caller stayed quiet after their final: say what the reply has so far."""
