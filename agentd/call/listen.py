@@ -312,10 +312,13 @@ class Listening(Conversation):
         return not goes_on(text, self.answered) or settles(text, self.answered)
 
     def _heard_reply(self, h: Hearing, now: float) -> bool:
-        """Whether the audio of this turn's reply (or of the fallback said for it) started."""
+        """Whether the audio of this turn's reply (or of the fallback said for it) started.
+        The filler is no reply: the turn it covers may still go on, and be asked again."""
         if not h.asks:
             return False
-        starts = [p.start for p in self.playback.pieces if p.turn == self.turns.turn]
+        turn = self.turns.turn
+        filler = self.settings.filler if self.filler_turn == turn else None
+        starts = [p.start for p in self.playback.pieces if p.turn == turn and p.text != filler]
         return bool(starts) and min(starts) <= now
 
     def _words_grew(self, h: Hearing, gap: float, now: float) -> list[Command]:
