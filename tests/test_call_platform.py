@@ -732,3 +732,37 @@ def test_other_providers_get_every_sentence_at_once() -> None:
     assert step(call, ReplySentence(1, "Four five six."), 10) == [
         Say(CID, "s1", "Four five six.", 1)
     ]
+
+
+def test_a_backchannel_while_the_reply_is_under_way_does_not_ask_again() -> None:
+    # "What are your hours?" ... "okay": the reply to the question goes on; joined, the
+    # backchannel would drop it and ask the backend again, for nothing
+    call = answered(HOLD)
+    assert kinds(step(call, transcript("What are your opening hours?", "tr1"), 10)) == [
+        "AskBackend"
+    ]
+    cmds = step(call, transcript("Okay.", "tr2"), 10.4)
+    assert [(r.data["text"], r.data["waiting"]) for r in records(cmds, Kind.BACKCHANNEL)] == [
+        ("Okay.", True)
+    ]
+    assert not any(isinstance(c, AskBackend | CancelBackend) for c in cmds)
+    assert not records(cmds, Kind.TURN_JOINED)
+    assert step(call, ReplySentence(1, "We open at nine."), 10.6) == [
+        Say(CID, "s1", "We open at nine.", 1)
+    ]
+    # its interims kept the reply back for their final: once it has come, the reply waits as
+    # after any final, not the whole `final_wait_s`
+    call = answered(HOLD)
+    step(call, transcript("What are your opening hours?", "tr1"), 10)
+    assert step(call, ReplySentence(1, "We open at nine."), 10.2) == [
+        StartTimer(CID, T("hold"), pytest.approx(0.3))
+    ]
+    assert step(call, interim("okay"), 10.3) == [StartTimer(CID, T("hold"), pytest.approx(1.5))]
+    cmds = step(call, transcript("Okay.", "tr2"), 11.0)
+    assert cmds[1:] == [StartTimer(CID, T("hold"), pytest.approx(0.5))]
+    assert step(call, TimerFired(T("hold")), 11.5) == [Say(CID, "s1", "We open at nine.", 1)]
+    # more words, not a backchannel, still join the turn
+    call = answered(HOLD)
+    step(call, transcript("What are your opening hours?", "tr1"), 10)
+    cmds = step(call, transcript("on Sunday", "tr2"), 10.4)
+    assert kinds(cmds) == ["CancelBackend", "AskBackend"]

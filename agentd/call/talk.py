@@ -182,13 +182,18 @@ class Conversation(CallCore):
         return cmds
 
     def _not_a_turn(self, text: str, began: float, now: float) -> list[Command]:
-        """A backchannel while the agent talks, or the agent's own words heard back: recorded,
-        and no turn (empty: the words are the caller's).
+        """A backchannel while the agent talks or while its reply is under way, or the agent's
+        own words heard back: recorded, and no turn (empty: the words are the caller's).
 
         While the agent talks is when the words began, not when their final came: that comes
         ~1 s after them, and a "mm-hmm" over the last second of a reply would take a turn."""
         if self._over_the_agent(began, now) and is_backchannel(text, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
+        if self.unsaid and is_backchannel(text, self.settings.backchannels):
+            # "okay" while the agent thinks adds nothing to the question: joined, it would
+            # drop the reply under way and ask again, a backend's latency more for nothing
+            record = Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "waiting": True})
+            return [record, *self._hold_as_after_a_final(now)]
         if self.greeting_answers(text, began):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "greeting": True})]
         if self._echo(text, began):
@@ -349,6 +354,14 @@ class Conversation(CallCore):
         if not self.held:
             return filler
         return [*filler, StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
+
+    def _hold_as_after_a_final(self, now: float) -> list[Command]:
+        """The words a reply was kept back for (`_extend_hold`) were no turn: it waits only
+        as long as after any final, not for a final that has come."""
+        self.hold_until = min(self.hold_until, now + self.settings.final_hold_s)
+        if not self.held:
+            return []
+        return [StartTimer(self.id, Timer(TimerKind.HOLD), max(0.0, self.hold_until - now))]
 
     def on_hold(self, now: float) -> list[Command]:
         """The caller stayed quiet after their final: say what the reply has so far."""
