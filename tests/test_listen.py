@@ -485,9 +485,29 @@ def test_a_slow_reply_gets_a_filler_once_the_turn_is_over() -> None:
 
 
 def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
-    # the reply is slow: "One moment."; the caller's "uh huh" begins just before its audio
-    # and drops the reply asked without it. The filler's audio is not the turn's reply: the
-    # turn stays open and is asked again (before, it was taken for answered: never answered)
+    # the reply is slow: "One moment."; the caller's "and savings" begins just before its
+    # audio and drops the reply asked without it. The filler's audio is not the turn's reply:
+    # the turn stays open and is asked again (before, it was taken for answered: never answered)
+    call = greeted()
+    last = speak(call, "what is my balance?", 10.0)
+    step(call, ENDPOINT, last + 0.36)
+    step(call, transcript("What is my balance?", "tr1"), last + 1.14)
+    filler_at = last + 0.36 + LIVE.filler_after_s
+    assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), filler_at)) == ["One moment."]
+    audio = filler_at + LIVE.say_latency_s
+    cmds = step(call, interim("and"), audio - 0.1)
+    assert any(isinstance(c, CancelBackend) for c in cmds)  # the caller went on
+    cmds = step(call, interim("and savings"), audio + 0.2)
+    for t in (audio + 1.0, audio + 1.5, audio + 4.0):
+        cmds += step(call, ENDPOINT, t)
+    cmds += step(call, transcript("And savings.", "tr2"), audio + 1.4)
+    assert asks(cmds)
+    assert call.turns.replying
+
+
+def test_a_backchannel_while_the_agent_thinks_keeps_the_reply_under_way() -> None:
+    # the reply is slow: "One moment."; the caller's "uh huh" (over it, or before its audio)
+    # adds nothing to the question: the reply asked is not dropped and asked again
     call = greeted()
     last = speak(call, "what is my balance?", 10.0)
     step(call, ENDPOINT, last + 0.36)
@@ -496,13 +516,15 @@ def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
     assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), filler_at)) == ["One moment."]
     audio = filler_at + LIVE.say_latency_s
     cmds = step(call, interim("uh"), audio - 0.1)
-    assert any(isinstance(c, CancelBackend) for c in cmds)  # the caller went on
-    cmds = step(call, interim("uh huh"), audio + 0.2)
-    for t in (audio + 1.0, audio + 1.5, audio + 4.0):
-        cmds += step(call, ENDPOINT, t)
-    cmds += step(call, transcript("Uh huh.", "tr2"), audio + 1.4)
-    assert asks(cmds)
-    assert call.turns.replying
+    cmds += step(call, interim("uh huh"), audio + 0.2)
+    assert not any(isinstance(c, CancelBackend | AskBackend) for c in cmds)
+    cmds = step(call, transcript("Uh huh.", "tr2"), audio + 1.4)
+    assert [r.data for r in cmds if isinstance(r, Record)] == [{"text": "Uh huh.", "waiting": True}]
+    assert not asks(cmds) and call.turns.replying
+    # the reply comes: said once the caller's final is half a second old, as after any final
+    cmds = step(call, ReplySentence(1, "Your balance is ten dollars."), audio + 1.5)
+    cmds += step(call, TimerFired(Timer(TimerKind.HOLD)), audio + 1.4 + LIVE.final_hold_s)
+    assert says(cmds) == ["Your balance is ten dollars."]
 
 
 def test_a_reply_ready_in_time_needs_no_filler() -> None:

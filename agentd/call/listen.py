@@ -34,7 +34,7 @@ from agentd.call.endpoint import (
     words,
 )
 from agentd.call.settings import CallSettings
-from agentd.call.talk import Conversation
+from agentd.call.talk import Conversation, is_backchannel
 from agentd.call.turn import TurnInput
 from agentd.commands import CancelBackend, Command, Record, StartTimer, StreamState
 from agentd.events import SpeechEvent, TranscriptEvent
@@ -121,6 +121,10 @@ class Listening(Conversation):
             self.speech_since = now
         self.heard_words = True
         h = self._open_turn(now)
+        if self._thinking_backchannel(h, event.message):
+            # "okay" while the agent thinks: no new words for the turn, unless more follow;
+            # the reply under way waits for them (or for the final that says it was all)
+            return self._extend_hold(now)
         cmds: list[Command] = []
         if h is None:
             if self._closing():
@@ -156,6 +160,8 @@ class Listening(Conversation):
         h = self._open_turn(now)
         if self._answered(event.message, now, h):
             return []  # the late final of words already answered
+        if h is not None and self._thinking_backchannel(h, event.message):
+            return self._backchannel_while_thinking(event.message, now)
         correcting, self.correcting = self.correcting, ""
         cmds: list[Command] = []
         if h is None:
@@ -240,6 +246,16 @@ class Listening(Conversation):
             cmds = [] if self.deaf or h is None else self._due(h, now)
             return [*cmds, *self.silence_timer(now, self.settings.silence_s)]
         return super().on_silence(now)
+
+    def _thinking_backchannel(self, h: Hearing | None, text: str) -> bool:
+        """Whether `text` is a backchannel begun after the turn's words, while its reply is
+        under way and unsaid: a new utterance (no interim of the turn in progress), of no
+        words the backend needs."""
+        return (
+            self.unsaid
+            and (h is None or (bool(h.finals) and not h.waiting and not words(h.interim)))
+            and is_backchannel(text, self.settings.backchannels)
+        )
 
     # -- the open turn ---------------------------------------------------------------------------
 

@@ -190,10 +190,7 @@ class Conversation(CallCore):
         if self._over_the_agent(began, now) and is_backchannel(text, self.settings.backchannels):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip()})]
         if self.unsaid and is_backchannel(text, self.settings.backchannels):
-            # "okay" while the agent thinks adds nothing to the question: joined, it would
-            # drop the reply under way and ask again, a backend's latency more for nothing
-            record = Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "waiting": True})
-            return [record, *self._hold_as_after_a_final(now)]
+            return self._backchannel_while_thinking(text, now)
         if self.greeting_answers(text, began):
             return [Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "greeting": True})]
         if self._echo(text, began):
@@ -355,13 +352,19 @@ class Conversation(CallCore):
             return filler
         return [*filler, StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
 
-    def _hold_as_after_a_final(self, now: float) -> list[Command]:
-        """The words a reply was kept back for (`_extend_hold`) were no turn: it waits only
-        as long as after any final, not for a final that has come."""
+    def _backchannel_while_thinking(self, text: str, now: float) -> list[Command]:
+        """A backchannel after the question, while its reply is under way: recorded, no turn.
+        Joined, it would drop the reply and ask again, a backend's latency more for nothing.
+        The reply was kept back for these words (`_extend_hold`): it now waits only as long
+        as after any final, not for a final that has come."""
         self.hold_until = min(self.hold_until, now + self.settings.final_hold_s)
-        if not self.held:
-            return []
-        return [StartTimer(self.id, Timer(TimerKind.HOLD), max(0.0, self.hold_until - now))]
+        cmds: list[Command] = [
+            Record(self.id, Kind.BACKCHANNEL, {"text": text.strip(), "waiting": True})
+        ]
+        if self.held:
+            wait = max(0.0, self.hold_until - now)
+            cmds.append(StartTimer(self.id, Timer(TimerKind.HOLD), wait))
+        return cmds
 
     def on_hold(self, now: float) -> list[Command]:
         """The caller stayed quiet after their final: say what the reply has so far."""
