@@ -22,7 +22,7 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
     """Print status changes and transcripts of `call_id`; 0 if it was answered, 1 if not."""
     status = ""
     answered = False
-    transcribe_id: str | None = None
+    finished: set[str] = set()  # transcribes read after they were done: nothing more comes
     printed: set[str] = set()
     while True:
         try:
@@ -38,9 +38,8 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             status = new
             extra = f" ({call.get('hangup_reason')})" if status == "hangup" else ""
             print(f"[{status}]{extra}", flush=True)
-        if transcribe_id is None and answered:
-            transcribe_id = await _transcribe_of(client, call_id)
-        if transcribe_id is not None:
+        transcribes = await _transcribes_to_read(client, call_id, finished) if answered else []
+        for transcribe_id in transcribes:
             lines = [t async for t in client.transcripts(transcribe_id)]
             lines.sort(key=transcript_order)
             for t in lines:
@@ -54,13 +53,22 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             await asyncio.sleep(POLL_S)
 
 
-async def _transcribe_of(client: VoipbinClient, call_id: str) -> str | None:
-    """The call's transcribe, live or done (the daemon started it)."""
+async def _transcribes_to_read(
+    client: VoipbinClient, call_id: str, finished: set[str]
+) -> list[str]:
+    """The call's transcribes (the daemon started them) whose transcripts may have grown,
+    oldest first. Listed on every poll: the daemon replaces a call's transcribe (a quiet
+    callee, a restart's stray one), and the callee's later words are on the new one. One that
+    is done is read once more, then no longer (`finished`)."""
     body = await client.request(
         "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
     )
     items = body.get("result") if isinstance(body, dict) else None
-    for t in items or []:
-        if isinstance(t, dict) and isinstance(t.get("id"), str):
-            return str(t["id"])
-    return None
+    ids: list[str] = []
+    for t in reversed(items or []):  # VoIPBIN lists the newest first
+        if not isinstance(t, dict) or not isinstance(t.get("id"), str) or t["id"] in finished:
+            continue
+        ids.append(str(t["id"]))
+        if t.get("status") == "done":
+            finished.add(str(t["id"]))
+    return ids

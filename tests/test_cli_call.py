@@ -323,3 +323,37 @@ async def test_wait_takes_the_docs_never_sentinel_for_a_call_never_answered(
             await client.close()
     assert asked == ["/v1.0/calls/c1"]  # no transcribe looked for
     assert capsys.readouterr().out.splitlines() == ["[hangup] (busy)"]
+async def test_wait_prints_what_the_callee_says_on_each_transcribe_of_the_call(
+    sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the daemon replaces a call's transcribe (a quiet callee, a restart's stray one): `--wait`
+    # kept reading the first one it found and printed nothing the callee said after that
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    client.limiter = RateLimiter(rate=0.0, burst=1)  # off: follow polls every POLL_S
+    sim.on_outbound(Outcome("answer"), Caller([], hangup_after_s=None))
+
+    def heard(text: str) -> bool:
+        return any(t.message == text for t in sim.transcripts.values())
+
+    try:
+        (call,) = await client.place_call(OUR_NUMBER, "+15559876543")
+        call_id = str(call["id"])
+        await sim.wait_call_status(call_id, "progressing")
+        first = await client.start_transcribe(call_id, "en-US", "aws")
+        following = asyncio.create_task(follow(client, call_id))
+        await sim.wait_for(lambda: bool(sim.requests_matching("GET", r"/transcribes$")))
+        await sim.caller_says(call_id, "hello who is this")
+        await sim.wait_for(lambda: heard("hello who is this"))
+        await client.stop_transcribe(first)
+        await client.start_transcribe(call_id, "en-US", "aws")
+        await sim.caller_says(call_id, "sorry I was away")
+        await sim.wait_for(lambda: heard("sorry I was away"))
+        await sim.hangup(call_id)
+        assert await asyncio.wait_for(following, 10) == 0
+    finally:
+        await client.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("callee:")] == [
+        "callee: hello who is this",
+        "callee: sorry I was away",
+    ]
