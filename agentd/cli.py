@@ -368,7 +368,9 @@ def _wrong_numbers(config: Config, to: str, source: str | None) -> str | None:
 
 def _unserved(config: Config, source: str, config_arg: str | None) -> str | None:
     """Why no running agentd would serve a call from `source`, or None when one will: the
-    source is not one of our numbers, or no daemon answers on the status socket."""
+    source is not one of our numbers, no daemon answers on the status socket, or the one that
+    does has lost VoIPBIN (a daemon still making its first connection is let be: it reads the
+    account's calls once subscribed)."""
     from agentd.names import normalise_number
     from agentd.status import NotRunning, client_socket, fetch
 
@@ -384,6 +386,13 @@ def _unserved(config: Config, source: str, config_arg: str | None) -> str | None
         return str(exc)
     if doc.get("accepting_calls") is False:
         return "the running agentd is shutting down"
+    conn = doc.get("connection")
+    conn = conn if isinstance(conn, dict) else {}
+    state, error = conn.get("state"), conn.get("last_error")
+    if state in ("reconnecting", "forbidden"):
+        # it hears of the call only once it is back: the callee would answer to silence
+        why = f"{state}; last error: {error}" if error else state
+        return f"the running agentd is not connected to VoIPBIN ({why})"
     return None
 
 

@@ -98,6 +98,30 @@ async def test_a_call_from_a_number_agentd_does_not_serve_is_refused(
     assert sim.requests_matching("POST", r"/calls$") == []
 
 
+async def test_a_call_is_refused_while_the_daemon_cannot_reach_voipbin(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    # the callee answered to silence: the daemon was up, but not connected to VoIPBIN's event
+    # stream, so nothing served the call until it reconnected (if ever)
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
+    await daemon.stream.ready.wait()
+    sim.faults.refuse_ws(503, count=1000)
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.last_error == "HTTP 503 on connect", 10)
+    try:
+        code, out, err = await run_cli("call", "--to", "+15559876543", "--config", str(config))
+        assert sim.requests_matching("POST", r"/calls$") == []
+        assert (code, out) == (1, "")
+        assert err.startswith(
+            "agentd: not calling: no running agentd would serve the call: the running agentd "
+            "is not connected to VoIPBIN (reconnecting; last error: HTTP 503 on connect)"
+        )
+        assert err.endswith("Pass --force to place it anyway.\n")
+    finally:
+        sim.faults.accept_ws()
+
+
 async def test_a_call_without_a_running_daemon_is_refused_unless_forced(
     sim: Simulator, tmp_path: Path
 ) -> None:
