@@ -852,6 +852,8 @@ def _why(value: object) -> str:
     """What is wrong with a number that looks like one (+ and digits), or nothing."""
     if not isinstance(value, str) or not value.startswith("+") or not value[1:].isdigit():
         return ""
+    if not value[1:].isascii():  # str.isdigit() takes any script's digits (full-width ones)
+        return ": digits other than 0-9"
     if value[1:2] == "0":
         return ": no country code starts with 0"
     digits = len(value) - 1

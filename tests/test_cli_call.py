@@ -258,6 +258,11 @@ E164_HINT = (
         (["--to", "+1 (555) 987-6543"], f"--to: '+1 (555) 987-6543' {E164_HINT}"),
         (["--to", "+1" + "2" * 24], f"--to: '+1{'2' * 24}' {E164_HINT}: 25 digits"),
         (["--to", "+0123456"], f"--to: '+0123456' {E164_HINT}: no country code starts with 0"),
+        # full-width digits, as a CJK input method types them: they were "too short"
+        (
+            ["--to", "+１５５５９８７６５４３"],
+            f"--to: '+１５５５９８７６５４３' {E164_HINT}: digits other than 0-9",
+        ),
         (["--to", "+15559876543", "--from", "555-0100"], f"--from: '555-0100' {E164_HINT}"),
         (
             ["--to", OUR_NUMBER],
