@@ -352,6 +352,8 @@ async def test_wait_takes_the_docs_never_sentinel_for_a_call_never_answered(
             await client.close()
     assert asked == ["/v1.0/calls/c1"]  # no transcribe looked for
     assert capsys.readouterr().out.splitlines() == ["[hangup] (busy)"]
+
+
 async def test_wait_prints_what_the_callee_says_on_each_transcribe_of_the_call(
     sim: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
