@@ -503,6 +503,8 @@ def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
     cmds += step(call, transcript("And savings.", "tr2"), audio + 1.4)
     assert asks(cmds)
     assert call.turns.replying
+    # the turn asked again is the same turn of the caller's: it had its "One moment." already
+    assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), audio + 6.0)) == []
 
 
 def test_a_backchannel_while_the_agent_thinks_keeps_the_reply_under_way() -> None:

@@ -175,6 +175,9 @@ class Conversation(CallCore):
         turn = self.turns.turn
         self.after_reply = None
         self.timing_due = False
+        if self.filler_turn == turn:
+            # the caller's turn goes on as the next one, asked again: it had its "One moment."
+            self.filler_turn = turn + 1
         cmds: list[Command] = [Record(self.id, Kind.TURN_JOINED, {"turn": turn, **data})]
         if self.turns.replying:
             self.turns.step(TurnInput.END)
