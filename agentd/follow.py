@@ -11,64 +11,94 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
+from agentd.backoff import delays
 from agentd.events import is_real_time
-from agentd.voipbin import ApiError, VoipbinClient, transcript_order
+from agentd.voipbin import ApiError, VoipbinClient
 
 POLL_S = 1.0  # the pace when the budget is off (rate_per_s = 0): the limiter would not wait
+# the waits between polls while VoIPBIN does not answer (after the client's own retries)
+OUTAGE_BASE_S, OUTAGE_CAP_S = 1.0, 10.0
 
 
 async def follow(client: VoipbinClient, call_id: str) -> int:
-    """Print status changes and transcripts of `call_id`; 0 if it was answered, 1 if not."""
+    """Print status changes and transcripts of `call_id`; 0 if it was answered, 1 if not.
+
+    An outage of VoIPBIN (no answer, 429, 5xx past the client's retries) is waited out, as the
+    daemon serving the call waits it out: the call goes on meanwhile. Any other refusal (the
+    call unknown, the key refused) ends the follow with 1."""
     status = ""
     answered = False
     finished: set[str] = set()  # transcribes read after they were done: nothing more comes
     printed: set[str] = set()
+    waits = delays(OUTAGE_BASE_S, OUTAGE_CAP_S)
+    outage = False
     while True:
         try:
             call = await client.get_call(call_id)
+            # a short call can be answered and over between two polls: tm_progressing tells
+            # (absent, null or the docs' 9999-01-01 "never" if it was not)
+            now_answered = (
+                answered
+                or call.get("status") == "progressing"
+                or is_real_time(call.get("tm_progressing"))
+            )
+            lines, done = await _new_lines(client, call_id, finished) if now_answered else ([], [])
         except ApiError as exc:
-            print(f"agentd: cannot follow the call: {exc}", file=sys.stderr)
-            return 1
+            if not _passing(exc):
+                print(f"agentd: cannot follow the call: {exc}", file=sys.stderr)
+                return 1
+            if not outage:
+                print(f"agentd: VoIPBIN is not answering ({exc}); still following", file=sys.stderr)
+                outage = True
+            await asyncio.sleep(next(waits))
+            continue
+        if outage:
+            print("agentd: VoIPBIN answers again", file=sys.stderr)
+            outage, waits = False, delays(OUTAGE_BASE_S, OUTAGE_CAP_S)
+        answered = now_answered
+        finished.update(done)
         new = str(call.get("status", ""))
-        # a short call can be answered and over between two polls: tm_progressing tells
-        # (absent, null or the docs' 9999-01-01 "never" if it was not)
-        answered = answered or new == "progressing" or is_real_time(call.get("tm_progressing"))
         if new != status:
             status = new
             extra = f" ({call.get('hangup_reason')})" if status == "hangup" else ""
             print(f"[{status}]{extra}", flush=True)
-        transcribes = await _transcribes_to_read(client, call_id, finished) if answered else []
-        for transcribe_id in transcribes:
-            lines = [t async for t in client.transcripts(transcribe_id)]
-            lines.sort(key=transcript_order)
-            for t in lines:
-                if t.get("id") not in printed:
-                    printed.add(str(t.get("id")))
-                    who = "callee" if t.get("direction") == "in" else "agent"  # we called
-                    print(f"{who}: {t.get('message', '')}", flush=True)
+        for t in lines:
+            if t.get("id") not in printed:
+                printed.add(str(t.get("id")))
+                who = "callee" if t.get("direction") == "in" else "agent"  # we called
+                print(f"{who}: {t.get('message', '')}", flush=True)
         if status == "hangup":
             return 0 if answered else 1
         if client.limiter.rate <= 0:
             await asyncio.sleep(POLL_S)
 
 
-async def _transcribes_to_read(
+def _passing(exc: ApiError) -> bool:
+    """Whether VoIPBIN's refusal is an outage that passes (no answer, 429, 5xx)."""
+    return exc.status in (0, 429) or exc.status >= 500
+
+
+async def _new_lines(
     client: VoipbinClient, call_id: str, finished: set[str]
-) -> list[str]:
-    """The call's transcribes (the daemon started them) whose transcripts may have grown,
-    oldest first. Listed on every poll: the daemon replaces a call's transcribe (a quiet
-    callee, a restart's stray one), and the callee's later words are on the new one. One that
-    is done is read once more, then no longer (`finished`)."""
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The transcripts of the call's transcribes (the daemon started them) that may have
+    grown, in the order they were said, and those of the transcribes that are done (read
+    this once more, then no longer: `finished`, updated by the caller once they are shown).
+
+    Listed on every poll: the daemon replaces a call's transcribe (a quiet callee, a restart's
+    stray one), and the callee's later words are on the new one."""
     body = await client.request(
         "GET", "/transcribes", params={"reference_type": "call", "reference_id": call_id}
     )
     items = body.get("result") if isinstance(body, dict) else None
-    ids: list[str] = []
+    lines: list[dict[str, Any]] = []
+    done: list[str] = []
     for t in reversed(items or []):  # VoIPBIN lists the newest first
         if not isinstance(t, dict) or not isinstance(t.get("id"), str) or t["id"] in finished:
             continue
-        ids.append(str(t["id"]))
+        lines += await client.transcripts_in_order(t["id"])
         if t.get("status") == "done":
-            finished.add(str(t["id"]))
-    return ids
+            done.append(t["id"])
+    return lines, done

@@ -388,3 +388,44 @@ async def test_wait_prints_what_the_callee_says_on_each_transcribe_of_the_call(
         "callee: hello who is this",
         "callee: sorry I was away",
     ]
+
+
+async def test_wait_follows_the_call_through_an_outage_of_voipbin(
+    sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # VoIPBIN answering 503 for a while is waited out, as the daemon waits it out: the call
+    # goes on meanwhile (it gave up with exit 1, "not answered", after the client's retries)
+    client = VoipbinClient(
+        sim.api_url, Credentials(accesskey=Secret(sim.accesskey)), deadline_s=0.5
+    )
+    client.limiter = RateLimiter(rate=0.0, burst=1)  # off: follow polls every POLL_S
+    sim.on_outbound(Outcome("answer"), Caller([], hangup_after_s=None))
+    try:
+        (call,) = await client.place_call(OUR_NUMBER, "+15559876543")
+        call_id = str(call["id"])
+        await sim.wait_call_status(call_id, "progressing")
+        following = asyncio.create_task(follow(client, call_id))
+        await sim.wait_for(lambda: bool(sim.requests_matching("GET", r"/transcribes$")))
+        sim.faults.fail("GET", r"^/v1.0/", 503, count=1000)
+        failed = len(sim.requests)
+        await sim.wait_for(lambda: len(sim.requests) > failed + 4)  # through the retries
+        assert not following.done()
+        sim.faults.heal()
+        await sim.hangup(call_id)
+        assert await asyncio.wait_for(following, 30) == 0
+    finally:
+        await client.close()
+    out = capsys.readouterr()
+    assert "[hangup] (normal)" in out.out.splitlines()
+    assert "VoIPBIN is not answering" in out.err and "VoIPBIN answers again" in out.err
+
+
+async def test_wait_stops_when_voipbin_refuses_the_call_for_good(
+    sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        assert await follow(client, "3f1e6a4e-0000-4000-8000-000000000000") == 1
+    finally:
+        await client.close()
+    assert "cannot follow the call" in capsys.readouterr().err
