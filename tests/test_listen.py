@@ -484,17 +484,22 @@ def test_a_slow_reply_gets_a_filler_once_the_turn_is_over() -> None:
     assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), last + 3.0)) == []
 
 
-def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
-    # the reply is slow: "One moment."; the caller's "and savings" begins just before its
-    # audio and drops the reply asked without it. The filler's audio is not the turn's reply:
-    # the turn stays open and is asked again (before, it was taken for answered: never answered)
+def slow_reply_with_filler() -> tuple[Call, float]:
+    """A question whose reply is slow: "One moment." is said; and when its audio starts."""
     call = greeted()
     last = speak(call, "what is my balance?", 10.0)
     step(call, ENDPOINT, last + 0.36)
     step(call, transcript("What is my balance?", "tr1"), last + 1.14)
     filler_at = last + 0.36 + LIVE.filler_after_s
     assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), filler_at)) == ["One moment."]
-    audio = filler_at + LIVE.say_latency_s
+    return call, filler_at + LIVE.say_latency_s
+
+
+def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
+    # the reply is slow: "One moment."; the caller's "and savings" begins just before its
+    # audio and drops the reply asked without it. The filler's audio is not the turn's reply:
+    # the turn stays open and is asked again (before, it was taken for answered: never answered)
+    call, audio = slow_reply_with_filler()
     cmds = step(call, interim("and"), audio - 0.1)
     assert any(isinstance(c, CancelBackend) for c in cmds)  # the caller went on
     cmds = step(call, interim("and savings"), audio + 0.2)
@@ -510,13 +515,7 @@ def test_the_filler_is_no_reply_the_turn_it_covers_is_still_answered() -> None:
 def test_a_backchannel_while_the_agent_thinks_keeps_the_reply_under_way() -> None:
     # the reply is slow: "One moment."; the caller's "uh huh" (over it, or before its audio)
     # adds nothing to the question: the reply asked is not dropped and asked again
-    call = greeted()
-    last = speak(call, "what is my balance?", 10.0)
-    step(call, ENDPOINT, last + 0.36)
-    step(call, transcript("What is my balance?", "tr1"), last + 1.14)
-    filler_at = last + 0.36 + LIVE.filler_after_s
-    assert says(step(call, TimerFired(Timer(TimerKind.FILLER)), filler_at)) == ["One moment."]
-    audio = filler_at + LIVE.say_latency_s
+    call, audio = slow_reply_with_filler()
     cmds = step(call, interim("uh"), audio - 0.1)
     cmds += step(call, interim("uh huh"), audio + 0.2)
     assert not any(isinstance(c, CancelBackend | AskBackend) for c in cmds)
