@@ -47,7 +47,7 @@ from agentd.status import (
     StatusError,
     StatusServer,
 )
-from agentd.store import CallStore, StoreError
+from agentd.store import CallRecord, CallStore, StoreError
 from agentd.stores import open_store
 from agentd.stream import EventStream
 from agentd.voipbin import ApiError, Credentials, PermissionDenied, VoipbinClient, say_max_chars
@@ -314,10 +314,16 @@ class Daemon:
             self.persister.changed(asking)  # it was not saved while it was not ours yet
         return True
 
-    def _lose(self, call_id: str, reason: str) -> None:
-        """This replica may no longer act on the call: another one serves it, or will."""
-        if self.replica is None or self.replica.forget(call_id) is None:
+    def _lose(self, call_id: str, reason: str, *, taken: bool = False) -> None:
+        """This replica may no longer act on the call: another one serves it (`taken`), or
+        will."""
+        if self.replica is None or (held := self.replica.forget(call_id)) is None:
             return
+        call = self.dispatcher.calls.get(call_id)
+        if not taken and call is not None and self.persister is not None:
+            # lapsed: the store may not have taken its last writes (a turn answered); written
+            # when it answers again, unless another replica took the call over meanwhile
+            self.replica.park(CallRecord(**call.snapshot()), held.epoch)
         self.replica.counters["lost"] += 1
         log.warning("call.lost", call_id=call_id, reason=reason)
         self._drop(call_id)
@@ -349,7 +355,7 @@ class Daemon:
         while True:
             try:
                 for call_id in await replica.renew():
-                    self._lose(call_id, "another replica took it over")
+                    self._lose(call_id, "another replica took it over", taken=True)
                 for call_id in replica.lapsed():
                     self._lose(call_id, "its lease lapsed: the store did not answer the renewals")
                 await replica.beat(len(self.dispatcher.calls))
@@ -367,12 +373,18 @@ class Daemon:
         every_s = min(0.5, replica.lease_s / 6)
         while self.dispatcher.accepting:
             try:
-                expired = [c for c in await replica.expired() if c not in replica.held]
-                taken = {c for c in expired if await replica.claim(c)}
-                if taken:
-                    for call_id in taken & set(self.dispatcher.calls):
-                        self._drop(call_id, foreign=False)  # a fresh claim of ours raced it
-                    await self._resume(taken)
+                # first the last state of calls lost to a lapse, then (the database answering
+                # again, after the others had the time to do the same) the takeovers. Settling
+                # is asked after the read: the read may be what finds the database back
+                if await replica.unpark():
+                    expired = [c for c in await replica.expired() if c not in replica.held]
+                    if replica.settling:
+                        expired = []
+                    taken = {c for c in expired if await replica.claim(c)}
+                    if taken:
+                        for call_id in taken & set(self.dispatcher.calls):
+                            self._drop(call_id, foreign=False)  # a fresh claim of ours raced it
+                        await self._resume(taken)
             except Exception:
                 log.exception("takeover_loop.crashed")
             await asyncio.sleep(every_s)

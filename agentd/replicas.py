@@ -20,10 +20,15 @@ While PostgreSQL is unreachable nothing can be renewed: a replica keeps acting o
 until their local deadlines, then goes quiet on them (no other replica can take them over
 either, so no caller hears two agents), and takes no new call. When the database answers again
 the quiet calls are up for takeover and are resumed from the store, by this replica or another.
+What a replica did on a call before it went quiet (a turn answered) could not be written
+either: it `park`s the call's last state and writes it first when the database answers
+(`unpark`, only if nobody took the call over), and every replica waits one `lease_s` after the
+database came back before it takes a call over, so the takeover finds that turn answered.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -36,6 +41,7 @@ from agentd import __version__, logs
 from agentd.store import StoreError
 
 if TYPE_CHECKING:
+    from agentd.store import CallRecord
     from agentd.store_pg import Lease, PgStore
     from agentd.store_pg import Replica as Heartbeat
 
@@ -82,6 +88,10 @@ class Replica:
         self.reachable = True  # did the last statement reach the database?
         self.on_reachable: Callable[[], None] | None = None  # called when it answers again
         self.counters = {"claimed": 0, "taken_by_others": 0, "takeovers": 0, "lost": 0}
+        # the last state of calls whose lease lapsed here, with that lease's epoch: written when
+        # the database answers again
+        self.parked: dict[str, tuple[CallRecord, int]] = {}
+        self._back_at = -math.inf  # when (local clock) the database last answered again
 
     @property
     def usable_s(self) -> float:
@@ -97,6 +107,12 @@ class Replica:
         """How many replicas share the account (1 before the first heartbeat is read)."""
         return max(1, len(self.live))
 
+    @property
+    def settling(self) -> bool:
+        """Within `lease_s` of the database answering again: no takeover yet, so that the
+        replicas that lost calls to the outage write their parked states first."""
+        return self.clock() < self._back_at + self.lease_s
+
     def holds(self, call_id: str) -> bool:
         """The fencing check: may this replica act on the call now?"""
         held = self.held.get(call_id)
@@ -110,6 +126,25 @@ class Replica:
     def forget(self, call_id: str) -> Held | None:
         """Stop renewing the call's lease (it ended, or it was lost); the lease lapses."""
         return self.held.pop(call_id, None)
+
+    def park(self, rec: CallRecord, epoch: int) -> None:
+        """Keep the last state of a call whose lease lapsed here (at `epoch`): the writes of
+        its last moments may have failed with the database, and whoever takes the call over
+        must find the turns it answered, or it answers them again."""
+        self.parked[rec.call_id] = (rec, epoch)
+
+    async def unpark(self) -> bool:
+        """Write the parked states, each only if nobody took its call over since; False if the
+        database did not answer (they stay parked)."""
+        for call_id, (rec, epoch) in list(self.parked.items()):
+            try:
+                await self.store.save_call_fenced(rec, self.id, epoch)
+            except StoreError as exc:
+                self._unreachable(exc)
+                return False
+            self._reachable()
+            del self.parked[call_id]
+        return True
 
     async def claim(self, call_id: str) -> int | None:
         """Try to own the call: its epoch if this replica now serves it (1: nobody served it
@@ -186,6 +221,8 @@ class Replica:
     async def leave(self) -> None:
         """A clean stop: hand every call over at once (released, not left to expire) and drop
         the heartbeat row, so the others take the calls and the whole rate limit."""
+        if not await self.unpark():
+            return
         for call_id, held in list(self.held.items()):
             try:
                 await self.store.release(call_id, self.id, held.epoch)
@@ -209,7 +246,8 @@ class Replica:
 
     def _reachable(self) -> None:
         if not self.reachable:
-            log.info("store.reachable", leases=len(self.held))
+            log.info("store.reachable", leases=len(self.held), parked=len(self.parked))
             self.reachable = True
+            self._back_at = self.clock()
             if self.on_reachable is not None:
                 self.on_reachable()

@@ -668,6 +668,36 @@ class PgStore:
 
         await self._write(str(args[0]), save, "cannot save the call")
 
+    async def save_call_fenced(self, rec: CallRecord, replica_id: str, epoch: int) -> bool:
+        """`save_call`, only while `replica_id` holds the call's lease at `epoch`, expired or
+        not (nobody took the call over since). The lease row is locked meanwhile: a takeover
+        claiming it waits, then reads this state. True if it was saved; False too for a
+        state with a value the database cannot hold (it is given up, as a batch's would be)."""
+        try:
+            args = _save_args(rec, self._clock())
+        except _UNSTORABLE:
+            return False
+        me = _pg_text(replica_id)
+
+        async def save(conn: Conn) -> bool:
+            try:
+                async with conn.transaction():
+                    ours = await conn.fetchval(
+                        """SELECT 1 FROM leases WHERE call_id = $1 AND owner = $2 AND epoch = $3
+                           FOR UPDATE""",
+                        args[0],
+                        me,
+                        epoch,
+                    )
+                    if ours is None:
+                        return False
+                    await conn.execute(_SAVE_SQL, *args)
+                    return True
+            except _UNSTORABLE:
+                return False  # never storable: kept parked, it would hold every takeover back
+
+        return await self._write(str(args[0]), save, "cannot save the call")
+
     async def live_calls(self) -> list[CallRecord]:
         """Every call whose phase is not "ended", the first saved first."""
 

@@ -117,6 +117,28 @@ async def test_replicas_count_each_other_and_a_clean_leave_hands_calls_over(pg_u
         await store.close()
 
 
+async def test_a_parked_state_is_written_only_if_nobody_took_the_call_over(pg_url: str) -> None:
+    store = await PgStore.open(pg_url)
+    later = await PgStore.open(pg_url, db_skew_s=LEASE_S + 1)  # a's leases expired for it
+    try:
+        a = Replica(store, "a", lease_s=LEASE_S)
+        b = Replica(later, "b", lease_s=LEASE_S)
+        for call_id in ("kept", "taken"):
+            assert await a.claim(call_id) == 1
+            await store.save_call(record(call_id, turn=1))
+            a.park(record(call_id, turn=2), a.held.pop(call_id).epoch)  # lapsed at turn 2
+        assert await b.claim("taken") == 2
+        # a state the database cannot hold is given up, not kept to hold the takeovers back
+        assert await a.claim("odd") == 1
+        a.park(record("odd", history=(("user", object()),)), a.held.pop("odd").epoch)
+        assert await a.unpark() and a.parked == {}
+        turns = {r.call_id: r.turn for r in await store.live_calls()}
+        assert turns == {"kept": 2, "taken": 1}  # the new owner's state is never overwritten
+    finally:
+        await store.close()
+        await later.close()
+
+
 async def test_an_unreachable_store_answers_none_and_is_logged_once(
     pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,8 +192,10 @@ class Agent:
         return out
 
 
-def agent_config(sim: Simulator, tmp_path: Path, store_url: str, name: str) -> Path:
-    store = f'url = "{store_url}"\nlease_s = {LEASE_S}\nreplica = "{name}"'
+def agent_config(
+    sim: Simulator, tmp_path: Path, store_url: str, name: str, lease_s: float = LEASE_S
+) -> Path:
+    store = f'url = "{store_url}"\nlease_s = {lease_s}\nreplica = "{name}"'
     config = tmp_path / f"{name}.toml"
     config.write_text(config_text(sim, store) + f'[status]\nsocket = "{tmp_path / name}.sock"\n')
     return config
@@ -179,12 +203,12 @@ def agent_config(sim: Simulator, tmp_path: Path, store_url: str, name: str) -> P
 
 @asynccontextmanager
 async def replicas(
-    sim: Simulator, tmp_path: Path, urls: dict[str, str]
+    sim: Simulator, tmp_path: Path, urls: dict[str, str], lease_s: float = LEASE_S
 ) -> AsyncIterator[dict[str, Agent]]:
     """agentd processes named by `urls` (each with its own database URL: the same database,
     maybe as different roles), subscribed; stopped at the end."""
     agents = {
-        name: Agent(name, agent_config(sim, tmp_path, url, name), tmp_path / f"{name}.log")
+        name: Agent(name, agent_config(sim, tmp_path, url, name, lease_s), tmp_path / f"{name}.log")
         for name, url in urls.items()
     }
     try:
@@ -340,3 +364,28 @@ async def test_while_postgresql_is_unreachable_calls_go_quiet_then_resume(
             await sim.hangup(cid)
         await sim.wait_for(lambda: not sim.leaks(), 15)
         assert_each_once(sim, call_id, "first turn", "during the outage")
+
+
+@pytest.mark.slow
+async def test_a_turn_answered_while_postgresql_was_down_is_not_answered_again(
+    sim: Simulator, tmp_path: Path, pg_url: str, pg_server: PgServer
+) -> None:
+    # the owner answers a turn before its lease lapses, but cannot write it down: whoever takes
+    # the call over when the database is back must know that turn was answered
+    database = urlsplit(pg_url).path.lstrip("/")
+    async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}, lease_s=5.0) as agents:
+        call_id, owner, _ = await first_turn(sim, pg_url)
+        pg_server.execute(
+            f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false',
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+        )
+        await answered(sim, call_id, "during the outage")  # within the lease: answered at once
+        assert not agents[owner].events("call.lost", call_id)
+        await eventually(lambda: bool(agents[owner].events("call.lost", call_id)))
+        pg_server.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await eventually(lambda: any(a.events("call.restored", call_id) for a in agents.values()))
+        await answered(sim, call_id, "after the outage")
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, "first turn", "during the outage", "after the outage")
