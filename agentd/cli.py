@@ -240,7 +240,7 @@ def _run(config_arg: str | None) -> int:
     from agentd import logs
     from agentd.daemon import Daemon
     from agentd.sdnotify import Notifier
-    from agentd.store_schema import StoreError
+    from agentd.store_schema import StoreError, StoreUnreachable
     from agentd.voipbin import PermissionDenied
 
     config = _load(config_arg)
@@ -259,6 +259,11 @@ def _run(config_arg: str | None) -> int:
     except PermissionDenied as exc:
         print(f"agentd: VoIPBIN refused: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StoreUnreachable as exc:
+        # PostgreSQL down or still starting (it may boot after agentd): exit 1, which systemd
+        # restarts (Restart=on-failure); its RestartPreventExitStatus=2 would end it for good
+        print(f"agentd: store: {exc}", file=sys.stderr)
+        return 1
     except StoreError as exc:
         # before any call was taken: a wrong path, a file that is no store, another agentd
         print(f"agentd: store: {exc}", file=sys.stderr)

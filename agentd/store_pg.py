@@ -62,7 +62,7 @@ from asyncpg.pool import PoolConnectionProxy
 from agentd.config import PgUrl
 from agentd.secret import redact
 from agentd.store import _CALL_COLUMNS, SEEN_LIMIT, Batch, _dumps, _row_to_record, _text
-from agentd.store_schema import CallRecord, StoreError
+from agentd.store_schema import CallRecord, StoreError, StoreUnreachable
 
 __all__ = [
     "LATEST_PG_VERSION",
@@ -301,8 +301,18 @@ def _safe(exc: BaseException, url: PgUrl) -> str:
     return redact(text)
 
 
+# a server that is down, starting, stopping or full: the same URL may work a moment later
+_UNREACHABLE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
 def _wrap(exc: BaseException, url: PgUrl, doing: str) -> StoreError:
-    return StoreError(f"PostgreSQL {url.dsn}: {doing}: {_safe(exc, url)}")
+    cls = StoreUnreachable if isinstance(exc, _UNREACHABLE) else StoreError
+    return cls(f"PostgreSQL {url.dsn}: {doing}: {_safe(exc, url)}")
 
 
 _DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)

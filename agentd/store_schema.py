@@ -89,6 +89,11 @@ class StoreError(Exception):
     """The store cannot be used: wrong or corrupt file, newer schema, disk error, closed."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's server did not answer (refused, timed out, still starting): trying again
+    later may work, unlike a wrong password or a database that is not agentd's."""
+
+
 @dataclass(frozen=True)
 class CallRecord:
     """Everything needed to pick a call up again after a restart (immutable, so thread-safe)."""

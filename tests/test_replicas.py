@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from agentd.replicas import Replica, new_replica_id
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.status import fetch, render
 from agentd.store_pg import PgStore
-from tests.support import CALLER, OUR_NUMBER
+from tests.support import CALLER, OUR_NUMBER, run_cli
 from tests.test_restart import agent_lines, config_text, start, subscribed
 from tests.test_store import Clock, record
 
@@ -154,6 +155,25 @@ async def test_an_unreachable_store_answers_none_and_is_logged_once(
 
 
 # ---- real agentd processes ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_database_not_up_yet_at_start_is_retried_by_systemd_a_wrong_password_is_not(
+    sim: Simulator, tmp_path: Path, pg_server: PgServer
+) -> None:
+    # both boxes and the database boot together after a power cut: the database answers last.
+    # Exit code 2 is the unit's RestartPreventExitStatus: agentd would never be started again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    dsn = f"postgresql://agentd@127.0.0.1:{port}/agentd"
+    code, _, err = await run_cli("run", "--config", str(agent_config(sim, tmp_path, dsn, "down")))
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"agentd: store: PostgreSQL {dsn}: cannot connect: ")
+    wrong = pg_server.url(user=pg_server.pw_user, password="not-the-password")
+    code, _, err = await run_cli("run", "--config", str(agent_config(sim, tmp_path, wrong, "pw")))
+    assert code == 2 and "password authentication failed" in err  # no restart can fix it
 
 
 @dataclass
