@@ -24,8 +24,9 @@ replicas whose clocks disagree still agree on who holds what. A lease row is nev
 while its call lives, so an epoch is never handed out twice (`release` expires it instead).
 
 Call rows keep the SQLite store's unix-time columns (`created_at`, event times) on the
-store's clock, `now()`: the local clock corrected once, at open, by the database's (so a call
-taken over by another replica keeps its age, within a few milliseconds).
+store's clock, `now()`: the database's clock read once, at open, and carried on by the local
+monotonic clock (so a call taken over by another replica keeps its age, within a few
+milliseconds, even if a replica's wall clock is off or stepped).
 
 "First saved first" is by `created_at`, then by row id: the SQLite store's order is the order of
 the calls to `save_call`, and here the first saves of different calls may commit out of that
@@ -483,13 +484,15 @@ async def _migrate(conn: Conn, url: PgUrl) -> int:
 
 
 async def _corrected_clock(conn: Conn) -> Callable[[], float]:
-    """The local clock, shifted by how far the database's clock is from it (measured once)."""
-    before = time.time()
+    """The database's clock, read once and carried on by the local monotonic clock: not the
+    local wall clock plus an offset, which a later step of that clock (NTP setting a box right
+    after boot) would shift by the whole step, and with it the age of every call it stamps."""
+    before = time.monotonic()
     db_now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
-    offset = db_now - (before + time.time()) / 2
+    read_at = (before + time.monotonic()) / 2
 
     def clock() -> float:
-        return time.time() + offset
+        return db_now + (time.monotonic() - read_at)
 
     return clock
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,22 @@ async def test_created_at_is_the_first_save_on_the_stores_clock(opener: object) 
     (back,) = await s.live_calls()
     assert back.created_at == 1_700_000_000.0 and s.now() == clock.now
     await s.close()
+
+
+async def test_a_wall_clock_stepped_after_open_does_not_move_the_stores_clock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a box that booted with its clock an hour off, set right by NTP once agentd runs: its
+    # calls' created_at must stay on the database's clock, or the replica that takes one over
+    # finds it an hour old (VoIPBIN's cap: ended at once) or an hour younger than it is
+    store = await PgStore.open(pg_url)
+    try:
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 3600.0)
+        (row,) = await rows(pg_url, "SELECT extract(epoch FROM clock_timestamp())::float8")
+        assert abs(store.now() - row[0]) < 1.0
+    finally:
+        await store.close()
 
 
 async def test_events_in_order_with_time(opener: object) -> None:
