@@ -820,6 +820,22 @@ def test_a_turn_answered_on_interims_before_a_restart_is_not_answered_again_by_i
     assert restored.turn == 2
 
 
+def test_after_a_restart_a_question_like_the_last_one_answered_is_answered() -> None:
+    # the last question's final came before the restart (it is among the seen): a new final
+    # read back after it, one word apart, is the caller correcting themselves, not that final
+    call = greeted()
+    audio = answered_question(call, "Ten dollars.")
+    step(call, transcript("What is my balance?", "tr1"), audio + 0.5)
+    restored = Call.restore(call.snapshot(), LIVE)  # SIGKILL after the final came
+    restored.resume(audio + 5.0)
+    restored.handle(SpeakingStarted("s1", "active"), audio + 5.1)
+    read = TranscriptsRead(
+        (transcript("What is my balance?", "tr1"), transcript("What is my savings?", "tr2"))
+    )
+    (ask,) = asks(step(restored, read, audio + 6.0))
+    assert ask.history[-1] == ("user", "What is my savings?")
+
+
 def restored_unanswered(said: list[str]) -> tuple[Call, float]:
     """The caller says `said`, one utterance each, their finals lost but for the first's when
     there are two; the turn is asked for on the interims and the process dies before anything

@@ -409,3 +409,25 @@ async def test_a_turn_answered_while_postgresql_was_down_is_not_answered_again(
         await sim.hangup(call_id)
         await sim.wait_for(lambda: not sim.leaks(), 15)
         assert_each_once(sim, call_id, "first turn", "during the outage", "after the outage")
+
+
+@pytest.mark.slow
+async def test_after_a_takeover_a_turn_like_the_last_one_is_answered(
+    sim: Simulator, tmp_path: Path, pg_url: str
+) -> None:
+    # the caller corrects themselves ("Monday", then "Tuesday") just after the owner died: the
+    # new owner must not take the new turn for the late final of the one answered before
+    async with replicas(sim, tmp_path, {"a": pg_url, "b": pg_url}) as agents:
+        monday, tuesday = "book a table for four on monday", "book a table for four on tuesday"
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance(monday)], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: f"You said: {monday}." in agent_lines(sim, call_id), 15)
+        owner = await owner_of(pg_url, call_id)
+        other = "b" if owner == "a" else "a"
+        await agents[owner].stop(signal.SIGKILL)
+        await answered(sim, call_id, tuesday)  # said while nobody serves the call
+        assert agents[other].events("call.restored", call_id)
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, monday, tuesday)

@@ -176,6 +176,7 @@ class Call(Recovery, Sessions, Listening):
         restarted, would otherwise answer its first hour again."""
         read = event.transcripts
         start = next((i for i, t in enumerate(read) if self.turns.seen(t.id)), 0)
+        self.finals_read_back([t for t in read if self.turns.seen(t.id)])
         cmds: list[Command] = []
         for transcript in read[start:]:
             cmds += self._apply(transcript, now)

@@ -295,6 +295,17 @@ class Listening(Conversation):
         self.hold_until = now
         return [*cmds, *self._say(self.settings.cut_in, self.turns.turn, now)]
 
+    def finals_read_back(self, seen: list[TranscriptEvent]) -> None:
+        """Of a read-back, the transcripts the call had already handled. If the newest of them
+        ends with the answered words, their final came before a restart (`_restored` could not
+        tell, and kept them waiting for it for `_RESTORED_S`): a final after it that says nearly
+        the same ("Monday", then "Tuesday") is the caller's new turn, not that final."""
+        if not seen or not self.answered:
+            return
+        last = words(seen[-1].message)
+        if last and words(self.answered)[-len(last) :] == last:
+            self.answered = ""
+
     def _answered(self, text: str, now: float, h: Hearing | None) -> bool:
         """Whether the final `text` repeats words of the answered turn whose final had not
         come, and is not the open turn's own (a caller may ask the same thing again); it takes
