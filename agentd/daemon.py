@@ -305,14 +305,29 @@ class Daemon:
             self._drop(call_id, never_ours=True)
             return False
         if epoch > 1:
-            # served before, by a replica that is gone: the call built here from one event
-            # knows nothing of its greeting, sessions or turns; the store does
-            self._drop(call_id, never_ours=True, foreign=False)
-            await self._resume({call_id})
-            return False
+            if await self._stored(call_id):
+                # served before, by a replica that is gone: the call built here from one event
+                # knows nothing of its greeting, sessions or turns; the store does
+                self._drop(call_id, never_ours=True, foreign=False)
+                await self._resume({call_id})
+                return False
+            if self.dispatcher.calls.get(call_id) is not asking:
+                return False
+            # its last owner died between its claim and its first write: it started nothing
+            # (the write-ahead comes before any session), so the call is served as a new one.
+            # Resumed from the empty store it would be forgotten, and claimed again for ever
         if self.persister is not None:
             self.persister.changed(asking)  # it was not saved while it was not ours yet
         return True
+
+    async def _stored(self, call_id: str) -> bool:
+        """Whether the store has the call; True when it cannot say (the resume from the store
+        then logs why and leaves the call to the next claim)."""
+        assert self.persister is not None
+        try:
+            return await cast("PgStore", self.persister.store).has_call(call_id)
+        except StoreError:
+            return True
 
     def _lose(self, call_id: str, reason: str, *, taken: bool = False) -> None:
         """This replica may no longer act on the call: another one serves it (`taken`), or

@@ -711,6 +711,17 @@ class PgStore:
 
         return await self._write(str(args[0]), save, "cannot save the call")
 
+    async def has_call(self, call_id: str) -> bool:
+        """Whether the store has a row for the call, live or ended."""
+        key = _pg_text(call_id)
+
+        async def read(conn: Conn) -> bool:
+            return bool(
+                await conn.fetchval("SELECT EXISTS (SELECT 1 FROM calls WHERE call_id = $1)", key)
+            )
+
+        return await self._read(key, read, "cannot read the call")
+
     async def live_calls(self) -> list[CallRecord]:
         """Every call whose phase is not "ended", the first saved first."""
 

@@ -431,3 +431,27 @@ async def test_after_a_takeover_a_turn_like_the_last_one_is_answered(
         await sim.hangup(call_id)
         await sim.wait_for(lambda: not sim.leaks(), 15)
         assert_each_once(sim, call_id, monday, tuesday)
+
+
+@pytest.mark.slow
+async def test_a_call_whose_first_owner_died_before_writing_it_is_served(
+    sim: Simulator, tmp_path: Path, pg_url: str
+) -> None:
+    # a replica claimed the call (epoch 1) and was SIGKILLed before its first write: the next
+    # claim is a takeover (epoch 2) with nothing in the store to resume. Nothing was started
+    # (the write-ahead comes before any session): the call must be served as a new one
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("anyone there")], hangup_after_s=None)
+    )
+    await sim.wait_call_status(call_id, "progressing", timeout=10)
+    store = await PgStore.open(pg_url)
+    try:
+        assert await Replica(store, "dead", lease_s=0.001).claim(call_id) == 1
+    finally:
+        await store.close()
+    async with replicas(sim, tmp_path, {"a": pg_url}) as agents:
+        await sim.wait_for(lambda: "You said: anyone there." in agent_lines(sim, call_id), 20)
+        assert agents["a"].events("lease.claimed", call_id)[0]["epoch"] == 2
+        await sim.hangup(call_id)
+        await sim.wait_for(lambda: not sim.leaks(), 15)
+        assert_each_once(sim, call_id, "anyone there")
