@@ -461,7 +461,12 @@ def _render_sessions(doc: Mapping[str, Any]) -> list[str]:
             f"transcribe {_secs(secs.get('transcribe'))}"
         )
         if report.get("restored"):
-            out.append("  (restored after a restart: sessions created before it are not listed)")
+            # the sessions it resumed are listed, timed from when this agentd saw them
+            out.append(
+                "  (restored after a restart: open times count from the restart, VoIPBIN's "
+                "bill from each session's creation; sessions that ended before it are not "
+                "listed)"
+            )
     else:
         out.append("  no call report (the call is live, or ended before agentd kept reports)")
     for kind, sid in doc["unconfirmed_stops"]:

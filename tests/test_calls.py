@@ -215,3 +215,30 @@ def test_a_call_that_was_never_answered_says_so() -> None:
     }
     shown = render_show(doc).splitlines()
     assert "  not answered" in shown and not any(" answered, " in line for line in shown)
+
+
+@pytest.mark.slow
+async def test_a_call_resumed_after_a_restart_says_its_sessions_are_timed_from_the_restart(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    # the sessions the next agentd resumed are listed, with the time it saw them open: the
+    # footnote said they were not listed, which left the short times to be read as the bill
+    store = {"path": str(tmp_path / "shared.db")}
+    first = await agent(daemon={"stop_sessions_on_shutdown": False, "drain_s": 0.5}, store=store)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: len(sim.world.speakings_of(call_id)) == 1, 5)
+    [speaking] = sim.world.speakings_of(call_id)
+    first.stop()  # the call stays up for the next start
+    await asyncio.wait_for(first.stopped.wait(), 10)
+    second = await agent(store=store)
+    await sim.hangup(call_id)
+    await asyncio.wait_for(second.dispatcher.wait_idle(), 15)
+    assert second.persister is not None
+    await second.persister.flush()
+    code, out, err = await run_cli(
+        "calls", "show", call_id, "--config", config_file(tmp_path, store["path"])
+    )
+    assert code == 0, err
+    assert f"speaking   {speaking.id}  open" in out  # created before the restart, listed
+    assert "sessions created before it are not listed" not in out
+    assert "open times count from the restart" in out

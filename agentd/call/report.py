@@ -225,7 +225,8 @@ class Report:
         if self.tokens_in or self.tokens_out:
             out["backend_tokens"] = {"input": self.tokens_in, "output": self.tokens_out}
         if restored:
-            # sessions created before the restart were not seen being created: not counted
+            # sessions resumed after the restart count from it (they were not seen being
+            # created), and those that ended before it are missing
             out["restored"] = True
         return out
 
