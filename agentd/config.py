@@ -329,12 +329,24 @@ def load(
             merged["store"]["path"] = default_store_path(env)
         return _build(merged, env, str(path or ""), store_path_in_file=path_in_file)
     except ConfigError as exc:
+        message = _from_env(str(exc), env)
         # a misspelt variable is most often why a setting is missing: say so with the error
         # (a config that loads shows it among its warnings instead)
         unknown = _unknown_env(env)
-        if not unknown:
+        if not unknown and message == str(exc):
             raise
-        raise ConfigError(f"{exc}; {'; '.join(unknown)}") from None
+        raise ConfigError("; ".join((message, *unknown))) from None
+
+
+def _from_env(message: str, env: Mapping[str, str]) -> str:
+    """`message`, naming the variable when the key it is about was set by the environment: the
+    file may not have the key at all, or a good value of it, and a unit's `Environment=` is
+    the last place an operator looks."""
+    section, _, key = message.partition(":")[0].partition(".")
+    if key not in _SCHEMA.get(section, {}):
+        return message
+    name = f"AGENTD_{section.upper()}_{key.upper()}"
+    return f"{message} (set by {name})" if name in env else message
 
 
 STORE_NAME = "agentd.db"
@@ -390,8 +402,11 @@ def load_store_url(
     env = os.environ if env is None else env
     merged = _validate(_read_toml(path) if path is not None else {})
     path_in_file = "path" in merged["store"]
-    _apply_env(merged, env)
-    return _store_url(_section(merged, "store"), path_in_file, env)
+    try:
+        _apply_env(merged, env)
+        return _store_url(_section(merged, "store"), path_in_file, env)
+    except ConfigError as exc:
+        raise ConfigError(_from_env(str(exc), env)) from None
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

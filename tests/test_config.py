@@ -439,6 +439,25 @@ def test_bad_environment_value_names_the_variable(
     assert str(info.value) == f"{name}: {message}"
 
 
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("AGENTD_LOG_LEVEL", "loud", "log.level: 'loud' is not one of"),
+        ("AGENTD_AGENT_NUMBERS", "", "agent.numbers: not set"),
+        ("AGENTD_METRICS_LISTEN", "127.0.0.1:99999", "metrics.listen: expected host:port"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_its_variable(
+    tmp_path: Path, name: str, raw: str, message: str
+) -> None:
+    # the file may not have the key at all, or a good value of it (numbers, here): the
+    # operator must be sent to the unit's Environment=, not to agentd.toml
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD), env={name: raw})
+    text = str(info.value)
+    assert text.startswith(message) and text.endswith(f"(set by {name})")
+
+
 def test_a_config_path_that_cannot_be_read_as_text_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a directory, not a config file"):
         load(tmp_path, env={})
