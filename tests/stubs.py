@@ -35,6 +35,7 @@ class Seen:
     t: float  # time.monotonic(), like the simulator's request log
     headers: dict[str, str]
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -99,7 +100,7 @@ class StubServer:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        seen = Seen(time.monotonic(), dict(request.headers), body)
+        seen = Seen(time.monotonic(), dict(request.headers), body, dict(request.query))
         self.requests.append(seen)
         return seen
 

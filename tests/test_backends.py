@@ -107,6 +107,15 @@ async def test_openai_request_has_model_messages_stream_tools_and_the_key(
     assert [t["function"]["name"] for t in seen.body["tools"]] == ["end_call"]
 
 
+async def test_openai_base_url_with_a_query_keeps_it_after_the_path(llm: OpenAIStub) -> None:
+    # `?api-version=` (Azure, some gateways): "/chat/completions" was appended to the query,
+    # and the request went to `/v1` with a mangled version
+    chunks = await collect(openai(f"{llm.base_url}/?api-version=2024-10-21", key=KEY))
+    assert text_of(chunks) == "Hello from the stub."
+    [seen] = llm.requests
+    assert seen.query == {"api-version": "2024-10-21"}
+
+
 def test_the_transfer_tool_is_offered_only_with_allowed_numbers_and_only_those() -> None:
     [_, transfer] = tools_for(["+15550009999"])
     assert transfer["function"]["name"] == "transfer"

@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -134,7 +135,10 @@ class OpenAIBackend:
         transfer_numbers: Sequence[str] = (),
         usage: bool = True,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        # a query (`?api-version=`) stays after the path: appended to the string, the path
+        # went into the query
+        parts = urlsplit(base_url)
+        self.url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
         self.model = model
         self._api_key = api_key
         self.temperature = temperature
