@@ -170,6 +170,9 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        # what was read once at start and runs until a restart, whatever reloads came since:
+        # each reload names what still differs from it
+        self.started_config = config
         self.clock = clock  # one clock for the calls, the dispatcher and the executor
         self.notifier = notifier or Notifier(None)
         self.ready_timeout_s = ready_timeout_s
@@ -921,7 +924,7 @@ class Daemon:
             log.error("reload.failed", error=str(exc), hint="keeping the running config")
             self.notifier.ready(self.status_line())
             return
-        if needs_restart := restart_needed(self.config, fresh):
+        if needs_restart := restart_needed(self.started_config, fresh):
             log.warning("reload.restart_needed", keys=needs_restart, hint="kept until a restart")
         # live calls keep the backend they began with (a reply streaming from the old one is
         # not cut); the executor closes it once the last of them is over

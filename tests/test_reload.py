@@ -106,6 +106,28 @@ async def test_a_reload_that_changes_only_what_it_applies_warns_of_nothing(
     assert [line["event"] for line in logged] == ["reload.done"]
 
 
+async def test_a_second_reload_still_names_the_changes_left_for_a_restart(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # the first reload warned of log.level; the second, for a new greeting only, compared
+    # with the first one's config and said nothing, though the log level was still info
+    config = tmp_path / "agentd.toml"
+    write(config, sim, sim.accesskey, greeting="Hello.", level="info")
+    async with running(config) as daemon:
+        write(config, sim, sim.accesskey, greeting="Hello.", level="debug")
+        daemon.reload()
+        write(config, sim, sim.accesskey, greeting="Hi again.", level="debug")
+        with capture_logs() as logged:
+            daemon.reload()
+        assert [line["event"] for line in logged] == ["reload.restart_needed", "reload.done"]
+        assert logged[0]["keys"] == ["log.level"]
+        # put back as it runs: nothing is left for a restart
+        write(config, sim, sim.accesskey, greeting="Hi again.", level="info")
+        with capture_logs() as logged:
+            daemon.reload()
+        assert [line["event"] for line in logged] == ["reload.done"]
+
+
 def backend_config(path: Path, sim: Simulator, base_url: str) -> None:
     write(path, sim, sim.accesskey, backend=f'kind = "openai"\nbase_url = "{base_url}"')
 
