@@ -926,6 +926,8 @@ class Daemon:
             return
         if needs_restart := restart_needed(self.started_config, fresh):
             log.warning("reload.restart_needed", keys=needs_restart, hint="kept until a restart")
+        for warning in fresh.warnings:  # as at start: a doubtful voice is applied all the same
+            log.warning("config.warning", warning=warning)
         # live calls keep the backend they began with (a reply streaming from the old one is
         # not cut); the executor closes it once the last of them is over
         self.backend = backend

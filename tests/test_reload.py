@@ -23,6 +23,7 @@ timeout_s = {timeout}
 [agent]
 numbers = ["{number}"]
 greeting = "{greeting}"
+{agent}
 [log]
 level = "{level}"
 [store]
@@ -41,8 +42,10 @@ def write(
     timeout: int = 10,
     level: str = "info",
     backend: str = "",
+    agent: str = "",
 ) -> None:
-    """The test's config at `path` (`backend`: a `[backend]` table's body, if any)."""
+    """The test's config at `path` (`backend`: a `[backend]` table's body, if any; `agent`:
+    more `[agent]` keys)."""
     keyfile = path.parent / "accesskey"
     keyfile.write_text(key)
     path.write_text(
@@ -53,6 +56,7 @@ def write(
             number=OUR_NUMBER,
             greeting=greeting,
             level=level,
+            agent=agent,
             store=path.parent / "agentd.db",
         )
         + (f"[backend]\n{backend}\n" if backend else "")
@@ -126,6 +130,28 @@ async def test_a_second_reload_still_names_the_changes_left_for_a_restart(
         with capture_logs() as logged:
             daemon.reload()
         assert [line["event"] for line in logged] == ["reload.done"]
+
+
+async def test_a_reload_warns_of_a_doubtful_setting_it_applies_as_a_start_does(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # a voice of another provider: every /say is refused and the caller hears nothing. A
+    # start logs config.warning (README, troubleshooting); a reload applied it without a word
+    config = tmp_path / "agentd.toml"
+    write(config, sim, sim.accesskey)
+    async with running(config) as daemon:
+        write(
+            config,
+            sim,
+            sim.accesskey,
+            agent='tts_provider = "aws"\nvoice_id = "21m00Tcm4TlvDq8ikWAM"',
+        )
+        with capture_logs() as logged:
+            daemon.reload()
+    assert [line["event"] for line in logged] == ["config.warning", "reload.done"]
+    assert logged[0]["log_level"] == "warning"
+    assert "looks like a voice id of elevenlabs" in logged[0]["warning"]
+    assert daemon.config.call.voice_id == "21m00Tcm4TlvDq8ikWAM"  # applied all the same
 
 
 def backend_config(path: Path, sim: Simulator, base_url: str) -> None:
