@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args)
     except ConfigError as exc:
-        print(f"agentd: config error: {exc}", file=sys.stderr)
+        _error(f"agentd: config error: {exc}")
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
@@ -174,6 +174,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # as a process killed by SIGPIPE
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journal: systemd names its stream in $JOURNAL_STREAM as
+    "device:inode" (inherited by children whose stderr is elsewhere, so it is compared)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+def _error(text: str) -> None:
+    """Why a command stopped, one line on stderr. The journal files a line at the unit's
+    SyslogLevel= (info) unless it starts with a priority: `<3>` keeps the reason the service
+    stopped in `journalctl -p warning`."""
+    print(f"<3>{text}" if _stderr_is_journal() else text, file=sys.stderr)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -257,7 +275,7 @@ def _run(config_arg: str | None) -> int:
     try:
         asyncio.run(serve())
     except PermissionDenied as exc:
-        print(f"agentd: VoIPBIN refused: {exc}", file=sys.stderr)
+        _error(f"agentd: VoIPBIN refused: {exc}")
         return EXIT_CONFIG
     except StoreUnreachable as exc:
         # PostgreSQL down or still starting (it may boot after agentd): exit 1, which systemd
@@ -266,7 +284,7 @@ def _run(config_arg: str | None) -> int:
         return 1
     except StoreError as exc:
         # before any call was taken: a wrong path, a file that is no store, another agentd
-        print(f"agentd: store: {exc}", file=sys.stderr)
+        _error(f"agentd: store: {exc}")
         return EXIT_CONFIG
     finally:
         logs.flush()  # the writer thread's last lines, before anything else is printed

@@ -4,6 +4,7 @@ exits with the reason when VoIPBIN refuses what the credentials need."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -133,3 +134,31 @@ def test_the_service_config_reads_the_service_credentials_from_a_shell(
     under_systemd = {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
     cli.service_credentials(str(config), under_systemd)
     assert under_systemd == {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
+
+
+def test_under_the_journal_the_reason_agentd_run_stops_is_logged_as_an_error(
+    tmp_path: Path,
+) -> None:
+    # stderr goes to the journal at SyslogLevel= (info) unless a line says otherwise: the
+    # config error that stopped the service was missing from `journalctl -p warning`
+    config = tmp_path / "agentd.toml"
+    config.write_text("[agent]\nnumbers = 5\n", encoding="utf-8")
+    for journal in (True, False):
+        stderr = tmp_path / f"stderr-{journal}"
+        with stderr.open("wb") as fh:
+            st = stderr.stat()
+            # systemd names the journal's stream by device and inode; elsewhere it is inherited
+            stream = f"{st.st_dev}:{st.st_ino}" if journal else "1:2"
+            proc = subprocess.run(
+                [sys.executable, "-m", "agentd", "run", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+                env={**os.environ, "JOURNAL_STREAM": stream},
+                timeout=60,
+                check=False,
+            )
+        assert proc.returncode == 2
+        prefix = "<3>" if journal else ""
+        assert stderr.read_text() == (
+            f"{prefix}agentd: config error: agent.numbers: expected list, got int\n"
+        )
