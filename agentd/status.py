@@ -336,8 +336,16 @@ def client_socket(
                 f"agentd status: cannot read {config_path}: permission denied "
                 "(run with sudo, or name the socket: --socket)"
             ) from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            pass  # the defaults, as without a config file
+        except OSError as exc:
+            raise NotRunning(
+                f"agentd status: cannot read {config_path}: {exc.strerror or exc} "
+                "(name the socket: --socket)"
+            ) from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            # the socket it names is unknown: the default's "not running" may be untrue
+            raise NotRunning(
+                f"agentd status: {config_path}: not valid TOML: {exc} (name the socket: --socket)"
+            ) from None
     section = raw.get("status")
     configured = section.get("socket") if isinstance(section, dict) else None
     if isinstance(configured, str):

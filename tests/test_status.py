@@ -269,6 +269,24 @@ def test_a_config_the_user_may_not_read_is_said_so_not_taken_for_no_daemon(
     assert "not running" not in err
 
 
+def test_a_config_that_cannot_be_read_is_said_so_not_taken_for_no_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a config being edited (a quote left open) or a mistyped --config: the socket it names
+    # is unknown, and the default one's "agentd is not running" was said of a running daemon
+    config = tmp_path / "agentd.toml"
+    config.write_text(f'[status]\nsocket = "{tmp_path}/s.sock"\n[agent]\ngreeting = "Hi\n')
+    assert status.main(None, False, str(config)) == 1
+    err = capsys.readouterr().err
+    assert f"agentd status: {config}: not valid TOML" in err and "--socket" in err
+    assert "not running" not in err
+    missing = tmp_path / "nothing.toml"
+    assert status.main(None, False, str(missing)) == 1
+    err = capsys.readouterr().err
+    assert f"agentd status: cannot read {missing}: No such file or directory" in err
+    assert "not running" not in err
+
+
 def test_a_socket_in_a_directory_the_user_may_not_search_is_asked_all_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
