@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     call = sub.add_parser("call", help="place an outbound call that the running daemon serves")
     call.add_argument("--to", required=True, help="number to call, e.g. +15559876543")
     call.add_argument("--from", dest="source", help="caller id (default: agent.caller_id)")
-    call.add_argument("--config")
+    call.add_argument("--config", help=f"TOML config (default: $AGENTD_CONFIG or {DEFAULT_CONFIG})")
     call.add_argument("--wait", action="store_true", help="follow the call until it ends")
     call.add_argument(
         "--force",
@@ -97,12 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config", help="validate the config, the credentials and the backend"
     )
-    check.add_argument("--config")
+    check.add_argument(
+        "--config", help=f"TOML config (default: $AGENTD_CONFIG or {DEFAULT_CONFIG})"
+    )
 
     status = sub.add_parser("status", help="what the running daemon is doing (read-only)")
     status.add_argument("--socket", help="the status socket (default: see README, Watch it)")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
-    status.add_argument("--config", help="read [status] socket from this config")
+    status.add_argument("--config", help="read [status] socket (or [store] path) from this config")
 
     calls = sub.add_parser("calls", help="the call history in the store (read-only)")
     calls.add_argument("--since", help="only calls started since: 30m, 2h, 7d, or a date")
@@ -116,9 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     show = calls_sub.add_parser("show", help="one call: conversation, turn timings, sessions")
     show.add_argument("id", help="the call id (or an unambiguous start of it)")
     # SUPPRESS: given after `show` they count, left out they keep the values given before it
-    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    show.add_argument("--config", default=argparse.SUPPRESS)
-    show.add_argument("--store", default=argparse.SUPPRESS)
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    show.add_argument(
+        "--config", default=argparse.SUPPRESS, help="read [store] (path or url) from this config"
+    )
+    show.add_argument("--store", default=argparse.SUPPRESS, help="read this store file")
 
     demo = sub.add_parser("demo", help="agentd against its built-in simulator, no account needed")
     demo.add_argument("--quiet", action="store_true", help="print only the conversation")

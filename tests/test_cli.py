@@ -162,3 +162,27 @@ def test_under_the_journal_the_reason_agentd_run_stops_is_logged_as_an_error(
         assert stderr.read_text() == (
             f"{prefix}agentd: config error: agent.numbers: expected list, got int\n"
         )
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    # `agentd call --help` listed `--config CONFIG` with nothing after it, and `calls show` its
+    # --json, --config and --store
+    import argparse
+
+    from agentd import cli
+
+    def commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        found = [parser]
+        for sub in subs:
+            for child in sub.choices.values():
+                found += commands(child)
+        return found
+
+    bare = [
+        f"{command.prog} {' / '.join(action.option_strings)}"
+        for command in commands(cli._parser())
+        for action in command._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []

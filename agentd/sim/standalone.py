@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="agentd sim", description="Run a local VoIPBIN simulator (REST + WebSocket)."
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8099, help="port; 0 = any free port")
+    parser.add_argument(
+        "--port", type=_port, default=8099, help="port (default 8099); 0 = any free port"
+    )
     parser.add_argument(
         "--no-rate-limit", action="store_true", help="disable the per-customer rate limit"
     )
