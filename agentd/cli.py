@@ -8,12 +8,14 @@ import contextlib
 import os
 import sys
 import time
+import traceback
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentd import __version__
 from agentd.config import Config, ConfigError, load
+from agentd.secret import redact
 
 if TYPE_CHECKING:
     from agentd.backends import Backend
@@ -178,6 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # as a process killed by SIGPIPE
+    except Exception as exc:
+        # a bug: its traceback is for the report, redacted like every log line (a message may
+        # carry a URL with its key); exit 1, which the unit restarts
+        _error(f"agentd: internal error, please report it: {redact(repr(exc))}")
+        print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+        return 1
 
 
 def _stderr_is_journal() -> bool:

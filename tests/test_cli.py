@@ -186,3 +186,23 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         if action.option_strings and not action.help
     ]
     assert bare == []
+
+
+def test_a_bug_that_escapes_a_command_is_told_redacted_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Python's own traceback would print the exception's message as it is: a URL with its key
+    from agentd import cli
+    from agentd.secret import Secret
+
+    key = Secret("vb_escaped_bug_key_1234")
+
+    def broken(_: object) -> int:
+        raise RuntimeError(f"GET https://api.example/v1.0/calls?accesskey={key.reveal()} failed")
+
+    monkeypatch.setattr(cli, "_command", broken)
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert "agentd: internal error, please report it: RuntimeError(" in err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert key.reveal() not in err
