@@ -192,7 +192,7 @@ def test_a_bug_that_escapes_a_command_is_told_redacted_and_exits_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Python's own traceback would print the exception's message as it is: a URL with its key
-    from agentd import cli
+    from agentd import cli, logs
     from agentd.secret import Secret
 
     key = Secret("vb_escaped_bug_key_1234")
@@ -201,6 +201,8 @@ def test_a_bug_that_escapes_a_command_is_told_redacted_and_exits_1(
         raise RuntimeError(f"GET https://api.example/v1.0/calls?accesskey={key.reveal()} failed")
 
     monkeypatch.setattr(cli, "_command", broken)
+    # `main` points the process's logging at stderr for a tool: not for the tests after this one
+    monkeypatch.setattr(logs, "configure", lambda *_, **__: None)
     assert cli.main(["status"]) == 1
     err = capsys.readouterr().err
     assert "agentd: internal error, please report it: RuntimeError(" in err
