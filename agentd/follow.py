@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from agentd.backoff import delays
+from agentd.call.core import outage
 from agentd.events import is_real_time
 from agentd.voipbin import ApiError, VoipbinClient
 
@@ -33,7 +34,7 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
     finished: set[str] = set()  # transcribes read after they were done: nothing more comes
     printed: set[str] = set()
     waits = delays(OUTAGE_BASE_S, OUTAGE_CAP_S)
-    outage = False
+    waiting_out = False
     while True:
         try:
             call = await client.get_call(call_id)
@@ -46,17 +47,17 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             )
             lines, done = await _new_lines(client, call_id, finished) if now_answered else ([], [])
         except ApiError as exc:
-            if not _passing(exc):
+            if not outage(exc.status):
                 print(f"agentd: cannot follow the call: {exc}", file=sys.stderr)
                 return 1
-            if not outage:
+            if not waiting_out:
                 print(f"agentd: VoIPBIN is not answering ({exc}); still following", file=sys.stderr)
-                outage = True
+                waiting_out = True
             await asyncio.sleep(next(waits))
             continue
-        if outage:
+        if waiting_out:
             print("agentd: VoIPBIN answers again", file=sys.stderr)
-            outage, waits = False, delays(OUTAGE_BASE_S, OUTAGE_CAP_S)
+            waiting_out, waits = False, delays(OUTAGE_BASE_S, OUTAGE_CAP_S)
         answered = now_answered
         finished.update(done)
         new = str(call.get("status", ""))
@@ -73,11 +74,6 @@ async def follow(client: VoipbinClient, call_id: str) -> int:
             return 0 if answered else 1
         if client.limiter.rate <= 0:
             await asyncio.sleep(POLL_S)
-
-
-def _passing(exc: ApiError) -> bool:
-    """Whether VoIPBIN's refusal is an outage that passes (no answer, 429, 5xx)."""
-    return exc.status in (0, 429) or exc.status >= 500
 
 
 async def _new_lines(
