@@ -292,7 +292,7 @@ def _run(config_arg: str | None) -> int:
     except StoreUnreachable as exc:
         # PostgreSQL down or still starting (it may boot after agentd): exit 1, which systemd
         # restarts (Restart=on-failure); its RestartPreventExitStatus=2 would end it for good
-        print(f"agentd: store: {exc}", file=sys.stderr)
+        _error(f"agentd: store: {exc}")
         return 1
     except StoreError as exc:
         # before any call was taken: a wrong path, a file that is no store, another agentd
