@@ -819,6 +819,7 @@ class Daemon:
                 backend_failures=self.tallies[Kind.BACKEND_FAILED],
                 leaks=self.tallies[Kind.LEAK],
                 log_lines_dropped=logs.dropped(),
+                store_write_failures=self._store_write_failures(),
             ),
             replicas=self._replicas_status(),
         )
@@ -862,8 +863,14 @@ class Daemon:
             "rest_queue_depth": self.client.limiter.queue_depth,
             "connected": 0.0 if stats.connected_since is None else 1.0,
             "log_lines_dropped": logs.dropped(),
+            "store_write_failures": self._store_write_failures(),
             **self._replica_metrics(),
         }
+
+    def _store_write_failures(self) -> int:
+        # the journal's store.write_failed lines scroll by; a locked or unreachable store must
+        # show where an operator looks without grepping for it
+        return 0 if self.persister is None else self.persister.failures
 
     def _replica_metrics(self) -> dict[str, float]:
         r = self.replica

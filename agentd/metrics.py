@@ -9,7 +9,8 @@ daemons in one process — the tests — never share a counter. Two kinds of met
   finished call's `call_report`, the seconds its speaking and transcribe sessions stayed open
   (what VoIPBIN bills) and the turns it had;
 - read at scrape time from the counters the daemon keeps anyway (`live()`): reconnects, REST
-  errors, rejected frames, live calls, REST queue depth, connected.
+  errors, rejected frames, live calls, REST queue depth, log lines dropped, store write
+  failures, connected.
 
 The endpoint is prometheus_client's own aiohttp handler (`prometheus_client.aiohttp`) on a small
 aiohttp app: `GET /metrics`.
@@ -88,6 +89,11 @@ class _LiveCollector(Collector):
             "agentd_log_lines_dropped",
             "Log lines dropped because the log sink could not keep up",
             value=v["log_lines_dropped"],
+        )
+        yield CounterMetricFamily(
+            "agentd_store_write_failures",
+            "Store writes that failed (a restart may not find the latest state of those calls)",
+            value=v["store_write_failures"],
         )
         yield GaugeMetricFamily(
             "agentd_connected", "1 while subscribed to VoIPBIN's WebSocket", value=v["connected"]

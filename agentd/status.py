@@ -82,6 +82,7 @@ class Counters:
     backend_failures: int
     leaks: int
     log_lines_dropped: int = 0
+    store_write_failures: int = 0  # writes the store refused or timed out (locked, down)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +392,7 @@ _COUNTERS = (
     ("backend_failures", "backend failures"),
     ("leaks", "leaked sessions"),
     ("log_lines_dropped", "log lines dropped"),
+    ("store_write_failures", "store write failures"),
 )
 
 

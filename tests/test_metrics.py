@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentd import status
 from agentd.commands import Record
 from agentd.config import ConfigError, load, parse_listen
 from agentd.metrics import Metrics
@@ -148,6 +150,52 @@ async def test_a_call_moves_the_counters_and_the_histogram(
     assert listening() == before_start  # the endpoint closed with the daemon
 
 
+@pytest.mark.slow  # the store's busy timeout (5 s) runs out once
+async def test_a_locked_store_is_told_by_status_and_the_metrics(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    socket = str(tmp_path / "s.sock")
+    daemon = await agent(metrics={"listen": "127.0.0.1:0"}, status={"socket": socket})
+    assert daemon.metrics is not None and daemon.persister is not None
+    doc = await asyncio.to_thread(status.fetch, socket)
+    assert doc["counters"]["store_write_failures"] == 0
+    assert value(await scrape(daemon.metrics.port), "agentd_store_write_failures_total") == 0
+
+    # another process holds SQLite's write lock past the busy timeout (a sqlite3 shell, a backup)
+    lock = sqlite3.connect(daemon.config.store_path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        call_id = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("hello")], hangup_after_s=None)
+        )
+        await asyncio.wait_for(
+            daemon.dispatcher.wait_until(lambda: call_id in daemon.dispatcher.calls), 10
+        )
+        saving = daemon.persister.saving(call_id)
+        assert saving is not None
+        await asyncio.wait_for(saving, 15)  # it fails: the store said "database is locked"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    failed = daemon.persister.failures
+    assert failed > 0
+
+    doc = await asyncio.to_thread(status.fetch, socket)
+    assert doc["counters"]["store_write_failures"] >= failed
+    assert f"store write failures  {doc['counters']['store_write_failures']}" in status.render(doc)
+    scraped = value(await scrape(daemon.metrics.port), "agentd_store_write_failures_total")
+    assert scraped >= failed
+    # the call is served all the same
+    await asyncio.wait_for(
+        daemon.dispatcher.wait_until(
+            lambda: any(c.id == call_id and c.turn >= 1 for c in daemon.dispatcher.live_calls())
+        ),
+        15,
+    )
+    await sim.hangup(call_id)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+
+
 @needs_proc
 async def test_metrics_are_off_by_default(agent: StartAgent) -> None:
     before = listening()
@@ -240,6 +288,7 @@ LIVE = {
     "rest_queue_depth": 0.0,
     "connected": 1.0,
     "log_lines_dropped": 0.0,
+    "store_write_failures": 0.0,
 }
 
 
