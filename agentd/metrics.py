@@ -4,7 +4,7 @@ Each daemon has its own `CollectorRegistry` (not prometheus_client's global one)
 daemons in one process — the tests — never share a counter. Two kinds of metrics:
 
 - counted from the daemon's records as they happen (`record()`): calls answered by direction,
-  calls ended by reason, barge-ins, leaked sessions, and the turn latency histogram
+  calls ended by reason, barge-ins, leaked sessions, backend failures, the turn latency histogram
   (caller transcript -> first `/say`, from each `turn` record's `first_say_ms`); and from each
   finished call's `call_report`, the seconds its speaking and transcribe sessions stayed open
   (what VoIPBIN bills) and the turns it had;
@@ -154,6 +154,11 @@ class Metrics:
         self.leaks = Counter(
             "agentd_leaks", "Sessions agentd could not stop (stop them by hand)", registry=r
         )
+        self.backend_failures = Counter(
+            "agentd_backend_failures",
+            "Replies the backend failed: an error, or no answer within backend.timeout_s",
+            registry=r,
+        )
         self.turn_first_say = Histogram(
             "agentd_turn_first_say_seconds",
             "From the caller's transcript to the first /say of the reply",
@@ -188,6 +193,8 @@ class Metrics:
                     self.barge_ins.inc()
             case Kind.LEAK:
                 self.leaks.inc()
+            case Kind.BACKEND_FAILED:
+                self.backend_failures.inc()
             case Kind.TURN:
                 ms = data.get("first_say_ms")
                 if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0:

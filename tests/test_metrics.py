@@ -17,6 +17,7 @@ from agentd.config import ConfigError, load, parse_listen
 from agentd.metrics import Metrics
 from agentd.names import Kind
 from agentd.sim import Caller, Simulator, Utterance
+from tests.stubs import OpenAIStub, Script
 from tests.support import CALLER, OUR_NUMBER, StartAgent
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -90,7 +91,15 @@ async def test_a_call_moves_the_counters_and_the_histogram(
     assert value(first, "agentd_turn_first_say_seconds_count") == 0
     assert value(first, "agentd_live_calls") == 0
     assert value(first, "agentd_rest_queue_depth") == 0
-    for name in ("reconnects", "rest_errors", "leaks", "rejected_frames", "barge_ins"):
+    names = (
+        "reconnects",
+        "rest_errors",
+        "leaks",
+        "rejected_frames",
+        "barge_ins",
+        "backend_failures",
+    )
+    for name in names:
         assert value(first, f"agentd_{name}_total") == 0, name
     buckets = {dict(labels)["le"] for name, labels in first if name.endswith("_bucket")}
     assert {"0.001", "0.01", "0.1", "1.0", "5.0", "+Inf"} <= buckets
@@ -194,6 +203,27 @@ async def test_a_locked_store_is_told_by_status_and_the_metrics(
     )
     await sim.hangup(call_id)
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+
+
+@pytest.mark.slow  # a whole call
+async def test_a_backend_timeout_is_counted_by_the_metrics_as_by_status(
+    llm: OpenAIStub, sim: Simulator, agent: StartAgent
+) -> None:
+    # the model does not answer within backend.timeout_s: the caller gets the fallback
+    llm.script(Script("Too late.", first_token_s=30))
+    daemon = await agent(
+        metrics={"listen": "127.0.0.1:0"},
+        backend={"kind": "openai", "base_url": llm.base_url, "model": "m", "timeout_s": 0.3},
+    )
+    assert daemon.metrics is not None
+    assert value(await scrape(daemon.metrics.port), "agentd_backend_failures_total") == 0
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("hello there")]))
+    await sim.wait_call_status(call_id, "hangup", timeout=15)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    failed = [r for r in daemon.records if r.what == "backend_failed"]
+    assert [r.data["error"] for r in failed] == ["backend timed out"]
+    assert daemon.status_snapshot().counters.backend_failures == 1
+    assert value(await scrape(daemon.metrics.port), "agentd_backend_failures_total") == 1
 
 
 @needs_proc
