@@ -352,6 +352,8 @@ class Daemon:
         if self.persister is not None:
             self.persister.forget(call_id)
         self.call_seen.pop(call_id, None)
+        if self.tracing is not None:
+            self.tracing.dropped(call_id)
         gate = self._gates.pop(call_id, None)
         if gate is not None and gate is not asyncio.current_task():
             gate.cancel()

@@ -163,6 +163,17 @@ class Tracing:
         if state is not None:
             self._end(state, call)
 
+    def dropped(self, call_id: str) -> None:
+        """Another replica serves the call (it claimed it first, or took it over): nothing more
+        of it comes here. Its span, if this agentd opened one, ends now, marked
+        `agentd.call.lost`: left open it would be held until agentd stops, then exported with
+        the whole uptime as its length."""
+        self._seen.pop(call_id, None)
+        state = self._calls.pop(call_id, None)
+        if state is not None:
+            state.span.set_attribute("agentd.call.lost", True)
+            self._end(state, None)
+
     def force_flush(self) -> bool:
         """Export what has ended so far (blocks until done: not on the event loop)."""
         return self.provider.force_flush()

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import agentd.otel
 from agentd.replicas import Replica, new_replica_id
 from agentd.sim import Caller, Simulator, Utterance
 from agentd.status import fetch, render
 from agentd.store_pg import PgStore
-from tests.support import CALLER, OUR_NUMBER, run_cli
+from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli
 from tests.test_restart import agent_lines, config_text, start, subscribed
 from tests.test_store import Clock, record
 
@@ -455,3 +457,44 @@ async def test_a_call_whose_first_owner_died_before_writing_it_is_served(
         await sim.hangup(call_id)
         await sim.wait_for(lambda: not sim.leaks(), 15)
         assert_each_once(sim, call_id, "anyone there")
+
+
+@pytest.mark.slow
+async def test_a_call_lost_to_another_replica_ends_its_span_there(
+    sim: Simulator, agent: StartAgent, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporters: list[InMemorySpanExporter] = []
+
+    def exporter(endpoint: str) -> InMemorySpanExporter:
+        exporters.append(InMemorySpanExporter())
+        return exporters[-1]
+
+    monkeypatch.setattr(agentd.otel, "otlp_exporter", exporter)
+    store = {"path": "agentd.db", "url": pg_url, "lease_s": 1}
+    one = await agent(otel={"enabled": True}, store={**store, "replica": "one"})
+    two = await agent(otel={"enabled": True}, store={**store, "replica": "two"})
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("first turn")], hangup_after_s=None)
+    )
+    await sim.wait_for(lambda: "You said: first turn." in agent_lines(sim, call_id), 15)
+    owner, other = (one, two) if call_id in one.dispatcher.calls else (two, one)
+    assert owner.tracing is not None and other.tracing is not None
+    mine = exporters[0] if owner is one else exporters[1]
+    # the other replica saw the call and left it to its owner: its traces keep nothing of it
+    assert call_id not in other.tracing._seen
+
+    # the owner's lease lapses (its renewals went unanswered): it stops serving the call, and
+    # its span of the call ends there, not when that agentd stops, hours later
+    owner._lose(call_id, "its lease lapsed: the store did not answer the renewals")
+    assert owner.tracing.force_flush()
+    [span] = [s for s in mine.get_finished_spans() if s.name == "call"]
+    attrs = span.attributes or {}
+    assert attrs["agentd.call.id"] == call_id
+    assert attrs["agentd.call.lost"] is True
+    assert "agentd.call.unfinished" not in attrs
+
+    await answered(sim, call_id, "second turn")  # the other replica took the call over
+    await sim.hangup(call_id)
+    await asyncio.wait_for(other.dispatcher.wait_idle(), 10)
+    await sim.wait_for(lambda: not sim.leaks(), 15)
+    assert_each_once(sim, call_id, "first turn", "second turn")
