@@ -343,3 +343,28 @@ def test_a_replica_shows_its_leases_takeovers_and_the_store() -> None:
     # one agentd on SQLite: no replica series at all
     alone = Metrics("127.0.0.1:0", lambda: LIVE).registry.get_sample_value
     assert alone("agentd_leases_held") is None and alone("agentd_live_calls") == 2.0
+
+
+def test_every_metric_served_is_named_in_the_readme() -> None:
+    # the README is the operator's list of what to scrape and alert on: one served but not
+    # named there is one nobody alerts on
+    replica = dict.fromkeys(
+        (
+            "leases_held",
+            "replicas_live",
+            "store_reachable",
+            "lease_claims",
+            "lease_claims_lost",
+            "takeovers",
+            "calls_lost",
+        ),
+        0.0,
+    )
+    registry = Metrics("127.0.0.1:0", lambda: {**LIVE, **replica}).registry
+    names = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in registry.collect()
+    }
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert len(names) > 20
+    assert sorted(name for name in names if f"`{name}" not in readme) == []
