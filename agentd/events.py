@@ -116,7 +116,20 @@ class Parsed:
 
     event: Event
     key: str
+    # why the frame was bad input taken all the same ("" for a sound one): the stream says so
+    irregular: str = ""
 
+
+@dataclass(frozen=True, slots=True)
+class _Irregular:
+    """An event read from a frame the server should not have sent so, and what was wrong."""
+
+    event: Event
+    reason: str
+
+
+#: a transcript's or speech event's `direction` as VoIPBIN sends it (transcript/transcript.go)
+_DIRECTIONS = frozenset(("in", "out"))
 
 _WRAPPED_SPEECH: dict[str, SpeechKind] = {
     "transcribe_speech_started": "started",
@@ -174,6 +187,8 @@ def parse_object(obj: dict[str, Any], raw: str | None = None) -> Parsed | Reject
         return Rejected(f"malformed field: {type(exc).__name__}")
     if isinstance(result, Rejected):
         return result
+    if isinstance(result, _Irregular):
+        return Parsed(result.event, _dedupe_key(result.event, raw), result.reason)
     return Parsed(result, _dedupe_key(result, raw))
 
 
@@ -216,7 +231,7 @@ def _target(obj: dict[str, Any], key: str) -> str:
     return _str(addr, "target", required=False)
 
 
-def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
+def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | _Irregular | Rejected:
     # the most frequent frame (four to six a turn): its fields read inline, not through _str
     get = obj.get
     message, event_id, transcribe_id = get("message"), get("id"), get("transcribe_id")
@@ -227,6 +242,8 @@ def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
         or (message is not None and type(message) is not str)
         or (direction is not None and type(direction) is not str)
         or (at is not None and type(at) is not str)
+        or direction not in _DIRECTIONS
+        or "streaming_id" not in obj
     ):
         return _speech_checked(obj, hint)
     if message is not None and len(message) > MAX_TEXT:
@@ -235,40 +252,63 @@ def _speech(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
         event_id,
         transcribe_id,
         _WRAPPED_SPEECH.get(hint or "", "interim" if message else "boundary"),
-        direction or "in",
+        direction,
         message or "",
         at or "",
     )
 
 
-def _speech_checked(obj: dict[str, Any], hint: str | None) -> SpeechEvent | Rejected:
-    """A speech event with a field missing or not a string: what it is rejected for."""
+def _speech_checked(obj: dict[str, Any], hint: str | None) -> SpeechEvent | _Irregular | Rejected:
+    """A speech event with a field missing, not a string, or not as VoIPBIN sends it: what it
+    is rejected for, or what it is taken as."""
     message = obj.get("message")
     if message is not None and not isinstance(message, str):
         raise TypeError("message")
     kind: SpeechKind = _WRAPPED_SPEECH.get(hint or "", "interim" if message else "boundary")
     if len(message or "") > MAX_TEXT:
         return Rejected("speech text too long")
-    return SpeechEvent(
+    direction, odd = _direction(_str(obj, "direction", required=False), "speech event")
+    event = SpeechEvent(
         id=_str(obj, "id"),
         transcribe_id=_str(obj, "transcribe_id"),
         kind=kind,
-        direction=_str(obj, "direction", required=False) or "in",
+        direction=direction,
         message=message or "",
         at=_str(obj, "tm_event", required=False),
     )
+    if not odd and "streaming_id" not in obj:
+        odd = "speech event without streaming_id"
+    return _Irregular(event, odd) if odd else event
 
 
-def _transcript(obj: dict[str, Any], hint: str | None) -> TranscriptEvent | Rejected:
+def _transcript(obj: dict[str, Any], hint: str | None) -> TranscriptEvent | _Irregular | Rejected:
     message = _str(obj, "message")
     if len(message) > MAX_TEXT:
         return Rejected("transcript too long")
-    return TranscriptEvent(
+    direction, odd = _direction(_str(obj, "direction", required=False), "transcript")
+    event = TranscriptEvent(
         id=_str(obj, "id"),
         transcribe_id=_str(obj, "transcribe_id"),
-        direction=_str(obj, "direction", required=False),
+        direction=direction,
         message=message,
     )
+    return _Irregular(event, odd) if odd else event
+
+
+def _direction(value: str, what: str) -> tuple[str, str]:
+    """The direction of a transcript or speech event, and what was wrong with it ("" if
+    nothing). VoIPBIN sends `in` or `out` only. Anything else is taken as the caller's (`in`):
+    agentd transcribes the caller's leg alone, so the words are theirs whatever the label, and
+    a caller's words dropped leave the caller unanswered."""
+    if value in _DIRECTIONS:
+        return value, ""
+    if not value:
+        return "in", f"{what} without direction: taken as the caller's"
+    shown = repr(value[:20])
+    folded = value.strip().lower()
+    if folded in _DIRECTIONS:
+        return folded, f"{what} direction {shown} read as {folded!r}"
+    return "in", f"{what} direction {shown} unknown: taken as the caller's"
 
 
 def _transcribe(obj: dict[str, Any], hint: str | None) -> TranscribeEvent:
@@ -305,7 +345,11 @@ def _call(obj: dict[str, Any], hint: str | None) -> CallEvent | Rejected:
 
 
 def _is_speech(obj: dict[str, Any], hint: str | None) -> bool:
-    return ("transcribe_id" in obj and "streaming_id" in obj) or (hint or "") in _WRAPPED_SPEECH
+    # `tm_event` too: a transcript never has one, and an interim taken for a transcript would be
+    # answered as a final, half a sentence
+    return ("transcribe_id" in obj and ("streaming_id" in obj or "tm_event" in obj)) or (
+        hint or ""
+    ) in _WRAPPED_SPEECH
 
 
 def _is_transcript(obj: dict[str, Any], hint: str | None) -> bool:
@@ -325,7 +369,7 @@ def _is_call(obj: dict[str, Any], hint: str | None) -> bool:
 _SHAPES: tuple[
     tuple[
         Callable[[dict[str, Any], str | None], bool],
-        Callable[[dict[str, Any], str | None], Event | Rejected],
+        Callable[[dict[str, Any], str | None], Event | _Irregular | Rejected],
     ],
     ...,
 ] = (
@@ -336,7 +380,7 @@ _SHAPES: tuple[
 )
 
 
-def _classify(obj: dict[str, Any], hint: str | None) -> Event | Rejected:
+def _classify(obj: dict[str, Any], hint: str | None) -> Event | _Irregular | Rejected:
     if hint is not None and not hint.startswith(("call_", "transcribe_", "transcript_")):
         return Rejected(f"unused event type {hint[:40]}", ignorable=True)
     for matches, build in _SHAPES:

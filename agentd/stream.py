@@ -7,7 +7,8 @@ Subscriptions are forgotten by the server on disconnect, and events sent before 
 takes effect are lost, so after every subscribe — the first included — the daemon reconciles its
 calls over REST. VoIPBIN never acknowledges a subscribe: a connection that survives `settle_s`
 after subscribing counts as ready. Our own pings find a half-open connection behind NAT. Bad
-frames are counted, never fatal.
+frames are counted, never fatal; an event read from a frame VoIPBIN would not send so (no
+`direction`, no `streaming_id`) is dispatched and logged as `frame.irregular`.
 
 The credentials go in the upgrade request's headers (`Cookie: accesskey=` or a Bearer JWT),
 never in the URL. The one failure that ends the loop is `PermissionDenied`: GET /customer
@@ -282,6 +283,10 @@ class EventStream:
                 rejections[reason] = rejections.get(reason, 0) + 1
                 log.warning("frame.rejected", reason=parsed.reason, size=len(frame))
             return
+        if parsed.irregular:
+            # taken all the same (its words may be the caller's), but VoIPBIN never sends it
+            # so: a broken frame or a changed server, which someone should hear of
+            log.warning("frame.irregular", reason=parsed.irregular, size=len(frame))
         try:
             self._on_parsed(parsed)
         except Exception:  # a bug downstream must not drop the connection

@@ -237,3 +237,70 @@ def test_no_frame_makes_the_parser_raise(value: object) -> None:
 def test_only_a_real_tm_delete_means_deleted(tm_delete: str | None, deleted: bool) -> None:
     event = parsed(CALL | {"tm_delete": tm_delete}).event
     assert isinstance(event, CallEvent) and event.deleted is deleted
+
+
+# ---- bad input the server never sends, read so that no words are lost -------------------------
+# VoIPBIN always sends `streaming_id` and `direction` (in or out): bin-transcribe-manager
+# models/streaming/webhook.go and models/transcript/webhook.go have neither field `omitempty`,
+# and a transcript's direction is its streaming leg's (transcribehandler/start.go splits `both`
+# into `in` and `out`). A frame without them is a broken or changed server: it is taken, and said.
+
+
+def test_an_interim_without_a_streaming_id_is_speech_not_a_final_transcript() -> None:
+    # an interim's fields but a transcript's: answering it would answer half a sentence
+    frame = {k: v for k, v in SPEECH.items() if k != "streaming_id"} | {"message": "Hi I"}
+    result = parsed(frame)
+    at = SPEECH["tm_event"]
+    assert result.event == SpeechEvent("a1", "t", "interim", "in", "Hi I", at)
+    assert result.irregular == "speech event without streaming_id"
+    boundary = parsed({k: v for k, v in SPEECH.items() if k != "streaming_id"})
+    assert boundary.event == SpeechEvent("a1", "t", "boundary", "in", "", at)
+
+
+@pytest.mark.parametrize(
+    ("direction", "read", "irregular"),
+    [
+        ("in", "in", ""),
+        ("out", "out", ""),
+        (None, "in", "transcript without direction: taken as the caller's"),
+        ("", "in", "transcript without direction: taken as the caller's"),
+        ("IN", "in", "transcript direction 'IN' read as 'in'"),
+        (" out", "out", "transcript direction ' out' read as 'out'"),
+        ("both", "in", "transcript direction 'both' unknown: taken as the caller's"),
+        ("caller", "in", "transcript direction 'caller' unknown: taken as the caller's"),
+    ],
+)
+def test_a_transcript_without_a_known_direction_is_the_callers_and_said_so(
+    direction: str | None, read: str, irregular: str
+) -> None:
+    # agentd transcribes the caller's leg only (`direction: "in"`): whatever the label says,
+    # the words are the caller's, and dropping them leaves the caller unanswered
+    frame = {k: v for k, v in TRANSCRIPT.items() if k != "direction"}
+    if direction is not None:
+        frame["direction"] = direction
+    result = parsed(frame)
+    assert result.event == TranscriptEvent("9d59", "550e", read, "Hi, I need help.")
+    assert result.irregular == irregular
+
+
+@pytest.mark.parametrize(
+    ("direction", "read", "irregular"),
+    [
+        (None, "in", "speech event without direction: taken as the caller's"),
+        ("In", "in", "speech event direction 'In' read as 'in'"),
+        ("both", "in", "speech event direction 'both' unknown: taken as the caller's"),
+    ],
+)
+def test_a_speech_event_without_a_known_direction_is_the_callers_and_said_so(
+    direction: str | None, read: str, irregular: str
+) -> None:
+    frame = SPEECH | {"direction": direction, "message": "Hi I"}
+    result = parsed(frame)
+    assert result.event == SpeechEvent("a1", "t", "interim", read, "Hi I", SPEECH["tm_event"])
+    assert result.irregular == irregular
+
+
+def test_a_long_unknown_direction_is_not_quoted_whole() -> None:
+    result = parsed(TRANSCRIPT | {"direction": "x" * 500})
+    assert isinstance(result.event, TranscriptEvent) and result.event.direction == "in"
+    assert len(result.irregular) < 100

@@ -18,7 +18,7 @@ from websockets.http11 import Request, Response
 
 from agentd.config import load
 from agentd.daemon import Daemon
-from agentd.events import CallEvent, Parsed
+from agentd.events import CallEvent, Parsed, SpeechEvent, TranscriptEvent
 from agentd.sim import Simulator
 from agentd.stream import REJECTION_KINDS, EventStream, classify, topics
 from agentd.voipbin import LOGIN_REFUSED, ApiError, LoginRefused, PermissionDenied
@@ -464,6 +464,31 @@ async def test_malformed_and_binary_frames_are_counted_and_the_connection_surviv
     assert stats.rejections["other"] == 100 - (REJECTION_KINDS - 5)
     assert (stats.connects, stats.reconnects) == (1, 0)
     assert not conn.closed.is_set()
+
+
+async def test_bad_input_that_still_carries_words_is_dispatched_and_said_at_warning(
+    server: WsServer, client: StartClient
+) -> None:
+    # VoIPBIN always sends `direction` and `streaming_id`; a frame without them is bad input,
+    # but its words are the caller's: dispatched (nothing lost), and the log says what was odd
+    c = await client()
+    conn = await server.next_conn()
+    await conn.subscription()
+    transcript = {"id": "tr-1", "transcribe_id": "t-1", "message": "Hello there"}
+    interim = {"id": "sp-1", "transcribe_id": "t-1", "direction": "in", "message": "Hel"}
+    interim["tm_event"] = "2026-08-20T10:00:12.000123456Z"
+    with capture_logs() as logs:
+        await conn.ws.send(json.dumps(transcript))
+        await conn.ws.send(json.dumps(interim))
+        first, second = await c.next_parsed(), await c.next_parsed()
+    assert first.event == TranscriptEvent("tr-1", "t-1", "in", "Hello there")
+    assert isinstance(second.event, SpeechEvent) and second.event.kind == "interim"
+    odd = [(e["log_level"], e["reason"]) for e in logs if e["event"] == "frame.irregular"]
+    assert odd == [
+        ("warning", "transcript without direction: taken as the caller's"),
+        ("warning", "speech event without streaming_id"),
+    ]
+    assert (c.stream.stats.frames, c.stream.stats.rejected) == (2, 0)
 
 
 async def test_fragmented_messages_and_bad_utf8_keep_their_order_and_the_connection(
