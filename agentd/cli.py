@@ -424,7 +424,7 @@ def _unserved(config: Config, source: str, config_arg: str | None) -> str | None
     conn = doc.get("connection")
     conn = conn if isinstance(conn, dict) else {}
     state, error = conn.get("state"), conn.get("last_error")
-    if state in ("reconnecting", "forbidden"):
+    if state in ("reconnecting", "unauthorised", "forbidden"):
         # it hears of the call only once it is back: the callee would answer to silence
         why = f"{state}; last error: {error}" if error else state
         return f"the running agentd is not connected to VoIPBIN ({why})"

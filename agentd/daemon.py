@@ -208,6 +208,7 @@ class Daemon:
             on_ready=self._on_ready,
             on_lost=self._on_lost,
             reauth=lambda: self.client.reauthenticate(self.client.credentials.token),
+            credential=lambda: self.client.credentials.sent,
         )
         self.started_at = clock()
         self._stop = asyncio.Event()

@@ -12,7 +12,9 @@ frames are counted, never fatal; an event read from a frame VoIPBIN would not se
 
 The credentials go in the upgrade request's headers (`Cookie: accesskey=` or a Bearer JWT),
 never in the URL. The one failure that ends the loop is `PermissionDenied`: GET /customer
-answered 403 because the login lacks a permission, which no retry can fix.
+answered 403 because the login lacks a permission, which no retry can fix. Credentials refused
+(a 401 no login can answer, or a refused login) keep it trying at least 5 s apart, in state
+`unauthorised`.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class EventStream:
         on_parsed: Callable[[Parsed], None],
         on_ready: Callable[[bool], None],
         reauth: Callable[[], Awaitable[bool]],
+        credential: Callable[[], str] = lambda: "the credentials",
         on_lost: Callable[[], None] | None = None,
         settle_s: float = 0.3,
         ping_interval_s: float = 10.0,
@@ -136,6 +139,9 @@ class EventStream:
         self._on_ready = on_ready
         self._on_lost = on_lost  # a subscription that was ready is gone: events are not arriving
         self._reauth = reauth
+        self._credential = credential  # what the upgrade sends, in words: "the access key (…)"
+        # why VoIPBIN refuses us, when no login of ours can change it ("" otherwise)
+        self._refused = ""
         self.settle_s = settle_s
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -157,6 +163,7 @@ class EventStream:
         while True:
             verdict: ConnectVerdict
             hint: dict[str, str] = {}
+            self._refused = ""
             try:
                 # "first" is the first subscribe that became ready, not the first attempt
                 await self._session(not self._ever_ready)
@@ -173,8 +180,8 @@ class EventStream:
                 if isinstance(exc, LoginRefused):
                     # the first lookup of our customer logs in: this is where a wrong
                     # password shows at start, not on the upgrade's 401
-                    _login_refused(exc)
-                verdict = await self._after_failure(classify(exc))
+                    self._refused = _login_refused(exc)
+                verdict = await self._after_failure(classify(exc), reason)
             except Exception as exc:  # last resort: the reconnect loop must never die
                 reason = redact(f"{type(exc).__name__}: {exc}")
                 log.exception("stream.crashed")
@@ -188,26 +195,33 @@ class EventStream:
                 self._on_lost()
             self.ready.clear()
             self._ws = None
-            self.stats.state = "reconnecting"
+            # refused credentials are no outage: the status says so until VoIPBIN takes them
+            self.stats.state = "unauthorised" if self._refused else "reconnecting"
             self.stats.connected_since = None
             delay = delays.next_delay(ready_for_s, verdict)
             self.stats.reconnects += 1
-            self.stats.last_error = reason
+            self.stats.last_error = self._refused or reason
             log.warning("stream.disconnected", reason=reason, retry_in_s=round(delay, 2), **hint)
             await asyncio.sleep(delay)
 
-    async def _after_failure(self, verdict: ConnectVerdict) -> ConnectVerdict:
-        """Log in again when the server said 401; a refused or failed login backs off longer."""
+    async def _after_failure(self, verdict: ConnectVerdict, reason: str) -> ConnectVerdict:
+        """Log in again when the server said 401; a refused or failed login backs off longer.
+
+        A 401 that no login can answer (an access key, or a JWT given in the config) is told at
+        error, and in the status, but retried all the same: VoIPBIN answers 401 as well when
+        its own lookup of the key fails (bin-api-manager `lib/middleware/authenticate.go`), so
+        a 401 alone does not prove the key revoked."""
         if verdict != "reauth":
             return verdict
         try:
             if await self._reauth():
                 return verdict
-            log.error(
-                "stream.unauthorised", hint="credentials refused; check the access key or token"
+            self._refused = (
+                f"{reason}: VoIPBIN refused {self._credential()}: revoked, expired or wrong"
             )
+            log.error("stream.unauthorised", error=self._refused)
         except LoginRefused as err:
-            _login_refused(err)
+            self._refused = _login_refused(err)
         except Exception as err:
             log.error("stream.login_failed", error=redact(str(err)))
         return "slow"
@@ -298,10 +312,11 @@ class EventStream:
             await self._ws.close()
 
 
-def _login_refused(exc: LoginRefused) -> None:
+def _login_refused(exc: LoginRefused) -> str:
     # an error, not the warning of an outage: only someone changing the credentials (on
     # VoIPBIN's side, or in the config and a restart) ends it; the stream keeps trying meanwhile
     log.error("stream.login_refused", error=str(exc))
+    return str(exc)
 
 
 def _hint(exc: BaseException) -> dict[str, str]:

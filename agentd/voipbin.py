@@ -115,6 +115,15 @@ class Credentials:
         """Whether a fresh JWT can be had with a username and password."""
         return bool(self.username and self.password)
 
+    @property
+    def sent(self) -> str:
+        """What `VoipbinClient.auth` sends, in words, for an operator told it was refused."""
+        if self.token:
+            return "the JWT of the login" if self.can_login else "the JWT (voipbin.token)"
+        if self.accesskey:
+            return "the access key (voipbin.accesskey)"
+        return "no credentials"
+
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:

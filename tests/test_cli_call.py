@@ -122,6 +122,32 @@ async def test_a_call_is_refused_while_the_daemon_cannot_reach_voipbin(
         sim.faults.accept_ws()
 
 
+async def test_a_call_is_refused_while_voipbin_refuses_the_daemons_access_key(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    # the key was deleted on VoIPBIN's side: the open WebSocket lives on until it drops, then
+    # every upgrade is refused 401. No login can fix it: the status says so, not "reconnecting"
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
+    await daemon.stream.ready.wait()
+    sim.auth.revoke_accesskey()
+    sim.faults.drop_websockets()
+    try:
+        await sim.wait_for(lambda: daemon.stream.stats.state == "unauthorised", 10)
+        assert daemon.status_line() == "0 live calls, VoIPBIN unauthorised"
+        code, out, err = await run_cli("call", "--to", "+15559876543", "--config", str(config))
+        assert sim.requests_matching("POST", r"/calls$") == []
+        assert (code, out) == (1, "")
+        assert err.startswith(
+            "agentd: not calling: no running agentd would serve the call: the running agentd "
+            "is not connected to VoIPBIN (unauthorised; last error: HTTP 401 on connect: "
+            "VoIPBIN refused the access key (voipbin.accesskey): revoked, expired or wrong)"
+        )
+        assert sim.accesskey not in out + err
+    finally:
+        sim.auth.accesskey_revoked = False
+
+
 async def test_a_call_without_a_running_daemon_is_refused_unless_forced(
     sim: Simulator, tmp_path: Path
 ) -> None:

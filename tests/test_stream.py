@@ -603,6 +603,53 @@ async def test_a_refused_login_is_an_error_that_names_the_credentials_and_backs_
     assert classify(refused) == "slow"
 
 
+async def test_a_revoked_access_key_is_told_as_such_in_the_status_and_at_error(
+    server: WsServer, client: StartClient
+) -> None:
+    # VoIPBIN answers 401 INVALID_CREDENTIALS to a deleted or expired key, and to a key it
+    # could not look up (bin-api-manager lib/middleware/authenticate.go): no login can fix
+    # it, so the stream keeps trying, slowly, and its status says why it is not connected
+    server.refuse.extend([401, 401])
+    lost = asyncio.Event()
+    with capture_logs() as logs:
+        c = await client(
+            accesskey="vb_revoked",
+            reauth_result=False,
+            max_delay_s=0.05,
+            credential=lambda: "the access key (voipbin.accesskey)",
+            on_lost=lost.set,
+        )
+        await asyncio.wait_for(c.reauth_calls.get(), LIMIT_S)
+        stats = c.stream.stats
+        assert stats.state == "unauthorised"
+        assert stats.last_error == (
+            "HTTP 401 on connect: VoIPBIN refused the access key (voipbin.accesskey): "
+            "revoked, expired or wrong"
+        )
+        await asyncio.wait_for(c.reauth_calls.get(), LIMIT_S)
+        conn = await server.next_conn()  # it is back (a key VoIPBIN failed to look up)
+        await conn.subscription()
+        await c.next_ready()
+    assert (stats.state, stats.last_error) == ("ready", "")
+    await conn.ws.close()  # a drop after that is an outage again, not the old refusal
+    await asyncio.wait_for(lost.wait(), LIMIT_S)
+    assert (stats.state, stats.last_error) == ("reconnecting", "closed by server")
+    errors = [e for e in logs if e["event"] == "stream.unauthorised"]
+    assert [e["log_level"] for e in errors] == ["error", "error"]
+    assert all("VoIPBIN refused the access key" in e["error"] for e in errors)
+    # no secret in what is told
+    assert not [e for e in logs if "vb_revoked" in repr(e)]
+
+
+async def test_a_refused_login_is_told_in_the_status(server: WsServer, client: StartClient) -> None:
+    refused = LoginRefused(400, "LOGIN_FAILED", LOGIN_REFUSED)
+    server.refuse.append(401)
+    c = await client(reauth_result=refused, max_delay_s=3600.0)
+    await asyncio.wait_for(c.reauth_calls.get(), LIMIT_S)
+    assert c.stream.stats.state == "unauthorised"
+    assert "check voipbin.username and voipbin.password" in c.stream.stats.last_error
+
+
 async def test_other_refusals_do_not_log_in_again(server: WsServer, client: StartClient) -> None:
     server.refuse.extend([403, 500])
     c = await client()
@@ -638,7 +685,7 @@ async def test_cancel_while_waiting_to_reconnect_stops_at_once(
     c = await client(reauth_result=False, max_delay_s=3600.0)
     await asyncio.wait_for(c.reauth_calls.get(), LIMIT_S)
     # nothing is awaited between the refused login and the backoff sleep: it is sleeping now
-    assert c.stream.stats.state == "reconnecting"
+    assert c.stream.stats.state == "unauthorised"
     c.task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(c.task, LIMIT_S)

@@ -87,6 +87,8 @@ class Authenticator:
         self.plain_username = plain_username
         self.token_ttl_s = token_ttl_s
         self.accesskey = "vb_" + secrets.token_urlsafe(24)
+        #: Deleted or expired: refused from now on (401), but an open WebSocket stays open.
+        self.accesskey_revoked = False
         self._key = secrets.token_bytes(32)
         self._issued: set[str] = set()
         self._revoked: set[str] = set()
@@ -125,6 +127,13 @@ class Authenticator:
         token = f"{header}.{payload}.{sig}"
         self._issued.add(token)
         return token
+
+    def revoke_accesskey(self) -> None:
+        """Delete the access key (or let it expire): ``lib/middleware/authenticate.go``
+        ``authenticateAccesskey`` refuses a key with ``tm_delete`` set or ``tm_expire`` past
+        with 401 ``INVALID_CREDENTIALS``, as it does a key it cannot look up. Only requests
+        are checked: a WebSocket opened before stays open (``websockhandler`` has no auth)."""
+        self.accesskey_revoked = True
 
     def revoke_all(self) -> None:
         """Refuse every JWT issued so far (simulates their expiry)."""
@@ -165,7 +174,7 @@ class Authenticator:
                 return self.check_token(token)
         key = request.cookies.get("accesskey", "") or request.query.get("accesskey", "")
         if key:
-            if hmac.compare_digest(key, self.accesskey):
+            if hmac.compare_digest(key, self.accesskey) and not self.accesskey_revoked:
                 return Identity("accesskey", self.customer_id, None)
             raise AuthError("INVALID_CREDENTIALS")
         raise AuthError("AUTHENTICATION_REQUIRED")

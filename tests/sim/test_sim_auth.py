@@ -124,6 +124,27 @@ async def test_expired_tokens_refused_but_open_ws_stays_open(sim: Simulator) -> 
     assert (await _status(sim, params={"token": sim.make_token()}))[0] == 200
 
 
+async def test_a_revoked_access_key_is_refused_but_an_open_ws_stays_open(sim: Simulator) -> None:
+    ws = await ws_connect(sim)
+    try:
+        await subscribe(sim, ws, [f"customer_id:{sim.customer_id}:call:call_created"])
+        sim.auth.revoke_accesskey()
+        status, data = await _status(sim, params={"accesskey": sim.accesskey})
+        assert status == 401
+        assert envelope(data) == ("UNAUTHENTICATED", "INVALID_CREDENTIALS")
+        call_id = sim.inbound_call()
+        assert (await recv_json(ws))["id"] == call_id
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(
+                sim.ws_url, additional_headers={"Cookie": f"accesskey={sim.accesskey}"}
+            )
+        assert info.value.response.status_code == 401
+    finally:
+        await ws.close()
+    # JWTs are not access keys: unaffected
+    assert (await _status(sim, params={"token": sim.make_token()}))[0] == 200
+
+
 async def test_ws_upgrade_requires_credentials(sim: Simulator) -> None:
     with pytest.raises(websockets.InvalidStatus) as info:
         await websockets.connect(sim.ws_url)
