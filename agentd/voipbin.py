@@ -50,6 +50,8 @@ SAY_LIMIT_BYTES = 5000
 TRANSCRIBE_START_TIMEOUT_S = 30.0
 #: How long a `POST /transcribes` answered with a 5xx is sent again
 TRANSCRIBE_START_RETRY_S = 4.0
+#: What a `POST /transcribes` for a call that hung up (or is hanging up) is answered
+_NOT_A_LIVE_CALL = frozenset((500,))
 #: Polly's plain-text limit (3,000 billed characters per `SynthesizeSpeech`): with aws the pod
 #: hands it the say's whole text (bin-tts-manager `streaminghandler/aws.go`), and a longer one
 #: fails, which VoIPBIN answers 404 like a dead session
@@ -256,9 +258,11 @@ class VoipbinClient:
         idempotent: bool = True,
         deadline_s: float | None = None,
         timeout_s: float | None = None,
+        final: frozenset[int] = frozenset(),
     ) -> Any:
         """Send one API request with retries; return the decoded JSON body (or None).
-        `timeout_s`: each attempt's own, instead of the client's."""
+        `timeout_s`: each attempt's own, instead of the client's; `final`: statuses that are
+        this request's considered answer, raised at once however retryable they look."""
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
         waits = delays()
         relogged = False
@@ -271,6 +275,8 @@ class VoipbinClient:
             if not attempt.failed:
                 return attempt.body
             self.errors += 1
+            if attempt.status in final:
+                raise attempt.api_error() from None
             verdict = classify(
                 attempt.status, idempotent=idempotent, reached=attempt.reached, relogged=relogged
             )
@@ -434,8 +440,11 @@ class VoipbinClient:
         # start and the row after it (bin-transcribe-manager `start.go` `startLive`), so a
         # start sent again while the first is still starting makes a second transcribe, billed
         # beside the first. After this long the first has its row: a 409 answers a retry. An
-        # error answered at once is retried for a few seconds only (a call that hung up answers
-        # 500 to every one); the call tries again later.
+        # error answered at once is retried for a few seconds only, and a 500 not at all: it
+        # is VoIPBIN's answer for a call no longer dialing, ringing or progressing
+        # (transcribehandler/start.go `isValidReference`), the usual one when the caller hung
+        # up while the start waited, and sent again it only spends the account's budget on a
+        # call that is gone. The call itself tries again later, while it lives.
         raw = await self.request(
             "POST",
             "/transcribes",
@@ -443,6 +452,7 @@ class VoipbinClient:
             priority=SETUP,
             timeout_s=TRANSCRIBE_START_TIMEOUT_S,
             deadline_s=TRANSCRIBE_START_RETRY_S,
+            final=_NOT_A_LIVE_CALL,
         )
         return _id(raw)
 

@@ -240,3 +240,30 @@ async def test_sigterm_waits_for_a_reply_whose_say_waits_out_a_429(
     await sim.hangup(call_id)
     await agent(store=store)
     await sim.wait_for(lambda: not sim.leaks(), 10)
+
+
+async def test_session_creates_retried_after_the_caller_hung_up_leave_nothing_running(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    """Both creates are refused 429 at the gate (nothing made) and the caller hangs up while
+    agentd waits out the Retry-After: the retries reach a call that is gone. VoIPBIN makes no
+    session then (a transcribe wants the call dialing, ringing or progressing,
+    bin-transcribe-manager `start.go` `isValidReference`; a speaking's snoop on the dead
+    channel fails, bin-call-manager `externalmediahandler/start.go`): 500, and agentd leaves it
+    so, with no speaking left billing. The transcribe's 500 is not sent again (it was, for
+    4 s: five more requests of the account's budget on a call that was gone)."""
+    sim.settings.rate_limit = False
+    daemon = await agent(voipbin={"rate_per_s": 0})
+    sim.faults.fail("POST", r"/transcribes$", 429, count=1, retry_after=1)
+    sim.faults.fail("POST", r"/speakings$", 429, count=1, retry_after=1)
+    call_id = sim.inbound_call("+15550001111", OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/speakings$")) == 1, 10)
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/transcribes$")) == 1, 10)
+    await sim.hangup(call_id)
+    await sim.wait_for(lambda: len(sim.requests_matching("POST", r"/speakings$")) == 2, 10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    creates = [r.status for r in sim.requests_matching("POST", r"/(speakings|transcribes)$")]
+    seq = [(round(r.t, 2), r.method, r.path.rsplit("/", 1)[-1], r.status) for r in sim.requests]
+    assert sorted(creates) == [429, 429, 500, 500], seq
+    assert [s for s in sim.speakings.values() if s.reference_id == call_id] == []
+    assert sim.leaks() == []
