@@ -289,7 +289,7 @@ class VoipbinClient:
                 retry_after=attempt.retry_after,
                 backoff=waits,
             )
-            if step.hold_s is not None:
+            if step.hold_s > 0:  # a 429 only: a 5xx of one request leaves the others' burst
                 self.limiter.penalise(step.hold_s)
             if step.verdict not in ("retry", "rate_limited"):
                 raise attempt.api_error() from None

@@ -84,6 +84,21 @@ async def test_idempotent_requests_are_retried_through_5xx(sim: Simulator) -> No
         await client.close()
 
 
+async def test_a_5xx_retry_leaves_the_shared_budget_alone(sim: Simulator) -> None:
+    # only a 429 holds the budget every call shares: a 503 of one request is no reason to take
+    # the burst from the others (it was cut to a single request)
+    client = client_for(sim, rate_per_s=1.0, burst=10)
+    try:
+        sid = await live_speaking(sim, client)
+        sim.faults.fail("POST", r"/stop$", 503, count=1)
+        await client.stop_speaking(sid)
+        assert [r.status for r in sim.requests_matching("POST", r"/stop$")] == [503, 200]
+        for _ in range(5):  # at 1 request/s, each would wait a second without its burst
+            await asyncio.wait_for(client.limiter.acquire(), 0.5)
+    finally:
+        await client.close()
+
+
 @pytest.mark.slow  # waits out a real Retry-After: 1 s
 async def test_429_waits_for_retry_after_even_for_a_say(sim: Simulator) -> None:
     client = client_for(sim)
