@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -517,6 +519,36 @@ def test_python_bad_target_is_refused_at_construction(target: str, message: str)
     with pytest.raises(BackendConfigError) as info:
         PythonBackend(target=target)
     assert message in str(info.value)
+
+
+def test_python_module_not_found_says_where_agentd_looks() -> None:
+    # `agentd console --config ./agentd.toml` with `mypkg/` beside it: the console script's
+    # Python does not look in the current directory, and "No module named 'mypkg'" alone left
+    # a new user guessing why a module that is right there is not found
+    with pytest.raises(BackendConfigError) as info:
+        PythonBackend(target="nope_pkg.agent:reply")
+    message = str(info.value)
+    assert message.startswith(
+        "cannot import 'nope_pkg.agent': ModuleNotFoundError: No module named 'nope_pkg'"
+    )
+    assert f"agentd's Python ({sys.executable})" in message
+    assert "install your package into that venv" in message
+    assert "PYTHONPATH" in message
+
+
+def test_python_module_whose_dependency_is_missing_names_the_dependency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "needs_dep.py").write_text("import nope_dependency\n\nasync def reply(c, h): ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendConfigError) as info:
+        PythonBackend(target="needs_dep:reply")
+    message = str(info.value)
+    assert message.startswith("cannot import 'needs_dep': ModuleNotFoundError: No module named")
+    # the module was found: the hint is about what it imports, not about PYTHONPATH
+    assert "it imports 'nope_dependency'" in message
+    assert f"agentd's Python ({sys.executable})" in message
+    assert "PYTHONPATH" not in message
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -33,12 +34,12 @@ def load_callable(target: str) -> Callable[..., Any]:
     module_name, sep, attr_path = target.partition(":")
     if not sep or not module_name.strip() or not attr_path.strip():
         raise BackendConfigError(f"expected 'module:function', got {target!r}")
+    module_name = module_name.strip()
     try:
-        obj: Any = importlib.import_module(module_name.strip())
+        obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # a user's module can fail with anything while it is imported
-        raise BackendConfigError(
-            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        why = f"{type(exc).__name__}: {exc}{_not_found(module_name, exc)}"
+        raise BackendConfigError(f"cannot import {module_name!r}: {why}") from None
     for attr in attr_path.strip().split("."):
         try:
             obj = getattr(obj, attr)
@@ -53,6 +54,26 @@ def load_callable(target: str) -> Callable[..., Any]:
             f"{target!r} is a plain function: make it an async def (or an async generator)"
         )
     return obj  # type: ignore[no-any-return]
+
+
+def _not_found(module_name: str, exc: Exception) -> str:
+    """Where agentd looked, for a module that is not there: the console script's Python does
+    not search the current directory, so a module right beside the config is not found, and
+    "No module named" alone does not say why."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if not missing:
+        return ""
+    python = f"agentd's Python ({sys.executable})"
+    if module_name == missing or module_name.startswith(f"{missing}."):
+        return (
+            f"; {python} looks in its own venv and in PYTHONPATH: install your package into "
+            f"that venv, or set PYTHONPATH to the directory holding {missing.split('.')[0]!r} "
+            "(PYTHONPATH=. for the current one)"
+        )
+    return (
+        f"; it imports {missing!r}, which {python} does not have: install the package that "
+        "provides it into that venv"
+    )
 
 
 def _plainly_sync(obj: Any) -> bool:
