@@ -201,6 +201,28 @@ def test_example_config(service: Directives) -> None:
     load(EXAMPLE_CONFIG, env={"AGENTD_VOIPBIN_ACCESSKEY": "vb_example_key"})
 
 
+def test_example_config_settings_left_commented_out_are_valid_once_uncommented() -> None:
+    # a sysadmin enables one by deleting its "# ": two keys on one line
+    # (`username = "..."   password_file = "..."`) made the whole file invalid TOML
+    from agentd.config import _SCHEMA
+
+    section = ""
+    commented = 0
+    for number, line in enumerate(EXAMPLE_CONFIG.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        setting = re.match(r"# ?([a-z_]+ = .*)", line)
+        if not setting or not section:
+            continue
+        try:
+            parsed = tomllib.loads(setting.group(1))
+        except tomllib.TOMLDecodeError as exc:
+            raise AssertionError(f"line {number}, uncommented, is not TOML: {exc}") from None
+        assert set(parsed) <= set(_SCHEMA[section]), f"line {number}: not a [{section}] key"
+        commented += 1
+    assert commented >= 4  # the credentials' alternatives and outbound_greeting
+
+
 def _denied_networks(service: Directives) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [
         ipaddress.ip_network(word)
