@@ -2,10 +2,10 @@
 
 The real daemon runs with the user's configured backend and `[agent]` settings, but its
 `[voipbin]` is replaced by the built-in simulator, in-process: no account, no store, no status
-socket, no metrics endpoint. The console phones the agent and plays the caller: each line the
-user types is said with `Simulator.caller_says`, so VoIPBIN's STT timing (interims as the words
-come, the final ~1.1 s after the last one) and the daemon's own turn taking and barge-in logic
-do the rest. Typed while the agent speaks, a line is a barge-in.
+socket, no metrics endpoint, no traces. The console phones the agent and plays the caller: each
+line the user types is said with `Simulator.caller_says`, so VoIPBIN's STT timing (interims as
+the words come, the final ~1.1 s after the last one) and the daemon's own turn taking and
+barge-in logic do the rest. Typed while the agent speaks, a line is a barge-in.
 
 It prints the conversation as the call heard it: each agent line when its audio would start,
 and when it ended or was cut off, in seconds since the call was answered (the simulator's
@@ -52,7 +52,13 @@ PAUSE_S = 0.5
 READY_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 15.0
 # environment overrides of what the console replaces: a deployed agentd's must not leak in
-_REPLACED_ENV = ("AGENTD_VOIPBIN_", "AGENTD_STORE_", "AGENTD_STATUS_", "AGENTD_METRICS_")
+_REPLACED_ENV = (
+    "AGENTD_VOIPBIN_",
+    "AGENTD_STORE_",
+    "AGENTD_STATUS_",
+    "AGENTD_METRICS_",
+    "AGENTD_OTEL_",
+)
 
 
 def sim_settings(fast: bool) -> SimSettings:
@@ -78,8 +84,8 @@ def console_config(
     store: str = "",
 ) -> Config:
     """The user's config (or the defaults: the echo backend) with its [voipbin] replaced by the
-    simulator at `api_url`, its store by `store` (the console's own: "" = none), status socket
-    and metrics off, and agent.numbers forced to the number the console calls."""
+    simulator at `api_url`, its store by `store` (the console's own: "" = none), status socket,
+    metrics and traces off, and agent.numbers forced to the number the console calls."""
     env = dict(os.environ if env is None else env)
     for name in list(env):
         if name.startswith(_REPLACED_ENV) or name == "AGENTD_AGENT_NUMBERS":
@@ -98,6 +104,8 @@ def console_config(
             "store": {"path": store, "url": "", "password": "", "password_file": ""},
             "status": {"socket": ""},
             "metrics": {"listen": ""},
+            # the console's made-up calls are no traces for the service's collector
+            "otel": {"enabled": False},
         },
     )
     v = config.voipbin

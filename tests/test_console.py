@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import agentd.config
 from agentd import console
 from agentd.call.settings import CallSettings
 from agentd.sim import Line
@@ -149,6 +150,21 @@ listen = "127.0.0.1:9464"
     assert fast.call.rate == pytest.approx(console.sim_settings(True).playback_chars_per_s)
     assert fast.call.silence_s == config.call.silence_s  # the typist is not ten times quicker
     assert fast.call.greeting == config.call.greeting
+
+
+def test_the_services_traces_are_off_in_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `sudo agentd console` with the service's config sent the console's made-up calls to the
+    # production collector ("nothing leaves the machine but what your backend sends"), and
+    # where the otel extra was missing it stopped at a config error about traces
+    path = tmp_path / "agentd.toml"
+    path.write_text('[otel]\nenabled = true\nendpoint = "https://collector.example:4318"\n')
+    env = {"AGENTD_OTEL_ENABLED": "true", "AGENTD_OTEL_ENDPOINT": "https://other.example"}
+    config = console.console_config(str(path), API_URL, ACCESSKEY, env=env)
+    assert not config.otel.enabled
+    monkeypatch.setattr(agentd.config, "otel_installed", lambda: False)  # the extra missing
+    assert not console.console_config(str(path), API_URL, ACCESSKEY, env=env).otel.enabled
 
 
 def test_a_service_config_on_postgresql_is_no_config_error(tmp_path: Path) -> None:
