@@ -468,13 +468,21 @@ def _check(section: str, key: str, value: Any) -> Any:
         if value < 0:
             raise ConfigError(f"{section}.{key}: must not be negative")
         if value == 0 and (section, key) in _POSITIVE:
-            raise ConfigError(f"{section}.{key}: must be more than 0 (0 would mean no limit)")
+            why = _POSITIVE[section, key]
+            raise ConfigError(f"{section}.{key}: must be more than 0 (0 would {why})")
     return value
 
 
-# keys where 0 means nothing sensible: a timeout of 0 is none at all to aiohttp (a request
-# that never answers hangs for ever), and every backend reply would fail at once
-_POSITIVE = frozenset({("voipbin", "timeout_s"), ("backend", "timeout_s")})
+# keys where 0 means nothing sensible, and what it would do: a timeout of 0 is none at all to
+# aiohttp (a request that never answers hangs for ever), and every backend reply would fail at
+# once. Elsewhere 0 turns a limit or a timer off, so a 0 here reads as "off" and is not.
+_POSITIVE = {
+    ("voipbin", "timeout_s"): "mean no limit",
+    ("backend", "timeout_s"): "mean no limit",
+    ("agent", "max_call_s"): "hang every call up at once, after its greeting",
+    # its delay doubles from watch_s while the call stays quiet: from 0 it never grows
+    ("agent", "watch_s"): "ask VoIPBIN about every call without a pause, all the time",
+}
 
 
 def _apply_env(merged: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:

@@ -259,6 +259,16 @@ def test_a_bom_is_stripped_and_a_non_ascii_key_refused_unechoed(tmp_path: Path) 
         (("[agent]", "[agent]\nmax_call_s = inf"), "agent.max_call_s: must be a finite number"),
         (("[voipbin]", "[voipbin]\ntimeout_s = 0"), "voipbin.timeout_s: must be more than 0"),
         (('kind = "echo"', 'kind = "echo"\ntimeout_s = 0'), "backend.timeout_s: must be more"),
+        # where 0 turns most things off, these two would hang up every call at its greeting /
+        # ask VoIPBIN about every call without a pause, spending the account's whole budget
+        (
+            ("[agent]", "[agent]\nmax_call_s = 0"),
+            "agent.max_call_s: must be more than 0 (0 would hang every call up at once",
+        ),
+        (
+            ("[agent]", "[agent]\nwatch_s = 0"),
+            "agent.watch_s: must be more than 0 (0 would ask VoIPBIN about every call",
+        ),
         (('kind = "echo"', 'kind = "http"'), "backend.url: the http backend needs the URL"),
         (('kind = "echo"', 'kind = "python"'), "backend.callable: expected 'module:function'"),
         (
