@@ -180,7 +180,7 @@ class Call(Recovery, Sessions, Listening):
         cmds: list[Command] = []
         for transcript in read[start:]:
             cmds += self._apply(transcript, now)
-        return cmds
+        return cmds + self.read_back(now)
 
     def _on_call_gone(self, _event: CallGone, _now: float) -> list[Command]:
         self.ledger.hangup_pending = False

@@ -55,6 +55,7 @@ class Listening(Conversation):
         "deaf",
         "hearing",
         "pauses",
+        "read_back_until",
         "restored",
         "restored_from",
         "restored_until",
@@ -79,6 +80,9 @@ class Listening(Conversation):
         self.restored: Hearing | None = None
         self.restored_from = -1
         self.restored_until = 0.0
+        # the stream came back with the caller's turn open: what they said while it was down is
+        # being read back, and their turn is not over before it came (or until then)
+        self.read_back_until = 0.0
 
     def _restored(self, now: float) -> None:
         """The last turn the history shows answered may have been answered on its interims,
@@ -231,7 +235,19 @@ class Listening(Conversation):
         h.changed_at = max(h.changed_at, now)
         if ended:
             h.final_at = h.changed_at
-        return self._due(h, now)
+        # the turn's reply may be asked for, not said: the caller may have gone on unheard, and
+        # a reply to their first words, said and then cut when the rest is read back, is the
+        # agent talking over itself. Read back at once (the daemon's reconcile reads every
+        # call back too, but after a page of calls); a read-back that fails costs the wait
+        self.read_back_until = now + self.settings.final_wait_s
+        return [*self._fetch_transcripts(), *self._due(h, now)]
+
+    def read_back(self, now: float) -> list[Command]:
+        """A read-back was handled: an open turn held for it ends when its time has come."""
+        if self.read_back_until <= now:
+            return []
+        self.read_back_until = 0.0
+        return self.on_endpoint(now)
 
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer; while the stream is down the caller may be talking unheard, and
@@ -395,6 +411,7 @@ class Listening(Conversation):
         end_at = h.changed_at + wait
         if h.final and c is not Cue.QUESTION:
             end_at = max(end_at, h.final_at + s.final_hold_s)  # a split's next final is near
+        end_at = max(end_at, self.read_back_until)
         ask_at = h.changed_at + (0.0 if c in (Cue.QUESTION, Cue.DONE) else s.speculate_s)
         if c is Cue.GOING_ON:
             ask_at = end_at  # words that go on: asked only once the turn is over
