@@ -7,11 +7,12 @@ as successes. Every command names its call; `lane` says which commands must run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from agentd.events import CallInfo, TranscriptEvent
 from agentd.names import Action, Kind, Timer
+from agentd.value import value
 
 Lane = Literal["call", "speaking", "transcribe", "none"]
 Message = tuple[str, str]  # (role, content) with role in system/user/assistant
@@ -26,7 +27,7 @@ NOT_FOUND = "not found"
 # ---- commands -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StartTranscribe:
     """POST /transcribes for the call."""
 
@@ -37,7 +38,7 @@ class StartTranscribe:
     lane: Lane = "transcribe"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class FindTranscribe:
     """GET /transcribes?reference_type=call&reference_id= (after a 409 on start).
 
@@ -50,7 +51,7 @@ class FindTranscribe:
     lane: Lane = "transcribe"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SweepTranscribes:
     """GET /transcribes of the call: the live ones in `language` other than `keep` (one a
     start cut short by a restart created after all; `keep` "": every one, the call is over)
@@ -62,7 +63,7 @@ class SweepTranscribes:
     lane: Lane = "transcribe"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StopTranscribe:
     """POST /transcribes/{id}/stop (idempotent); DELETE /transcribes/{id} when `delete`."""
 
@@ -72,7 +73,7 @@ class StopTranscribe:
     lane: Lane = "transcribe"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StartSpeaking:
     """POST /speakings on the call, direction out.
 
@@ -87,7 +88,7 @@ class StartSpeaking:
     lane: Lane = "speaking"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PollSpeaking:
     """GET /speakings/{id}: is an `initiating` session active yet."""
 
@@ -96,7 +97,7 @@ class PollSpeaking:
     lane: Lane = "speaking"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Say:
     """POST /speakings/{id}/say. Never retried once it may have reached the server."""
 
@@ -107,7 +108,7 @@ class Say:
     lane: Lane = "speaking"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Flush:
     """POST /speakings/{id}/flush: drop queued speech (cuts audio only with some providers).
 
@@ -119,7 +120,7 @@ class Flush:
     lane: Lane = "speaking"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StopSpeaking:
     """POST /speakings/{id}/stop (idempotent); the only hard cut, and what ends the billing.
 
@@ -139,7 +140,7 @@ class StopSpeaking:
     abandon: bool = field(default=False, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AskBackend:
     """Start a backend reply for `turn`; its text comes back as ReplySentence / ReplyDone."""
 
@@ -150,7 +151,7 @@ class AskBackend:
     marker: bool = False  # the reply starts with a turn-completion marker (agent.turn_marker)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CancelBackend:
     """Cancel the backend reply of `turn` (barge-in or hangup): nothing more of it is spoken."""
 
@@ -159,7 +160,7 @@ class CancelBackend:
     lane: Lane = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Hangup:
     """POST /calls/{id}/hangup."""
 
@@ -167,7 +168,7 @@ class Hangup:
     lane: Lane = "call"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SweepSpeakings:
     """Stop every live speaking session on the call (ids we may never have learned)."""
 
@@ -175,7 +176,7 @@ class SweepSpeakings:
     lane: Lane = "speaking"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Transfer:
     """POST /transfers: hand the caller over to a human (blind transfer)."""
 
@@ -184,7 +185,7 @@ class Transfer:
     lane: Lane = "call"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CheckCall:
     """GET /calls/{id}: reconcile a call whose events may have been lost."""
 
@@ -192,7 +193,7 @@ class CheckCall:
     lane: Lane = "call"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class FetchTranscripts:
     """GET /transcripts?transcribe_id=: read back transcripts whose events may have been lost."""
 
@@ -201,7 +202,7 @@ class FetchTranscripts:
     lane: Lane = "call"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StartTimer:
     """Feed `TimerFired(timer)` back after `delay_s` (replaces a running timer of the same name)."""
 
@@ -211,7 +212,7 @@ class StartTimer:
     lane: Lane = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CancelTimer:
     """Stop a running timer whose reason went away: it would only fire to be ignored."""
 
@@ -220,7 +221,7 @@ class CancelTimer:
     lane: Lane = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Record:
     """A fact worth logging and keeping: call answered, ended (with reason), turn timings, ..."""
 
@@ -230,7 +231,7 @@ class Record:
     lane: Lane = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class WriteAhead:
     """Put the call on disk before the commands after this one run.
 
@@ -241,7 +242,7 @@ class WriteAhead:
     lane: Lane = "none"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Finished:
     """The call has ended and everything it started is cleaned up: forget it."""
 
@@ -277,14 +278,14 @@ Command = (
 # ---- results fed back by the shell --------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscribeStarted:
     """A transcribe session exists on the call (created, or found after a 409)."""
 
     transcribe_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscribeFailed:
     """POST /transcribes failed; `status` 0 means no HTTP answer."""
 
@@ -292,7 +293,7 @@ class TranscribeFailed:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SpeakingStarted:
     """POST /speakings (or a poll) answered with this session and status."""
 
@@ -300,7 +301,7 @@ class SpeakingStarted:
     status: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SpeakingFailed:
     """POST /speakings or a poll failed."""
 
@@ -309,7 +310,7 @@ class SpeakingFailed:
     speaking_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SayFailed:
     """A /say was refused; 404 means the speaking session is not active any more."""
 
@@ -319,7 +320,7 @@ class SayFailed:
     status: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Stopped:
     """A stop was confirmed (200 or 404) or finally failed (`ok` false)."""
 
@@ -331,7 +332,7 @@ class Stopped:
     unstopped: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReplySentence:
     """One complete sentence of the backend's reply to `turn`."""
 
@@ -339,7 +340,7 @@ class ReplySentence:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReplyDone:
     """The backend's reply to `turn` is complete."""
 
@@ -349,7 +350,7 @@ class ReplyDone:
     tokens: tuple[int, int] | None = None  # (input, output) as the backend reported them
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReplyFailed:
     """The backend failed or timed out on `turn`; `error` is safe to log."""
 
@@ -357,7 +358,7 @@ class ReplyFailed:
     error: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReplyIncomplete:
     """The backend judged the caller unfinished (a ○ or ◐ marker): no reply to `turn`."""
 
@@ -365,21 +366,21 @@ class ReplyIncomplete:
     long: bool = False  # ◐: they need longer
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class StreamState:
     """The event stream went down (`up` false), or is subscribed again after it did."""
 
     up: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TimerFired:
     """A `StartTimer` ran out."""
 
     timer: Timer
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransferDone:
     """POST /transfers answered: `ok` false means the caller is still with us."""
 
@@ -387,14 +388,14 @@ class TransferDone:
     error: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class HangupDone:
     """POST /calls/{id}/hangup answered (`ok`), or finally failed."""
 
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscribesFound:
     """`SweepTranscribes` ran: the live transcribes of the call besides the one it keeps;
     not `ok` when VoIPBIN could not list them (`status`: its HTTP status, 0 for no answer)."""
@@ -404,7 +405,7 @@ class TranscribesFound:
     status: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SweepDone:
     """`SweepSpeakings` ran: `ok` when every speaking it found is stopped (or known to bill on
     beyond our reach); not `ok` when the list or a stop failed (`status`: its HTTP status, 0
@@ -414,12 +415,12 @@ class SweepDone:
     status: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CallGone:
     """GET /calls/{id} answered 404/403: the call no longer exists for us."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscriptsRead:
     """The transcripts of the call's transcribe read over REST (`FetchTranscripts`), oldest
     first: those the stream lost are among them."""

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import orjson
 
+from agentd.value import value
+
 # Later statuses never go back to earlier ones; terminating and canceling are both "ending".
 STATUS_RANK = {
     "dialing": 0,
@@ -33,7 +35,7 @@ MAX_FRAME = 1_000_000
 SpeechKind = Literal["started", "interim", "ended", "boundary"]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CallInfo:
     """The fields of a VoIPBIN Call that agentd uses."""
 
@@ -52,7 +54,7 @@ class CallInfo:
     chained_call_ids: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CallEvent:
     """A call_* event (or a Call read back over REST: `checked`)."""
 
@@ -61,7 +63,7 @@ class CallEvent:
     checked: bool = False  # VoIPBIN's answer to our GET, now; a stream event may be stale
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscribeEvent:
     """transcribe_created / transcribe_done: a transcribe session's lifecycle."""
 
@@ -72,7 +74,7 @@ class TranscribeEvent:
     language: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TranscriptEvent:
     """transcript_created: one final utterance of one direction (`in` = the caller)."""
 
@@ -82,7 +84,7 @@ class TranscriptEvent:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SpeechEvent:
     """transcribe_speech_started / _interim / _ended.
 
@@ -97,7 +99,7 @@ class SpeechEvent:
     at: str = ""  # `tm_event`: when VoIPBIN published it, by its clock ("" when absent)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Rejected:
     """A frame that is not a usable event; `reason` is safe to log (it never echoes the payload)."""
 
@@ -110,7 +112,7 @@ class Rejected:
 Event = CallEvent | TranscribeEvent | TranscriptEvent | SpeechEvent
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Parsed:
     """A parsed frame: the event and the key that identifies a duplicate of it."""
 
@@ -120,7 +122,7 @@ class Parsed:
     irregular: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Irregular:
     """An event read from a frame the server should not have sent so, and what was wrong."""
 

@@ -7,7 +7,8 @@ not exist fails at import, and mypy checks every match.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from agentd.value import value
 
 
 class TimerKind(enum.StrEnum):
@@ -33,7 +34,7 @@ class TimerKind(enum.StrEnum):
     PACE = "pace"  # the audio ahead has played down: send the next piece (aws)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Timer:
     """A timer of a call: its kind, and for a stop retry the session it retries."""
 
@@ -44,7 +45,7 @@ class Timer:
         return f"{self.kind}:{self.session_id}" if self.session_id else str(self.kind)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class EndCall:
     """Hang up once the reply has played."""
 
@@ -52,7 +53,7 @@ class EndCall:
         return "end_call"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class TransferTo:
     """Hand the caller over to `number` once the reply has played."""
 
