@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import stat
 import sys
 import time
 import traceback
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentd import __version__
-from agentd.config import Config, ConfigError, load
+from agentd.config import NO_CREDENTIALS, Config, ConfigError, load
 from agentd.secret import redact
 
 if TYPE_CHECKING:
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from agentd.voipbin import ApiError
 
 DEFAULT_CONFIG = "/etc/agentd/agentd.toml"
-#: where the unit loads its credentials from (systemd/agentd.service, LoadCredential=)
-SERVICE_CREDENTIALS = "/etc/agentd/credentials"
+#: where the unit loads its credentials from, beside its config: `make install` writes
+#: LoadCredential= with $(CONF_DIR)/credentials and ExecStart= with $(CONF_DIR)/agentd.toml
+CREDENTIALS_DIR = "credentials"
 # a mistake in the config or in what the credentials may do: starting again cannot fix it
 EXIT_CONFIG = 2
 # `agentd call`: the POST failed in a way that may have created the call (a 5xx, a timeout)
@@ -39,17 +41,47 @@ def _config_path(arg: str | None) -> str | None:
     return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
 
 
-def service_credentials(config_path: str | None, env: MutableMapping[str, str]) -> None:
+def credentials_beside(config_path: str) -> str:
+    """The directory the service with this config loads its credentials from."""
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), CREDENTIALS_DIR)
+
+
+def service_credentials(config_path: str | None, env: MutableMapping[str, str]) -> str:
     """Run from a shell with the service's config, read its secrets where the unit loads them
-    from: systemd sets $CREDENTIALS_DIRECTORY for the service only, and `agentd check-config`
-    (or `call`, `calls`, `console`) as root would otherwise find no access key (or backend
-    key)."""
+    from, the `credentials` directory beside the config: systemd sets $CREDENTIALS_DIRECTORY
+    for the service only, and `agentd check-config` (or `call`, `calls`, `console`) as root
+    would otherwise find no access key (or backend key).
+
+    Returns why such a directory was there but not read ("" when it was read, or there is
+    none), for the error of a config that then has no credentials."""
     if "CREDENTIALS_DIRECTORY" in env or config_path is None:
-        return
-    if os.path.abspath(config_path) != DEFAULT_CONFIG:
-        return
-    if os.access(SERVICE_CREDENTIALS, os.R_OK | os.X_OK):
-        env["CREDENTIALS_DIRECTORY"] = SERVICE_CREDENTIALS
+        return ""
+    creds = credentials_beside(config_path)
+    try:
+        st = os.stat(creds)
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except OSError:
+        return f"the service's credentials, {creds}, cannot be read by this user: use sudo"
+    if not stat.S_ISDIR(st.st_mode):
+        return ""
+    # the secrets read here are sent to the config's api_url, as root under sudo: a directory
+    # someone else can fill (beside a config in /tmp) must not choose them
+    if st.st_uid not in (0, os.geteuid()):
+        unsafe = f"owned by uid {st.st_uid}"
+    elif st.st_mode & 0o022:
+        unsafe = f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        unsafe = ""
+    if unsafe:
+        return (
+            f"{creds} was not read: it is {unsafe}; make it root's and 0700 as make install "
+            f"does (chown root: {creds} && chmod 0700 {creds})"
+        )
+    if not os.access(creds, os.R_OK | os.X_OK):
+        return f"the service's credentials, {creds}, are readable by root only: use sudo"
+    env["CREDENTIALS_DIRECTORY"] = creds
+    return ""
 
 
 def _load(arg: str | None) -> Config:
@@ -159,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     args = _parser().parse_args(argv)
+    unread = ""  # why the service's credentials beside the config were not read
     if args.command in ("check-config", "call", "calls", "console"):
-        service_credentials(_config_path(getattr(args, "config", None)), os.environ)
+        unread = service_credentials(_config_path(getattr(args, "config", None)), os.environ)
     if args.command in ("check-config", "call", "calls", "status"):
         # a tool's own output is stdout (`ID=$(agentd call ...)`); what its REST client or
         # store warns of (a retry, a slow server) goes to stderr, redacted as the daemon's is
@@ -170,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args)
     except ConfigError as exc:
-        _error(f"agentd: config error: {exc}")
+        hint = f" ({unread})" if unread and NO_CREDENTIALS in str(exc) else ""
+        _error(f"agentd: config error: {exc}{hint}")
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -756,6 +756,9 @@ def _scheme_of(url: str) -> str:
     return f"scheme {scheme!r}" if scheme and "://" in url else "no scheme://"
 
 
+NO_CREDENTIALS = "voipbin: no credentials"
+
+
 def _voipbin_credentials(
     v: dict[str, Any], env: Mapping[str, str]
 ) -> tuple[Secret | None, Secret | None, Secret | None]:
@@ -767,7 +770,7 @@ def _voipbin_credentials(
         raise ConfigError("voipbin.password: username is set but no password or password_file")
     if not (accesskey or token or (v["username"] and password)):
         raise ConfigError(
-            "voipbin: no credentials: set accesskey (or accesskey_file, AGENTD_VOIPBIN_ACCESSKEY, "
+            f"{NO_CREDENTIALS}: set accesskey (or accesskey_file, AGENTD_VOIPBIN_ACCESSKEY, "
             "the systemd credential voipbin-accesskey), token, or username + password"
         )
     if accesskey and accesskey.reveal().count(".") == 2:

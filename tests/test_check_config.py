@@ -135,6 +135,24 @@ async def test_an_unreachable_voipbin_says_where_it_could_not_connect(
     assert "HTTP 0" not in failed
 
 
+async def test_the_service_credentials_are_found_beside_a_config_outside_etc_agentd(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # `make install CONF_DIR=/srv/agentd-etc`: the unit loads $(CONF_DIR)/credentials/*, and
+    # the installed config names no key (the example says: put it in the credential)
+    conf_dir = tmp_path / "srv" / "agentd-etc"
+    (conf_dir / "credentials").mkdir(parents=True, mode=0o700)
+    (conf_dir / "credentials" / "voipbin-accesskey").write_text(sim.accesskey + "\n")
+    (conf_dir / "credentials" / "backend-api-key").write_text("")  # empty: not used
+    config = conf_dir / "agentd.toml"
+    text = write(tmp_path, sim, sim.accesskey).read_text()
+    config.write_text(text.replace(f'accesskey_file = "{tmp_path / "accesskey"}"\n', ""))
+    code, lines = await check(config)
+    assert code == 0, lines
+    assert lines[2].startswith("voipbin: ok, customer ")
+    assert len(lines) == 4
+
+
 async def test_an_api_url_without_its_version_is_named(sim: Simulator, tmp_path: Path) -> None:
     config = write(tmp_path, sim, sim.accesskey)
     config.write_text(config.read_text().replace(sim.api_url, sim.base_url))  # no /v1.0

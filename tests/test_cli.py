@@ -109,31 +109,80 @@ def test_agentd_run_collects_garbage_cycles_less_often_and_never_walks_its_impor
     assert out.stdout.split(") (") == ["(700, 10, 10", "7000, 3, 10) True\n"]
 
 
-def test_the_service_config_reads_the_service_credentials_from_a_shell(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_shell_reads_the_service_credentials_beside_whichever_config_it_is_given(
+    tmp_path: Path,
 ) -> None:
     from agentd import cli
     from agentd.config import load
 
-    config = tmp_path / "agentd.toml"
+    # make install CONF_DIR=...: the unit's LoadCredential= names $(CONF_DIR)/credentials
+    conf_dir = tmp_path / "srv" / "agentd-etc"
+    creds = conf_dir / "credentials"
+    creds.mkdir(parents=True, mode=0o700)
+    config = conf_dir / "agentd.toml"
     config.write_text('[agent]\nnumbers = ["*"]\n', encoding="utf-8")
-    creds = tmp_path / "credentials"
-    creds.mkdir()
     (creds / "voipbin-accesskey").write_text("vb_from_the_credential\n", encoding="utf-8")
-    monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(config))
-    monkeypatch.setattr(cli, "SERVICE_CREDENTIALS", str(creds))
     env: dict[str, str] = {}
-    cli.service_credentials(str(config), env)
+    assert cli.service_credentials(str(config), env) == ""
     assert env == {"CREDENTIALS_DIRECTORY": str(creds)}
     key = load(str(config), env=env).voipbin.accesskey
     assert key is not None and key.reveal() == "vb_from_the_credential"
-    # another config, or the service's own directory already set: left alone
+    # a config with no credentials directory beside it, or the service's own directory
+    # already set: left alone
     other: dict[str, str] = {}
-    cli.service_credentials(str(tmp_path / "mine.toml"), other)
+    assert cli.service_credentials(str(tmp_path / "mine.toml"), other) == ""
     assert other == {}
     under_systemd = {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
     cli.service_credentials(str(config), under_systemd)
     assert under_systemd == {"CREDENTIALS_DIRECTORY": "/run/credentials/agentd.service"}
+
+
+def test_a_credentials_directory_others_may_write_to_is_not_read(tmp_path: Path) -> None:
+    from agentd import cli
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "voipbin-accesskey").write_text("vb_planted_by_someone\n", encoding="utf-8")
+    creds.chmod(0o777)  # beside a config in /tmp: anyone could have put a key there
+    env: dict[str, str] = {}
+    why = cli.service_credentials(str(tmp_path / "agentd.toml"), env)
+    assert env == {}
+    assert why == (
+        f"{creds} was not read: it is writable by others (mode 0777); make it root's and 0700 "
+        f"as make install does (chown root: {creds} && chmod 0700 {creds})"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every directory")
+def test_a_credentials_directory_this_user_cannot_read_says_to_use_sudo(tmp_path: Path) -> None:
+    from agentd import cli
+
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    creds.chmod(0o300)  # as /etc/agentd/credentials (root's, 0700) is to anyone else
+    try:
+        env: dict[str, str] = {}
+        why = cli.service_credentials(str(tmp_path / "agentd.toml"), env)
+    finally:
+        creds.chmod(0o700)
+    assert env == {}
+    assert why == f"the service's credentials, {creds}, are readable by root only: use sudo"
+
+
+async def test_a_config_without_credentials_says_why_the_ones_beside_it_were_not_read(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text('[agent]\nnumbers = ["*"]\n', encoding="utf-8")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "voipbin-accesskey").write_text("vb_planted_by_someone\n", encoding="utf-8")
+    creds.chmod(0o777)
+    code, out, err = await run_cli("check-config", "--config", str(config))
+    assert code == 2 and out == ""
+    assert err.startswith("agentd: config error: voipbin: no credentials: set accesskey")
+    assert err.rstrip().endswith(f"(chown root: {creds} && chmod 0700 {creds}))")
+    assert len(err.splitlines()) == 1
 
 
 def test_under_the_journal_the_reason_agentd_run_stops_is_logged_as_an_error(

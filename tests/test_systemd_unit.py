@@ -110,6 +110,12 @@ def test_credentials_are_loaded_from_files(service: Directives) -> None:
         "voipbin-accesskey": "/etc/agentd/credentials/voipbin-accesskey",
         "backend-api-key": "/etc/agentd/credentials/backend-api-key",
     }
+    # the commands run by hand look for them by the same rule, beside the config ExecStart=
+    # names (make install moves both with CONF_DIR)
+    from agentd.cli import credentials_beside
+
+    config = only(service, "ExecStart").split("--config ", 1)[1]
+    assert {os.path.dirname(path) for path in loaded.values()} == {credentials_beside(config)}
 
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
