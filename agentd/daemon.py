@@ -823,6 +823,8 @@ class Daemon:
                 leaks=self.tallies[Kind.LEAK],
                 log_lines_dropped=logs.dropped(),
                 store_write_failures=self._store_write_failures(),
+                connections_lost=stats.lost,
+                rest_requests_failed=self.client.failures,
             ),
             replicas=self._replicas_status(),
         )
@@ -860,7 +862,9 @@ class Daemon:
         stats = self.stream.stats
         return {
             "reconnects": stats.reconnects,
+            "connections_lost": stats.lost,
             "rest_errors": self.client.errors,
+            "rest_requests_failed": self.client.failures,
             "rejected_frames": stats.rejected,
             "live_calls": len(self.dispatcher.live_calls()),
             "rest_queue_depth": self.client.limiter.queue_depth,

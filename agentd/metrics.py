@@ -8,9 +8,9 @@ daemons in one process — the tests — never share a counter. Two kinds of met
   (caller transcript -> first `/say`, from each `turn` record's `first_say_ms`); and from each
   finished call's `call_report`, the seconds its speaking and transcribe sessions stayed open
   (what VoIPBIN bills) and the turns it had;
-- read at scrape time from the counters the daemon keeps anyway (`live()`): reconnects, REST
-  errors, rejected frames, live calls, REST queue depth, log lines dropped, store write
-  failures, connected.
+- read at scrape time from the counters the daemon keeps anyway (`live()`): reconnect
+  attempts and lost connections, failed REST attempts and failed requests, rejected frames,
+  live calls, REST queue depth, log lines dropped, store write failures, connected.
 
 The endpoint is prometheus_client's own aiohttp handler (`prometheus_client.aiohttp`) on a small
 aiohttp app: `GET /metrics`.
@@ -68,11 +68,29 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         v = self.live()
+        # attempts and their outcome apart: an outage of ten minutes is some twenty reconnect
+        # attempts but one lost connection, and a burst of 429s many errors but no failure
         yield CounterMetricFamily(
-            "agentd_reconnects", "WebSocket reconnects to VoIPBIN", value=v["reconnects"]
+            "agentd_reconnects",
+            "WebSocket reconnect attempts to VoIPBIN: one after a lost connection, and one more "
+            "for each attempt that fails while VoIPBIN is unreachable",
+            value=v["reconnects"],
         )
         yield CounterMetricFamily(
-            "agentd_rest_errors", "VoIPBIN REST requests that failed", value=v["rest_errors"]
+            "agentd_connections_lost",
+            "WebSocket connections to VoIPBIN that were open and ended (once each, however many "
+            "reconnect attempts follow)",
+            value=v["connections_lost"],
+        )
+        yield CounterMetricFamily(
+            "agentd_rest_errors",
+            "VoIPBIN REST attempts that failed: each 429 and each retried error counts",
+            value=v["rest_errors"],
+        )
+        yield CounterMetricFamily(
+            "agentd_rest_requests_failed",
+            "VoIPBIN REST requests that failed after their retries (an error for the caller)",
+            value=v["rest_requests_failed"],
         )
         yield CounterMetricFamily(
             "agentd_rejected_frames",

@@ -83,6 +83,10 @@ class Counters:
     leaks: int
     log_lines_dropped: int = 0
     store_write_failures: int = 0  # writes the store refused or timed out (locked, down)
+    # `reconnects` counts every attempt after a failure; these, the connections that were up
+    connections_lost: int = 0
+    # `rest_errors` counts every failed attempt; these, the requests that failed for good
+    rest_requests_failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +389,9 @@ _COUNTERS = (
     ("events", "events"),
     ("duplicates", "duplicates dropped"),
     ("rejected_frames", "rejected frames"),
+    ("connections_lost", "connections lost"),
     ("reconnects", "reconnects"),
+    ("rest_requests_failed", "REST requests failed"),
     ("rest_errors", "REST errors"),
     ("rest_queue_depth", "REST queue depth"),
     ("barge_ins", "barge-ins"),

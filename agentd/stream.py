@@ -102,7 +102,10 @@ class StreamStats:
 
     state: str = "starting"
     connects: int = 0
+    # each retry after a failure: a lost connection, then every attempt that fails while
+    # VoIPBIN stays unreachable (an outage keeps counting)
     reconnects: int = 0
+    lost: int = 0  # connections that were open and ended: once each, however long the retries
     frames: int = 0
     rejected: int = 0
     last_frame_at: float | None = None
@@ -164,6 +167,7 @@ class EventStream:
             verdict: ConnectVerdict
             hint: dict[str, str] = {}
             self._refused = ""
+            connects = self.stats.connects
             try:
                 # "first" is the first subscribe that became ready, not the first attempt
                 await self._session(not self._ever_ready)
@@ -188,6 +192,8 @@ class EventStream:
                 verdict = "slow"
             else:
                 verdict = "retry"
+            if self.stats.connects > connects:
+                self.stats.lost += 1
             # how long the subscription was ready, not how long the attempt took: a
             # connection that never became ready proves nothing about the server
             ready_for_s = time.monotonic() - self._ready_at if self.ready.is_set() else 0.0

@@ -180,7 +180,10 @@ class VoipbinClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(5.0, timeout_s))
         self._session: aiohttp.ClientSession | None = None
         self._login_lock = asyncio.Lock()
+        # failed attempts (each retry, each 429) and failed requests (the caller got an error):
+        # a 429 burst under load moves the first, a VoIPBIN that stays down moves both
         self.errors = 0
+        self.failures = 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -267,34 +270,41 @@ class VoipbinClient:
         waits = delays()
         relogged = False
         payload = None if json is None else orjson.dumps(json)  # once, whatever the retries
-        while True:
-            await self.limiter.acquire(priority)
-            fence.check()  # the lease may have run out while we queued for the token
-            stale = self.credentials.token
-            attempt = await self._attempt(method, path, payload, params, timeout_s)
-            if not attempt.failed:
-                return attempt.body
-            self.errors += 1
-            if attempt.status in final:
-                raise attempt.api_error() from None
-            verdict = classify(
-                attempt.status, idempotent=idempotent, reached=attempt.reached, relogged=relogged
-            )
-            if verdict == "reauth" and await self.reauthenticate(stale):
-                relogged = True
-                continue
-            step = decide(
-                verdict,
-                remaining_s=deadline - time.monotonic(),
-                retry_after=attempt.retry_after,
-                backoff=waits,
-            )
-            if step.hold_s > 0:  # a 429 only: a 5xx of one request leaves the others' burst
-                self.limiter.penalise(step.hold_s)
-            if step.verdict not in ("retry", "rate_limited"):
-                raise attempt.api_error() from None
-            _log_retry(method, path, attempt, step)
-            await asyncio.sleep(step.wait_s)
+        try:
+            while True:
+                await self.limiter.acquire(priority)
+                fence.check()  # the lease may have run out while we queued for the token
+                stale = self.credentials.token
+                attempt = await self._attempt(method, path, payload, params, timeout_s)
+                if not attempt.failed:
+                    return attempt.body
+                self.errors += 1
+                if attempt.status in final:
+                    raise attempt.api_error() from None
+                verdict = classify(
+                    attempt.status,
+                    idempotent=idempotent,
+                    reached=attempt.reached,
+                    relogged=relogged,
+                )
+                if verdict == "reauth" and await self.reauthenticate(stale):
+                    relogged = True
+                    continue
+                step = decide(
+                    verdict,
+                    remaining_s=deadline - time.monotonic(),
+                    retry_after=attempt.retry_after,
+                    backoff=waits,
+                )
+                if step.hold_s > 0:  # a 429 only: a 5xx of one request leaves the others' burst
+                    self.limiter.penalise(step.hold_s)
+                if step.verdict not in ("retry", "rate_limited"):
+                    raise attempt.api_error() from None
+                _log_retry(method, path, attempt, step)
+                await asyncio.sleep(step.wait_s)
+        except ApiError:
+            self.failures += 1
+            raise
 
     async def _attempt(
         self,

@@ -93,7 +93,9 @@ async def test_a_call_moves_the_counters_and_the_histogram(
     assert value(first, "agentd_rest_queue_depth") == 0
     names = (
         "reconnects",
+        "connections_lost",
         "rest_errors",
+        "rest_requests_failed",
         "leaks",
         "rejected_frames",
         "barge_ins",
@@ -139,7 +141,9 @@ async def test_a_call_moves_the_counters_and_the_histogram(
     assert value(after, "agentd_barge_ins_total") == 1
     assert value(after, "agentd_rejected_frames_total") == 1
     assert value(after, "agentd_rest_errors_total") == 1
+    assert value(after, "agentd_rest_requests_failed_total") == 0  # the retry was answered
     assert value(after, "agentd_reconnects_total") == 1
+    assert value(after, "agentd_connections_lost_total") == 1
     assert value(after, "agentd_connected") == 1
     assert value(after, "agentd_live_calls") == 0
     assert value(after, "agentd_leaks_total") == 0
@@ -224,6 +228,26 @@ async def test_a_backend_timeout_is_counted_by_the_metrics_as_by_status(
     assert [r.data["error"] for r in failed] == ["backend timed out"]
     assert daemon.status_snapshot().counters.backend_failures == 1
     assert value(await scrape(daemon.metrics.port), "agentd_backend_failures_total") == 1
+
+
+@pytest.mark.slow  # waits out the reconnect backoff of two refused attempts
+async def test_an_outage_is_one_lost_connection_and_a_reconnect_per_attempt(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # an operator alerts on lost connections (flapping) and on agentd_connected (an outage):
+    # the attempts during an outage are counted, but as what they are
+    daemon = await agent(metrics={"listen": "127.0.0.1:0"})
+    assert daemon.metrics is not None
+    sim.faults.refuse_ws(503, count=2)
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: daemon.stream.stats.connects == 2, 15)
+    await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+    samples = await scrape(daemon.metrics.port)
+    assert value(samples, "agentd_reconnects_total") == 3  # after the drop and each refusal
+    assert value(samples, "agentd_connections_lost_total") == 1
+    assert value(samples, "agentd_connected") == 1
+    counters = daemon.status_snapshot().counters
+    assert (counters.reconnects, counters.connections_lost) == (3, 1)
 
 
 @needs_proc
@@ -312,7 +336,9 @@ def test_a_call_report_adds_its_session_seconds_and_turns() -> None:
 
 LIVE = {
     "reconnects": 0.0,
+    "connections_lost": 0.0,
     "rest_errors": 0.0,
+    "rest_requests_failed": 0.0,
     "rejected_frames": 0.0,
     "live_calls": 2.0,
     "rest_queue_depth": 0.0,

@@ -303,6 +303,7 @@ async def test_resubscribes_after_the_server_drops_it_and_reports_the_gap(
     assert c.stream.ready.is_set()
     assert c.stream.stats.connects == 2
     assert c.stream.stats.reconnects == 2  # the drop and the refused attempt
+    assert c.stream.stats.lost == 1  # one connection lost, however many attempts it took
     assert len(c.customer_lookups) == 1  # the customer id is looked up once, not per connect
 
     await second.ws.send(call_frame("call-after-gap"))
@@ -343,6 +344,7 @@ async def test_a_failing_customer_lookup_or_a_bug_does_not_kill_the_reconnect_lo
     assert len(c.customer_lookups) == 2
     assert c.stream.stats.reconnects == 2
     assert c.stream.stats.connects == 1
+    assert c.stream.stats.lost == 0  # attempts that never connected lost nothing
 
 
 async def test_a_customer_lookup_answered_404_says_which_setting_to_check(

@@ -84,6 +84,24 @@ async def test_idempotent_requests_are_retried_through_5xx(sim: Simulator) -> No
         await client.close()
 
 
+async def test_failed_attempts_and_failed_requests_are_counted_apart(sim: Simulator) -> None:
+    # what agentd_rest_errors_total and agentd_rest_requests_failed_total read: a retry that
+    # then succeeds is an error but no failure, a request given up on is one failure
+    client = client_for(sim, deadline_s=0.5)
+    try:
+        sim.faults.fail("GET", r"/customer$", 503, count=2)
+        assert await client.customer_id() == sim.customer_id
+        assert (client.errors, client.failures) == (2, 0)
+        sim.faults.fail("GET", r"/customer$", 503, count=1000)
+        with pytest.raises(ApiError):
+            await client.customer_id()
+        attempts = len(sim.requests_matching("GET", r"/customer$"))
+        assert attempts >= 5  # the 2 + 1 above, and at least two retries before the deadline
+        assert (client.errors, client.failures) == (attempts - 1, 1)
+    finally:
+        await client.close()
+
+
 async def test_a_5xx_retry_leaves_the_shared_budget_alone(sim: Simulator) -> None:
     # only a 429 holds the budget every call shares: a 503 of one request is no reason to take
     # the burst from the others (it was cut to a single request)
