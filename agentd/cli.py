@@ -10,6 +10,7 @@ import stat
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -485,9 +486,14 @@ def _check(config_arg: str | None) -> int:
         print(f"store: ok ({line})" if ok else f"store: FAILED: {line}", flush=True)
         failed = not ok
         client = make_client(config, tool=True)
+        # kept for the voipbin line: a warning per retry on stderr broke up one line per check
+        retries: list[str] = []
+        client.retries = retries
+        started = time.monotonic()
         try:
             cid = await client.customer_id()
-            print(f"voipbin: ok, customer {cid} at {api_url}", flush=True)
+            after = f" (after {_retried(retries)})" if retries else ""
+            print(f"voipbin: ok, customer {cid} at {api_url}{after}", flush=True)
         except ApiError as exc:
             hint = customer_hint(exc)
             # GET /customer logs in first when it has only a username and password
@@ -496,6 +502,9 @@ def _check(config_arg: str | None) -> int:
                 if isinstance(exc, LoginError)
                 else f"GET {api_url}/customer"
             )
+            if retries:  # the last attempt's error is the one shown
+                took_s = time.monotonic() - started
+                failed_request += f", tried {len(retries) + 1} times in {took_s:.1f} s"
             print(f"voipbin: FAILED: {exc} ({failed_request})", flush=True)
             if hint:
                 print(f"voipbin: {hint}", flush=True)
@@ -507,6 +516,13 @@ def _check(config_arg: str | None) -> int:
         return 1 if failed or not ok else 0
 
     return asyncio.run(probe())
+
+
+def _retried(reasons: list[str]) -> str:
+    """`3 retries: HTTP 503 x2, HTTP 502`: each reason once, in the order first seen."""
+    counts = Counter(reasons)
+    said = ", ".join(r if n == 1 else f"{r} x{n}" for r, n in counts.items())
+    return f"{len(reasons)} {'retry' if len(reasons) == 1 else 'retries'}: {said}"
 
 
 async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:

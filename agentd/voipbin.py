@@ -184,6 +184,9 @@ class VoipbinClient:
         # a 429 burst under load moves the first, a VoIPBIN that stays down moves both
         self.errors = 0
         self.failures = 0
+        # None: each retry is a warning in the log. A list: why each retry was needed, kept for
+        # a tool that says so in its own words (check-config's one line per check)
+        self.retries: list[str] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -300,7 +303,10 @@ class VoipbinClient:
                     self.limiter.penalise(step.hold_s)
                 if step.verdict not in ("retry", "rate_limited"):
                     raise attempt.api_error() from None
-                _log_retry(method, path, attempt, step)
+                if self.retries is None:
+                    _log_retry(method, path, attempt, step)
+                else:
+                    self.retries.append(_retry_reason(attempt, step))
                 await asyncio.sleep(step.wait_s)
         except ApiError:
             self.failures += 1
@@ -655,6 +661,12 @@ def _no_answer(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time (voipbin.timeout_s)"
     return "no answer from VoIPBIN"
+
+
+def _retry_reason(attempt: _Attempt, step: Decision) -> str:
+    if step.verdict == "rate_limited":
+        return "rate limited (429)"
+    return f"HTTP {attempt.status}" if attempt.status else str(attempt.api_error())
 
 
 def _log_retry(method: str, path: str, attempt: _Attempt, step: Decision) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,10 +129,18 @@ async def test_an_unreachable_voipbin_says_where_it_could_not_connect(
     port = closed_port()
     config = write(tmp_path, sim, sim.accesskey)
     config.write_text(config.read_text().replace(sim.api_url, f"http://127.0.0.1:{port}/v1.0"))
-    code, lines = await check(config)
-    assert code == 1, lines
-    (failed,) = [line for line in lines if line.startswith("voipbin: FAILED")]
-    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in failed
+    code, out, err = await run_cli("check-config", "--config", str(config))
+    assert code == 1, out + err
+    assert err == ""  # no warning per retry among the checks
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["config", "store", "voipbin", "backend"]
+    failed = lines[2]
+    assert failed.startswith(
+        f"voipbin: FAILED: ClientConnectorError: cannot connect to 127.0.0.1:{port}: "
+        f"Connection refused (GET http://127.0.0.1:{port}/v1.0/customer, tried "
+    )
+    tried = re.search(r", tried (\d+) times in \d+\.\d s\)$", failed)
+    assert tried is not None and int(tried[1]) >= 2, failed  # retried, then given up
     assert "HTTP 0" not in failed
 
 
@@ -246,10 +255,12 @@ async def test_a_python_backend_is_imported_not_called(sim: Simulator, tmp_path:
     assert lines[0].startswith("agentd: config error: backend.callable: cannot import 'nope_pkg")
 
 
-async def test_retries_are_warned_of_on_stderr_not_mixed_into_the_checks(
+async def test_retries_are_said_on_the_voipbin_line_not_logged_among_the_checks(
     sim: Simulator, tmp_path: Path
 ) -> None:
-    sim.faults.fail("GET", r"/customer$", 503)  # retried once, then answered
+    # one line per check: a `voipbin.retry` warning for each attempt, on a terminal where
+    # stderr and stdout mix, broke the checks up
+    sim.faults.fail("GET", r"/customer$", 503, count=2)  # retried twice, then answered
     code, out, err = await run_cli(
         "check-config", "--config", str(write(tmp_path, sim, sim.accesskey))
     )
@@ -260,8 +271,9 @@ async def test_retries_are_warned_of_on_stderr_not_mixed_into_the_checks(
         "voipbin",
         "backend",
     ]
-    assert "voipbin.retry" in err
-    assert sim.accesskey not in err
+    assert out.splitlines()[2].endswith(f"at {sim.api_url} (after 2 retries: HTTP 503 x2)")
+    assert err == ""
+    assert sim.accesskey not in out
 
 
 async def test_a_config_mistake_is_exit_2(sim: Simulator, tmp_path: Path) -> None:
