@@ -670,11 +670,19 @@ def _section(m: dict[str, dict[str, Any]], section: str) -> dict[str, Any]:
     return out
 
 
-# the command names agentd's own interpreter: a bare `pip install 'agentd[...]'` elsewhere would
-# fetch an unrelated PyPI package called agentd
+def pip_install(*packages: str) -> str:
+    """How to install an extra's `packages`, as README's Install does: into agentd's own venv
+    (a bare `pip install 'agentd[...]'` elsewhere would fetch an unrelated PyPI package called
+    agentd), at the versions the tests ran with (constraints.txt, in the source tree)."""
+    return (
+        "in agentd's source tree (its constraints.txt pins the versions agentd was tested "
+        f"with) run {sys.executable} -m pip install -c constraints.txt {' '.join(packages)}"
+    )
+
+
 POSTGRES_MISSING = (
     "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
-    f"{sys.executable} -m pip install 'asyncpg>=0.29'"
+    + pip_install("asyncpg")
 )
 
 
@@ -1007,7 +1015,7 @@ def _metrics_listen(value: str) -> str:
 
 OTEL_MISSING = (
     "otel.enabled: traces need the OpenTelemetry packages, which are not installed: "
-    f"{sys.executable} -m pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
+    + pip_install("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http")
 )
 
 

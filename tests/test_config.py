@@ -685,10 +685,23 @@ def test_a_url_without_asyncpg_says_which_extra_to_install(
     # agentd's own interpreter: a bare `pip install 'agentd[postgres]'` elsewhere fetches an
     # unrelated PyPI package of that name
     assert str(err.value) == (
-        "store.url: PostgreSQL needs the asyncpg package, which is not installed: "
-        f"{sys.executable} -m pip install 'asyncpg>=0.29'"
+        "store.url: PostgreSQL needs the asyncpg package, which is not installed: in agentd's "
+        "source tree (its constraints.txt pins the versions agentd was tested with) run "
+        f"{sys.executable} -m pip install -c constraints.txt asyncpg"
     )
     assert load(None, env={}, overrides=MINIMAL).store_path == "agentd.db"  # SQLite needs none
+
+
+def test_the_commands_that_install_a_missing_extra_are_the_readmes() -> None:
+    # pinned by constraints.txt as README's Install is: without it pip takes the newest of
+    # each, versions no test ran with
+    from agentd.config import OTEL_MISSING, POSTGRES_MISSING
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for message in (OTEL_MISSING, POSTGRES_MISSING):
+        command = message.rpartition(f"{sys.executable} -m ")[2]
+        assert command.startswith("pip install -c constraints.txt "), message
+        assert f"/opt/agentd/venv/bin/{command}" in readme, command
 
 
 def test_a_negative_history_limit_is_refused(tmp_path: Path) -> None:

@@ -326,7 +326,9 @@ def test_enabled_without_the_extra_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         config()
     assert str(info.value) == OTEL_MISSING
-    assert f"{sys.executable} -m pip install opentelemetry-sdk" in str(info.value)
+    assert f"{sys.executable} -m pip install -c constraints.txt opentelemetry-sdk" in str(
+        info.value
+    )
     assert load(None, env={}, overrides=BASE).otel.enabled is False  # off: nothing needed
 
 
@@ -335,7 +337,7 @@ def test_the_tracer_without_the_extra_is_a_config_error(monkeypatch: pytest.Monk
     for name in [*sys.modules, "opentelemetry"]:
         if name == "opentelemetry" or name.startswith("opentelemetry."):
             monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ConfigError, match="-m pip install opentelemetry-sdk"):
+    with pytest.raises(ConfigError, match=r"-m pip install -c constraints\.txt opentelemetry-sdk"):
         Tracing(cfg)
 
 
