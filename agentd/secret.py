@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from typing import Final
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 _MASK: Final = "***"
 _known: set[str] = set()
@@ -103,8 +104,27 @@ def learn_url(url: str) -> None:
                 Secret(base64.b64encode(pair.encode(encoding)).decode("ascii"))
             except UnicodeEncodeError:
                 continue
-    for _, value in parse_qsl(parts.query, keep_blank_values=False):
+    for value in _query_values(url):
         Secret(value)
+
+
+def _query_values(url: str) -> set[str]:
+    """Each value of `url`'s query (a bare `?key` too) in every form it may be shown in: as
+    written, decoded (`+` as a space or not), and as aiohttp's URL type re-encodes it for an
+    error's `url=` (`%2F` decoded, `%3D` kept): a key of base64 or with a space would
+    otherwise show in the form it is sent in."""
+    from yarl import URL  # aiohttp's: what its exceptions print
+
+    queries = [urlsplit(url).query]
+    with contextlib.suppress(ValueError):  # a URL yarl refuses is never sent, nor shown
+        queries.append(URL(url).raw_query_string)
+    found: set[str] = set()
+    for query in queries:
+        for part in query.split("&"):
+            raw = part.partition("=")[2] if "=" in part else part
+            found |= {raw, unquote(raw), unquote_plus(raw)}
+    found.discard("")
+    return found
 
 
 def display_url(url: str) -> str:
