@@ -74,7 +74,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, reason: str = "", message: str = "", request_id: str = ""):
         self.status = status
-        self.reason = reason
+        self.reason = redact(reason)  # VoIPBIN's or a proxy's word, kept in the call's records
         self.request_id = request_id
         head = f"HTTP {status} {reason}" if status else f"{reason}:"  # 0: no answer at all
         super().__init__(redact(f"{head} {message}".strip()))
@@ -696,7 +696,9 @@ def _api_error(status: int, body: Any) -> ApiError:
         return ApiError(
             status,
             str(err.get("reason") or err.get("status") or ""),
-            str(err.get("message") or "")[:200],
+            # redacted before it is cut: a key the server echoes, cut in two, is no longer
+            # the key the redaction knows, and its first part would show
+            redact(str(err.get("message") or ""))[:200],
             str(err.get("request_id") or ""),
         )
     return ApiError(status)

@@ -214,3 +214,98 @@ def test_a_url_shown_keeps_no_secret_of_its_own(url: str) -> None:
 
     shown = display_url(url)
     assert "TOPSECRET1" not in shown and "host.example" in shown
+
+
+# ---- an echoed key cut short: redacted whole, then cut ------------------------------------------
+
+
+def _no_part_of(key: str, text: str) -> None:
+    """Neither `key` nor any 8 characters of it in `text`."""
+    for i in range(len(key) - 7):
+        assert key[i : i + 8] not in text, f"{key[i : i + 8]!r} of the key in {text!r}"
+
+
+async def test_an_echoed_key_cut_short_by_the_voipbin_error_never_shows_in_part(
+    captured_logs: io.StringIO,
+) -> None:
+    # the error's message is cut at 200 characters: cut inside the key, what is left of it is
+    # no longer the secret the redaction knows
+    from aiohttp import web
+
+    key = "vb_echoedKey0123456789abcdefXYZ"
+
+    async def refuse(request: web.Request) -> web.Response:
+        message = "x" * 180 + f" {request.cookies.get('accesskey')} is not valid"
+        error = {"reason": f"bad key {key}", "message": message}
+        return web.json_response({"error": error}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/v1.0/customer", refuse)
+    async with serving(app) as port:
+        client = VoipbinClient(
+            f"http://127.0.0.1:{port}/v1.0", Credentials(accesskey=Secret(key)), deadline_s=1
+        )
+        try:
+            with pytest.raises(ApiError) as info:
+                await client.customer_id()
+        finally:
+            await client.close()
+    exc = info.value
+    structlog.get_logger().error("probe", error=str(exc), reason=exc.reason)
+    assert logs.flush()
+    assert exc.status == 401 and "x" * 150 in str(exc)
+    _no_part_of(key, f"{exc} {exc.reason} {captured_logs.getvalue()}")
+
+
+@pytest.mark.parametrize("kind", ["http", "openai"])
+async def test_an_echoed_key_cut_short_by_a_backend_error_never_shows_in_part(
+    captured_logs: io.StringIO, kind: str
+) -> None:
+    # a backend's error text is cut at 300 characters: a server echoing our key (some do, on
+    # a 401) just before the cut must not show its start
+    from aiohttp import web
+
+    from agentd.backends.http import HttpBackend
+    from agentd.backends.openai import OpenAIBackend
+    from agentd.backends.wire import BackendError
+
+    key = f"sk-{kind}-echoed-0123456789abcdefghij"
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        echoed = "x" * 280 + " " + request.headers["Authorization"]
+        if kind == "http":
+            return web.json_response({"detail": echoed}, status=401)
+        # OpenAI and vLLM send an error mid-stream, as an event
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"data: {json.dumps({'error': {'message': echoed}})}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        backend: HttpBackend | OpenAIBackend
+        if kind == "http":
+            backend = HttpBackend(url=f"{url}/chat/completions", api_key=Secret(key), timeout_s=5)
+        else:
+            backend = OpenAIBackend(
+                base_url=url,
+                model="m",
+                api_key=Secret(key),
+                temperature=0.0,
+                max_tokens=10,
+                tools=False,
+                timeout_s=5,
+            )
+        try:
+            with pytest.raises(BackendError) as info:
+                async for _ in backend.reply("c1", [("user", "hi")]):
+                    pass
+        finally:
+            await backend.aclose()
+    structlog.get_logger().error("backend_failed", error=str(info.value))
+    assert logs.flush()
+    assert "x" * 250 in str(info.value)
+    _no_part_of(key, f"{info.value} {captured_logs.getvalue()}")

@@ -262,8 +262,8 @@ def _first_choice(obj: Any) -> dict[str, Any]:
     err = obj.get("error")
     if err:
         message = err.get("message") if isinstance(err, dict) else err
-        text = " ".join(str(message).split())[:300]
-        raise BackendError(redact(f"{_KIND} backend: error in stream: {text}"))
+        text = redact(" ".join(str(message).split()))[:300]  # cut after: a key cut is unknown
+        raise BackendError(f"{_KIND} backend: error in stream: {text}")
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         return choices[0]

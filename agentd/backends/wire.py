@@ -143,7 +143,9 @@ def server_message(raw: bytes) -> str:
                 if isinstance(obj.get(key), str):
                     text = obj[key]
                     break
-    text = " ".join(text.split())  # one log line, whatever the server's formatting
+    # one log line, whatever the server's formatting; redacted before it is cut, or an echoed
+    # key cut in two would no longer be the key the redaction knows, and its start would show
+    text = redact(" ".join(text.split()))
     if len(text) > _ERROR_TEXT_LIMIT:
         text = text[:_ERROR_TEXT_LIMIT] + "…"
     return text
@@ -201,5 +203,5 @@ def decode_json(data: str, kind: str, what: str) -> Any:
     try:
         return json.loads(data)  # what orjson refuses and the stdlib takes (NaN, huge integers)
     except ValueError:
-        sample = " ".join(data.split())[:80]
-        raise BackendError(redact(f"{kind} backend: malformed {what}: {sample!r}")) from None
+        sample = redact(" ".join(data.split()))[:80]  # redacted whole, then cut (as above)
+        raise BackendError(f"{kind} backend: malformed {what}: {sample!r}") from None
