@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # a bug: its traceback is for the report, redacted like every log line (a message may
         # carry a URL with its key); exit 1, which the unit restarts
-        _error(f"agentd: internal error, please report it: {redact(repr(exc))}")
+        _error(f"agentd: internal error, please report it: {exc!r}")
         print(redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
         return 1
 
@@ -237,7 +237,9 @@ def _stderr_is_journal() -> bool:
 def _error(text: str) -> None:
     """Why a command stopped, one line on stderr. The journal files a line at the unit's
     SyslogLevel= (info) unless it starts with a priority: `<3>` keeps the reason the service
-    stopped in `journalctl -p warning`."""
+    stopped in `journalctl -p warning`. Redacted as a log line is: it may quote an error of
+    the user's code (a python backend that failed to import, with the key it was given)."""
+    text = redact(text)
     print(f"<3>{text}" if _stderr_is_journal() else text, file=sys.stderr)
 
 
@@ -477,13 +479,13 @@ def _check(config_arg: str | None) -> int:
     config = _load(config_arg)
     api_url = display_url(config.voipbin.api_url)  # config refuses secrets in it; belt and braces
     backend = make_backend(config)  # a python callable that cannot be imported: config error
-    print(f"config: ok ({config.source or 'environment only'})", flush=True)
+    _said(f"config: ok ({config.source or 'environment only'})")
     for warning in config.warnings:
-        print(f"config: warning: {warning}", flush=True)
+        _said(f"config: warning: {warning}")
 
     async def probe() -> int:
         ok, line = await check_store(config)  # reads the schema version, changes nothing
-        print(f"store: ok ({line})" if ok else f"store: FAILED: {line}", flush=True)
+        _said(f"store: ok ({line})" if ok else f"store: FAILED: {line}")
         failed = not ok
         client = make_client(config, tool=True)
         # kept for the voipbin line: a warning per retry on stderr broke up one line per check
@@ -494,6 +496,7 @@ def _check(config_arg: str | None) -> int:
             cid = await client.customer_id()
             after = f" (after {_retried(retries)})" if retries else ""
             print(f"voipbin: ok, customer {cid} at {api_url}{after}", flush=True)
+            _said(f"voipbin: ok, customer {cid} at {api_url}")
         except ApiError as exc:
             hint = customer_hint(exc)
             # GET /customer logs in first when it has only a username and password
@@ -506,13 +509,14 @@ def _check(config_arg: str | None) -> int:
                 took_s = time.monotonic() - started
                 failed_request += f", tried {len(retries) + 1} times in {took_s:.1f} s"
             print(f"voipbin: FAILED: {exc} ({failed_request})", flush=True)
+            _said(f"voipbin: FAILED: {exc} ({failed_request})")
             if hint:
-                print(f"voipbin: {hint}", flush=True)
+                _said(f"voipbin: {hint}")
             failed = True
         finally:
             await client.close()
         ok, line = await _probe_backend(config, backend)
-        print(f"backend: ok ({line})" if ok else f"backend: FAILED: {line}", flush=True)
+        _said(f"backend: ok ({line})" if ok else f"backend: FAILED: {line}")
         return 1 if failed or not ok else 0
 
     return asyncio.run(probe())
@@ -523,6 +527,10 @@ def _retried(reasons: list[str]) -> str:
     counts = Counter(reasons)
     said = ", ".join(r if n == 1 else f"{r} x{n}" for r, n in counts.items())
     return f"{len(reasons)} {'retry' if len(reasons) == 1 else 'retries'}: {said}"
+def _said(line: str) -> None:
+    """One line of check-config's report, redacted as a log line is: it quotes errors of the
+    store, VoIPBIN and the backend, which may echo a credential."""
+    print(redact(line), flush=True)
 
 
 async def _probe_backend(config: Config, backend: Backend) -> tuple[bool, str]:

@@ -309,3 +309,60 @@ async def test_an_echoed_key_cut_short_by_a_backend_error_never_shows_in_part(
     assert logs.flush()
     assert "x" * 250 in str(info.value)
     _no_part_of(key, f"{info.value} {captured_logs.getvalue()}")
+
+
+# ---- what the command line prints: the `<3>` line, check-config, agentd calls ------------------
+
+LEAKY_MODULE = """
+import os
+
+# a user's module that fails at import, quoting the key it was given
+KEY = open(os.environ["LEAKY_KEY_FILE"]).read().strip()
+raise RuntimeError(f"the model service refused the key {KEY}")
+"""
+
+CLI_CONFIG = """
+[voipbin]
+api_url = "{api}"
+accesskey = "{accesskey}"
+timeout_s = 2
+[agent]
+numbers = ["+15551234567"]
+[backend]
+{backend}
+[store]
+{store}
+"""
+
+
+@pytest.mark.slow  # agentd check-config and agentd run, as processes
+async def test_a_python_backend_failing_with_its_key_leaks_it_on_no_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the import error of a python backend is the one line agentd run leaves (at <3> under
+    # systemd) and check-config prints: it quotes the user's exception, whatever it holds
+    import os
+
+    from tests.support import run_cli
+
+    key = "sk-python-backend-key-42"
+    keyfile = tmp_path / "backend-api-key"
+    keyfile.write_text(key + "\n")
+    (tmp_path / "leaky_backend.py").write_text(LEAKY_MODULE)
+    monkeypatch.setenv("LEAKY_KEY_FILE", str(keyfile))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    config = tmp_path / "agentd.toml"
+    backend = f'kind = "python"\ncallable = "leaky_backend:reply"\napi_key_file = "{keyfile}"'
+    config.write_text(
+        CLI_CONFIG.format(
+            api="http://127.0.0.1:9/v1.0",
+            accesskey="vb_unit_test_key",
+            backend=backend,
+            store=f'path = "{tmp_path / "agentd.db"}"',
+        )
+    )
+    for command in ("check-config", "run"):
+        code, out, err = await run_cli(command, "--config", str(config))
+        assert code == 2, (out, err)
+        assert "config error: backend.callable: cannot import 'leaky_backend'" in err
+        assert "refused the key ***" in err and key not in out + err
