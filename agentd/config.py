@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from agentd.call import CallSettings
 from agentd.language import canonical as canonical_language
@@ -105,16 +105,31 @@ PG_SCHEMES = ("postgresql", "postgres")
 class PgUrl:
     """`[store] url`: a PostgreSQL URL split into what may be printed and the password.
 
-    `dsn` is the URL without its password (in the user part or a `password=` query parameter):
-    safe for a log line, an error or `check-config`. The password is a `Secret`, handed to the
-    driver as a separate argument, so no driver message quoting the DSN can carry it.
+    `dsn` is the URL without its password (in the user part or a `password=` query parameter).
+    The password is a `Secret`, handed to the driver as a separate argument, so no driver
+    message quoting the DSN can carry it. The passphrase of the client's TLS key
+    (`sslpassword=`) can reach asyncpg only in the DSN: it stays there, learnt as a secret, and
+    `shown` (also `str()`) masks it: that form is for a log line, an error or `check-config`.
     """
 
     dsn: str
     password: Secret | None = None
 
     def __str__(self) -> str:
-        return self.dsn
+        return self.shown
+
+    def __repr__(self) -> str:
+        return f"PgUrl(dsn={self.shown!r}, password={self.password!r})"
+
+    @property
+    def shown(self) -> str:
+        """The DSN fit to print: `dsn` with any `sslpassword` masked."""
+        parts = urlsplit(self.dsn)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if not any(k == _SSL_PASSWORD for k, _ in query):
+            return self.dsn
+        masked = [(k, "***" if k == _SSL_PASSWORD else v) for k, v in query]
+        return urlunsplit(parts._replace(query=urlencode(masked, safe="*/")))
 
     @classmethod
     def parse(cls, text: str, password: Secret | None = None, *, key: str = "store.url") -> PgUrl:
@@ -143,7 +158,16 @@ class PgUrl:
         netloc = f"{user}@{hostport}" if at and user else hostport
         rest = urlencode([(k, v) for k, v in query if k != "password"]) if in_query else parts.query
         dsn = urlunsplit((parts.scheme, netloc, parts.path, rest, parts.fragment))
+        # learnt, as written and decoded: redacted wherever the DSN is quoted whole
+        for piece in f"{parts.query}&{urlsplit(dsn).query}".split("&"):
+            k, _, v = piece.partition("=")
+            if unquote(k) == _SSL_PASSWORD:
+                Secret(v)
+                Secret(unquote_plus(v))
         return cls(dsn, Secret(found) if found else password)
+
+
+_SSL_PASSWORD = "sslpassword"
 
 
 TypeSpec = type | tuple[type, ...]

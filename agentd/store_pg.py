@@ -313,7 +313,7 @@ _UNREACHABLE: Final = (
 
 def _wrap(exc: BaseException, url: PgUrl, doing: str) -> StoreError:
     cls = StoreUnreachable if isinstance(exc, _UNREACHABLE) else StoreError
-    return cls(f"PostgreSQL {url.dsn}: {doing}: {_safe(exc, url)}")
+    return cls(f"PostgreSQL {url.shown}: {doing}: {_safe(exc, url)}")
 
 
 _DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -435,7 +435,7 @@ async def _connect_read_only(url: PgUrl) -> asyncpg.Connection[Any]:
     if version < 1:
         await conn.close()
         raise StoreError(
-            f"PostgreSQL {url.dsn} has no agentd store: has agentd run with this config yet?"
+            f"PostgreSQL {url.shown} has no agentd store: has agentd run with this config yet?"
         )
     return conn
 
@@ -449,7 +449,7 @@ async def _read_version(conn: Conn) -> int:
 def _check_version(version: int, url: PgUrl) -> None:
     if version > LATEST_PG_VERSION:
         raise StoreError(
-            f"PostgreSQL {url.dsn} has agentd schema version {version}; this agentd knows up to "
+            f"PostgreSQL {url.shown} has agentd schema version {version}; this agentd knows up to "
             f"{LATEST_PG_VERSION} (an agentd newer than this one migrated it)"
         )
 
@@ -473,7 +473,7 @@ async def _migrate(conn: Conn, url: PgUrl) -> int:
         _check_version(version, url)
         if version == 0 and await conn.fetchval("SELECT to_regclass('calls')") is not None:
             raise StoreError(
-                f"PostgreSQL {url.dsn} already has a calls table that is not agentd's: give "
+                f"PostgreSQL {url.shown} already has a calls table that is not agentd's: give "
                 "agentd its own database (or schema)"
             )
         for target in range(version + 1, LATEST_PG_VERSION + 1):
@@ -553,12 +553,12 @@ class PgStore:
         self.schema_version = schema_version
 
     def __repr__(self) -> str:
-        return f"PgStore({self._url.dsn!r}, schema_version={self.schema_version})"
+        return f"PgStore({self._url.shown!r}, schema_version={self.schema_version})"
 
     @property
     def dsn(self) -> str:
-        """The database's URL without its password: fit to print."""
-        return self._url.dsn
+        """The database's URL without its password, `sslpassword` masked: fit to print."""
+        return self._url.shown
 
     def now(self) -> float:
         """The store's clock (unix time): what `created_at` and event times are measured on."""

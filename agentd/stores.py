@@ -43,7 +43,7 @@ async def open_store(config: Config) -> Store | PgStore | None:
 def describe_store(config: Config) -> str:
     """One line naming the store, fit to print (never a password)."""
     if config.store_url is not None:
-        return f"postgresql {config.store_url.dsn}"
+        return f"postgresql {config.store_url.shown}"
     if config.store_path:
         return f"sqlite {os.path.abspath(config.store_path)}"
     return 'off (store.path = ""): no restart recovery, no call history'

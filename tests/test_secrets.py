@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
@@ -18,6 +19,11 @@ from agentd.secret import Secret, redact
 from agentd.sim import Caller, SimSettings, Simulator, Utterance
 from agentd.voipbin import ApiError, Credentials, VoipbinClient
 from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, serving
+
+if TYPE_CHECKING:
+    from tests.pg import PgServer
+
+pytest_plugins = ["tests.pg"]  # a real PostgreSQL, for the URL of a [store]
 
 PASSWORD = "s3cret-Pa55word"
 ACCESSKEY_HINT = "vb_"
@@ -366,3 +372,49 @@ async def test_a_python_backend_failing_with_its_key_leaks_it_on_no_error_line(
         assert code == 2, (out, err)
         assert "config error: backend.callable: cannot import 'leaky_backend'" in err
         assert "refused the key ***" in err and key not in out + err
+
+
+@pytest.mark.slow  # agentd calls and check-config, as processes
+async def test_the_tls_key_passphrase_of_a_postgresql_url_never_shows(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    # asyncpg takes the passphrase of the client's TLS key (`sslpassword=`) only in the DSN,
+    # which agentd prints (check-config, agentd calls, its errors) and keeps in its config
+    from agentd.config import PgUrl
+    from agentd.stores import describe_store
+    from tests.support import run_cli
+
+    passphrase = "TLS-key-Passphrase-77"
+    name = pg_server.create_database()
+    try:
+        url = f"{pg_server.url(name)}&sslpassword={passphrase}"
+        async with Simulator() as sim:
+            path = tmp_path / "agentd.toml"
+            path.write_text(
+                CLI_CONFIG.format(
+                    api=sim.api_url,
+                    accesskey=sim.accesskey,
+                    backend='kind = "echo"',
+                    store=f'url = "{url}"',
+                )
+            )
+            code, out, err = await run_cli("check-config", "--config", str(path))
+            assert code == 0, (out, err)
+            assert "store: ok (postgresql postgresql://postgres@/" in out
+        # nothing in it yet: the error names the database, by its URL
+        calls = await run_cli("calls", "--config", str(path))
+        assert calls[0] != 0 and f"/{name}?" in calls[2] and "has no agentd store" in calls[2]
+        config = load(path, env={})
+        assert config.store_url is not None
+        shown = [
+            out + err,
+            calls[1] + calls[2],
+            repr(config),
+            str(config.store_url),
+            describe_store(config),
+            repr(PgUrl.parse(url)),
+        ]
+        for text in shown:
+            assert "sslpassword=***" in text and passphrase not in text, text
+    finally:
+        pg_server.drop_database(name)
