@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, unquote, unquote_plus, urlencode, urlsplit, 
 from agentd.call import CallSettings
 from agentd.language import canonical as canonical_language
 from agentd.ratelimit import DEFAULT_BURST, DEFAULT_RATE_PER_S
-from agentd.secret import Secret, learn_url
+from agentd.secret import Secret, display_url, learn_url
 
 
 class ConfigError(Exception):
@@ -78,6 +78,10 @@ class BackendConfig:
     url: str = ""  # http
     callable: str = ""  # python: "module:function"
 
+    def __repr__(self) -> str:
+        # a key may be in a URL (`?code=` for Azure Functions, a user:password@)
+        return _masked_repr(self, "base_url", "url")
+
 
 @dataclass(frozen=True)
 class DaemonConfig:
@@ -96,6 +100,18 @@ class OtelConfig:
     endpoint: str = "http://127.0.0.1:4318"  # the collector's OTLP/HTTP receiver
     service_name: str = "agentd"
     include_text: bool = False  # put the caller's and the agent's words on spans
+
+    def __repr__(self) -> str:
+        return _masked_repr(self, "endpoint")  # a collector's URL may carry its key
+
+
+def _masked_repr(obj: Any, *urls: str) -> str:
+    """The dataclass's usual repr, the fields named in `urls` shown by `display_url`."""
+    shown = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        shown.append(f"{f.name}={display_url(value) if f.name in urls else value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
 
 
 PG_SCHEMES = ("postgresql", "postgres")

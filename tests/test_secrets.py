@@ -418,3 +418,21 @@ async def test_the_tls_key_passphrase_of_a_postgresql_url_never_shows(
             assert "sslpassword=***" in text and passphrase not in text, text
     finally:
         pg_server.drop_database(name)
+
+
+def test_the_repr_of_a_config_shows_no_key_of_a_url() -> None:
+    # a traceback with locals, a debugger, a `{config!r}` in a message: the key of a backend's
+    # or a collector's URL must not come with it
+    config = load(
+        None,
+        env={},
+        overrides={
+            "voipbin": {"accesskey": "vb_unit_test_key"},
+            "agent": {"numbers": ["*"]},
+            "backend": {"kind": "http", "url": "https://user:REPR-PW-1@fn.example/api?code=REPR-2"},
+            "otel": {"endpoint": "https://otel:REPR-PW-3@collector.example:4318?key=REPR-4"},
+        },
+    )
+    shown = f"{config!r} {config.backend!r} {config.otel!r}"
+    assert "fn.example/api" in shown and "collector.example:4318" in shown
+    assert "REPR-" not in shown
