@@ -1066,9 +1066,10 @@ def _otel(values: dict[str, Any]) -> OtelConfig:
         return otel
     parts = urlsplit(otel.endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
+        # not echoed, as the VoIPBIN URLs are not: a collector's URL may carry its key
         raise ConfigError(
-            f"otel.endpoint: not an http(s) URL: {otel.endpoint!r} "
-            "(the collector's OTLP/HTTP receiver, e.g. http://127.0.0.1:4318)"
+            f"otel.endpoint: not an http(s) URL ({_scheme_of(otel.endpoint)}; "
+            "the collector's OTLP/HTTP receiver, e.g. http://127.0.0.1:4318)"
         )
     if not otel.service_name.strip():
         raise ConfigError("otel.service_name: must not be empty")

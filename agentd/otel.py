@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from agentd.call.history import History
 from agentd.commands import Record
 from agentd.config import OTEL_MISSING, Config, ConfigError
 from agentd.names import TURN_TIMINGS, Kind
+from agentd.secret import learn_headers, learn_url
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logs.get_logger("agentd.otel")
 
+#: where the exporter reads the headers it sends (the second wins when both are set)
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 TRACES_PATH = "/v1/traces"  # the OTLP/HTTP traces path, added to `endpoint`
 EXPORT_TIMEOUT_S = 5.0  # one export request; the SDK retries a failed one until then
 TEXT_KEYS = frozenset({"text"})  # record data that holds someone's words
@@ -86,6 +90,12 @@ def otlp_exporter(endpoint: str) -> SpanExporter:
     """The OTLP/HTTP (protobuf) exporter to the collector at `endpoint`. Tests replace this."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+    # the exporter reads its headers (an API key, most often) from the environment, and its
+    # warnings and errors reach our log: a malformed header is logged whole, an endpoint's
+    # query shows in a connection error. Learnt before it is built, so both are redacted
+    learn_url(endpoint)
+    for name in HEADER_VARIABLES:
+        learn_headers(os.environ.get(name, ""))
     return OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=EXPORT_TIMEOUT_S)
 
 

@@ -127,6 +127,26 @@ def _query_values(url: str) -> set[str]:
     return found
 
 
+def learn_headers(text: str) -> None:
+    """Register the values of headers given as `name=value,name=value` (URL-encoded), as the
+    OpenTelemetry exporter reads `OTEL_EXPORTER_OTLP_HEADERS`, as secrets: each value as
+    written and decoded, and the credential of a `<scheme> <credential>` value (`Bearer x`)
+    alone, as a server may echo it. A piece that is no `name=value` (`Authorization: Bearer x`,
+    the header as an HTTP request writes it) is registered whole too: the exporter logs a
+    malformed piece as it is, to say it ignored it."""
+    for raw in text.split(","):
+        piece = raw.strip()
+        name, sep, value = piece.partition("=")
+        if not sep or " " in name.strip() or ":" in name:
+            Secret(piece)
+            value = piece.partition(":")[2]
+        for form in {value.strip(), unquote(value).strip()}:
+            Secret(form)
+            credential = form.partition(" ")[2].strip()
+            if credential:
+                Secret(credential)
+
+
 def display_url(url: str) -> str:
     """An http(s) `url` fit to print: its user part (`user:password@`, or a token as the user
     alone), its query values (a bare `?key` whole) and its fragment masked."""

@@ -436,3 +436,72 @@ def test_the_repr_of_a_config_shows_no_key_of_a_url() -> None:
     shown = f"{config!r} {config.backend!r} {config.otel!r}"
     assert "fn.example/api" in shown and "collector.example:4318" in shown
     assert "REPR-" not in shown
+
+
+# ---- OpenTelemetry: the exporter's headers ------------------------------------------------------
+
+
+def test_a_malformed_otel_header_is_not_logged_with_its_key(
+    captured_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `Authorization: Bearer ...` (as a request writes it, not `name=value`): the exporter
+    # ignores it, and logs it whole to say so
+    from agentd.otel import Tracing
+
+    key = "otel-malformed-key-0451"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization: Bearer {key}")
+    config = load(
+        None,
+        env={},
+        overrides={
+            "voipbin": {"accesskey": "vb_unit_test_key"},
+            "agent": {"numbers": ["*"]},
+            "otel": {"enabled": True, "endpoint": "http://127.0.0.1:9"},
+        },
+    )
+    tracing = Tracing(config)
+    tracing.provider.shutdown()
+    assert logs.flush()
+    text = captured_logs.getvalue()
+    assert "Header format invalid" in text  # the exporter did say it
+    assert key not in text
+
+
+async def test_an_otel_header_echoed_by_the_collector_is_not_logged(
+    captured_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a collector (or a proxy before it) that refuses the export quoting the key it was sent:
+    # the exporter logs the reason it was given
+    from aiohttp import web
+
+    from agentd.commands import Record
+    from agentd.names import Kind
+    from agentd.otel import Tracing
+
+    key = "otel-header-key-8812"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", f"authorization=Bearer%20{key}")
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401, reason=f"refused {request.headers['Authorization']}")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", refuse)
+    async with serving(app) as port:
+        config = load(
+            None,
+            env={},
+            overrides={
+                "voipbin": {"accesskey": "vb_unit_test_key"},
+                "agent": {"numbers": ["*"]},
+                "otel": {"enabled": True, "endpoint": f"http://127.0.0.1:{port}"},
+            },
+        )
+        tracing = Tracing(config)
+        tracing.started("c-1")
+        tracing.record(Record("c-1", Kind.ANSWERED, {}))
+        tracing.finished("c-1")
+        await tracing.close()  # exports on the SDK's thread while this loop answers
+    assert logs.flush()
+    text = captured_logs.getvalue()
+    assert "Failed to export" in text and "refused ***" in text
+    assert key not in text
