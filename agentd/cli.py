@@ -495,8 +495,7 @@ def _check(config_arg: str | None) -> int:
         try:
             cid = await client.customer_id()
             after = f" (after {_retried(retries)})" if retries else ""
-            print(f"voipbin: ok, customer {cid} at {api_url}{after}", flush=True)
-            _said(f"voipbin: ok, customer {cid} at {api_url}")
+            _said(f"voipbin: ok, customer {cid} at {api_url}{after}")
         except ApiError as exc:
             hint = customer_hint(exc)
             # GET /customer logs in first when it has only a username and password
@@ -508,7 +507,6 @@ def _check(config_arg: str | None) -> int:
             if retries:  # the last attempt's error is the one shown
                 took_s = time.monotonic() - started
                 failed_request += f", tried {len(retries) + 1} times in {took_s:.1f} s"
-            print(f"voipbin: FAILED: {exc} ({failed_request})", flush=True)
             _said(f"voipbin: FAILED: {exc} ({failed_request})")
             if hint:
                 _said(f"voipbin: {hint}")
@@ -527,6 +525,8 @@ def _retried(reasons: list[str]) -> str:
     counts = Counter(reasons)
     said = ", ".join(r if n == 1 else f"{r} x{n}" for r, n in counts.items())
     return f"{len(reasons)} {'retry' if len(reasons) == 1 else 'retries'}: {said}"
+
+
 def _said(line: str) -> None:
     """One line of check-config's report, redacted as a log line is: it quotes errors of the
     store, VoIPBIN and the backend, which may echo a credential."""
