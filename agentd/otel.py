@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from agentd import __version__, logs
 from agentd.call.history import History
@@ -82,8 +83,11 @@ class _CallSpan:
 def traces_url(endpoint: str) -> str:
     """`http://127.0.0.1:4318` -> `http://127.0.0.1:4318/v1/traces` (a URL with the path already
     is kept as it is)."""
-    url = endpoint.rstrip("/")
-    return url if url.endswith(TRACES_PATH) else url + TRACES_PATH
+    parts = urlsplit(endpoint)
+    path = parts.path.rstrip("/")
+    if not path.endswith(TRACES_PATH):
+        path += TRACES_PATH  # before the query (a collector's key may ride in it), not after
+    return urlunsplit(parts._replace(path=path))
 
 
 def otlp_exporter(endpoint: str) -> SpanExporter:

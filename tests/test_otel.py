@@ -380,6 +380,10 @@ def test_the_traces_url() -> None:
     assert traces_url("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
     assert traces_url("http://127.0.0.1:4318/") == "http://127.0.0.1:4318/v1/traces"
     assert traces_url("https://otel.example/v1/traces") == "https://otel.example/v1/traces"
+    assert traces_url("https://otel.example?key=k1") == "https://otel.example/v1/traces?key=k1"
+    assert traces_url("https://otel.example/otlp/?key=k1") == (
+        "https://otel.example/otlp/v1/traces?key=k1"
+    )
 
 
 # ---- a real OTLP/HTTP export over loopback -----------------------------------------------------
