@@ -18,7 +18,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,6 +154,7 @@ class Script:
     tool_calls: Sequence[tuple[str, dict[str, Any]]] = ()
     status: int = 200  # not 2xx: an OpenAI-style error object with `error_message`
     error_message: str = "The server had an error while processing your request."
+    headers: Mapping[str, str] = field(default_factory=dict)  # of the error (`Retry-After`)
     first_token_s: float = 0.0
     tokens_per_s: float = 0.0  # 0: as fast as possible
     crlf: bool = False  # end lines with \r\n, as some proxies do
@@ -189,7 +190,9 @@ class OpenAIStub(StubServer):
         script = self.scripts.popleft() if self.scripts else self.default
         if not 200 <= script.status < 300:
             error = {"message": script.error_message, "type": "server_error", "code": None}
-            return web.json_response({"error": error}, status=script.status)
+            return web.json_response(
+                {"error": error}, status=script.status, headers=dict(script.headers)
+            )
         if script.whole:
             message: dict[str, Any] = {"role": "assistant", "content": script.text or None}
             if script.tool_calls:
@@ -277,6 +280,7 @@ class HttpReply:
     status: int = 200
     first_s: float = 0.0
     per_s: float = 0.0
+    headers: Mapping[str, str] = field(default_factory=dict)  # of a json or text answer
 
 
 class HttpStub(StubServer):
@@ -306,9 +310,10 @@ class HttpStub(StubServer):
         reply = self.replies.popleft() if self.replies else self.default
         if reply.kind == "json":
             body = reply.parts[0] if reply.parts else {}
-            return web.json_response(body, status=reply.status)
+            return web.json_response(body, status=reply.status, headers=dict(reply.headers))
         if reply.kind == "text":
-            return web.Response(text="".join(reply.parts), status=reply.status)
+            text = "".join(reply.parts)
+            return web.Response(text=text, status=reply.status, headers=dict(reply.headers))
         if reply.kind == "sse":
             events = [
                 f"data: {p if isinstance(p, str) else json.dumps(p)}\n\n".encode()

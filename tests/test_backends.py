@@ -277,7 +277,7 @@ async def test_openai_malformed_tool_arguments_drop_the_arguments_not_the_reply(
     assert await collect(openai(llm)) == ["Okay.", ToolCall("transfer", {})]
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
 async def test_openai_error_status_raises_with_status_and_server_message(
     llm: OpenAIStub, status: int
 ) -> None:
@@ -285,6 +285,53 @@ async def test_openai_error_status_raises_with_status_and_server_message(
     with pytest.raises(BackendError) as info:
         await collect(openai(llm, key=KEY))
     assert str(info.value) == f"openai backend: HTTP {status}: Something is wrong ({status})."
+    assert len(llm.requests) == 1  # a wrong request is not sent again
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after"),
+    [(429, "0"), (429, None), (500, None), (502, None), (503, "0.1"), (504, None)],
+)
+async def test_openai_a_busy_or_failing_server_is_asked_again_within_the_turn(
+    llm: OpenAIStub, status: int, retry_after: str | None
+) -> None:
+    # OpenAI's rate limit, a vLLM restarting behind its proxy: the next try a moment later
+    # answers, where the caller heard the fallback line and had to ask again
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    llm.script(Script(status=status, headers=headers), Script("Here you go."))
+    with capture_logs() as logs:
+        assert text_of(await collect(openai(llm, key=KEY))) == "Here you go."
+    assert len(llm.requests) == 2
+    [retry] = [e for e in logs if e["event"] == "backend.retry"]
+    assert retry["status"] == status and retry["log_level"] == "info"
+    if retry_after is not None:
+        assert retry["wait_s"] == float(retry_after)
+
+
+async def test_openai_gives_up_after_three_tries_and_says_how_many(llm: OpenAIStub) -> None:
+    llm.script(*[Script(status=503, error_message="Overloaded.")] * 3, Script("Too late."))
+    with pytest.raises(BackendError) as info:
+        await collect(openai(llm))
+    assert str(info.value) == "openai backend: HTTP 503: Overloaded. (3 tries)"
+    assert len(llm.requests) == 3
+
+
+async def test_openai_a_retry_after_longer_than_a_caller_waits_is_not_waited(
+    llm: OpenAIStub,
+) -> None:
+    # the caller would sit in silence for it: the fallback now, and the operator told why
+    llm.script(
+        Script(status=429, error_message="Rate limit reached.", headers={"Retry-After": "20"})
+    )
+    with pytest.raises(BackendError) as info:
+        await collect(openai(llm, timeout_s=30))
+    assert str(info.value) == "openai backend: HTTP 429: Rate limit reached. (Retry-After 20 s)"
+    assert len(llm.requests) == 1
+    # nor a wait that would outlast backend.timeout_s
+    llm.script(Script(status=503, headers={"Retry-After": "1"}))
+    with pytest.raises(BackendError, match=r"HTTP 503: .* \(Retry-After 1 s\)"):
+        await collect(openai(llm, timeout_s=0.5))
+    assert len(llm.requests) == 2
 
 
 async def test_openai_malformed_stream_line_raises_after_the_good_text(llm: OpenAIStub) -> None:
@@ -438,8 +485,10 @@ async def test_http_plain_text_answer(service: HttpStub) -> None:
     ("reply", "message"),
     [
         (
-            HttpReply("json", [{"detail": "index not ready"}], status=503),
-            "HTTP 503: index not ready",
+            HttpReply(
+                "json", [{"detail": "index not ready"}], status=503, headers={"Retry-After": "30"}
+            ),
+            r"HTTP 503: index not ready \(Retry-After 30 s\)$",
         ),
         (HttpReply("json", [{"text": 5}]), "'text' must be a string"),
         (HttpReply("json", [{"action": {"dance": 1}}]), "'action' must be"),
@@ -454,6 +503,22 @@ async def test_http_errors_say_what_is_wrong(
     service.script(reply)
     with pytest.raises(BackendError, match=message):
         await collect(http(service))
+
+
+async def test_http_a_busy_service_is_asked_again_a_failing_one_is_not(service: HttpStub) -> None:
+    # 429 and 503 say the request was refused before any work: safe to send again. A 500 may
+    # come after the service acted on the turn (logged it, booked something): said as is
+    service.script(
+        HttpReply("json", [{"detail": "busy"}], status=503, headers={"Retry-After": "0"}),
+        HttpReply("json", [{"text": "Now I can."}]),
+        HttpReply("json", [{"detail": "index exploded"}], status=500),
+        HttpReply("json", [{"text": "Never asked."}]),
+    )
+    assert await collect(http(service)) == ["Now I can."]
+    assert len(service.requests) == 2
+    with pytest.raises(BackendError, match=r"^http backend: HTTP 500: index exploded$"):
+        await collect(http(service))
+    assert len(service.requests) == 3
 
 
 async def test_http_key_never_reaches_the_exception(service: HttpStub) -> None:

@@ -27,6 +27,7 @@ import aiohttp
 from agentd.backends import Chunk, ToolCall, last_user_text
 from agentd.backends.wire import (
     BackendError,
+    Retry,
     bearer,
     decode_json,
     iter_lines,
@@ -39,6 +40,9 @@ from agentd.commands import Message
 from agentd.secret import Secret, display_url
 
 _KIND = "http"
+# refused before any work was done, so safe to send again; a 500 or a gateway's 502/504 may come
+# after the service acted on the turn (logged it, booked something), and is said as it is
+_RETRY = Retry(frozenset({429, 503}))
 _NDJSON = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/json-lines"}
 )
@@ -81,6 +85,8 @@ class HttpBackend:
                 **bearer(self._api_key),
             },
             kind=_KIND,
+            retry=_RETRY,
+            budget_s=self.timeout_s,
         ) as resp:
             ctype = resp.content_type
             if ctype == "text/event-stream":

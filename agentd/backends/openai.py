@@ -22,6 +22,7 @@ from agentd import logs
 from agentd.backends import Chunk, ToolCall, Usage, tools_for
 from agentd.backends.wire import (
     BackendError,
+    Retry,
     bearer,
     decode_json,
     iter_sse,
@@ -35,6 +36,9 @@ from agentd.secret import Secret, display_url, redact
 log = logs.get_logger("agentd.backends.openai")
 
 _KIND = "openai"
+# as OpenAI's own SDKs: a rate limit, a conflict, a timeout and the 5xx are worth a second try
+# (a completion has no side effect to repeat)
+_RETRY = Retry(frozenset({408, 409, 429, 500, 502, 503, 504}))
 
 
 @dataclass
@@ -180,6 +184,8 @@ class OpenAIBackend:
             body=self.request_body(history),
             headers={"Accept": "text/event-stream", **bearer(self._api_key)},
             kind=_KIND,
+            retry=_RETRY,
+            budget_s=self.timeout_s,
         ) as resp:
             calls = _ToolCalls()
             finish: object = None

@@ -8,17 +8,23 @@ and it goes through `redact()` in case the server echoes our key back (some do, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
-from agentd import __version__
+from agentd import __version__, logs
+from agentd.backoff import delays
 from agentd.neterrors import cannot_connect
 from agentd.secret import Secret, redact
+
+log = logs.get_logger("agentd.backends")
 
 # an error page can be large (an HTML 502 from a proxy): read only this much of it
 _ERROR_BODY_LIMIT = 4096
@@ -73,6 +79,25 @@ def bearer(api_key: Secret | None) -> dict[str, str]:
     return {}
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Which refusals a kind sends again, a moment later, within the same turn.
+
+    Only before the reply's first byte, so nothing is said twice; at most `tries` in all, and
+    only while the wait (the server's `Retry-After`, else a short backoff) is at most
+    `RETRY_WAIT_MAX_S` and fits in `backend.timeout_s`: past that the caller is better served
+    by the fallback line at once than by a long silence."""
+
+    statuses: frozenset[int] = frozenset()
+    tries: int = 3
+
+
+NO_RETRY = Retry()
+#: the longest a caller is kept in silence waiting to send a refused request again
+RETRY_WAIT_MAX_S = 2.0
+_RETRY_BASE_S, _RETRY_CAP_S = 0.25, 1.0
+
+
 @contextlib.asynccontextmanager
 async def post_stream(
     session: aiohttp.ClientSession,
@@ -81,8 +106,11 @@ async def post_stream(
     body: Mapping[str, Any],
     headers: Mapping[str, str],
     kind: str,
+    retry: Retry = NO_RETRY,
+    budget_s: float = math.inf,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST `body` and hand over the 2xx response; any other status is a `BackendError`.
+    """POST `body` and hand over the 2xx response; any other status is a `BackendError`, after
+    the tries `retry` allows within `budget_s` (the reply's timeout).
 
     If the consumer stops early (a barge-in cancels the reply task, the executor's timeout fires,
     a parse error), the connection is closed rather than returned to the pool: that is what tells
@@ -90,15 +118,32 @@ async def post_stream(
     Connection failures become `BackendError` too; timeouts stay `TimeoutError`, which the
     executor reports as "backend timed out".
     """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    waits = delays(_RETRY_BASE_S, _RETRY_CAP_S)
     try:
-        async with session.post(url, json=body, headers=headers) as resp:
-            if not 200 <= resp.status < 300:
-                raise await http_error(resp, kind)
-            try:
-                yield resp
-            except BaseException:
-                resp.close()
-                raise
+        for tries in range(1, max(retry.tries, 1) + 1):
+            async with session.post(url, json=body, headers=headers) as resp:
+                if 200 <= resp.status < 300:
+                    try:
+                        yield resp
+                    except BaseException:
+                        resp.close()
+                        raise
+                    return
+                error = await http_error(resp, kind)
+                if resp.status not in retry.statuses:
+                    raise error
+                told = _retry_after(resp.headers)
+            wait = told if told is not None else next(waits)
+            if told is not None and (
+                wait > RETRY_WAIT_MAX_S or loop.time() + wait - start >= budget_s
+            ):
+                raise BackendError(f"{error} (Retry-After {wait:g} s)")
+            if tries == retry.tries or loop.time() + wait - start >= budget_s:
+                raise BackendError(f"{error} ({tries} tries)" if tries > 1 else str(error))
+            log.info("backend.retry", status=resp.status, wait_s=round(wait, 3), tries=tries)
+            await asyncio.sleep(wait)
     except (TimeoutError, BackendError):
         raise
     except aiohttp.ClientConnectorError as exc:
@@ -106,6 +151,23 @@ async def post_stream(
     except aiohttp.ClientError as exc:
         # aiohttp's texts name the host and the OS error, never the request headers
         raise BackendError(redact(f"{kind} backend: {type(exc).__name__}: {exc}")) from exc
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The server's wait before a retry: OpenAI's `retry-after-ms`, else `Retry-After` in
+    seconds (an HTTP date is not waited on: no server we know sends one to an API client)."""
+    ms = _seconds(headers.get("retry-after-ms"))
+    return ms / 1000 if ms is not None else _seconds(headers.get("Retry-After"))
+
+
+def _seconds(value: str | None) -> float | None:
+    """A non-negative number of a header, uncapped: a long wait is reported as the server said
+    it (it is not waited on anyway)."""
+    try:
+        seconds = float(value) if value else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 async def http_error(resp: aiohttp.ClientResponse, kind: str) -> BackendError:
