@@ -521,6 +521,25 @@ async def test_http_a_busy_service_is_asked_again_a_failing_one_is_not(service: 
     assert len(service.requests) == 3
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_http_a_redirect_is_not_followed_and_the_error_says_where_it_points(
+    service: HttpStub, status: int
+) -> None:
+    # aiohttp turned the POST into a GET without the turn on a 301 or 302 (the service said
+    # "405 Method Not Allowed", or worse answered its GET page), and took the conversation to
+    # another host without the key on any redirect across hosts
+    service.script(
+        HttpReply("text", ["Moved"], status=status, headers={"Location": "/v2/reply?code=s3cr3t"})
+    )
+    with pytest.raises(BackendError) as info:
+        await collect(http(service, key=KEY))
+    assert str(info.value) == (
+        f"http backend: HTTP {status}: redirected to {service.url}/v2/reply?code=*** "
+        "(agentd does not follow redirects: configure that address)"
+    )
+    assert len(service.requests) == 1
+
+
 async def test_http_key_never_reaches_the_exception(service: HttpStub) -> None:
     service.script(HttpReply("json", [{"error": f"bad token {KEY}"}], status=401))
     with pytest.raises(BackendError) as info:

@@ -18,11 +18,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from agentd import __version__, logs
 from agentd.backoff import delays
 from agentd.neterrors import cannot_connect
-from agentd.secret import Secret, redact
+from agentd.secret import Secret, display_url, redact
 
 log = logs.get_logger("agentd.backends")
 
@@ -112,18 +113,20 @@ async def post_stream(
     """POST `body` and hand over the 2xx response; any other status is a `BackendError`, after
     the tries `retry` allows within `budget_s` (the reply's timeout).
 
-    If the consumer stops early (a barge-in cancels the reply task, the executor's timeout fires,
-    a parse error), the connection is closed rather than returned to the pool: that is what tells
-    the server to stop generating, and a half-read stream could never be reused anyway.
-    Connection failures become `BackendError` too; timeouts stay `TimeoutError`, which the
-    executor reports as "backend timed out".
+    A redirect is not followed: aiohttp would turn the POST into a GET without the turn (301,
+    302), or take the conversation to another host without the key; the error says where it
+    points. If the consumer stops early (a barge-in cancels the reply task, the executor's
+    timeout fires, a parse error), the connection is closed rather than returned to the pool:
+    that is what tells the server to stop generating, and a half-read stream could never be
+    reused anyway. Connection failures become `BackendError` too; timeouts stay `TimeoutError`,
+    which the executor reports as "backend timed out".
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
     waits = delays(_RETRY_BASE_S, _RETRY_CAP_S)
     try:
         for tries in range(1, max(retry.tries, 1) + 1):
-            async with session.post(url, json=body, headers=headers) as resp:
+            async with session.post(url, json=body, headers=headers, allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     try:
                         yield resp
@@ -171,7 +174,16 @@ def _seconds(value: str | None) -> float | None:
 
 
 async def http_error(resp: aiohttp.ClientResponse, kind: str) -> BackendError:
-    """A `BackendError` for a non-2xx answer: the status and what the server said about it."""
+    """A `BackendError` for a non-2xx answer: the status and what the server said about it, or
+    for a redirect, where it points."""
+    if 300 <= resp.status < 400 and (location := resp.headers.get("Location")):
+        where = display_url(str(resp.url.join(URL(location))))
+        return BackendError(
+            redact(
+                f"{kind} backend: HTTP {resp.status}: redirected to {where} (agentd does not "
+                "follow redirects: configure that address)"
+            )
+        )
     raw = b""
     try:
         # read() returns what has arrived so far: loop until the limit or the end of the body
