@@ -256,6 +256,43 @@ async def test_openai_a_reply_cut_by_max_tokens_or_a_filter_is_logged_with_a_hin
     assert truncated["max_tokens"] == 123 and "backend.max_tokens" in truncated["hint"]
 
 
+def _event(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _delta(delta: Any) -> str:
+    return _event({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+
+async def test_openai_a_reasoning_models_thinking_is_never_said(llm: OpenAIStub) -> None:
+    # qwen3 or deepseek-r1 on llama.cpp or vLLM without a reasoning parser stream their
+    # thinking as content inside <think>: the caller heard the model think aloud. Servers that
+    # do parse it send `reasoning_content` (vLLM, DeepSeek) or `reasoning` (Ollama, OpenRouter)
+    llm.script(
+        Script(
+            raw=[
+                _delta({"role": "assistant", "content": None}),
+                _delta({"content": "<thi"}),  # the tag cut across two chunks
+                _delta({"content": "nk>\nThe user asks about hours. "}),
+                _delta({}),
+                _event({"choices": []}),
+                _delta({"content": "Say nine to five.</th"}),
+                _delta({"content": "ink>\n\nWe open"}),
+                _delta({"reasoning_content": "(a parsed thought)", "content": None}),
+                _delta({"reasoning": "(an Ollama thought)", "content": ""}),
+                _delta({"content": " at nine."}),
+                "data: [DONE]\n\n",
+            ]
+        ),
+        Script("<think>\nShort.\n</think>\n\nAll at once.", whole=True),
+        # text that only mentions the tag later on is the reply, said as it is
+        Script("Type <think> in the box."),
+    )
+    assert text_of(await collect(openai(llm))) == "We open at nine."
+    assert text_of(await collect(openai(llm))) == "All at once."
+    assert text_of(await collect(openai(llm))) == "Type <think> in the box."
+
+
 async def test_openai_answer_that_is_not_streamed_is_accepted(llm: OpenAIStub) -> None:
     llm.script(Script("All at once.", tool_calls=[("end_call", {})], whole=True))
     assert await collect(openai(llm)) == ["All at once.", ToolCall("end_call", {})]

@@ -123,6 +123,59 @@ class _ToolCalls:
                 yield call.finish()
 
 
+class _Thoughts:
+    """Drops a reasoning model's `<think>...</think>` from the start of its reply.
+
+    Servers with a reasoning parser send the thinking apart (`reasoning_content`, `reasoning`,
+    never read here); without one (llama.cpp, vLLM, LM Studio serving qwen3 or a deepseek-r1
+    distill) it comes as content, and the caller would hear the model think aloud. Only at the
+    start, where those models put it: a reply that mentions the tag later is said as it is. The
+    tags may be cut across chunks, so a chunk that could be their beginning is held back."""
+
+    __slots__ = ("_held", "_state")
+    # "start" (nothing said yet), "thinking", "after" (the thinking ended), "saying"
+
+    _OPEN, _CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self._state = "start"
+        self._held = ""
+
+    def said(self, chunk: str, *, end: bool = False) -> str:
+        """What of `chunk` is to be said (`end`: the reply is over, let go of what is held)."""
+        if self._state == "saying":
+            return chunk
+        text = self._held + chunk
+        self._held = ""
+        if self._state == "start":
+            head = text.lstrip()
+            if head.startswith(self._OPEN):
+                self._state = "thinking"
+                text = head[len(self._OPEN) :]
+            elif self._OPEN.startswith(head) and not end:
+                self._held = text  # blank, or "<thi": not decided yet
+                return ""
+            else:
+                self._state = "saying"
+                return text
+        if self._state == "thinking":
+            close = text.find(self._CLOSE)
+            if close < 0:
+                # the thinking is dropped; what could be the start of the closing tag is kept
+                for n in range(min(len(self._CLOSE) - 1, len(text)), 0, -1):
+                    if self._CLOSE.startswith(text[-n:]):
+                        self._held = text[-n:]
+                        break
+                return ""
+            self._state = "after"
+            text = text[close + len(self._CLOSE) :]
+        # the blank lines between the thinking and the answer are not a sentence of their own
+        text = text.lstrip()
+        if text:
+            self._state = "saying"
+        return text
+
+
 class OpenAIBackend:
     """Streams replies from `POST {base_url}/chat/completions`."""
 
@@ -188,6 +241,7 @@ class OpenAIBackend:
             budget_s=self.timeout_s,
         ) as resp:
             calls = _ToolCalls()
+            thoughts = _Thoughts()
             finish: object = None
             if resp.content_type == "application/json":
                 # a server that ignores `stream: true` answers with one whole completion
@@ -198,8 +252,9 @@ class OpenAIBackend:
                 finish = choice.get("finish_reason")
                 message = choice.get("message")
                 if isinstance(message, dict):
-                    if isinstance(message.get("content"), str) and message["content"]:
-                        yield message["content"]
+                    content = message.get("content")
+                    if isinstance(content, str) and (said := thoughts.said(content)):
+                        yield said
                     calls.add(message.get("tool_calls"))
                 if spent is not None:
                     yield spent
@@ -218,9 +273,11 @@ class OpenAIBackend:
                         if not isinstance(delta, dict):
                             continue
                         content = delta.get("content")
-                        if isinstance(content, str) and content:
-                            yield content
+                        if isinstance(content, str) and (said := thoughts.said(content)):
+                            yield said
                         calls.add(delta.get("tool_calls"))
+            if said := thoughts.said("", end=True):
+                yield said
             self._unfinished(call_id, finish)
             for call in calls.finish():
                 yield call
