@@ -577,6 +577,30 @@ async def test_http_a_redirect_is_not_followed_and_the_error_says_where_it_point
     assert len(service.requests) == 1
 
 
+async def test_http_an_error_answered_with_200_is_said_in_the_services_words(
+    service: HttpStub,
+) -> None:
+    # else "empty reply", and the operator never saw why the service had nothing to say
+    service.script(
+        HttpReply("json", [{"error": {"message": "index not loaded", "code": 17}}]),
+        HttpReply("ndjson", [{"text": "Let me see. "}, {"error": "lookup failed"}]),
+        HttpReply("json", [{"text": "Said anyway.", "error": "partial"}]),
+    )
+    with pytest.raises(BackendError, match=r"^http backend: error: index not loaded$"):
+        await collect(http(service))
+    got: list[Chunk] = []
+    backend = http(service)
+    with pytest.raises(BackendError, match=r"^http backend: error: lookup failed$"):
+        try:
+            async for chunk in backend.reply("call-1", HISTORY):
+                got.append(chunk)
+        finally:
+            await backend.aclose()
+    assert got == ["Let me see. "]
+    # text beside it is the answer: said
+    assert await collect(http(service)) == ["Said anyway."]
+
+
 async def test_http_key_never_reaches_the_exception(service: HttpStub) -> None:
     service.script(HttpReply("json", [{"error": f"bad token {KEY}"}], status=401))
     with pytest.raises(BackendError) as info:

@@ -37,7 +37,7 @@ from agentd.backends.wire import (
     read_body,
 )
 from agentd.commands import Message
-from agentd.secret import Secret, display_url
+from agentd.secret import Secret, display_url, redact
 
 _KIND = "http"
 # refused before any work was done, so safe to send again; a 500 or a gateway's 502/504 may come
@@ -143,6 +143,13 @@ def _from_object(obj: Any) -> list[Chunk]:
         raise BackendError(f"{_KIND} backend: expected a JSON object, got {type(obj).__name__}")
     out: list[Chunk] = []
     text = obj.get("text")
+    if not text and obj.get("action") is None and obj.get("tool") is None:
+        err = obj.get("error")
+        if err:
+            # a service that says its failure with a 200: in its words, not as "empty reply"
+            message = err.get("message") if isinstance(err, dict) else err
+            said = " ".join(str(message or err).split())[:300]
+            raise BackendError(redact(f"{_KIND} backend: error: {said}"))
     if text is not None:
         if not isinstance(text, str):
             raise BackendError(f"{_KIND} backend: 'text' must be a string")
