@@ -395,3 +395,10 @@ py_sync_object = PySyncCallable()
 async def py_raises(call_id: str, history: list[Message]) -> str:
     """Fails like a buggy user function."""
     raise RuntimeError("the knowledge base is down")
+
+
+async def py_breaks_halfway(call_id: str, history: list[Message]) -> AsyncIterator[str]:
+    """A generator that fails after a sentence and a half."""
+    yield "We open at nine. "
+    yield "We close"
+    raise RuntimeError("the knowledge base is down")

@@ -4,6 +4,7 @@ streaming, tool calls, errors, and that a credential never reaches an exception.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
 import sys
@@ -705,7 +706,6 @@ def test_python_module_whose_dependency_is_missing_names_the_dependency(
             "must be an async function or an async generator",
         ),
         ("tests.stubs:py_bad_chunk", BackendError, "yielded a int; expected str or ToolCall"),
-        ("tests.stubs:py_raises", RuntimeError, "the knowledge base is down"),
     ],
 )
 async def test_python_misbehaving_function_fails_the_reply(
@@ -713,6 +713,29 @@ async def test_python_misbehaving_function_fails_the_reply(
 ) -> None:
     with pytest.raises(error, match=message):
         await collect(PythonBackend(target=target))
+
+
+@pytest.mark.parametrize("target", ["py_raises", "py_breaks_halfway"])
+async def test_python_function_that_raises_says_what_and_where_in_one_line(target: str) -> None:
+    # "KeyError: 'text'" alone, in a backend_failed line with no traceback, left the author
+    # of the function to guess which of their lines raised it
+    got: list[Chunk] = []
+    backend = PythonBackend(target=f"tests.stubs:{target}")
+    with pytest.raises(BackendError) as info:
+        async for chunk in backend.reply("call-1", HISTORY):
+            got.append(chunk)
+    line = inspect.getsourcelines(getattr(stubs, target))[1]
+    raised_at = next(
+        n
+        for n, text in enumerate(inspect.getsourcelines(getattr(stubs, target))[0], line)
+        if "raise " in text
+    )
+    assert str(info.value) == (
+        f"python backend: tests.stubs:{target} raised RuntimeError: the knowledge base is down "
+        f"(at {stubs.__file__}:{raised_at}, in {target})"
+    )
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert got == ([] if target == "py_raises" else ["We open at nine. ", "We close"])
 
 
 # ---- make_backend -------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ the generator is closed, so its `finally` blocks (and `async with` exits) run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import os
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import traceback
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from agentd.backends import Chunk, NoReply, ToolCall
@@ -87,6 +90,30 @@ def _plainly_sync(obj: Any) -> bool:
     return not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
 
 
+def _home(target: str) -> str:
+    """The directory (or the file) of the top-level package or module `target` comes from,
+    where its author's own lines are."""
+    top = sys.modules.get(target.partition(":")[0].strip().split(".")[0])
+    path = str(getattr(top, "__file__", None) or "")
+    if not path:
+        return ""
+    if os.path.basename(path) == "__init__.py":
+        return os.path.join(os.path.dirname(path), "")
+    return path
+
+
+def _where(exc: BaseException, home: str) -> str:
+    """` (at file:line, in function)`: the deepest frame of the traceback in the function's own
+    package (else the deepest of all). The backend_failed line has no room for a traceback, and
+    "KeyError: 'text'" alone does not say which of the function's lines raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if home and f.filename.startswith(home)]
+    if not (own or frames):
+        return ""
+    frame = (own or frames)[-1]
+    return f" (at {frame.filename}:{frame.lineno}, in {frame.name})"
+
+
 class PythonBackend:
     """Calls the imported function for each reply."""
 
@@ -94,12 +121,29 @@ class PythonBackend:
         self.target = target
         # imported now, so a wrong path stops agentd at start, not at the first caller
         self._fn = load_callable(target)
+        self._home = _home(target)
 
     def __repr__(self) -> str:
         return f"PythonBackend(target={self.target!r})"
 
     async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:
-        """Stream what the function returns or yields."""
+        """Stream what the function returns or yields; what it raises, as a `BackendError` that
+        says where."""
+        try:
+            # closed with this one, so the function's own cleanup runs on a barge-in, not
+            # whenever the garbage collector gets to it
+            async with contextlib.aclosing(self._reply(call_id, history)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BackendError:
+            raise
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise BackendError(
+                f"python backend: {self.target} raised {what}{_where(exc, self._home)}"
+            ) from exc
+
+    async def _reply(self, call_id: str, history: Sequence[Message]) -> AsyncGenerator[Chunk, None]:
         result = self._fn(call_id, list(history))
         if inspect.isasyncgen(result) or isinstance(result, AsyncIterator):
             try:
