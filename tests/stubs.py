@@ -402,3 +402,17 @@ async def py_breaks_halfway(call_id: str, history: list[Message]) -> AsyncIterat
     yield "We open at nine. "
     yield "We close"
     raise RuntimeError("the knowledge base is down")
+
+
+async def py_blocks(call_id: str, history: list[Message]) -> str:
+    """An async function that holds the event loop, as one calling `requests` does."""
+    time.sleep(0.3)  # noqa: ASYNC251 (the mistake under test, not a wait)
+    return "Done."
+
+
+async def py_blocks_later(call_id: str, history: list[Message]) -> AsyncIterator[str]:
+    """A generator whose second step holds the event loop."""
+    yield "One. "
+    await asyncio.sleep(0)
+    time.sleep(0.3)  # noqa: ASYNC251 (the mistake under test)
+    yield "Two."

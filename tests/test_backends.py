@@ -738,6 +738,25 @@ async def test_python_function_that_raises_says_what_and_where_in_one_line(targe
     assert got == ([] if target == "py_raises" else ["We open at nine. ", "We close"])
 
 
+@pytest.mark.parametrize(
+    ("target", "said"), [("py_blocks", ["Done."]), ("py_blocks_later", ["One. ", "Two."])]
+)
+async def test_python_function_that_holds_the_event_loop_is_named_in_a_warning(
+    target: str, said: list[str]
+) -> None:
+    # an async def that calls time.sleep or requests passes every check at start, then
+    # freezes every call on the box while it runs, and nothing said so
+    with capture_logs() as logs:
+        assert await collect(PythonBackend(target=f"tests.stubs:{target}")) == said
+    [warning] = [e for e in logs if e["event"] == "backend.blocked_loop"]
+    assert warning["log_level"] == "warning" and warning["target"] == f"tests.stubs:{target}"
+    assert warning["held_s"] >= 0.3 and "asyncio.to_thread" in warning["hint"]
+    # one that awaits is not suspected, however long it waits
+    with capture_logs() as logs:
+        await collect(PythonBackend(target="tests.stubs:py_stream"))
+    assert [e for e in logs if e["event"] == "backend.blocked_loop"] == []
+
+
 # ---- make_backend -------------------------------------------------------------------------------
 
 

@@ -19,13 +19,26 @@ import importlib
 import inspect
 import os
 import sys
+import time
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import types
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from typing import Any
 
+from agentd import logs
 from agentd.backends import Chunk, NoReply, ToolCall
 from agentd.backends.wire import BackendError
 from agentd.commands import Message
+
+log = logs.get_logger("agentd.backends.python")
 
 
 class BackendConfigError(ValueError):
@@ -114,6 +127,51 @@ def _where(exc: BaseException, home: str) -> str:
     return f" (at {frame.filename}:{frame.lineno}, in {frame.name})"
 
 
+#: a step of the function this long (its code between two awaits) held every call: warned
+BLOCKING_S = 0.25
+
+
+class _Held:
+    """Times each step of the function's coroutines: the code it runs between two awaits, all
+    the while no other call is served. An `async def` that calls `time.sleep` or `requests`
+    passes every check at start; this is how the operator hears of it."""
+
+    __slots__ = ("longest",)
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - start)
+
+    @types.coroutine
+    def awaiting(self, awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:
+        """`await awaitable`, one step at a time, each timed (what `await` does, by hand)."""
+        it = awaitable.__await__()
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                with self.step():
+                    sent = it.send(value) if error is None else it.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, error = (yield sent), None
+            except GeneratorExit:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+                raise
+            except BaseException as exc:  # a cancellation, thrown on into the function
+                value, error = None, exc
+
+
 class PythonBackend:
     """Calls the imported function for each reply."""
 
@@ -144,37 +202,55 @@ class PythonBackend:
             ) from exc
 
     async def _reply(self, call_id: str, history: Sequence[Message]) -> AsyncGenerator[Chunk, None]:
-        result = self._fn(call_id, list(history))
-        if inspect.isasyncgen(result) or isinstance(result, AsyncIterator):
-            try:
-                async for chunk in result:
-                    if not isinstance(chunk, str | ToolCall):
-                        raise BackendError(
-                            f"python backend: {self.target} yielded a "
-                            f"{type(chunk).__name__}; expected str or ToolCall"
-                        )
-                    yield chunk
-            finally:
-                # close it now (not whenever it is garbage-collected), so its cleanup runs
-                # while the barge-in is being handled
-                aclose = getattr(result, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        elif inspect.isawaitable(result):
-            value = await result
-            if value is None:
-                yield NoReply()
-                return
-            if not isinstance(value, str):
+        timed = _Held()
+        try:
+            with timed.step():
+                result = self._fn(call_id, list(history))
+            if inspect.isasyncgen(result) or isinstance(result, AsyncIterator):
+                try:
+                    while True:
+                        try:
+                            chunk = await timed.awaiting(result.__anext__())
+                        except StopAsyncIteration:
+                            break
+                        if not isinstance(chunk, str | ToolCall):
+                            raise BackendError(
+                                f"python backend: {self.target} yielded a "
+                                f"{type(chunk).__name__}; expected str or ToolCall"
+                            )
+                        yield chunk
+                finally:
+                    # close it now (not whenever it is garbage-collected), so its cleanup runs
+                    # while the barge-in is being handled
+                    aclose = getattr(result, "aclose", None)
+                    if aclose is not None:
+                        await timed.awaiting(aclose())
+            elif inspect.isawaitable(result):
+                value = await timed.awaiting(result)
+                if value is None:
+                    yield NoReply()
+                    return
+                if not isinstance(value, str):
+                    raise BackendError(
+                        f"python backend: {self.target} returned a {type(value).__name__}; "
+                        "expected str"
+                    )
+                yield value
+            else:
                 raise BackendError(
-                    f"python backend: {self.target} returned a {type(value).__name__}; expected str"
+                    f"python backend: {self.target} returned a {type(result).__name__}; it must "
+                    "be an async function or an async generator"
                 )
-            yield value
-        else:
-            raise BackendError(
-                f"python backend: {self.target} returned a {type(result).__name__}; it must be "
-                "an async function or an async generator"
-            )
+        finally:
+            if timed.longest >= BLOCKING_S:
+                log.warning(
+                    "backend.blocked_loop",
+                    target=self.target,
+                    held_s=round(timed.longest, 3),
+                    hint="the function ran this long without an await, and every call on this "
+                    "agentd waited: await your I/O (an async client, asyncio.sleep), or run "
+                    "blocking work with asyncio.to_thread",
+                )
 
     async def aclose(self) -> None:
         """Nothing to release: the function owns its own resources."""
