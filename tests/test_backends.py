@@ -21,9 +21,17 @@ from agentd.backends.http import HttpBackend
 from agentd.backends.openai import OpenAIBackend
 from agentd.backends.python import BackendConfigError, PythonBackend
 from agentd.backends.wire import BackendError, iter_lines
-from agentd.commands import Message
+from agentd.commands import (
+    AskBackend,
+    Message,
+    ReplyDone,
+    ReplyFailed,
+    ReplySentence,
+    Result,
+)
 from agentd.config import ConfigError, load
 from agentd.daemon import make_backend
+from agentd.reply import stream_reply
 from agentd.secret import Secret
 from tests import stubs
 from tests.stubs import HttpReply, HttpStub, OpenAIStub, Script, tokens
@@ -437,6 +445,75 @@ async def test_openai_silent_server_times_out_after_timeout_s(llm: OpenAIStub) -
     with pytest.raises(TimeoutError):
         await collect(openai(llm, timeout_s=0.2))
     await asyncio.wait_for(llm.streams[0].closed_early.wait(), 5)
+
+
+async def _replied(backend: Backend, timeout_s: float) -> list[Result]:
+    """What the call hears of one reply, through `stream_reply` as the executor runs it."""
+    heard: list[Result] = []
+    ask = AskBackend("call-1", 1, HISTORY)
+    await stream_reply(backend, ask, heard.append, clock=lambda: 0.0, timeout_s=timeout_s)
+    return heard
+
+
+async def test_openai_a_stall_mid_reply_keeps_the_whole_sentences_and_the_next_turn_works(
+    llm: OpenAIStub,
+) -> None:
+    # a model that streams a sentence and a half, then nothing for longer than timeout_s
+    first, rest = _delta({"content": "We open at nine. We close"}), _delta({"content": " at"})
+    llm.script(Script(raw=[first, rest], tokens_per_s=0.2))
+    backend = openai(llm, key=KEY, timeout_s=0.3)
+    try:
+        with capture_logs() as logs:
+            heard = await _replied(backend, 0.3)
+        # the whole sentence stands, the half one is not said, and no fallback on top
+        assert heard == [
+            ReplySentence(1, "We open at nine."),
+            ReplyFailed(1, "backend timed out"),
+        ]
+        assert all(KEY not in str(e) for e in logs)
+        await asyncio.wait_for(llm.streams[0].closed_early.wait(), 5)  # the model was hung up on
+        session = backend._http
+        heard = await _replied(backend, 0.3)  # the next turn, on the same session
+        assert heard[0] == ReplySentence(1, "Hello from the stub.")
+        assert isinstance(heard[-1], ReplyDone) and backend._http is session
+    finally:
+        await backend.aclose()
+
+
+async def test_openai_a_connection_cut_mid_reply_fails_the_turn_not_the_session() -> None:
+    from aiohttp import web
+
+    from tests.support import serving
+
+    answered = 0
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal answered
+        answered += 1
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if answered == 1:
+            await resp.write(_delta({"content": "We open at nine. We close"}).encode())
+            assert request.transport is not None
+            request.transport.close()  # the server dies mid-reply
+            return resp
+        await resp.write(f"{_delta({'content': 'Back again.'})}data: [DONE]\n\n".encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as port:
+        backend = openai(f"http://127.0.0.1:{port}/v1", timeout_s=5)
+        try:
+            first = await _replied(backend, 5)
+            assert first[0] == ReplySentence(1, "We open at nine.")
+            assert isinstance(first[1], ReplyFailed) and len(first) == 2
+            assert first[1].error.startswith("BackendError: openai backend: ClientPayloadError")
+            second = await _replied(backend, 5)
+            assert second[0] == ReplySentence(1, "Back again.")
+        finally:
+            await backend.aclose()
 
 
 async def test_openai_reuses_its_session_and_aclose_releases_it(llm: OpenAIStub) -> None:
