@@ -380,6 +380,29 @@ async def test_openai_a_retry_after_longer_than_a_caller_waits_is_not_waited(
     assert len(llm.requests) == 2
 
 
+async def test_openai_a_web_page_answered_with_200_says_so_and_what_page() -> None:
+    # base_url at a web UI's port (Open WebUI, LM Studio's, a login page): its HTML has no
+    # `data:` line, so the reply was "empty" and the operator had nothing to go on
+    from aiohttp import web
+
+    from tests.support import serving
+
+    page = "<!doctype html>\n<html><head>\n<title> Open WebUI </title></head><body>app</body>"
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as port:
+        with pytest.raises(BackendError) as info:
+            await collect(openai(f"http://127.0.0.1:{port}/v1", key=KEY))
+    assert str(info.value) == (
+        "openai backend: answered a web page (text/html), not a completion: is base_url the "
+        "API's address (often ending in /v1)? The page: 'Open WebUI'"
+    )
+
+
 async def test_openai_malformed_stream_line_raises_after_the_good_text(llm: OpenAIStub) -> None:
     llm.script(
         Script(

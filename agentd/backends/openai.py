@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from agentd.backends.wire import (
     new_session,
     post_stream,
     read_body,
+    server_message,
 )
 from agentd.commands import Message
 from agentd.secret import Secret, display_url, redact
@@ -243,6 +245,8 @@ class OpenAIBackend:
             calls = _ToolCalls()
             thoughts = _Thoughts()
             finish: object = None
+            if resp.content_type == "text/html":
+                raise await _web_page(resp)
             if resp.content_type == "application/json":
                 # a server that ignores `stream: true` answers with one whole completion
                 raw = await read_body(resp, _KIND)
@@ -304,6 +308,26 @@ class OpenAIBackend:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+async def _web_page(resp: aiohttp.ClientResponse) -> BackendError:
+    """An HTML page answered with a 200: `base_url` is a web UI's port (Open WebUI, LM
+    Studio's), a proxy's login page or an app's catch-all, not the API. Its SSE parse would find
+    no `data:` line, and the turn would fail as an "empty reply" with nothing to go on."""
+    raw = b""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        raw = await resp.content.read(4096)
+    title = _TITLE.search(raw)
+    said = server_message(title.group(1) if title else raw)
+    return BackendError(
+        redact(
+            f"{_KIND} backend: answered a web page (text/html), not a completion: is base_url "
+            f"the API's address (often ending in /v1)? The page: {said!r}"
+        )
+    )
 
 
 def _usage(obj: Any) -> Usage | None:
