@@ -207,10 +207,11 @@ class SpeechRoutes(RestCore):
 
     async def flush(self, req: Req) -> Result:
         """``POST /speakings/{id}/flush``: routed to the pod; provider-dependent; 404 unless
-        active."""
+        active, and once the call's audio is gone (``Tts.vendor_gone``: the row still says
+        ``active``)."""
         spk = self._speaking(path_id(req))
         await self.speech.tts.reach_pod(spk)
-        if spk.status != "active":
+        if spk.status != "active" or self.speech.tts.vendor_gone(spk):
             raise ApiError(404, "RESOURCE_NOT_FOUND")
         self.speech.flush(spk)
         return 200, spk.to_json()

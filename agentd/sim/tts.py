@@ -337,10 +337,17 @@ class Tts:
         ``active``. With ElevenLabs a say racing the teardown may still pass; never here."""
         if spk.status != "active" or voice_refused(spk.provider, spk.voice_id):
             return True
-        call = self.world.calls.get(spk.reference_id)
-        if call is None or call.ending:
+        if self.vendor_gone(spk):
             return True
         return vendor_of(spk.provider) == "aws" and len(text) > POLLY_MAX_CHARS
+
+    def vendor_gone(self, spk: SimSpeaking) -> bool:
+        """Whether the session's provider stream is gone with its call's audio: each vendor's
+        ``Run`` ends when the call's socket closes and ``runStreamer`` then clears the vendor
+        (``streaminghandler/run.go``), so a flush finds none (``say.go`` ``SayFlush`` hands a
+        nil config to the vendor's ``SayFlush``, which refuses it: 404), as a say does."""
+        call = self.world.calls.get(spk.reference_id)
+        return call is None or call.ending
 
     def say_blocks_s(self, spk: SimSpeaking, text: str) -> float:
         """How long ``aws`` holds the ``/say`` answer until the say's audio fits its buffer."""

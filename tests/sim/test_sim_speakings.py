@@ -127,7 +127,11 @@ async def test_speaking_survives_hangup_as_a_leak(
     status, _, _ = await post(http, f"{sim.api_url}/speakings/{spk['id']}/say", {"text": "Hello?"})
     assert status == 404
     assert all(line.who != "agent" for line in sim.get_call(call_id).conversation)
-    await post(http, f"{sim.api_url}/speakings/{spk['id']}/stop")
+    # and so does a flush (no provider config left to flush), while a stop still stops it
+    status, data, _ = await post(http, f"{sim.api_url}/speakings/{spk['id']}/flush")
+    assert (status, envelope(data)[1]) == (404, "RESOURCE_NOT_FOUND")
+    status, data, _ = await post(http, f"{sim.api_url}/speakings/{spk['id']}/stop")
+    assert (status, data["status"]) == (200, "stopped")
     assert sim.leaks() == []
 
 
