@@ -14,7 +14,8 @@ Routes (JSON bodies and answers):
 * ``POST /_sim/calls/{id}/hangup`` ``{"by": "remote"|"local"}``.
 * ``GET /_sim/requests``, ``GET /_sim/leaks``.
 * ``POST /_sim/faults`` ``{"action": "drop_websockets"|"expire_tokens"|"fail"|"delay"|
-  "refuse_ws"|"send_raw", ...}`` and/or ``duplicate_rate``, ``lose_rate``, ``reorder``, ``seed``.
+  "refuse_ws"|"send_raw", ...}`` and/or ``duplicate_rate``, ``lose_rate``, ``reorder``,
+  ``jitter_s``, ``seed``.
 * ``POST /_sim/bench/...``: what benchmarks need (see :mod:`agentd.sim.bench`).
 * ``POST /_sim/outbound`` ``{"result", "ring_after_s", "answer_after_s", "destination",
   "utterances", "hangup_after_s"}``.
@@ -232,6 +233,8 @@ class ControlApi:
             faults.lose_rate = float(body["lose_rate"])
         if "reorder" in body:
             faults.reorder = bool(body["reorder"])
+        if "jitter_s" in body:
+            faults.jitter_s = float(body["jitter_s"])
         action = body.get("action")
         if action is None:
             return

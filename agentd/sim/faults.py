@@ -44,8 +44,8 @@ class DelayRule(_Rule):
 class Faults:
     """Knobs a test turns to make the simulator misbehave like the real service can.
 
-    Frame-level knobs (``duplicate_rate``, ``lose_rate``, ``reorder``) apply per frame per
-    connection, using a seedable random generator.
+    Frame-level knobs (``duplicate_rate``, ``lose_rate``, ``reorder``, ``jitter_s``) apply per
+    frame per connection, using a seedable random generator.
     """
 
     def __init__(
@@ -62,6 +62,14 @@ class Faults:
         self.duplicate_rate = 0.0
         self.lose_rate = 0.0
         self.reorder = False
+        #: Each frame (each copy of a duplicate too) reaches each connection up to this many
+        #: seconds late, drawn apart: events published closer together than that arrive in any
+        #: order, a ``call_hangup`` before the ``call_updated`` published ahead of it. The
+        #: server's order is no better: ``notifyhandler/publish.go`` publishes each event from
+        #: its own goroutine, webhook-manager relays them with 10 workers, and the api-manager
+        #: hands each one to a goroutine of its own (``subscribehandler/main.go``
+        #: ``processEventRun``). ``reorder`` only swaps neighbours; this reaches further.
+        self.jitter_s = 0.0
         self.rng = random.Random()
         self._fails: list[FailRule] = []
         self._delays: list[DelayRule] = []
@@ -200,6 +208,10 @@ class Faults:
                 self._refuse[i] = (status, remaining - 1)
                 return status
         return None
+
+    def lateness(self) -> float:
+        """Seconds the next frame is held before it reaches its connection (``jitter_s``)."""
+        return self.rng.uniform(0.0, self.jitter_s) if self.jitter_s > 0 else 0.0
 
     def copies(self) -> int:
         """How many times to send the next frame: 0 (lost), 1, or 2 (duplicated)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -94,6 +95,9 @@ class WsConnection:
         #: Bound scopes, and the timers of those being bound.
         self._bound: set[str] = set()
         self._binding: dict[str, asyncio.TimerHandle] = {}
+        #: The timers of frames held back by ``Faults.jitter_s``.
+        self._late: dict[int, asyncio.TimerHandle] = {}
+        self._late_seq = itertools.count()
         #: Frames queued for this client, handed to the socket, and dropped (queue full).
         self.offered = 0
         self.sent = 0
@@ -115,15 +119,30 @@ class WsConnection:
         return any(topic.startswith(sub) for sub in self.subscriptions)
 
     def offer(self, frame: Frame, *, faulty: bool = True) -> None:
-        """Queue a frame (lost/duplicated per the fault knobs); drop it when the queue is full."""
+        """Queue a frame (lost/duplicated/late per the fault knobs); drop it when the queue is
+        full."""
         copies = self._faults.copies() if faulty else 1
         for _ in range(copies):
-            try:
-                self._queue.put_nowait(frame)
-                self.offered += 1
-            except asyncio.QueueFull:
-                self.dropped += 1
-                self._notify()
+            late = self._faults.lateness() if faulty else 0.0
+            if late <= 0:
+                self._enqueue(frame)
+                continue
+            token = next(self._late_seq)
+            loop = asyncio.get_running_loop()
+            self._late[token] = loop.call_later(late, self._enqueue_late, token, frame)
+
+    def _enqueue_late(self, token: int, frame: Frame) -> None:
+        del self._late[token]
+        if not self.closed:
+            self._enqueue(frame)
+
+    def _enqueue(self, frame: Frame) -> None:
+        try:
+            self._queue.put_nowait(frame)
+            self.offered += 1
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self._notify()
 
     def abort(self, reason: str) -> None:
         """Drop the TCP connection without a close frame (the client sees 1006)."""
@@ -255,10 +274,11 @@ class WsConnection:
             timer.cancel()
 
     def cancel_binds(self) -> None:
-        """Forget pending bindings (the connection is gone)."""
-        for timer in self._binding.values():
+        """Forget pending bindings and held frames (the connection is gone)."""
+        for timer in [*self._binding.values(), *self._late.values()]:
             timer.cancel()
         self._binding.clear()
+        self._late.clear()
 
     async def reader(self) -> None:
         """Read client frames until the connection ends."""

@@ -129,6 +129,33 @@ async def test_reorder_is_seeded_and_keeps_every_frame(sim: Simulator) -> None:
     await ws.close()
 
 
+async def test_jitter_delivers_every_frame_late_and_out_of_order(sim: Simulator) -> None:
+    ws = await ws_connect(sim)
+    await subscribe(sim, ws, [f"customer_id:{sim.customer_id}:call:call_created"])
+    sim.faults.seed(7)
+    sim.faults.jitter_s = 0.2
+    [conn] = sim.ws_connections
+    ids = [sim.inbound_call() for _ in range(12)]
+    assert conn.offered == 0  # every one held back, none lost
+    got = [(await recv_json(ws))["id"] for _ in range(12)]
+    assert sorted(got) == sorted(ids)
+    assert got != ids
+    await ws.close()
+
+
+async def test_frames_held_by_jitter_die_with_their_connection(sim: Simulator) -> None:
+    ws = await ws_connect(sim)
+    await subscribe(sim, ws, [f"customer_id:{sim.customer_id}:call:call_created"])
+    sim.faults.jitter_s = 30.0
+    [conn] = sim.ws_connections
+    sim.inbound_call()
+    assert conn.offered == 0
+    sim.faults.drop_websockets()
+    await sim.wait_for(lambda: not sim.ws_connections)
+    assert conn.offered == 0 and not conn._late  # the timers went with it
+    await ws.close()
+
+
 async def test_send_raw(sim: Simulator) -> None:
     ws = await ws_connect(sim)
     await sim.wait_for(lambda: len(sim.ws_connections) == 1)
