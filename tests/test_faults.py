@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agentd.call import DEFAULT_GREETING
+from agentd.events import STATUS_RANK, CallEvent, Parsed
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import OUR_NUMBER, StartAgent
 
@@ -52,6 +54,38 @@ async def test_duplicated_and_lost_events(sim: Simulator, agent: StartAgent) -> 
         said = answers(sim, call_id)
         assert max(said.values()) == 1, f"a reply was said twice: {said}"
     assert sim.leaks() == []
+
+
+async def test_events_out_of_order(sim: Simulator, agent: StartAgent) -> None:
+    """VoIPBIN keeps no order (docs/protocol.md §3.4): the events published together (a call's
+    created/updated/progressing, a final's speech_ended and transcript, a call_hangup and its
+    transcribe_done) arrive in any order. Held up to 15 ms each here, less than the simulated
+    caller's 25 ms between words: every question is still answered, once."""
+    sim.settings.rate_limit = False
+    sim.faults.seed(11)
+    sim.faults.jitter_s = 0.015
+    sim.faults.duplicate_rate = 0.10
+    daemon = await agent(agent={"watch_s": 1.0}, voipbin={"rate_per_s": 0})
+    statuses: dict[str, list[str]] = {}  # each call's statuses, in the order agentd got them
+    deliver = daemon.stream._on_parsed
+
+    def record(parsed: Parsed) -> None:
+        if isinstance(parsed.event, CallEvent):
+            statuses.setdefault(parsed.event.call.id, []).append(parsed.event.call.status)
+        deliver(parsed)
+
+    daemon.stream._on_parsed = record
+    ids = await run_calls(sim, 10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 15)
+    for i, call_id in enumerate(ids):
+        said = answers(sim, call_id)
+        assert max(said.values()) == 1, f"a reply was said twice: {said}"
+        assert f"You said: question one from {i}." in said, said
+        assert f"You said: question two from {i}." in said, said
+    assert sim.leaks() == []
+    # the fault bit: some call's status went backwards on the way (ringing after progressing)
+    ranks = [[STATUS_RANK[s] for s in seen] for seen in statuses.values()]
+    assert any(b < a for seen in ranks for a, b in itertools.pairwise(seen))
 
 
 async def test_bursts_of_5xx_and_429(sim: Simulator, agent: StartAgent) -> None:
