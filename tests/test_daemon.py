@@ -270,11 +270,15 @@ async def test_a_call_answered_while_disconnected_is_found_when_the_list_fails_a
     await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["offset_ms", "tm_transcript"])
 async def test_a_stream_outage_mid_utterance_is_no_end_of_turn(
-    sim: Simulator, agent: StartAgent
+    sim: Simulator, agent: StartAgent, legacy: bool
 ) -> None:
     # the caller's words stop arriving because the socket is down, not because they paused:
-    # answering the half heard, then the whole read back, would be two answers to one turn
+    # answering the half heard, then the whole read back, would be two answers to one turn.
+    # Read back from the current server, and from one older than 2026-09 (`tm_transcript`, no
+    # paging: docs/protocol.md §4.3)
+    sim.settings.legacy_transcripts = legacy
     daemon = await agent()
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)  # greeted

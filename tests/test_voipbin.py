@@ -26,7 +26,7 @@ from agentd.ratelimit import (
 )
 from agentd.secret import Secret
 from agentd.sim import Caller, Simulator
-from agentd.sim.model import SimSpeaking
+from agentd.sim.model import SimSpeaking, SimTranscript
 from agentd.voipbin import (
     TRANSCRIBE_START_RETRY_S,
     ApiError,
@@ -261,6 +261,39 @@ async def test_recent_calls_go_back_an_hour_and_no_further(sim: Simulator) -> No
         await client.close()
     assert {c["id"] for c in recent} == set(ids[120:])
     assert len(sim.requests_matching("GET", r"/calls$")) == 1  # page one ends in old calls
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["paged", "paging ignored"])
+async def test_transcripts_are_read_back_from_either_server_without_looping(
+    sim: Simulator, legacy: bool
+) -> None:
+    # before 2026-09 VoIPBIN ignored page_size and page_token: every page is the 100 newest,
+    # with the same next_page_token. Read twice, then stopped on the repeated token (not
+    # requested up to the page limit, a hundred times)
+    sim.settings.legacy_transcripts = legacy
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_call_status(call_id, "progressing")
+    trn = sim.speech.start_transcribe(sim.get_call(call_id), "en-US", "in", "aws")
+    for n in range(130):
+        tsc = SimTranscript(
+            id=f"tsc-{n:03d}",
+            customer_id=sim.customer_id,
+            transcribe_id=trn.id,
+            direction="in",
+            message=f"sentence {n}",
+            offset_ms=1000 * n + 250 * (n % 4),
+            tm_create=sim.world.clock.now(),
+            legacy=legacy,
+        )
+        sim.world.transcripts[tsc.id] = tsc
+    client = client_for(sim)
+    try:
+        read = await client.transcripts_in_order(trn.id)
+    finally:
+        await client.close()
+    kept = range(30, 130) if legacy else range(130)  # the old server never lists the first 30
+    assert [t["message"] for t in read] == [f"sentence {n}" for n in kept]
+    assert len(sim.requests_matching("GET", r"/transcripts$")) == 2
 
 
 # ---- aioresponses: shapes the simulator never produces ---------------------------------------

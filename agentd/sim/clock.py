@@ -24,6 +24,15 @@ def go_time(dt: datetime) -> str:
     return f"{base}.{frac}Z" if frac else f"{base}Z"
 
 
+def year_one_time(offset_ms: int) -> str:
+    """Go's ``time.Time{}.Add(offset)`` as JSON: ``0001-01-01T00:00:08.99184Z`` (strftime cannot
+    print year 1 with its four digits everywhere, so the date is written out)."""
+    dt = datetime(1, 1, 1, tzinfo=UTC) + timedelta(milliseconds=offset_ms)
+    frac = f"{dt.microsecond:06d}".rstrip("0")
+    clock = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt:%H:%M:%S}"
+    return f"{clock}.{frac}Z" if frac else f"{clock}Z"
+
+
 def fixed_time(dt: datetime) -> str:
     """Format with exactly six fractional digits (page tokens, JWT ``expire``)."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from agentd.sim.clock import go_time
+from agentd.sim.clock import go_time, year_one_time
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 #: Reserved flow action id of the "start" pseudo-action a call shows before its flow runs.
@@ -336,18 +336,26 @@ class SimTranscript:
     tm_create: datetime
     #: Soft-deleted with its transcribe (``DELETE /transcribes/{id}``): no longer listed.
     tm_delete: datetime | None = None
+    #: Made by a server older than 2026-09 (``SimSettings.legacy_transcripts``).
+    legacy: bool = False
 
     def to_json(self) -> JSON:
-        """The transcript shape of the current server (``offset_ms``, no ``tm_transcript``)."""
-        return {
+        """The transcript shape of the current server (``offset_ms``, no ``tm_transcript``), or
+        of the older one: ``tm_transcript``, year 1 plus the offset (``time.Time{}.Add``,
+        ``bin-transcribe-manager/pkg/streaminghandler/result.go``), no ``offset_ms``."""
+        out: JSON = {
             "id": self.id,
             "customer_id": self.customer_id,
             "transcribe_id": self.transcribe_id,
             "direction": self.direction,
             "message": self.message,
-            "offset_ms": self.offset_ms,
-            "tm_create": go_time(self.tm_create),
         }
+        if self.legacy:
+            out["tm_transcript"] = year_one_time(self.offset_ms)
+        else:
+            out["offset_ms"] = self.offset_ms
+        out["tm_create"] = go_time(self.tm_create)
+        return out
 
 
 @dataclass

@@ -98,7 +98,9 @@ class SpeechRoutes(RestCore):
         return 200, trn.to_json()
 
     async def list_transcripts(self, req: Req) -> Result:
-        """``GET /transcripts?transcribe_id=``: paging honoured (since 2026-09), newest first."""
+        """``GET /transcripts?transcribe_id=``: paging honoured (since 2026-09), newest first;
+        ignored with ``legacy_transcripts``: the 100 newest whatever the page asked for, and
+        the ``next_page_token`` of their last (``server/transcripts.go``)."""
         query = req.query
         raw = query.get("transcribe_id", "")
         if not raw:
@@ -111,7 +113,8 @@ class SpeechRoutes(RestCore):
             for t in self.world.transcripts.values()
             if t.transcribe_id == trn_id and t.tm_delete is None
         ]
-        return 200, paginate(items, lambda t: t.tm_create, query)
+        paging = {} if self.world.settings.legacy_transcripts else query
+        return 200, paginate(items, lambda t: t.tm_create, paging)
 
     # -- speakings --------------------------------------------------------------------------------
 

@@ -73,6 +73,12 @@ class SimSettings:
     #: Google's stream goes silent this long after the transcribe started (measured in
     #: production; ``gcp.go`` ends the stream on its first ``Recv`` error and never reopens it).
     gcp_deaf_after_s: float = 300.0
+    #: The server as it was before 2026-09 (the code snapshot): transcripts carry
+    #: ``tm_transcript`` (year 1 plus the offset) instead of ``offset_ms`` (VoIPBIN PR #1318),
+    #: and ``GET /transcripts`` ignores ``page_size`` and ``page_token``, always the 100 newest
+    #: (``bin-api-manager/pkg/servicehandler/transcript.go`` asks for ``""``, 100; paging came
+    #: with PR #1272). A client must read both servers.
+    legacy_transcripts: bool = False
     # -- platform (rest/ws/auth)
     #: Time from a WebSocket ``subscribe`` until its scope's AMQP binding delivers events; events
     #: published in between are lost (``bin-api-manager/pkg/websockhandler/scoperefcount.go``).

@@ -492,6 +492,7 @@ class Stt:
             message=text,
             offset_ms=int((time.monotonic() - trn.t_start) * 1000),
             tm_create=self.world.clock.now(),
+            legacy=self.world.settings.legacy_transcripts,
         )
         self.world.transcripts[tsc.id] = tsc
         self.world.emit("transcript_created", tsc.to_json())

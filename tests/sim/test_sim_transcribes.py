@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import aiohttp
 from simhelpers import answered_call, envelope, get, post
 
 from agentd.sim import Caller, Simulator, Utterance
+from agentd.sim.clock import year_one_time
 
 
 def _body(call_id: str, **kw: str) -> dict[str, str]:
@@ -157,6 +159,33 @@ async def test_transcripts_paging_newest_first(sim: Simulator, http: aiohttp.Cli
     assert [t["message"] for t in page2["result"]] == ["utterance number 0"]
     _, page3, _ = await get(http, url + "&page_token=" + page2["next_page_token"])
     assert page3 == {"result": [], "next_page_token": ""}
+
+
+async def test_legacy_transcripts_carry_tm_transcript_and_ignore_paging(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.settings.legacy_transcripts = True
+    call_id = await answered_call(sim, http)
+    _, trn, _ = await post(http, sim.api_url + "/transcribes", _body(call_id))
+    for i in range(3):
+        await sim.caller_says(call_id, f"utterance number {i}")
+        await sim.wait_for(lambda n=i + 1: len(sim.transcripts) == n)
+    url = f"{sim.api_url}/transcripts?transcribe_id={trn['id']}&page_size=2"
+    _, page1, _ = await get(http, url)
+    # the page size is ignored: the 100 newest, newest first
+    assert [t["message"] for t in page1["result"]] == [f"utterance number {i}" for i in (2, 1, 0)]
+    first = page1["result"][0]
+    assert "offset_ms" not in first
+    assert re.fullmatch(r"0001-01-01T00:00:\d\d(\.\d{1,6})?Z", first["tm_transcript"])
+    # and so is the token: the same page again, with the same token
+    _, page2, _ = await get(http, url + "&page_token=" + page1["next_page_token"])
+    assert page2 == page1
+
+
+def test_year_one_time_is_gos_zero_time_plus_the_offset() -> None:
+    assert year_one_time(8991) == "0001-01-01T00:00:08.991Z"
+    assert year_one_time(0) == "0001-01-01T00:00:00Z"
+    assert year_one_time(3_600_500) == "0001-01-01T01:00:00.5Z"
 
 
 async def test_transcripts_errors(sim: Simulator, http: aiohttp.ClientSession) -> None:
