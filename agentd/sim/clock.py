@@ -6,6 +6,7 @@ JWT ``expire`` claims use a fixed six-digit layout (compared as strings by the s
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 _ONE_US = timedelta(microseconds=1)
@@ -21,6 +22,17 @@ def go_time(dt: datetime) -> str:
     dt = dt.astimezone(UTC)
     base = dt.strftime("%Y-%m-%dT%H:%M:%S")
     frac = f"{dt.microsecond:06d}".rstrip("0")
+    return f"{base}.{frac}Z" if frac else f"{base}Z"
+
+
+def go_now_nano() -> str:
+    """Go's ``time.Now()`` as JSON: RFC 3339 with nanoseconds, trailing zeros trimmed
+    (``2026-08-20T10:00:12.000123456Z``). What is published straight from memory carries it (a
+    speech event's ``tm_event``, ``bin-transcribe-manager/pkg/streaminghandler/result.go``);
+    what is read back from the database has microseconds (:func:`go_time`)."""
+    secs, nanos = divmod(time.time_ns(), 1_000_000_000)
+    base = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    frac = f"{nanos:09d}".rstrip("0")
     return f"{base}.{frac}Z" if frac else f"{base}Z"
 
 

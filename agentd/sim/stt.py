@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from agentd.sim.clock import go_time
+from agentd.sim.clock import go_now_nano
 from agentd.sim.model import JSON, Line, SimCall, SimTranscribe, SimTranscript, new_id
 from agentd.sim.state import World
 
@@ -465,9 +465,11 @@ class Stt:
     # -- publishing --------------------------------------------------------------------------------
 
     def speech_event(self, stream: _Stream, event_type: str, message: str | None) -> None:
-        """A ``streaming.Speech`` webhook message (``models/streaming/webhook.go``)."""
+        """A ``streaming.Speech`` webhook message (``models/streaming/webhook.go``), timed with
+        ``time.Now()`` in nanoseconds (``result.go``: never stored, so never cut to the
+        database's microseconds)."""
         trn = stream.trn
-        now = go_time(self.world.clock.now())
+        now = go_now_nano()
         payload: JSON = {
             # A fresh id per speech event (``Streaming.NewSpeech``).
             "id": new_id(),

@@ -124,6 +124,25 @@ def test_utterance_finals_must_make_up_the_text() -> None:
 # ----------------------------------------------------------------------------- speech events
 
 
+async def test_speech_events_carry_gos_nanosecond_time(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call_id = await answered_call(sim, http)
+    trn_id = await _transcribe(sim, http, call_id)
+    await sim.caller_says(call_id, "hello there my friend")
+    await sim.wait_for(lambda: any(k == "transcript_created" for k, _ in sim.events))
+    speech = [p for k, p in sim.events if k in SPEECH and p["transcribe_id"] == trn_id]
+    assert len(speech) >= 4
+    for payload in speech:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", payload["tm_event"])
+        assert payload["tm_create"] == payload["tm_event"]
+    # nanoseconds (never stored, so never cut to microseconds): more than 6 digits, mostly
+    assert any(len(p["tm_event"].partition(".")[2]) > 7 for p in speech)
+    # while a transcript, read back from the database, has microseconds
+    [transcript] = [p for k, p in sim.events if k == "transcript_created"]
+    assert len(transcript["tm_create"].partition(".")[2]) <= 7
+
+
 async def test_started_comes_with_the_first_interim_and_ended_with_the_final(
     sim: Simulator, http: aiohttp.ClientSession
 ) -> None:
