@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from agentd.call import DEFAULT_GREETING, core
@@ -293,6 +294,31 @@ async def test_a_call_answered_and_hung_up_before_the_subscription_took_effect_i
     # hung up before the subscription took effect either: its call_hangup is lost too
     assert not all(c.subscriptions for c in sim.ws_connections if not c.closed)
     await ends_clean(sim, daemon, call_id)
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["events", "events lost"])
+async def test_a_call_an_operator_deletes_mid_call_is_ended_and_cleaned_up(
+    sim: Simulator, agent: StartAgent, lost: bool
+) -> None:
+    # `DELETE /calls/{id}` (someone else's tool, VoIPBIN's console): the call is hung up and
+    # deleted at once, then VoIPBIN refuses it with 409 STATE_INVALID (docs/protocol.md §5).
+    # Its events (terminating, deleted, hangup) end it; lost, the watch's GET finds the 409
+    daemon = await agent(agent={"watch_s": 0.5})
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, open_line())
+    await greeted(sim, call_id)
+    sim.faults.lose_rate = 1.0 if lost else 0.0
+    headers = {"Cookie": f"accesskey={sim.accesskey}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as http,
+        http.delete(f"{sim.api_url}/calls/{call_id}") as resp,
+    ):
+        assert resp.status == 200
+    await sim.wait_call_status(call_id, "hangup")
+    sim.faults.lose_rate = 0.0
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert sim.leaks() == []  # its speaking stopped: VoIPBIN does not at hangup
+    checks = [r.status for r in sim.requests_matching("GET", rf"/calls/{call_id}$")]
+    assert (409 in checks) == lost
 
 
 # -- STT ------------------------------------------------------------------------------------------

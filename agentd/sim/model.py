@@ -179,6 +179,8 @@ class SimCall:
     #: mutes them, ``bin-transfer-manager/pkg/transferhandler/attended.go``).
     mute_direction: str = ""
     moh: bool = False
+    #: ``DELETE /calls/{id}``: set once, by then the call is ending.
+    tm_delete: datetime | None = None
 
     @property
     def ended(self) -> bool:
@@ -227,6 +229,7 @@ class SimCall:
         _put_tm(out, "tm_hangup", self.tm_hangup)
         _put_tm(out, "tm_create", self.tm_create)
         _put_tm(out, "tm_update", self.tm_update)
+        _put_tm(out, "tm_delete", self.tm_delete)
         return out
 
 

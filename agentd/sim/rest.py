@@ -76,6 +76,7 @@ class RestApi(SpeechRoutes):
             ("POST", r"/v1\.0/calls", self.post_calls),
             ("GET", r"/v1\.0/calls", self.list_calls),
             ("GET", r"/v1\.0/calls/(?P<id>[^/]+)", self.get_call),
+            ("DELETE", r"/v1\.0/calls/(?P<id>[^/]+)", self.delete_call),
             ("POST", r"/v1\.0/calls/(?P<id>[^/]+)/hangup", self.hangup_call),
             *((m, p, admin_only(h)) for m, p, h in speech),
             ("POST", r"/v1\.0/transfers", self.post_transfers),
@@ -205,19 +206,50 @@ class RestApi(SpeechRoutes):
         return [dict(a) for a in flow.actions]
 
     async def list_calls(self, req: Req) -> Result:
-        """``GET /calls``."""
+        """``GET /calls``: the customer's calls not deleted (``CallList`` filters
+        ``deleted: false``)."""
         require_admin(req)
-        return 200, paginate(list(self.world.calls.values()), lambda c: c.tm_create, req.query)
+        calls = [c for c in self.world.calls.values() if c.tm_delete is None]
+        return 200, paginate(calls, lambda c: c.tm_create, req.query)
+
+    def _undeleted_call(self, call_id: str) -> SimCall:
+        """``callGet`` (``bin-api-manager/pkg/servicehandler/call.go``), behind ``GET``,
+        ``DELETE`` and ``/hangup`` of a call: 404 unknown, **409 ``STATE_INVALID`` once
+        deleted** (``ErrStateInvalid``, ``server/error_translate.go``)."""
+        call = self._call(call_id)
+        if call.tm_delete is not None:
+            raise ApiError(
+                409,
+                "STATE_INVALID",
+                "The operation is invalid for the current resource state.",
+                status="FAILED_PRECONDITION",
+            )
+        return call
 
     async def get_call(self, req: Req) -> Result:
-        """``GET /calls/{id}``: 404 before 403 (``CallGet`` fetches, then checks)."""
-        call = self._call(path_id(req))
+        """``GET /calls/{id}``: 404 (409 deleted) before 403 (``CallGet`` fetches, then
+        checks)."""
+        call = self._undeleted_call(path_id(req))
         require_admin(req)
         return 200, call.to_json()
 
+    async def delete_call(self, req: Req) -> Result:
+        """``DELETE /calls/{id}``: a call not over yet is hung up first (``call_terminating``,
+        or ``call_canceling`` before an outgoing answer), then deleted at once with
+        ``call_deleted``: that event, and the answer, still say ``terminating``; its
+        ``call_hangup`` follows when the channel is gone (``bin-call-manager/pkg/callhandler/
+        call.go`` ``Delete``, ``db.go`` ``dbDelete``)."""
+        call = self._undeleted_call(path_id(req))
+        require_admin(req)
+        self.calls.hangup_local(call)
+        call.tm_delete = call.tm_update = self.world.clock.now()
+        self.world.emit("call_deleted", call.to_json())
+        return 200, call.to_json()
+
     async def hangup_call(self, req: Req) -> Result:
-        """``POST /calls/{id}/hangup``: idempotent; answers the immediate snapshot."""
-        call = self._call(path_id(req))
+        """``POST /calls/{id}/hangup``: idempotent (409 once deleted); answers the immediate
+        snapshot."""
+        call = self._undeleted_call(path_id(req))
         require_admin(req)
         self.calls.hangup_local(call)
         return 200, call.to_json()

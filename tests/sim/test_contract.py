@@ -121,6 +121,12 @@ def fix_undeclared_error_status(ex: Exchange) -> None:
         ex.status = 500
 
 
+def fix_deleted_call_409(ex: Exchange) -> None:
+    # Same ErrorResponse envelope, checked under the 404 the operation does declare.
+    if ex.status == 409:
+        ex.status = 404
+
+
 def fix_route_not_found(ex: Exchange) -> None:
     # Check the envelope under a declared 404 of a real route.
     body = ex.resp_body
@@ -197,6 +203,15 @@ EXCEPTIONS: list[SpecException] = [
         "429 RESOURCE_EXHAUSTED/RATE_LIMIT_EXCEEDED applies to every /v1.0 route "
         "(docs/protocol.md §6.2) but the spec declares 429 on almost none.",
         fix_undeclared_error_status,
+    ),
+    SpecException(
+        "deleted-call-409-undeclared",
+        "GET",
+        r"^/v1\.0/calls/[^/]+$",
+        "response",
+        "A deleted call answers 409 FAILED_PRECONDITION/STATE_INVALID (servicehandler/call.go "
+        "callGet, docs/protocol.md §5); the spec declares no 409 on GET /calls/{id}.",
+        fix_deleted_call_409,
     ),
     SpecException(
         "route-not-found",
@@ -432,8 +447,12 @@ async def test_full_scripted_call_matches_the_spec(openapi: OpenAPI) -> None:
         status, stopped = await c.call("POST", f"/v1.0/transcribes/{trn['id']}/stop")
         assert stopped["status"] == "done"
         await c.call("GET", f"/v1.0/calls/{call_id}")
+        status, deleted = await c.call("DELETE", f"/v1.0/calls/{call_id}")
+        assert (status, deleted["status"]) == (200, "hangup") and deleted["tm_delete"]
 
         # Error responses.
+        status, _ = await c.call("GET", f"/v1.0/calls/{call_id}")
+        assert status == 409  # deleted
         status, _ = await c.call("GET", f"/v1.0/calls/{uuid.uuid4()}")
         assert status == 404
         status, _ = await c.call("GET", "/v1.0/calls/not-a-uuid")

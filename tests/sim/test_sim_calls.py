@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import aiohttp
 import pytest
@@ -150,6 +151,37 @@ async def test_hangup_before_answer_cancels(sim: Simulator, http: aiohttp.Client
     await sim.wait_call_status(call_id, "hangup")
     assert sim.get_call(call_id).hangup_reason == "cancel"
     assert _types(sim, call_id)[-2:] == ["call_canceling", "call_hangup"]
+
+
+async def _delete(http: aiohttp.ClientSession, url: str) -> tuple[int, Any, None]:
+    async with http.delete(url) as resp:
+        return resp.status, await resp.json(), None
+
+
+async def test_delete_hangs_a_live_call_up_and_then_it_is_409(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    call_id = await answered_call(sim, http)
+    url = f"{sim.api_url}/calls/{call_id}"
+    status, snap, _ = await _delete(http, url)
+    # deleted at once, while the channel is still going: terminating, with tm_delete
+    assert (status, snap["status"]) == (200, "terminating")
+    assert snap["tm_delete"]
+    await sim.wait_call_status(call_id, "hangup")
+    assert _types(sim, call_id)[-3:] == ["call_terminating", "call_deleted", "call_hangup"]
+    [hungup] = [p for t, p in sim.events if t == "call_hangup" and p["id"] == call_id]
+    assert hungup["tm_delete"] == snap["tm_delete"]
+    # from then on the gateway refuses the call: read, hangup and delete alike
+    for status, data, _ in (
+        await get(http, url),
+        await post(http, url + "/hangup"),
+        await _delete(http, url),
+    ):
+        assert (status, envelope(data)) == (409, ("FAILED_PRECONDITION", "STATE_INVALID")), data
+    _, listed, _ = await get(http, sim.api_url + "/calls")
+    assert call_id not in [c["id"] for c in listed["result"]]
+    status, data, _ = await _delete(http, f"{sim.api_url}/calls/{uuid.uuid4()}")
+    assert (status, envelope(data)[1]) == (404, "CALL_NOT_FOUND")
 
 
 async def test_inbound_call_flow(sim: Simulator) -> None:
