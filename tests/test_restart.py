@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
+import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agentd.sim import Caller, Simulator, Utterance
+from agentd.store_schema import LATEST_VERSION, MIGRATIONS
 from tests.support import CALLER, FINAL_HOLD, OUR_NUMBER, PLAYBACK, SAY_LATENCY, run_cli
 
 pytest_plugins = ["tests.pg"]  # the fixture pg_url: a fresh database of a real PostgreSQL
@@ -107,8 +111,13 @@ async def test_a_second_agentd_on_the_same_store_exits_and_every_call_is_answere
 
 
 async def crash_and_restart(
-    sim: Simulator, tmp_path: Path, kill: signal.Signals, store_url: str | None = None
+    sim: Simulator,
+    tmp_path: Path,
+    kill: signal.Signals,
+    store_url: str | None = None,
+    between: Callable[[Path], None] | None = None,
 ) -> None:
+    """`between`: done to the SQLite store while no agentd runs (an upgrade, say)."""
     config = write_config(sim, tmp_path, store_url)
     first = await start(config)
     second = None
@@ -122,6 +131,8 @@ async def crash_and_restart(
         first.send_signal(kill)
         assert await asyncio.wait_for(first.wait(), 15) == (-9 if kill == signal.SIGKILL else 0)
         await sim.wait_for(lambda: subscribed(sim) == 0, 10)
+        if between is not None:
+            between(tmp_path / "agentd.db")
 
         second = await start(config)
         await sim.wait_for(lambda: subscribed(sim) == 1, 15)
@@ -161,6 +172,52 @@ async def test_sigkill_then_restart_resumes_the_conversation_from_postgresql(
 
 async def test_sigterm_leaves_live_calls_for_the_next_start(sim: Simulator, tmp_path: Path) -> None:
     await crash_and_restart(sim, tmp_path, signal.SIGTERM)
+
+
+def as_an_older_agentd_left_it(store: Path, version: int = 1) -> None:
+    """Rewrite `store` as an agentd at schema `version` would have: its tables, the columns it
+    knew, the same rows."""
+    old = store.with_name("old.db")
+    conn = sqlite3.connect(old, isolation_level=None)
+    for step in MIGRATIONS[:version]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute("ATTACH ? AS new", (str(store),))  # also reads what the kill left in the -wal
+    for table in ("calls", "events", "transcripts"):
+        columns = ", ".join(r[1] for r in conn.execute(f"PRAGMA main.table_info({table})"))
+        conn.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM new.{table}")
+    conn.execute("DETACH new")
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    for leftover in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):
+        leftover.unlink(missing_ok=True)
+    old.rename(store)
+
+
+@pytest.mark.parametrize("version", range(1, LATEST_VERSION))
+async def test_an_upgrade_migrates_the_store_once_and_resumes_the_call_an_older_agentd_left(
+    sim: Simulator, tmp_path: Path, version: int
+) -> None:
+    await crash_and_restart(
+        sim, tmp_path, signal.SIGKILL, between=lambda db: as_an_older_agentd_left_it(db, version)
+    )
+    db = tmp_path / "agentd.db"
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
+    conn.close()
+    # a downgrade: this agentd is now the older one, on a store a newer one migrated. It is
+    # refused, the file untouched, rather than written with columns missing
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+    conn.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    code, _, err = await run_cli("run", "--config", str(tmp_path / "agentd.toml"))
+    assert code == 2, err  # the unit's RestartPreventExitStatus: no restart loop
+    assert err.strip().splitlines() == [
+        f"agentd: store: {db} has schema version {LATEST_VERSION + 1}; this agentd knows up "
+        f"to {LATEST_VERSION}"
+    ]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 
 
 async def test_a_call_that_ended_while_agentd_was_down_is_cleaned_up(
