@@ -930,6 +930,11 @@ class Daemon:
         if not self.config.source:
             log.warning("reload.skipped", reason="no config file")
             return
+        if self._stop.is_set():
+            # stopping takes no new call, and a backend made now, after the executor closed
+            # the old ones, would never be closed; nor does systemd want RELOADING after STOPPING
+            log.info("reload.skipped", reason="stopping")
+            return
         self.notifier.reloading()
         try:
             fresh = load(self.config.source)

@@ -13,7 +13,7 @@ from agentd.config import load
 from agentd.daemon import Daemon
 from agentd.sim import Caller, Simulator, Utterance
 from tests.stubs import OpenAIStub, Script
-from tests.support import OUR_NUMBER
+from tests.support import CALLER, OUR_NUMBER
 
 CONFIG = """
 [voipbin]
@@ -43,6 +43,7 @@ def write(
     level: str = "info",
     backend: str = "",
     agent: str = "",
+    daemon: str = "",
 ) -> None:
     """The test's config at `path` (`backend`: a `[backend]` table's body, if any; `agent`:
     more `[agent]` keys)."""
@@ -60,6 +61,7 @@ def write(
             store=path.parent / "agentd.db",
         )
         + (f"[backend]\n{backend}\n" if backend else "")
+        + (f"[daemon]\n{daemon}\n" if daemon else "")
     )
 
 
@@ -184,3 +186,36 @@ async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_thei
     assert len(new.requests) == 1  # the call that began after the reload asked the new one
     fresh_said = [li.planned for li in sim.get_call(fresh).conversation if li.who == "agent"]
     assert "Hello from the stub." in fresh_said
+
+
+async def test_a_reload_during_the_drain_or_after_the_stop_is_skipped_and_leaks_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # a SIGHUP may come while `systemctl stop` drains, or after it: the handler stays installed.
+    # A config applied then would take no call, and its backend, made after the executor
+    # closed the old one, would never be closed
+    config = tmp_path / "agentd.toml"
+    drain = 'stop_sessions_on_shutdown = true\nshutdown_goodbye = "Bye now."\ndrain_s = 10'
+    write(config, sim, sim.accesskey, daemon=drain)
+    daemon = Daemon(load(config, env={}))
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.stream.ready.wait(), 5)
+    call = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.get_call(call).conversation), 10)
+    backend = daemon.backend
+    daemon.stop()
+    await sim.wait_for(lambda: "Bye now." in [li.text for li in sim.get_call(call).conversation])
+    assert not task.done()  # the drain is under way: the goodbye is being said
+    write(config, sim, sim.accesskey, greeting="Changed.", daemon=drain, backend='kind = "echo"')
+    with capture_logs() as during:
+        daemon.reload()
+    daemon.stop()  # a second SIGTERM in the drain
+    await asyncio.wait_for(task, 15)
+    with capture_logs() as after:
+        daemon.reload()
+    assert sim.get_call(call).status == "hangup"
+    assert sim.leaks() == []
+    assert [(line["event"], line["reason"]) for line in during + after] == [
+        ("reload.skipped", "stopping")
+    ] * 2
+    assert daemon.config.call.greeting == "Hello." and daemon.backend is backend
