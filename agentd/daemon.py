@@ -129,6 +129,9 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     return client
 
 
+# after daemon.drain_s, for the calls whose goodbye had not ended: hang up and stop the sessions.
+# drain_s (10) and this stay well inside the unit's TimeoutStopSec (30)
+HANG_UP_GRACE_S = 5.0
 RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted
 
 
@@ -738,6 +741,17 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiting, max(0.0, deadline - time.monotonic()))
         left = self.dispatcher.live_calls()
+        if left and stop:
+            # a goodbye still playing (a long one, a slow VoIPBIN): hang up now, cutting it.
+            # Left as it is, the caller stays on a call with no agent and, without a store, no
+            # later agentd stops its sessions; the unit's TimeoutStopSec leaves room for this
+            log.warning("agentd.drain_expired", calls=[c.id for c in left])
+            now = self.clock()
+            for call in left:
+                self._execute(call.id, call.shutdown(now))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dispatcher.wait_idle(), HANG_UP_GRACE_S)
+            left = self.dispatcher.live_calls()
         if left and stop:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])
         elif left:

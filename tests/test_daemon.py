@@ -427,3 +427,26 @@ async def test_a_server_that_refuses_to_upgrade_is_retried(
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([Utterance("back again")]))
     await sim.wait_call_status(call_id, "hangup", timeout=10)
     assert "You said: back again." in [li.text for li in sim.get_call(call_id).conversation]
+
+
+async def test_a_goodbye_longer_than_the_drain_is_cut_and_the_call_still_ended(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # without a store nobody else stops the sessions: a drain that ran out during the goodbye
+    # (a long one, a slow VoIPBIN) left the caller on a call with no agent and both sessions
+    # billed, and systemd's TimeoutStopSec (30 s) was still far off
+    goodbye = "Sorry, " + "we really have to go now, " * 20 + "goodbye."
+    daemon = await agent(
+        daemon={"drain_s": 0.5, "shutdown_goodbye": goodbye, "stop_sessions_on_shutdown": True},
+        store={"path": ""},
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)
+    with capture_logs() as logged:
+        daemon.stop()
+        await asyncio.wait_for(daemon.stopped.wait(), 10)
+    assert sim.get_call(call_id).status == "hangup"
+    assert sim.leaks() == []
+    events = [line["event"] for line in logged]
+    assert "agentd.drain_expired" in events  # the goodbye was still playing: it was cut
+    assert "agentd.drain_incomplete" not in events
