@@ -219,3 +219,35 @@ async def test_a_reload_during_the_drain_or_after_the_stop_is_skipped_and_leaks_
         ("reload.skipped", "stopping")
     ] * 2
     assert daemon.config.call.greeting == "Hello." and daemon.backend is backend
+
+
+async def test_a_reload_of_a_broken_config_keeps_the_running_one_and_says_why_in_one_line(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "agentd.toml"
+    write(config, sim, sim.accesskey, greeting="Hello.")
+    good = config.read_text()
+    edited = good.replace('greeting = "Hello."', 'greeting = "Changed."')
+    # each mistake, and what its one line must name
+    broken = {
+        edited.replace('"Changed."', '"Changed.'): "not valid TOML",
+        edited + '[backend]\nkind = "nope"\n': "backend.kind",
+        edited + '[backend]\nkind = "python"\ncallable = "no_such_module_here:reply"\n': (
+            "no_such_module_here"
+        ),
+        "": "no such config file",  # deleted, or moved aside while being edited
+    }
+    async with running(config) as daemon:
+        running_config, backend = daemon.config, daemon.backend
+        for text, why in broken.items():
+            if text:
+                config.write_text(text)
+            else:
+                config.unlink()
+            with capture_logs() as logged:
+                daemon.reload()
+            assert [line["event"] for line in logged] == ["reload.failed"], logged
+            assert logged[0]["log_level"] == "error"
+            assert why in logged[0]["error"] and "\n" not in logged[0]["error"]
+            assert daemon.config is running_config and daemon.backend is backend
+            config.write_text(good)
