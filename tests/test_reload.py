@@ -251,3 +251,39 @@ async def test_a_reload_of_a_broken_config_keeps_the_running_one_and_says_why_in
             assert why in logged[0]["error"] and "\n" not in logged[0]["error"]
             assert daemon.config is running_config and daemon.backend is backend
             config.write_text(good)
+
+
+async def test_a_reload_while_the_stream_reconnects_applies_and_the_live_call_goes_on(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "agentd.toml"
+    write(config, sim, sim.accesskey, greeting="Hello.")
+    async with running(config) as daemon:
+        live = sim.inbound_call(
+            CALLER, OUR_NUMBER, Caller([Utterance("after the outage")], hangup_after_s=None)
+        )
+        await sim.wait_for(lambda: bool(sim.get_call(live).conversation), 10)
+        sim.faults.refuse_ws(503, count=1000)
+        sim.faults.drop_websockets()
+        await sim.wait_for(lambda: daemon.stream.stats.reconnects >= 2, 15)
+        assert not daemon.stream.ready.is_set()  # down, retrying
+        write(config, sim, sim.accesskey, greeting="Hi again.")
+        with capture_logs() as logged:
+            daemon.reload()
+        assert [line["event"] for line in logged] == ["reload.done"]
+        sim.faults.accept_ws()
+        await asyncio.wait_for(daemon.stream.ready.wait(), 15)
+        await sim.wait_for(
+            lambda: (
+                "You said: after the outage." in [li.text for li in sim.get_call(live).conversation]
+            ),
+            15,
+        )
+        fresh = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+        await sim.wait_for(lambda: bool(sim.get_call(fresh).conversation), 10)
+        await sim.hangup(fresh)
+        await sim.hangup(live)
+        await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert sim.get_call(live).conversation[0].planned == "Hello."  # the live call kept its own
+    assert sim.get_call(fresh).conversation[0].planned == "Hi again."
+    assert sim.leaks() == []
