@@ -168,7 +168,8 @@ def _version(conn: sqlite3.Connection) -> int:
 def _check_version(version: int, path: str) -> None:
     if version > LATEST_VERSION:
         raise StoreError(
-            f"{path} has schema version {version}; this agentd knows up to {LATEST_VERSION}"
+            f"{path} has schema version {version}; this agentd knows up to {LATEST_VERSION} "
+            "(an agentd newer than this one migrated it)"
         )
 
 

@@ -215,7 +215,7 @@ async def test_an_upgrade_migrates_the_store_once_and_resumes_the_call_an_older_
     assert code == 2, err  # the unit's RestartPreventExitStatus: no restart loop
     assert err.strip().splitlines() == [
         f"agentd: store: {db} has schema version {LATEST_VERSION + 1}; this agentd knows up "
-        f"to {LATEST_VERSION}"
+        f"to {LATEST_VERSION} (an agentd newer than this one migrated it)"
     ]
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 

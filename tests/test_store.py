@@ -345,7 +345,8 @@ async def test_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as err:
         await Store.open(path)
     assert str(err.value) == (
-        f"{path} has schema version 99; this agentd knows up to {LATEST_VERSION}"
+        f"{path} has schema version 99; this agentd knows up to {LATEST_VERSION} "
+        "(an agentd newer than this one migrated it)"
     )
 
 
