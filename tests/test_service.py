@@ -105,6 +105,9 @@ async def test_run_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm(
 
         proc.send_signal(signal.SIGTERM)
         await recv_until(sock, b"STOPPING=1")
+        # an impatient operator in the drain: systemctl stop again, Ctrl-C, a reload
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            proc.send_signal(sig)
         output, _ = await asyncio.wait_for(proc.communicate(), 15)
         assert proc.returncode == 0, output.decode()[-2000:]
     finally:
@@ -124,3 +127,4 @@ async def test_run_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm(
     lines = output.decode().splitlines()
     assert lines and all(line.startswith("{") for line in lines)
     assert sim.accesskey not in output.decode()
+    assert '"reason":"stopping"' in output.decode()  # the SIGHUP came in the drain
