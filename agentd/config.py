@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from agentd.call import CallSettings
@@ -81,6 +81,11 @@ class BackendConfig:
     def __repr__(self) -> str:
         # a key may be in a URL (`?code=` for Azure Functions, a user:password@)
         return _masked_repr(self, "base_url", "url")
+
+
+# after daemon.drain_s, the most a stop spends hanging up the calls whose goodbye had not ended
+SHUTDOWN_HANG_UP_S: Final = 5.0
+UNIT_TIMEOUT_STOP_S: Final = 30.0  # systemd/agentd.service's TimeoutStopSec
 
 
 @dataclass(frozen=True)
@@ -693,7 +698,10 @@ def _build(
         status_socket=resolve_status_socket(_section(m, "status")["socket"], env, store_path),
         metrics_listen=_metrics_listen(_section(m, "metrics")["listen"]),
         otel=_otel(_section(m, "otel")),
-        warnings=_voice_warnings(call) + _unknown_env(env) + _shadowed_secrets(m, env),
+        warnings=_voice_warnings(call)
+        + _drain_warnings(_section(m, "daemon")["drain_s"])
+        + _unknown_env(env)
+        + _shadowed_secrets(m, env),
         store_keep_days=store["keep_days"],
         store_url=store_url,
         lease_s=_lease_s(store["lease_s"]),
@@ -932,6 +940,19 @@ def _why(value: object) -> str:
         return ": no country code starts with 0"
     digits = len(value) - 1
     return f": {digits} digits" if digits > 15 else ": too short"
+
+
+def _drain_warnings(drain_s: float) -> tuple[str, ...]:
+    """A drain that systemd's SIGKILL would cut: its goodbyes unsaid and, without a store,
+    its calls' sessions left billing."""
+    if drain_s + SHUTDOWN_HANG_UP_S < UNIT_TIMEOUT_STOP_S:
+        return ()
+    return (
+        f"daemon.drain_s: {drain_s:g} s, and up to {SHUTDOWN_HANG_UP_S:g} s more to hang up the "
+        f"calls left, ends after the systemd unit's TimeoutStopSec ({UNIT_TIMEOUT_STOP_S:g} s), "
+        "which kills agentd mid-drain: lower it, or raise TimeoutStopSec in a drop-in "
+        "(systemctl edit agentd)",
+    )
 
 
 def _voice_warnings(call: CallSettings) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from agentd.commands import (
     TranscriptsRead,
     WriteAhead,
 )
-from agentd.config import Config, ConfigError, load, restart_needed
+from agentd.config import SHUTDOWN_HANG_UP_S, Config, ConfigError, load, restart_needed
 from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, Event, TranscriptEvent, event_of
 from agentd.executor import Executor
@@ -129,9 +129,6 @@ def make_client(config: Config, *, tool: bool = False) -> VoipbinClient:
     return client
 
 
-# after daemon.drain_s, for the calls whose goodbye had not ended: hang up and stop the sessions.
-# drain_s (10) and this stay well inside the unit's TimeoutStopSec (30)
-HANG_UP_GRACE_S = 5.0
 RETENTION_EVERY_S = 3600.0  # how often ended calls past store.keep_days are deleted
 
 
@@ -750,7 +747,7 @@ class Daemon:
             for call in left:
                 self._execute(call.id, call.shutdown(now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dispatcher.wait_idle(), HANG_UP_GRACE_S)
+                await asyncio.wait_for(self.dispatcher.wait_idle(), SHUTDOWN_HANG_UP_S)
             left = self.dispatcher.live_calls()
         if left and stop:
             log.error("agentd.drain_incomplete", calls=[c.id for c in left])

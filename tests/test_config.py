@@ -708,3 +708,15 @@ def test_a_negative_history_limit_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace(NUMBERS, f"{NUMBERS}\nhistory_limit = -1")
     with pytest.raises(ConfigError, match=r"agent\.history_limit: must not be negative"):
         load(write(tmp_path, text), env={})
+
+
+def test_a_drain_longer_than_the_units_stop_timeout_is_a_warning() -> None:
+    # systemd kills agentd TimeoutStopSec (30 s) after the SIGTERM: a drain past it is cut by
+    # SIGKILL, its goodbyes unsaid and, without a store, its sessions left billing
+    long = load(None, env={}, overrides={**MINIMAL, "daemon": {"drain_s": 28}})
+    assert long.warnings == (
+        "daemon.drain_s: 28 s, and up to 5 s more to hang up the calls left, ends after the "
+        "systemd unit's TimeoutStopSec (30 s), which kills agentd mid-drain: lower it, or "
+        "raise TimeoutStopSec in a drop-in (systemctl edit agentd)",
+    )
+    assert load(None, env={}, overrides={**MINIMAL, "daemon": {"drain_s": 20}}).warnings == ()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from agentd.config import UNIT_TIMEOUT_STOP_S
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "agentd.service"
 EXAMPLE_CONFIG = ROOT / "systemd" / "agentd.toml.example"
@@ -95,7 +97,8 @@ def test_notify_watchdog_and_reload(service: Directives) -> None:
     assert only(service, "Restart") == "on-failure"
     # a bad config or a login without the permission exits 2: no restart loop
     assert only(service, "RestartPreventExitStatus") == "2"
-    assert only(service, "TimeoutStopSec") == "30"
+    # what config.py warns a drain against (daemon.drain_s)
+    assert only(service, "TimeoutStopSec") == f"{UNIT_TIMEOUT_STOP_S:g}"
 
 
 def test_network_online_ordering(unit: dict[str, Directives]) -> None:
