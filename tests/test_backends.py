@@ -979,3 +979,55 @@ def test_stream_json_takes_what_the_stdlib_takes() -> None:
     )
     with pytest.raises(BackendError, match="malformed event"):
         wire.decode_json("{nope", "x", "event")
+
+
+async def test_openai_a_pooled_connection_the_server_closed_is_not_the_callers_problem() -> None:
+    # a server drops an idle keep-alive connection after a few seconds (uvicorn: 5 s), aiohttp
+    # keeps it 15 s: a turn that reuses it just then finds it closed before any answer. The
+    # request never reached the model: it is sent again on a new connection, not failed
+    body = (
+        b'data: {"choices":[{"delta":{"content":"Hello."}}]}\n\n'
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Content-Length: %d\r\nConnection: keep-alive\r\n\r\n%s" % (len(body), body)
+    )
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first_connection = connections == 1
+        requests = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the client closed it: done
+                writer.close()
+                return
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            requests += 1
+            if first_connection and requests == 2:
+                writer.close()  # it was closing as idle when the request came: no answer
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = openai(f"http://127.0.0.1:{port}/v1", tools=False)
+    try:
+        for _ in range(2):  # the second turn reuses the first one's connection
+            chunks = [c async for c in backend.reply("call-1", HISTORY)]
+            assert text_of(chunks) == "Hello."
+    finally:
+        await backend.aclose()
+        server.close()
+        await server.wait_closed()
+    assert connections == 2

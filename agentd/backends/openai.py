@@ -40,7 +40,7 @@ log = logs.get_logger("agentd.backends.openai")
 _KIND = "openai"
 # as OpenAI's own SDKs: a rate limit, a conflict, a timeout and the 5xx are worth a second try
 # (a completion has no side effect to repeat)
-_RETRY = Retry(frozenset({408, 409, 429, 500, 502, 503, 504}))
+_RETRY = Retry(frozenset({408, 409, 429, 500, 502, 503, 504}), resend_dropped=True)
 
 
 @dataclass

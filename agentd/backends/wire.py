@@ -91,6 +91,10 @@ class Retry:
 
     statuses: frozenset[int] = frozenset()
     tries: int = 3
+    #: sent once more, at once, when the connection is found closed before any answer: a
+    #: pooled one the server dropped as idle (uvicorn after 5 s; aiohttp keeps them 15 s) just
+    #: as the request went out. Only where asking twice is harmless (a model's completion)
+    resend_dropped: bool = False
 
 
 NO_RETRY = Retry()
@@ -126,7 +130,8 @@ async def post_stream(
     waits = delays(_RETRY_BASE_S, _RETRY_CAP_S)
     try:
         for tries in range(1, max(retry.tries, 1) + 1):
-            async with session.post(url, json=body, headers=headers, allow_redirects=False) as resp:
+            resp = await _post(session, url, body, headers, retry.resend_dropped)
+            async with resp:
                 if 200 <= resp.status < 300:
                     try:
                         yield resp
@@ -154,6 +159,26 @@ async def post_stream(
     except aiohttp.ClientError as exc:
         # aiohttp's texts name the host and the OS error, never the request headers
         raise BackendError(redact(f"{kind} backend: {type(exc).__name__}: {exc}")) from exc
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    resend_dropped: bool,
+) -> aiohttp.ClientResponse:
+    """The POST's response; sent once more when the connection was dropped before any answer
+    (`Retry.resend_dropped`). aiohttp resends only idempotent requests itself."""
+    try:
+        return await session.post(url, json=body, headers=headers, allow_redirects=False)
+    except aiohttp.ClientConnectorError:
+        raise  # no connection was made: nothing stale to step past
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        if not resend_dropped:
+            raise
+        log.info("backend.resent", reason=f"{type(exc).__name__}: {exc}")
+        return await session.post(url, json=body, headers=headers, allow_redirects=False)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
