@@ -198,47 +198,41 @@ def test_no_words_while_the_stream_is_down_is_no_pause_of_the_callers() -> None:
     assert [a.history[-1] for a in asks(cmds)] == [("user", read_back)]
 
 
+def _back_with_a_reply_held(reply: str) -> tuple[Call, float, list[object]]:
+    """The caller asked a question (asked at once), the stream dropped, the reply's sentence
+    came while it was down; the call, when the stream came back, and that step's commands."""
+    call = greeted()
+    last = speak(call, "what is my balance?", 10.0)
+    step(call, StreamState(False), last + 0.05)
+    step(call, ReplySentence(call.turns.turn, reply), last + 0.1)
+    back = last + 2.0
+    return call, back, list(step(call, StreamState(True), back))
+
+
 def test_a_turn_open_when_the_stream_comes_back_is_not_answered_before_the_read_back() -> None:
     # a restart or a blip between the caller's first words and the end of their turn: they
     # went on unheard. Said at once, the reply to their first words would be cut by the rest
     # once read back: the agent talking over itself
-    call = greeted()
-    last = speak(call, "what is my balance?", 10.0)
-    turn = call.turns.turn  # a question: asked at once
-    step(call, StreamState(False), last + 0.05)
-    step(call, ReplySentence(turn, "Your balance is ten dollars."), last + 0.1)
-    back = last + 2.0
-    cmds = step(call, StreamState(True), back)
+    call, back, cmds = _back_with_a_reply_held("Your balance is ten dollars.")
     assert [c for c in cmds if isinstance(c, FetchTranscripts)] != []
     cmds += step(call, ENDPOINT, back + 0.6)
     assert says(cmds) == []  # held for the read-back
     gone_on = "what is my balance? and my savings?"
-    cmds = step(call, TranscriptsRead((transcript(gone_on, "tr7"),)), back + 0.7)
+    cmds = list(step(call, TranscriptsRead((transcript(gone_on, "tr7"),)), back + 0.7))
     assert says(cmds) == []
     (again,) = asks(cmds)  # one turn, all of its words
     assert again.history[-1] == ("user", gone_on)
 
 
 def test_a_read_back_that_finds_nothing_new_lets_the_held_reply_be_said_at_once() -> None:
-    call = greeted()
-    last = speak(call, "what is my balance?", 10.0)
-    step(call, StreamState(False), last + 0.05)
-    step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)
-    back = last + 2.0
-    cmds = step(call, StreamState(True), back)
+    call, back, cmds = _back_with_a_reply_held("Ten dollars.")
     cmds += step(call, ENDPOINT, back + 0.6)
     assert says(cmds) == []
-    cmds = step(call, TranscriptsRead(()), back + 0.7)
-    assert says(cmds) == ["Ten dollars."]
+    assert says(step(call, TranscriptsRead(()), back + 0.7)) == ["Ten dollars."]
 
 
 def test_a_read_back_that_never_comes_holds_the_reply_no_longer_than_a_final_is_awaited() -> None:
-    call = greeted()
-    last = speak(call, "what is my balance?", 10.0)
-    step(call, StreamState(False), last + 0.05)
-    step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)
-    back = last + 2.0
-    cmds = step(call, StreamState(True), back)
+    call, back, cmds = _back_with_a_reply_held("Ten dollars.")
     assert endpoint_delay(cmds) == pytest.approx(LIVE.final_wait_s)
     assert says(step(call, ENDPOINT, back + LIVE.final_wait_s)) == ["Ten dollars."]
 
