@@ -812,7 +812,7 @@ class Daemon:
                 connects=stats.connects,
                 reconnects=stats.reconnects,
                 last_frame_age_s=since(stats.last_frame_at),
-                last_error=stats.last_error,
+                last_error=stats.last_error or self._lookup_error(),
             ),
             last_event_age_s=since(d.last_event_at),
             calls=tuple(
@@ -839,6 +839,13 @@ class Daemon:
             ),
             replicas=self._replicas_status(),
         )
+
+    def _lookup_error(self) -> str:
+        """Why the first lookup of our customer (before any connection) is being retried."""
+        stats = self.stream.stats
+        if stats.state != "connecting" or stats.connects or stats.reconnects:
+            return ""
+        return self.client.last_retry
 
     def _replicas_status(self) -> Replicas | None:
         r = self.replica

@@ -233,9 +233,9 @@ class EventStream:
         return "slow"
 
     async def _session(self, first: bool) -> None:
+        self.stats.state = "connecting"  # the customer's lookup too: no longer "starting"
         if self._cid is None:
             self._cid = await self._customer_id()
-        self.stats.state = "connecting"
         async with connect(
             self.ws_url,
             additional_headers=self._auth(),

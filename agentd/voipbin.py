@@ -187,6 +187,9 @@ class VoipbinClient:
         # None: each retry is a warning in the log. A list: why each retry was needed, kept for
         # a tool that says so in its own words (check-config's one line per check)
         self.retries: list[str] | None = None
+        # why the latest request was retried ("GET /customer: HTTP 503"): the status shows it
+        # while the first lookup of the customer keeps failing (no connection to speak of yet)
+        self.last_retry = ""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -303,6 +306,7 @@ class VoipbinClient:
                     self.limiter.penalise(step.hold_s)
                 if step.verdict not in ("retry", "rate_limited"):
                     raise attempt.api_error() from None
+                self.last_retry = f"{method} {path}: {_retry_reason(attempt, step)}"
                 if self.retries is None:
                     _log_retry(method, path, attempt, step)
                 else:

@@ -323,6 +323,35 @@ async def test_status_says_why_voipbin_is_not_connected(
     assert doc["connection"]["state"] == "ready" and doc["connection"]["last_error"] is None
 
 
+async def test_status_says_why_the_first_lookup_of_the_customer_fails(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # VoIPBIN failing at start: before any connection, the status says what is being retried
+    # rather than "starting" with no error
+    path = tmp_path / "s.sock"
+    sim.faults.fail("GET", r"/customer$", 503, count=1000)
+    overrides = {
+        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+        "agent": {"numbers": [OUR_NUMBER]},
+        "status": {"socket": str(path)},
+    }
+    daemon = Daemon(load(None, env={}, overrides=overrides))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await sim.wait_for(lambda: len(sim.requests_matching("GET", r"/customer$")) >= 2, 10)
+        doc = json.loads(await ask_raw(path, b""))
+        assert doc["connection"]["state"] == "connecting"
+        assert doc["connection"]["last_error"] == "GET /customer: HTTP 503"
+        assert "last error: GET /customer: HTTP 503" in render(doc).splitlines()[1]
+        sim.faults.heal()
+        await asyncio.wait_for(daemon.stream.ready.wait(), 10)
+        doc = json.loads(await ask_raw(path, b""))
+        assert doc["connection"]["state"] == "ready" and doc["connection"]["last_error"] is None
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+
+
 def test_durations() -> None:
     assert duration(None) == "-"
     assert duration(4.25) == "4.2 s"
