@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import stat
 import sys
 import time
@@ -129,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         help="place the call even when no running agentd would serve it",
     )
 
+    hangup = sub.add_parser("hangup", help="hang up a call (the running daemon cleans up)")
+    hangup.add_argument("id", help="the call id, as `agentd status` or `agentd call` shows it")
+    hangup.add_argument(
+        "--config", help=f"TOML config (default: $AGENTD_CONFIG or {DEFAULT_CONFIG})"
+    )
+
     check = sub.add_parser(
         "check-config", help="validate the config, the credentials and the backend"
     )
@@ -193,9 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(argv[1:])
     args = _parser().parse_args(argv)
     unread = ""  # why the service's credentials beside the config were not read
-    if args.command in ("check-config", "call", "calls", "console"):
+    if args.command in ("check-config", "call", "hangup", "calls", "console"):
         unread = service_credentials(_config_path(getattr(args, "config", None)), os.environ)
-    if args.command in ("check-config", "call", "calls", "status"):
+    if args.command in ("check-config", "call", "hangup", "calls", "status"):
         # a tool's own output is stdout (`ID=$(agentd call ...)`); what its REST client or
         # store warns of (a retry, a slow server) goes to stderr, redacted as the daemon's is
         from agentd import logs
@@ -249,6 +256,8 @@ def _command(args: argparse.Namespace) -> int:
         return _run(args.config)
     if args.command == "call":
         return _call(args)
+    if args.command == "hangup":
+        return _hangup(args)
     if args.command == "check-config":
         return _check(args.config)
     if args.command == "status":
@@ -395,6 +404,40 @@ def _call(args: argparse.Namespace) -> int:
             await client.close()
 
     return asyncio.run(place())
+
+
+def _hangup(args: argparse.Namespace) -> int:
+    """Hang a call up through VoIPBIN. The daemon serving it sees the hangup, as any other,
+    and stops its sessions; one that is not running stops them at its next start."""
+    from agentd.daemon import make_client
+    from agentd.voipbin import ApiError
+
+    config = _load(args.config)
+    call_id = args.id.strip()
+    if not _CALL_ID.fullmatch(call_id):
+        # it goes into the request's path: "../" or a "?" would ask VoIPBIN for something else
+        print(f"agentd: not a call id: {call_id!r}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def hangup() -> int:
+        client = make_client(config, tool=True)
+        try:
+            await client.hangup(call_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                print(f"agentd: no call {call_id} on this account", file=sys.stderr)
+            else:
+                print(f"agentd: hangup failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+        print(f"hung up: {call_id}")
+        return 0
+
+    return asyncio.run(hangup())
+
+
+_CALL_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]*")
 
 
 def _may_have_reached(exc: ApiError) -> bool:

@@ -14,7 +14,7 @@ from agentd.ratelimit import BACKGROUND, RateLimiter
 from agentd.secret import Secret
 from agentd.sim import Caller, Outcome, Simulator, Utterance
 from agentd.voipbin import Credentials, VoipbinClient
-from tests.support import OUR_NUMBER, StartAgent, run_cli, serving
+from tests.support import CALLER, OUR_NUMBER, StartAgent, run_cli, serving
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -455,3 +455,45 @@ async def test_wait_stops_when_voipbin_refuses_the_call_for_good(
     finally:
         await client.close()
     assert "cannot follow the call" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # `agentd hangup` in a subprocess, a live call
+async def test_hangup_ends_a_live_call_and_the_daemon_stops_its_sessions(
+    sim: Simulator, agent: StartAgent, tmp_path: Path
+) -> None:
+    daemon = await agent()
+    config = write(tmp_path, sim, daemon.config.status_socket)
+    call_id = sim.inbound_call(
+        CALLER, OUR_NUMBER, Caller([Utterance("hello")], hangup_after_s=None)
+    )
+    await daemon.dispatcher.wait_until(
+        lambda: any(c.id == call_id and c.turn >= 1 for c in daemon.dispatcher.live_calls())
+    )
+    code, out, err = await run_cli("hangup", call_id, "--config", str(config))
+    assert (code, out) == (0, f"hung up: {call_id}\n"), err
+    assert sim.get_call(call_id).status == "hangup"
+    # the daemon heard the hangup as any other: the call is over for it, its sessions stopped
+    await daemon.dispatcher.wait_until(lambda: not daemon.dispatcher.live_calls())
+    await sim.wait_for(lambda: sim.leaks() == [], 10)
+    assert sim.accesskey not in out + err
+
+
+@pytest.mark.slow  # `agentd hangup` in a subprocess
+async def test_hangup_of_a_call_voipbin_does_not_know_exits_1(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = write(tmp_path, sim, str(tmp_path / "none.sock"))
+    unknown = "0b6f7f40-5a4e-4c1e-9d59-5b8e0c7f2a11"
+    code, out, err = await run_cli("hangup", unknown, "--config", str(config))
+    assert (code, out) == (1, "")
+    assert f"agentd: no call {unknown} on this account" in err
+
+
+async def test_hangup_of_something_that_is_no_call_id_sends_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    config = write(tmp_path, sim, str(tmp_path / "none.sock"))
+    code, _, err = await run_cli("hangup", "../numbers/1", "--config", str(config))
+    assert code == 2
+    assert "not a call id: '../numbers/1'" in err
+    assert sim.requests == []
