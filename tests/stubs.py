@@ -161,6 +161,7 @@ class Script:
     raw: Sequence[str] | None = None  # send these lines verbatim instead (malformed streams)
     whole: bool = False  # answer one JSON completion, as a server that ignores `stream` does
     finish: str = ""  # the finish_reason sent ("length", "content_filter"); "" for the usual one
+    parts: Sequence[dict[str, Any]] | None = None  # `whole`: the content as a list of parts
 
 
 class OpenAIStub(StubServer):
@@ -194,7 +195,8 @@ class OpenAIStub(StubServer):
                 {"error": error}, status=script.status, headers=dict(script.headers)
             )
         if script.whole:
-            message: dict[str, Any] = {"role": "assistant", "content": script.text or None}
+            content = list(script.parts) if script.parts is not None else script.text or None
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if script.tool_calls:
                 message["tool_calls"] = [
                     {

@@ -302,6 +302,29 @@ async def test_openai_a_reasoning_models_thinking_is_never_said(llm: OpenAIStub)
     assert text_of(await collect(openai(llm))) == "Type <think> in the box."
 
 
+async def test_openai_content_sent_as_parts_is_said_without_the_thinking(
+    llm: OpenAIStub,
+) -> None:
+    # Mistral's API (magistral, and others behind it) sends `content` as a list of parts: the
+    # thinking in its own part, the reply in "text" parts; it was dropped whole, and the
+    # caller heard the fallback line
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "They ask hours."}]}
+    llm.script(
+        Script(
+            raw=[
+                _delta({"role": "assistant", "content": [thinking]}),
+                _delta({"content": [{"type": "text", "text": "We open"}]}),
+                _delta({"content": " at nine."}),  # a plain string may follow
+                _delta({"content": [{"type": "reference", "reference_ids": [1]}]}),
+                "data: [DONE]\n\n",
+            ]
+        ),
+        Script(parts=[thinking, {"type": "text", "text": "All at once."}], whole=True),
+    )
+    assert text_of(await collect(openai(llm))) == "We open at nine."
+    assert text_of(await collect(openai(llm))) == "All at once."
+
+
 async def test_openai_answer_that_is_not_streamed_is_accepted(llm: OpenAIStub) -> None:
     llm.script(Script("All at once.", tool_calls=[("end_call", {})], whole=True))
     assert await collect(openai(llm)) == ["All at once.", ToolCall("end_call", {})]

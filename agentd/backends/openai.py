@@ -256,8 +256,8 @@ class OpenAIBackend:
                 finish = choice.get("finish_reason")
                 message = choice.get("message")
                 if isinstance(message, dict):
-                    content = message.get("content")
-                    if isinstance(content, str) and (said := thoughts.said(content)):
+                    content = _text(message.get("content"))
+                    if content and (said := thoughts.said(content)):
                         yield said
                     calls.add(message.get("tool_calls"))
                 if spent is not None:
@@ -276,8 +276,8 @@ class OpenAIBackend:
                         delta = choice.get("delta")
                         if not isinstance(delta, dict):
                             continue
-                        content = delta.get("content")
-                        if isinstance(content, str) and (said := thoughts.said(content)):
+                        content = _text(delta.get("content"))
+                        if content and (said := thoughts.said(content)):
                             yield said
                         calls.add(delta.get("tool_calls"))
             if said := thoughts.said("", end=True):
@@ -355,3 +355,24 @@ def _first_choice(obj: Any) -> dict[str, Any]:
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         return choices[0]
     return {}
+
+
+def _text(content: object) -> str:
+    """A message's or delta's `content` as text: a string, or the text of a list of parts.
+
+    Mistral (its reasoning models, and others through the same API) sends content as parts,
+    `[{"type": "thinking", ...}, {"type": "text", "text": "..."}]`: only the text parts are
+    the reply; a thought, a reference or an image is never said."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            text = part.get("text")
+            if isinstance(text, str):
+                texts.append(text)
+    return "".join(texts)
