@@ -750,9 +750,36 @@ class Daemon:
                 await asyncio.wait_for(self.dispatcher.wait_idle(), SHUTDOWN_HANG_UP_S)
             left = self.dispatcher.live_calls()
         if left and stop:
-            log.error("agentd.drain_incomplete", calls=[c.id for c in left])
+            self._drain_incomplete(left)
         elif left:
             log.info("agentd.left_for_restart", calls=[c.id for c in left])
+
+    def _drain_incomplete(self, left: list[Call]) -> None:
+        """The drain ran out with calls not clean: their stops were refused or unanswered
+        (retried all the budget long). Named, session by session, for the operator. Without a
+        store nothing stops them later: each is a `leak`, given up (an error, counted in
+        `agentd_leaks_total`); with one, the next start stops them."""
+        sessions = [
+            {"call_id": c.id, "kind": kind, "session_id": sid}
+            for c in left
+            for kind, sid in c.unstopped()
+        ]
+        if self.persister is not None:
+            log.error(
+                "agentd.drain_incomplete",
+                calls=[c.id for c in left],
+                sessions=sessions,
+                hint="recorded in the store: the next start stops them",
+            )
+            return
+        log.error(
+            "agentd.drain_incomplete",
+            calls=[c.id for c in left],
+            sessions=sessions,
+            hint="no store: nothing will stop these sessions; stop them by hand",
+        )
+        for call in left:
+            self.executor.execute(call.id, call.left_running())
 
     async def _replies_out(self) -> None:
         """Until no live call prepares a reply and every `/say` queued has gone out (one may

@@ -485,6 +485,19 @@ def test_a_failed_stop_is_retried_until_confirmed() -> None:
     assert step(call, Stopped("speaking", "s1", True), 6.2) == [Finished(CID)]
 
 
+def test_sessions_left_unstopped_at_a_shutdown_are_named_as_leaks() -> None:
+    call = answered()
+    assert call.unstopped() == [("speaking", "s1"), ("transcribe", "t1")]  # no stop asked yet
+    call.shutdown(1)
+    step(call, Stopped("transcribe", "t1", True), 1.1)
+    step(call, Stopped("speaking", "s1", False, 503), 1.2)  # refused: still billed
+    assert call.unstopped() == [("speaking", "s1")]
+    (leak,) = call.left_running()
+    assert isinstance(leak, Record) and leak.what is Kind.LEAK
+    assert leak.data["session_id"] == "s1" and leak.data["kind"] == "speaking"
+    assert leak.data["gave_up"] is True and leak.data["shutdown"] is True
+
+
 def test_backend_failure_speaks_the_fallback_and_the_call_goes_on() -> None:
     call = answered()
     step(call, transcript("hello"), 10)

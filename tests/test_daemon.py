@@ -450,3 +450,46 @@ async def test_a_goodbye_longer_than_the_drain_is_cut_and_the_call_still_ended(
     events = [line["event"] for line in logged]
     assert "agentd.drain_expired" in events  # the goodbye was still playing: it was cut
     assert "agentd.drain_incomplete" not in events
+
+
+async def test_stops_refused_through_a_storeless_drain_are_named_and_counted(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # without a store nothing stops a session after the process is gone: a VoIPBIN refusing
+    # every stop through the whole drain left the speaking billed, and all the operator saw was
+    # an error naming the call
+    daemon = await agent(
+        daemon={"drain_s": 1.0}, store={"path": ""}, metrics={"listen": "127.0.0.1:0"}
+    )
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+    await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)
+    (speaking,) = sim.world.speakings_of(call_id)
+    for method, path in (("POST", r"/stop$"), ("DELETE", r"/(speakings|transcribes)/[^/]+$")):
+        sim.faults.fail(method, path, 503, count=10_000)
+    assert daemon.metrics is not None
+    with capture_logs() as logged:
+        daemon.stop()
+        await asyncio.wait_for(daemon.stopped.wait(), 30)
+    stops = [r for r in sim.requests if r.path.endswith(f"{speaking.id}/stop")]
+    deletes = sim.requests_matching("DELETE", f"/speakings/{speaking.id}$")
+    assert len(stops) > 1 and deletes  # retried, and escalated to a DELETE, within the budget
+    (incomplete,) = [line for line in logged if line["event"] == "agentd.drain_incomplete"]
+    assert incomplete["log_level"] == "error"
+    named = {"call_id": call_id, "kind": "speaking", "session_id": speaking.id}
+    assert named in incomplete["sessions"]
+    leaks = [
+        line
+        for line in logged
+        if line.get("what") == "leak" and line.get("session_id") == speaking.id
+    ]
+    assert leaks and leaks[0]["log_level"] == "error" and leaks[0]["shutdown"] is True
+    assert daemon.metrics.registry.get_sample_value("agentd_leaks_total") >= 1
+    assert daemon.status_snapshot().counters.leaks >= 1
+    # it really is still billed: stopped by hand, as the operator would
+    assert [s["id"] for s in sim.leaks()] == [speaking.id]
+    sim.faults.heal()
+    client = VoipbinClient(sim.api_url, Credentials(accesskey=Secret(sim.accesskey)))
+    try:
+        await client.stop_speaking(speaking.id)
+    finally:
+        await client.close()

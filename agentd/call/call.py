@@ -37,6 +37,7 @@ from agentd.call.core import NEVER, Input
 from agentd.call.listen import Listening
 from agentd.call.phase import REMOTE, Effect, Phase, PhaseInput
 from agentd.call.recovery import Recovery
+from agentd.call.session import SessionKind, SessionState
 from agentd.call.table import Illegal
 from agentd.commands import (
     CallGone,
@@ -71,6 +72,8 @@ from agentd.names import Kind, Timer, TimerKind, TransferTo
 
 _STATUSES = {inp.value: inp for inp in REMOTE}
 _NONE: list[Command] = []  # an empty result, never appended to
+# a session in one of these states may be live on VoIPBIN, so billed
+_BILLED = (SessionState.INITIATING, SessionState.ACTIVE, SessionState.STOPPING)
 
 
 class Call(Recovery, Sessions, Listening):
@@ -266,6 +269,30 @@ class Call(Recovery, Sessions, Listening):
         if goodbye and self.speaking.active and self.phase.live:
             return self._goodbye(goodbye, now)
         return self._hang_up_now()
+
+    def unstopped(self) -> list[tuple[SessionKind, str]]:
+        """The sessions VoIPBIN has not confirmed stopped: the stops still pending or given up,
+        the ends still awaited, and a live session no stop was asked for yet."""
+        left = list(self.ledger.unconfirmed())
+        known = self.ledger.known()
+        for session in (self.speaking, self.transcribe):
+            if session.id and session.id not in known and session.state in _BILLED:
+                left.append((session.kind, session.id))
+        return left
+
+    def left_running(self) -> list[Command]:
+        """The daemon stops for good and nothing will stop this call's sessions after it (no
+        store to resume them from): a `leak` record, given up, for each session still
+        unconfirmed (and for a sweep still owed, whose session's id was never learned), so that
+        the operator can stop them by hand. Asked once, as the process leaves."""
+        cmds: list[Command] = []
+        for kind, sid in self.unstopped():
+            data = {"kind": kind, "session_id": sid, "attempts": self.ledger.attempts(sid)}
+            cmds.append(Record(self.id, Kind.LEAK, {**data, "gave_up": True, "shutdown": True}))
+        if self.ledger.sweeping or self.ledger.sweep_needed:
+            data = {"kind": "speaking", "sweep": True, "gave_up": True, "shutdown": True}
+            cmds.append(Record(self.id, Kind.LEAK, data))
+        return cmds
 
     def check(self) -> list[Command]:
         """Reconcile after a gap in the event stream: ask VoIPBIN how the call is.
