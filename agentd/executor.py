@@ -65,7 +65,7 @@ from agentd.names import Kind, Timer
 from agentd.reply import stream_reply
 from agentd.secret import redact
 from agentd.sentences import split_for_say
-from agentd.voipbin import SAY_LIMIT_BYTES, ApiError, VoipbinClient
+from agentd.voipbin import CALL_OVER, GONE, SAY_LIMIT_BYTES, ApiError, VoipbinClient
 
 log = logs.get_logger("agentd.executor")
 
@@ -480,7 +480,7 @@ class Executor:
 
     async def _check_call(self, cmd: CheckCall) -> Event | Result | None:
         try:
-            raw = await self.client.get_call(cmd.call_id)
+            raw = await self.client.get_call(cmd.call_id, expected=CALL_OVER)
         except ApiError as e:
             if e.status in (403, 404, 409):
                 return CallGone()
@@ -544,7 +544,8 @@ class Executor:
             await asyncio.sleep(min(pause, left))
             pause = min(2 * pause, 2.0)
             try:
-                status = str((await self.client.get_speaking(speaking_id)).get("status", ""))
+                spk = await self.client.get_speaking(speaking_id, expected=GONE)
+                status = str(spk.get("status", ""))
             except ApiError as e:
                 if e.status == 404:
                     return "stopped"  # gone: nothing to adopt or delete

@@ -84,12 +84,14 @@ class _LiveCollector(Collector):
         )
         yield CounterMetricFamily(
             "agentd_rest_errors",
-            "VoIPBIN REST attempts that failed: each 429 and each retried error counts",
+            "VoIPBIN REST attempts that failed: each 429 and each retried error counts "
+            "(not the answers expected at a hangup)",
             value=v["rest_errors"],
         )
         yield CounterMetricFamily(
             "agentd_rest_requests_failed",
-            "VoIPBIN REST requests that failed after their retries (an error for the caller)",
+            "VoIPBIN REST requests that failed after their retries (an error for the caller); "
+            "not the answers expected at a hangup (a stop of a session already gone: 404)",
             value=v["rest_requests_failed"],
         )
         yield CounterMetricFamily(

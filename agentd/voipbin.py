@@ -98,6 +98,14 @@ class LoginRefused(LoginError):
 LOGIN_REFUSED = "login refused: check voipbin.username and voipbin.password"
 
 
+#: What a stop, delete or flush of a session VoIPBIN already ended and removed answers: an
+#: outcome its caller expects (as good as stopped), not a failed request
+GONE = frozenset((404,))
+#: What a hangup or read of a call that is over answers (already hung up: 409; deleted: 404):
+#: what its caller expects at a hangup. Not 403: that may be a permission the credentials lack
+CALL_OVER = frozenset((404, 409))
+
+
 #: Pages of 100 a sweep (or the adoption of a session in the way) reads of GET /speakings:
 #: the sessions of the last thousand creates on the account, all calls together.
 SPEAKING_PAGES = 10
@@ -268,14 +276,19 @@ class VoipbinClient:
         deadline_s: float | None = None,
         timeout_s: float | None = None,
         final: frozenset[int] = frozenset(),
+        expected: frozenset[int] = frozenset(),
     ) -> Any:
         """Send one API request with retries; return the decoded JSON body (or None).
         `timeout_s`: each attempt's own, instead of the client's; `final`: statuses that are
-        this request's considered answer, raised at once however retryable they look."""
+        this request's considered answer, raised at once however retryable they look;
+        `expected`: statuses its caller expects and takes for an outcome, not a failure (a
+        stop of a session already gone: 404), raised at once and counted in neither `errors`
+        nor `failures`."""
         deadline = time.monotonic() + (deadline_s or self.deadline_s)
         waits = delays()
         relogged = False
         payload = None if json is None else orjson.dumps(json)  # once, whatever the retries
+        answered = False  # with a status in `expected`
         try:
             while True:
                 await self.limiter.acquire(priority)
@@ -284,6 +297,9 @@ class VoipbinClient:
                 attempt = await self._attempt(method, path, payload, params, timeout_s)
                 if not attempt.failed:
                     return attempt.body
+                if attempt.status in expected:
+                    answered = True
+                    raise attempt.api_error() from None
                 self.errors += 1
                 if attempt.status in final:
                     raise attempt.api_error() from None
@@ -313,7 +329,8 @@ class VoipbinClient:
                     self.retries.append(_retry_reason(attempt, step))
                 await asyncio.sleep(step.wait_s)
         except ApiError:
-            self.failures += 1
+            if not answered:
+                self.failures += 1
             raise
 
     async def _attempt(
@@ -369,9 +386,12 @@ class VoipbinClient:
             raise ApiError(502, "BAD_RESPONSE", "customer has no id")
         return cid
 
-    async def get_call(self, call_id: str) -> dict[str, Any]:
-        """GET /calls/{id}."""
-        return _obj(await self.request("GET", f"/calls/{call_id}"))
+    async def get_call(
+        self, call_id: str, *, expected: frozenset[int] = frozenset()
+    ) -> dict[str, Any]:
+        """GET /calls/{id}; `expected`: the statuses the caller takes for an answer (a call
+        over: `CALL_OVER`), no failure."""
+        return _obj(await self.request("GET", f"/calls/{call_id}", expected=expected))
 
     async def recent_calls(
         self, within_s: float = CALL_CAP_S + CLOCK_MARGIN_S, max_pages: int = 50
@@ -428,7 +448,9 @@ class VoipbinClient:
         docs promise 409 CALL_ALREADY_HANGUP; either way the call is over, which is what the
         caller of this method wants to know."""
         try:
-            await self.request("POST", f"/calls/{call_id}/hangup", priority=URGENT)
+            await self.request(
+                "POST", f"/calls/{call_id}/hangup", priority=URGENT, expected=CALL_OVER
+            )
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -501,6 +523,7 @@ class VoipbinClient:
             f"/transcribes/{transcribe_id}/stop",
             priority=URGENT,
             deadline_s=STOP_DEADLINE_S,
+            expected=GONE,
         )
 
     async def transcripts(self, transcribe_id: str) -> AsyncIterator[dict[str, Any]]:
@@ -561,9 +584,11 @@ class VoipbinClient:
         call's, created a minute ago."""
         return [s async for s in self._pages("/speakings", {"page_size": "100"}, max_pages)]
 
-    async def get_speaking(self, speaking_id: str) -> dict[str, Any]:
-        """GET /speakings/{id}."""
-        return _obj(await self.request("GET", f"/speakings/{speaking_id}"))
+    async def get_speaking(
+        self, speaking_id: str, *, expected: frozenset[int] = frozenset()
+    ) -> dict[str, Any]:
+        """GET /speakings/{id}; `expected` as for `get_call` (`GONE`)."""
+        return _obj(await self.request("GET", f"/speakings/{speaking_id}", expected=expected))
 
     async def say(self, speaking_id: str, text: str) -> None:
         """POST /speakings/{id}/say; never re-sent once it may have reached the server."""
@@ -582,12 +607,17 @@ class VoipbinClient:
             f"/speakings/{speaking_id}/flush",
             priority=URGENT,
             deadline_s=FLUSH_DEADLINE_S,
+            expected=GONE,  # nothing was playing any more
         )
 
     async def stop_speaking(self, speaking_id: str) -> None:
         """POST /speakings/{id}/stop (idempotent)."""
         await self.request(
-            "POST", f"/speakings/{speaking_id}/stop", priority=URGENT, deadline_s=STOP_DEADLINE_S
+            "POST",
+            f"/speakings/{speaking_id}/stop",
+            priority=URGENT,
+            deadline_s=STOP_DEADLINE_S,
+            expected=GONE,
         )
 
     async def delete_speaking(self, speaking_id: str) -> str:
@@ -599,14 +629,22 @@ class VoipbinClient:
         over a stream nobody stopped (its `speaking_stopped`, which ends the billing, never
         comes)."""
         body = await self.request(
-            "DELETE", f"/speakings/{speaking_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
+            "DELETE",
+            f"/speakings/{speaking_id}",
+            priority=URGENT,
+            deadline_s=STOP_DEADLINE_S,
+            expected=GONE,
         )
         return str(body.get("status", "")) if isinstance(body, dict) else ""
 
     async def delete_transcribe(self, transcribe_id: str) -> None:
         """DELETE /transcribes/{id}: for a transcribe a /stop cannot end (an orphan)."""
         await self.request(
-            "DELETE", f"/transcribes/{transcribe_id}", priority=URGENT, deadline_s=STOP_DEADLINE_S
+            "DELETE",
+            f"/transcribes/{transcribe_id}",
+            priority=URGENT,
+            deadline_s=STOP_DEADLINE_S,
+            expected=GONE,
         )
 
 

@@ -163,6 +163,28 @@ async def test_a_call_moves_the_counters_and_the_histogram(
     assert listening() == before_start  # the endpoint closed with the daemon
 
 
+async def test_answers_expected_at_a_hangup_are_no_failed_requests(
+    sim: Simulator, agent: StartAgent
+) -> None:
+    # at a hangup VoIPBIN may have ended a session already: its stop answered 404 is what
+    # agentd expects (as good as stopped), and counted as a failed request it raised the
+    # operator's alarm at a normal hangup
+    daemon = await agent(metrics={"listen": "127.0.0.1:0"})
+    assert daemon.metrics is not None
+    stop = r"/speakings/[^/]+/stop$"
+    sim.faults.fail("POST", stop, 404, apply=True)
+    caller = Caller([Utterance("hello")], hangup_after_s=0.05)
+    call_id = sim.inbound_call(CALLER, OUR_NUMBER, caller)
+    await sim.wait_call_status(call_id, "hangup", timeout=10)
+    await asyncio.wait_for(daemon.dispatcher.wait_idle(), 5)
+    assert [r.status for r in sim.requests_matching("POST", stop)] == [404]
+    assert [r.what for r in daemon.records if r.what == "leak"] == []
+    assert daemon.status_snapshot().counters.rest_requests_failed == 0
+    scraped = await scrape(daemon.metrics.port)
+    assert value(scraped, "agentd_rest_requests_failed_total") == 0
+    assert value(scraped, "agentd_rest_errors_total") == 0
+
+
 @pytest.mark.slow  # the store's busy timeout (5 s) runs out once
 async def test_a_locked_store_is_told_by_status_and_the_metrics(
     sim: Simulator, agent: StartAgent, tmp_path: Path

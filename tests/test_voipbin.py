@@ -102,6 +102,31 @@ async def test_failed_attempts_and_failed_requests_are_counted_apart(sim: Simula
         await client.close()
 
 
+async def test_answers_a_caller_expects_are_no_failures(sim: Simulator) -> None:
+    # a stop of a session already gone (404) and a hangup of a call already over (409) are
+    # the answers a hangup brings: not counted as errors nor failed requests. A refusal is
+    client = client_for(sim)
+    try:
+        sid = await live_speaking(sim, client)
+        sim.faults.fail("POST", r"/stop$", 404, apply=True)
+        with pytest.raises(ApiError) as info:
+            await client.stop_speaking(sid)
+        assert info.value.status == 404
+        sim.faults.fail("DELETE", r"/speakings/", 404)
+        with pytest.raises(ApiError):
+            await client.delete_speaking(sid)
+        call_id = await answered(sim)
+        sim.faults.fail("POST", r"/hangup$", 409, apply=True)
+        await client.hangup(call_id)  # over already: done
+        assert (client.errors, client.failures) == (0, 0)
+        sim.faults.fail("POST", r"/stop$", 400)
+        with pytest.raises(ApiError):
+            await client.stop_speaking(sid)
+        assert (client.errors, client.failures) == (1, 1)
+    finally:
+        await client.close()
+
+
 async def test_a_5xx_retry_leaves_the_shared_budget_alone(sim: Simulator) -> None:
     # only a 429 holds the budget every call shares: a 503 of one request is no reason to take
     # the burst from the others (it was cut to a single request)
