@@ -154,6 +154,8 @@ class Script:
     tool_calls: Sequence[tuple[str, dict[str, Any]]] = ()
     status: int = 200  # not 2xx: an OpenAI-style error object with `error_message`
     error_message: str = "The server had an error while processing your request."
+    error_type: str = "server_error"  # the error object's `type` and `code` (OpenAI's
+    error_code: str | None = None  # out-of-credit 429: both "insufficient_quota")
     headers: Mapping[str, str] = field(default_factory=dict)  # of the error (`Retry-After`)
     first_token_s: float = 0.0
     tokens_per_s: float = 0.0  # 0: as fast as possible
@@ -190,7 +192,12 @@ class OpenAIStub(StubServer):
         seen = await self._seen(request)
         script = self.scripts.popleft() if self.scripts else self.default
         if not 200 <= script.status < 300:
-            error = {"message": script.error_message, "type": "server_error", "code": None}
+            error = {
+                "message": script.error_message,
+                "type": script.error_type,
+                "param": None,
+                "code": script.error_code,
+            }
             return web.json_response(
                 {"error": error}, status=script.status, headers=dict(script.headers)
             )

@@ -385,6 +385,40 @@ async def test_openai_gives_up_after_three_tries_and_says_how_many(llm: OpenAISt
     assert len(llm.requests) == 3
 
 
+QUOTA = (
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, read the docs: "
+    "https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
+
+
+async def test_openai_out_of_credit_is_no_rate_limit_and_fails_at_once(llm: OpenAIStub) -> None:
+    # OpenAI answers an account out of credit with a 429 too, and no retry ever succeeds: the
+    # caller sat through the tries for nothing before the fallback line
+    out = Script(
+        status=429,
+        error_message=QUOTA,
+        error_type="insufficient_quota",
+        error_code="insufficient_quota",
+        headers={"Retry-After": "0"},
+    )
+    llm.script(out, Script("Never heard."))
+    backend = openai(llm, key=KEY)
+    try:
+        with capture_logs() as logs:
+            heard = await _replied(backend, 5.0)
+    finally:
+        await backend.aclose()
+    assert len(llm.requests) == 1
+    [failed] = heard
+    assert isinstance(failed, ReplyFailed)  # the call says the fallback line
+    assert "openai backend: HTTP 429 insufficient_quota: You exceeded" in failed.error
+    assert [e for e in logs if e["event"] == "backend.retry"] == []
+    [told] = [e for e in logs if e["event"] == "backend.out_of_credit"]
+    assert told["log_level"] == "error" and "backend.api_key" in told["hint"]
+    assert all(KEY not in str(e) for e in logs)
+
+
 async def test_openai_a_retry_after_longer_than_a_caller_waits_is_not_waited(
     llm: OpenAIStub,
 ) -> None:

@@ -40,7 +40,13 @@ log = logs.get_logger("agentd.backends.openai")
 _KIND = "openai"
 # as OpenAI's own SDKs: a rate limit, a conflict, a timeout and the 5xx are worth a second try
 # (a completion has no side effect to repeat)
-_RETRY = Retry(frozenset({408, 409, 429, 500, 502, 503, 504}), resend_dropped=True)
+#: OpenAI's answer (a 429) for an account out of credit: no retry helps until someone pays
+OUT_OF_CREDIT = "insufficient_quota"
+_RETRY = Retry(
+    frozenset({408, 409, 429, 500, 502, 503, 504}),
+    resend_dropped=True,
+    final_codes=frozenset({OUT_OF_CREDIT}),
+)
 
 
 @dataclass
@@ -233,15 +239,23 @@ class OpenAIBackend:
 
     async def reply(self, call_id: str, history: Sequence[Message]) -> AsyncIterator[Chunk]:
         """Stream the model's reply: text as it is generated, then any tool calls."""
-        async with post_stream(
-            self._session(),
-            self.url,
-            body=self.request_body(history),
-            headers={"Accept": "text/event-stream", **bearer(self._api_key)},
-            kind=_KIND,
-            retry=_RETRY,
-            budget_s=self.timeout_s,
-        ) as resp:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                resp = await stack.enter_async_context(
+                    post_stream(
+                        self._session(),
+                        self.url,
+                        body=self.request_body(history),
+                        headers={"Accept": "text/event-stream", **bearer(self._api_key)},
+                        kind=_KIND,
+                        retry=_RETRY,
+                        budget_s=self.timeout_s,
+                    )
+                )
+            except BackendError as exc:
+                if exc.code == OUT_OF_CREDIT:
+                    self._out_of_credit(call_id)
+                raise
             calls = _ToolCalls()
             thoughts = _Thoughts()
             finish: object = None
@@ -285,6 +299,17 @@ class OpenAIBackend:
             self._unfinished(call_id, finish)
             for call in calls.finish():
                 yield call
+
+    def _out_of_credit(self, call_id: str) -> None:
+        """Every turn gets the fallback line until someone acts: said at error, not retried."""
+        log.error(
+            "backend.out_of_credit",
+            call_id=call_id,
+            url=display_url(self.url),
+            hint="the account of backend.api_key has no credit left (429 insufficient_quota): "
+            "add credit or raise its limit, or set another backend.api_key; until then every "
+            "turn gets the fallback line",
+        )
 
     def _unfinished(self, call_id: str, finish: object) -> None:
         """Say why a reply ended early: its last sentence is cut off, or it is empty."""

@@ -36,7 +36,12 @@ MAX_LINE_BYTES = 1 << 20
 
 
 class BackendError(Exception):
-    """A backend failed to give a reply. The message is safe to log: no credential, no header."""
+    """A backend failed to give a reply. The message is safe to log: no credential, no header.
+    `code`: the server's own name for the error (OpenAI's `error.code`), when it gave one."""
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def new_session(timeout_s: float) -> aiohttp.ClientSession:
@@ -95,6 +100,9 @@ class Retry:
     #: pooled one the server dropped as idle (uvicorn after 5 s; aiohttp keeps them 15 s) just
     #: as the request went out. Only where asking twice is harmless (a model's completion)
     resend_dropped: bool = False
+    #: error codes (OpenAI's `error.code`) that no retry changes, whatever their status: an
+    #: account out of credit answers 429 `insufficient_quota`, which is no rate limit
+    final_codes: frozenset[str] = frozenset()
 
 
 NO_RETRY = Retry()
@@ -139,8 +147,8 @@ async def post_stream(
                         resp.close()
                         raise
                     return
-                error = await http_error(resp, kind)
-                if resp.status not in retry.statuses:
+                error = await http_error(resp, kind, named=retry.final_codes)
+                if resp.status not in retry.statuses or error.code in retry.final_codes:
                     raise error
                 told = _retry_after(resp.headers)
             wait = told if told is not None else next(waits)
@@ -198,9 +206,11 @@ def _seconds(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-async def http_error(resp: aiohttp.ClientResponse, kind: str) -> BackendError:
-    """A `BackendError` for a non-2xx answer: the status and what the server said about it, or
-    for a redirect, where it points."""
+async def http_error(
+    resp: aiohttp.ClientResponse, kind: str, *, named: frozenset[str] = frozenset()
+) -> BackendError:
+    """A `BackendError` for a non-2xx answer: the status and what the server said about it
+    (and its error code, when one of `named`), or for a redirect, where it points."""
     if 300 <= resp.status < 400 and (location := resp.headers.get("Location")):
         where = display_url(str(resp.url.join(URL(location))))
         return BackendError(
@@ -220,7 +230,23 @@ async def http_error(resp: aiohttp.ClientResponse, kind: str) -> BackendError:
     except (aiohttp.ClientError, TimeoutError):
         pass  # the status alone still says what went wrong
     message = server_message(raw) or resp.reason or "no message"
-    return BackendError(redact(f"{kind} backend: HTTP {resp.status}: {message}"))
+    code = error_code(raw)
+    status = f"{resp.status} {code}" if code in named else str(resp.status)
+    return BackendError(redact(f"{kind} backend: HTTP {status}: {message}"), code=code)
+
+
+def error_code(raw: bytes) -> str:
+    """OpenAI's `{"error": {"code": ...}}` (else its `type`) of an error body; "" for none."""
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return ""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict):
+        return ""
+    code = err.get("code") or err.get("type")
+    # a server's word, logged: short and plain, never a body
+    return code if isinstance(code, str) and code.isidentifier() and len(code) <= 64 else ""
 
 
 def server_message(raw: bytes) -> str:
