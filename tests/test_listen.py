@@ -198,43 +198,90 @@ def test_no_words_while_the_stream_is_down_is_no_pause_of_the_callers() -> None:
     assert [a.history[-1] for a in asks(cmds)] == [("user", read_back)]
 
 
-def _back_with_a_reply_held(reply: str) -> tuple[Call, float, list[object]]:
-    """The caller asked a question (asked at once), the stream dropped, the reply's sentence
-    came while it was down; the call, when the stream came back, and that step's commands."""
-    call = greeted()
+HOLD = TimerFired(Timer(TimerKind.HOLD))
+BOTH_MODES = pytest.mark.parametrize("reply_on", ["interim", "final"])
+
+
+def _back_with_a_reply_held(
+    reply: str, reply_on: str = "interim"
+) -> tuple[Call, float, list[object]]:
+    """The caller asked a question (asked at once: on its interims, or on its final with
+    `reply_on = "final"`), the stream dropped, the reply's sentence came while it was down;
+    the call, when the stream came back, and that step's commands."""
+    call = greeted(replace(LIVE, reply_on=reply_on))
     last = speak(call, "what is my balance?", 10.0)
+    if reply_on == "final":
+        last += 1.0
+        step(call, transcript("what is my balance?"), last)
     step(call, StreamState(False), last + 0.05)
     step(call, ReplySentence(call.turns.turn, reply), last + 0.1)
     back = last + 2.0
     return call, back, list(step(call, StreamState(True), back))
 
 
-def test_a_turn_open_when_the_stream_comes_back_is_not_answered_before_the_read_back() -> None:
+@BOTH_MODES
+def test_a_turn_open_when_the_stream_comes_back_is_not_answered_before_the_read_back(
+    reply_on: str,
+) -> None:
     # a restart or a blip between the caller's first words and the end of their turn: they
     # went on unheard. Said at once, the reply to their first words would be cut by the rest
     # once read back: the agent talking over itself
-    call, back, cmds = _back_with_a_reply_held("Your balance is ten dollars.")
+    call, back, cmds = _back_with_a_reply_held("Your balance is ten dollars.", reply_on)
     assert [c for c in cmds if isinstance(c, FetchTranscripts)] != []
     cmds += step(call, ENDPOINT, back + 0.6)
+    cmds += step(call, HOLD, back + 0.6)
     assert says(cmds) == []  # held for the read-back
     gone_on = "what is my balance? and my savings?"
-    cmds = list(step(call, TranscriptsRead((transcript(gone_on, "tr7"),)), back + 0.7))
+    read = (transcript(gone_on, "tr7"),)
+    if reply_on == "final":  # one final a sentence: the first was heard, the next was not
+        read = (transcript("what is my balance?"), transcript("and my savings?", "tr7"))
+    cmds = list(step(call, TranscriptsRead(read), back + 0.7))
     assert says(cmds) == []
     (again,) = asks(cmds)  # one turn, all of its words
     assert again.history[-1] == ("user", gone_on)
 
 
-def test_a_read_back_that_finds_nothing_new_lets_the_held_reply_be_said_at_once() -> None:
-    call, back, cmds = _back_with_a_reply_held("Ten dollars.")
+@BOTH_MODES
+def test_a_read_back_that_finds_nothing_new_lets_the_held_reply_be_said_at_once(
+    reply_on: str,
+) -> None:
+    call, back, cmds = _back_with_a_reply_held("Ten dollars.", reply_on)
     cmds += step(call, ENDPOINT, back + 0.6)
+    cmds += step(call, HOLD, back + 0.6)
     assert says(cmds) == []
     assert says(step(call, TranscriptsRead(()), back + 0.7)) == ["Ten dollars."]
 
 
-def test_a_read_back_that_never_comes_holds_the_reply_no_longer_than_a_final_is_awaited() -> None:
-    call, back, cmds = _back_with_a_reply_held("Ten dollars.")
-    assert endpoint_delay(cmds) == pytest.approx(LIVE.final_wait_s)
-    assert says(step(call, ENDPOINT, back + LIVE.final_wait_s)) == ["Ten dollars."]
+@BOTH_MODES
+def test_a_read_back_that_never_comes_holds_the_reply_no_longer_than_a_final_is_awaited(
+    reply_on: str,
+) -> None:
+    call, back, cmds = _back_with_a_reply_held("Ten dollars.", reply_on)
+    kind = TimerKind.ENDPOINT if reply_on == "interim" else TimerKind.HOLD
+    (timer,) = [c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is kind]
+    assert timer.delay_s == pytest.approx(LIVE.final_wait_s)
+    assert says(step(call, TimerFired(timer.timer), back + LIVE.final_wait_s)) == ["Ten dollars."]
+
+
+@BOTH_MODES
+def test_a_reply_held_for_the_end_of_the_turn_is_not_said_while_the_stream_is_down(
+    reply_on: str,
+) -> None:
+    # the hold ran out during the outage: no words is no pause of the caller's, they may have
+    # gone on unheard. The stream's return decides, after the read-back
+    call = greeted(replace(LIVE, reply_on=reply_on))
+    last = speak(call, "what is my balance?", 10.0)
+    if reply_on == "final":
+        last += 1.0
+        step(call, transcript("what is my balance?"), last)
+    step(call, StreamState(False), last + 0.05)
+    assert says(step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)) == []
+    assert says(step(call, HOLD, last + 1.0)) == []
+    assert says(step(call, ReplySentence(call.turns.turn, "Anything else?"), last + 1.5)) == []
+    back = last + 5.0
+    assert says(step(call, StreamState(True), back)) == []
+    assert says(step(call, ENDPOINT, back + 0.6) + step(call, HOLD, back + 0.6)) == []
+    assert says(step(call, TranscriptsRead(()), back + 0.7)) == ["Ten dollars.", "Anything else?"]
 
 
 def test_going_on_drops_the_speculative_reply_and_asks_again_with_every_word() -> None:

@@ -228,9 +228,11 @@ class Listening(Conversation):
         nothing is taken for the end of their turn. Once it is back, the open turn's pause
         counts from then, while what they said meanwhile is read back."""
         was_deaf, self.deaf = self.deaf, not event.up
-        h = self.hearing
-        if self.deaf or not was_deaf or h is None or self._heard_reply(h, now):
+        if self.deaf or not was_deaf:
             return []
+        h = self.hearing
+        if h is None or self._heard_reply(h, now):
+            return self._back_on_finals(now)
         ended = h.final  # its words came read back over REST: the STT had ended them
         h.changed_at = max(h.changed_at, now)
         if ended:
@@ -242,12 +244,35 @@ class Listening(Conversation):
         self.read_back_until = now + self.settings.final_wait_s
         return [*self._fetch_transcripts(), *self._due(h, now)]
 
+    def _back_on_finals(self, now: float) -> list[Command]:
+        """The stream is back and no turn is open on interims (`reply_on = "final"`, or none
+        was): the caller's turn is open all the same while its reply is unsaid (a final joins
+        it) or an utterance of theirs awaits its final. Its reply waits for the read-back as
+        on interims; sentences held while the stream was down wait for it too."""
+        cmds: list[Command] = []
+        if self.unsaid or self.speech_since is not None:
+            self.read_back_until = now + self.settings.final_wait_s
+            cmds += self._fetch_transcripts()
+        if self.held:
+            wait = max(0.0, self.held_until() - now)
+            cmds.append(StartTimer(self.id, Timer(TimerKind.HOLD), wait))
+        return cmds
+
     def read_back(self, now: float) -> list[Command]:
         """A read-back was handled: an open turn held for it ends when its time has come."""
         if self.read_back_until <= now:
             return []
         self.read_back_until = 0.0
+        if self.hearing is None:
+            return self.on_hold(now)  # the turn of finals: its hold, if any, is its own again
         return self.on_endpoint(now)
+
+    def held_until(self) -> float:
+        """While the stream is down, a reply nothing of which was said waits for its return
+        (the caller may be going on unheard); then for the read-back of what they said."""
+        if self.deaf and self.said_turn != self.turns.turn:
+            return NEVER
+        return max(self.hold_until, self.read_back_until)
 
     def on_silence(self, now: float) -> list[Command]:
         """The silence timer; while the stream is down the caller may be talking unheard, and

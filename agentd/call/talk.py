@@ -369,12 +369,20 @@ class Conversation(CallCore):
             cmds.append(StartTimer(self.id, Timer(TimerKind.HOLD), wait))
         return cmds
 
+    def held_until(self) -> float:
+        """When the reply's sentences may be said: the end of the caller's turn (`NEVER`: not
+        known yet, whatever brings it says them)."""
+        return self.hold_until
+
     def on_hold(self, now: float) -> list[Command]:
         """The caller stayed quiet after their final: say what the reply has so far."""
         if not self.held:
             return []
-        if now < self.hold_until - 0.01:
-            return [StartTimer(self.id, Timer(TimerKind.HOLD), self.hold_until - now)]
+        until = self.held_until()
+        if now < until - 0.01:
+            if until == NEVER:
+                return []
+            return [StartTimer(self.id, Timer(TimerKind.HOLD), until - now)]
         held, self.held = self.held, []
         cmds: list[Command] = []
         for turn, text in held:
@@ -435,11 +443,13 @@ class Conversation(CallCore):
         if not text:
             return []
         self.turn_times.setdefault("first_sentence", now)
-        if self.held or now < self.hold_until:
+        until = self.held_until()
+        if self.held or now < until:
             # the caller may not be done: a split sentence's next final is ~0.5 s away
             self.held.append((self.turns.turn, text))
-            wait = self.hold_until - now
-            return [StartTimer(self.id, Timer(TimerKind.HOLD), wait)] if len(self.held) == 1 else []
+            if len(self.held) > 1 or until == NEVER:
+                return []
+            return [StartTimer(self.id, Timer(TimerKind.HOLD), until - now)]
         return self._speak(text, now)
 
     def _speak(self, text: str, now: float) -> list[Command]:
