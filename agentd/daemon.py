@@ -996,6 +996,8 @@ class Daemon:
         # not cut); the executor closes it once the last of them is over
         self.backend = backend
         self.executor.replace_backend(backend)
+        # as every [agent] setting, the provider's /say limit is for new calls: a live one
+        # keeps its provider, and its replies are cut for it
         self.executor.say_chars = say_max_chars(fresh.call.tts_provider)
         self.config = fresh
         self.dispatcher.numbers = {normalise_number(n) for n in fresh.numbers}

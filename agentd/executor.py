@@ -93,6 +93,9 @@ class _Lanes:
     # the backend the call's replies come from: the one when the call began (a reload gives
     # new calls the new one; a live call keeps its own, as does a reply streaming from it)
     backend: Backend | None = None
+    # the most characters a /say of the call carries: its own tts_provider's, kept as the
+    # backend is (a reload that changes the provider does not re-cut a live call's replies)
+    say_chars: int = SAY_LIMIT_BYTES
 
 
 def _cancel_timer(lanes: _Lanes, timer: Timer) -> None:
@@ -119,7 +122,8 @@ class Executor:
         say_chars: int = SAY_LIMIT_BYTES,
     ) -> None:
         self.client = client
-        self.say_chars = say_chars  # the most characters a /say carries (`say_max_chars`)
+        # the most characters a /say of a new call carries (`say_max_chars`)
+        self.say_chars = say_chars
         self.setup_grace_s = SETUP_GRACE_S
         self.backend = backend
         self.feed = feed
@@ -181,7 +185,8 @@ class Executor:
     def _lanes(self, call_id: str) -> _Lanes:
         lanes = self._calls.get(call_id)
         if lanes is None:
-            lanes = self._calls[call_id] = _Lanes(backend=self.backend)
+            lanes = _Lanes(backend=self.backend, say_chars=self.say_chars)
+            self._calls[call_id] = lanes
         return lanes
 
     def replace_backend(self, backend: Backend) -> None:
@@ -288,7 +293,7 @@ class Executor:
             while queue:
                 cmd = queue.popleft()
                 if isinstance(cmd, Say):
-                    cmd = lanes.saying = _merge_says(cmd, queue, self.say_chars)
+                    cmd = lanes.saying = _merge_says(cmd, queue, lanes.say_chars)
                 try:
                     result = await self._run(cmd)
                 except asyncio.CancelledError:
@@ -396,7 +401,9 @@ class Executor:
         return SpeakingStarted(cmd.speaking_id, str(spk.get("status", "")))
 
     async def _say(self, cmd: Say) -> Result | None:
-        for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES, self.say_chars):
+        lanes = self._calls.get(cmd.call_id)
+        limit = self.say_chars if lanes is None else lanes.say_chars
+        for piece in split_for_say(cmd.text, SAY_LIMIT_BYTES, limit):
             try:
                 await self.client.say(cmd.speaking_id, piece)
             except ApiError as e:

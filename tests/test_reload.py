@@ -188,6 +188,38 @@ async def test_a_reload_gives_new_calls_the_new_backend_and_live_calls_keep_thei
     assert "Hello from the stub." in fresh_said
 
 
+async def test_a_reload_to_another_tts_provider_leaves_a_live_calls_says_as_they_were(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # aws takes at most 3,000 characters a /say, the others 5,000 bytes: the sentences queued
+    # behind a /say go out merged up to that. A live call keeps its provider (its session was
+    # made with it): its replies are not cut for another one, mid-reply least of all
+    story = " ".join([("story " * 47).strip() + "."] * 12)  # 3,395 characters, 12 sentences
+    config = tmp_path / "agentd.toml"
+    async with OpenAIStub(Script(story, first_token_s=0.6)) as stub:
+        backend_config(config, sim, stub.base_url)
+        async with running(config) as daemon:
+            live = sim.inbound_call(
+                CALLER, OUR_NUMBER, Caller([Utterance("tell me a story?")], hangup_after_s=None)
+            )
+            # the reload comes while the live call's reply is on its way
+            await sim.wait_for(lambda: len(stub.requests) == 1, 15)
+            text = config.read_text().replace("[agent]\n", '[agent]\ntts_provider = "aws"\n')
+            config.write_text(text)
+            daemon.reload()
+            assert daemon.config.call.tts_provider == "aws"
+            sim.faults.delay("POST", r"/say$", 1.0)  # the rest of the reply queues behind it
+
+            def says() -> list[str]:
+                sent = [r.body["text"] for r in sim.requests_matching("POST", r"/say$")]  # type: ignore[index]
+                return [t for t in sent if "story" in t]
+
+            await sim.wait_for(lambda: " ".join(says()).split() == story.split(), 15)
+            await sim.hangup(live)
+            await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert max(len(t) for t in says()) > 3000  # merged as the call's own provider takes them
+
+
 async def test_a_reload_during_the_drain_or_after_the_stop_is_skipped_and_leaks_nothing(
     sim: Simulator, tmp_path: Path
 ) -> None:
