@@ -1001,6 +1001,11 @@ class Daemon:
         self.executor.say_chars = say_max_chars(fresh.call.tts_provider)
         self.config = fresh
         self.dispatcher.numbers = {normalise_number(n) for n in fresh.numbers}
+        if left := self.dispatcher.left_to_others():
+            # the new numbers are for new calls, as the rest: one not ours when it came has
+            # something else serving it (a flow of its own), and it is not talked over mid-call
+            hint = "live calls that came before their number was added; new calls are answered"
+            log.info("reload.calls_left_alone", calls=left, hint=hint)
         log.info("reload.done", source=fresh.source)
         self.notifier.ready(self.status_line())
 

@@ -28,8 +28,11 @@ from agentd.events import (
     TranscriptEvent,
 )
 from agentd.names import normalise_number
+from agentd.voipbin import CALL_CAP_S
 
 log = logs.get_logger("agentd.dispatcher")
+
+_KEEP = 10_000  # ids of calls not served (ended, others', foreign) remembered, at most
 
 # a tuple: `A | B` in an isinstance builds a union on every call (per command, per step)
 _TIMERS = (StartTimer, CancelTimer)
@@ -75,6 +78,9 @@ class Dispatcher:
         # transcribes: their speech must not fill the orphans' buffer and push ours out
         self._others: OrderedDict[str, None] = OrderedDict()
         self._others_transcribes: OrderedDict[str, None] = OrderedDict()
+        # of those, the calls not ours by their numbers and not known to be over: when each
+        # was first seen, and its numbers (`left_to_others`)
+        self._left: OrderedDict[str, tuple[float, frozenset[str]]] = OrderedDict()
         self._orphans: deque[tuple[float, TranscriptEvent | SpeechEvent]] = deque(maxlen=256)
         self.dedupe = Deduper()
         self.counters: dict[str, int] = {
@@ -157,13 +163,30 @@ class Dispatcher:
             {normalise_number(info.source), normalise_number(info.destination)} & self.numbers
         )
 
+    def left_to_others(self) -> int:
+        """Live calls left alone when they came that the numbers configured now would take
+        (a reload added theirs): they stay left alone, whatever serves them."""
+        now = self.clock()
+        return sum(
+            1
+            for seen, numbers in self._left.values()
+            if now - seen < CALL_CAP_S and (not self.numbers or numbers & self.numbers)
+        )
+
     def _adopt(self, info: CallInfo) -> Call | None:
-        if info.id in self._ended or info.master_call_id or not self.is_ours(info):
+        if (
+            info.id in self._ended
+            # not ours when it came: a reload that makes it ours is for new calls, and a flow
+            # of its own may serve this one
+            or info.id in self._others
+            or info.master_call_id
+            or not self.is_ours(info)
+        ):
             # a chained leg (the second leg of a `connect` flow, a transferee) has our number
             # as its source, but no caller of ours is on it
             self.counters["ignored"] += 1
             if info.id not in self._ended:
-                _keep(self._others, info.id)
+                self._leave(info)
             return None
         if info.status == "hangup":
             # over before we saw it: a `progressing` delivered after it (order is not
@@ -281,6 +304,18 @@ class Dispatcher:
         if not self.calls and self._idle is not None:
             self._idle.set()
 
+    def _leave(self, info: CallInfo) -> None:
+        """Leave a call that is not ours alone, for as long as it lives."""
+        first = info.id not in self._others
+        _keep(self._others, info.id)
+        if info.master_call_id or info.status == "hangup":
+            self._left.pop(info.id, None)
+        elif first:
+            numbers = frozenset(normalise_number(n) for n in (info.source, info.destination))
+            self._left[info.id] = (self.clock(), numbers)
+            while len(self._left) > _KEEP:
+                self._left.popitem(last=False)
+
     def _remember(self, call_id: str) -> None:
         _keep(self._ended, call_id)
 
@@ -338,7 +373,7 @@ class Dispatcher:
         return [c for c in self.calls.values() if c.phase is not Phase.ENDED]
 
 
-def _keep(ids: OrderedDict[str, None], key: str, limit: int = 10_000) -> None:
+def _keep(ids: OrderedDict[str, None], key: str, limit: int = _KEEP) -> None:
     """Remember `key` among the last `limit` ids (the oldest forgotten first)."""
     ids[key] = None
     while len(ids) > limit:

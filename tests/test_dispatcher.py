@@ -30,7 +30,7 @@ from agentd.commands import (
 )
 from agentd.dispatcher import Dispatcher
 from agentd.events import CallEvent, CallInfo, SpeechEvent, TranscribeEvent, TranscriptEvent
-from agentd.names import Kind
+from agentd.names import Kind, normalise_number
 from agentd.sim import Caller, Simulator, Utterance
 from tests.support import CALLER, OUR_NUMBER, StartAgent
 
@@ -70,6 +70,30 @@ def test_a_call_to_our_number_is_adopted_and_others_are_ignored() -> None:
     assert set(d.calls) == {"c1"}
     assert d.counters["ignored"] == 1
     assert shell.commands("c2") == []
+
+
+def test_a_live_call_left_alone_stays_so_when_a_reload_adds_its_number() -> None:
+    # not ours when it came: whatever answered it (a flow of its own) serves it. The number
+    # added by a reload is for new calls; the next event of the live one must not have the
+    # agent start its sessions and greet over it
+    shell = Shell()
+    other = "+15559990000"
+    d = dispatcher(shell)
+    d.on_event(call_event("c2", "progressing", dest=other))
+    d.on_event(call_event("c3", "progressing", dest="+15558880000"))
+    assert d.left_to_others() == 0
+    d.numbers = {normalise_number(n) for n in (OUR_NUMBER, other)}  # what a reload does
+    assert d.left_to_others() == 1  # c2 would be ours now, and is left alone
+    d.on_event(call_event("c2", "progressing", dest=other))  # a reconcile reads it again
+    assert set(d.calls) == set() and shell.commands("c2") == []
+    d.on_event(call_event("c2", "hangup", dest=other))
+    assert d.left_to_others() == 0
+    d.on_event(call_event("c4", "progressing", dest=other))  # a new call is ours
+    assert set(d.calls) == {"c4"}
+    assert d.left_to_others() == 0
+    shell.now += 3600.0  # VoIPBIN ends a call after an hour: c3's end was lost, not waited for
+    d.numbers = set()  # every call
+    assert d.left_to_others() == 0
 
 
 def test_numbers_are_compared_by_their_digits() -> None:

@@ -220,6 +220,37 @@ async def test_a_reload_to_another_tts_provider_leaves_a_live_calls_says_as_they
     assert max(len(t) for t in says()) > 3000  # merged as the call's own provider takes them
 
 
+async def test_a_live_call_left_alone_stays_so_after_a_reload_adds_its_number_and_is_counted(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # not ours when it came: whatever answered it serves it, and the agent does not start
+    # talking over it mid-call (the next reconcile read it as ours). The reload says so
+    other = "+15559990000"
+    config = tmp_path / "agentd.toml"
+    write(config, sim, sim.accesskey)
+    async with running(config) as daemon:
+        left = sim.inbound_call(CALLER, other, Caller([], hangup_after_s=None))
+        await sim.wait_for(lambda: daemon.dispatcher.counters["ignored"] >= 1, 10)
+        both = f'numbers = ["{OUR_NUMBER}", "{other}"]'
+        config.write_text(config.read_text().replace(f'numbers = ["{OUR_NUMBER}"]', both))
+        with capture_logs() as logged:
+            daemon.reload()
+        assert [line["event"] for line in logged] == ["reload.calls_left_alone", "reload.done"]
+        assert logged[0]["calls"] == 1
+        # a reconnect's reconcile reads the live call again, then a new call to the number
+        reads = len(sim.requests_matching("GET", r"/calls$"))
+        sim.faults.drop_websockets()
+        await sim.wait_for(lambda: len(sim.requests_matching("GET", r"/calls$")) > reads, 10)
+        fresh = sim.inbound_call(CALLER, other, Caller([], hangup_after_s=None))
+        await sim.wait_for(lambda: bool(sim.get_call(fresh).conversation), 10)  # greeted
+        assert set(daemon.dispatcher.calls) == {fresh}
+        await sim.hangup(fresh)
+        await sim.hangup(left)
+        await asyncio.wait_for(daemon.dispatcher.wait_idle(), 10)
+    assert sim.get_call(left).conversation == []
+    assert [s for s in sim.speakings.values() if s.reference_id == left] == []
+
+
 async def test_a_reload_during_the_drain_or_after_the_stop_is_skipped_and_leaks_nothing(
     sim: Simulator, tmp_path: Path
 ) -> None:
