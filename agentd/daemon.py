@@ -868,11 +868,12 @@ class Daemon:
         )
 
     def _lookup_error(self) -> str:
-        """Why the first lookup of our customer (before any connection) is being retried."""
+        """Why the first lookup of our customer (before any connection) is being retried.
+        Not once it succeeded: the first upgrade may then take its 10 s, and a retry the
+        lookup needed is no error of the connection's any more."""
         stats = self.stream.stats
-        if stats.state != "connecting" or stats.connects or stats.reconnects:
-            return ""
-        return self.client.last_retry
+        first = stats.state == "connecting" and not (stats.connects or stats.reconnects)
+        return self.client.last_retry if first and self.stream.customer_unknown else ""
 
     def _replicas_status(self) -> Replicas | None:
         r = self.replica

@@ -157,6 +157,11 @@ class EventStream:
         self._cid: str | None = None
         self.ready = asyncio.Event()
 
+    @property
+    def customer_unknown(self) -> bool:
+        """The lookup of our customer (before the first connection) has not succeeded yet."""
+        return self._cid is None
+
     async def run(self) -> None:
         """Connect and read forever (until cancelled); never raises on network trouble.
 

@@ -352,6 +352,32 @@ async def test_status_says_why_the_first_lookup_of_the_customer_fails(
         await asyncio.wait_for(task, 10)
 
 
+async def test_status_drops_the_lookups_error_once_the_customer_is_known(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # the lookup failed once, then succeeded: while the first WebSocket upgrade is under way
+    # the status must not go on blaming the lookup (an upgrade may take its 10 s)
+    path = tmp_path / "s.sock"
+    sim.faults.fail("GET", r"/customer$", 503)
+    sim.faults.delay("GET", r"/ws$", 5.0)
+    overrides = {
+        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+        "agent": {"numbers": [OUR_NUMBER]},
+        "status": {"socket": str(path)},
+    }
+    daemon = Daemon(load(None, env={}, overrides=overrides))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await sim.wait_for(lambda: sim.faults.held >= 1, 10)  # the upgrade is held
+        assert len(sim.requests_matching("GET", r"/customer$")) == 2
+        doc = json.loads(await ask_raw(path, b""))
+        assert doc["connection"]["state"] == "connecting"
+        assert doc["connection"]["last_error"] is None
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+
+
 def test_durations() -> None:
     assert duration(None) == "-"
     assert duration(4.25) == "4.2 s"
