@@ -764,22 +764,18 @@ class Daemon:
             for c in left
             for kind, sid in c.unstopped()
         ]
-        if self.persister is not None:
-            log.error(
-                "agentd.drain_incomplete",
-                calls=[c.id for c in left],
-                sessions=sessions,
-                hint="recorded in the store: the next start stops them",
-            )
-            return
+        stored = self.persister is not None
         log.error(
             "agentd.drain_incomplete",
             calls=[c.id for c in left],
             sessions=sessions,
-            hint="no store: nothing will stop these sessions; stop them by hand",
+            hint="recorded in the store: the next start stops them"
+            if stored
+            else "no store: nothing will stop these sessions; stop them by hand",
         )
-        for call in left:
-            self.executor.execute(call.id, call.left_running())
+        if not stored:
+            for call in left:
+                self.executor.execute(call.id, call.left_running())
 
     async def _replies_out(self) -> None:
         """Until no live call prepares a reply and every `/say` queued has gone out (one may
