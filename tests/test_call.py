@@ -498,6 +498,23 @@ def test_sessions_left_unstopped_at_a_shutdown_are_named_as_leaks() -> None:
     assert leak.data["gave_up"] is True and leak.data["shutdown"] is True
 
 
+def test_a_session_given_up_before_the_shutdown_is_not_recorded_a_leak_again() -> None:
+    # its stops were refused for good while the call went on ending: its leak was recorded
+    # then, with its attempts; the drain's end names it, but records it no more
+    call = answered()
+    call.shutdown(1)
+    step(call, Stopped("transcribe", "t1", False, 503), 1.1)  # still billed, retried
+    gave_up = []
+    for attempt in range(SETTINGS.max_stop_attempts):
+        cmds = step(call, Stopped("speaking", "s1", False, 403), 2 + attempt)
+        gave_up += [c for c in cmds if isinstance(c, Record) and c.data.get("gave_up")]
+        step(call, TimerFired(T("retry_stop:s1")), 2.5 + attempt)
+    assert [leak.data["session_id"] for leak in gave_up] == ["s1"]
+    assert call.unstopped() == [("transcribe", "t1"), ("speaking", "s1")]  # both still bill
+    (leak,) = call.left_running()
+    assert isinstance(leak, Record) and leak.data["session_id"] == "t1"
+
+
 def test_backend_failure_speaks_the_fallback_and_the_call_goes_on() -> None:
     call = answered()
     step(call, transcript("hello"), 10)

@@ -34,6 +34,7 @@ from typing import Any
 
 from agentd.call.attach import Sessions
 from agentd.call.core import NEVER, Input
+from agentd.call.ledger import StopState
 from agentd.call.listen import Listening
 from agentd.call.phase import REMOTE, Effect, Phase, PhaseInput
 from agentd.call.recovery import Recovery
@@ -284,9 +285,12 @@ class Call(Recovery, Sessions, Listening):
         """The daemon stops for good and nothing will stop this call's sessions after it (no
         store to resume them from): a `leak` record, given up, for each session still
         unconfirmed (and for a sweep still owed, whose session's id was never learned), so that
-        the operator can stop them by hand. Asked once, as the process leaves."""
+        the operator can stop them by hand. Asked once, as the process leaves. Not for a
+        session given up before: its leak was recorded then, with its attempts."""
         cmds: list[Command] = []
         for kind, sid in self.unstopped():
+            if self.ledger.state(sid) is StopState.ABANDONED:
+                continue
             data = {"kind": kind, "session_id": sid, "attempts": self.ledger.attempts(sid)}
             cmds.append(Record(self.id, Kind.LEAK, {**data, "gave_up": True, "shutdown": True}))
         if self.ledger.sweeping or self.ledger.sweep_needed:
