@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agentd.sim import Caller, Simulator, Utterance
+from tests.stubs import HttpReply, HttpStub
 from tests.support import CALLER, OUR_NUMBER
 from tests.test_restart import agent_lines, start, subscribed, write_config
 
@@ -146,3 +147,60 @@ async def test_a_turn_not_yet_on_disk_is_what_a_kill_can_lose_and_no_session_lea
         for proc in procs:
             if proc.returncode is None:
                 await kill(proc)
+
+
+def saved_history(db: Path) -> str:
+    """The conversations on disk, as the store's rows hold them (read with a connection of the
+    test's own: WAL lets it read while agentd writes)."""
+    if not db.exists():
+        return ""
+    conn = sqlite3.connect(db)
+    try:
+        return "".join(row[0] for row in conn.execute("SELECT history FROM calls"))
+    except sqlite3.OperationalError:
+        return ""  # the schema is not there yet
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("reply_on", ["interim", "final"])
+async def test_killed_while_the_backend_thinks_the_question_is_answered_once_after_the_restart(
+    sim: Simulator, tmp_path: Path, reply_on: str
+) -> None:
+    # the turn is on disk, asked for and unanswered (its final handled, so never read back as
+    # new): the next agentd asks it again, once, in either mode
+    async with HttpStub() as backend:
+        backend.script(
+            HttpReply("sse", ["Ten dollars."], first_s=60.0),  # the first agentd dies waiting
+            HttpReply("json", [{"text": "Ten dollars."}]),
+            HttpReply("json", [{"text": "You are welcome."}]),
+        )
+        config = write_config(sim, tmp_path)
+        text = config.read_text().replace("[agent]\n", f'[agent]\nreply_on = "{reply_on}"\n')
+        config.write_text(f'{text}[backend]\nkind = "http"\nurl = "{backend.reply_url}"\n')
+        db = tmp_path / "agentd.db"
+        procs = [await start(config, stdout=tmp_path / "first.log")]
+        try:
+            await sim.wait_for(lambda: subscribed(sim) == 1, 15)
+            call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
+            await sim.wait_for(lambda: GREETING in agent_lines(sim, call_id), 10)
+            await sim.caller_says(call_id, "what is my balance?")
+            await sim.wait_for(
+                lambda: len(backend.requests) == 1 and "balance" in saved_history(db), 10
+            )
+            await kill(procs[0])
+            await sim.wait_for(lambda: subscribed(sim) == 0, 10)
+            procs.append(await start(config, stdout=tmp_path / "second.log"))
+            await sim.wait_for(lambda: "Ten dollars." in agent_lines(sim, call_id), 15)
+            await sim.caller_says(call_id, "thank you")
+            await sim.wait_for(lambda: "You are welcome." in agent_lines(sim, call_id), 15)
+            await sim.hangup(call_id)
+            await sim.wait_for(lambda: not sim.leaks(), 10)
+            assert agent_lines(sim, call_id) == [GREETING, "Ten dollars.", "You are welcome."]
+            asked = [seen.messages[-1]["content"] for seen in backend.requests]
+            assert asked[:2] == ["what is my balance?"] * 2, asked
+            assert len(asked) == 3
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    await kill(proc)

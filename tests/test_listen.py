@@ -29,6 +29,7 @@ from agentd.commands import (
     StopSpeaking,
     StreamState,
     TimerFired,
+    TranscribeStarted,
     TranscriptsRead,
 )
 from agentd.events import SpeechEvent
@@ -921,6 +922,63 @@ def test_after_a_restart_a_question_like_the_last_one_answered_is_answered() -> 
     )
     (ask,) = asks(step(restored, read, audio + 6.0))
     assert ask.history[-1] == ("user", "What is my savings?")
+
+
+def restored_final_unanswered() -> tuple[Call, float]:
+    """`reply_on = "final"`: the caller's question was asked for on its final and the process
+    died before anything of the reply was said. The call restored from its last snapshot while
+    the stream is still down, and when it comes back."""
+    settings = replace(LIVE, reply_on="final")
+    call = greeted(settings)
+    step(call, transcript("What is my balance?", "tr1"), 10.0)
+    assert call.turns.replying and call.history.msgs[-1].role == "user"
+    restored = Call.restore(call.snapshot(), settings)
+    cmds = restored.resume(15.0)
+    (timer,) = [
+        c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is ENDPOINT.timer.kind
+    ]
+    step(restored, StreamState(False), 15.0)  # no subscription yet
+    step(restored, SpeakingStarted("s1", "active"), 15.1)
+    step(restored, TranscribeStarted("t1"), 15.1)
+    assert asks(step(restored, ENDPOINT, 15.0 + timer.delay_s)) == []  # deaf: not yet
+    return restored, 16.0
+
+
+def test_with_replies_on_finals_a_turn_a_restart_left_unanswered_is_asked_again_once() -> None:
+    call, back = restored_final_unanswered()
+    cmds = step(call, StreamState(True), back)
+    assert FetchTranscripts(CID, "t1") in cmds  # its final was handled: nothing new read back
+    cmds = step(call, TranscriptsRead((transcript("What is my balance?", "tr1"),)), back + 0.2)
+    (ask,) = asks(cmds)
+    assert ask.history[-1] == ("user", "What is my balance?")
+    assert [m.role for m in call.history.msgs].count("user") == 1  # the words once
+    # said at once: the caller's turn ended before the restart
+    assert says(step(call, ReplySentence(call.turns.turn, "Ten dollars."), back + 0.5)) == [
+        "Ten dollars."
+    ]
+    assert asks(step(call, ENDPOINT, back + LIVE.final_wait_s)) == []  # once
+
+
+def test_with_replies_on_finals_a_final_read_back_after_a_restart_joins_the_unanswered_turn() -> (
+    None
+):
+    call, back = restored_final_unanswered()
+    step(call, StreamState(True), back)
+    read = (transcript("What is my balance?", "tr1"), transcript("And my savings?", "tr2"))
+    (ask,) = asks(step(call, TranscriptsRead(read), back + 0.2))
+    assert ask.history[-1] == ("user", "What is my balance? And my savings?")
+    assert asks(step(call, ENDPOINT, back + LIVE.final_wait_s)) == []
+
+
+def test_with_replies_on_finals_a_read_back_that_never_comes_costs_the_wait() -> None:
+    call, back = restored_final_unanswered()
+    cmds = step(call, StreamState(True), back)
+    (timer,) = [
+        c for c in cmds if isinstance(c, StartTimer) and c.timer.kind is ENDPOINT.timer.kind
+    ]
+    assert timer.delay_s == pytest.approx(LIVE.final_wait_s)
+    (ask,) = asks(step(call, ENDPOINT, back + timer.delay_s))
+    assert ask.history[-1] == ("user", "What is my balance?")
 
 
 def restored_unanswered(said: list[str]) -> tuple[Call, float]:

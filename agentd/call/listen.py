@@ -59,6 +59,7 @@ class Listening(Conversation):
         "restored",
         "restored_from",
         "restored_until",
+        "unanswered",
         "wasted",
     )
 
@@ -80,6 +81,8 @@ class Listening(Conversation):
         self.restored: Hearing | None = None
         self.restored_from = -1
         self.restored_until = 0.0
+        # `reply_on = "final"`: the turn a restart found asked for and unanswered (-1: none)
+        self.unanswered = -1
         # the stream came back with the caller's turn open: what they said while it was down is
         # being read back, and their turn is not over before it came (or until then)
         self.read_back_until = 0.0
@@ -92,7 +95,9 @@ class Listening(Conversation):
         if len(msgs) >= 2 and msgs[-1].role == "assistant" and msgs[-2].role == "user":
             self.answered = msgs[-2].text
             self.answered_until = now + _RESTORED_S
-        elif msgs and msgs[-1].role == "user" and self._speculating:
+        elif msgs and msgs[-1].role == "user" and not self._speculating:
+            self.unanswered = self.turns.turn  # its final was handled: none is read back new
+        elif msgs and msgs[-1].role == "user":
             # which of its words came only from interims is not saved (the store has no field
             # for it): any of them may have a final still to be read back
             text = msgs[-1].text
@@ -106,9 +111,31 @@ class Listening(Conversation):
         read-back, or once that had time to come (a final handled before the restart is never
         read back to do it)."""
         h = self.restored
-        if h is None or h is not self.hearing:
+        if self.unanswered < 0 and (h is None or h is not self.hearing):
             return []
         return [StartTimer(self.id, Timer(TimerKind.ENDPOINT), self.settings.final_wait_s)]
+
+    def _ask_unanswered(self, now: float) -> list[Command]:
+        """`reply_on = "final"`: the turn a restart found asked for and unanswered is asked
+        again, for the words the store has, unless a final since joined it to a new turn."""
+        turn, self.unanswered = self.unanswered, -1
+        msgs = self.history.msgs
+        if (
+            turn != self.turns.turn
+            or self.turns.replying
+            or not self.phase.live
+            or not msgs
+            or msgs[-1].role != "user"
+        ):
+            return []
+        text = msgs[-1].text
+        self.turns.step(TurnInput.TRANSCRIPT)
+        self.history.revise_user(text, text, self.turns.turn)
+        self.held.clear()
+        self.hold_until = now
+        self.turn_times = {"transcript": now}
+        window = self.history.window(self.settings.history_limit)
+        return [*self._arm_filler(now, now), self._asking(window)]
 
     @property
     def _speculating(self) -> bool:
@@ -219,8 +246,12 @@ class Listening(Conversation):
     def on_endpoint(self, now: float) -> list[Command]:
         """The timer of the open turn: ask the backend, or end the turn, when due."""
         h = self.hearing
-        if self.deaf or h is None or self._heard_reply(h, now):
-            return []  # deaf: no words is no pause; the stream's return decides
+        if self.deaf:
+            return []  # no words is no pause: the stream's return decides
+        if h is None:
+            return self._ask_unanswered(now) if self.unanswered >= 0 else []
+        if self._heard_reply(h, now):
+            return []
         return self._due(h, now)
 
     def on_stream(self, event: StreamState, now: float) -> list[Command]:
@@ -250,9 +281,13 @@ class Listening(Conversation):
         it) or an utterance of theirs awaits its final. Its reply waits for the read-back as
         on interims; sentences held while the stream was down wait for it too."""
         cmds: list[Command] = []
-        if self.unsaid or self.speech_since is not None:
+        if self.unsaid or self.speech_since is not None or self.unanswered >= 0:
             self.read_back_until = now + self.settings.final_wait_s
             cmds += self._fetch_transcripts()
+        if self.unanswered >= 0:
+            # a turn a restart left unanswered: asked again after the read-back, or without it
+            timer = Timer(TimerKind.ENDPOINT)
+            cmds.append(StartTimer(self.id, timer, self.settings.final_wait_s))
         if self.held:
             wait = max(0.0, self.held_until() - now)
             cmds.append(StartTimer(self.id, Timer(TimerKind.HOLD), wait))
@@ -264,7 +299,9 @@ class Listening(Conversation):
             return []
         self.read_back_until = 0.0
         if self.hearing is None:
-            return self.on_hold(now)  # the turn of finals: its hold, if any, is its own again
+            # the turn of finals: its hold, if any, is its own again; one a restart left
+            # unanswered, and no final of the read-back joined, is asked again now
+            return self.on_hold(now) if self.unanswered < 0 else self.on_endpoint(now)
         return self.on_endpoint(now)
 
     def held_until(self) -> float:
