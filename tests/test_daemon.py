@@ -277,9 +277,10 @@ async def test_a_stream_outage_mid_utterance_is_no_end_of_turn(
     # the caller's words stop arriving because the socket is down, not because they paused:
     # answering the half heard, then the whole read back, would be two answers to one turn.
     # Read back from the current server, and from one older than 2026-09 (`tm_transcript`, no
-    # paging: docs/protocol.md §4.3)
+    # paging: docs/protocol.md §4.3). An outage as long as a read-back is waited for past the
+    # end of the turn would end it (a reply asked on "book" would be said): this one is shorter
     sim.settings.legacy_transcripts = legacy
-    daemon = await agent()
+    daemon = await agent(agent={"final_wait_s": 5.0})
     call_id = sim.inbound_call(CALLER, OUR_NUMBER, Caller([], hangup_after_s=None))
     await sim.wait_for(lambda: bool(sim.get_call(call_id).conversation), 10)  # greeted
     sim.world.settings.speech_words_per_s = 8.0  # slow enough to cut the socket mid-way

@@ -269,7 +269,8 @@ def test_a_reply_held_for_the_end_of_the_turn_is_not_said_while_the_stream_is_do
     reply_on: str,
 ) -> None:
     # the hold ran out during the outage: no words is no pause of the caller's, they may have
-    # gone on unheard. The stream's return decides, after the read-back
+    # gone on unheard. The stream's return decides, after the read-back (unless it stays down
+    # long: test_a_reply_held_through_a_long_outage_is_said_once_it_waited_as_long_as_a_read_back)
     call = greeted(replace(LIVE, reply_on=reply_on))
     last = speak(call, "what is my balance?", 10.0)
     if reply_on == "final":
@@ -283,6 +284,33 @@ def test_a_reply_held_for_the_end_of_the_turn_is_not_said_while_the_stream_is_do
     assert says(step(call, StreamState(True), back)) == []
     assert says(step(call, ENDPOINT, back + 0.6) + step(call, HOLD, back + 0.6)) == []
     assert says(step(call, TranscriptsRead(()), back + 0.7)) == ["Ten dollars.", "Anything else?"]
+
+
+@BOTH_MODES
+def test_a_reply_held_through_a_long_outage_is_said_once_it_waited_as_long_as_a_read_back(
+    reply_on: str,
+) -> None:
+    # VoIPBIN's REST answers and its WebSocket does not, for minutes: the caller who asked
+    # must not sit in silence until the stream is back. Past its hold and the drop, the reply
+    # waits as long as a read-back would be waited for, then it is said
+    call = greeted(replace(LIVE, reply_on=reply_on))
+    last = speak(call, "what is my balance?", 10.0)
+    if reply_on == "final":
+        last += 1.0
+        step(call, transcript("what is my balance?"), last)
+    down = last + 0.05
+    step(call, StreamState(False), down)
+    cmds = step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)
+    (timer,) = [c for c in cmds if isinstance(c, StartTimer) and c.timer == HOLD.timer]
+    due = last + 0.1 + timer.delay_s
+    assert due == pytest.approx(max(call.hold_until, down) + LIVE.final_wait_s)
+    assert says(step(call, HOLD, due - 0.5)) == []
+    assert says(step(call, HOLD, due)) == ["Ten dollars."]
+    # the stream comes back: nothing is said again, and the read-back finds the turn answered
+    cmds = step(call, StreamState(True), due + 60.0)
+    cmds += step(call, TranscriptsRead((transcript("what is my balance?"),)), due + 60.2)
+    cmds += step(call, ENDPOINT, due + 62.0) + step(call, HOLD, due + 62.0)
+    assert says(cmds) == [] and asks(cmds) == []
 
 
 def test_going_on_drops_the_speculative_reply_and_asks_again_with_every_word() -> None:

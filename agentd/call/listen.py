@@ -53,6 +53,7 @@ class Listening(Conversation):
         "correcting",
         "cutting_in",
         "deaf",
+        "deaf_since",
         "hearing",
         "pauses",
         "read_back_until",
@@ -67,6 +68,7 @@ class Listening(Conversation):
         super().__init__(call_id, settings, direction=direction)
         self.hearing: Hearing | None = None  # the caller's open turn
         self.deaf = False  # the event stream is down: the caller's words do not reach us
+        self.deaf_since = 0.0  # when it went down
         self.pauses = Pauses()
         # the words of the answered turn whose final has not come: it must not open a turn
         self.answered = ""
@@ -259,6 +261,8 @@ class Listening(Conversation):
         nothing is taken for the end of their turn. Once it is back, the open turn's pause
         counts from then, while what they said meanwhile is read back."""
         was_deaf, self.deaf = self.deaf, not event.up
+        if self.deaf and not was_deaf:
+            self.deaf_since = now
         if self.deaf or not was_deaf:
             return []
         h = self.hearing
@@ -306,9 +310,11 @@ class Listening(Conversation):
 
     def held_until(self) -> float:
         """While the stream is down, a reply nothing of which was said waits for its return
-        (the caller may be going on unheard); then for the read-back of what they said."""
+        (the caller may be going on unheard), then for the read-back of what they said; but
+        no longer than a read-back is waited for (`final_wait_s`) past the end of its hold, or
+        of the stream if it dropped later: a long outage must not leave the caller in silence."""
         if self.deaf and self.said_turn != self.turns.turn:
-            return NEVER
+            return max(self.hold_until, self.deaf_since) + self.settings.final_wait_s
         return max(self.hold_until, self.read_back_until)
 
     def on_silence(self, now: float) -> list[Command]:
