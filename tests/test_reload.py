@@ -194,7 +194,10 @@ async def test_a_reload_to_another_tts_provider_leaves_a_live_calls_says_as_they
     # aws takes at most 3,000 characters a /say, the others 5,000 bytes: the sentences queued
     # behind a /say go out merged up to that. A live call keeps its provider (its session was
     # made with it): its replies are not cut for another one, mid-reply least of all
-    story = " ".join([("story " * 47).strip() + "."] * 12)  # 3,395 characters, 12 sentences
+    # 14 sentences of 282 characters (3,961; a reply is read up to 4,000): however many go
+    # out in the first /say (the stream's chunks decide), up to three, the rest queues
+    # behind it past 3,000 characters
+    story = " ".join([("story " * 47).strip() + "."] * 14)
     config = tmp_path / "agentd.toml"
     async with OpenAIStub(Script(story, first_token_s=0.6)) as stub:
         backend_config(config, sim, stub.base_url)
