@@ -357,6 +357,14 @@ async def test_openai_error_status_raises_with_status_and_server_message(
     assert len(llm.requests) == 1  # a wrong request is not sent again
 
 
+def test_an_error_body_nested_too_deep_for_the_decoder_is_shown_as_text() -> None:
+    # a proxy's or a broken server's body: `[[[[…` raised RecursionError out of the decoder,
+    # where the turn wanted an error that says what came back
+    raw = b"[" * 4000
+    assert wire.error_code(raw) == ""
+    assert wire.server_message(raw).startswith("[[[[")
+
+
 @pytest.mark.parametrize(
     ("status", "retry_after"),
     [(429, "0"), (429, None), (500, None), (502, None), (503, "0.1"), (504, None)],

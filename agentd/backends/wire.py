@@ -235,12 +235,18 @@ async def http_error(
     return BackendError(redact(f"{kind} backend: HTTP {status}: {message}"), code=code)
 
 
+def _json_or_none(text: str) -> Any:
+    """`text` decoded as JSON, or None: an error body is whatever a server or proxy sent (a
+    page of `[[[[` is too deep for the decoder: a RecursionError, not a ValueError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def error_code(raw: bytes) -> str:
     """OpenAI's `{"error": {"code": ...}}` (else its `type`) of an error body; "" for none."""
-    try:
-        obj = json.loads(raw.decode("utf-8", errors="replace"))
-    except ValueError:
-        return ""
+    obj = _json_or_none(raw.decode("utf-8", errors="replace"))
     err = obj.get("error") if isinstance(obj, dict) else None
     if not isinstance(err, dict):
         return ""
@@ -253,10 +259,7 @@ def server_message(raw: bytes) -> str:
     """The human part of an error body: OpenAI's `{"error": {"message"}}`, FastAPI's `detail`,
     a plain `message` or `error` string, else the text itself, cut short."""
     text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        obj = None
+    obj = _json_or_none(text)
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
