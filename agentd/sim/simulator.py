@@ -319,15 +319,24 @@ class Simulator:
         details = [{"limited_by": "customer"}] if rule.status == 429 else None
         return ApiError(rule.status, headers=headers, details=details)
 
+    async def _serve_login(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        if request.method.upper() != "POST":
+            raise ApiError(404, "ROUTE_NOT_FOUND")
+        # the login has a gateway too: its own per-IP rate limit (the `auth_public` tier,
+        # 10/s, burst 20: a 429) and an api-manager that is down or restarting (a 503), both
+        # answered before any password is read (REFERENCE.md §9.2): `faults.fail` on its path
+        rule = self.faults.take_fail("POST", LOGIN_PATH)
+        if rule is not None:
+            raise self._fault_error(rule)
+        return await self.rest.login(Req(request, {}, raw, None))
+
     async def _serve(
         self, request: web.Request, raw: bytes, rec: Request, request_id: str
     ) -> web.StreamResponse:
         method = request.method.upper()
         path = request.path
         if path == LOGIN_PATH:
-            if method != "POST":
-                raise ApiError(404, "ROUTE_NOT_FOUND")
-            return await self.rest.login(Req(request, {}, raw, None))
+            return await self._serve_login(request, raw)
         handler = None
         params: dict[str, str] = {}
         if not (path == WS_PATH and method == "GET"):

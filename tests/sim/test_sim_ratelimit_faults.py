@@ -58,6 +58,26 @@ async def test_fail_fault(sim: Simulator, http: aiohttp.ClientSession) -> None:
     assert [r.status for r in sim.requests_matching("GET", "customer")] == [503, 503, 200, 429]
 
 
+async def test_fail_fault_on_the_login(sim: Simulator) -> None:
+    """The login's gateway refuses too (its per-IP limit's 429, a 503) before any password is
+    read; the login after them gets its JWT."""
+    login = sim.api_url.removesuffix("/v1.0") + "/auth/login"
+    body = {"username": sim.settings.username, "password": sim.settings.password}
+    sim.faults.fail("POST", r"^/auth/login$", 429, retry_after=1)
+    sim.faults.fail("POST", r"^/auth/login$", 503)
+    async with aiohttp.ClientSession() as http:
+        status, data, resp = await post(http, login, body)
+        assert (status, envelope(data), resp.headers["Retry-After"]) == (
+            429,
+            ("RESOURCE_EXHAUSTED", "RATE_LIMIT_EXCEEDED"),
+            "1",
+        )
+        assert (await post(http, login, body))[0] == 503
+        status, data, _ = await post(http, login, body)
+    assert status == 200 and data["token"]
+    assert [r.status for r in sim.requests_matching("POST", "/auth/login")] == [429, 503, 200]
+
+
 async def test_fail_after_apply(sim: Simulator, http: aiohttp.ClientSession) -> None:
     call_id = await answered_call(sim, http)
     body = {"reference_type": "call", "reference_id": call_id, "direction": "out"}
