@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json as json_module
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -262,6 +262,33 @@ class VoipbinClient:
             await self.login()
             return True
 
+    async def _reauthenticate_by(
+        self, stale: Secret | None, deadline: float, waits: Iterator[float]
+    ) -> bool:
+        """`reauthenticate`, a login that fails for want of an answer (no answer, a 5xx, a 429
+        of the login's own rate limit) tried again until `deadline`. The request that needed it
+        was refused with a 401 before it ran: it may go again once a login gets through, a
+        `/say` too. Its caller must not take the login's 503 for the request's own: a `/say`
+        answered 503 counts against its tts pod, and with `aws` is taken for said."""
+        while True:
+            try:
+                return await self.reauthenticate(stale)
+            except LoginRefused:
+                raise
+            except LoginError as err:
+                if err.status not in (0, 429) and err.status < 500:
+                    raise
+                self.errors += 1
+                wait = next(waits)
+                if wait >= deadline - time.monotonic():
+                    raise
+                self.last_retry = f"POST /auth/login: {err}"
+                if self.retries is None:
+                    log.warning("voipbin.login_retry", error=str(err), wait_s=round(wait, 2))
+                else:
+                    self.retries.append(str(err))
+                await asyncio.sleep(wait)
+
     # ---- the request loop ------------------------------------------------------------------
 
     async def request(
@@ -309,7 +336,7 @@ class VoipbinClient:
                     reached=attempt.reached,
                     relogged=relogged,
                 )
-                if verdict == "reauth" and await self.reauthenticate(stale):
+                if verdict == "reauth" and await self._reauthenticate_by(stale, deadline, waits):
                     relogged = True
                     continue
                 step = decide(

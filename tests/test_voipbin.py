@@ -183,6 +183,32 @@ async def test_expired_jwt_logs_in_again_once(sim: Simulator) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_login_outage_is_waited_out_and_the_refused_say_sent_once(
+    sim: Simulator, status: int
+) -> None:
+    """A /say refused 401 never ran: while the login that must follow it fails for want of an
+    answer (a 503, its own per-IP rate limit's 429), the say waits for a login that gets
+    through and goes out then, once. Raising the login's 503 as the say's own would count
+    against the session's tts pod (two in a row replace a healthy session) and, with `aws`,
+    be taken for a say that played: the caller would never hear the reply."""
+    creds = Credentials(username=sim.settings.username, password=Secret("demo-password"))
+    sim.settings.password = "demo-password"
+    client = VoipbinClient(sim.api_url, creds)
+    try:
+        await client.login()
+        speaking_id = await live_speaking(sim, client)
+        sim.faults.expire_tokens()
+        sim.faults.fail("POST", r"^/auth/login$", status, count=2, retry_after=0.2)
+        await client.say(speaking_id, "Our hours are nine to five.")
+        logins = [r.status for r in sim.requests_matching("POST", r"^/auth/login$")]
+        assert logins == [200, status, status, 200]
+        says = [r.status for r in sim.requests_matching("POST", r"/say$")]
+        assert says == [401, 200]
+    finally:
+        await client.close()
+
+
 async def test_a_wrong_password_is_a_refused_login_not_an_outage(sim: Simulator) -> None:
     creds = Credentials(username=sim.settings.username, password=Secret("Wrong-Password-42"))
     client = VoipbinClient(sim.api_url, creds)
