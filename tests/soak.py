@@ -246,7 +246,9 @@ class Soak:
             elif fault == "5xx":
                 f.fail("POST", r"/(stop|transcribes)$", 503, count=3)
             elif fault == "429":
-                f.fail(r"(GET|POST)", r".*", 429, count=5, retry_after=0.2)
+                # one rule a method: a rule's method is a name, not a pattern
+                for method in ("GET", "POST"):
+                    f.fail(method, r".*", 429, count=5, retry_after=0.2)
             elif fault == "say500":
                 f.fail("POST", r"/say$", 500, count=1)
             elif fault == "say404":
