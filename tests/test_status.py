@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +325,24 @@ async def test_status_says_why_voipbin_is_not_connected(
     assert doc["connection"]["state"] == "ready" and doc["connection"]["last_error"] is None
 
 
+@contextlib.asynccontextmanager
+async def starting(sim: Simulator, socket_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon on `sim` with its status socket at `socket_path`, not waited for: it may be
+    stuck at start (the `agent` fixture waits for the stream)."""
+    overrides = {
+        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
+        "agent": {"numbers": [OUR_NUMBER]},
+        "status": {"socket": str(socket_path)},
+    }
+    daemon = Daemon(load(None, env={}, overrides=overrides))
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_status_says_why_the_first_lookup_of_the_customer_fails(
     sim: Simulator, tmp_path: Path
 ) -> None:
@@ -330,14 +350,7 @@ async def test_status_says_why_the_first_lookup_of_the_customer_fails(
     # rather than "starting" with no error
     path = tmp_path / "s.sock"
     sim.faults.fail("GET", r"/customer$", 503, count=1000)
-    overrides = {
-        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
-        "agent": {"numbers": [OUR_NUMBER]},
-        "status": {"socket": str(path)},
-    }
-    daemon = Daemon(load(None, env={}, overrides=overrides))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with starting(sim, path) as daemon:
         await sim.wait_for(lambda: len(sim.requests_matching("GET", r"/customer$")) >= 2, 10)
         doc = json.loads(await ask_raw(path, b""))
         assert doc["connection"]["state"] == "connecting"
@@ -347,9 +360,6 @@ async def test_status_says_why_the_first_lookup_of_the_customer_fails(
         await asyncio.wait_for(daemon.stream.ready.wait(), 10)
         doc = json.loads(await ask_raw(path, b""))
         assert doc["connection"]["state"] == "ready" and doc["connection"]["last_error"] is None
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_status_drops_the_lookups_error_once_the_customer_is_known(
@@ -360,22 +370,12 @@ async def test_status_drops_the_lookups_error_once_the_customer_is_known(
     path = tmp_path / "s.sock"
     sim.faults.fail("GET", r"/customer$", 503)
     sim.faults.delay("GET", r"/ws$", 5.0)
-    overrides = {
-        "voipbin": {"api_url": sim.api_url, "accesskey": sim.accesskey},
-        "agent": {"numbers": [OUR_NUMBER]},
-        "status": {"socket": str(path)},
-    }
-    daemon = Daemon(load(None, env={}, overrides=overrides))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with starting(sim, path):
         await sim.wait_for(lambda: sim.faults.held >= 1, 10)  # the upgrade is held
         assert len(sim.requests_matching("GET", r"/customer$")) == 2
         doc = json.loads(await ask_raw(path, b""))
         assert doc["connection"]["state"] == "connecting"
         assert doc["connection"]["last_error"] is None
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
 
 
 def test_durations() -> None:
