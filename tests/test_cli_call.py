@@ -251,8 +251,13 @@ async def test_a_call_whose_login_failed_was_not_placed(tmp_path: Path) -> None:
             "call", "--to", "+15559876543", "--config", str(config), "--force"
         )
     assert (code, out) == (1, "")
-    assert err.startswith("agentd: call failed, not placed: HTTP 503 LOGIN_FAILED login failed")
-    assert seen == ["POST /v1.0/calls", "POST /auth/login"]
+    *retries, last = err.splitlines()
+    assert last.startswith("agentd: call failed, not placed: HTTP 503 LOGIN_FAILED login failed")
+    # the login is tried again within the request's deadline (a login outage is waited out);
+    # the call itself, refused before it ran, is never sent again without one
+    assert retries and all("voipbin.login_retry" in line for line in retries)
+    assert seen[0] == "POST /v1.0/calls"
+    assert set(seen[1:]) == {"POST /auth/login"} and len(seen) == len(retries) + 2
 
 
 async def test_a_call_serving_every_number_without_a_caller_id_says_what_to_set(
