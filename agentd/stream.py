@@ -36,7 +36,7 @@ from agentd import logs
 from agentd.backoff import HEALTHY_AFTER_S, ConnectVerdict, Reconnects, classify_connect
 from agentd.events import Parsed, Rejected, parse_frame
 from agentd.secret import redact
-from agentd.voipbin import ApiError, LoginRefused, PermissionDenied, customer_hint
+from agentd.voipbin import ApiError, LoginError, LoginRefused, PermissionDenied, customer_hint
 
 log = logs.get_logger("agentd.stream")
 
@@ -233,6 +233,11 @@ class EventStream:
             log.error("stream.unauthorised", error=self._refused)
         except LoginRefused as err:
             self._refused = _login_refused(err)
+        except LoginError as err:
+            # no answer, a 5xx or the login's own 429: VoIPBIN's outage, retried until it
+            # passes (a warning, as the reconnects it causes); anything else needs a person
+            transient = err.status in (0, 429) or err.status >= 500
+            (log.warning if transient else log.error)("stream.login_failed", error=redact(str(err)))
         except Exception as err:
             log.error("stream.login_failed", error=redact(str(err)))
         return "slow"

@@ -21,7 +21,7 @@ from agentd.daemon import Daemon
 from agentd.events import CallEvent, Parsed, SpeechEvent, TranscriptEvent
 from agentd.sim import Simulator
 from agentd.stream import REJECTION_KINDS, EventStream, classify, topics
-from agentd.voipbin import LOGIN_REFUSED, ApiError, LoginRefused, PermissionDenied
+from agentd.voipbin import LOGIN_REFUSED, ApiError, LoginError, LoginRefused, PermissionDenied
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -583,6 +583,31 @@ async def test_refused_credentials_keep_retrying_without_dying(
     assert c.reauths == ["token-1", "token-1"]
     assert conn.request.headers["Authorization"] == "Bearer token-1"
     assert c.stream.stats.reconnects == 2
+
+
+@pytest.mark.parametrize(
+    ("failure", "level"),
+    [
+        (LoginError(503, "LOGIN_FAILED", "login failed"), "warning"),
+        (LoginError(429, "LOGIN_FAILED", "login failed"), "warning"),
+        (LoginError(0, "ClientConnectorError", "login failed: cannot connect"), "warning"),
+        (LoginError(404, "LOGIN_FAILED", "login failed"), "error"),
+        (RuntimeError("a bug in the login"), "error"),
+    ],
+)
+async def test_a_login_that_fails_in_an_outage_is_a_warning_anything_else_an_error(
+    server: WsServer, client: StartClient, failure: Exception, level: str
+) -> None:
+    # VoIPBIN's gateway down or its login's rate limit: retried until it passes, like the
+    # reconnects it causes (warnings); a login path that is not found needs a person
+    server.refuse.append(401)
+    with capture_logs() as logs:
+        c = await client(reauth_result=failure)
+        await asyncio.wait_for(server.refused.get(), LIMIT_S)
+        await server.next_conn()
+        await c.next_ready()
+    [line] = [e for e in logs if e["event"] == "stream.login_failed"]
+    assert line["log_level"] == level
 
 
 async def test_a_refused_login_is_an_error_that_names_the_credentials_and_backs_off(
