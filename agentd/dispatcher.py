@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from agentd import logs
 from agentd.call import Call, CallSettings, Phase
@@ -313,8 +314,7 @@ class Dispatcher:
         elif first:
             numbers = frozenset(normalise_number(n) for n in (info.source, info.destination))
             self._left[info.id] = (self.clock(), numbers)
-            while len(self._left) > _KEEP:
-                self._left.popitem(last=False)
+            _trim(self._left)
 
     def _remember(self, call_id: str) -> None:
         _keep(self._ended, call_id)
@@ -376,8 +376,13 @@ class Dispatcher:
 def _keep(ids: OrderedDict[str, None], key: str, limit: int = _KEEP) -> None:
     """Remember `key` among the last `limit` ids (the oldest forgotten first)."""
     ids[key] = None
-    while len(ids) > limit:
-        ids.popitem(last=False)
+    _trim(ids, limit)
+
+
+def _trim(entries: OrderedDict[str, Any], limit: int = _KEEP) -> None:
+    """Forget the oldest of `entries` past `limit`."""
+    while len(entries) > limit:
+        entries.popitem(last=False)
 
 
 def _timer_fields(timers: list[StartTimer | CancelTimer]) -> dict[str, object]:
