@@ -203,17 +203,24 @@ HOLD = TimerFired(Timer(TimerKind.HOLD))
 BOTH_MODES = pytest.mark.parametrize("reply_on", ["interim", "final"])
 
 
+def _asked(reply_on: str) -> tuple[Call, float]:
+    """A greeted call whose caller asked a question, asked of the backend at once (on its
+    interims, or on its final with `reply_on = "final"`); the time of the caller's last word."""
+    call = greeted(replace(LIVE, reply_on=reply_on))
+    last = speak(call, "what is my balance?", 10.0)
+    if reply_on == "final":
+        last += 1.0
+        step(call, transcript("what is my balance?"), last)
+    return call, last
+
+
 def _back_with_a_reply_held(
     reply: str, reply_on: str = "interim"
 ) -> tuple[Call, float, list[object]]:
     """The caller asked a question (asked at once: on its interims, or on its final with
     `reply_on = "final"`), the stream dropped, the reply's sentence came while it was down;
     the call, when the stream came back, and that step's commands."""
-    call = greeted(replace(LIVE, reply_on=reply_on))
-    last = speak(call, "what is my balance?", 10.0)
-    if reply_on == "final":
-        last += 1.0
-        step(call, transcript("what is my balance?"), last)
+    call, last = _asked(reply_on)
     step(call, StreamState(False), last + 0.05)
     step(call, ReplySentence(call.turns.turn, reply), last + 0.1)
     back = last + 2.0
@@ -271,11 +278,7 @@ def test_a_reply_held_for_the_end_of_the_turn_is_not_said_while_the_stream_is_do
     # the hold ran out during the outage: no words is no pause of the caller's, they may have
     # gone on unheard. The stream's return decides, after the read-back (unless it stays down
     # long: test_a_reply_held_through_a_long_outage_is_said_once_it_waited_as_long_as_a_read_back)
-    call = greeted(replace(LIVE, reply_on=reply_on))
-    last = speak(call, "what is my balance?", 10.0)
-    if reply_on == "final":
-        last += 1.0
-        step(call, transcript("what is my balance?"), last)
+    call, last = _asked(reply_on)
     step(call, StreamState(False), last + 0.05)
     assert says(step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)) == []
     assert says(step(call, HOLD, last + 1.0)) == []
@@ -293,11 +296,7 @@ def test_a_reply_held_through_a_long_outage_is_said_once_it_waited_as_long_as_a_
     # VoIPBIN's REST answers and its WebSocket does not, for minutes: the caller who asked
     # must not sit in silence until the stream is back. Past its hold and the drop, the reply
     # waits as long as a read-back would be waited for, then it is said
-    call = greeted(replace(LIVE, reply_on=reply_on))
-    last = speak(call, "what is my balance?", 10.0)
-    if reply_on == "final":
-        last += 1.0
-        step(call, transcript("what is my balance?"), last)
+    call, last = _asked(reply_on)
     down = last + 0.05
     step(call, StreamState(False), down)
     cmds = step(call, ReplySentence(call.turns.turn, "Ten dollars."), last + 0.1)
